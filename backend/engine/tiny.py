@@ -1,0 +1,149 @@
+"""A tiny Stable-Diffusion-architecture pipeline with random weights, for tests.
+
+Same component classes and folder layout as SD1.5 (UNet2DConditionModel with cross-attention,
+AutoencoderKL with an 8× downsampling, CLIP text encoder, a locally written BPE tokenizer, the
+SD1.5 DDIM scheduler), so it loads through the same code path as a real checkpoint. Nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+)
+
+# A few whole words get their own tokens so that short prompts tokenize compactly.
+_WORDS = ["a", "the", "red", "green", "blue", "disc", "square", "triangle", "star", "photo", "of"]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable-character table."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
+
+
+def write_tokenizer_files(directory: Path) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` of a small CLIP-style BPE tokenizer."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            merged = pair[0] + pair[1]
+            if pair not in merges:
+                merges.append(pair)
+                if merged not in vocab_list:
+                    vocab_list.append(merged)
+            pieces = [merged, *pieces[2:]]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (directory / "merges.txt").write_text("\n".join(lines) + "\n", "utf-8")
+
+
+def build_tiny_pipeline(seed: int = 0, tmp_dir: Path | None = None):
+    """Build the tiny pipeline in memory (random weights drawn from ``seed``)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=256,
+        scaling_factor=0.18215,
+    )
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as tok_dir:
+        write_tokenizer_files(Path(tok_dir))
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(**SD15_SCHEDULER)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def make_tiny_model(directory: str | Path, seed: int = 0, single_file: bool = False) -> Path:
+    """Save the tiny pipeline as a diffusers folder (or also as one ``.safetensors`` file).
+
+    Returns the path that ``load_model`` accepts: the folder, or the single file.
+    """
+    directory = Path(directory)
+    pipe = build_tiny_pipeline(seed)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    if not single_file:
+        return directory
+    from backend.engine.models import save_single_file
+
+    return save_single_file(pipe, directory / "tiny-sd.safetensors")

@@ -1,0 +1,66 @@
+"""The engine's data contract: what a drag edit takes and gives back."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from backend.engine.errors import Cancelled
+
+# progress(phase, step, total): phases are "load", "lora", "inversion", "drag", "denoise".
+ProgressFn = Callable[[str, int, int], None]
+
+Point = tuple[float, float]  # (x, y) in image pixels
+
+
+@dataclass
+class DragRequest:
+    """One drag edit.
+
+    ``image`` is H×W×C uint8 with C in 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA).
+    ``handles``/``targets`` are (x, y) in image pixels, pixel centres at integer+0.5 is not
+    assumed: (0, 0) is the top-left corner of the top-left pixel's area, the same as GIMP's.
+    ``mask`` is H×W uint8, >0 where the image may change; ``None`` means everything may change.
+    ``params`` overrides the method's defaults (see ``backend.engine.params``).
+    """
+
+    image: np.ndarray
+    handles: list[Point]
+    targets: list[Point]
+    mask: np.ndarray | None = None
+    method: str = "dragdiffusion"
+    prompt: str = ""
+    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DragResult:
+    """The edited image (same shape and dtype as the input) and where the handles ended."""
+
+    image: np.ndarray
+    handles: list[Point]
+    timings: dict[str, float]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class CancelToken:
+    """Cooperative cancellation: the engine calls ``check()`` once per step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("the edit was cancelled")
