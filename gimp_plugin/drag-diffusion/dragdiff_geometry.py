@@ -1,0 +1,266 @@
+"""Pure helpers for the Drag Diffusion plug-in: paths → drag pairs, selection → mask, parameters.
+
+Nothing here imports gi or numpy, so it runs in any Python 3.10+ (GIMP's bundled Python on
+Windows has no numpy) and is unit-tested without GIMP. Coordinates are GIMP's: (0, 0) is the
+top-left corner of the top-left pixel; "image" coordinates are canvas coordinates, "layer"
+coordinates are relative to the layer's top-left corner (image = layer + offsets).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Point = tuple[float, float]
+
+
+class InputError(ValueError):
+    """Something the user has to fix in the image (path, selection, arguments)."""
+
+
+@dataclass(frozen=True)
+class Rect:
+    """An axis-aligned rectangle with integer corner and size; empty when width or height <= 0."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+    @property
+    def right(self) -> int:
+        return self.x + self.width
+
+    @property
+    def bottom(self) -> int:
+        return self.y + self.height
+
+    @property
+    def empty(self) -> bool:
+        return self.width <= 0 or self.height <= 0
+
+    def intersect(self, other: Rect) -> Rect:
+        x, y = max(self.x, other.x), max(self.y, other.y)
+        return Rect(x, y, max(0, min(self.right, other.right) - x),
+                    max(0, min(self.bottom, other.bottom) - y))
+
+    def translate(self, dx: int, dy: int) -> Rect:
+        return Rect(self.x + dx, self.y + dy, self.width, self.height)
+
+
+# --- paths -------------------------------------------------------------------------------------
+
+WHAT_TO_DRAW = (
+    "Draw a path with the Paths tool: click the handle (the point to move), then its target; "
+    "for several drags either start a new stroke per drag (Shift+click) or keep clicking "
+    "handle, target, handle, target."
+)
+
+
+def stroke_anchors(control_points: Sequence[float]) -> list[Point]:
+    """Anchor points of one Bézier stroke from ``Gimp.Path.stroke_get_points``.
+
+    GIMP lists three control points per anchor (in-handle, anchor, out-handle), six floats.
+    """
+    if len(control_points) % 6:
+        raise InputError(f"unexpected stroke data: {len(control_points)} coordinates "
+                         "(expected 6 per anchor)")
+    return [(float(control_points[i + 2]), float(control_points[i + 3]))
+            for i in range(0, len(control_points), 6)]
+
+
+def pair_anchors(strokes: Sequence[Sequence[Point]]) -> tuple[list[Point], list[Point]]:
+    """Turn each stroke's anchors into handle→target pairs: anchors 1→2, 3→4, …
+
+    Raises ``InputError`` for a stroke with an odd number of anchors or no anchors at all.
+    """
+    handles: list[Point] = []
+    targets: list[Point] = []
+    for number, anchors in enumerate(strokes, start=1):
+        if len(anchors) % 2:
+            raise InputError(
+                f"Stroke {number} of the path has {len(anchors)} anchor"
+                f"{'' if len(anchors) == 1 else 's'}; each drag needs two (handle, then "
+                f"target), so every stroke needs an even number of anchors. {WHAT_TO_DRAW}")
+        handles.extend(anchors[0::2])
+        targets.extend(anchors[1::2])
+    if not handles:
+        raise InputError(f"The path has no anchors. {WHAT_TO_DRAW}")
+    return handles, targets
+
+
+def pick_path(paths: Sequence[Any], selected: Sequence[Any]) -> Any:
+    """The path to read drags from: the one selected path, else the image's only path."""
+    if len(selected) == 1:
+        return selected[0]
+    if len(selected) > 1:
+        raise InputError(f"{len(selected)} paths are selected; select only the path that holds "
+                         "the drags in the Paths dialog.")
+    if len(paths) == 1:
+        return paths[0]
+    if not paths:
+        raise InputError(f"The image has no path. {WHAT_TO_DRAW}")
+    raise InputError(f"The image has {len(paths)} paths and none is selected; select the one "
+                     "that holds the drags in the Paths dialog.")
+
+
+def to_layer(points: Sequence[Point], offsets: tuple[int, int]) -> list[Point]:
+    """Image (canvas) coordinates → layer coordinates."""
+    ox, oy = offsets
+    return [(x - ox, y - oy) for x, y in points]
+
+
+def to_image(points: Sequence[Point], offsets: tuple[int, int]) -> list[Point]:
+    """Layer coordinates → image (canvas) coordinates."""
+    ox, oy = offsets
+    return [(x + ox, y + oy) for x, y in points]
+
+
+def check_inside(handles: Sequence[Point], targets: Sequence[Point],
+                 width: int, height: int) -> None:
+    """Raise ``InputError`` naming every handle or target (layer coordinates) off the layer."""
+    problems = []
+    for number, (handle, target) in enumerate(zip(handles, targets, strict=True), start=1):
+        for role, (x, y) in (("handle", handle), ("target", target)):
+            if not (0 <= x <= width and 0 <= y <= height):
+                problems.append(f"drag {number} {role} at ({x:g}, {y:g})")
+    if problems:
+        raise InputError(
+            f"Points outside the layer ({width}×{height}, in layer coordinates): "
+            f"{'; '.join(problems)}. Move them onto the layer or select the layer they "
+            "belong to.")
+
+
+# --- selection → mask ---------------------------------------------------------------------------
+
+def selection_region(bounds: Rect | None, layer: Rect) -> Rect | None:
+    """Part of the selection's bounding box (image coordinates) that lies on the layer.
+
+    ``bounds`` is None when there is no selection (everything may change): returns None.
+    Raises ``InputError`` when the selection misses the layer entirely.
+    """
+    if bounds is None or bounds.empty:
+        return None
+    region = bounds.intersect(layer)
+    if region.empty:
+        raise InputError(
+            f"The selection ({bounds.width}×{bounds.height} at {bounds.x},{bounds.y}) does not "
+            f"touch the layer ({layer.width}×{layer.height} at {layer.x},{layer.y}). Select "
+            "the area that may change on this layer, or Select › None to let the whole layer "
+            "change.")
+    return region
+
+
+def place_mask(region_pixels: bytes, region: Rect, width: int, height: int) -> bytes:
+    """A width×height u8 mask, zero except ``region`` (layer coordinates) filled row by row."""
+    if len(region_pixels) != region.width * region.height:
+        raise ValueError(f"region has {len(region_pixels)} bytes, expected "
+                         f"{region.width * region.height}")
+    if region.x < 0 or region.y < 0 or region.right > width or region.bottom > height:
+        raise ValueError(f"region {region} is not inside {width}×{height}")
+    if region == Rect(0, 0, width, height):
+        return bytes(region_pixels)
+    mask = bytearray(width * height)
+    for row in range(region.height):
+        start = (region.y + row) * width + region.x
+        mask[start:start + region.width] = region_pixels[row * region.width:
+                                                         (row + 1) * region.width]
+    return bytes(mask)
+
+
+def mask_or_none(mask: bytes) -> bytes | None:
+    """The mask to send: None when the whole layer is fully selected (everything may change).
+
+    Raises ``InputError`` when nothing on the layer is selected.
+    """
+    if not any(mask):
+        raise InputError("The selection is empty on this layer (fully unselected); select the "
+                         "area that may change, or Select › None to let the whole layer change.")
+    return None if mask.count(255) == len(mask) else mask
+
+
+# --- pixels -------------------------------------------------------------------------------------
+
+def pixel_format(gray: bool, alpha: bool) -> tuple[str, int]:
+    """The Babl format to read/write a layer in its own channel layout, and its channel count."""
+    if gray:
+        return ("Y'A u8", 2) if alpha else ("Y' u8", 1)
+    return ("R'G'B'A u8", 4) if alpha else ("R'G'B' u8", 3)
+
+
+# --- parameters ---------------------------------------------------------------------------------
+
+METHODS = ("dragdiffusion", "gooddrag", "dragdiffusion-paper")
+
+# Method defaults of the knobs the dialog shows (mirrors backend/engine/params.py; shown to
+# the user only: the backend applies its own defaults for every knob left at -1).
+METHOD_DEFAULTS: dict[str, dict[str, float]] = {
+    "dragdiffusion": {"lora_steps": 80, "drag_steps": 80, "inversion_strength": 0.7,
+                      "latent_lr": 0.01, "lam": 0.1, "work_size": 512, "n_inference_steps": 50},
+    "gooddrag": {"lora_steps": 70, "drag_steps": 80, "inversion_strength": 0.75,
+                 "latent_lr": 0.02, "lam": 0.2, "work_size": 512, "n_inference_steps": 50},
+    "dragdiffusion-paper": {"lora_steps": 200, "drag_steps": 40, "inversion_strength": 0.8,
+                            "latent_lr": 0.01, "lam": 0.1, "work_size": 512,
+                            "n_inference_steps": 50},
+}
+
+
+def defaults_hint(knob: str) -> str:
+    """'dragdiffusion 80, gooddrag 70, dragdiffusion-paper 200' for a dialog tooltip."""
+    return ", ".join(f"{m} {METHOD_DEFAULTS[m][knob]:g}" for m in METHODS)
+
+
+def build_params(knobs: dict[str, float], advanced: str) -> dict[str, Any]:
+    """Overrides for the backend: knobs with a negative value (= method default) are left out,
+    then the ``advanced`` JSON object (any other engine parameter) is merged over them."""
+    params: dict[str, Any] = {name: value for name, value in knobs.items() if value >= 0}
+    advanced = advanced.strip()
+    if advanced:
+        try:
+            extra = json.loads(advanced)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"The advanced settings are not valid JSON ({exc.msg} at "
+                             f"character {exc.pos}); write an object such as "
+                             '{"r_m": 1, "feather": 5}.') from None
+        if not isinstance(extra, dict):
+            raise InputError('The advanced settings must be a JSON object such as '
+                             '{"r_m": 1, "feather": 5}.')
+        params.update({str(k).replace("-", "_"): v for k, v in extra.items()})
+    return params
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+# Share of the whole job each phase gets on the progress bar (typical CPU/GPU time split).
+PHASE_WEIGHTS: dict[str, float] = {
+    "starting": 0.0, "queued": 0.0, "load": 0.05, "lora": 0.30, "inversion": 0.10,
+    "drag": 0.40, "denoise": 0.12, "decode": 0.03,
+}
+PHASE_LABELS: dict[str, str] = {
+    "starting": "Starting backend", "queued": "Waiting in the backend's queue",
+    "load": "Loading model", "lora": "Fine-tuning LoRA", "inversion": "Inverting (DDIM)",
+    "drag": "Dragging", "denoise": "Denoising", "decode": "Decoding",
+}
+_PHASE_ORDER = list(PHASE_WEIGHTS)
+
+
+def progress_fraction(phase: str, step: int, total: int) -> float:
+    """Overall fraction 0..1 for step ``step`` of ``total`` in ``phase``."""
+    if phase not in PHASE_WEIGHTS:
+        return 0.0
+    done = sum(PHASE_WEIGHTS[p] for p in _PHASE_ORDER[:_PHASE_ORDER.index(phase)])
+    part = min(max(step / total, 0.0), 1.0) if total > 0 else 0.0
+    return min(done + PHASE_WEIGHTS[phase] * part, 1.0)
+
+
+def progress_text(phase: str, step: int, total: int) -> str:
+    label = PHASE_LABELS.get(phase, phase.capitalize())
+    return f"{label} {step}/{total}" if total > 0 else f"{label}…"
+
+
+# --- naming ---------------------------------------------------------------------------------
+
+def result_layer_name(source: str, method: str, drags: int) -> str:
+    return f"{source} – {method} ({drags} drag{'' if drags == 1 else 's'})"
