@@ -53,7 +53,7 @@ def write_tokenizer_files(directory: Path) -> None:
     vocab_list = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
     for word in _WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = [*word[:-1], word[-1] + "</w>"]
         while len(pieces) > 1:
             pair = (pieces[0], pieces[1])
             merged = pair[0] + pair[1]

@@ -1,0 +1,48 @@
+"""What a drag algorithm needs besides the latent: model runner, schedule, points and knobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from backend.engine.diffusion import Schedule, UNetRunner
+from backend.engine.motion import Point
+from backend.engine.params import DragParams
+from backend.engine.types import CancelToken, ProgressFn
+
+
+@dataclass
+class DragContext:
+    runner: UNetRunner
+    schedule: Schedule
+    params: DragParams
+    grid: tuple[int, int]  # supervision grid (rows, cols) = half the working resolution
+    handles: list[Point]  # (row, col) on the grid
+    targets: list[Point]
+    keep: torch.Tensor | None  # [1,1,h,w] at latent size: 1 where the image must stay; None: no mask
+    progress: ProgressFn | None = None
+    cancel: CancelToken | None = None
+    autocast: Callable[[], AbstractContextManager] = nullcontext
+    scaler: torch.amp.GradScaler | None = None
+    stats: dict = field(default_factory=dict)
+
+    def step(self, phase: str, step: int, total: int) -> None:
+        """Report progress and honour cancellation (called once per step)."""
+        if self.cancel is not None:
+            self.cancel.check()
+        if self.progress is not None:
+            self.progress(phase, step, total)
+
+    def optimiser_step(self, loss: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
+        """backward + Adam step, with loss scaling when running fp16 on CUDA."""
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimiser)
+            self.scaler.update()
+        else:
+            loss.backward()
+            optimiser.step()
+        optimiser.zero_grad(set_to_none=True)

@@ -1,0 +1,181 @@
+"""DDIM inversion and denoising, and UNet decoder features from the same forward pass.
+
+The scheduler logic is written out (drag-methods.md §1.1–§1.3) instead of hidden in
+``DDIMScheduler.step`` so the inversion, the one-step-denoised latent of the mask term and the
+denoising loop visibly use the same formulas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """DDIM timesteps of an ``n_steps`` run and the slice an inversion strength selects."""
+
+    timesteps: list[int]  # descending, e.g. [981, 961, …, 1] for 50 steps
+    alphas_cumprod: torch.Tensor  # float64 on CPU
+    final_alpha: float
+    ratio: int  # timestep stride (20 for 50 steps)
+    n_actual: int  # inversion steps = round(n_steps · strength)
+
+    @classmethod
+    def from_scheduler(cls, scheduler, n_steps: int, strength: float) -> Schedule:
+        scheduler.set_timesteps(n_steps)
+        timesteps = [int(t) for t in scheduler.timesteps]
+        alphas = scheduler.alphas_cumprod.double().cpu()
+        final = 1.0 if scheduler.config.set_alpha_to_one else float(alphas[0])
+        n_actual = round(n_steps * strength)  # Python rounding, as the reference (37.5 → 38)
+        ratio = scheduler.config.num_train_timesteps // n_steps
+        return cls(timesteps, alphas, final, ratio, max(1, min(n_actual, n_steps)))
+
+    @property
+    def start_index(self) -> int:
+        """Index of t* in ``timesteps`` (the latent the drag optimises)."""
+        return len(self.timesteps) - self.n_actual
+
+    @property
+    def t_star(self) -> int:
+        return self.timesteps[self.start_index]
+
+    @property
+    def inversion_timesteps(self) -> list[int]:
+        """Ascending timesteps the inversion visits: 1, 21, …, t*."""
+        return self.timesteps[self.start_index :][::-1]
+
+    @property
+    def denoise_timesteps(self) -> list[int]:
+        """Descending timesteps from t* to the end: t*, t* − 20, …, 1."""
+        return self.timesteps[self.start_index :]
+
+    def alpha(self, t: int) -> float:
+        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha
+
+
+def ddim_step(schedule: Schedule, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+    """One deterministic DDIM step (eta = 0) from ``t`` to ``t − ratio``."""
+    a_t, a_prev = schedule.alpha(t), schedule.alpha(t - schedule.ratio)
+    x0 = (z - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+
+
+def inversion_step(schedule: Schedule, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+    """One DDIM inversion step from ``t − ratio`` up to ``t`` using ε predicted at ``t``."""
+    a_t, a_prev = schedule.alpha(t), schedule.alpha(t - schedule.ratio)
+    x0 = (z - (1 - a_prev) ** 0.5 * eps) / a_prev**0.5
+    return a_t**0.5 * x0 + (1 - a_t) ** 0.5 * eps
+
+
+class _StopForward(Exception):
+    """Raised by the feature hook to skip the rest of the UNet when ε is not needed."""
+
+
+class UNetRunner:
+    """Calls the UNet and captures one decoder block's output from the same forward pass.
+
+    ``feature_block`` indexes ``unet.up_blocks``; −1 picks the first decoder block whose output
+    is at full latent resolution (SD1.5: ``up_blocks[2]``, 640 channels, as both official codes).
+    Counts UNet passes for the benchmarks.
+    """
+
+    def __init__(self, unet, cond: torch.Tensor, feature_block: int = -1) -> None:
+        self.unet = unet
+        self.cond = cond
+        self.block = resolve_feature_block(unet, feature_block)
+        self.passes = 0
+        self._captured: torch.Tensor | None = None
+        self._stop_early = False
+
+    def _hook(self, _module, _inputs, output):
+        self._captured = output
+        if self._stop_early:
+            raise _StopForward
+
+    def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
+        """ε prediction for a batch of latents (the text condition is repeated to the batch)."""
+        self.passes += 1
+        dtype = self.unet.dtype
+        cond = self.cond.to(dtype).expand(z.shape[0], -1, -1)
+        return self.unet(z.to(dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
+
+    def eps_and_features(
+        self, z: torch.Tensor, t: int, grid: tuple[int, int], need_eps: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(ε, features upsampled bilinearly to ``grid``) from one forward pass.
+
+        With ``need_eps=False`` the forward stops right after the feature block (the motion loss
+        alone does not need the rest of the decoder).
+        """
+        handle = self.unet.up_blocks[self.block].register_forward_hook(self._hook)
+        self._stop_early = not need_eps
+        eps = None
+        try:
+            eps = self.eps(z, t)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        feat, self._captured = self._captured, None
+        feat = F.interpolate(feat.float(), size=grid, mode="bilinear", align_corners=False)
+        return eps, feat
+
+
+def resolve_feature_block(unet, feature_block: int) -> int:
+    """Validate ``feature_block`` or pick the default (see ``UNetRunner``)."""
+    n_up = len(unet.up_blocks)
+    if feature_block >= 0:
+        if feature_block >= n_up:
+            raise ValueError(f"feature_block {feature_block} but the UNet has {n_up} up blocks")
+        return feature_block
+    # Up blocks with an upsampler halve the distance to full resolution; the first one without
+    # a preceding pending upsample is at full latent resolution.
+    n_upsamplers = sum(1 for b in unet.up_blocks if getattr(b, "upsamplers", None))
+    seen = 0
+    for i, block in enumerate(unet.up_blocks):
+        if getattr(block, "upsamplers", None):
+            seen += 1
+        if seen == n_upsamplers:
+            return i
+    return n_up - 1
+
+
+def run_inversion(
+    runner: UNetRunner,
+    schedule: Schedule,
+    z0: torch.Tensor,
+    step_callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """DDIM-invert the clean latent ``z0`` up to t* (drag-methods.md §1.2)."""
+    z = z0
+    steps = schedule.inversion_timesteps
+    with torch.no_grad():
+        for i, t in enumerate(steps):
+            if step_callback:
+                step_callback(i, len(steps))
+            z = inversion_step(schedule, z, runner.eps(z, t), t)
+    return z
+
+
+def denoise(
+    runner: UNetRunner,
+    schedule: Schedule,
+    z: torch.Tensor,
+    timesteps: list[int],
+    step_callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """DDIM-denoise a batch of latents over ``timesteps`` (descending).
+
+    With reference attention installed the batch is [original, edited]: both branches go
+    through one UNet call per step so the edited branch can read the original's keys/values.
+    """
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            if step_callback:
+                step_callback(i, len(timesteps))
+            z = ddim_step(schedule, z, runner.eps(z, t), t)
+    return z

@@ -1,0 +1,70 @@
+"""DragDiffusion (Shi et al., CVPR 2024), as the official code runs it (drag-methods.md §2).
+
+Optimise one latent at t* with motion supervision and point tracking until every handle is
+within reach, then denoise it together with the original latent under reference attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from backend.engine.attention import reference_attention
+from backend.engine.context import DragContext
+from backend.engine.diffusion import ddim_step, denoise
+from backend.engine.motion import (
+    all_reached,
+    dragdiffusion_motion_loss,
+    masked_latent_loss,
+    track_points,
+)
+
+
+def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The latent-optimisation loop (§2.2). Returns the edited z_{t*} and the tracked handles."""
+    p, runner, schedule = ctx.params, ctx.runner, ctx.schedule
+    t = schedule.t_star
+    use_mask = ctx.keep is not None and p.lam > 0
+    with torch.no_grad():
+        eps0, feat0 = runner.eps_and_features(z_star, t, ctx.grid, need_eps=use_mask)
+        x_prev0 = ddim_step(schedule, z_star, eps0, t) if use_mask else None
+
+    z = z_star.clone().float().requires_grad_(True)
+    optimiser = torch.optim.Adam([z], lr=p.latent_lr)
+    handles_init = list(ctx.handles)
+    handles = list(ctx.handles)
+    steps_run = 0
+    for k in range(p.drag_steps):
+        ctx.step("drag", k, p.drag_steps)
+        with ctx.autocast():
+            eps, feat = runner.eps_and_features(z, t, ctx.grid, need_eps=use_mask)
+            if k > 0:
+                handles = track_points(feat0, feat, handles, handles_init, p.r_p)
+            if all_reached(handles, ctx.targets, p.reach_threshold):
+                break
+            loss = dragdiffusion_motion_loss(feat, handles, ctx.targets, p.r_m, p.reach_threshold)
+            if use_mask:
+                loss = loss + p.lam * masked_latent_loss(ddim_step(schedule, z, eps, t), x_prev0,
+                                                         ctx.keep)
+        ctx.optimiser_step(loss, optimiser)
+        steps_run += 1
+    ctx.stats["drag_steps"] = steps_run
+    return z.detach(), handles
+
+
+def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Drag, then denoise [original, edited] from t* to 0. Returns (clean edited latent, handles)."""
+    z_edit, handles = drag_latent(ctx, z_star)
+    p = ctx.params
+    steps = ctx.schedule.denoise_timesteps
+    if not p.reference_attention:
+        return denoise(ctx.runner, ctx.schedule, z_edit, steps,
+                       lambda i, n: ctx.step("denoise", i, n)), handles
+
+    with reference_attention(ctx.runner.unet, p.ref_start_layer) as state:
+
+        def on_step(i: int, n: int) -> None:
+            ctx.step("denoise", i, n)
+            state["active"] = i >= p.ref_start_step
+
+        z = denoise(ctx.runner, ctx.schedule, torch.cat([z_star, z_edit]), steps, on_step)
+    return z[1:], handles

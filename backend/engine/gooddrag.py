@@ -1,0 +1,127 @@
+"""GoodDrag (Zhang et al., ICLR 2025), as the official code runs it (drag-methods.md §3).
+
+Alternating Drag and Denoising (AlDD): at each of the first ``drag_end_step`` denoising steps
+the latent is dragged a little (information-preserving motion supervision against the original
+trajectory), then denoised one step. Reference attention starts once dragging has ended.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from backend.engine.attention import reference_attention
+from backend.engine.context import DragContext
+from backend.engine.diffusion import ddim_step, denoise
+from backend.engine.motion import (
+    all_reached,
+    gooddrag_motion_loss,
+    masked_latent_loss,
+    track_points,
+)
+
+
+def original_trajectory(ctx: DragContext, z_star: torch.Tensor, n: int):
+    """Features F⁰_t and next latents z⁰_{t−1} of the undragged trajectory for the first n steps."""
+    feats, latents = [], []
+    z = z_star
+    with torch.no_grad():
+        for t in ctx.schedule.denoise_timesteps[:n]:
+            eps, feat = ctx.runner.eps_and_features(z, t, ctx.grid)
+            z = ddim_step(ctx.schedule, z, eps, t)
+            feats.append(feat)
+            latents.append(z)
+    return feats, latents
+
+
+class _Tracker:
+    """Handle bookkeeping shared across timesteps (tracking and the no-change early stop)."""
+
+    def __init__(self, handles: list) -> None:
+        self.init = list(handles)
+        self.handles = list(handles)
+        self.no_change = 0
+        self.adam_steps = 0
+
+    def track(self, feat0: torch.Tensor, feat: torch.Tensor, radius: int, count: bool) -> None:
+        new = track_points(feat0, feat, self.handles, self.init, radius)
+        if count:
+            self.no_change = self.no_change + 1 if new == self.handles else 0
+        self.handles = new
+
+
+def drag_at_timestep(
+    ctx: DragContext, z: torch.Tensor, t: int, feat0: torch.Tensor, z0_prev: torch.Tensor,
+    tracker: _Tracker, total_adam: int,
+) -> tuple[torch.Tensor, bool]:
+    """One AlDD drag phase at timestep t (§3.3). Returns (dragged latent, keep dragging?)."""
+    p, runner = ctx.params, ctx.runner
+    z = z.clone().float().requires_grad_(True)
+    optimiser = torch.optim.Adam([z], lr=p.latent_lr)  # fresh moments at every timestep
+    track_num, since_track, first = 0, 0, True
+    threshold = p.drag_loss_threshold * (2 * p.r1) ** 2
+    while track_num < p.track_per_denoise:
+        ctx.step("drag", tracker.adam_steps, total_adam)
+        with ctx.autocast():
+            eps, feat = runner.eps_and_features(z, t, ctx.grid)
+            if first:
+                tracker.track(feat0, feat, p.r2, count=False)
+                first = False
+            if all_reached(tracker.handles, ctx.targets, p.reach_threshold):
+                return z.detach(), False
+            if tracker.no_change >= p.max_track_no_change:
+                return z.detach(), False
+            drag_loss = gooddrag_motion_loss(feat, feat0, tracker.handles, tracker.init,
+                                             ctx.targets, p.r1, p.beta, p.reach_threshold)
+            loss = drag_loss + p.lam * masked_latent_loss(ddim_step(ctx.schedule, z, eps, t),
+                                                          z0_prev, ctx.keep)
+        ctx.optimiser_step(loss, optimiser)
+        tracker.adam_steps += 1
+        since_track += 1
+        if since_track == p.max_drag_per_track or float(drag_loss) <= threshold:
+            track_num += 1
+            since_track = 0
+            # Tracking uses this iteration's features, computed before the Adam update.
+            tracker.track(feat0, feat.detach(), p.r2, count=True)
+    return z.detach(), True
+
+
+def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """AlDD over the denoising steps. Returns (clean edited latent, tracked handles)."""
+    p, schedule, runner = ctx.params, ctx.schedule, ctx.runner
+    timesteps = schedule.denoise_timesteps
+    n_drag = min(p.drag_end_step, len(timesteps))
+    feats0, latents0 = original_trajectory(ctx, z_star, n_drag)
+    tracker = _Tracker(ctx.handles)
+    total_adam = n_drag * p.track_per_denoise * p.max_drag_per_track
+
+    total = len(timesteps)
+    z_orig, z_edit = z_star, z_star
+    dragging, i = n_drag > 0, 0
+    while i < n_drag and dragging:
+        t = timesteps[i]
+        z_edit, dragging = drag_at_timestep(ctx, z_edit, t, feats0[i], latents0[i], tracker,
+                                            total_adam)
+        # No reference attention yet: the branches are independent and the original branch's
+        # next latent is already known from its recorded trajectory.
+        ctx.step("denoise", i, total)
+        with torch.no_grad():
+            z_edit = ddim_step(schedule, z_edit, runner.eps(z_edit, t), t)
+        z_orig = latents0[i]
+        i += 1
+    ctx.stats["drag_steps"] = tracker.adam_steps
+    ctx.stats["dragged_timesteps"] = i
+    return _denoise_rest(ctx, z_orig, z_edit, timesteps[i:], total), tracker.handles
+
+
+def _denoise_rest(ctx: DragContext, z_orig, z_edit, timesteps: list[int], total: int):
+    """Denoise the remaining steps, with reference attention from the first of them (§3.2)."""
+    offset = total - len(timesteps)
+
+    def on_step(j: int, _n: int) -> None:
+        ctx.step("denoise", offset + j, total)
+
+    if not ctx.params.reference_attention:
+        return denoise(ctx.runner, ctx.schedule, z_edit, timesteps, on_step)
+    with reference_attention(ctx.runner.unet, ctx.params.ref_start_layer):
+        z = denoise(ctx.runner, ctx.schedule, torch.cat([z_orig, z_edit]), timesteps, on_step)
+    return z[1:]

@@ -1,0 +1,139 @@
+"""Image-side geometry: working resolution, point and mask mapping, channels, compositing.
+
+Pure numpy/PIL (no torch): the engine edits at a working resolution and maps everything back,
+so any size and aspect ratio works and pixels outside the mask stay exactly the input's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from backend.engine.errors import InvalidInput
+
+Point = tuple[float, float]
+
+
+def working_size(width: int, height: int, long_side: int, multiple: int = 8) -> tuple[int, int]:
+    """(w, h) with the long side ``long_side``, aspect kept, both multiples of ``multiple``."""
+    scale = long_side / max(width, height)
+
+    def snap(v: float) -> int:
+        return max(multiple, round(v * scale / multiple) * multiple)
+
+    return snap(width), snap(height)
+
+
+def validate_request(image: np.ndarray, handles: list[Point], targets: list[Point],
+                     mask: np.ndarray | None) -> None:
+    """Raise ``InvalidInput`` with a precise sentence for anything the engine cannot use."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        raise InvalidInput("the image must be 8-bit (uint8) pixels")
+    if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
+        raise InvalidInput(
+            "the image must be H×W×C with C = 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA), "
+            f"got shape {tuple(image.shape)}"
+        )
+    height, width = image.shape[:2]
+    if min(height, width) < 8:
+        raise InvalidInput(f"the image is too small ({width}×{height}); it needs at least 8×8")
+    if len(handles) != len(targets):
+        raise InvalidInput(f"{len(handles)} handles but {len(targets)} targets: give them in pairs")
+    if not handles:
+        raise InvalidInput("no drag given: add at least one handle→target pair")
+    for kind, points in (("handle", handles), ("target", targets)):
+        for i, (x, y) in enumerate(points):
+            if not (np.isfinite(x) and np.isfinite(y) and 0 <= x <= width and 0 <= y <= height):
+                raise InvalidInput(
+                    f"{kind} {i + 1} at ({x:g}, {y:g}) is outside the {width}×{height} image"
+                )
+    if mask is not None:
+        if mask.ndim == 3 and mask.shape[2] == 1:
+            mask = mask[..., 0]
+        if mask.shape != (height, width):
+            raise InvalidInput(
+                f"the mask is {mask.shape[1] if mask.ndim > 1 else '?'}×{mask.shape[0]} but the "
+                f"image is {width}×{height}; they must be the same size"
+            )
+        if not mask.any():
+            raise InvalidInput("the mask is empty: nothing may change (select a region to edit)")
+
+
+def split_channels(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """RGB (H×W×3) for the model and the alpha channel (or None), from 1–4 channel input."""
+    channels = image.shape[2]
+    color = image[..., :3] if channels >= 3 else np.repeat(image[..., :1], 3, axis=2)
+    alpha = image[..., -1] if channels in (2, 4) else None
+    return color, alpha
+
+
+def merge_channels(rgb: np.ndarray, alpha: np.ndarray | None, channels: int) -> np.ndarray:
+    """Back to the input's channel layout (gray via ITU-R 601 luma, as PIL's "L")."""
+    if channels >= 3:
+        out = rgb
+    else:
+        out = np.asarray(Image.fromarray(rgb, "RGB").convert("L"))[..., None]
+    if alpha is not None:
+        out = np.concatenate([out, alpha[..., None]], axis=2)
+    return np.ascontiguousarray(out)
+
+
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an H×W×3 uint8 array to (w, h) (PIL, antialiased when shrinking)."""
+    if (rgb.shape[1], rgb.shape[0]) == size:
+        return rgb
+    return np.asarray(Image.fromarray(rgb, "RGB").resize(size, Image.BILINEAR))
+
+
+def resize_mask_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an H×W mask to (w, h), binarised (>0 editable)."""
+    img = Image.fromarray((mask > 0).astype(np.uint8) * 255, "L")
+    return np.asarray(img.resize(size, Image.NEAREST)) > 0
+
+
+def to_grid(points: list[Point], image_size: tuple[int, int], grid: tuple[int, int]) -> list[Point]:
+    """Image (x, y) → integer (row, col) on the supervision grid, as the reference rounds clicks."""
+    width, height = image_size
+    rows, cols = grid
+    return [
+        (float(min(rows - 1, round(y / height * rows))), float(min(cols - 1, round(x / width * cols))))
+        for x, y in points
+    ]
+
+
+def from_grid(points: list[Point], image_size: tuple[int, int], grid: tuple[int, int]) -> list[Point]:
+    """(row, col) on the grid → image (x, y)."""
+    width, height = image_size
+    rows, cols = grid
+    return [(c * width / cols, r * height / rows) for r, c in points]
+
+
+def feather_weights(mask: np.ndarray, feather: int) -> np.ndarray:
+    """Blend weight in [0, 1]: 0 wherever ``mask`` is 0, ramping up over ``feather`` px inside.
+
+    The ramp lies entirely inside the mask, so pixels outside it keep exactly the input's values.
+    ``mask`` may be soft (0–255, e.g. a feathered GIMP selection); its values scale the weight.
+    """
+    soft = mask.astype(np.float32) / 255.0 if mask.dtype == np.uint8 else mask.astype(np.float32)
+    inside = soft > 0
+    if feather <= 0:
+        return soft
+    size = 2 * feather + 1
+    padded = np.pad(inside.astype(np.float32), feather, mode="edge")
+    # Box filter via cumulative sums (separable), then a ramp that is 0 at the mask's edge.
+    c = np.cumsum(np.pad(padded, ((1, 0), (0, 0))), axis=0)
+    rows = (c[size:] - c[:-size]) / size
+    c = np.cumsum(np.pad(rows, ((0, 0), (1, 0))), axis=1)
+    box = (c[:, size:] - c[:, :-size]) / size
+    ramp = np.clip(2.0 * box - 1.0, 0.0, 1.0)
+    return np.where(inside, ramp * soft, 0.0).astype(np.float32)
+
+
+def composite(original: np.ndarray, edited: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """weights·edited + (1 − weights)·original, exactly ``original`` where weights == 0."""
+    if weights is None:
+        return edited
+    w = weights[..., None]
+    blended = np.rint(w * edited.astype(np.float32) + (1.0 - w) * original.astype(np.float32))
+    out = blended.clip(0, 255).astype(np.uint8)
+    return np.where(w > 0, out, original)
