@@ -59,10 +59,13 @@ def drag_at_timestep(
     optimiser = torch.optim.Adam([z], lr=p.latent_lr)  # fresh moments at every timestep
     track_num, since_track, first = 0, 0, True
     threshold = p.drag_loss_threshold * (2 * p.r1) ** 2
+    # Unlike the reference, no mask means no regularisation (everything may change), as in
+    # DragDiffusion: a user who selects nothing expects the whole image to be editable.
+    use_mask = ctx.keep is not None and p.lam > 0
     while track_num < p.track_per_denoise:
         ctx.step("drag", tracker.adam_steps, total_adam)
         with ctx.autocast():
-            eps, feat = runner.eps_and_features(z, t, ctx.grid)
+            eps, feat = runner.eps_and_features(z, t, ctx.grid, need_eps=use_mask)
             if first:
                 tracker.track(feat0, feat, p.r2, count=False)
                 first = False
@@ -72,8 +75,10 @@ def drag_at_timestep(
                 return z.detach(), False
             drag_loss = gooddrag_motion_loss(feat, feat0, tracker.handles, tracker.init,
                                              ctx.targets, p.r1, p.beta, p.reach_threshold)
-            loss = drag_loss + p.lam * masked_latent_loss(ddim_step(ctx.schedule, z, eps, t),
-                                                          z0_prev, ctx.keep)
+            loss = drag_loss
+            if use_mask:
+                loss = loss + p.lam * masked_latent_loss(ddim_step(ctx.schedule, z, eps, t),
+                                                         z0_prev, ctx.keep)
         ctx.optimiser_step(loss, optimiser)
         tracker.adam_steps += 1
         since_track += 1

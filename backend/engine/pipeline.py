@@ -1,0 +1,230 @@
+"""DragEngine: one drag edit from input pixels to output pixels, top to bottom.
+
+prepare inputs → encode prompt and image → identity LoRA → DDIM inversion → drag
+(DragDiffusion or GoodDrag) → denoise → decode → back to full resolution and composite.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from backend.engine import dragdiffusion, gooddrag, imageops
+from backend.engine.context import DragContext
+from backend.engine.devices import OOM_ADVICE, autocast, is_oom, memory_info, reset_peak_memory
+from backend.engine.diffusion import Schedule, UNetRunner, run_inversion
+from backend.engine.errors import EngineError, OutOfMemory
+from backend.engine.lora import LoraCache, lora_applied
+from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
+from backend.engine.params import METHODS, PRESETS, DragParams, defaults_table, resolve
+from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
+
+ALGORITHMS = {"dragdiffusion": dragdiffusion.run, "gooddrag": gooddrag.run}
+assert set(ALGORITHMS) == set(METHODS)
+
+
+@dataclass
+class _Prepared:
+    """The request at working resolution."""
+
+    size: tuple[int, int]  # full (W, H)
+    work: tuple[int, int]  # working (w, h)
+    color: np.ndarray  # full-resolution RGB
+    alpha: np.ndarray | None
+    pixels: torch.Tensor  # [1, 3, h, w] in [-1, 1]
+    mask_full: np.ndarray | None  # H×W uint8, >0 editable
+    mask_work: np.ndarray | None  # h×w bool
+
+
+class DragEngine:
+    """Holds a loaded model and runs drag edits on it (one at a time)."""
+
+    def __init__(self, model: LoadedModel, lora_cache: LoraCache | None = None) -> None:
+        self.model = model
+        self.lora_cache = lora_cache if lora_cache is not None else LoraCache()
+
+    @classmethod
+    def load(
+        cls,
+        model: str = DEFAULT_MODEL,
+        vae: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        lora_cache_dir: str | None = None,
+    ) -> DragEngine:
+        loaded = load_model(model, vae=vae, device=device, dtype=dtype)
+        return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None)
+
+    def info(self) -> dict:
+        m = self.model
+        return {
+            "model": m.name,
+            "model_source": str(m.source),
+            "device": str(m.device),
+            "dtype": str(m.dtype).removeprefix("torch."),
+            "memory": memory_info(m.device),
+            "methods": list(PRESETS),
+            "defaults": defaults_table(),
+        }
+
+    # -- the edit -------------------------------------------------------------------------
+
+    def run(
+        self,
+        request: DragRequest,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+    ) -> DragResult:
+        """Run one edit. Raises ``EngineError`` subclasses with actionable messages."""
+        imageops.validate_request(request.image, request.handles, request.targets, request.mask)
+        algorithm, params = resolve(request.method, request.params)
+        try:
+            return self._run(request, algorithm, params, progress, cancel)
+        except EngineError:
+            raise
+        except Exception as exc:
+            if is_oom(exc):
+                self._free_memory()
+                raise OutOfMemory(f"the device ran out of memory during the edit: {OOM_ADVICE}") from exc
+            raise
+        finally:
+            self.model.unet.zero_grad(set_to_none=True)
+
+    def _run(self, request: DragRequest, algorithm: str, params: DragParams,
+             progress: ProgressFn | None, cancel: CancelToken | None) -> DragResult:
+        model = self.model
+        timings: dict[str, float] = {}
+        reset_peak_memory(model.device)
+        torch.manual_seed(request.seed)
+
+        def report(phase: str, step: int, total: int) -> None:
+            if cancel is not None:
+                cancel.check()
+            if progress is not None:
+                progress(phase, step, total)
+
+        with self._timed(timings, "load"):
+            report("load", 0, 1)
+            prep = self.prepare(request, params)
+            cond = model.encode_prompt(request.prompt)
+            z0 = self.encode_image(prep.pixels)
+
+        with ExitStack() as stack:
+            if params.lora_steps > 0:
+                with self._timed(timings, "lora"):
+                    stack.enter_context(lora_applied(
+                        model, prep.pixels, request.prompt, params, cache=self.lora_cache,
+                        method=algorithm, seed=request.seed, progress=report, cancel=cancel,
+                    ))
+            runner = UNetRunner(model.unet, cond, params.feature_block)
+            schedule = Schedule.from_scheduler(model.scheduler, params.n_inference_steps,
+                                               params.inversion_strength)
+            with self._timed(timings, "inversion"):
+                z_star = run_inversion(runner, schedule, z0,
+                                       lambda i, n: report("inversion", i, n))
+            ctx = self.drag_context(prep, params, runner, schedule, request, report)
+            with self._timed(timings, "drag+denoise"):
+                z_edit, handles = ALGORITHMS[algorithm](ctx, z_star)
+
+        with self._timed(timings, "decode"):
+            report("decode", 0, 1)
+            image = self.finish(prep, self.decode_latents(z_edit), params, request.image.shape[2])
+        stats = {
+            **ctx.stats,
+            "unet_passes": runner.passes,
+            "work_size": list(prep.work),
+            "t_star": schedule.t_star,
+            "memory": memory_info(model.device),
+        }
+        final = imageops.from_grid(handles, prep.size, ctx.grid)
+        return DragResult(image=image, handles=final, timings=timings, stats=stats)
+
+    # -- named steps ----------------------------------------------------------------------
+
+    def prepare(self, request: DragRequest, params: DragParams) -> _Prepared:
+        """Split channels, resize the image and mask to the working resolution."""
+        height, width = request.image.shape[:2]
+        work = imageops.working_size(width, height, params.work_size)
+        color, alpha = imageops.split_channels(request.image)
+        rgb = imageops.resize_rgb(color, work)
+        pixels = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        mask = request.mask
+        if mask is not None and mask.ndim == 3:
+            mask = mask[..., 0]
+        mask_work = imageops.resize_mask_nearest(mask, work) if mask is not None else None
+        return _Prepared((width, height), work, color, alpha, pixels, mask, mask_work)
+
+    def drag_context(self, prep: _Prepared, params: DragParams, runner: UNetRunner,
+                     schedule: Schedule, request: DragRequest, report: ProgressFn) -> DragContext:
+        """Points on the supervision grid and the keep-mask at latent resolution."""
+        w, h = prep.work
+        grid = (h // 2, w // 2)
+        keep = None
+        if prep.mask_work is not None:
+            # As the reference: mask → nearest to the grid → nearest to the latent size.
+            sup = imageops.resize_mask_nearest(prep.mask_work, (grid[1], grid[0]))
+            vsf = self.model.vae_scale_factor
+            lat = imageops.resize_mask_nearest(sup, (w // vsf, h // vsf))
+            keep = torch.from_numpy(~lat).float()[None, None].to(self.model.device)
+        device, dtype = self.model.device, self.model.dtype
+        scaler = None
+        if device.type == "cuda" and dtype == torch.float16:
+            scaler = torch.amp.GradScaler("cuda")
+        return DragContext(
+            runner=runner,
+            schedule=schedule,
+            params=params,
+            grid=grid,
+            handles=imageops.to_grid(request.handles, prep.size, grid),
+            targets=imageops.to_grid(request.targets, prep.size, grid),
+            keep=keep,
+            progress=report,
+            autocast=lambda: autocast(device, dtype),
+            scaler=scaler,
+        )
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE posterior mean × scaling factor (as the reference's ``image2latent``)."""
+        vae = self.model.vae
+        posterior = vae.encode(pixels.to(self.model.device, vae.dtype)).latent_dist
+        return posterior.mean.float() * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """Latent → h×w×3 uint8."""
+        vae = self.model.vae
+        image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+        image = ((image.float().clamp(-1, 1) + 1) * 127.5).round()
+        return image[0].permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+
+    def finish(self, prep: _Prepared, edited_work: np.ndarray, params: DragParams,
+               channels: int) -> np.ndarray:
+        """Back to full resolution; outside the (feathered) mask the input's exact pixels."""
+        edited = imageops.resize_rgb(edited_work, prep.size)
+        weights = None
+        if prep.mask_full is not None:
+            weights = imageops.feather_weights(prep.mask_full, params.feather)
+        rgb = imageops.composite(prep.color, edited, weights)
+        return imageops.merge_channels(rgb, prep.alpha, channels)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    @contextmanager
+    def _timed(self, timings: dict[str, float], name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize(self.model.device)
+            timings[name] = round(time.perf_counter() - start, 4)
+
+    def _free_memory(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
