@@ -1,0 +1,687 @@
+"""Loading Stable Diffusion 1.5-family checkpoints.
+
+``load_model`` accepts, in this order:
+
+1. a diffusers folder (one with ``model_index.json``);
+2. a single-file checkpoint (``.safetensors``, or ``.ckpt``/``.pt``/``.pth``/``.bin`` read with
+   torch's weights-only loader, so nothing but tensors is ever unpickled). Its architecture comes
+   from the configs embedded by ``save_single_file``, else from ``config=<diffusers folder>``,
+   else from the SD1.5 configs shipped in ``configs/sd15`` (no network needed);
+3. a Hugging Face id, taken from the local Hugging Face cache, or downloaded when the network
+   may be used (``HF_HUB_OFFLINE`` unset).
+
+Weights use the dtype ``devices.resolve_device`` picks (fp16 on CUDA, including the VAE: SD1.5's
+VAE decodes fine in fp16). No safety checker and no classifier-free guidance are loaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backend.engine.devices import OOM_ADVICE, is_oom, resolve_device
+from backend.engine.errors import EngineError, ModelNotFound, OutOfMemory
+from backend.engine.types import ProgressFn
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+# safetensors metadata key under which ``save_single_file`` stores the diffusers configs.
+CONFIG_METADATA_KEY = "gimp_drag_diffusion.diffusers_config"
+
+# SD1.5's DDIM settings, the same in both reference repos.
+DDIM_SETTINGS = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+_MODEL_FILES = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+_VAE_FILES = [
+    "config.json",
+    "diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """The SD1.5 components the drag engine uses, on one device in one dtype."""
+
+    name: str
+    source: str
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    device: torch.device
+    dtype: torch.dtype
+    fingerprint: str
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """CLIP's last hidden state for ``prompt``, shape [1, 77, D] (no negative prompt)."""
+        length = self.text_encoder.config.max_position_embeddings
+        ids = self.tokenizer(
+            prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return self.text_encoder(ids.to(self.device))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def load_model(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    vae: str | os.PathLike | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    config: str | os.PathLike | None = None,
+    progress: ProgressFn | None = None,
+) -> LoadedModel:
+    """Load an SD1.5-family model (see the module docstring for what ``model`` may be).
+
+    ``vae`` replaces the model's VAE (a folder, single file or Hugging Face id such as
+    ``stabilityai/sd-vae-ft-mse``). ``config`` is a diffusers folder describing the architecture
+    of a single-file checkpoint that is not SD1.5-shaped. Raises ``ModelNotFound`` (one sentence
+    saying what was tried and how to fix it), ``EngineError`` for an unreadable checkpoint,
+    ``InvalidInput`` for a bad device/dtype and ``OutOfMemory``.
+    """
+    dev, dt = resolve_device(device, dtype)
+    report = progress or (lambda phase, step, total: None)
+    report("load", 0, 3)
+    try:
+        kind, path = _locate(str(model), what="model")
+        if kind == "file":
+            parts = _load_single_file(path, dt, config)
+        else:
+            parts = _load_folder(path, dt)
+        report("load", 1, 3)
+        fingerprint_files = parts.pop("files")
+        if vae is not None:
+            vae_kind, vae_path = _locate(str(vae), what="VAE")
+            parts["vae"], vae_files = _load_vae(vae_kind, vae_path, dt, config)
+            fingerprint_files += vae_files
+        report("load", 2, 3)
+        loaded = LoadedModel(
+            name=str(model),
+            source=str(path) + (f" + VAE {vae}" if vae is not None else ""),
+            device=dev,
+            dtype=dt,
+            fingerprint=_fingerprint(fingerprint_files),
+            **parts,
+        )
+        _check_compatible(loaded)
+        for module in (loaded.unet, loaded.vae, loaded.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+            module.to(dev)
+    except Exception as exc:
+        if is_oom(exc):
+            raise OutOfMemory(f"not enough memory to load {model}: {OOM_ADVICE}") from exc
+        raise
+    report("load", 3, 3)
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the model
+
+
+def _fix_hint(what: str) -> str:
+    flag = "--model" if what == "model" else "--vae"
+    example = DEFAULT_MODEL if what == "model" else "stabilityai/sd-vae-ft-mse"
+    return (
+        f"pass {flag} /path/to/a-diffusers-folder-or-file.safetensors, or run "
+        f"`huggingface-cli download {example}` on a machine with network access and use "
+        "that Hugging Face cache here (set HF_HOME to it)"
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.lower().endswith(CHECKPOINT_SUFFIXES)
+    )
+
+
+def _locate(name: str, what: str) -> tuple[str, Path]:
+    """Return ("folder" | "file", path) for a local path or a Hugging Face id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or (what == "VAE" and (path / "config.json").is_file()):
+            return "folder", path
+        raise ModelNotFound(
+            f"the folder {path} is not a diffusers {what} (it has no "
+            f"{'model_index.json' if what == 'model' else 'config.json'}); {_fix_hint(what)}"
+        )
+    if path.is_file():
+        if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+            return "file", path
+        raise ModelNotFound(
+            f"{path} is not a checkpoint (expected a diffusers folder or a "
+            f"{'/'.join(CHECKPOINT_SUFFIXES)} file); {_fix_hint(what)}"
+        )
+    if _looks_like_path(name):
+        raise ModelNotFound(f"the {what} {name} was not found: no such folder or file; {_fix_hint(what)}")
+    return "folder", _from_hub(name, what)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return bool(constants.HF_HUB_OFFLINE) or flag in ("1", "true", "yes", "on")
+
+
+def _from_hub(repo_id: str, what: str) -> Path:
+    """The local snapshot folder of a Hugging Face repo, downloading it if allowed."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    cache = constants.HF_HUB_CACHE
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except HFValidationError:
+        raise ModelNotFound(
+            f"the {what} {repo_id!r} is neither an existing folder or file nor a valid "
+            f"Hugging Face id; {_fix_hint(what)}"
+        ) from None
+    except Exception:
+        pass
+    tried = (
+        f"the {what} {repo_id!r} was not found: it is not a folder or file here and not in "
+        f"the Hugging Face cache at {cache}"
+    )
+    if _hub_offline():
+        raise ModelNotFound(f"{tried}, and downloading is off (HF_HUB_OFFLINE is set); {_fix_hint(what)}")
+    patterns = _MODEL_FILES if what == "model" else _VAE_FILES
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFound(f"{tried}, and downloading it failed ({reason}); {_fix_hint(what)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Diffusers folders
+
+
+def _variant(folder: Path) -> str | None:
+    """``"fp16"`` when a component folder only has fp16-variant weights (common in HF caches)."""
+    names = [p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin")]
+    if names and all(".fp16." in n for n in names):
+        return "fp16"
+    return None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+
+
+def _load_folder(path: Path, dtype: torch.dtype) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            path, subfolder="unet", torch_dtype=dtype, local_files_only=True,
+            variant=_variant(path / "unet"),
+        )
+        vae = AutoencoderKL.from_pretrained(
+            path, subfolder="vae", torch_dtype=dtype, local_files_only=True,
+            variant=_variant(path / "vae"),
+        )
+        text_encoder = CLIPTextModel.from_pretrained(
+            path, subfolder="text_encoder", dtype=dtype, local_files_only=True,
+            variant=_variant(path / "text_encoder"),
+        )
+        tokenizer = _load_tokenizer(path)
+    except Exception as exc:
+        raise _load_error(exc, path) from exc
+    files = [f for sub in ("unet", "vae", "text_encoder") for f in _weight_files(path / sub)]
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=_ddim_scheduler(path),
+        files=files,
+    )
+
+
+def _load_error(exc: Exception, path: Path) -> Exception:
+    if is_oom(exc) or isinstance(exc, EngineError):
+        return exc
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return EngineError(
+        f"could not load a Stable Diffusion 1.5 model from {path} ({reason}); check that it is "
+        "a complete SD1.5-family model (re-download it if a file is damaged)"
+    )
+
+
+def _ddim_scheduler(config_dir: Path | None):
+    """A DDIM scheduler from the checkpoint's config, forced to SD1.5's DDIM settings."""
+    from diffusers import DDIMScheduler
+
+    from backend.engine.tiny import SD15_SCHEDULER
+
+    config: dict[str, Any] = dict(SD15_SCHEDULER)
+    if config_dir is not None and (config_dir / "scheduler" / "scheduler_config.json").is_file():
+        config = dict(DDIMScheduler.load_config(config_dir, subfolder="scheduler"))
+    if config.get("prediction_type", "epsilon") != "epsilon":
+        raise EngineError(
+            f"this model predicts {config['prediction_type']!r}, but drag editing needs an "
+            "epsilon-prediction Stable Diffusion 1.5 model"
+        )
+    config.update(DDIM_SETTINGS, prediction_type="epsilon")
+    return DDIMScheduler.from_config(config)
+
+
+def _load_tokenizer(config_dir: Path):
+    """The folder's CLIP tokenizer, or SD1.5's (rebuilt from the shipped merges) if it has none."""
+    from transformers import CLIPTokenizer
+
+    folder = config_dir / "tokenizer"
+    if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
+        return CLIPTokenizer.from_pretrained(config_dir, subfolder="tokenizer", local_files_only=True)
+    return sd15_tokenizer()
+
+
+def sd15_tokenizer():
+    """SD1.5's CLIP ViT-L/14 tokenizer, built offline from ``configs/sd15/tokenizer``."""
+    from transformers import CLIPTokenizer
+
+    from backend.engine.tiny import _bytes_to_unicode
+
+    with gzip.open(SD15_CONFIG_DIR / "tokenizer" / "clip-merges.txt.gz", "rt", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    merges = [tuple(line.split(" ")) for line in lines[1:] if line]
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+# ---------------------------------------------------------------------------------------------
+# Single files
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a single-file checkpoint, loading nothing but tensors."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118
+        except Exception as exc:
+            raise EngineError(
+                f"{path} is not a readable .safetensors file ({exc}); it may be damaged or "
+                "incompletely downloaded: download it again"
+            ) from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise EngineError(
+            f"refusing to load {path}: it contains Python objects besides tensors, and only "
+            "weights-only checkpoints are read for safety; use a .safetensors version of this "
+            "model instead"
+        ) from exc
+    except Exception as exc:
+        raise EngineError(
+            f"{path} is not a readable PyTorch checkpoint ({exc}); it may be damaged: download "
+            "it again, or use a .safetensors version"
+        ) from exc
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise EngineError(f"{path} does not hold a state dict of model weights")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
+
+
+@contextmanager
+def _config_dir(metadata: dict[str, str], config: str | os.PathLike | None) -> Iterator[Path]:
+    """Where the architecture configs of a single file come from (see the module docstring)."""
+    if config is not None:
+        path = Path(config).expanduser()
+        if not (path / "unet" / "config.json").is_file():
+            raise ModelNotFound(
+                f"the config folder {path} has no unet/config.json; pass a diffusers model folder"
+            )
+        yield path
+    elif CONFIG_METADATA_KEY in metadata:
+        with tempfile.TemporaryDirectory(prefix="sd-config-") as tmp:
+            for rel, text in json.loads(metadata[CONFIG_METADATA_KEY]).items():
+                target = Path(tmp, rel)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text, "utf-8")
+            yield Path(tmp)
+    else:
+        yield SD15_CONFIG_DIR
+
+
+def _load_single_file(
+    path: Path, dtype: torch.dtype, config: str | os.PathLike | None
+) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel
+
+    state_dict, metadata = read_checkpoint(path)
+    with _config_dir(metadata, config) as cfg:
+        try:
+            unet = UNet2DConditionModel.from_single_file(
+                state_dict, config=str(cfg), subfolder="unet", torch_dtype=dtype,
+                local_files_only=True,
+            )
+            vae = AutoencoderKL.from_single_file(
+                state_dict, config=str(cfg), subfolder="vae", torch_dtype=dtype,
+                local_files_only=True,
+            )
+            text_encoder = create_diffusers_clip_model_from_ldm(
+                CLIPTextModel, state_dict, config=str(cfg), subfolder="text_encoder",
+                torch_dtype=dtype, local_files_only=True,
+            )
+            tokenizer = _load_tokenizer(cfg)
+            scheduler = _ddim_scheduler(cfg)
+        except Exception as exc:
+            if is_oom(exc) or isinstance(exc, EngineError):
+                raise
+            raise _single_file_error(path, exc) from exc
+    for name, module in (("UNet", unet), ("VAE", vae), ("text encoder", text_encoder)):
+        _check_complete(module, name, path)
+    return dict(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=scheduler, files=[path],
+    )
+
+
+def _single_file_error(path: Path, exc: Exception) -> EngineError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return EngineError(
+        f"could not load {path.name} as a Stable Diffusion 1.5 checkpoint ({reason[:300]}); "
+        "it may be another model family (SD2, SDXL, an inpainting model) or damaged"
+    )
+
+
+def _check_complete(module: torch.nn.Module, name: str, path: Path) -> None:
+    """Weights the file lacked stay on the meta device; refuse such a half-loaded model."""
+    missing = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if missing:
+        raise EngineError(
+            f"{path.name} has no weights for part of the {name} (e.g. {missing[0]}); it is not a "
+            "complete Stable Diffusion 1.5 checkpoint"
+        )
+
+
+def _load_vae(kind: str, path: Path, dtype: torch.dtype, config: str | os.PathLike | None):
+    """A replacement VAE: a diffusers VAE or model folder, or a single file."""
+    from diffusers import AutoencoderKL
+
+    if kind == "folder":
+        sub = "vae" if (path / "model_index.json").is_file() else None
+        folder = path / sub if sub else path
+        try:
+            vae = AutoencoderKL.from_pretrained(
+                path, subfolder=sub, torch_dtype=dtype, local_files_only=True,
+                variant=_variant(folder),
+            )
+        except Exception as exc:
+            raise _load_error(exc, path) from exc
+        return vae, _weight_files(folder)
+    state_dict, metadata = read_checkpoint(path)
+    with _config_dir(metadata, config) as cfg:
+        try:
+            vae = AutoencoderKL.from_single_file(
+                state_dict, config=str(cfg), subfolder="vae", torch_dtype=dtype,
+                local_files_only=True,
+            )
+        except Exception as exc:
+            if is_oom(exc):
+                raise
+            raise _single_file_error(path, exc) from exc
+    _check_complete(vae, "VAE", path)
+    return vae, [path]
+
+
+def _check_compatible(model: LoadedModel) -> None:
+    unet = model.unet.config
+    if unet.in_channels != 4 or model.vae.config.latent_channels != 4:
+        raise EngineError(
+            f"{model.name} is not a plain text-to-image SD1.5 model (UNet input has "
+            f"{unet.in_channels} channels, e.g. an inpainting model); use a standard SD1.5 model"
+        )
+    if unet.cross_attention_dim != model.text_encoder.config.hidden_size:
+        raise EngineError(
+            f"{model.name} does not fit together: the UNet expects {unet.cross_attention_dim}-wide "
+            f"text features but the text encoder gives {model.text_encoder.config.hidden_size}; "
+            "is it an SD1.5-family model?"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprint
+
+
+def _fingerprint(files: list[Path]) -> str:
+    """A short stable hash of the weights: each file's size plus 64 KiB samples of its bytes.
+
+    Reads about 0.6 MB per file, so it is instant even for multi-GB checkpoints, and it follows
+    the content (a moved or copied file keeps its fingerprint; a different fine-tune changes it).
+    """
+    digest = hashlib.sha256()
+    block, samples = 1 << 16, 9
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.parent.name}/{path.suffix}:{size};".encode())
+        with open(path, "rb") as f:
+            for i in range(samples):
+                f.seek(max(0, (size - block) * i // (samples - 1)))
+                digest.update(f.read(block))
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a single file (the inverse of diffusers' single-file conversion)
+
+
+_UNET_RESNET_RENAMES = (
+    ("norm1.", "in_layers.0."),
+    ("conv1.", "in_layers.2."),
+    ("time_emb_proj.", "emb_layers.1."),
+    ("norm2.", "out_layers.0."),
+    ("conv2.", "out_layers.3."),
+    ("conv_shortcut.", "skip_connection."),
+)
+_VAE_ATTENTION_RENAMES = (
+    ("group_norm.", "norm."),
+    ("to_q.", "q."),
+    ("to_k.", "k."),
+    ("to_v.", "v."),
+    ("to_out.0.", "proj_out."),
+)
+
+
+def _unet_prefixes(config) -> dict[str, tuple[str, bool]]:
+    """diffusers prefix → (original LDM prefix, is a resnet) for an SD-style UNet."""
+    n = config.layers_per_block + 1
+    table: dict[str, tuple[str, bool]] = {
+        "time_embedding.linear_1.": ("time_embed.0.", False),
+        "time_embedding.linear_2.": ("time_embed.2.", False),
+        "conv_in.": ("input_blocks.0.0.", False),
+        "conv_norm_out.": ("out.0.", False),
+        "conv_out.": ("out.2.", False),
+        "mid_block.resnets.0.": ("middle_block.0.", True),
+        "mid_block.attentions.0.": ("middle_block.1.", False),
+        "mid_block.resnets.1.": ("middle_block.2.", True),
+    }
+    for i in range(len(config.down_block_types)):
+        for j in range(config.layers_per_block):
+            table[f"down_blocks.{i}.resnets.{j}."] = (f"input_blocks.{n * i + j + 1}.0.", True)
+            table[f"down_blocks.{i}.attentions.{j}."] = (f"input_blocks.{n * i + j + 1}.1.", False)
+        table[f"down_blocks.{i}.downsamplers.0.conv."] = (f"input_blocks.{n * (i + 1)}.0.op.", False)
+    for i, kind in enumerate(config.up_block_types):
+        for j in range(n):
+            table[f"up_blocks.{i}.resnets.{j}."] = (f"output_blocks.{n * i + j}.0.", True)
+            table[f"up_blocks.{i}.attentions.{j}."] = (f"output_blocks.{n * i + j}.1.", False)
+        upsampler = 2 if "CrossAttn" in kind else 1
+        table[f"up_blocks.{i}.upsamplers.0.conv."] = (f"output_blocks.{n * i + n - 1}.{upsampler}.conv.", False)
+    return table
+
+
+def _vae_prefixes(config) -> dict[str, tuple[str, str]]:
+    """diffusers prefix → (original LDM prefix, kind) for an SD-style AutoencoderKL."""
+    blocks = len(config.block_out_channels)
+    table: dict[str, tuple[str, str]] = {}
+    for part in ("encoder", "decoder"):
+        table[f"{part}.conv_norm_out."] = (f"{part}.norm_out.", "plain")
+        table[f"{part}.mid_block.resnets.0."] = (f"{part}.mid.block_1.", "resnet")
+        table[f"{part}.mid_block.resnets.1."] = (f"{part}.mid.block_2.", "resnet")
+        table[f"{part}.mid_block.attentions.0."] = (f"{part}.mid.attn_1.", "attention")
+    for i in range(blocks):
+        for j in range(config.layers_per_block):
+            table[f"encoder.down_blocks.{i}.resnets.{j}."] = (f"encoder.down.{i}.block.{j}.", "resnet")
+        table[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = (f"encoder.down.{i}.downsample.conv.", "plain")
+        k = blocks - 1 - i
+        for j in range(config.layers_per_block + 1):
+            table[f"decoder.up_blocks.{i}.resnets.{j}."] = (f"decoder.up.{k}.block.{j}.", "resnet")
+        table[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = (f"decoder.up.{k}.upsample.conv.", "plain")
+    return table
+
+
+def _match_prefix(key: str, table: dict[str, Any]) -> tuple[str, Any] | None:
+    parts = key.split(".")
+    for length in range(min(len(parts) - 1, 6), 0, -1):
+        prefix = ".".join(parts[:length]) + "."
+        if prefix in table:
+            return prefix, table[prefix]
+    return None
+
+
+def _unet_to_ldm(unet) -> dict[str, torch.Tensor]:
+    table = _unet_prefixes(unet.config)
+    out = {}
+    for key, value in unet.state_dict().items():
+        match = _match_prefix(key, table)
+        if match is None:
+            raise EngineError(f"cannot write UNet weight {key} in the original SD layout")
+        prefix, (ldm_prefix, is_resnet) = match
+        rest = key[len(prefix):]
+        if is_resnet:
+            for old, new in _UNET_RESNET_RENAMES:
+                if rest.startswith(old):
+                    rest = new + rest[len(old):]
+                    break
+        out["model.diffusion_model." + ldm_prefix + rest] = value
+    return out
+
+
+def _vae_to_ldm(vae) -> dict[str, torch.Tensor]:
+    table = _vae_prefixes(vae.config)
+    out = {}
+    for key, value in vae.state_dict().items():
+        match = _match_prefix(key, table)
+        if match is None:  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
+            out["first_stage_model." + key] = value
+            continue
+        prefix, (ldm_prefix, kind) = match
+        rest = key[len(prefix):]
+        if kind == "resnet":
+            rest = rest.replace("conv_shortcut.", "nin_shortcut.")
+        elif kind == "attention":
+            for old, new in _VAE_ATTENTION_RENAMES:
+                if rest.startswith(old):
+                    rest = new + rest[len(old):]
+                    break
+            if value.ndim == 2:  # the original uses 1×1 convolutions
+                value = value[:, :, None, None]
+        out["first_stage_model." + ldm_prefix + rest] = value
+    return out
+
+
+def _text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
+    prefix = "cond_stage_model.transformer."
+    return {
+        prefix + (k if k.startswith("text_model.") else "text_model." + k): v
+        for k, v in text_encoder.state_dict().items()
+    }
+
+
+def _configs_metadata(pipe) -> str:
+    """The pipeline's diffusers configs (and tokenizer files) as one JSON string."""
+    files = {
+        "unet/config.json": pipe.unet.to_json_string(),
+        "vae/config.json": pipe.vae.to_json_string(),
+        "text_encoder/config.json": pipe.text_encoder.config.to_json_string(),
+        "scheduler/scheduler_config.json": pipe.scheduler.to_json_string(),
+    }
+    with tempfile.TemporaryDirectory(prefix="sd-tokenizer-") as tmp:
+        pipe.tokenizer.save_pretrained(tmp)
+        for item in sorted(Path(tmp).iterdir()):
+            files[f"tokenizer/{item.name}"] = item.read_text("utf-8")
+    return json.dumps(files)
+
+
+def save_single_file(pipe, path: str | os.PathLike) -> Path:
+    """Write ``pipe``'s UNet, VAE and text encoder as one original-layout ``.safetensors``.
+
+    Keys follow the original Stable Diffusion checkpoints (``model.diffusion_model.*``,
+    ``first_stage_model.*``, ``cond_stage_model.transformer.*``), so the file loads through the
+    same single-file path as a downloaded SD1.5 checkpoint. The diffusers configs are embedded
+    in the metadata, which lets ``load_model`` rebuild a non-SD1.5-sized architecture (such as
+    the tiny test model) offline.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {
+        **_unet_to_ldm(pipe.unet),
+        **_vae_to_ldm(pipe.vae),
+        **_text_encoder_to_ldm(pipe.text_encoder),
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: _configs_metadata(pipe)})
+    return path
