@@ -1,0 +1,313 @@
+"""The plug-in's side of the backend conversation: find the backend, start it, run one job.
+
+No gi here: GIMP is reached only through a ``Feedback`` object (progress, cancel, UI pumping),
+so this module also runs (and is tested) outside GIMP. The backend is reached only through the
+``protocol`` package installed beside the plug-in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dragdiff_geometry as geo
+
+HERE = Path(__file__).resolve().parent
+# Test hook: cancel the job after this many progress events (non-interactive runs can't click).
+CANCEL_AFTER_ENV = "DRAG_DIFFUSION_CANCEL_AFTER_PROGRESS"
+POLL_SECONDS = 0.2  # longest the UI goes unpumped while waiting for the backend
+PING_SECONDS = 10.0  # liveness check while a job runs (also keeps the backend's client TTL)
+# Variables from GIMP's environment that must not leak into the backend's Python.
+_STRIP_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONEXECUTABLE",
+              "PYTHONNOUSERSITE", "VIRTUAL_ENV", "GI_TYPELIB_PATH", "LD_LIBRARY_PATH",
+              "LD_PRELOAD", "DYLD_LIBRARY_PATH", "GIMP3_DIRECTORY", "GIMP3_PLUGINDIR",
+              "BABL_PATH", "GEGL_PATH", "GDK_PIXBUF_MODULE_FILE", "GTK_PATH")
+
+
+class BackendError(Exception):
+    """The backend can't be reached or refused the job; the text is for the user."""
+
+
+class JobCancelled(Exception):
+    """The user (or the test hook) cancelled; the backend job was cancelled too."""
+
+
+class Feedback:
+    """How the backend conversation talks to the user; the default does nothing."""
+
+    def progress(self, fraction: float | None, text: str) -> None:
+        """Show ``text``; ``fraction`` 0..1, or None for "busy, no estimate"."""
+
+    def cancelled(self) -> bool:
+        return False
+
+    def idle(self) -> None:
+        """Called at least every ``POLL_SECONDS`` while waiting (pump the UI here)."""
+
+
+@dataclass
+class JobSpec:
+    pixels: bytes
+    width: int
+    height: int
+    channels: int
+    mask: bytes | None
+    handles: list[geo.Point]
+    targets: list[geo.Point]
+    method: str
+    params: dict[str, Any]
+    prompt: str = ""
+    seed: int = 0
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    pixels: bytes
+    width: int
+    height: int
+    channels: int
+    handles: list[geo.Point]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class InstallInfo:
+    """What install.py recorded in install.json beside the plug-in (all optional)."""
+
+    backend_python: str | None = None
+    backend_args: list[str] = field(default_factory=lambda: ["-m", "backend", "serve"])
+    repo: str | None = None
+    connection_file: str | None = None
+
+    @classmethod
+    def load(cls, folder: Path = HERE) -> InstallInfo:
+        try:
+            data = json.loads((folder / "install.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return cls()
+        return cls(backend_python=data.get("backend_python"),
+                   backend_args=list(data.get("backend_args") or ["-m", "backend", "serve"]),
+                   repo=data.get("repo"), connection_file=data.get("connection_file"))
+
+    def start_command(self) -> str | None:
+        if not self.backend_python or not self.repo:
+            return None
+        return f"cd {_quote(self.repo)} && {_quote(self.backend_python)} " \
+               f"{' '.join(_quote(a) for a in self.backend_args)}"
+
+    def why_not_startable(self) -> str | None:
+        """None when the plug-in can start the backend itself, else the reason."""
+        if not self.backend_python or not self.repo:
+            return "install.json does not say where the backend is installed"
+        if os.path.exists("/.flatpak-info"):
+            return "GIMP runs in a Flatpak sandbox, which can't start programs outside it"
+        if not os.path.isfile(self.backend_python):
+            return f"the backend's Python {self.backend_python} is not visible from GIMP"
+        return None
+
+
+def _quote(text: str) -> str:
+    if os.name == "nt":
+        return f'"{text}"' if " " in text else text
+    return text if text and all(c.isalnum() or c in "/._-+:=@" for c in text) else \
+        "'" + text.replace("'", "'\\''") + "'"
+
+
+def connection_file(setting: str, install: InstallInfo) -> Path:
+    """The backend's connection file: the procedure's argument, else the environment's
+    ``DRAG_DIFFUSION_CONNECTION_FILE``, else what install.py recorded, else the default."""
+    from protocol import default_connection_file
+    from protocol.wire import CONNECTION_ENV
+
+    if setting.strip():
+        return Path(setting.strip()).expanduser()
+    if not os.environ.get(CONNECTION_ENV) and install.connection_file:
+        return Path(install.connection_file)
+    return default_connection_file()
+
+
+def _import_protocol():
+    try:
+        import protocol
+    except ImportError as exc:
+        raise BackendError(
+            f"The plug-in can't load its network libraries ({exc}). Re-run install.py, which "
+            "puts pyzmq and msgpack where GIMP's Python finds them.") from None
+    return protocol
+
+
+def try_connect(path: Path, timeout: float) -> Any | None:
+    """A connected ``protocol.Client`` (hello done), or None when no backend answers."""
+    protocol = _import_protocol()
+    if not path.exists():
+        return None
+    try:
+        client = protocol.Client.from_connection_file(
+            path, timeout=max(0.2, timeout / 2), retries=1, name="gimp-drag-diffusion")
+    except protocol.BackendUnavailable:
+        return None
+    try:
+        info = client.hello()
+    except protocol.BackendUnavailable:
+        client.close()
+        return None
+    except protocol.BackendError as exc:
+        client.close()
+        raise BackendError(f"The backend refused the connection: {exc.message}") from None
+    model = info.get("model") or {}
+    if model.get("state") in ("missing", "error"):
+        client.close()
+        raise BackendError(f"The backend has no usable model: "
+                           f"{model.get('error') or model.get('state')}")
+    return client
+
+
+def not_running_message(path: Path, install: InstallInfo, reason: str | None) -> str:
+    command = install.start_command()
+    lines = [f"The Drag Diffusion backend is not running (no answer for connection file {path})."]
+    if command:
+        lines.append(f"Start it in a terminal with:\n    {command}\nthen run the filter again.")
+        if reason:
+            lines.append(f"(The plug-in can't start it itself: {reason}.)")
+    else:
+        lines.append("Install it with 'python3 install.py' in the Drag Diffusion folder and "
+                     "start it with '.venv/bin/python -m backend serve' there, or give the "
+                     "connection file of a running backend in the Backend setting.")
+    return "\n".join(lines)
+
+
+def start_backend(install: InstallInfo, log_path: Path) -> subprocess.Popen:
+    """Start ``<backend python> -m backend serve`` detached from GIMP (own session, clean env)."""
+    env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {}
+    if os.name == "nt":
+        kwargs["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP
+                                   | subprocess.DETACHED_PROCESS | subprocess.CREATE_NO_WINDOW)
+    else:
+        kwargs["start_new_session"] = True
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([install.backend_python, *install.backend_args],
+                                cwd=install.repo, env=env, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, close_fds=True, **kwargs)
+
+
+def _log_tail(path: Path, lines: int = 8) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def connect(path: Path, install: InstallInfo, timeout: float, feedback: Feedback) -> Any:
+    """Connect to the backend, starting it when it isn't running and install.json allows."""
+    feedback.progress(None, "Connecting to the backend…")
+    client = try_connect(path, timeout)
+    if client is not None:
+        return client
+    reason = install.why_not_startable()
+    if reason:
+        raise BackendError(not_running_message(path, install, reason))
+    log_path = path.parent / "backend-console.log"
+    process = start_backend(install, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        feedback.progress(None, geo.progress_text("starting", 0, 0))
+        if feedback.cancelled():
+            raise JobCancelled("Cancelled while the backend was starting (it keeps starting "
+                               "in the background).")
+        if process.poll() is not None:
+            raise BackendError(f"The backend stopped while starting (exit status "
+                               f"{process.returncode}). Its last output ({log_path}):\n"
+                               f"{_log_tail(log_path)}")
+        client = try_connect(path, min(2.0, timeout))
+        if client is not None:
+            return client
+        _wait(POLL_SECONDS, feedback)
+    raise BackendError(f"The backend did not become ready within {timeout:g} s (it may still "
+                       f"be starting; see {log_path}). Try again, or raise the timeout.")
+
+
+def _wait(seconds: float, feedback: Feedback) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        feedback.idle()
+        time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+
+
+def run_drag(job: JobSpec, setting: str, timeout: float, feedback: Feedback) -> JobResult:
+    """Run one drag edit on the backend, reporting progress; raise on error or cancel."""
+    protocol = _import_protocol()
+    install = InstallInfo.load()
+    client = connect(connection_file(setting, install), install, timeout, feedback)
+    try:
+        return _run_job(protocol, client, job, timeout, feedback)
+    except protocol.BackendUnavailable as exc:
+        raise BackendError(f"Lost the backend: {exc.message}") from None
+    except protocol.BackendError as exc:
+        raise BackendError(f"The backend reported an error: {exc.message}") from None
+    finally:
+        client.close()
+
+
+def _run_job(protocol: Any, client: Any, job: JobSpec, timeout: float,
+             feedback: Feedback) -> JobResult:
+    cancel_after = int(os.environ.get(CANCEL_AFTER_ENV, "0") or 0)
+    job_id = "gimp-" + uuid.uuid4().hex[:16]
+    client.submit(job.pixels, job.width, job.height, job.channels, job.handles, job.targets,
+                  job_id=job_id, mask=job.mask, method=job.method, params=job.params,
+                  prompt=job.prompt, seed=job.seed)
+    feedback.progress(0.0, geo.progress_text("queued", 0, 0))
+    progress_events = 0
+    cancelling = False
+    last_ping = time.monotonic()
+    while True:
+        for event in _poll(protocol, client, job_id):
+            if event.type == "finished" and cancelling:
+                raise JobCancelled(f"Cancelled; job {job_id} had just finished on the backend "
+                                   "and its result was discarded.")
+            if event.type == "finished":
+                c = event.content
+                return JobResult(job_id, event.image or b"", c["width"], c["height"],
+                                 c["channels"], [tuple(p) for p in c["handles"]],
+                                 dict(c.get("timings") or {}))
+            if event.type == "cancelled":
+                raise JobCancelled(f"Cancelled; the backend stopped job {job_id} "
+                                   f"({event.content.get('reason', 'client')}).")
+            if event.type == "queued":
+                feedback.progress(0.0, f"Waiting in the backend's queue (position "
+                                       f"{event.content.get('position')})")
+            elif event.type == "progress" and not cancelling:
+                c = event.content
+                progress_events += 1
+                feedback.progress(geo.progress_fraction(c["phase"], c["step"], c["total"]),
+                                  geo.progress_text(c["phase"], c["step"], c["total"]))
+        feedback.idle()
+        if not cancelling and (feedback.cancelled() or
+                               (cancel_after and progress_events >= cancel_after)):
+            cancelling = True
+            feedback.progress(None, "Cancelling…")
+            client.cancel(job_id)
+        if time.monotonic() - last_ping >= PING_SECONDS:
+            client.ping()
+            last_ping = time.monotonic()
+
+
+def _poll(protocol: Any, client: Any, job_id: str) -> list[Any]:
+    """The job's events that arrive within ``POLL_SECONDS`` (``events`` with a short bound)."""
+    events = []
+    try:
+        for event in client.events(job_id, timeout=POLL_SECONDS):
+            events.append(event)
+            if event.terminal:
+                break
+    except protocol.JobTimeout:
+        pass
+    return events
