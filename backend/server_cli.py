@@ -1,0 +1,127 @@
+"""``python -m backend serve`` and ``python -m backend keygen``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import signal
+import sys
+from pathlib import Path
+
+from protocol.wire import Limits, default_connection_file
+
+log = logging.getLogger("backend.server")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from backend.server import DEFAULT_BIND
+
+    conn = default_connection_file()
+    serve = subparsers.add_parser(
+        "serve", help="run the persistent backend that the GIMP plug-in talks to",
+        description="Load the model once and serve drag edits over ZeroMQ (protocol/PROTOCOL.md). "
+        "Prints 'READY <endpoint> <connection-file>' once the model is loaded.")
+    serve.add_argument("--model", default=None,
+                       help="SD1.5 model: Hugging Face id, diffusers folder or single file "
+                       "(default: the engine's default, stable-diffusion-v1-5)")
+    serve.add_argument("--vae", default=None, help="optional replacement VAE")
+    serve.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto")
+    serve.add_argument("--bind", default=DEFAULT_BIND,
+                       help="ZeroMQ endpoint (default %(default)s; port 0 = any free port)")
+    serve.add_argument("--connection-file", type=Path, default=None,
+                       help=f"where to write endpoint and key (default {conn}, or "
+                       "$DRAG_DIFFUSION_CONNECTION_FILE)")
+    serve.add_argument("--log-file", type=Path, default=None,
+                       help="log file (default: backend.log beside the connection file)")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    serve.add_argument("--curve", action="store_true",
+                       help="encrypt with CURVE and accept only allow-listed client keys "
+                       "(required for a non-loopback --bind)")
+    serve.add_argument("--server-key", type=Path, default=None,
+                       help="server secret key file (default: curve/server.key_secret beside "
+                       "the connection file; create with 'keygen')")
+    serve.add_argument("--allow-keys", type=Path, default=None,
+                       help="folder of allowed client public keys *.key (default: "
+                       "curve/allowed beside the connection file)")
+    serve.add_argument("--max-side", type=int, default=Limits.max_side)
+    serve.add_argument("--max-pixels", type=int, default=Limits.max_pixels)
+    serve.add_argument("--max-frame-mb", type=int, default=Limits.max_frame_bytes // 2**20,
+                       help="largest inbound frame in MiB (ZMQ_MAXMSGSIZE)")
+    serve.add_argument("--max-queue", type=int, default=Limits.max_queue)
+    serve.add_argument("--client-ttl", type=float, default=60.0,
+                       help="cancel the jobs of a client silent for this many seconds")
+    serve.set_defaults(func=run_serve)
+
+    keygen = subparsers.add_parser(
+        "keygen", help="write a CURVE key pair for a backend on another machine",
+        description="Writes NAME.key (public) and NAME.key_secret (private, 0600) and prints "
+        "the public key. Run it for the server (name 'server') and for each client; copy each "
+        "client's NAME.key into the server's allow-list folder.")
+    keygen.add_argument("--dir", type=Path, default=None,
+                        help="output folder (default: curve/ beside the connection file)")
+    keygen.add_argument("--name", default="server", help="key name (default %(default)s)")
+    keygen.set_defaults(func=run_keygen)
+
+
+def _setup_logging(log_file: Path, level: str) -> None:
+    log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    to_file = logging.handlers.RotatingFileHandler(log_file, maxBytes=5 * 2**20, backupCount=3,
+                                                   encoding="utf-8")
+    to_stderr = logging.StreamHandler(sys.stderr)
+    root = logging.getLogger()
+    for handler in (to_file, to_stderr):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from backend.server import CurveServer, Server, ServerError
+
+    conn = args.connection_file or default_connection_file()
+    _setup_logging(args.log_file or conn.with_name("backend.log"), args.log_level)
+    curve = None
+    if args.curve:
+        curve = CurveServer(args.server_key or conn.parent / "curve" / "server.key_secret",
+                            args.allow_keys or conn.parent / "curve" / "allowed")
+    limits = Limits(max_side=args.max_side, max_pixels=args.max_pixels,
+                    max_frame_bytes=args.max_frame_mb * 2**20, max_queue=args.max_queue)
+    device = None if args.device == "auto" else args.device
+    if args.model is None:
+        from backend.engine.models import DEFAULT_MODEL
+        model = DEFAULT_MODEL
+    else:
+        model = args.model
+
+    def load_engine():  # runs in the server's worker thread
+        from backend.engine.pipeline import DragEngine
+        return DragEngine.load(model, vae=args.vae, device=device)
+
+    def ready(server: Server) -> None:
+        print(f"READY {server.endpoint} {conn}", flush=True)
+
+    server = Server(load_engine, model_name=model, device=args.device, bind=args.bind,
+                    connection_file=conn, limits=limits, curve=curve,
+                    client_ttl=args.client_ttl, on_ready=ready)
+    try:
+        server.start()
+    except ServerError as exc:
+        log.error("%s", exc)
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.stop("signal"))
+    server.serve_forever()
+    return 0
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    from protocol.curve import generate_keypair, load_keypair
+
+    directory = args.dir or default_connection_file().parent / "curve"
+    public, secret = generate_keypair(directory, args.name)
+    print(f"public key file: {public}")
+    print(f"secret key file: {secret} (keep it private)")
+    print(f"public key: {load_keypair(secret)[0].decode('ascii')}")
+    return 0

@@ -1,0 +1,348 @@
+"""A small synchronous client for the backend (PROTOCOL.md), used by the plug-in and tests.
+
+Every wait is bounded (lazy pirate): a request waits ``timeout`` seconds for its reply; on
+silence the socket is closed and recreated and the request is sent again, at most
+``retries`` more times; then ``BackendUnavailable`` is raised. Re-sending is safe because
+all requests are idempotent (a submit carries the client's job id). Not thread-safe: use one
+client per thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from protocol import wire
+from protocol.curve import CurveClient
+from protocol.wire import Buffer, Message, ProtocolError
+
+log = logging.getLogger(__name__)
+
+START_HINT = "start it with: python -m backend serve (see the README, section 'Backend')"
+
+
+class BackendError(Exception):
+    """Base class; ``code`` is a protocol error code or ``unavailable``."""
+
+    def __init__(self, message: str, code: str = "backend_error",
+                 detail: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.detail = detail
+
+
+class BackendUnavailable(BackendError):
+    """No (authentic) answer from the backend within the timeout and retries."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "unavailable")
+
+
+class IncompatibleVersion(BackendError):
+    """The backend speaks another MAJOR protocol version; the message names both."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, wire.INCOMPATIBLE_VERSION)
+
+
+class JobFailed(BackendError):
+    """The backend refused a request or a job failed: ``code``, ``message``, ``detail``."""
+
+
+class JobTimeout(BackendError):
+    """A job did not end within the time given to ``events``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "timeout")
+
+
+@dataclass
+class Event:
+    """A job event: ``type`` (``queued``, ``progress``, …), its fields and its pixel buffers."""
+
+    type: str
+    job_id: str
+    content: dict[str, Any]
+    buffers: list[Buffer] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in wire.TERMINAL_EVENTS
+
+    @property
+    def image(self) -> bytes | None:
+        """Pixels of a ``finished`` or ``preview`` event (``width × height × channels``)."""
+        return bytes(self.buffers[0]) if self.buffers else None
+
+    def __getitem__(self, name: str) -> Any:
+        return self.content[name]
+
+
+def _as_bytes(data: Any) -> memoryview:
+    view = memoryview(data)
+    if not view.c_contiguous:
+        raise ValueError("pixel data must be C-contiguous")
+    return view.cast("B")
+
+
+class Client:
+    """Connects to one backend. ``key`` is the HMAC key (bytes, or hex as in the file)."""
+
+    def __init__(self, endpoint: str, key: bytes | str, *, timeout: float = 3.0,
+                 retries: int = 2, curve: CurveClient | None = None,
+                 context: zmq.Context | None = None,
+                 name: str = "drag-diffusion-client") -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.retries = retries
+        self.name = name
+        self.server_info: dict[str, Any] | None = None
+        self._curve = curve
+        self._context = context or zmq.Context.instance()
+        key = bytes.fromhex(key) if isinstance(key, str) else key
+        self._session = wire.Session(key, me="this plug-in", peer="the backend")
+        self._pending: dict[str, deque[Event]] = {}
+        self._done: deque[str] = deque(maxlen=256)  # jobs whose terminal event was consumed
+        self._bad_signatures = 0
+        self._last_sent = 0.0
+        self._heartbeat = max(0.05, min(2.0, timeout / 3))
+        self._socket: zmq.Socket | None = None
+        self._open()
+
+    @classmethod
+    def from_connection_file(cls, path: Path | str | None = None, **kwargs: Any) -> Client:
+        """Connect as the connection file says (default location: PROTOCOL.md section 7)."""
+        try:
+            info = wire.read_connection_file(path)
+        except FileNotFoundError as exc:
+            raise BackendUnavailable(str(exc)) from None
+        except ValueError as exc:
+            raise BackendUnavailable(str(exc)) from None
+        curve = None
+        if info.curve_server_key:
+            if not info.curve_client_key:
+                raise BackendUnavailable(
+                    "the backend uses CURVE encryption: add \"curve_client_key\": "
+                    "\"/path/to/client.key_secret\" to the connection file (see the README)")
+            try:
+                curve = CurveClient.from_files(info.curve_server_key, info.curve_client_key)
+            except ValueError as exc:
+                raise BackendUnavailable(str(exc)) from None
+        return cls(info.endpoint, info.key, curve=curve, **kwargs)
+
+    # --- public API --------------------------------------------------------------------------
+    def hello(self) -> dict[str, Any]:
+        """First exchange: the backend's versions, device, model, methods and limits."""
+        reply = self._request(wire.HELLO, {"client": self.name})
+        wire.check_version(reply.content["protocol_version"], self._session.version,
+                           "the backend", "this plug-in")
+        self.server_info = reply.content
+        return reply.content
+
+    def submit(self, image: Buffer | Any, width: int, height: int, channels: int,
+               handles: Sequence[tuple[float, float]], targets: Sequence[tuple[float, float]],
+               *, job_id: str | None = None, mask: Buffer | Any | None = None,
+               method: str = "dragdiffusion", params: dict[str, Any] | None = None,
+               prompt: str = "", seed: int = 0, preview: bool = False) -> str:
+        """Queue a drag edit and return its job id at once; then iterate ``events(job_id)``.
+
+        ``image`` is ``width × height × channels`` bytes (any C-contiguous buffer, e.g. a
+        numpy array); ``mask`` is ``width × height`` bytes, >0 where the image may change.
+        Re-submitting with the same ``job_id`` never runs the edit twice.
+        """
+        job_id = job_id or wire.new_id()
+        buffers = [_as_bytes(image)] + ([_as_bytes(mask)] if mask is not None else [])
+        content = {
+            "job_id": job_id, "width": int(width), "height": int(height),
+            "channels": int(channels), "has_mask": mask is not None,
+            "handles": [[float(x), float(y)] for x, y in handles],
+            "targets": [[float(x), float(y)] for x, y in targets],
+            "method": method, "params": dict(params or {}), "prompt": prompt,
+            "seed": int(seed), "preview": bool(preview),
+        }
+        limits = wire.Limits(**{k: v for k, v in (self.server_info or {}).get("limits", {}).items()
+                                if k in wire.Limits.__dataclass_fields__})
+        try:
+            wire.check_submit(content, [b.nbytes for b in buffers], limits)
+        except ProtocolError as exc:
+            raise JobFailed(exc.message, exc.code, exc.detail) from None
+        size = sum(b.nbytes for b in buffers)
+        self._request(wire.SUBMIT, content, job_id=job_id, buffers=buffers,
+                      timeout=self.timeout + size / 10e6)  # allow ~10 MB/s uploads
+        return job_id
+
+    def events(self, job_id: str, timeout: float | None = None) -> Iterator[Event]:
+        """Yield the job's events until a terminal one (``finished`` or ``cancelled``).
+
+        An ``error`` event raises ``JobFailed``. While waiting, the backend is pinged; if it
+        stays silent for ``timeout × (retries + 1)`` seconds (per-request ``timeout`` of the
+        client), ``BackendUnavailable`` is raised. ``timeout`` here bounds the whole job
+        (None: no bound) and raises ``JobTimeout``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_heard = time.monotonic()
+        while True:
+            queue = self._pending.get(job_id)
+            if queue:
+                event = queue.popleft()
+                if event.terminal:
+                    self._pending.pop(job_id, None)
+                    self._done.append(job_id)
+                    if event.type == wire.ERROR:
+                        c = event.content
+                        raise JobFailed(c["message"], c["code"], c.get("detail"))
+                yield event
+                if event.terminal:
+                    return
+                continue
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise JobTimeout(f"job {job_id} did not finish within {timeout:g} s; "
+                                 "it keeps running on the backend (cancel it or wait longer)")
+            if now - last_heard >= self.timeout:
+                self._reopen()
+                self._request(wire.ATTACH, {"job_id": job_id}, job_id=job_id,
+                              attempts=self.retries, lost_job=job_id)
+                last_heard = time.monotonic()
+                continue
+            if now - self._last_sent >= self._heartbeat:
+                self._send(wire.PING, {})
+            wait = min(self._heartbeat, self.timeout - (now - last_heard))
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            message = self._recv(wait)
+            if message is not None:
+                last_heard = time.monotonic()
+                self._stash(message)
+
+    def attach(self, job_id: str) -> dict[str, Any]:
+        """Route the job's events to this client again; returns ``{job_id, state, position}``."""
+        return self._request(wire.ATTACH, {"job_id": job_id}, job_id=job_id).content
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a job; returns its state (``cancelled``, ``cancelling``, or a final state)."""
+        return self._request(wire.CANCEL, {"job_id": job_id}, job_id=job_id).content["state"]
+
+    def ping(self) -> dict[str, Any]:
+        return self._request(wire.PING, {}).content
+
+    def shutdown(self) -> list[str]:
+        """Ask the backend to cancel everything and exit; returns the cancelled job ids."""
+        return self._request(wire.SHUTDOWN, {}).content["cancelled"]
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.endpoint!r})"
+
+    # --- internals ---------------------------------------------------------------------------
+    def _open(self) -> None:
+        socket = self._context.socket(zmq.DEALER)
+        socket.linger = 0
+        if self._curve is not None:
+            self._curve.apply(socket)
+        socket.connect(self.endpoint)
+        self._socket = socket
+
+    def _reopen(self) -> None:
+        """Lazy pirate: a silent socket may hold a broken connection; start afresh."""
+        self.close()
+        self._open()
+
+    def _send(self, msg_type: str, content: dict[str, Any], job_id: str | None = None,
+              buffers: Sequence[Buffer] = ()) -> dict[str, Any]:
+        assert self._socket is not None, "client is closed"
+        header, frames = self._session.serialize(msg_type, content, job_id=job_id,
+                                                 buffers=buffers)
+        try:
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.debug("send queue full; %s not sent", msg_type)
+        self._last_sent = time.monotonic()
+        return header
+
+    def _recv(self, timeout: float) -> Message | None:
+        """The next valid message within ``timeout`` seconds, or None."""
+        assert self._socket is not None, "client is closed"
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._socket.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                return None
+            frames = self._socket.recv_multipart(copy=False)
+            try:
+                message = self._session.parse(
+                    [f.bytes if i < 5 else f.buffer for i, f in enumerate(frames)])
+                wire.check_content(message)
+            except ProtocolError as exc:
+                if exc.code == wire.INCOMPATIBLE_VERSION:
+                    raise IncompatibleVersion(exc.message) from None
+                if exc.code == wire.BAD_SIGNATURE:
+                    self._bad_signatures += 1
+                log.debug("ignoring a message from the backend: %s (%s)", exc.message,
+                          exc.detail)
+                continue
+            return message
+
+    def _stash(self, message: Message) -> None:
+        job_id = message.job_id
+        if message.msg_type in wire.EVENTS and job_id and job_id not in self._done:
+            queue = self._pending.setdefault(job_id, deque(maxlen=4096))
+            queue.append(Event(message.msg_type, job_id, message.content, message.buffers))
+
+    def _request(self, msg_type: str, content: dict[str, Any], *, job_id: str | None = None,
+                 buffers: Sequence[Buffer] = (), timeout: float | None = None,
+                 attempts: int | None = None, lost_job: str | None = None) -> Message:
+        timeout = self.timeout if timeout is None else timeout
+        attempts = self.retries + 1 if attempts is None else attempts
+        sent: set[str] = set()
+        for attempt in range(attempts):
+            if attempt:
+                self._reopen()
+            sent.add(self._send(msg_type, content, job_id, buffers)["msg_id"])
+            deadline = time.monotonic() + timeout
+            while (message := self._recv(deadline - time.monotonic())) is not None:
+                if message.parent.get("msg_id") not in sent:
+                    self._stash(message)
+                elif message.msg_type == wire.ERROR:
+                    c = message.content
+                    if c["code"] == wire.INCOMPATIBLE_VERSION:
+                        raise IncompatibleVersion(c["message"])
+                    raise JobFailed(c["message"], c["code"], c.get("detail"))
+                else:
+                    return message
+            log.debug("no reply to %s within %.1f s (attempt %d of %d)", msg_type, timeout,
+                      attempt + 1, attempts)
+        raise BackendUnavailable(self._silence_message(lost_job))
+
+    def _silence_message(self, lost_job: str | None) -> str:
+        total = self.timeout * (self.retries + 1)
+        if self._bad_signatures:
+            return (f"the backend at {self.endpoint} answered but its messages fail the "
+                    "signature check: the connection file is out of date; restart the backend "
+                    "and try again")
+        what = (f"the backend at {self.endpoint} stopped answering while job {lost_job} was "
+                f"running (silent for {total:.0f} s); it may have crashed — see its log, then "
+                f"{START_HINT}" if lost_job else
+                f"no backend answered at {self.endpoint} within {total:.0f} s — {START_HINT}")
+        if self._curve is not None:
+            what += "; with CURVE, also check that this client's public key is in the " \
+                    "backend's --allow-keys folder"
+        return what

@@ -1,0 +1,538 @@
+"""The wire protocol of ``PROTOCOL.md``: envelope, signing, replay guard, codec, validation.
+
+Pure Python + msgpack; no ZeroMQ here, so both sides (and tests) can build and parse frames
+without sockets. Section numbers refer to ``PROTOCOL.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import hmac
+import json
+import math
+import os
+import re
+import struct
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = "1.0"
+DELIMITER = b"<DRAG|MSG>"
+SIGNATURE_SCHEME = "hmac-sha256"
+_SIGNATURE_PREFIX = b"DRAG1"
+_HEX = re.compile(rb"[0-9a-f]{64}\Z")
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+_VERSION = re.compile(r"(\d{1,4})\.(\d{1,4})\Z")
+
+Buffer = bytes | bytearray | memoryview
+
+# --- message types (section 4) -------------------------------------------------------------
+HELLO, HELLO_REPLY = "hello", "hello_reply"
+SUBMIT, SUBMIT_REPLY = "submit", "submit_reply"
+ATTACH, ATTACH_REPLY = "attach", "attach_reply"
+CANCEL, CANCEL_REPLY = "cancel", "cancel_reply"
+PING, PONG = "ping", "pong"
+SHUTDOWN, SHUTDOWN_REPLY = "shutdown", "shutdown_reply"
+ERROR = "error"
+QUEUED, STARTED, PROGRESS, PREVIEW = "queued", "started", "progress", "preview"
+FINISHED, CANCELLED = "finished", "cancelled"
+
+REQUESTS = (HELLO, SUBMIT, ATTACH, CANCEL, PING, SHUTDOWN)
+REPLY_TO = {HELLO: HELLO_REPLY, SUBMIT: SUBMIT_REPLY, ATTACH: ATTACH_REPLY,
+            CANCEL: CANCEL_REPLY, PING: PONG, SHUTDOWN: SHUTDOWN_REPLY}
+EVENTS = (QUEUED, STARTED, PROGRESS, PREVIEW, FINISHED, CANCELLED, ERROR)
+TERMINAL_EVENTS = (FINISHED, CANCELLED, ERROR)
+JOB_STATES = ("queued", "running", "finished", "failed", "cancelled")
+
+# --- error codes (section 5) ---------------------------------------------------------------
+BAD_MESSAGE = "bad_message"
+BAD_SIGNATURE = "bad_signature"
+REPLAYED = "replayed"
+INCOMPATIBLE_VERSION = "incompatible_version"
+UNKNOWN_MESSAGE_TYPE = "unknown_message_type"
+INVALID_INPUT = "invalid_input"
+QUEUE_FULL = "queue_full"
+UNKNOWN_JOB = "unknown_job"
+JOB_ID_CONFLICT = "job_id_conflict"
+RESULT_EXPIRED = "result_expired"
+SHUTTING_DOWN = "shutting_down"
+MODEL_NOT_FOUND = "model_not_found"
+OUT_OF_MEMORY = "out_of_memory"
+ENGINE_ERROR = "engine_error"
+INTERNAL_ERROR = "internal_error"
+ERROR_CODES = (BAD_MESSAGE, BAD_SIGNATURE, REPLAYED, INCOMPATIBLE_VERSION,
+               UNKNOWN_MESSAGE_TYPE, INVALID_INPUT, QUEUE_FULL, UNKNOWN_JOB, JOB_ID_CONFLICT,
+               RESULT_EXPIRED, SHUTTING_DOWN, MODEL_NOT_FOUND, OUT_OF_MEMORY, ENGINE_ERROR,
+               INTERNAL_ERROR)
+
+# msgpack container limits for header/parent/content frames (section 2, step 3).
+MAX_MAP_LEN = 256
+MAX_ARRAY_LEN = 1024
+MAX_BUFFERS = 2
+MAX_SEED = 2**63
+
+
+class ProtocolError(Exception):
+    """A message broke the protocol; ``code`` is one of ``ERROR_CODES``."""
+
+    def __init__(self, code: str, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.detail = detail
+        self.header: dict[str, Any] | None = None  # the offending header, once it was verified
+
+    def content(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Section 3. The server reports its own values in ``hello_reply.limits``."""
+
+    max_side: int = 8192
+    max_pixels: int = 64 * 2**20
+    max_frame_bytes: int = 256 * 2**20
+    max_points: int = 64
+    max_prompt_chars: int = 1000
+    max_queue: int = 32
+    max_field_bytes: int = 2**20
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class Message:
+    """A received, verified and decoded message."""
+
+    msg_type: str
+    header: dict[str, Any]
+    parent: dict[str, Any]
+    content: dict[str, Any]
+    buffers: list[Buffer] = field(default_factory=list)
+    signature: bytes = b""
+    # SHA-256 over the content frame and the buffers' digests: what a duplicate submit must match.
+    fingerprint: bytes = b""
+
+    @property
+    def msg_id(self) -> str:
+        return self.header["msg_id"]
+
+    @property
+    def session(self) -> str:
+        return self.header["session"]
+
+    @property
+    def job_id(self) -> str | None:
+        return self.header.get("job_id")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_job_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(_JOB_ID.match(value))
+
+
+def parse_version(version: Any) -> tuple[int, int]:
+    match = _VERSION.match(version) if isinstance(version, str) else None
+    if not match:
+        raise ProtocolError(BAD_MESSAGE, f"malformed protocol version {version!r}",
+                            "expected 'MAJOR.MINOR'")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_version(theirs: str, ours: str = PROTOCOL_VERSION, peer: str = "the peer",
+                  me: str = "this side") -> None:
+    """Raise ``incompatible_version`` unless ``theirs`` has the MAJOR version of ``ours``."""
+    if parse_version(theirs)[0] != parse_version(ours)[0]:
+        raise ProtocolError(
+            INCOMPATIBLE_VERSION,
+            f"{peer} speaks protocol {theirs} but {me} speaks protocol {ours}; "
+            "install the same release of the GIMP plug-in and the backend",
+        )
+
+
+# --- signing (section 2) --------------------------------------------------------------------
+def signature(key: bytes, header: Buffer, parent: Buffer, content: Buffer,
+              buffers: Sequence[Buffer] = ()) -> tuple[bytes, list[bytes]]:
+    """Return (hex signature, buffer digests) for the frames after the signature frame."""
+    mac = hmac.new(key, _SIGNATURE_PREFIX, hashlib.sha256)
+    mac.update(struct.pack(">I", 3 + len(buffers)))
+    for frame in (header, parent, content):
+        mac.update(struct.pack(">Q", len(frame)))
+        mac.update(frame)
+    digests = [hashlib.sha256(buf).digest() for buf in buffers]
+    for digest in digests:
+        mac.update(digest)
+    return mac.hexdigest().encode("ascii"), digests
+
+
+class ReplayGuard:
+    """Refuses signatures seen before and messages whose time is outside ``window`` seconds.
+
+    Memory is bounded by ``capacity``: when an entry must be evicted before its time has
+    left the window, every message not newer than it is refused from then on.
+    """
+
+    def __init__(self, window: float = 300.0, capacity: int = 65536,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.window = window
+        self.capacity = capacity
+        self._clock = clock
+        self._seen: set[bytes] = set()
+        self._heap: list[tuple[float, bytes]] = []
+        self._floor = -math.inf
+
+    def check(self, sig: bytes, sent: float) -> None:
+        now = self._clock()
+        if abs(now - sent) > self.window:
+            raise ProtocolError(
+                REPLAYED, "message time is too far from this machine's clock",
+                f"sent {sent:.3f}, now {now:.3f}, window {self.window:g} s; synchronise the clocks",
+            )
+        if sig in self._seen or sent <= self._floor:
+            raise ProtocolError(REPLAYED, "message refused: it was already received (replay)")
+        self._seen.add(sig)
+        heapq.heappush(self._heap, (sent, sig))
+        while self._heap and (self._heap[0][0] < now - self.window
+                              or len(self._seen) > self.capacity):
+            old_time, old_sig = heapq.heappop(self._heap)
+            self._seen.discard(old_sig)
+            if old_time >= now - self.window:
+                self._floor = max(self._floor, old_time)
+
+
+# --- the codec --------------------------------------------------------------------------------
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(frame: Buffer, what: str) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(
+            frame, raw=False, strict_map_key=True, use_list=True, max_ext_len=0,
+            max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(BAD_MESSAGE, f"the {what} frame is not valid msgpack",
+                            f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_MESSAGE, f"the {what} frame must be a msgpack map",
+                            f"got {type(obj).__name__}")
+    return obj
+
+
+class Session:
+    """Builds and parses signed messages for one peer (one client object, or the server)."""
+
+    def __init__(self, key: bytes, *, me: str, peer: str, session_id: str | None = None,
+                 replay: ReplayGuard | None = None, max_field_bytes: int = Limits.max_field_bytes,
+                 clock: Callable[[], float] = time.time) -> None:
+        if not key:
+            raise ValueError("an HMAC key is required")
+        self.key = key
+        self.me, self.peer = me, peer  # for messages, e.g. "this backend", "the plug-in"
+        self.version = PROTOCOL_VERSION
+        self.session_id = session_id or new_id()
+        self.replay = replay or ReplayGuard(clock=clock)
+        self.max_field_bytes = max_field_bytes
+        self._clock = clock
+
+    def header(self, msg_type: str, job_id: str | None = None) -> dict[str, Any]:
+        return {"msg_id": new_id(), "msg_type": msg_type, "version": self.version,
+                "session": self.session_id, "time": self._clock(), "job_id": job_id}
+
+    def serialize(self, msg_type: str, content: dict[str, Any], *,
+                  parent: dict[str, Any] | None = None, job_id: str | None = None,
+                  buffers: Sequence[Buffer] = ()) -> tuple[dict[str, Any], list[Buffer]]:
+        """Return (header, frames starting at the delimiter)."""
+        header = self.header(msg_type, job_id)
+        h, p, c = _pack(header), _pack(parent or {}), _pack(content)
+        sig, _ = signature(self.key, h, p, c, buffers)
+        return header, [DELIMITER, sig, h, p, c, *buffers]
+
+    def parse(self, frames: Sequence[Buffer]) -> Message:
+        """Verify and decode frames starting at the delimiter (section 2, steps 1–5).
+
+        Content fields are checked separately by ``check_content``.
+        """
+        if len(frames) < 5 or len(frames[0]) != len(DELIMITER) or bytes(frames[0]) != DELIMITER:
+            raise ProtocolError(BAD_MESSAGE, "malformed message: expected the <DRAG|MSG> "
+                                "delimiter, a signature, header, parent and content frames",
+                                f"got {len(frames)} frames")
+        if len(frames) > 5 + MAX_BUFFERS:
+            raise ProtocolError(BAD_MESSAGE, f"too many frames ({len(frames)}); at most "
+                                f"{5 + MAX_BUFFERS} are allowed")
+        sig, h, p, c, *buffers = frames[1:]
+        for name, frame in (("header", h), ("parent", p), ("content", c)):
+            if len(frame) > self.max_field_bytes:
+                raise ProtocolError(BAD_MESSAGE, f"the {name} frame is too large",
+                                    f"{len(frame)} > {self.max_field_bytes} bytes")
+        if len(sig) != 64 or not _HEX.match(bytes(sig)):
+            raise ProtocolError(BAD_SIGNATURE, "message is not signed: the signature frame must "
+                                "be 64 lower-case hex digits")
+        sig = bytes(sig)
+        expected, digests = signature(self.key, h, p, c, buffers)
+        if not hmac.compare_digest(sig, expected):
+            raise ProtocolError(BAD_SIGNATURE, "bad message signature: the key does not match "
+                                "(is the connection file out of date?)")
+        header = _unpack(h, "header")
+        _check_header(header)
+        try:
+            self.replay.check(sig, header["time"])
+            check_version(header["version"], self.version, self.peer, self.me)
+            parent = _unpack(p, "parent")
+            content = _unpack(c, "content")
+        except ProtocolError as exc:
+            exc.header = header
+            raise
+        fingerprint = hashlib.sha256(bytes(c) + b"".join(digests)).digest()
+        return Message(header["msg_type"], header, parent, content, list(buffers), sig,
+                       fingerprint)
+
+
+def _check_header(header: dict[str, Any]) -> None:
+    def bad(name: str, what: str) -> ProtocolError:
+        return ProtocolError(BAD_MESSAGE, f"header field {name!r} must be {what}",
+                             f"got {header.get(name)!r:.80}")
+
+    for name in ("msg_id", "session"):
+        value = header.get(name)
+        if not (isinstance(value, str) and 1 <= len(value) <= 64):
+            raise bad(name, "a string of 1–64 characters")
+    msg_type = header.get("msg_type")
+    if not (isinstance(msg_type, str) and 1 <= len(msg_type) <= 32):
+        raise bad("msg_type", "a string of 1–32 characters")
+    parse_version(header.get("version"))
+    sent = header.get("time")
+    if isinstance(sent, bool) or not isinstance(sent, (int, float)) or not math.isfinite(sent):
+        raise bad("time", "a finite number (Unix seconds)")
+    job_id = header.get("job_id")
+    if job_id is not None and not is_job_id(job_id):
+        raise bad("job_id", "nil or 1–64 characters of A-Z a-z 0-9 _ -")
+
+
+# --- content fields (section 4) ----------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v))
+
+
+def _is_points(v: Any) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(p, list) and len(p) == 2 and _is_num(p[0]) and _is_num(p[1]) for p in v)
+
+
+# kind name -> (check, description)
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str?": (lambda v: v is None or isinstance(v, str), "a string or nil"),
+    "int": (_is_int, "an integer"),
+    "int?": (lambda v: v is None or _is_int(v), "an integer or nil"),
+    "num": (_is_num, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "map": (lambda v: isinstance(v, dict), "a map"),
+    "job": (is_job_id, "1–64 characters of A-Z a-z 0-9 _ -"),
+    "job?": (lambda v: v is None or is_job_id(v), "nil or a job id"),
+    "points": (_is_points, "a list of [x, y] number pairs"),
+    "strs": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+             "a list of strings"),
+}
+
+# msg_type -> field -> (kind, default); default ``...`` means required.
+_R = ...
+SCHEMAS: dict[str, dict[str, tuple[str, Any]]] = {
+    HELLO: {"client": ("str", "")},
+    HELLO_REPLY: {"protocol_version": ("str", _R), "backend_version": ("str", _R),
+                  "server_session": ("str", _R), "device": ("str", _R), "memory": ("map", {}),
+                  "model": ("map", _R), "methods": ("map", _R), "default_method": ("str", _R),
+                  "limits": ("map", _R), "queue": ("map", {}), "security": ("map", {})},
+    SUBMIT: {"job_id": ("job", _R), "width": ("int", _R), "height": ("int", _R),
+             "channels": ("int", _R), "has_mask": ("bool", False), "handles": ("points", _R),
+             "targets": ("points", _R), "method": ("str", _R), "params": ("map", {}),
+             "prompt": ("str", ""), "seed": ("int", 0), "preview": ("bool", False)},
+    SUBMIT_REPLY: {"job_id": ("job", _R), "state": ("str", _R), "position": ("int?", None),
+                   "duplicate": ("bool", False)},
+    ATTACH: {"job_id": ("job", _R)},
+    ATTACH_REPLY: {"job_id": ("job", _R), "state": ("str", _R), "position": ("int?", None)},
+    CANCEL: {"job_id": ("job", _R)},
+    CANCEL_REPLY: {"job_id": ("job", _R), "state": ("str", _R)},
+    PING: {},
+    PONG: {"server_session": ("str", _R), "time": ("num", _R), "queued": ("int", 0),
+           "running": ("job?", None)},
+    SHUTDOWN: {},
+    SHUTDOWN_REPLY: {"cancelled": ("strs", [])},
+    ERROR: {"code": ("str", _R), "message": ("str", _R), "detail": ("str?", None)},
+    QUEUED: {"job_id": ("job", _R), "position": ("int", _R)},
+    STARTED: {"job_id": ("job", _R)},
+    PROGRESS: {"job_id": ("job", _R), "phase": ("str", _R), "step": ("int", _R),
+               "total": ("int", _R)},
+    PREVIEW: {"job_id": ("job", _R), "phase": ("str", _R), "step": ("int", _R),
+              "width": ("int", _R), "height": ("int", _R), "channels": ("int", _R)},
+    FINISHED: {"job_id": ("job", _R), "width": ("int", _R), "height": ("int", _R),
+               "channels": ("int", _R), "handles": ("points", _R), "timings": ("map", {}),
+               "stats": ("map", {})},
+    CANCELLED: {"job_id": ("job", _R), "reason": ("str", _R)},
+}
+
+# How many buffers each message type carries (default: none).
+_BUFFERS = {SUBMIT: (1, 2), PREVIEW: (1, 1), FINISHED: (1, 1)}
+
+
+def check_content(message: Message) -> dict[str, Any]:
+    """Check ``message.content`` against its schema; fill defaults; return it.
+
+    Raises ``unknown_message_type`` or ``bad_message``. Unknown fields are kept (they may come
+    from a newer MINOR version).
+    """
+    schema = SCHEMAS.get(message.msg_type)
+    if schema is None:
+        raise ProtocolError(UNKNOWN_MESSAGE_TYPE,
+                            f"unknown message type {message.msg_type!r}",
+                            f"known types: {', '.join(SCHEMAS)}")
+    content = message.content
+    for name, (kind, default) in schema.items():
+        if name not in content:
+            if default is _R:
+                raise ProtocolError(BAD_MESSAGE,
+                                    f"{message.msg_type} is missing the field {name!r}")
+            content[name] = default.copy() if isinstance(default, (dict, list)) else default
+            continue
+        check, description = _KINDS[kind]
+        if not check(content[name]):
+            raise ProtocolError(BAD_MESSAGE,
+                                f"field {name!r} of {message.msg_type} must be {description}",
+                                f"got {content[name]!r:.80}")
+    low, high = _BUFFERS.get(message.msg_type, (0, 0))
+    if not low <= len(message.buffers) <= high:
+        raise ProtocolError(BAD_MESSAGE, f"{message.msg_type} must carry {low}–{high} binary "
+                            f"buffers, got {len(message.buffers)}")
+    if "job_id" in schema and message.job_id != content["job_id"] and (
+            message.msg_type == SUBMIT or message.msg_type in EVENTS):
+        raise ProtocolError(BAD_MESSAGE, "header job_id and content job_id differ")
+    return content
+
+
+def check_submit(content: dict[str, Any], buffer_sizes: Sequence[int],
+                 limits: Limits) -> None:
+    """Check a submit's values against ``limits`` (section 3); raise ``invalid_input``."""
+    def invalid(message: str) -> ProtocolError:
+        return ProtocolError(INVALID_INPUT, message)
+
+    w, h, c = content["width"], content["height"], content["channels"]
+    if not (1 <= w <= limits.max_side and 1 <= h <= limits.max_side):
+        raise invalid(f"image size {w}×{h} is outside 1…{limits.max_side} pixels per side; "
+                      "scale the image or the selection down")
+    if w * h > limits.max_pixels:
+        raise invalid(f"image of {w * h} pixels exceeds the limit of {limits.max_pixels}; "
+                      "crop to a selection or scale down")
+    if c not in (1, 2, 3, 4):
+        raise invalid(f"channels must be 1, 2, 3 or 4, got {c}")
+    expected = [w * h * c] + ([w * h] if content["has_mask"] else [])
+    if list(buffer_sizes) != expected:
+        raise invalid(f"pixel buffers have {list(buffer_sizes)} bytes but {w}×{h}×{c}"
+                      f"{' plus a mask' if content['has_mask'] else ''} needs {expected}")
+    handles, targets = content["handles"], content["targets"]
+    if not 1 <= len(handles) <= limits.max_points:
+        raise invalid(f"give 1–{limits.max_points} handle points, got {len(handles)}")
+    if len(targets) != len(handles):
+        raise invalid(f"{len(handles)} handles but {len(targets)} targets; every handle needs "
+                      "a target")
+    for x, y in handles + targets:
+        if not (0 <= x <= w and 0 <= y <= h):
+            raise invalid(f"point ({x:g}, {y:g}) lies outside the {w}×{h} image")
+    if len(content["prompt"]) > limits.max_prompt_chars:
+        raise invalid(f"prompt is longer than {limits.max_prompt_chars} characters")
+    if not 0 <= content["seed"] < MAX_SEED:
+        raise invalid("seed must be between 0 and 2**63 - 1")
+    if len(content["method"]) > 64 or len(content["params"]) > 64:
+        raise invalid("method name or parameter list too long")
+
+
+# --- connection file (section 7) ---------------------------------------------------------------
+APP_DIR = "gimp-drag-diffusion"
+CONNECTION_ENV = "DRAG_DIFFUSION_CONNECTION_FILE"
+
+
+def default_connection_file() -> Path:
+    """``$DRAG_DIFFUSION_CONNECTION_FILE``, else the per-user default (section 7)."""
+    override = os.environ.get(CONNECTION_ENV)
+    if override:
+        return Path(override).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
+    else:
+        # Not $XDG_CONFIG_HOME: Flatpak remaps it inside GIMP's sandbox.
+        base = Path.home() / ".config"
+    return base / APP_DIR / "backend.json"
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    endpoint: str
+    key: bytes
+    signature_scheme: str = SIGNATURE_SCHEME
+    protocol_version: str = PROTOCOL_VERSION
+    pid: int | None = None
+    curve_server_key: str | None = None
+    curve_client_key: str | None = None  # path of the client's secret key file
+
+    def as_json(self) -> dict[str, Any]:
+        data = {"endpoint": self.endpoint, "key": self.key.hex(),
+                "signature_scheme": self.signature_scheme,
+                "protocol_version": self.protocol_version, "pid": self.pid,
+                "curve_server_key": self.curve_server_key,
+                "curve_client_key": self.curve_client_key}
+        return {k: v for k, v in data.items() if v is not None}
+
+
+def write_connection_file(path: Path, info: ConnectionInfo) -> None:
+    """Write ``info`` readable by the owner only (0600; folder 0700), atomically."""
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(info.as_json(), f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_connection_file(path: Path | str | None = None) -> ConnectionInfo:
+    """Read a connection file; raise ``FileNotFoundError``/``ValueError`` with a clear message."""
+    path = Path(path) if path else default_connection_file()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no backend connection file at {path}: the backend is not running; start it "
+            "with: python -m backend serve") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the backend connection file {path}: {exc}") from None
+    try:
+        if data.get("signature_scheme", SIGNATURE_SCHEME) != SIGNATURE_SCHEME:
+            raise ValueError(f"unsupported signature scheme {data['signature_scheme']!r}")
+        return ConnectionInfo(
+            endpoint=str(data["endpoint"]), key=bytes.fromhex(data["key"]),
+            protocol_version=str(data.get("protocol_version", PROTOCOL_VERSION)),
+            pid=data.get("pid"), curve_server_key=data.get("curve_server_key"),
+            curve_client_key=data.get("curve_client_key"))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"the backend connection file {path} is damaged ({exc}); restart the "
+                         "backend to rewrite it") from None
