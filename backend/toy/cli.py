@@ -1,0 +1,106 @@
+"""Sub-commands: ``toy train``, ``toy export``, ``toy eval`` and ``bench-quality``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from backend.toy.train import TrainConfig, train
+
+    _threads(args.threads)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    cfg = TrainConfig(**overrides)
+    trainer = train(cfg, Path(args.work_dir), args.device, args.resume, args.max_minutes,
+                    Path(args.out) if args.out else None)
+    return 0 if trainer.unet_step >= cfg.unet_steps else 3
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from backend.toy.train import TrainConfig, Trainer
+
+    trainer = Trainer(TrainConfig(), Path(args.work_dir), "cpu")
+    if not trainer.load():
+        print(f"no checkpoint in {args.work_dir}")
+        return 1
+    print(f"vae step {trainer.vae_step}, unet step {trainer.unet_step}")
+    print(f"exported to {trainer.export(Path(args.out))}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from diffusers import StableDiffusionPipeline
+
+    from backend.toy.train import reconstruction_quality
+
+    _threads(args.threads)
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True)
+    result = reconstruction_quality(pipe, n=args.n, strength=args.strength)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from backend.toy.bench_quality import main
+
+    _threads(args.threads)
+    return main(args)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from backend.toy.train import DEFAULT_MODEL_DIR, DEFAULT_WORK_DIR, TrainConfig
+
+    toy = subparsers.add_parser("toy", help="the trained toy model: train, export, eval")
+    toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
+
+    tr = toy_sub.add_parser("train", help="train (or --resume) the toy model")
+    tr.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR),
+                    help="checkpoints and latent cache (default: %(default)s)")
+    tr.add_argument("--out", default=str(DEFAULT_MODEL_DIR),
+                    help="export the pipeline here when training finishes (default: %(default)s)")
+    tr.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
+    tr.add_argument("--max-minutes", type=float, default=600.0,
+                    help="stop (with a checkpoint) after this wall time")
+    for f in dataclasses.fields(TrainConfig):
+        tr.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                        help=f"default {f.default}")
+    tr.set_defaults(func=_cmd_train)
+
+    ex = toy_sub.add_parser("export", help="export the latest checkpoint as a diffusers folder")
+    ex.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR))
+    ex.add_argument("--out", default=str(DEFAULT_MODEL_DIR))
+    ex.set_defaults(func=_cmd_export)
+
+    ev = toy_sub.add_parser("eval", help="reconstruction PSNR: VAE round trip, DDIM inversion")
+    ev.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    ev.add_argument("--n", type=int, default=16)
+    ev.add_argument("--strength", type=float, default=0.7)
+    ev.add_argument("--threads", type=int, default=0)
+    ev.set_defaults(func=_cmd_eval)
+
+    bq = subparsers.add_parser("bench-quality",
+                               help="ground-truth drag benchmark on the toy model")
+    bq.add_argument("--method", default="all",
+                    help="dragdiffusion, gooddrag, a preset name, or all (default)")
+    bq.add_argument("--cases", type=int, default=12)
+    bq.add_argument("--seed", type=int, default=0, help="case generator seed")
+    bq.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    bq.add_argument("--out", default="bench-quality-out")
+    bq.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="engine parameter override (repeatable)")
+    bq.add_argument("--lora-steps", type=int, default=0)
+    bq.add_argument("--threads", type=int, default=0)
+    bq.set_defaults(func=_cmd_bench)
