@@ -1,0 +1,77 @@
+"""Working resolution, point/mask mapping, channels and exact compositing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backend.engine import imageops
+from backend.engine.errors import InvalidInput
+
+
+@pytest.mark.parametrize(
+    ("size", "long_side", "expected"),
+    [((512, 512), 512, (512, 512)), ((4000, 3000), 512, (512, 384)), ((75, 50), 64, (64, 40)),
+     ((37, 301), 512, (64, 512)), ((3, 900), 128, (8, 128))],
+)
+def test_working_size_keeps_aspect_in_multiples_of_8(size, long_side, expected):
+    assert imageops.working_size(*size, long_side) == expected
+
+
+def test_points_map_to_the_half_resolution_grid_and_back():
+    grid = (128, 192)  # working 384×256 → grid rows 128, cols 192
+    pts = imageops.to_grid([(10.0, 20.0), (1200.0, 800.0), (0.0, 0.0)], (1200, 800), grid)
+    assert pts == [(3.0, 2.0), (127.0, 191.0), (0.0, 0.0)]  # edge points stay on the grid
+    back = imageops.from_grid([(64.0, 96.0)], (1200, 800), grid)
+    assert back == [(600.0, 400.0)]
+
+
+def test_validation_names_the_problem():
+    img = np.zeros((40, 60, 3), np.uint8)
+    with pytest.raises(InvalidInput, match="outside the 60×40 image"):
+        imageops.validate_request(img, [(61.0, 5.0)], [(1.0, 1.0)], None)
+    with pytest.raises(InvalidInput, match="pairs"):
+        imageops.validate_request(img, [(1.0, 1.0)], [], None)
+    with pytest.raises(InvalidInput, match="same size"):
+        imageops.validate_request(img, [(1.0, 1.0)], [(2.0, 2.0)], np.ones((60, 40), np.uint8))
+    with pytest.raises(InvalidInput, match="empty"):
+        imageops.validate_request(img, [(1.0, 1.0)], [(2.0, 2.0)], np.zeros((40, 60), np.uint8))
+    with pytest.raises(InvalidInput, match="uint8"):
+        imageops.validate_request(img.astype(np.float32), [(1.0, 1.0)], [(2.0, 2.0)], None)
+    with pytest.raises(InvalidInput, match="C = 1"):
+        imageops.validate_request(np.zeros((40, 60, 5), np.uint8), [(1.0, 1.0)], [(2.0, 2.0)], None)
+    imageops.validate_request(img, [(60.0, 40.0)], [(0.0, 0.0)], None)  # edges are inside
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_channels_round_trip(channels):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (6, 7, channels), dtype=np.uint8)
+    rgb, alpha = imageops.split_channels(image)
+    assert rgb.shape == (6, 7, 3)
+    assert (alpha is not None) == (channels in (2, 4))
+    back = imageops.merge_channels(rgb, alpha, channels)
+    np.testing.assert_array_equal(back, image)
+
+
+def test_feather_is_zero_outside_and_ramps_inside():
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:30, 5:40] = 255  # touches the right border
+    w = imageops.feather_weights(mask, 3)
+    assert (w[mask == 0] == 0).all()
+    assert w[20, 20] == 1.0 and 0 < w[10, 20] < 1 and w[13, 20] == 1.0
+    assert w[20, 39] == 1.0  # no fade along the image border
+    soft = (mask // 2).astype(np.uint8)
+    assert imageops.feather_weights(soft, 3)[20, 20] == pytest.approx(127 / 255)
+
+
+def test_composite_keeps_input_pixels_exactly_outside_the_mask():
+    rng = np.random.default_rng(1)
+    original = rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)
+    edited = rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)
+    mask = np.zeros((30, 30), np.uint8)
+    mask[5:25, 5:25] = 255
+    out = imageops.composite(original, edited, imageops.feather_weights(mask, 2))
+    np.testing.assert_array_equal(out[mask == 0], original[mask == 0])
+    np.testing.assert_array_equal(out[10:20, 10:20], edited[10:20, 10:20])
+    assert imageops.composite(original, edited, None) is edited
