@@ -418,6 +418,7 @@ class Server:
             "methods": _plain(defaults_table()),
             "default_method": "dragdiffusion",
             "limits": self.limits.as_dict(),
+            "client_ttl": self.client_ttl,
             "queue": {"queued": len(self._queue),
                       "running": self._running.job_id if self._running else None},
             "security": {"signature_scheme": wire.SIGNATURE_SCHEME,

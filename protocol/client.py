@@ -145,6 +145,8 @@ class Client:
         wire.check_version(reply.content["protocol_version"], self._session.version,
                            "the backend", "this plug-in")
         self.server_info = reply.content
+        # Ping often enough that the backend never takes us for gone.
+        self._heartbeat = min(self._heartbeat, reply.content["client_ttl"] / 4)
         return reply.content
 
     def submit(self, image: Buffer | Any, width: int, height: int, channels: int,
@@ -182,13 +184,15 @@ class Client:
     def events(self, job_id: str, timeout: float | None = None) -> Iterator[Event]:
         """Yield the job's events until a terminal one (``finished`` or ``cancelled``).
 
-        An ``error`` event raises ``JobFailed``. While waiting, the backend is pinged; if it
+        An ``error`` event raises ``JobFailed``. While waiting, the job is re-attached every
+        few seconds (a heartbeat that also recovers lost events); if the backend
         stays silent for ``timeout × (retries + 1)`` seconds (per-request ``timeout`` of the
         client), ``BackendUnavailable`` is raised. ``timeout`` here bounds the whole job
         (None: no bound) and raises ``JobTimeout``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         last_heard = time.monotonic()
+        beats: deque[str] = deque(maxlen=64)
         while True:
             queue = self._pending.get(job_id)
             if queue:
@@ -214,13 +218,19 @@ class Client:
                 last_heard = time.monotonic()
                 continue
             if now - self._last_sent >= self._heartbeat:
-                self._send(wire.PING, {})
+                # The heartbeat is an attach: it keeps us alive on the backend, routes the
+                # job's events to our current socket, and makes the backend re-send a
+                # terminal event that got lost.
+                beats.append(self._send(wire.ATTACH, {"job_id": job_id}, job_id)["msg_id"])
             wait = min(self._heartbeat, self.timeout - (now - last_heard))
             if deadline is not None:
                 wait = min(wait, deadline - now)
             message = self._recv(wait)
             if message is not None:
                 last_heard = time.monotonic()
+                if message.msg_type == wire.ERROR and message.parent.get("msg_id") in beats:
+                    c = message.content
+                    raise JobFailed(c["message"], c["code"], c.get("detail"))
                 self._stash(message)
 
     def attach(self, job_id: str) -> dict[str, Any]:

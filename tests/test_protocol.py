@@ -1,0 +1,313 @@
+"""protocol/wire.py without sockets: every message type, signing, replays, limits, files."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from protocol import wire
+from protocol.wire import Limits, ProtocolError, Session
+
+KEY = b"k" * 32
+JOB = "job-1"
+PIXELS = bytes(range(24))  # 4×2×3
+
+SAMPLES: dict[str, tuple[dict, list[bytes]]] = {
+    wire.HELLO: ({"client": "tests"}, []),
+    wire.HELLO_REPLY: ({"protocol_version": "1.0", "backend_version": "0.1.0",
+                        "server_session": "s", "device": "cpu", "memory": {"total": 1},
+                        "model": {"name": "m", "state": "ready", "error": None},
+                        "methods": {"dragdiffusion": {"work_size": 512}},
+                        "default_method": "dragdiffusion", "limits": Limits().as_dict(),
+                        "client_ttl": 60.0,
+                        "queue": {"queued": 0, "running": None},
+                        "security": {"signature_scheme": "hmac-sha256", "curve": False}}, []),
+    wire.SUBMIT: ({"job_id": JOB, "width": 4, "height": 2, "channels": 3, "has_mask": True,
+                   "handles": [[1.0, 1.5]], "targets": [[3, 1]], "method": "gooddrag",
+                   "params": {"work_size": 64}, "prompt": "a cat", "seed": 7, "preview": False},
+                  [PIXELS, bytes(8)]),
+    wire.SUBMIT_REPLY: ({"job_id": JOB, "state": "queued", "position": 2, "duplicate": False},
+                        []),
+    wire.ATTACH: ({"job_id": JOB}, []),
+    wire.ATTACH_REPLY: ({"job_id": JOB, "state": "running", "position": None}, []),
+    wire.CANCEL: ({"job_id": JOB}, []),
+    wire.CANCEL_REPLY: ({"job_id": JOB, "state": "cancelling"}, []),
+    wire.PING: ({}, []),
+    wire.PONG: ({"server_session": "s", "time": 1.5, "queued": 0, "running": JOB}, []),
+    wire.SHUTDOWN: ({}, []),
+    wire.SHUTDOWN_REPLY: ({"cancelled": [JOB]}, []),
+    wire.ERROR: ({"code": "invalid_input", "message": "no", "detail": None}, []),
+    wire.QUEUED: ({"job_id": JOB, "position": 1}, []),
+    wire.STARTED: ({"job_id": JOB}, []),
+    wire.PROGRESS: ({"job_id": JOB, "phase": "drag", "step": 3, "total": 80}, []),
+    wire.PREVIEW: ({"job_id": JOB, "phase": "drag", "step": 3, "width": 4, "height": 2,
+                    "channels": 3}, [PIXELS]),
+    wire.FINISHED: ({"job_id": JOB, "width": 4, "height": 2, "channels": 3,
+                     "handles": [[3.0, 1.0]], "timings": {"drag": 1.25}, "stats": {}}, [PIXELS]),
+    wire.CANCELLED: ({"job_id": JOB, "reason": "client"}, []),
+}
+
+
+def pair() -> tuple[Session, Session]:
+    return Session(KEY, me="a", peer="b"), Session(KEY, me="b", peer="a")
+
+
+def test_samples_cover_every_message_type():
+    assert set(SAMPLES) == set(wire.SCHEMAS) == {*wire.REQUESTS, *wire.REPLY_TO.values(),
+                                                 *wire.EVENTS}
+
+
+@pytest.mark.parametrize("msg_type", sorted(SAMPLES))
+def test_round_trip_every_message_type(msg_type):
+    sender, receiver = pair()
+    content, buffers = SAMPLES[msg_type]
+    parent = sender.header(wire.PING)
+    header, frames = sender.serialize(msg_type, content, parent=parent, job_id=JOB,
+                                      buffers=buffers)
+    assert frames[0] == wire.DELIMITER and len(frames) == 5 + len(buffers)
+    message = receiver.parse(frames)
+    assert wire.check_content(message) == content
+    assert message.header == header and message.parent == parent
+    assert message.msg_type == msg_type and message.job_id == JOB
+    assert [bytes(b) for b in message.buffers] == buffers
+
+
+def test_defaults_are_filled_and_unknown_fields_kept():
+    sender, receiver = pair()
+    content = {"job_id": JOB, "width": 4, "height": 2, "channels": 3, "handles": [[0, 0]],
+               "targets": [[1, 1]], "method": "dragdiffusion", "future_field": 1}
+    message = receiver.parse(sender.serialize(wire.SUBMIT, content, job_id=JOB,
+                                              buffers=[PIXELS])[1])
+    checked = wire.check_content(message)
+    assert checked["prompt"] == "" and checked["seed"] == 0 and checked["params"] == {}
+    assert checked["has_mask"] is False and checked["future_field"] == 1
+
+
+@pytest.mark.parametrize("index", [2, 3, 4, 5, 6])
+def test_any_changed_byte_breaks_the_signature(index):
+    sender, receiver = pair()
+    content, buffers = SAMPLES[wire.SUBMIT]
+    frames = sender.serialize(wire.SUBMIT, content, job_id=JOB, buffers=buffers)[1]
+    changed = bytearray(frames[index])
+    changed[len(changed) // 2] ^= 1
+    frames[index] = bytes(changed)
+    with pytest.raises(ProtocolError) as err:
+        receiver.parse(frames)
+    assert err.value.code == wire.BAD_SIGNATURE
+
+
+def test_wrong_key_and_missing_signature_are_refused():
+    sender = Session(b"other key", me="a", peer="b")
+    _, receiver = pair()
+    frames = sender.serialize(wire.PING, {})[1]
+    with pytest.raises(ProtocolError, match="connection file") as err:
+        receiver.parse(frames)
+    assert err.value.code == wire.BAD_SIGNATURE
+    frames[1] = b""
+    with pytest.raises(ProtocolError) as err:
+        receiver.parse(frames)
+    assert err.value.code == wire.BAD_SIGNATURE
+
+
+def test_signature_is_checked_before_unpacking(monkeypatch):
+    calls = []
+    monkeypatch.setattr(wire.msgpack, "unpackb", lambda *a, **k: calls.append(a))
+    _, receiver = pair()
+    bogus = [wire.DELIMITER, b"0" * 64, b"\xc1", b"\xc1", b"\xc1"]
+    with pytest.raises(ProtocolError):
+        receiver.parse(bogus)
+    assert calls == []
+
+
+def test_replay_is_refused():
+    sender, receiver = pair()
+    frames = sender.serialize(wire.PING, {})[1]
+    receiver.parse(frames)
+    with pytest.raises(ProtocolError) as err:
+        receiver.parse(frames)
+    assert err.value.code == wire.REPLAYED
+    assert err.value.header is not None  # the verified header is kept for the error reply
+
+
+def test_stale_and_future_messages_are_refused():
+    now = [1000.0]
+    sender = Session(KEY, me="a", peer="b", clock=lambda: now[0])
+    receiver = Session(KEY, me="b", peer="a", replay=wire.ReplayGuard(60, clock=lambda: 1000.0))
+    for sent in (900.0, 1100.0):
+        now[0] = sent
+        with pytest.raises(ProtocolError, match="clock") as err:
+            receiver.parse(sender.serialize(wire.PING, {})[1])
+        assert err.value.code == wire.REPLAYED
+
+
+def test_replay_guard_stays_bounded_and_safe():
+    guard = wire.ReplayGuard(window=100, capacity=3, clock=lambda: 1000.0)
+    for i in range(10):
+        guard.check(b"sig%d" % i, 950.0 + i)
+    assert len(guard._seen) <= 3
+    with pytest.raises(ProtocolError):  # evicted early, but its time is under the floor
+        guard.check(b"sig0", 950.0)
+    guard.check(b"new", 999.0)
+
+
+def test_version_mismatch_names_both_versions():
+    sender, receiver = pair()
+    sender.version = "2.3"
+    with pytest.raises(ProtocolError) as err:
+        receiver.parse(sender.serialize(wire.HELLO, {})[1])
+    assert err.value.code == wire.INCOMPATIBLE_VERSION
+    assert "2.3" in err.value.message and "1.0" in err.value.message
+    sender.version = "1.9"  # same major: compatible
+    receiver.parse(sender.serialize(wire.HELLO, {})[1])
+
+
+def test_malformed_frames():
+    sender, receiver = pair()
+    frames = sender.serialize(wire.PING, {})[1]
+    for broken in ([], frames[:4], [b"<IDS|MSG>", *frames[1:]], frames + [b"x"] * 3):
+        with pytest.raises(ProtocolError) as err:
+            receiver.parse(broken)
+        assert err.value.code == wire.BAD_MESSAGE
+
+
+def _signed(session: Session, header: dict, content: bytes) -> list[bytes]:
+    h, p = msgpack.packb(header), msgpack.packb({})
+    return [wire.DELIMITER, wire.signature(KEY, h, p, content)[0], h, p, content]
+
+
+@pytest.mark.parametrize("content", [
+    msgpack.packb([1, 2]),                    # not a map
+    msgpack.packb({"a": list(range(5000))}),  # too long an array
+    msgpack.packb({"a": msgpack.ExtType(1, b"x")}),  # extension types are refused
+    msgpack.packb({1: 2}),                    # non-string key
+    b"\x91" * 100000,                          # deep nesting
+    msgpack.packb({}) + b"extra",              # trailing bytes
+    b"\xa3\xff\xfe\xfd",                       # invalid UTF-8
+])
+def test_hostile_msgpack_is_a_bad_message(content):
+    sender, receiver = pair()
+    frames = _signed(sender, sender.header(wire.PING), content)
+    with pytest.raises(ProtocolError) as err:
+        receiver.parse(frames)
+    assert err.value.code == wire.BAD_MESSAGE
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("msg_id", 5), ("session", ""), ("msg_type", "x" * 40), ("version", "one"),
+    ("time", float("nan")), ("time", True), ("job_id", "../etc"),
+])
+def test_bad_header_fields(field, value):
+    sender, receiver = pair()
+    header = sender.header(wire.PING)
+    header[field] = value
+    with pytest.raises(ProtocolError) as err:
+        receiver.parse(_signed(sender, header, msgpack.packb({})))
+    assert err.value.code == wire.BAD_MESSAGE and field in err.value.message
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("width", "4"), ("width", True), ("handles", [[1]]), ("handles", [[1, float("inf")]]),
+    ("params", []), ("seed", 1.5), ("job_id", "a b"), ("method", None),
+])
+def test_wrong_field_types(field, value):
+    sender, receiver = pair()
+    content = {**SAMPLES[wire.SUBMIT][0], field: value}
+    frames = sender.serialize(wire.SUBMIT, content, job_id=JOB,
+                              buffers=SAMPLES[wire.SUBMIT][1])[1]
+    with pytest.raises(ProtocolError) as err:
+        wire.check_content(receiver.parse(frames))
+    assert err.value.code == wire.BAD_MESSAGE and field in err.value.message
+
+
+def test_unknown_type_and_buffer_count_and_job_id_mismatch():
+    sender, receiver = pair()
+    with pytest.raises(ProtocolError) as err:
+        wire.check_content(receiver.parse(sender.serialize("teleport", {})[1]))
+    assert err.value.code == wire.UNKNOWN_MESSAGE_TYPE
+    with pytest.raises(ProtocolError, match="buffers"):
+        wire.check_content(receiver.parse(sender.serialize(wire.SUBMIT, SAMPLES[wire.SUBMIT][0],
+                                                           job_id=JOB)[1]))
+    with pytest.raises(ProtocolError, match="job_id"):
+        wire.check_content(receiver.parse(sender.serialize(
+            wire.SUBMIT, SAMPLES[wire.SUBMIT][0], job_id="other", buffers=[PIXELS])[1]))
+
+
+def _submit(**changes):
+    content = {"job_id": JOB, "width": 4, "height": 2, "channels": 3, "has_mask": False,
+               "handles": [[1, 1]], "targets": [[3, 1]], "method": "dragdiffusion",
+               "params": {}, "prompt": "", "seed": 0, "preview": False}
+    content.update(changes)
+    return content
+
+
+@pytest.mark.parametrize(("changes", "sizes", "match"), [
+    ({}, [23], "needs"),
+    ({"has_mask": True}, [24], "mask"),
+    ({"width": 9000}, [9000 * 2 * 3], "per side"),
+    ({"width": 2**40, "height": 2**40}, [24], "per side"),
+    ({"width": 0}, [0], "per side"),
+    ({"channels": 5}, [40], "channels"),
+    ({"handles": [[5, 1]]}, [24], "outside"),
+    ({"targets": []}, [24], "target"),
+    ({"handles": [], "targets": []}, [24], "handle"),
+    ({"seed": -1}, [24], "seed"),
+    ({"prompt": "x" * 1001}, [24], "prompt"),
+])
+def test_check_submit_limits(changes, sizes, match):
+    with pytest.raises(ProtocolError, match=match) as err:
+        wire.check_submit(_submit(**changes), sizes, Limits())
+    assert err.value.code == wire.INVALID_INPUT
+
+
+def test_check_submit_pixel_limit():
+    wire.check_submit(_submit(), [24], Limits())
+    with pytest.raises(ProtocolError, match="pixels"):
+        wire.check_submit(_submit(), [24], Limits(max_pixels=7))
+
+
+def test_connection_file_round_trip_and_permissions(tmp_path):
+    path = tmp_path / "conf" / "backend.json"
+    info = wire.ConnectionInfo("tcp://127.0.0.1:5557", os.urandom(32), pid=42,
+                               curve_server_key="x" * 40)
+    wire.write_connection_file(path, info)
+    wire.write_connection_file(path, info)  # overwrite in place
+    assert wire.read_connection_file(path) == info
+    if os.name == "posix":
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert json.loads(path.read_text())["signature_scheme"] == "hmac-sha256"
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left
+
+
+def test_connection_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m backend serve"):
+        wire.read_connection_file(tmp_path / "none.json")
+    damaged = tmp_path / "bad.json"
+    damaged.write_text('{"endpoint": "tcp://x:1", "key": "zz"}')
+    with pytest.raises(ValueError, match="damaged"):
+        wire.read_connection_file(damaged)
+
+
+def test_default_connection_file(monkeypatch, tmp_path):
+    monkeypatch.setenv(wire.CONNECTION_ENV, str(tmp_path / "c.json"))
+    assert wire.default_connection_file() == tmp_path / "c.json"
+    monkeypatch.delenv(wire.CONNECTION_ENV)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))  # ignored on purpose (Flatpak)
+    path = wire.default_connection_file()
+    assert path.name == "backend.json" and path.parent.name == wire.APP_DIR
+    if sys.platform != "win32":
+        assert path.parent.parent == Path.home() / ".config"
+
+
+def test_protocol_imports_without_numpy_or_torch():
+    code = ("import sys; import protocol, protocol.client, protocol.curve; "
+            "bad = {'numpy', 'torch', 'backend'} & set(sys.modules); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=Path(__file__).resolve().parents[1])

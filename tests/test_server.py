@@ -1,0 +1,390 @@
+"""The server over real loopback sockets, with a scriptable fake engine."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from fixtures_server import FakeEngine, RawPeer, client_for, image, running_server, submit
+
+from backend.engine.errors import ModelNotFound
+from backend.server import FairQueue, Job, Server, ServerError
+from protocol import wire
+from protocol.client import (
+    BackendUnavailable,
+    Client,
+    IncompatibleVersion,
+    JobFailed,
+)
+
+
+def collect(client: Client, job_id: str, timeout: float = 30) -> list:
+    return list(client.events(job_id, timeout=timeout))
+
+
+def test_hello_describes_the_backend():
+    with running_server(FakeEngine()) as server, client_for(server) as client:
+        info = client.hello()
+    assert info["protocol_version"] == wire.PROTOCOL_VERSION
+    assert info["backend_version"] and info["server_session"]
+    assert info["device"] == "cpu" and info["memory"] == {"total": 1 << 30}
+    assert info["model"] == {"name": "fake-model", "state": "ready", "error": None}
+    assert {"dragdiffusion", "gooddrag"} <= set(info["methods"])
+    assert info["methods"]["gooddrag"]["method"] == "gooddrag"
+    assert info["limits"] == wire.Limits().as_dict()
+    assert info["queue"] == {"queued": 0, "running": None}
+    assert info["security"] == {"signature_scheme": "hmac-sha256", "curve": False}
+
+
+def test_full_job_events_in_order():
+    engine = FakeEngine(steps=4)
+    with running_server(engine) as server, client_for(server) as client:
+        job = submit(client, prompt="a photo", seed=5, mask=bytes(range(48)),
+                     params={"work_size": 64}, method="gooddrag")
+        events = collect(client, job)
+    types = [e.type for e in events]
+    assert types[:2] == ["queued", "started"] and types[-1] == "finished"
+    assert events[0]["position"] == 1
+    progress = [(e["phase"], e["step"], e["total"]) for e in events if e.type == "progress"]
+    # In order, throttled: every phase starts with its first step and ends with its last.
+    assert [p for p, _, _ in progress] == sorted((p for p, _, _ in progress), reverse=True)
+    for phase in ("inversion", "drag"):
+        steps = [s for p, s, t in progress if p == phase]
+        assert steps[0] == 1 and steps[-1] == 4 and steps == sorted(set(steps))
+    done = events[-1]
+    assert (done["width"], done["height"], done["channels"]) == (8, 6, 3)
+    assert done.image == bytes(255 - b for b in image())
+    assert done["handles"] == [[4.0, 3.0]]
+    assert set(done["timings"]) == {"inversion", "drag"}
+    assert done["stats"] == {"steps": 4, "shape": [1, 2]}
+    (request,) = engine.runs
+    assert request.image.shape == (6, 8, 3) and request.mask.shape == (6, 8)
+    assert (request.method, request.prompt, request.seed) == ("gooddrag", "a photo", 5)
+    assert request.params == {"work_size": 64}
+    assert request.handles == [(1.0, 1.0)] and request.targets == [(4.0, 3.0)]
+
+
+def test_slow_steps_all_reported():
+    with running_server(FakeEngine(steps=3, delay=0.08)) as server, client_for(server) as client:
+        events = collect(client, submit(client))
+    progress = [(e["phase"], e["step"]) for e in events if e.type == "progress"]
+    assert progress == [(p, s) for p in ("inversion", "drag") for s in (1, 2, 3)]
+
+
+def test_preview_events_when_asked():
+    with running_server(FakeEngine(steps=2)) as server, client_for(server) as client:
+        events = collect(client, submit(client, preview=True))
+        plain = collect(client, submit(client))
+    previews = [e for e in events if e.type == "preview"]
+    assert previews and previews[0].image == image() and previews[0]["width"] == 8
+    assert not [e for e in plain if e.type == "preview"]
+
+
+def test_version_mismatch_is_a_clear_error():
+    with running_server(FakeEngine()) as server, client_for(server) as client:
+        client._session.version = "2.0"
+        with pytest.raises(IncompatibleVersion) as err:
+            client.hello()
+    assert "2.0" in str(err.value) and "1.0" in str(err.value)
+
+
+def test_control_messages_are_not_stuck_behind_a_running_edit():
+    engine = FakeEngine(steps=200, delay=0.05)
+    with running_server(engine) as server, client_for(server) as client:
+        job = submit(client)
+        assert engine.step_started.wait(5)
+        t0 = time.monotonic()
+        assert client.ping()["running"] == job
+        assert client.hello()["queue"]["running"] == job
+        assert client.attach(job)["state"] == "running"
+        assert time.monotonic() - t0 < 1.0
+        assert client.cancel(job) == "cancelling"
+        assert collect(client, job)[-1].type == "cancelled"
+
+
+def test_cancel_running_job_within_one_step():
+    engine = FakeEngine(steps=1000, delay=0.02)
+    with running_server(engine) as server, client_for(server) as client:
+        job = submit(client)
+        events = client.events(job)
+        while next(events).type != "progress":
+            pass
+        t0 = time.monotonic()
+        assert client.cancel(job) == "cancelling"
+        rest = list(events)
+        assert time.monotonic() - t0 < 1.0
+        assert client.cancel(job) == "cancelled"  # over: its state is reported
+    assert rest[-1].type == "cancelled" and rest[-1]["reason"] == "client"
+    assert engine.steps_after_cancel[0] <= 1
+
+
+def test_cancel_queued_job_at_once():
+    engine = FakeEngine(steps=1000, delay=0.02)
+    with running_server(engine) as server, client_for(server) as client:
+        first = submit(client)
+        second = submit(client)
+        assert engine.step_started.wait(5)
+        t0 = time.monotonic()
+        assert client.cancel(second) == "cancelled"
+        events = collect(client, second)
+        assert time.monotonic() - t0 < 1.0
+        assert [e.type for e in events][-1] == "cancelled"
+        assert client.cancel(second) == "cancelled"  # idempotent
+        client.cancel(first)
+        collect(client, first)
+    assert len(engine.runs) == 1
+
+
+def test_duplicate_submit_runs_once():
+    engine = FakeEngine(steps=3, delay=0.02)
+    with running_server(engine) as server, client_for(server) as a, client_for(server) as b:
+        job = submit(a, job_id="same-id")
+        assert submit(a, job_id="same-id") == "same-id"  # re-sent while queued or running
+        events = collect(a, job)
+        assert events[-1].type == "finished"
+        # A re-sent submit after the end (e.g. from a reconnected client) gets the result again.
+        assert submit(b, job_id="same-id") == "same-id"
+        again = collect(b, job)
+        assert again[-1].type == "finished" and again[-1].image == events[-1].image
+        with pytest.raises(JobFailed) as err:
+            submit(b, job_id="same-id", prompt="different")
+        assert err.value.code == wire.JOB_ID_CONFLICT
+    assert len(engine.runs) == 1
+
+
+def test_expired_result_is_never_run_again():
+    engine = FakeEngine()
+    with running_server(engine, keep_results=1) as server, client_for(server) as client:
+        collect(client, submit(client, job_id="one"))
+        collect(client, submit(client, job_id="two"))  # pushes "one" out
+        with pytest.raises(JobFailed) as err:
+            submit(client, job_id="one")
+        assert err.value.code == wire.RESULT_EXPIRED
+        with pytest.raises(JobFailed) as err:
+            client.attach("one")
+        assert err.value.code == wire.UNKNOWN_JOB and "submit the edit again" in err.value.message
+    assert len(engine.runs) == 2
+
+
+def test_two_concurrent_clients_both_get_results():
+    engine = FakeEngine(steps=3, delay=0.01)
+    results: dict[int, list] = {}
+
+    def work(server: Server, n: int) -> None:
+        with client_for(server) as client:
+            results[n] = collect(client, submit(client, seed=n))
+
+    with running_server(engine) as server:
+        threads = [threading.Thread(target=work, args=(server, n)) for n in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert sorted(results) == [0, 1]
+    assert all(events[-1].type == "finished" for events in results.values())
+    assert sorted(r.seed for r in engine.runs) == [0, 1]
+
+
+def test_fair_queueing_across_clients():
+    engine = FakeEngine(steps=1000, delay=0.01)
+    with running_server(engine) as server, client_for(server) as a, client_for(server) as b:
+        blocker = submit(a, seed=0)
+        assert engine.step_started.wait(5)
+        a_jobs = [submit(a, seed=n, prompt="steps=2") for n in (1, 2, 3)]
+        b_job = submit(b, seed=9, prompt="steps=2")
+        queued = next(e for e in b.events(b_job) if e.type == "queued")
+        a.cancel(blocker)
+        assert collect(b, b_job)[-1].type == "finished"
+        assert all(collect(a, job)[-1].type == "finished" for job in a_jobs)
+    assert queued["position"] == 2  # behind a's next job only, not behind all three
+    assert [r.seed for r in engine.runs] == [0, 1, 9, 2, 3]
+
+
+def test_fair_queue_order_is_round_robin():
+    def job(session: str, n: int) -> Job:
+        return Job(f"{session}{n}", session, session, {}, b"", {}, [])
+
+    q = FairQueue()
+    for j in [job("a", 1), job("a", 2), job("a", 3), job("b", 1), job("c", 1), job("b", 2)]:
+        q.push(j)
+    assert [j.job_id for j in q.order()] == ["a1", "b1", "c1", "a2", "b2", "a3"]
+    popped = [q.pop().job_id for _ in range(3)]
+    q.push(job("a", 4))
+    assert popped + [j.job_id for j in q.order()] == ["a1", "b1", "c1", "a2", "b2", "a3", "a4"]
+
+
+@pytest.mark.parametrize(("prompt", "fragment"), [
+    ("raise=oom", "lower work_size"),
+    ("raise=crash", "smaller work_size"),
+])
+def test_out_of_memory_fails_the_job_and_the_next_runs(prompt, fragment):
+    engine = FakeEngine()
+    with running_server(engine) as server, client_for(server) as client:
+        with pytest.raises(JobFailed) as err:
+            collect(client, submit(client, prompt=prompt))
+        assert err.value.code == wire.OUT_OF_MEMORY and fragment in err.value.message
+        assert collect(client, submit(client))[-1].type == "finished"
+
+
+def test_engine_bug_is_an_engine_error_and_the_server_keeps_serving():
+    with running_server(FakeEngine()) as server, client_for(server) as client:
+        with pytest.raises(JobFailed) as err:
+            collect(client, submit(client, prompt="raise=bug"))
+        assert err.value.code == wire.ENGINE_ERROR and "something broke" in err.value.message
+        assert "ValueError" in err.value.detail
+        assert collect(client, submit(client))[-1].type == "finished"
+
+
+def test_missing_model_is_reported_and_the_server_keeps_serving():
+    def load():
+        raise ModelNotFound("model 'nowhere' not found; pass --model PATH")
+
+    with running_server(load=load) as server, client_for(server) as client:
+        model = client.hello()["model"]
+        assert model["state"] == "missing" and "--model PATH" in model["error"]
+        with pytest.raises(JobFailed) as err:
+            submit(client)
+        assert err.value.code == wire.MODEL_NOT_FOUND and "--model PATH" in err.value.message
+        assert client.ping()["queued"] == 0
+
+
+def test_jobs_queued_while_the_model_loads_run_afterwards():
+    gate = threading.Event()
+    engine = FakeEngine()
+
+    def load():
+        gate.wait(10)
+        return engine
+
+    server = Server(load, model_name="slow", bind="tcp://127.0.0.1:0")
+    server.start()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with client_for(server) as client:
+            assert client.hello()["model"]["state"] == "loading"
+            job = submit(client)
+            gate.set()
+            assert collect(client, job)[-1].type == "finished"
+    finally:
+        server.stop()
+        thread.join(10)
+
+
+@pytest.mark.parametrize(("kwargs", "code"), [
+    ({"handles": [(100, 1)]}, wire.INVALID_INPUT),
+    ({"method": "nope"}, wire.INVALID_INPUT),
+    ({"params": {"no_such_knob": 1}}, wire.INVALID_INPUT),
+    ({"params": {"work_size": 1}}, wire.INVALID_INPUT),
+])
+def test_invalid_submits_are_refused(kwargs, code):
+    with running_server(FakeEngine()) as server, client_for(server) as client:
+        client.hello()
+        with pytest.raises(JobFailed) as err:
+            submit(client, **kwargs)
+        assert err.value.code == code
+        # The server checks too, whatever a client checks locally.
+        peer = RawPeer(server)
+        content = {"job_id": "raw", "width": 8, "height": 6, "channels": 3,
+                   "handles": [[1, 1]], "targets": [[2, 2]], "method": "dragdiffusion"}
+        for key, value in kwargs.items():
+            content[key] = [list(p) for p in value] if key == "handles" else value
+        reply = peer.request(wire.SUBMIT, content, job_id="raw", buffers=[image()])
+        peer.close()
+    assert reply.msg_type == wire.ERROR and reply.content["code"] == code
+
+
+def test_queue_full_and_unknown_job():
+    engine = FakeEngine(steps=1000, delay=0.02)
+    limits = wire.Limits(max_queue=2)
+    with running_server(engine, limits=limits) as server, client_for(server) as client:
+        jobs = [submit(client) for _ in range(3)]  # one runs, two wait
+        with pytest.raises(JobFailed) as err:
+            submit(client)
+        assert err.value.code == wire.QUEUE_FULL
+        with pytest.raises(JobFailed) as err:
+            client.cancel("no-such-job")
+        assert err.value.code == wire.UNKNOWN_JOB
+        for job in jobs:
+            client.cancel(job)
+
+
+def test_a_vanished_client_does_not_wedge_the_queue():
+    engine = FakeEngine(steps=1000, delay=0.02)
+    with running_server(engine, client_ttl=1.0) as server:
+        ghost = RawPeer(server)
+        for n in (1, 2):
+            content = {"job_id": f"ghost{n}", "width": 8, "height": 6, "channels": 3,
+                       "handles": [[1, 1]], "targets": [[2, 2]], "method": "dragdiffusion"}
+            assert ghost.request(wire.SUBMIT, content, job_id=f"ghost{n}",
+                                 buffers=[image()]).msg_type == wire.SUBMIT_REPLY
+        assert engine.step_started.wait(5)
+        ghost.close()  # gone without a word
+        with client_for(server) as client:
+            assert client.hello()["client_ttl"] == 1.0
+            events = collect(client, submit(client, prompt="steps=2"))
+            assert events[-1].type == "finished"
+            assert client.attach("ghost1")["state"] == "cancelled"
+            assert client.attach("ghost2")["state"] == "cancelled"
+    assert [r.prompt for r in engine.runs] == ["", "steps=2"]
+
+
+def test_events_survive_a_reconnect():
+    """A client that recreates its socket (lazy pirate) re-attaches and gets the result."""
+    engine = FakeEngine(steps=5, delay=0.05)
+    with running_server(engine) as server, client_for(server) as client:
+        job = submit(client)
+        client._reopen()  # the old socket, and its queued events, are gone
+        events = collect(client, job)
+    assert events[-1].type == "finished"
+
+
+def test_no_backend_raises_within_the_timeout():
+    client = Client("tcp://127.0.0.1:9", b"k" * 32, timeout=0.3, retries=2)
+    t0 = time.monotonic()
+    with pytest.raises(BackendUnavailable) as err:
+        client.hello()
+    elapsed = time.monotonic() - t0
+    client.close()
+    assert 0.8 < elapsed < 2.0
+    assert "tcp://127.0.0.1:9" in str(err.value) and "python -m backend serve" in str(err.value)
+
+
+def test_wrong_key_says_the_connection_file_is_stale():
+    with (running_server(FakeEngine()) as server,
+          Client(server.endpoint, b"x" * 32, timeout=0.5, retries=0) as client,
+          pytest.raises(BackendUnavailable, match="connection file is out of date")):
+        client.ping()
+
+
+def test_connection_file_lifecycle(tmp_path):
+    path = tmp_path / "backend.json"
+    with running_server(FakeEngine(), connection_file=path) as server:
+        info = wire.read_connection_file(path)
+        assert info.endpoint == server.endpoint and info.key == server.key
+        with Client.from_connection_file(path, timeout=2) as client:
+            assert client.ping()["running"] is None
+        with pytest.raises(ServerError, match="already running"):
+            Server(lambda: None, model_name="x", bind="tcp://127.0.0.1:0",
+                   connection_file=path).start()
+    assert not path.exists()
+    with pytest.raises(BackendUnavailable, match="python -m backend serve"):
+        Client.from_connection_file(path)
+
+
+def test_shutdown_cancels_everything_and_stops():
+    engine = FakeEngine(steps=1000, delay=0.02)
+    with running_server(engine) as server, client_for(server) as client:
+        running, waiting = submit(client), submit(client)
+        assert engine.step_started.wait(5)
+        assert sorted(client.shutdown()) == sorted([running, waiting])
+        assert collect(client, waiting)[-1]["reason"] == "shutdown"
+        assert collect(client, running)[-1]["reason"] == "shutdown"
+        with pytest.raises(BackendUnavailable):
+            Client(server.endpoint, server.key, timeout=0.3, retries=0).ping()
+
+
+def test_refuses_a_public_bind_without_curve():
+    with pytest.raises(ServerError, match="--curve"):
+        Server(lambda: None, model_name="x", bind="tcp://0.0.0.0:0").start()
