@@ -1,0 +1,410 @@
+"""Identity-preserving LoRA (DragDiffusion and GoodDrag ``utils/lora_utils.py``), with a disk cache.
+
+Before dragging, both methods fine-tune a rank-16 LoRA on the UNet's attention projections
+(``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every attention, self and cross) so that the model
+reconstructs the input image: ε-prediction MSE at t ~ U{0..999}, AdamW (lr 5e-4, betas
+0.9/0.999, weight decay 1e-2, eps 1e-8, constant), batch 4, conditioned on the user's prompt.
+
+Training data, per method:
+
+* DragDiffusion: every step, every batch item takes a fresh random square crop of the working
+  image and VAE-encodes it (``latent_dist.sample()``). The reference first resizes the short side
+  to 512 and then crops 512×512; our working image already has its final scale (long side =
+  ``work_size``), so we crop a square of the short side at that scale. For square images, the
+  reference's case, this is the whole image and the two are identical. The VAE encoder is
+  deterministic, so each crop position is encoded once and only the posterior sample is redrawn.
+* GoodDrag: ``batch`` crops are drawn once and encoded once; each step redraws only the sample.
+
+The LoRA lives inside the attention ``Linear`` layers (peft), so any attention processor that
+calls ``attn.to_q(...)`` includes it. ``lora_applied`` trains (or loads from the cache) and
+activates it for one edit and unloads it afterwards, restoring the exact base layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from backend.engine.devices import autocast
+from backend.engine.errors import InvalidInput
+from backend.engine.models import LoadedModel
+from backend.engine.params import DragParams
+from backend.engine.types import CancelToken, ProgressFn
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "identity"
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+CACHE_FORMAT = 1  # bump when training changes in a way that invalidates cached LoRAs
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapter handling
+
+
+def _add_adapter(model: LoadedModel, rank: int, seed: int) -> list[torch.nn.Parameter]:
+    """Attach a fresh LoRA (B = 0, A ~ N(0, 1/rank) drawn from ``seed``); return its params.
+
+    The LoRA parameters are kept in fp32 even when the UNet is fp16, as diffusers' training
+    scripts do, so the optimiser updates them at full precision.
+    """
+    from peft import LoraConfig
+
+    remove_lora(model)
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGET_MODULES
+    )
+    model.unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    with torch.no_grad():
+        for name, param in model.unet.named_parameters():
+            if "lora_" not in name:
+                continue
+            param.data = param.data.float()
+            if "lora_A" in name:  # peft's gaussian init, but from our generator
+                param.copy_(torch.randn(param.shape, generator=generator) / rank)
+            params.append(param)
+    return params
+
+
+def _freeze_adapter(model: LoadedModel) -> None:
+    """The drag optimises the latent only: no gradients for the LoRA weights."""
+    for name, param in model.unet.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(False)
+            param.grad = None
+
+
+def remove_lora(model: LoadedModel) -> None:
+    """Unload any LoRA from the UNet, putting the original layers back (no-op if none)."""
+    if getattr(model.unet, "peft_config", None):
+        model.unet.unload_lora()
+
+
+def apply_lora(model: LoadedModel, state_dict: dict[str, torch.Tensor], rank: int) -> None:
+    """Activate a LoRA given as the state dict ``train_lora`` returns.
+
+    Raises ``ValueError`` when the weights do not fit the UNet (the adapter is then removed).
+    """
+    from peft import set_peft_model_state_dict
+
+    _add_adapter(model, rank, seed=0)
+    expected = {
+        n.replace(f".{ADAPTER_NAME}.", ".")
+        for n, _ in model.unet.named_parameters()
+        if "lora_" in n
+    }
+    if set(state_dict) != expected:
+        remove_lora(model)
+        raise ValueError("the LoRA weights do not match this model")
+    try:
+        set_peft_model_state_dict(model.unet, state_dict, adapter_name=ADAPTER_NAME)
+    except RuntimeError:
+        remove_lora(model)
+        raise ValueError("the LoRA weights do not match this model") from None
+    _freeze_adapter(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _random_offset(height: int, width: int, side: int, generator: torch.Generator) -> tuple[int, int]:
+    top = int(torch.randint(0, height - side + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - side + 1, (1,), generator=generator))
+    return top, left
+
+
+def train_lora(
+    model: LoadedModel,
+    image: torch.Tensor,
+    prompt: str,
+    *,
+    steps: int,
+    lr: float,
+    rank: int,
+    batch: int,
+    fixed_crops: bool,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> dict[str, torch.Tensor]:
+    """Train the identity LoRA on ``image`` ([1, 3, H, W] in [-1, 1], H and W multiples of 8).
+
+    ``fixed_crops`` selects GoodDrag's data (crops drawn once) over DragDiffusion's (fresh
+    crops every step). The trained adapter stays active on ``model.unet`` (frozen); the
+    returned state dict (CPU, fp32) can be cached and given to ``apply_lora``.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    if image.ndim != 4 or image.shape[:2] != (1, 3):
+        raise InvalidInput(f"the LoRA image must be [1, 3, H, W], got {list(image.shape)}")
+    height, width = image.shape[-2:]
+    vsf = model.vae_scale_factor
+    if height % vsf or width % vsf:
+        raise InvalidInput(f"the LoRA image size {width}×{height} must be a multiple of {vsf}")
+    side = min(height, width)
+    device, dtype = model.device, model.dtype
+    unet, vae, scheduler = model.unet, model.vae, model.scheduler
+    generator = torch.Generator().manual_seed(seed)
+
+    params = _add_adapter(model, rank, seed)
+    try:
+        optimizer = torch.optim.AdamW(
+            params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
+        )
+        scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and dtype == torch.float16 else None
+        cond = model.encode_prompt(prompt).expand(batch, -1, -1)
+        pixels = image.to(device, vae.dtype)
+        posteriors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def posterior(offset: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+            if offset not in posteriors:
+                top, left = offset
+                crop = pixels[:, :, top : top + side, left : left + side]
+                with torch.no_grad():
+                    dist = vae.encode(crop).latent_dist
+                posteriors[offset] = (dist.mean.float(), dist.std.float())
+            return posteriors[offset]
+
+        fixed = [_random_offset(height, width, side, generator) for _ in range(batch)]
+        train_timesteps = scheduler.config.num_train_timesteps
+        if progress is not None:
+            progress("lora", 0, steps)
+        for step in range(steps):
+            if cancel is not None:
+                cancel.check()
+            offsets = fixed if fixed_crops else [
+                _random_offset(height, width, side, generator) for _ in range(batch)
+            ]
+            mean, std = (torch.cat(t) for t in zip(*(posterior(o) for o in offsets), strict=True))
+            sample_noise = torch.randn(mean.shape, generator=generator).to(device)
+            latents = (mean + std * sample_noise) * vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            timesteps = torch.randint(0, train_timesteps, (batch,), generator=generator).to(device)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            with autocast(device, dtype):
+                pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(pred.float(), noise.float())
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            if progress is not None:
+                progress("lora", step + 1, steps)
+    except BaseException:
+        remove_lora(model)
+        raise
+    _freeze_adapter(model)
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+def default_cache_dir() -> Path:
+    """``<user cache>/gimp-drag-diffusion/lora``: LOCALAPPDATA on Windows, else XDG_CACHE_HOME
+    or ``~/.cache``."""
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        base = Path(os.environ["LOCALAPPDATA"])
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "gimp-drag-diffusion" / "lora"
+
+
+def lora_cache_key(
+    model: LoadedModel,
+    image: torch.Tensor,
+    prompt: str,
+    *,
+    rank: int,
+    lr: float,
+    steps: int,
+    batch: int,
+    fixed_crops: bool,
+    seed: int,
+) -> str:
+    """sha256 over everything that determines the trained LoRA (the image as 8-bit pixels)."""
+    pixels = ((image.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    header = json.dumps(
+        {
+            "format": CACHE_FORMAT,
+            "shape": list(pixels.shape),
+            "prompt": prompt,
+            "model": model.fingerprint,
+            "dtype": str(model.dtype),
+            "rank": rank,
+            "lr": repr(float(lr)),
+            "steps": steps,
+            "batch": batch,
+            "fixed_crops": fixed_crops,
+            "seed": seed,
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(header.encode())
+    digest.update(pixels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+class LoraCache:
+    """Trained LoRA weights on disk, ``<directory>/<key>.safetensors``, least recently used
+    evicted beyond ``max_entries`` files or ``max_bytes`` bytes. Unreadable files count as
+    misses (and are deleted); failures to write only log a warning."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike | None = None,
+        *,
+        max_bytes: int = 2 * 1024**3,
+        max_entries: int = 64,
+    ) -> None:
+        self.directory = Path(directory).expanduser() if directory else default_cache_dir()
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            state = load_file(str(path))
+            os.utime(path)  # mark as recently used
+        except Exception as exc:
+            logger.warning("ignoring unreadable cached LoRA %s (%s)", path, exc)
+            path.unlink(missing_ok=True)
+            return None
+        return state
+
+    def put(self, key: str, state_dict: dict[str, torch.Tensor], info: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        tmp_name = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as tmp:
+                tmp_name = tmp.name
+            metadata = {"info": json.dumps(info or {}, sort_keys=True), "format": str(CACHE_FORMAT)}
+            tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+            save_file(tensors, tmp_name, metadata=metadata)
+            os.replace(tmp_name, self.path(key))
+            tmp_name = None
+            self._prune()
+        except OSError as exc:
+            logger.warning("could not write the LoRA cache in %s (%s)", self.directory, exc)
+        finally:
+            if tmp_name is not None:
+                Path(tmp_name).unlink(missing_ok=True)
+
+    def _prune(self) -> None:
+        stale = time.time() - 3600
+        for leftover in self.directory.glob("*.tmp"):
+            if leftover.stat().st_mtime < stale:
+                leftover.unlink(missing_ok=True)
+        entries = sorted(
+            ((p, p.stat()) for p in self.directory.glob("*.safetensors")),
+            key=lambda item: item[1].st_mtime,
+            reverse=True,
+        )
+        total = 0
+        for count, (path, stat) in enumerate(entries):
+            total += stat.st_size
+            if count >= self.max_entries or total > self.max_bytes:
+                path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# One edit's LoRA
+
+
+def prepare_lora(
+    model: LoadedModel,
+    image: torch.Tensor,
+    prompt: str,
+    params: DragParams,
+    cache: LoraCache | None = None,
+    *,
+    method: str,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> dict:
+    """Train the LoRA for this image and prompt, or load it from ``cache``, and activate it.
+
+    ``method`` is "dragdiffusion" or "gooddrag" (their crop schemes). With
+    ``params.lora_steps == 0`` nothing is done. Returns ``{"lora": bool, "cached": bool,
+    "key": str | None}``. Call ``remove_lora`` afterwards, or use ``lora_applied``.
+    """
+    if params.lora_steps == 0:
+        remove_lora(model)
+        return {"lora": False, "cached": False, "key": None}
+    settings = dict(
+        rank=params.lora_rank,
+        lr=params.lora_lr,
+        steps=params.lora_steps,
+        batch=params.lora_batch,
+        fixed_crops=method == "gooddrag",
+        seed=seed,
+    )
+    key = lora_cache_key(model, image, prompt, **settings)
+    cached = cache.get(key) if cache is not None else None
+    if cached is not None:
+        try:
+            apply_lora(model, cached, params.lora_rank)
+        except ValueError:
+            logger.warning("cached LoRA %s does not fit the model; training again", key[:12])
+        else:
+            if progress is not None:
+                progress("lora", params.lora_steps, params.lora_steps)
+            return {"lora": True, "cached": True, "key": key}
+    state = train_lora(model, image, prompt, progress=progress, cancel=cancel, **settings)
+    if cache is not None:
+        cache.put(key, state, {"model": model.name, "prompt": prompt, "method": method, **settings})
+    return {"lora": True, "cached": False, "key": key}
+
+
+@contextmanager
+def lora_applied(
+    model: LoadedModel,
+    image: torch.Tensor,
+    prompt: str,
+    params: DragParams,
+    cache: LoraCache | None = None,
+    *,
+    method: str,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> Iterator[dict]:
+    """``prepare_lora`` for the duration of a ``with`` block; the UNet is restored on exit,
+    also after an error or a cancellation."""
+    try:
+        yield prepare_lora(
+            model, image, prompt, params, cache,
+            method=method, seed=seed, progress=progress, cancel=cancel,
+        )
+    finally:
+        remove_lora(model)
