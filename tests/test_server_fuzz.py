@@ -1,0 +1,267 @@
+"""Hostile input, property-based: the server answers (or drops) every message and keeps serving.
+
+Each property sends one bad message and then a ping on the same socket; it asserts that the
+bad message got exactly one reply of the expected kind before the pong. Run with ``-s`` to see
+how many cases ran.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+from fixtures_server import FakeEngine, RawPeer, client_for, image, running_server, submit
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protocol import wire
+
+EXAMPLES = 200
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROTOCOL_FAULTS = {wire.BAD_MESSAGE, wire.BAD_SIGNATURE}
+REPLIES = {wire.ERROR, *wire.REPLY_TO.values()}
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats()
+    | st.text(max_size=20) | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server(FakeEngine()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def peer(server):
+    peer = RawPeer(server)
+    yield peer
+    peer.close()
+
+
+def replies_before_pong(peer: RawPeer, sent_id: str | None = None) -> list[wire.Message]:
+    """Ping, and return the replies (not job events) received before the pong."""
+    header, frames = peer.session.serialize(wire.PING, {})
+    peer.send(frames)
+    replies = []
+    while True:
+        message = peer.recv(5.0)
+        assert message is not None, "the server stopped answering"
+        if message.parent.get("msg_id") == header["msg_id"]:
+            assert message.msg_type == wire.PONG
+            return replies
+        if message.msg_type in REPLIES and (sent_id is None
+                                            or message.parent.get("msg_id") == sent_id):
+            replies.append(message)
+
+
+def one_error(peer: RawPeer, codes: set[str], sent_id: str | None = None) -> str:
+    replies = replies_before_pong(peer, sent_id)
+    assert len(replies) == 1, [r.content for r in replies]
+    assert replies[0].msg_type == wire.ERROR, replies[0].content
+    code = replies[0].content["code"]
+    assert code in codes, replies[0].content
+    return code
+
+
+def valid_submit(peer: RawPeer, job_id: str = "fuzz") -> list[bytes]:
+    content = {"job_id": job_id, "width": 8, "height": 6, "channels": 3, "handles": [[1, 1]],
+               "targets": [[2, 2]], "method": "dragdiffusion"}
+    return peer.frames(wire.SUBMIT, content, job_id=job_id, buffers=[image()])
+
+
+def report(name: str, count: int) -> None:
+    print(f"\nfuzz {name}: {count} cases")
+    assert count >= EXAMPLES // 2
+
+
+def test_random_frames(server, peer):
+    count = 0
+
+    @SETTINGS
+    @given(frames=st.lists(st.binary(max_size=300), min_size=1, max_size=9),
+           with_delimiter=st.booleans())
+    def check(frames, with_delimiter):
+        nonlocal count
+        count += 1
+        peer.send([wire.DELIMITER, *frames] if with_delimiter else frames)
+        one_error(peer, PROTOCOL_FAULTS)
+
+    check()
+    report("random frames", count)
+
+
+def test_truncated_messages(server, peer):
+    count = 0
+
+    @SETTINGS
+    @given(data=st.data())
+    def check(data):
+        nonlocal count
+        count += 1
+        frames = valid_submit(peer)
+        keep = data.draw(st.integers(1, len(frames)), "frames kept")
+        frames = frames[:keep]
+        last = frames[-1]
+        frames[-1] = last[:data.draw(st.integers(0, max(0, len(last) - 1)), "bytes kept")]
+        peer.send(frames)
+        one_error(peer, PROTOCOL_FAULTS)
+
+    check()
+    report("truncated messages", count)
+
+
+def test_wrong_types(server, peer):
+    count = 0
+    fields = ["job_id", "width", "height", "channels", "has_mask", "handles", "targets",
+              "method", "params", "prompt", "seed", "preview", "client"]
+    msg_types = st.sampled_from([t for t in wire.SCHEMAS if t != wire.SHUTDOWN]) | st.text(
+        min_size=1, max_size=32)
+
+    @SETTINGS
+    @given(msg_type=msg_types, changes=st.dictionaries(st.sampled_from(fields), msgpack_values,
+                                                       min_size=1, max_size=4),
+           buffers=st.lists(st.binary(max_size=200), max_size=2))
+    def check(msg_type, changes, buffers):
+        nonlocal count
+        count += 1
+        content = {"job_id": f"wt{count}", "width": 8, "height": 6, "channels": 3,
+                   "handles": [[1, 1]], "targets": [[2, 2]], "method": "dragdiffusion",
+                   **changes}
+        header, frames = peer.session.serialize(msg_type, content, buffers=buffers,
+                                                job_id=f"wt{count}")
+        peer.send(frames)
+        # Exactly one reply: an error, or a normal reply if the changes happened to be valid.
+        replies = replies_before_pong(peer, header["msg_id"])
+        assert len(replies) == 1, [r.content for r in replies]
+
+    check()
+    report("wrong types", count)
+
+
+def test_huge_declared_sizes(server, peer):
+    count = 0
+    big = st.integers(0, 2**64 - 1) | st.integers(-2**63, 0) | st.integers(9000, 2**20)
+
+    @SETTINGS
+    @given(width=big, height=big, channels=big, buffer=st.binary(max_size=64))
+    def check(width, height, channels, buffer):
+        nonlocal count
+        count += 1
+        content = {"job_id": f"huge{count}", "width": width, "height": height,
+                   "channels": channels, "handles": [[1, 1]], "targets": [[2, 2]],
+                   "method": "dragdiffusion"}
+        header, frames = peer.session.serialize(wire.SUBMIT, content, job_id=f"huge{count}",
+                                                buffers=[buffer])
+        t0 = time.monotonic()
+        peer.send(frames)
+        one_error(peer, {wire.INVALID_INPUT}, header["msg_id"])
+        assert time.monotonic() - t0 < 2.0  # refused without allocating anything
+
+    check()
+    report("huge declared sizes", count)
+
+
+def test_bad_signatures(server, peer):
+    count = 0
+
+    @SETTINGS
+    @given(data=st.data())
+    def check(data):
+        nonlocal count
+        count += 1
+        frames = valid_submit(peer, "sig")  # fixed sizes, so draws are reproducible
+        how = data.draw(st.sampled_from(["flip", "random", "other key", "empty"]))
+        if how == "flip":
+            index = data.draw(st.integers(1, len(frames) - 1), "frame")
+            changed = bytearray(frames[index])
+            position = data.draw(st.integers(0, len(changed) - 1), "byte")
+            changed[position] ^= 1 << data.draw(st.integers(0, 7), "bit")
+            frames[index] = bytes(changed)
+        elif how == "random":
+            frames[1] = data.draw(st.binary(min_size=64, max_size=64)
+                                  | st.text("0123456789abcdef", min_size=64, max_size=64)
+                                  .map(str.encode))
+        elif how == "other key":
+            other = wire.Session(data.draw(st.binary(min_size=1, max_size=64)), me="x",
+                                 peer="y")
+            frames = [bytes(f) for f in other.serialize(wire.PING, {})[1]]
+        else:
+            frames[1] = b""
+        peer.send(frames)
+        code = one_error(peer, PROTOCOL_FAULTS | {wire.REPLAYED})
+        assert code == wire.BAD_SIGNATURE or (how == "other key" and code == wire.REPLAYED)
+
+    check()
+    report("bad signatures", count)
+
+
+def test_replayed_messages(server, peer):
+    count = 0
+
+    @SETTINGS
+    @given(msg_type=st.sampled_from([wire.PING, wire.HELLO, wire.ATTACH, wire.SUBMIT]),
+           repeats=st.integers(1, 3), note=st.text(max_size=30))
+    def check(msg_type, repeats, note):
+        nonlocal count
+        count += 1
+        job_id = f"replay{count}"
+        content = {"job_id": job_id} if msg_type == wire.ATTACH else {}
+        buffers = []
+        if msg_type == wire.SUBMIT:
+            content = {"job_id": job_id, "width": 8, "height": 6, "channels": 3,
+                       "handles": [[1, 1]], "targets": [[2, 2]], "method": "dragdiffusion",
+                       "prompt": "steps=1"}
+            buffers = [image()]
+        content["note"] = note  # unknown fields are ignored; varies the signed bytes
+        header, frames = peer.session.serialize(msg_type, content, job_id=job_id,
+                                                buffers=buffers)
+        frames = [bytes(f) for f in frames]
+        peer.send(frames)  # the original is served normally
+        (first,) = replies_before_pong(peer, header["msg_id"])
+        assert first.msg_type in REPLIES
+        for _ in range(repeats):
+            peer.send(frames)
+            assert one_error(peer, {wire.REPLAYED}, header["msg_id"]) == wire.REPLAYED
+
+    check()
+    report("replayed messages", count)
+
+
+def test_hostile_msgpack_in_a_signed_frame(server, peer):
+    count = 0
+
+    @SETTINGS
+    @given(content=st.binary(max_size=400) | msgpack_values.map(msgpack.packb))
+    def check(content):
+        nonlocal count
+        count += 1
+        header = peer.session.header(wire.PING)
+        h, p = msgpack.packb(header), msgpack.packb({})
+        sig = wire.signature(peer.session.key, h, p, content)[0]
+        peer.send([wire.DELIMITER, sig, h, p, content])
+        replies_before_pong(peer)  # answered (error or pong) or refused; never stuck
+
+    check()
+    report("hostile msgpack", count)
+
+
+def test_oversized_frame_is_dropped_and_the_server_serves_on():
+    with running_server(FakeEngine(), limits=wire.Limits(max_frame_bytes=2**20)) as server:
+        bully = RawPeer(server)
+        bully.send([wire.DELIMITER, b"0" * 64, b"x", b"x", b"x" * (2 * 2**20)])
+        assert bully.recv(0.5) is None  # disconnected by ZMQ_MAXMSGSIZE: no answer
+        bully.close()
+        with client_for(server) as client:
+            assert client.ping()["queued"] == 0
+
+
+def test_still_serves_a_real_job_afterwards(server):
+    with client_for(server) as client:
+        events = list(client.events(submit(client), timeout=30))
+    assert events[-1].type == "finished"

@@ -1,0 +1,212 @@
+"""The backend as a separate process: killed mid-job, restarted, SIGTERM, the real CLI; CURVE."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures_server import FakeEngine, client_for, running_server
+
+from backend import server_cli
+from backend.server import CurveServer
+from protocol import wire
+from protocol.client import BackendUnavailable, Client, JobFailed
+from protocol.curve import CurveClient, generate_keypair
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_SERVER = Path(__file__).with_name("fixtures_server.py")
+
+
+def start(args: list[str], timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """Start a backend process and wait for its READY line; return (process, endpoint)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout],
+                     daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        proc.kill()
+        raise AssertionError("the backend printed no READY line") from None
+    parts = line.split()
+    assert len(parts) == 3 and parts[0] == "READY", line
+    return proc, parts[1]
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(30)
+
+
+def test_killed_backend_raises_within_the_timeout_and_a_restart_serves(tmp_path):
+    conn = tmp_path / "backend.json"
+    proc, endpoint = start([str(FAKE_SERVER), str(conn)])
+    try:
+        client = Client.from_connection_file(conn, timeout=1.0, retries=1)
+        job = client.submit(bytes(48), 4, 4, 3, [(1, 1)], [(2, 2)])
+        events = client.events(job)
+        while next(events).type != "progress":
+            pass
+        proc.kill()
+        proc.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(BackendUnavailable) as err:
+            list(events)
+        assert time.monotonic() - t0 < 1.0 * 2 + 1.0
+        assert "stopped answering" in str(err.value) and job in str(err.value)
+        assert "python -m backend serve" in str(err.value)
+        client.close()
+    finally:
+        proc.kill()
+    assert conn.exists()  # a killed backend leaves a stale file; the next one replaces it
+    proc, new_endpoint = start([str(FAKE_SERVER), str(conn)])
+    try:
+        with Client.from_connection_file(conn, timeout=2.0) as client:
+            assert client.hello()["model"]["state"] == "ready"
+            job = client.submit(bytes(48), 4, 4, 3, [(1, 1)], [(2, 2)],
+                                prompt="steps=1 delay=0")
+            assert list(client.events(job, timeout=30))[-1].type == "finished"
+        assert stop(proc) == 0
+    finally:
+        proc.kill()
+    assert not conn.exists()
+
+
+def test_sigterm_cancels_the_running_job_and_exits_cleanly(tmp_path):
+    conn = tmp_path / "backend.json"
+    proc, _ = start([str(FAKE_SERVER), str(conn)])
+    try:
+        with Client.from_connection_file(conn, timeout=2.0) as client:
+            job = client.submit(bytes(48), 4, 4, 3, [(1, 1)], [(2, 2)], prompt="delay=0.05")
+            events = client.events(job)
+            while next(events).type != "progress":
+                pass
+            proc.send_signal(signal.SIGTERM)
+            last = list(events)[-1]
+            assert last.type == "cancelled" and last["reason"] == "shutdown"
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    assert not conn.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from backend.engine.tiny import make_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    make_tiny_model(path)
+    return path
+
+
+@pytest.mark.slow
+def test_real_cli_serves_a_drag_job_with_the_tiny_model(tmp_path, tiny_model):
+    conn, log_file = tmp_path / "backend.json", tmp_path / "backend.log"
+    proc, endpoint = start(["-m", "backend", "serve", "--model", str(tiny_model), "--device",
+                            "cpu", "--bind", "tcp://127.0.0.1:0", "--connection-file", str(conn),
+                            "--log-file", str(log_file)], timeout=300)
+    try:
+        assert endpoint.startswith("tcp://127.0.0.1:")
+        if os.name == "posix":
+            assert stat.S_IMODE(conn.stat().st_mode) == 0o600
+        with Client.from_connection_file(conn, timeout=5.0) as client:
+            info = client.hello()
+            assert info["model"]["state"] == "ready" and info["device"] == "cpu"
+            rng = np.random.default_rng(0)
+            pixels = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+            job = client.submit(pixels, 40, 48, 3, [(10, 12)], [(16, 12)], method="gooddrag",
+                                params={"work_size": 64, "lora_steps": 0,
+                                        "n_inference_steps": 10, "drag_steps": 3},
+                                prompt="a red disc", seed=1)
+            events = list(client.events(job, timeout=600))
+        types = [e.type for e in events]
+        assert types[:2] == ["queued", "started"] and types[-1] == "finished"
+        phases = [e["phase"] for e in events if e.type == "progress"]
+        assert phases[0] == "load" and phases[-1] == "decode" and "inversion" in phases
+        order = ["load", "lora", "inversion", "drag", "denoise", "decode"]
+        seen = [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]]
+        assert seen == sorted(seen, key=order.index)  # phases never go back
+        done = events[-1]
+        assert (done["width"], done["height"], done["channels"]) == (40, 48, 3)
+        assert len(done.image) == 40 * 48 * 3 and len(done["handles"]) == 1
+        assert stop(proc) == 0
+    finally:
+        proc.kill()
+    assert not conn.exists()
+    log_text = log_file.read_text()
+    assert f"job {job} finished" in log_text and "40x48x3" in log_text
+
+
+@pytest.mark.slow
+def test_missing_model_keeps_serving_with_a_clear_error(tmp_path):
+    conn = tmp_path / "backend.json"
+    proc, _ = start(["-m", "backend", "serve", "--model", str(tmp_path / "no-such-model"),
+                     "--device", "cpu", "--bind", "tcp://127.0.0.1:0", "--connection-file",
+                     str(conn), "--log-file", str(tmp_path / "log")], timeout=300)
+    try:
+        with Client.from_connection_file(conn, timeout=5.0) as client:
+            model = client.hello()["model"]
+            assert model["state"] == "missing" and model["error"]
+            with pytest.raises(JobFailed) as err:
+                client.submit(bytes(48), 4, 4, 3, [(1, 1)], [(2, 2)])
+            assert err.value.code == wire.MODEL_NOT_FOUND
+            assert "no-such-model" in err.value.message
+        assert stop(proc) == 0
+    finally:
+        proc.kill()
+
+
+def test_keygen_command(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    server_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["keygen", "--dir", str(tmp_path / "keys"), "--name", "gpu"])
+    assert args.func(args) == 0
+    public, secret = tmp_path / "keys" / "gpu.key", tmp_path / "keys" / "gpu.key_secret"
+    assert public.exists() and secret.exists()
+    if os.name == "posix":
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    out = capsys.readouterr().out
+    assert "public key: " in out and str(public) in out
+
+
+def test_curve_allows_listed_clients_only(tmp_path):
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    allowed.mkdir()
+    _, server_secret = generate_keypair(keys, "server")
+    good_public, good_secret = generate_keypair(keys, "good")
+    _, bad_secret = generate_keypair(keys, "bad")
+    (allowed / "good.key").write_bytes(good_public.read_bytes())
+    conn = tmp_path / "backend.json"
+    curve = CurveServer(server_secret, allowed)
+    with running_server(FakeEngine(), curve=curve, connection_file=conn) as server:
+        info = wire.read_connection_file(conn)
+        assert info.curve_server_key and len(info.curve_server_key) == 40
+        good = CurveClient.from_files(info.curve_server_key, good_secret)
+        with client_for(server, curve=good) as client:
+            assert client.hello()["security"]["curve"] is True
+            job = client.submit(bytes(48), 4, 4, 3, [(1, 1)], [(2, 2)])
+            assert list(client.events(job, timeout=30))[-1].type == "finished"
+        bad = CurveClient.from_files(info.curve_server_key, bad_secret)
+        with client_for(server, curve=bad, timeout=0.5, retries=0) as client, \
+                pytest.raises(BackendUnavailable, match="allow-keys"):
+            client.ping()
+        # The plug-in's path: the connection file plus the client's own key.
+        with pytest.raises(BackendUnavailable, match="curve_client_key"):
+            Client.from_connection_file(conn)
+        wire.write_connection_file(conn, wire.ConnectionInfo(
+            info.endpoint, info.key, pid=info.pid, curve_server_key=info.curve_server_key,
+            curve_client_key=str(good_secret)))
+        with Client.from_connection_file(conn, timeout=2.0) as client:
+            assert client.ping()["queued"] == 0
