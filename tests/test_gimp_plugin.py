@@ -272,3 +272,103 @@ def test_cancel_mid_job(gimp, backend):
     event = backend_result(backend, job_id)
     assert event.type == "cancelled" and event["reason"] == "client"
     assert report["seconds"] < 60  # 200 drag steps would take minutes
+
+
+# --- GUI: the dialog, and one Ctrl+Z removes the whole edit ------------------------------------
+
+ARTIFACTS = harness.REPO / "test-artifacts"
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def xdotool(display: str, *args: str) -> str:
+    return subprocess.run(["xdotool", *args], env={**os.environ, "DISPLAY": display},
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+def find_window(display: str, name: str) -> str | None:
+    found = xdotool(display, "search", "--onlyvisible", "--name", name).split()
+    return found[-1] if found else None
+
+
+@pytest.fixture
+def xvfb(gimp):
+    try:
+        harness.ensure_host_tools("Xvfb", "xdotool", "import",
+                                  packages=("xvfb", "xdotool", "imagemagick"))
+    except harness.Unavailable as exc:
+        unavailable(str(exc))
+    display = f":{90 + os.getpid() % 100}"
+    process = subprocess.Popen(["Xvfb", display, "-nolisten", "tcp", "-screen", "0",
+                                "1280x900x24"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for(lambda: subprocess.run(["xdotool", "getdisplaygeometry"],
+                                    env={**os.environ, "DISPLAY": display},
+                                    capture_output=True).returncode == 0, 30, "Xvfb")
+    yield display
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.mark.gui
+def test_gui_dialog_and_one_undo_removes_the_whole_edit(gimp, backend, xvfb):
+    state = gimp.work / "gui-state"
+    state.mkdir()
+    ARTIFACTS.mkdir(exist_ok=True)
+    args = {**FAST, "backend": gimp.inside(backend)}
+    log = gimp.work / "gui-gimp.log"
+    process = gimp.popen([gimp.script("gimp_gui.py", STATE=gimp.inside(state), ARGS=args)],
+                         gui=True, env={"DISPLAY": xvfb}, log=log)
+    try:
+        wait_for(lambda: (state / "ready").exists() or process.poll() is not None, 120,
+                 "GIMP to open the image")
+        assert process.poll() is None, log.read_text()[-3000:]
+        # The plug-in's dialog (interactive run): screenshot it, then dismiss it.
+        dialog = wait_for(lambda: find_window(xvfb, "^Drag Diffusion$"), 60, "the dialog")
+        time.sleep(2)  # let it draw
+        env = {**os.environ, "DISPLAY": xvfb}
+        subprocess.run(["import", "-window", dialog, str(ARTIFACTS / "plugin-dialog.png")],
+                       env=env, check=True, timeout=60)
+        subprocess.run(["import", "-window", "root", str(ARTIFACTS / "gimp-with-dialog.png")],
+                       env=env, check=True, timeout=60)
+        xdotool(xvfb, "key", "--window", dialog, "Escape")
+        closed = wait_for(lambda: read_json(state / "dialog-closed"), 30, "the dialog to close")
+        assert closed["status"] == "cancel"
+
+        applied = wait_for(lambda: read_json(state / "applied"), 240, "the drag to finish")
+        assert applied["status"] == "success", (applied, log.read_text()[-3000:])
+        original, edited = applied["original"], applied["layers"]
+        assert len(edited) == 2 and edited[1] == original[0]
+
+        window = wait_for(lambda: find_window(xvfb, r"layers?\) [0-9]+x[0-9]+"), 30,
+                          "the image window")
+        xdotool(xvfb, "windowactivate", "--sync", window)
+        xdotool(xvfb, "windowfocus", "--sync", window)
+        xdotool(xvfb, "key", "--window", window, "ctrl+z")
+        wait_for(lambda: (read_json(state / "state.json") or {}).get("layers") == original, 30,
+                 "one Ctrl+Z to remove the whole edit")
+        xdotool(xvfb, "key", "--window", window, "ctrl+y")
+        wait_for(lambda: (read_json(state / "state.json") or {}).get("layers") == edited, 30,
+                 "Ctrl+Y to restore the edit")
+    finally:
+        (state / "done").touch()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 15)
+            process.wait(10)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 VENDOR = os.path.join(HERE, "vendor")  # pyzmq + msgpack wheels for GIMP's Python (install.py)
@@ -215,6 +216,11 @@ def knob_values(config: Gimp.ProcedureConfig) -> dict[str, float]:
     return {param: config.get_property(prop) for prop, param, *_ in KNOBS}
 
 
+def text(config: Gimp.ProcedureConfig, name: str) -> str:
+    """A string argument; GIMP hands back None for an empty string in some paths."""
+    return config.get_property(name) or ""
+
+
 def error_return(procedure: Gimp.Procedure, status: Gimp.PDBStatusType,
                  message: str) -> Gimp.ValueArray:
     return procedure.new_return_values(status, GLib.Error(message))
@@ -233,14 +239,14 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
                                  "Layers dialog.")
         inputs = Inputs(image, drawables[0])
         method = config.get_property("method")
-        params = geo.build_params(knob_values(config), config.get_property("advanced"))
+        params = geo.build_params(knob_values(config), text(config, "advanced"))
         job = backend.JobSpec(
             pixels=inputs.pixels, width=inputs.width, height=inputs.height,
             channels=inputs.channels, mask=inputs.mask, handles=inputs.handles,
             targets=inputs.targets, method=method, params=params,
-            prompt=config.get_property("prompt"), seed=config.get_property("seed"))
+            prompt=text(config, "prompt"), seed=config.get_property("seed"))
         ui = GimpUI(interactive)
-        result = backend.run_drag(job, config.get_property("backend"),
+        result = backend.run_drag(job, text(config, "backend"),
                                   float(config.get_property("timeout")), ui)
         name = geo.result_layer_name(inputs.layer.get_name(), method, len(inputs.handles))
         layer, path = insert_result(image, inputs, result, name,
@@ -252,6 +258,7 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
             Gimp.message(str(exc))
         return error_return(procedure, Gimp.PDBStatusType.EXECUTION_ERROR, str(exc))
     except Exception as exc:  # never let GIMP see an uncaught exception (it loses the text)
+        traceback.print_exc()  # to GIMP's stderr, for bug reports
         message = f"Drag Diffusion failed: {type(exc).__name__}: {exc}"
         if interactive:
             Gimp.message(message)
