@@ -326,7 +326,7 @@ class LoraCache:
                 leftover.unlink(missing_ok=True)
         entries = sorted(
             ((p, p.stat()) for p in self.directory.glob("*.safetensors")),
-            key=lambda item: item[1].st_mtime,
+            key=lambda item: item[1].st_mtime_ns,
             reverse=True,
         )
         total = 0

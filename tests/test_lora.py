@@ -1,0 +1,181 @@
+"""Identity LoRA: trains only LoRA weights, changes the output, unloads exactly, caches on disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backend.engine.errors import Cancelled
+from backend.engine.lora import (
+    LoraCache,
+    default_cache_dir,
+    lora_applied,
+    prepare_lora,
+    remove_lora,
+    train_lora,
+)
+from backend.engine.models import load_model
+from backend.engine.params import DragParams
+from backend.engine.types import CancelToken
+
+PROMPT = "a red disc"
+PARAMS = DragParams(work_size=64, lora_steps=3, lora_batch=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def image():
+    """A 64×48 working image (non-square, so random crops matter)."""
+    return torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(7)) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def probe(model):
+    """A fixed UNet input and its output with the base weights."""
+    x = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500])
+    cond = model.encode_prompt(PROMPT)
+
+    def run():
+        with torch.no_grad():
+            return model.unet(x, t, encoder_hidden_states=cond).sample
+
+    return run, run()
+
+
+@pytest.fixture(scope="module")
+def trained(model, image, probe):
+    """One DragDiffusion-style training run: (state dict, output with the adapter, base weights)."""
+    run, _ = probe
+    base = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    calls = []
+    state = train_lora(
+        model, image, PROMPT, steps=PARAMS.lora_steps, lr=PARAMS.lora_lr, rank=PARAMS.lora_rank,
+        batch=PARAMS.lora_batch, fixed_crops=False, seed=0,
+        progress=lambda *a: calls.append(a),
+    )
+    active = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    output = run()
+    remove_lora(model)
+    return state, output, base, active, calls
+
+
+def test_training_changes_only_lora_weights(trained):
+    state, _, base, active, calls = trained
+    assert calls == [("lora", i, PARAMS.lora_steps) for i in range(PARAMS.lora_steps + 1)]
+    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
+    # 11 transformer blocks × (self, cross) attention × (to_q, to_k, to_v, to_out.0) × (A, B)
+    assert len(state) == 11 * 2 * 4 * 2
+    assert any(v.abs().max() > 0 for k, v in state.items() if "lora_B" in k)  # B starts at 0
+    lora_keys = [k for k in active if "lora_" in k]
+    assert lora_keys
+    for key, value in active.items():
+        if "lora_" in key:
+            continue
+        assert torch.equal(value, base[key.replace(".base_layer", "")]), key
+
+
+def test_adapter_changes_the_output_and_unloads_exactly(model, trained, probe):
+    run, base_output = probe
+    _, lora_output, base, _, _ = trained
+    assert (lora_output - base_output).abs().max() > 1e-4
+    after = model.unet.state_dict()
+    assert after.keys() == base.keys()
+    assert all(torch.equal(after[k], base[k]) for k in base)
+    assert torch.equal(run(), base_output)
+
+
+def test_cache_hit_skips_training_and_matches(model, image, probe, trained, tmp_path):
+    run, base_output = probe
+    cache = LoraCache(tmp_path)
+    first_calls, second_calls = [], []
+    with lora_applied(model, image, PROMPT, PARAMS, cache, method="dragdiffusion",
+                      progress=lambda *a: first_calls.append(a)) as info:
+        assert info["lora"] and not info["cached"]
+        first = run()
+    assert len(first_calls) == PARAMS.lora_steps + 1
+    # Seeded training repeats: same weights as the fixture's run.
+    assert torch.equal(first, trained[1])
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+
+    with lora_applied(model, image, PROMPT, PARAMS, cache, method="dragdiffusion",
+                      progress=lambda *a: second_calls.append(a)) as info:
+        assert info["cached"]
+        assert torch.equal(run(), first)
+    assert second_calls == [("lora", PARAMS.lora_steps, PARAMS.lora_steps)]
+    assert torch.equal(run(), base_output)
+
+    other = prepare_lora(model, image, "a blue square", PARAMS.replace(lora_steps=1), cache,
+                         method="dragdiffusion")
+    remove_lora(model)
+    assert not other["cached"] and other["key"] != info["key"]
+
+
+def test_gooddrag_crops_and_a_different_seed_give_other_weights(model, image, trained):
+    state = train_lora(
+        model, image, PROMPT, steps=PARAMS.lora_steps, lr=PARAMS.lora_lr, rank=PARAMS.lora_rank,
+        batch=PARAMS.lora_batch, fixed_crops=True, seed=1,
+    )
+    remove_lora(model)
+    assert state.keys() == trained[0].keys()
+    assert any(not torch.equal(state[k], trained[0][k]) for k in state)
+
+
+def test_no_lora_steps_means_no_adapter(model, image, probe, tmp_path):
+    run, base_output = probe
+    with lora_applied(model, image, PROMPT, PARAMS.replace(lora_steps=0), LoraCache(tmp_path),
+                      method="gooddrag") as info:
+        assert info == {"lora": False, "cached": False, "key": None}
+        assert not getattr(model.unet, "peft_config", None)
+        assert torch.equal(run(), base_output)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cancel_during_training_restores_the_base_unet(model, image, probe):
+    run, base_output = probe
+    token = CancelToken()
+
+    def progress(phase, step, total):
+        if step == 1:
+            token.cancel()
+
+    with pytest.raises(Cancelled), lora_applied(model, image, PROMPT, PARAMS, None,
+                                                method="dragdiffusion", progress=progress,
+                                                cancel=token):
+        pass
+    assert not getattr(model.unet, "peft_config", None)
+    assert torch.equal(run(), base_output)
+
+
+def test_cache_ignores_damaged_files_and_stays_bounded(tmp_path):
+    cache = LoraCache(tmp_path, max_entries=2)
+    weights = {"a.lora_A.weight": torch.ones(2, 2)}
+    cache.put("damaged", weights)
+    cache.path("damaged").write_bytes(b"garbage")
+    assert cache.get("damaged") is None
+    assert not cache.path("damaged").exists()
+
+    for i, key in enumerate(("k1", "k2", "k3")):
+        cache.put(key, {k: v * i for k, v in weights.items()})
+    assert sorted(p.stem for p in tmp_path.glob("*.safetensors")) == ["k2", "k3"]
+    assert torch.equal(cache.get("k3")["a.lora_A.weight"], weights["a.lora_A.weight"] * 2)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "gimp-drag-diffusion" / "lora"
+    assert LoraCache().directory == default_cache_dir()
