@@ -18,6 +18,7 @@ from backend.engine.diffusion import (
     resolve_feature_block,
     run_inversion,
 )
+from backend.engine.errors import InvalidInput
 from backend.engine.tiny import SD15_SCHEDULER, build_tiny_pipeline
 
 SD15_UNET = dict(
@@ -104,7 +105,7 @@ def test_feature_gradients_reach_the_latent(tiny):
 def test_default_feature_block_is_sd15_up_blocks_2(sd15_unet_meta, tiny):
     assert resolve_feature_block(sd15_unet_meta, -1) == 2
     assert resolve_feature_block(tiny[0].unet, -1) == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidInput, match="2 up blocks"):
         resolve_feature_block(tiny[0].unet, 5)
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from backend.engine.errors import InvalidInput
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -130,7 +132,10 @@ def resolve_feature_block(unet, feature_block: int) -> int:
     n_up = len(unet.up_blocks)
     if feature_block >= 0:
         if feature_block >= n_up:
-            raise ValueError(f"feature_block {feature_block} but the UNet has {n_up} up blocks")
+            raise InvalidInput(
+                f"feature_block {feature_block} does not exist: this UNet has {n_up} up blocks "
+                "(use -1 for the default)"
+            )
         return feature_block
     # Up blocks with an upsampler halve the distance to full resolution; the first one without
     # a preceding pending upsample is at full latent resolution.

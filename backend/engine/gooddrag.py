@@ -82,7 +82,7 @@ def drag_at_timestep(
         ctx.optimiser_step(loss, optimiser)
         tracker.adam_steps += 1
         since_track += 1
-        if since_track == p.max_drag_per_track or float(drag_loss) <= threshold:
+        if since_track == p.max_drag_per_track or float(drag_loss.detach()) <= threshold:
             track_num += 1
             since_track = 0
             # Tracking uses this iteration's features, computed before the Adam update.

@@ -32,7 +32,9 @@ class DragParams:
     # Latent optimisation (shared names).
     latent_lr: float = 0.01
     lam: float = 0.1
-    feature_block: int = 2  # UNet up_blocks index whose output is supervised (SD1.5: 640 ch)
+    # UNet up_blocks index whose output is supervised; -1: the first decoder block at full latent
+    # resolution (SD1.5: up_blocks[2], 640 channels, as both official codes).
+    feature_block: int = -1
     reach_threshold: float = 2.0  # grid pixels (grid = half the working resolution)
     # DragDiffusion.
     drag_steps: int = 80
@@ -137,7 +139,7 @@ def _validate(p: DragParams) -> None:
          "track_per_denoise and max_drag_per_track must be >= 1"),
         (p.max_track_no_change >= 1, "max_track_no_change must be >= 1"),
         (p.reach_threshold >= 0, "reach_threshold must be >= 0"),
-        (p.feature_block >= 0, "feature_block must be >= 0"),
+        (p.feature_block >= -1, "feature_block must be -1 (automatic) or an up-block index"),
         (0 <= p.feather <= 64, "feather must be between 0 and 64"),
     ]
     for ok, message in checks:
