@@ -89,12 +89,17 @@ def test_diffusers_folder_loads_the_saved_weights(tiny_model_dir, tiny_pipe):
     assert model.fingerprint == load_model(tiny_model_dir).fingerprint
 
 
-def test_single_safetensors_file_loads_through_the_same_path(tiny_file, tiny_model_dir, tiny_pipe):
+def test_single_safetensors_file_loads_through_the_same_path(
+    tiny_file, tiny_model_dir, tiny_pipe, tmp_path
+):
     model = load_model(tiny_file)
     assert_same_model(model, tiny_pipe)
     folder = load_model(tiny_model_dir)
     assert torch.equal(model.encode_prompt("a red disc"), folder.encode_prompt("a red disc"))
     assert model.scheduler.config.steps_offset == 1
+    assert model.fingerprint != folder.fingerprint
+    moved = shutil.copy(tiny_file, tmp_path / "renamed.safetensors")
+    assert load_model(moved).fingerprint == model.fingerprint
     # Original SD key layout, as in downloaded checkpoints.
     from safetensors import safe_open
 
@@ -211,7 +216,9 @@ def test_hugging_face_ids_come_from_the_cache_offline(tmp_path, monkeypatch, tin
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     _fake_hub_cache(tmp_path, "someone/tiny-sd", tiny_model_dir)
-    assert_same_model(load_model("someone/tiny-sd"), tiny_pipe)
+    cached = load_model("someone/tiny-sd")
+    assert_same_model(cached, tiny_pipe)
+    assert cached.fingerprint == load_model(tiny_model_dir).fingerprint  # same weights, same id
 
     with pytest.raises(ModelNotFound) as info:
         load_model(models.DEFAULT_MODEL)

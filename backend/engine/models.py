@@ -137,7 +137,7 @@ def load_model(
         if vae is not None:
             vae_kind, vae_path = _locate(str(vae), what="VAE")
             parts["vae"], vae_files = _load_vae(vae_kind, vae_path, dt, config)
-            fingerprint_files += vae_files
+            fingerprint_files += [(f"vae override {label}", f) for label, f in vae_files]
         report("load", 2, 3)
         loaded = LoadedModel(
             name=str(model),
@@ -254,8 +254,10 @@ def _variant(folder: Path) -> str | None:
     return None
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+def _weight_files(folder: Path, component: str) -> list[tuple[str, Path]]:
+    """(label, path) of a component folder's weight files, for the fingerprint."""
+    files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+    return [(f"{component}/{p.name}", p) for p in files]
 
 
 def _load_folder(path: Path, dtype: torch.dtype) -> dict[str, Any]:
@@ -278,7 +280,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> dict[str, Any]:
         tokenizer = _load_tokenizer(path)
     except Exception as exc:
         raise _load_error(exc, path) from exc
-    files = [f for sub in ("unet", "vae", "text_encoder") for f in _weight_files(path / sub)]
+    files = [f for sub in ("unet", "vae", "text_encoder") for f in _weight_files(path / sub, sub)]
     return dict(
         unet=unet,
         vae=vae,
@@ -434,7 +436,7 @@ def _load_single_file(
         _check_complete(module, name, path)
     return dict(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler=scheduler, files=[path],
+        scheduler=scheduler, files=[("single file", path)],
     )
 
 
@@ -470,7 +472,7 @@ def _load_vae(kind: str, path: Path, dtype: torch.dtype, config: str | os.PathLi
             )
         except Exception as exc:
             raise _load_error(exc, path) from exc
-        return vae, _weight_files(folder)
+        return vae, _weight_files(folder, "vae")
     state_dict, metadata = read_checkpoint(path)
     with _config_dir(metadata, config) as cfg:
         try:
@@ -483,7 +485,7 @@ def _load_vae(kind: str, path: Path, dtype: torch.dtype, config: str | os.PathLi
                 raise
             raise _single_file_error(path, exc) from exc
     _check_complete(vae, "VAE", path)
-    return vae, [path]
+    return vae, [("single file", path)]
 
 
 def _check_compatible(model: LoadedModel) -> None:
@@ -505,7 +507,7 @@ def _check_compatible(model: LoadedModel) -> None:
 # Fingerprint
 
 
-def _fingerprint(files: list[Path]) -> str:
+def _fingerprint(files: list[tuple[str, Path]]) -> str:
     """A short stable hash of the weights: each file's size plus 64 KiB samples of its bytes.
 
     Reads about 0.6 MB per file, so it is instant even for multi-GB checkpoints, and it follows
@@ -513,9 +515,9 @@ def _fingerprint(files: list[Path]) -> str:
     """
     digest = hashlib.sha256()
     block, samples = 1 << 16, 9
-    for path in files:
+    for label, path in files:
         size = path.stat().st_size
-        digest.update(f"{path.parent.name}/{path.suffix}:{size};".encode())
+        digest.update(f"{label}:{size};".encode())
         with open(path, "rb") as f:
             for i in range(samples):
                 f.seek(max(0, (size - block) * i // (samples - 1)))
