@@ -1,0 +1,154 @@
+"""``python -m backend bench``: per-phase wall time, UNet passes and peak memory as JSON.
+
+Runs real edits through ``DragEngine`` on a synthetic image. Models: ``tiny`` (random tiny SD,
+the default), ``sd15-random`` (the full SD1.5 architecture with random weights: same cost as
+the real model, no download), or any model path/id the loader accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+QUICK = {"lora_steps": 5, "n_inference_steps": 10, "drag_steps": 5, "drag_end_step": 2,
+         "track_per_denoise": 2}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time a drag edit per phase and report UNet passes and peak memory (JSON)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="tiny", help="tiny (default), sd15-random, or a model "
+                   "folder/file/Hugging Face id")
+    p.add_argument("--method", default="all", help="dragdiffusion, gooddrag, a preset, or all")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
+    p.add_argument("--dtype", default=None, help="auto (default), fp16, bf16, fp32")
+    p.add_argument("--quick", action="store_true",
+                   help=f"reduced step counts for slow machines: {QUICK}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--repeat", type=int, default=1, help="runs per method (LoRA is cached "
+                   "after the first, so later runs show the cache-hit cost)")
+    p.set_defaults(func=run_bench)
+
+
+def synthetic_case(size: int) -> tuple[np.ndarray, np.ndarray, list, list]:
+    """A disc on a gradient, a drag of size/8 to the right, and a centred editable mask."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    image = np.stack([xx / size * 200, yy / size * 200, np.full_like(xx, 90)], axis=2)
+    disc = (xx - size * 0.4) ** 2 + (yy - size * 0.5) ** 2 < (size * 0.12) ** 2
+    image[disc] = (230, 40, 40)
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 5 : size * 4 // 5, size // 5 : size * 4 // 5] = 255
+    handle = (size * 0.4, size * 0.5)
+    target = (size * 0.525, size * 0.5)
+    return image.astype(np.uint8), mask, [handle], [target]
+
+
+def build_engine(args: argparse.Namespace):
+    from backend.engine.pipeline import DragEngine
+
+    cache = tempfile.mkdtemp(prefix="drag-bench-lora-")
+    if args.model == "tiny":
+        from backend.engine.tiny import make_tiny_model
+
+        folder = make_tiny_model(Path(tempfile.mkdtemp(prefix="drag-bench-tiny-")) / "model")
+        return DragEngine.load(str(folder), device=args.device, dtype=args.dtype,
+                               lora_cache_dir=cache)
+    if args.model == "sd15-random":
+        from backend.engine.lora import LoraCache
+
+        return DragEngine(sd15_random(args.device, args.dtype), LoraCache(cache))
+    return DragEngine.load(args.model, device=args.device, dtype=args.dtype,
+                           lora_cache_dir=cache)
+
+
+def sd15_random(device: str | None, dtype: str | None):
+    """The SD1.5 architecture (860 M-parameter UNet) with random weights, from the shipped configs."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from backend.engine.devices import resolve_device
+    from backend.engine.models import SD15_CONFIG_DIR, LoadedModel, _ddim_scheduler, sd15_tokenizer
+
+    dev, dt = resolve_device(device, dtype)
+    cfg = SD15_CONFIG_DIR
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg / "unet"))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(cfg / "vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(cfg / "text_encoder"))
+    for module in (unet, vae, text_encoder):
+        module.to(dev, dt).eval().requires_grad_(False)
+    return LoadedModel(name="sd15-random", source=str(cfg), unet=unet, vae=vae,
+                       text_encoder=text_encoder, tokenizer=sd15_tokenizer(),
+                       scheduler=_ddim_scheduler(cfg), device=dev, dtype=dt,
+                       fingerprint="sd15-random-seed0")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from backend.commands import UsageError, parse_overrides
+    from backend.engine.errors import EngineError
+    from backend.engine.params import PRESETS
+    from backend.engine.types import DragRequest
+
+    try:
+        overrides = {**(QUICK if args.quick else {}), **parse_overrides(args.overrides)}
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    methods = ["dragdiffusion", "gooddrag"] if args.method == "all" else [args.method]
+    if any(m not in PRESETS for m in methods):
+        print(f"error: unknown method {args.method!r}; use all or one of {', '.join(PRESETS)}",
+              file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        engine = build_engine(args)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    load_s = time.perf_counter() - start
+    image, mask, handles, targets = synthetic_case(args.size)
+    rows = []
+    for method in methods:
+        for run in range(args.repeat):
+            request = DragRequest(image=image, handles=handles, targets=targets, mask=mask,
+                                  method=method, prompt="a red disc", seed=0,
+                                  params={"work_size": args.size, **overrides})
+            t0 = time.perf_counter()
+            result = engine.run(request)
+            total = time.perf_counter() - t0
+            memory = result.stats["memory"]
+            rows.append({
+                "method": method,
+                "run": run,
+                "model": args.model,
+                "device": str(engine.model.device),
+                "dtype": str(engine.model.dtype).removeprefix("torch."),
+                "size": args.size,
+                "overrides": overrides,
+                "phases_s": result.timings,
+                "total_s": round(total, 3),
+                "unet_passes": result.stats["unet_passes"],
+                "drag_steps": result.stats.get("drag_steps"),
+                "peak_memory_mb": round(memory.get("peak", 0) / 2**20, 1),
+                "handles": [[round(x, 1), round(y, 1)] for x, y in result.handles],
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    summary = {"model_load_s": round(load_s, 2), "torch": torch.__version__,
+               "python": platform.python_version(), "runs": len(rows)}
+    print(json.dumps(summary))
+    return 0
