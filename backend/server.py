@@ -691,7 +691,8 @@ class Server:
 
         def progress(phase: str, step: int, total: int) -> None:
             now = time.monotonic()
-            if phase == last["phase"] and step < total and now - last["time"] < PROGRESS_INTERVAL:
+            if (phase == last["phase"] and step < total - 1
+                    and now - last["time"] < PROGRESS_INTERVAL):
                 return
             last.update(phase=phase, time=now)
             self._post("event", job, wire.PROGRESS, {"job_id": job.job_id, "phase": phase,

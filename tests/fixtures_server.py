@@ -61,7 +61,7 @@ class FakeEngine:
         try:
             for phase in ("inversion", "drag"):
                 t0 = time.monotonic()
-                for step in range(1, steps + 1):
+                for step in range(steps):  # like the engine: the step now starting
                     cancel.check()
                     self.step_started.set()
                     progress(phase, step, steps)

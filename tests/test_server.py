@@ -51,7 +51,7 @@ def test_full_job_events_in_order():
     assert [p for p, _, _ in progress] == sorted((p for p, _, _ in progress), reverse=True)
     for phase in ("inversion", "drag"):
         steps = [s for p, s, t in progress if p == phase]
-        assert steps[0] == 1 and steps[-1] == 4 and steps == sorted(set(steps))
+        assert steps[0] == 0 and steps[-1] == 3 and steps == sorted(set(steps))
     done = events[-1]
     assert (done["width"], done["height"], done["channels"]) == (8, 6, 3)
     assert done.image == bytes(255 - b for b in image())
@@ -69,7 +69,7 @@ def test_slow_steps_all_reported():
     with running_server(FakeEngine(steps=3, delay=0.08)) as server, client_for(server) as client:
         events = collect(client, submit(client))
     progress = [(e["phase"], e["step"]) for e in events if e.type == "progress"]
-    assert progress == [(p, s) for p in ("inversion", "drag") for s in (1, 2, 3)]
+    assert progress == [(p, s) for p in ("inversion", "drag") for s in (0, 1, 2)]
 
 
 def test_preview_events_when_asked():
