@@ -216,28 +216,39 @@ class Server:
     # --- life cycle -------------------------------------------------------------------------
     def start(self) -> str:
         """Bind, write the connection file, start loading the model; return the endpoint."""
-        self._refuse_if_running()
-        sock = self._context.socket(zmq.ROUTER)
-        sock.linger = 2000
-        sock.router_mandatory = 1
-        sock.maxmsgsize = self.limits.max_frame_bytes
-        if self.curve is not None:
-            self._setup_curve(sock)
-        elif not _is_local(self.bind):
-            sock.close(0)
-            raise ServerError(f"refusing to bind {self.bind} without encryption: it is reachable "
-                              "from other machines; add --curve (see the README, 'Remote "
-                              "backend') or bind tcp://127.0.0.1")
-        self.endpoint = self._bind(sock)
-        self._socket = sock
-        if self.connection_file is not None:
-            wire.write_connection_file(self.connection_file, ConnectionInfo(
-                endpoint=self.endpoint, key=self.key, pid=os.getpid(),
-                curve_server_key=(load_keypair(self.curve.secret_key_file)[0].decode("ascii")
-                                  if self.curve else None)))
+        try:
+            self._refuse_if_running()
+            self._socket = self._context.socket(zmq.ROUTER)
+            self._socket.linger = 2000
+            self._socket.router_mandatory = 1
+            self._socket.maxmsgsize = self.limits.max_frame_bytes
+            if self.curve is not None:
+                self._setup_curve(self._socket)
+            elif not _is_local(self.bind):
+                raise ServerError(f"refusing to bind {self.bind} without encryption: it is "
+                                  "reachable from other machines; add --curve (see the README, "
+                                  "'Remote backend') or bind tcp://127.0.0.1")
+            self.endpoint = self._bind(self._socket)
+            if self.connection_file is not None:
+                self._write_connection_file(self.connection_file)
+        except BaseException:
+            self._release()
+            raise
         log.info("listening on %s (connection file %s)", self.endpoint, self.connection_file)
         self._worker.start()
         return self.endpoint
+
+    def _write_connection_file(self, path: Path) -> None:
+        server_key = None
+        if self.curve is not None:
+            server_key = load_keypair(self.curve.secret_key_file)[0].decode("ascii")
+        try:
+            wire.write_connection_file(path, ConnectionInfo(
+                endpoint=self.endpoint, key=self.key, pid=os.getpid(),
+                curve_server_key=server_key))
+        except OSError as exc:
+            raise ServerError(f"cannot write the connection file {path}: {exc}; give a "
+                              "writable --connection-file") from None
 
     def _refuse_if_running(self) -> None:
         if self.connection_file is None or not self.connection_file.exists():
@@ -283,7 +294,6 @@ class Server:
                 log.warning("%s is in use; binding a free port instead", self.bind)
                 sock.bind("tcp://127.0.0.1:*")
             else:
-                sock.close(0)
                 raise ServerError(f"cannot bind {self.bind}: {exc.strerror}; choose another "
                                   "--bind (tcp://127.0.0.1:0 picks a free port)") from None
         bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -336,15 +346,18 @@ class Server:
                     self.connection_file.unlink()
             except (OSError, ValueError):
                 pass
+        self._release()
+        log.info("stopped")
+
+    def _release(self) -> None:
         if self._socket is not None:
-            self._socket.close()  # linger: queued cancelled events still go out
+            self._socket.close()  # with linger: queued cancelled events still go out
         if self._auth is not None:
             self._auth.stop()
         self._wake_r.close()
         self._wake_w.close()
         if not self._worker.is_alive():
             self._context.term()
-        log.info("stopped")
 
     def _begin_shutdown(self, reason: str) -> list[str]:
         log.info("shutting down (%s)", reason)

@@ -113,6 +113,7 @@ class Client:
         self._done: deque[str] = deque(maxlen=256)  # jobs whose terminal event was consumed
         self._bad_signatures = 0
         self._last_sent = 0.0
+        self._last_heard = time.monotonic()  # any authentic message from the backend
         self._heartbeat = max(0.05, min(2.0, timeout / 3))
         self._socket: zmq.Socket | None = None
         self._open()
@@ -187,11 +188,11 @@ class Client:
         An ``error`` event raises ``JobFailed``. While waiting, the job is re-attached every
         few seconds (a heartbeat that also recovers lost events); if the backend
         stays silent for ``timeout × (retries + 1)`` seconds (per-request ``timeout`` of the
-        client), ``BackendUnavailable`` is raised. ``timeout`` here bounds the whole job
-        (None: no bound) and raises ``JobTimeout``.
+        client), ``BackendUnavailable`` is raised. ``timeout`` here bounds this call (None: no
+        bound) and raises ``JobTimeout``; calling ``events`` again continues where it stopped,
+        so a caller may poll with short timeouts between UI updates.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        last_heard = time.monotonic()
         beats: deque[str] = deque(maxlen=64)
         while True:
             queue = self._pending.get(job_id)
@@ -211,23 +212,21 @@ class Client:
             if deadline is not None and now >= deadline:
                 raise JobTimeout(f"job {job_id} did not finish within {timeout:g} s; "
                                  "it keeps running on the backend (cancel it or wait longer)")
-            if now - last_heard >= self.timeout:
+            if now - self._last_heard >= self.timeout:
                 self._reopen()
                 self._request(wire.ATTACH, {"job_id": job_id}, job_id=job_id,
                               attempts=self.retries, lost_job=job_id)
-                last_heard = time.monotonic()
                 continue
             if now - self._last_sent >= self._heartbeat:
                 # The heartbeat is an attach: it keeps us alive on the backend, routes the
                 # job's events to our current socket, and makes the backend re-send a
                 # terminal event that got lost.
                 beats.append(self._send(wire.ATTACH, {"job_id": job_id}, job_id)["msg_id"])
-            wait = min(self._heartbeat, self.timeout - (now - last_heard))
+            wait = min(self._heartbeat, self.timeout - (now - self._last_heard))
             if deadline is not None:
                 wait = min(wait, deadline - now)
             message = self._recv(wait)
             if message is not None:
-                last_heard = time.monotonic()
                 if message.msg_type == wire.ERROR and message.parent.get("msg_id") in beats:
                     c = message.content
                     raise JobFailed(c["message"], c["code"], c.get("detail"))
@@ -309,6 +308,7 @@ class Client:
                 log.debug("ignoring a message from the backend: %s (%s)", exc.message,
                           exc.detail)
                 continue
+            self._last_heard = time.monotonic()
             return message
 
     def _stash(self, message: Message) -> None:

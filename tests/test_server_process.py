@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import signal
@@ -20,7 +21,7 @@ from fixtures_server import FakeEngine, client_for, running_server
 from backend import server_cli
 from backend.server import CurveServer
 from protocol import wire
-from protocol.client import BackendUnavailable, Client, JobFailed
+from protocol.client import BackendUnavailable, Client, JobFailed, JobTimeout
 from protocol.curve import CurveClient, generate_keypair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,17 @@ def stop(proc: subprocess.Popen) -> int:
     return proc.wait(30)
 
 
-def test_killed_backend_raises_within_the_timeout_and_a_restart_serves(tmp_path):
+def poll_until_end(client: Client, job: str) -> list:
+    """The plug-in's pattern: short ``events`` calls between UI updates."""
+    events = []
+    while not (events and events[-1].terminal):
+        with contextlib.suppress(JobTimeout):  # events seen before the timeout are kept
+            events.extend(client.events(job, timeout=0.05))
+    return events
+
+
+@pytest.mark.parametrize("style", ["iterate", "short polls"])
+def test_killed_backend_raises_within_the_timeout_and_a_restart_serves(tmp_path, style):
     conn = tmp_path / "backend.json"
     proc, endpoint = start([str(FAKE_SERVER), str(conn)])
     try:
@@ -64,7 +75,7 @@ def test_killed_backend_raises_within_the_timeout_and_a_restart_serves(tmp_path)
         proc.wait(10)
         t0 = time.monotonic()
         with pytest.raises(BackendUnavailable) as err:
-            list(events)
+            list(events) if style == "iterate" else poll_until_end(client, job)
         assert time.monotonic() - t0 < 1.0 * 2 + 1.0
         assert "stopped answering" in str(err.value) and job in str(err.value)
         assert "python -m backend serve" in str(err.value)
@@ -78,7 +89,7 @@ def test_killed_backend_raises_within_the_timeout_and_a_restart_serves(tmp_path)
             assert client.hello()["model"]["state"] == "ready"
             job = client.submit(bytes(48), 4, 4, 3, [(1, 1)], [(2, 2)],
                                 prompt="steps=1 delay=0")
-            assert list(client.events(job, timeout=30))[-1].type == "finished"
+            assert poll_until_end(client, job)[-1].type == "finished"
         assert stop(proc) == 0
     finally:
         proc.kill()
@@ -103,19 +114,10 @@ def test_sigterm_cancels_the_running_job_and_exits_cleanly(tmp_path):
     assert not conn.exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from backend.engine.tiny import make_tiny_model
-
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    make_tiny_model(path)
-    return path
-
-
 @pytest.mark.slow
-def test_real_cli_serves_a_drag_job_with_the_tiny_model(tmp_path, tiny_model):
+def test_real_cli_serves_a_drag_job_with_the_tiny_model(tmp_path, tiny_model_dir):
     conn, log_file = tmp_path / "backend.json", tmp_path / "backend.log"
-    proc, endpoint = start(["-m", "backend", "serve", "--model", str(tiny_model), "--device",
+    proc, endpoint = start(["-m", "backend", "serve", "--model", str(tiny_model_dir), "--device",
                             "cpu", "--bind", "tcp://127.0.0.1:0", "--connection-file", str(conn),
                             "--log-file", str(log_file)], timeout=300)
     try:
