@@ -111,6 +111,7 @@ class Client:
         self._session = wire.Session(key, me="this plug-in", peer="the backend")
         self._pending: dict[str, deque[Event]] = {}
         self._done: deque[str] = deque(maxlen=256)  # jobs whose terminal event was consumed
+        self._beats: deque[str] = deque(maxlen=64)  # msg ids of heartbeat attaches
         self._bad_signatures = 0
         self._last_sent = 0.0
         self._last_heard = time.monotonic()  # any authentic message from the backend
@@ -193,7 +194,8 @@ class Client:
         so a caller may poll with short timeouts between UI updates.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        beats: deque[str] = deque(maxlen=64)
+        if job_id in self._done:  # asked again: accept its re-sent terminal event
+            self._done.remove(job_id)
         while True:
             queue = self._pending.get(job_id)
             if queue:
@@ -221,13 +223,15 @@ class Client:
                 # The heartbeat is an attach: it keeps us alive on the backend, routes the
                 # job's events to our current socket, and makes the backend re-send a
                 # terminal event that got lost.
-                beats.append(self._send(wire.ATTACH, {"job_id": job_id}, job_id)["msg_id"])
+                self._beats.append(self._send(wire.ATTACH, {"job_id": job_id},
+                                              job_id)["msg_id"])
             wait = min(self._heartbeat, self.timeout - (now - self._last_heard))
             if deadline is not None:
                 wait = min(wait, deadline - now)
             message = self._recv(wait)
             if message is not None:
-                if message.msg_type == wire.ERROR and message.parent.get("msg_id") in beats:
+                if (message.msg_type == wire.ERROR
+                        and message.parent.get("msg_id") in self._beats):
                     c = message.content
                     raise JobFailed(c["message"], c["code"], c.get("detail"))
                 self._stash(message)

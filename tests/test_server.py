@@ -150,6 +150,7 @@ def test_duplicate_submit_runs_once():
         with pytest.raises(JobFailed) as err:
             submit(b, job_id="same-id", prompt="different")
         assert err.value.code == wire.JOB_ID_CONFLICT
+        assert collect(a, job)[-1].type == "finished"  # asking again fetches the result again
     assert len(engine.runs) == 1
 
 
@@ -388,3 +389,13 @@ def test_shutdown_cancels_everything_and_stops():
 def test_refuses_a_public_bind_without_curve():
     with pytest.raises(ServerError, match="--curve"):
         Server(lambda: None, model_name="x", bind="tcp://0.0.0.0:0").start()
+
+
+def test_one_log_line_per_job(caplog):
+    caplog.set_level("INFO", logger="backend.server")
+    with running_server(FakeEngine()) as server, client_for(server) as client:
+        job = submit(client, mask=bytes(48), method="gooddrag")
+        collect(client, job)
+    (line,) = [r.getMessage() for r in caplog.records if f"job {job}" in r.getMessage()]
+    assert "finished" in line and "8x6x3 +mask" in line and "method gooddrag" in line
+    assert "inversion=" in line and "drag=" in line and "1 points" in line
