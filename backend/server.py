@@ -181,7 +181,8 @@ class Server:
         self.limits = limits or Limits()
         self.curve = curve
         self.client_ttl = client_ttl
-        self.keep_results, self.keep_bytes, self.keep_seconds = keep_results, keep_bytes, keep_seconds
+        self.keep_results, self.keep_bytes = keep_results, keep_bytes
+        self.keep_seconds = keep_seconds
         self.shutdown_grace = shutdown_grace
         self.on_ready = on_ready
         self.key = secrets.token_bytes(32)
@@ -594,7 +595,8 @@ class Server:
         waited = (job.started or job.ended) - job.created
         ran = job.ended - job.started if job.started else 0.0
         phases = " ".join(f"{k}={v:.2f}s" for k, v in content.get("timings", {}).items())
-        outcome = {wire.FINISHED: "finished", wire.CANCELLED: f"cancelled ({content.get('reason')})",
+        outcome = {wire.FINISHED: "finished",
+                   wire.CANCELLED: f"cancelled ({content.get('reason')})",
                    wire.ERROR: f"failed ({content.get('code')}: {content.get('message')})"}
         log.info("job %s %s: client %s, %dx%dx%d%s, %d points, method %s, waited %.2fs, "
                  "ran %.2fs%s", job.job_id, outcome[msg_type], job.session[:8], r["width"],

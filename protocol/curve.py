@@ -59,8 +59,9 @@ class CurveClient:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m protocol.curve",
-                                     description="Write a CURVE key pair (NAME.key, NAME.key_secret).")
+    parser = argparse.ArgumentParser(
+        prog="python -m protocol.curve",
+        description="Write a CURVE key pair (NAME.key, NAME.key_secret).")
     parser.add_argument("directory")
     parser.add_argument("name", nargs="?", default="client")
     args = parser.parse_args(argv)

@@ -98,7 +98,7 @@ def test_control_messages_are_not_stuck_behind_a_running_edit():
         assert client.ping()["running"] == job
         assert client.hello()["queue"]["running"] == job
         assert client.attach(job)["state"] == "running"
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 2.0  # a job takes 10 s
         assert client.cancel(job) == "cancelling"
         assert collect(client, job)[-1].type == "cancelled"
 
@@ -113,7 +113,7 @@ def test_cancel_running_job_within_one_step():
         t0 = time.monotonic()
         assert client.cancel(job) == "cancelling"
         rest = list(events)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 2.0  # the job had 1000 steps left
         assert client.cancel(job) == "cancelled"  # over: its state is reported
     assert rest[-1].type == "cancelled" and rest[-1]["reason"] == "client"
     assert engine.steps_after_cancel[0] <= 1
@@ -128,7 +128,7 @@ def test_cancel_queued_job_at_once():
         t0 = time.monotonic()
         assert client.cancel(second) == "cancelled"
         events = collect(client, second)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 2.0
         assert [e.type for e in events][-1] == "cancelled"
         assert client.cancel(second) == "cancelled"  # idempotent
         client.cancel(first)
@@ -348,7 +348,7 @@ def test_no_backend_raises_within_the_timeout():
         client.hello()
     elapsed = time.monotonic() - t0
     client.close()
-    assert 0.8 < elapsed < 2.0
+    assert 0.8 < elapsed < 3.0  # 3 attempts × 0.3 s, plus slack for a loaded machine
     assert "tcp://127.0.0.1:9" in str(err.value) and "python -m backend serve" in str(err.value)
 
 

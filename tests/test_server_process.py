@@ -76,7 +76,7 @@ def test_killed_backend_raises_within_the_timeout_and_a_restart_serves(tmp_path,
         t0 = time.monotonic()
         with pytest.raises(BackendUnavailable) as err:
             list(events) if style == "iterate" else poll_until_end(client, job)
-        assert time.monotonic() - t0 < 1.0 * 2 + 1.0
+        assert time.monotonic() - t0 < 1.0 * 2 + 2.0  # timeout × (retries + 1), plus slack
         assert "stopped answering" in str(err.value) and job in str(err.value)
         assert "python -m backend serve" in str(err.value)
         client.close()
