@@ -15,13 +15,15 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from protocol import wire
-from protocol.curve import CurveClient
 from protocol.wire import Buffer, Message, ProtocolError
+
+if TYPE_CHECKING:
+    from protocol.curve import CurveClient
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,8 @@ class Client:
                 raise BackendUnavailable(
                     "the backend uses CURVE encryption: add \"curve_client_key\": "
                     "\"/path/to/client.key_secret\" to the connection file (see the README)")
+            from protocol.curve import CurveClient  # only remote setups need zmq.auth
+
             try:
                 curve = CurveClient.from_files(info.curve_server_key, info.curve_client_key)
             except ValueError as exc:
