@@ -175,42 +175,35 @@ def _linux_platforms(machine: str) -> list[str]:
 
 
 def gimp_python(kind: str, override: str | None) -> GimpPython:
+    """Probe the Python that runs GIMP's plug-ins (version, has pyzmq+msgpack) for ``kind``."""
     machine = platform.machine().lower()
     machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    probes: list[list[str]] = []
     if kind == "windows":
         platforms = ["win_arm64" if machine == "aarch64" else "win_amd64"]
-        candidates = [Path(os.environ.get(v, "")) / sub / "bin" / "python.exe"
-                      for v in ("ProgramFiles", "LOCALAPPDATA")
-                      for sub in ("GIMP 3", "Programs/GIMP 3")]
+        probes = [[str(Path(os.environ.get(v, "")) / sub / "bin" / "python.exe")]
+                  for v in ("ProgramFiles", "LOCALAPPDATA") for sub in ("GIMP 3", "Programs/GIMP 3")]
     elif kind == "macos":
-        arch = "arm64" if machine in ("arm64", "aarch64") else "x86_64"
+        arch = "arm64" if machine == "aarch64" else "x86_64"
         platforms = [f"macosx_{v}_{arch}" for v in ("10_9", "11_0", "12_0", "13_0", "14_0")]
         platforms.append("macosx_10_9_universal2")
-        candidates = [Path("/Applications/GIMP.app/Contents/MacOS/python3")]
+        probes = [["/Applications/GIMP.app/Contents/MacOS/python3"]]
     else:
         platforms = _linux_platforms(machine)
-        candidates = [Path("/usr/bin/python3")]
+        if kind == "flatpak":
+            if shutil.which("flatpak"):
+                probes = [["flatpak", "run", "--command=python3", FLATPAK_ID]]
+        else:
+            system = shutil.which("python3", path=_clean_env().get("PATH", ""))
+            probes = [["/usr/bin/python3"]] + ([[system]] if system else [])
     if override:
-        candidates = [Path(override)]
-    if kind == "flatpak" and not override:
-        if shutil.which("flatpak"):
-            result = _probe(["flatpak", "run", "--command=python3", FLATPAK_ID])
+        probes = [[override]]
+    for cmd in probes:
+        if len(cmd) > 1 or Path(cmd[0]).is_file():
+            result = _probe(cmd)
             if result:
-                return GimpPython(f"flatpak {FLATPAK_ID} python3", result[0], platforms,
-                                  result[1])
-        return GimpPython(f"flatpak {FLATPAK_ID} (assumed Python {BUNDLED_PYTHON})",
-                          BUNDLED_PYTHON, platforms)
-    for candidate in candidates:
-        if candidate.is_file():
-            result = _probe([str(candidate)])
-            if result:
-                return GimpPython(str(candidate), result[0], platforms, result[1])
-    if kind == "linux" and not override and shutil.which("python3", path=_clean_env()["PATH"]):
-        python3 = shutil.which("python3", path=_clean_env()["PATH"])
-        result = _probe([python3])
-        if result:
-            return GimpPython(python3, result[0], platforms, result[1])
-    return GimpPython(f"GIMP's bundled Python (assumed {BUNDLED_PYTHON})", BUNDLED_PYTHON,
+                return GimpPython(" ".join(cmd), result[0], platforms, result[1])
+    return GimpPython(f"GIMP's Python (not found; assuming {BUNDLED_PYTHON})", BUNDLED_PYTHON,
                       platforms)
 
 
@@ -361,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if vendor_dir.exists():
             shutil.rmtree(vendor_dir)
-        log(f"GIMP's Python ({gimp.description}, {gimp.version}) already has pyzmq and msgpack")
+        log("not vendoring pyzmq/msgpack (--vendor never)" if args.vendor == "never" else
+            f"GIMP's Python ({gimp.description}, {gimp.version}) already has pyzmq and msgpack")
 
     connection_file = default_connection_file(python)
     info = {

@@ -45,7 +45,7 @@ KNOBS = (
     ("work-size", "work_size", "Working size (px)", -1, 2048, True),
     ("n-inference-steps", "n_inference_steps", "Diffusion steps", -1, 1000, True),
 )
-ADVANCED = ("lora-steps", "latent-lr", "lam", "work-size", "n-inference-steps", "advanced",
+ADVANCED = ("latent-lr", "lam", "work-size", "n-inference-steps", "advanced",
             "backend", "timeout", "make-path")
 
 
@@ -145,7 +145,7 @@ class GimpUI(backend.Feedback):
         gi.require_version("Gtk", "3.0")
         from gi.repository import GimpUi, Gtk
 
-        self.dialog = GimpUi.Dialog(title="Drag Diffusion", role=PROC_NAME)
+        self.dialog = GimpUi.Dialog(title="Drag Diffusion – working", role=PROC_NAME)
         self.dialog.add_button("_Cancel", Gtk.ResponseType.CANCEL)
         self.dialog.connect("response", lambda *_: self._cancel())
         self.dialog.connect("delete-event", lambda *_: self._cancel() or True)
@@ -205,7 +205,7 @@ def show_dialog(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> bool
     dialog.get_label("advanced-title", "Advanced", False, False)
     dialog.fill_box("advanced-box", ADVANCED)
     dialog.fill_expander("advanced-expander", "advanced-title", False, "advanced-box")
-    dialog.fill(["method", "prompt", "seed", "drag-steps", "inversion-strength",
+    dialog.fill(["method", "prompt", "seed", "lora-steps", "drag-steps", "inversion-strength",
                  "advanced-expander"])
     ok = dialog.run()
     dialog.destroy()
@@ -271,7 +271,8 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
             "targets": geo.to_image(inputs.targets, inputs.offsets),
             "final_handles": geo.to_image(result.handles, inputs.offsets),
             "masked": inputs.mask is not None, "timings": result.timings,
-            "path": path.get_name() if path else None, "job_id": result.job_id}
+            "path": path.get_name() if path else None, "job_id": result.job_id,
+            "pyzmq": getattr(sys.modules.get("zmq"), "__file__", None)}
     values = procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
     values.remove(1)
     values.insert(1, GObject.Value(Gimp.Layer, layer))

@@ -2,7 +2,8 @@
 # Variables set by the host: STATE (folder inside the chroot), ARGS (plug-in arguments).
 #
 # 1. Opens an image with a selection and a two-stroke path in a display.
-# 2. Runs the plug-in INTERACTIVELY: its dialog shows; the host screenshots it and presses Escape.
+# 2. Runs the plug-in INTERACTIVELY: its dialog shows; the host screenshots it and presses OK;
+#    the progress dialog shows; the host screenshots it and cancels the job with Escape.
 # 3. Runs the plug-in non-interactively (it adds one layer in one undo group).
 # 4. Reports the layer list and pixel checksums to STATE/state.json every 0.2 s while the host
 #    presses Ctrl+Z and Ctrl+Y, until the host creates STATE/done.
@@ -63,19 +64,20 @@ pdb = Gimp.get_pdb()
 procedure = pdb.lookup_procedure("python-fu-drag-diffusion")
 
 
-def call(run_mode):
+def call(run_mode, args):
     config = procedure.create_config()
     config.set_property("run-mode", run_mode)
     config.set_property("image", image)
     config.set_core_object_array("drawables", [layer])
-    for name, value in ARGS.items():
+    for name, value in args.items():
         config.set_property(name, value)
     result = procedure.run(config)
     return result.index(0).value_nick
 
 
-mark("dialog-closed", {"status": call(Gimp.RunMode.INTERACTIVE)})
-status = call(Gimp.RunMode.NONINTERACTIVE)
+mark("dialog-closed", {"status": call(Gimp.RunMode.INTERACTIVE, {**ARGS, "drag-steps": 500}),
+                       "layers": snapshot(image)})
+status = call(Gimp.RunMode.NONINTERACTIVE, ARGS)
 mark("applied", {"status": status, "error": pdb.get_last_error(), "original": original,
                  "layers": snapshot(image)})
 deadline = time.monotonic() + 180
