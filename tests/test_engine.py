@@ -94,3 +94,15 @@ def test_bad_requests_are_refused_before_any_work(engine):
         engine.run(make_request("dragganx"))
     with pytest.raises(InvalidInput, match="unknown parameter"):
         engine.run(make_request("gooddrag", params={"drag_stepz": 3}))
+
+
+@pytest.mark.parametrize("method", ["dragdiffusion", "gooddrag"])
+def test_previews_show_the_denoising_edit(engine, method):
+    frames = []
+    engine.run(make_request(method, params={**FAST, "lora_steps": 0}),
+               preview=lambda phase, step, rgb: frames.append((phase, step, rgb)))
+    assert frames and all(phase == "denoise" for phase, _, _ in frames)
+    steps = [step for _, step, _ in frames]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    rgb = frames[-1][2]
+    assert rgb.dtype == np.uint8 and rgb.shape == (5, 8, 3)  # latent size of a 64×40 working image

@@ -27,6 +27,8 @@ class DragContext:
     cancel: CancelToken | None = None
     autocast: Callable[[], AbstractContextManager] = nullcontext
     scaler: torch.amp.GradScaler | None = None
+    # preview(phase, step, x0): the edited branch's predicted clean latent, for live previews.
+    preview: Callable[[str, int, torch.Tensor], None] | None = None
     stats: dict = field(default_factory=dict)
 
     def step(self, phase: str, step: int, total: int) -> None:
@@ -35,6 +37,10 @@ class DragContext:
             self.cancel.check()
         if self.progress is not None:
             self.progress(phase, step, total)
+
+    def show(self, phase: str, step: int, x0: torch.Tensor) -> None:
+        if self.preview is not None:
+            self.preview(phase, step, x0)
 
     def optimiser_step(self, loss: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
         """backward + Adam step, with loss scaling when running fp16 on CUDA."""

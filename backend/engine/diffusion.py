@@ -166,21 +166,32 @@ def run_inversion(
     return z
 
 
+def predicted_x0(schedule: Schedule, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+    """The clean latent the model currently predicts from ``z`` at ``t``."""
+    a_t = schedule.alpha(t)
+    return (z - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+
+
 def denoise(
     runner: UNetRunner,
     schedule: Schedule,
     z: torch.Tensor,
     timesteps: list[int],
     step_callback: Callable[[int, int], None] | None = None,
+    x0_callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """DDIM-denoise a batch of latents over ``timesteps`` (descending).
 
     With reference attention installed the batch is [original, edited]: both branches go
     through one UNet call per step so the edited branch can read the original's keys/values.
+    ``x0_callback(i, x0)`` receives the last batch element's predicted clean latent (previews).
     """
     with torch.no_grad():
         for i, t in enumerate(timesteps):
             if step_callback:
                 step_callback(i, len(timesteps))
-            z = ddim_step(schedule, z, runner.eps(z, t), t)
+            eps = runner.eps(z, t)
+            if x0_callback:
+                x0_callback(i, predicted_x0(schedule, z[-1:], eps[-1:], t))
+            z = ddim_step(schedule, z, eps, t)
     return z

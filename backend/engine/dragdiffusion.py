@@ -56,9 +56,13 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
     z_edit, handles = drag_latent(ctx, z_star)
     p = ctx.params
     steps = ctx.schedule.denoise_timesteps
+
+    def on_x0(i: int, x0: torch.Tensor) -> None:
+        ctx.show("denoise", i, x0)
+
     if not p.reference_attention:
         return denoise(ctx.runner, ctx.schedule, z_edit, steps,
-                       lambda i, n: ctx.step("denoise", i, n)), handles
+                       lambda i, n: ctx.step("denoise", i, n), on_x0), handles
 
     with reference_attention(ctx.runner.unet, p.ref_start_layer) as state:
 
@@ -66,5 +70,5 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
             ctx.step("denoise", i, n)
             state["active"] = i >= p.ref_start_step
 
-        z = denoise(ctx.runner, ctx.schedule, torch.cat([z_star, z_edit]), steps, on_step)
+        z = denoise(ctx.runner, ctx.schedule, torch.cat([z_star, z_edit]), steps, on_step, on_x0)
     return z[1:], handles

@@ -11,7 +11,7 @@ import torch
 
 from backend.engine.attention import reference_attention
 from backend.engine.context import DragContext
-from backend.engine.diffusion import ddim_step, denoise
+from backend.engine.diffusion import ddim_step, denoise, predicted_x0
 from backend.engine.motion import (
     all_reached,
     gooddrag_motion_loss,
@@ -110,7 +110,9 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
         # next latent is already known from its recorded trajectory.
         ctx.step("denoise", i, total)
         with torch.no_grad():
-            z_edit = ddim_step(schedule, z_edit, runner.eps(z_edit, t), t)
+            eps = runner.eps(z_edit, t)
+            ctx.show("denoise", i, predicted_x0(schedule, z_edit, eps, t))
+            z_edit = ddim_step(schedule, z_edit, eps, t)
         z_orig = latents0[i]
         i += 1
     ctx.stats["drag_steps"] = tracker.adam_steps
@@ -125,8 +127,12 @@ def _denoise_rest(ctx: DragContext, z_orig, z_edit, timesteps: list[int], total:
     def on_step(j: int, _n: int) -> None:
         ctx.step("denoise", offset + j, total)
 
+    def on_x0(j: int, x0: torch.Tensor) -> None:
+        ctx.show("denoise", offset + j, x0)
+
     if not ctx.params.reference_attention:
-        return denoise(ctx.runner, ctx.schedule, z_edit, timesteps, on_step)
+        return denoise(ctx.runner, ctx.schedule, z_edit, timesteps, on_step, on_x0)
     with reference_attention(ctx.runner.unet, ctx.params.ref_start_layer):
-        z = denoise(ctx.runner, ctx.schedule, torch.cat([z_orig, z_edit]), timesteps, on_step)
+        z = denoise(ctx.runner, ctx.schedule, torch.cat([z_orig, z_edit]), timesteps, on_step,
+                    on_x0)
     return z[1:]

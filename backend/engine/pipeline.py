@@ -7,6 +7,7 @@ prepare inputs → encode prompt and image → identity LoRA → DDIM inversion 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -26,6 +27,15 @@ from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressF
 ALGORITHMS = {"dragdiffusion": dragdiffusion.run, "gooddrag": gooddrag.run}
 assert set(ALGORITHMS) == set(METHODS)
 
+# Approximate RGB of an SD1.5 latent (scaled by the VAE factor): cheap previews without the VAE.
+LATENT_TO_RGB = torch.tensor([
+    [0.3512, 0.2297, 0.3227],
+    [0.3250, 0.4974, 0.2350],
+    [-0.2829, 0.1762, 0.2721],
+    [-0.2120, -0.2616, -0.7177],
+])
+PreviewFn = Callable[[str, int, np.ndarray], None]
+
 
 @dataclass
 class _Prepared:
@@ -38,6 +48,12 @@ class _Prepared:
     pixels: torch.Tensor  # [1, 3, h, w] in [-1, 1]
     mask_full: np.ndarray | None  # H×W uint8, >0 editable
     mask_work: np.ndarray | None  # h×w bool
+
+
+def latent_preview(latent: torch.Tensor) -> np.ndarray:
+    """[1, 4, h, w] latent → h×w×3 uint8 through a fixed linear map (no VAE decode)."""
+    rgb = torch.einsum("chw,cr->hwr", latent[0].float().cpu(), LATENT_TO_RGB)
+    return ((rgb + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).numpy()
 
 
 class DragEngine:
@@ -78,12 +94,17 @@ class DragEngine:
         request: DragRequest,
         progress: ProgressFn | None = None,
         cancel: CancelToken | None = None,
+        preview: PreviewFn | None = None,
     ) -> DragResult:
-        """Run one edit. Raises ``EngineError`` subclasses with actionable messages."""
+        """Run one edit. Raises ``EngineError`` subclasses with actionable messages.
+
+        ``preview(phase, step, rgb)`` receives rough previews of the edited image while denoising
+        (latent resolution, h×w×3 uint8, colours approximated without the VAE).
+        """
         imageops.validate_request(request.image, request.handles, request.targets, request.mask)
         algorithm, params = resolve(request.method, request.params)
         try:
-            return self._run(request, algorithm, params, progress, cancel)
+            return self._run(request, algorithm, params, progress, cancel, preview)
         except EngineError:
             raise
         except Exception as exc:
@@ -95,7 +116,8 @@ class DragEngine:
             self.model.unet.zero_grad(set_to_none=True)
 
     def _run(self, request: DragRequest, algorithm: str, params: DragParams,
-             progress: ProgressFn | None, cancel: CancelToken | None) -> DragResult:
+             progress: ProgressFn | None, cancel: CancelToken | None,
+             preview: PreviewFn | None) -> DragResult:
         model = self.model
         timings: dict[str, float] = {}
         reset_peak_memory(model.device)
@@ -127,6 +149,8 @@ class DragEngine:
                 z_star = run_inversion(runner, schedule, z0,
                                        lambda i, n: report("inversion", i, n))
             ctx = self.drag_context(prep, params, runner, schedule, request, report)
+            if preview is not None:
+                ctx.preview = lambda phase, step, x0: preview(phase, step, latent_preview(x0))
             with self._timed(timings, "drag+denoise"):
                 z_edit, handles = ALGORITHMS[algorithm](ctx, z_star)
 
