@@ -14,14 +14,11 @@ from pathlib import Path
 
 import torch
 
+from backend.engine.models import DDIM_SETTINGS
+
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
+    **DDIM_SETTINGS,
     prediction_type="epsilon",
     timestep_spacing="leading",
 )
@@ -70,6 +67,25 @@ def write_tokenizer_files(directory: Path) -> None:
     (directory / "merges.txt").write_text("\n".join(lines) + "\n", "utf-8")
 
 
+def build_text_encoder(tokenizer):
+    """A 2-layer, 32-wide CLIP text encoder sized to ``tokenizer`` (random weights)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
 def build_tiny_pipeline(seed: int = 0, tmp_dir: Path | None = None):
     """Build the tiny pipeline in memory (random weights drawn from ``seed``)."""
     from diffusers import (
@@ -78,7 +94,7 @@ def build_tiny_pipeline(seed: int = 0, tmp_dir: Path | None = None):
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -108,19 +124,7 @@ def build_tiny_pipeline(seed: int = 0, tmp_dir: Path | None = None):
     with tempfile.TemporaryDirectory(dir=tmp_dir) as tok_dir:
         write_tokenizer_files(Path(tok_dir))
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = build_text_encoder(tokenizer)
     scheduler = DDIMScheduler(**SD15_SCHEDULER)
     return StableDiffusionPipeline(
         vae=vae,
