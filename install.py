@@ -80,6 +80,13 @@ def torch_install_args(device: str) -> tuple[list[str], str]:
     return [f"torch=={version}"], label
 
 
+def installed_torch(python: Path) -> str | None:
+    """The torch version in the venv (e.g. "2.13.0+cpu"), or None."""
+    probe = subprocess.run([str(python), "-c", "import torch; print(torch.__version__)"],
+                           capture_output=True, text=True)
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
 def create_venv(venv: Path, device: str, dev: bool) -> Path:
     python = venv_python(venv)
     if python.exists():
@@ -88,11 +95,21 @@ def create_venv(venv: Path, device: str, dev: bool) -> Path:
         run([sys.executable, "-m", "venv", str(venv)])
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
     torch_args, label = torch_install_args(device)
-    log(f"installing torch ({label})")
-    run([*pip, *torch_args])
+    wanted = torch_args[0].removeprefix("torch==")
+    current = installed_torch(python)
+    if current and current.split("+")[0] == wanted.split("+")[0] and (
+        ("+cpu" in current) == ("+cpu" in wanted)
+    ):
+        log(f"torch {current} already installed")
+    else:
+        log(f"installing torch ({label})")
+        # torch alone from its index: its dependencies come from PyPI in the next step, so an
+        # unreachable extra index costs one quick lookup instead of one per dependency.
+        run([*pip, "--no-deps", "--retries", "1", "--timeout", "30", *torch_args])
     requirements = ["-r", str(REPO / "requirements" / "backend.txt")]
     if dev:
         requirements += ["-r", str(REPO / "requirements" / "dev.txt")]
+    # constraints.txt pins torch==X, which the installed X+cpu (or CUDA) build satisfies.
     run([*pip, *requirements, "-c", str(CONSTRAINTS)])
     return python
 
