@@ -154,13 +154,10 @@ def run_drag(args: argparse.Namespace) -> int:
 
 
 def _drag(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from backend.engine.errors import Cancelled, EngineError
-    from backend.engine.models import DEFAULT_MODEL
+    # Everything a user can get wrong is checked before torch is imported (fast errors).
+    from backend.engine.errors import EngineError
+    from backend.engine.imageops import validate_request
     from backend.engine.params import resolve
-    from backend.engine.pipeline import DragEngine
-    from backend.engine.types import CancelToken, DragRequest
 
     missing = [f"--{n}" for n in ("image", "points", "out") if not getattr(args, n)]
     if missing:
@@ -170,13 +167,22 @@ def _drag(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     size = (image.shape[1], image.shape[0])
     mask = read_mask(args.mask, size) if args.mask else None
-    if not Path(args.out).parent.exists():
+    if not Path(args.out).resolve().parent.is_dir():
         raise UsageError(f"--out: folder {Path(args.out).parent} does not exist")
     try:
-        resolve(args.method, overrides)  # bad knobs fail before the model loads
-        from backend.engine.imageops import validate_request
-
+        resolve(args.method, overrides)
         validate_request(image, handles, targets, mask)
+    except EngineError as exc:
+        raise UsageError(str(exc)) from None
+
+    from tqdm import tqdm
+
+    from backend.engine.errors import Cancelled
+    from backend.engine.models import DEFAULT_MODEL
+    from backend.engine.pipeline import DragEngine
+    from backend.engine.types import CancelToken, DragRequest
+
+    try:
         print(f"loading {args.model or DEFAULT_MODEL} …", file=sys.stderr)
         engine = DragEngine.load(args.model or DEFAULT_MODEL, vae=args.vae, device=args.device,
                                  dtype=args.dtype, lora_cache_dir=args.lora_cache)

@@ -1,0 +1,108 @@
+"""The command line as a user runs it: `python -m backend drag|bench|make-tiny-model`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--set", "work_size=64", "--set", "lora_steps=0", "--set", "n_inference_steps=6",
+        "--set", "drag_steps=3"]
+
+
+def backend(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (50, 75, 4), dtype=np.uint8), "RGBA").save(d / "in.png")
+    mask = np.zeros((50, 75), np.uint8)
+    mask[5:45, 5:70] = 255
+    Image.fromarray(mask).save(d / "mask.png")
+    Image.fromarray(mask[:40]).save(d / "small-mask.png")
+    (d / "not-an-image.png").write_text("hello")
+    return d
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "{d}/missing.png", "--points", "1,1:5,5"], "no such file"),
+        (["--image", "{d}/not-an-image.png", "--points", "1,1:5,5"], "not an image"),
+        (["--image", "{d}/in.png", "--points", "100,1:5,5"], "outside the 75×50 image"),
+        (["--image", "{d}/in.png", "--points", "1,1"], "is not 'x1,y1:x2,y2'"),
+        (["--image", "{d}/in.png", "--points", "1,1:5,5", "--mask", "{d}/small-mask.png"],
+         "must be the same size"),
+        (["--image", "{d}/in.png", "--points", "1,1:5,5", "--method", "dragganx"],
+         "invalid choice"),
+        (["--image", "{d}/in.png", "--points", "1,1:5,5", "--set", "drag_stepz=3"],
+         "unknown parameter 'drag_stepz'"),
+        (["--image", "{d}/in.png", "--points", "1,1:5,5", "--model", "{d}/no-model"],
+         "was not found"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_a_clear_message(files, args, message):
+    args = [a.format(d=files) for a in args]
+    result = backend("drag", *args, "--out", str(files / "out.png"), timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (files / "out.png").exists()
+
+
+def test_help_explains_every_option():
+    result = backend("drag", "--help", timeout=60)
+    assert result.returncode == 0
+    for option in ("--image", "--points", "--mask", "--out", "--method", "--prompt", "--seed",
+                   "--model", "--vae", "--device", "--dtype", "--set", "--list-params"):
+        assert option in result.stdout
+
+
+@pytest.mark.slow
+def test_drag_writes_a_full_resolution_result(files, tiny_model_dir):
+    out = files / "result.png"
+    result = backend("drag", "--image", str(files / "in.png"), "--points", "20,25:40,25",
+                     "--mask", str(files / "mask.png"), "--model", str(tiny_model_dir),
+                     "--device", "cpu", "--out", str(out), "--json", *FAST)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    edited = np.asarray(Image.open(out))
+    original = np.asarray(Image.open(files / "in.png"))
+    assert edited.shape == original.shape == (50, 75, 4)
+    outside = np.asarray(Image.open(files / "mask.png")) == 0
+    np.testing.assert_array_equal(edited[outside], original[outside])
+    assert summary["unet_passes"] > 0 and len(summary["handles"]) == 1
+    assert "drag" in result.stderr  # the progress bar showed the phases
+
+
+@pytest.mark.slow
+def test_bench_prints_phase_times_passes_and_memory():
+    result = backend("bench", "--model", "tiny", "--size", "64", "--quick", "--device", "cpu",
+                     "--method", "gooddrag")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    run, summary = rows[0], rows[-1]
+    assert run["method"] == "gooddrag" and run["size"] == 64
+    assert {"lora", "inversion", "drag+denoise", "decode"} <= set(run["phases_s"])
+    assert run["unet_passes"] > 0 and run["peak_memory_mb"] > 0
+    assert summary["runs"] == 1
+
+
+def test_make_tiny_model_writes_a_loadable_single_file(tmp_path):
+    result = backend("make-tiny-model", str(tmp_path / "tiny"), "--single-file", timeout=120)
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.strip().splitlines()[-1])
+    assert path.suffix == ".safetensors" and path.is_file()
+    assert (tmp_path / "tiny" / "model_index.json").is_file()
