@@ -158,10 +158,12 @@ def make_grid(cases: list[DragCase], results: dict[str, list[dict]], scale: int 
 
 
 def run_bench(cases: list[DragCase], methods: list[str], model: str | None, params: dict,
-              log: Callable[[str], None] = print) -> dict[str, list[dict]]:
-    """Baselines plus ``methods`` (engine method or preset names) on ``cases``."""
+              log: Callable[[str], None] = print,
+              baselines: bool = True) -> dict[str, list[dict]]:
+    """Baselines (unless ``baselines`` is false) plus ``methods`` (engine method or preset
+    names) on ``cases``."""
     results: dict[str, list[dict]] = {}
-    for name, fn in metrics.BASELINES.items():
+    for name, fn in metrics.BASELINES.items() if baselines else ():
         results[name] = evaluate(cases, fn)
     if methods:
         from backend.engine.pipeline import DragEngine
@@ -178,7 +180,8 @@ def main(args: argparse.Namespace) -> int:
     methods = [m for m in methods if m not in metrics.BASELINES]
     params = {**TOY_PARAMS, "lora_steps": args.lora_steps, **parse_params(args.param)}
     cases = make_cases(args.cases, seed=args.seed)
-    results = run_bench(cases, methods, args.model, params, lambda m: print(m, flush=True))
+    results = run_bench(cases, methods, args.model, params, lambda m: print(m, flush=True),
+                        baselines=not args.no_baselines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = [f"cases: {len(cases)} (seed {args.seed}); model: {args.model}; "

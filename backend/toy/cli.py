@@ -23,8 +23,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                  if getattr(args, f.name, None) is not None}
     cfg = TrainConfig(**overrides)
     trainer = train(cfg, Path(args.work_dir), args.device, args.resume, args.max_minutes,
-                    Path(args.out) if args.out else None)
-    return 0 if trainer.unet_step >= cfg.unet_steps else 3
+                    Path(args.out) if args.out else None, args.stage)
+    done = trainer.unet_step >= cfg.unet_steps and trainer.decoder_step >= cfg.decoder_steps
+    return 0 if done else 3
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -71,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="export the pipeline here when training finishes (default: %(default)s)")
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     tr.add_argument("--device", default="cpu")
+    tr.add_argument("--stage", choices=("all", "decoder"), default="all",
+                    help="decoder: only the decoder fine-tune (can run beside the UNet stage)")
     tr.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
     tr.add_argument("--max-minutes", type=float, default=600.0,
                     help="stop (with a checkpoint) after this wall time")
@@ -102,5 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bq.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="engine parameter override (repeatable)")
     bq.add_argument("--lora-steps", type=int, default=0)
+    bq.add_argument("--no-baselines", action="store_true",
+                    help="leave out the no-op and cut-and-paste rows and grid columns")
     bq.add_argument("--threads", type=int, default=0)
     bq.set_defaults(func=_cmd_bench)

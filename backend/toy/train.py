@@ -9,6 +9,9 @@ Two stages, each resumable from a checkpoint in ``--work-dir``:
 2. ``unet``: UNet2DConditionModel (no attention at the full-resolution level) with
    ε-prediction on SD1.5's noise schedule, conditioned on short captions through a frozen tiny
    CLIP text encoder; an EMA of its weights is what gets exported.
+3. ``decoder``: the VAE decoder alone, fine-tuned on full 128 px images with the encoder frozen
+   (so the latent space the UNet learned stays the same). Its state lives in its own file,
+   ``decoder.pt``, so this stage can also run beside stage 2 (``--stage decoder``).
 
 ``export`` writes a diffusers ``StableDiffusionPipeline`` folder (safetensors) that loads
 through the same code as SD1.5.
@@ -47,6 +50,9 @@ class TrainConfig:
     unet_batch: int = 16
     unet_lr: float = 1e-3
     ema_decay: float = 0.999
+    decoder_steps: int = 1500
+    decoder_batch: int = 2
+    decoder_lr: float = 1e-3
     caption_dropout: float = 0.2
     latent_cache: int = 6144
     warmup: int = 100
@@ -159,7 +165,8 @@ def random_crops(x: torch.Tensor, size: int, seed: int) -> torch.Tensor:
 
 
 def step_seed(seed: int, stage: str, step: int) -> int:
-    return (seed * 1_000_003 + {"vae": 1, "cache": 2, "unet": 3, "eval": 4}[stage]
+    stages = {"vae": 1, "cache": 2, "unet": 3, "eval": 4, "decoder": 5}
+    return (seed * 1_000_003 + stages[stage]
             * 100_000_007 + step) % (2**63)
 
 
@@ -205,12 +212,18 @@ class Trainer:
                                           weight_decay=1e-2)
         self.vae_step = 0
         self.unet_step = 0
+        self.decoder_step = 0
+        self._decoder_state: dict | None = None
         self.seconds = 0.0
         self.log: list[dict] = []
 
     @property
     def ckpt_path(self) -> Path:
         return self.work_dir / "checkpoint.pt"
+
+    @property
+    def decoder_path(self) -> Path:
+        return self.work_dir / "decoder.pt"
 
     def save(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -247,6 +260,12 @@ class Trainer:
         self.seconds = state["seconds"]
         self.log = state["log"]
         self.vae.register_to_config(scaling_factor=state["scaling_factor"])
+        self.decoder_step = 0
+        if self.decoder_path.exists():
+            dec = torch.load(self.decoder_path, map_location=self.device, weights_only=False)
+            self.vae.load_state_dict(dec["vae"])
+            self.decoder_step = dec["step"]
+            self._decoder_state = dec
         return True
 
     # ------------------------------------------------------------ stages
@@ -380,6 +399,57 @@ class Trainer:
         self.save()
         return True
 
+    def train_decoder(self, deadline: float) -> bool:
+        """Fine-tune ``post_quant_conv`` + decoder on full images; the encoder stays frozen."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        params = [*self.vae.post_quant_conv.parameters(), *self.vae.decoder.parameters()]
+        opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+        if self._decoder_state is not None:
+            opt.load_state_dict(self._decoder_state["opt"])
+
+        def save() -> None:
+            tmp = self.decoder_path.with_suffix(".tmp")
+            torch.save({"vae": self.vae.state_dict(), "opt": opt.state_dict(),
+                        "step": self.decoder_step, "vae_step": self.vae_step}, tmp)
+            tmp.replace(self.decoder_path)
+
+        self.vae.train()
+        last_ckpt = time.time()
+        bar = tqdm(total=cfg.decoder_steps, initial=self.decoder_step, desc="decoder",
+                   dynamic_ncols=True, mininterval=5)
+        while self.decoder_step < cfg.decoder_steps:
+            if time.time() > deadline:
+                bar.close()
+                save()
+                return False
+            for g in opt.param_groups:
+                g["lr"] = cfg.decoder_lr * lr_factor(self.decoder_step, cfg.decoder_steps,
+                                                     cfg.warmup)
+            x, _ = image_batch(step_seed(cfg.seed, "decoder", self.decoder_step),
+                               cfg.decoder_batch)
+            x = x.to(self.device)
+            with torch.no_grad():
+                z = self.vae.encode(x).latent_dist.sample()
+            y = self.vae.decode(z).sample
+            mse = F.mse_loss(y, x)
+            loss = mse + cfg.grad_weight * image_gradient_l1(y, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            self.decoder_step += 1
+            bar.set_postfix(psnr=f"{10 * math.log10(4.0 / max(mse.item(), 1e-10)):.1f}")
+            bar.update()
+            if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
+                save()
+                last_ckpt = time.time()
+        bar.close()
+        self.vae.eval()
+        save()
+        return True
+
     def pipeline(self):
         """The current weights (EMA UNet) as a StableDiffusionPipeline on the CPU."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -405,14 +475,23 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, work_dir: Path, device: str, resume: bool, max_minutes: float,
-          out_dir: Path | None) -> Trainer:
-    """Run (or resume) both stages within ``max_minutes``; export when both are done."""
+          out_dir: Path | None, stage: str = "all") -> Trainer:
+    """Run (or resume) the stages within ``max_minutes``; export when all are done.
+
+    ``stage="decoder"`` runs only the decoder fine-tune (it needs a finished VAE stage).
+    """
     trainer = Trainer(cfg, work_dir, device)
     if resume and trainer.load():
         print(f"resumed: vae step {trainer.vae_step}, unet step {trainer.unet_step}, "
               f"{trainer.seconds / 60:.1f} min trained so far", flush=True)
     deadline = time.time() + max_minutes * 60
-    done = trainer.train_vae(deadline) and trainer.train_unet(deadline)
+    if stage == "decoder":
+        if trainer.vae_step < cfg.vae_steps:
+            raise SystemExit("the decoder stage needs a finished VAE stage (run --stage all)")
+        trainer.train_decoder(deadline)
+        return trainer
+    done = (trainer.train_vae(deadline) and trainer.train_unet(deadline)
+            and trainer.train_decoder(deadline))
     trainer.save()
     if done and out_dir is not None:
         print(f"exported to {trainer.export(out_dir)}", flush=True)
