@@ -75,8 +75,11 @@ def call(run_mode, args):
     return result.index(0).value_nick
 
 
-mark("dialog-closed", {"status": call(Gimp.RunMode.INTERACTIVE, {**ARGS, "drag-steps": 500}),
-                       "layers": snapshot(image)})
+# A job long enough to cancel by hand: 500 drag steps that never stop early (reach threshold 0;
+# random weights otherwise "reach" their targets within a few steps).
+LONG = {**ARGS, "drag-steps": 500,
+        "advanced": json.dumps({**json.loads(ARGS.get("advanced") or "{}"), "reach_threshold": 0})}
+mark("dialog-closed", {"status": call(Gimp.RunMode.INTERACTIVE, LONG), "layers": snapshot(image)})
 status = call(Gimp.RunMode.NONINTERACTIVE, ARGS)
 mark("applied", {"status": status, "error": pdb.get_last_error(), "original": original,
                  "layers": snapshot(image)})
