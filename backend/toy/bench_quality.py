@@ -46,7 +46,9 @@ def engine_runner(engine, method: str, params: dict, seed: int = 0) -> Callable:
                               targets=list(case.targets), mask=case.mask, method=method,
                               prompt=case.prompt, seed=seed, params=dict(params))
         result = engine.run(request)
-        return result.image, {"tracked": result.handles, "timings": result.timings}
+        stats = {k: v for k, v in result.stats.items() if isinstance(v, (int, float))}
+        return result.image, {"tracked": result.handles, "timings": result.timings,
+                              "stats": stats}
 
     return run
 
