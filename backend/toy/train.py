@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.engine.tiny import SD15_SCHEDULER, write_tokenizer_files
+from backend.engine.tiny import SD15_SCHEDULER, build_text_encoder, write_tokenizer_files
 from backend.toy import shapes
 
 DEFAULT_WORK_DIR = Path(".cache/toy-train")
@@ -102,24 +102,6 @@ def build_unet():
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=32,
-    )
-
-
-def build_text_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
     )
 
 
