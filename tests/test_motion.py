@@ -112,6 +112,16 @@ def test_dragdiffusion_loss_skips_reached_handles_and_scales_by_patch_area():
     torch.testing.assert_close(loss, 9 * (src - shifted).abs().mean())
 
 
+def test_a_handle_on_its_target_adds_no_loss_even_with_reach_zero():
+    feat = torch.randn(1, 4, 10, 10, generator=torch.Generator().manual_seed(9))
+    same = [(4.0, 4.0)]
+    assert float(dragdiffusion_motion_loss(feat, same, same, reach=0.0)) == 0.0
+    assert float(gooddrag_motion_loss(feat, feat, same, same, same, reach=0.0)) == 0.0
+    moving = dragdiffusion_motion_loss(feat, [(4.0, 4.0), (2.0, 2.0)], [(4.0, 4.0), (2.0, 8.0)],
+                                       reach=0.0)
+    assert float(moving) > 0
+
+
 def test_motion_losses_work_for_points_on_the_edge():
     feat = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(6)).requires_grad_()
     for handle, target in [((0.0, 0.0), (0.0, 10.0)), ((15.0, 15.0), (15.0, 0.0)),

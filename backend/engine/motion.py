@@ -55,9 +55,14 @@ def patch_offsets(
 
 
 def _step(handle: Point, target: Point, max_len: float | None) -> tuple[float, float, float]:
-    """Unit direction handle→target scaled to 1 (``max_len`` None) or min(max_len, distance)."""
+    """Unit direction handle→target scaled to 1 (``max_len`` None) or min(max_len, distance).
+
+    Returns (dy, dx, distance); the step is (0, 0) when the handle is on its target.
+    """
     dy, dx = target[0] - handle[0], target[1] - handle[1]
     dist = (dy * dy + dx * dx) ** 0.5
+    if dist == 0:
+        return 0.0, 0.0, 0.0
     length = 1.0 if max_len is None else min(max_len, dist)
     return dy / dist * length, dx / dist * length, dist
 
@@ -79,7 +84,7 @@ def dragdiffusion_motion_loss(
     shape = feat.shape[-2:]
     for handle, target in zip(handles, targets, strict=True):
         dy, dx, dist = _step(handle, target, None)
-        if dist < reach:
+        if dist < reach or dist == 0:  # reached (or exactly on target: no direction)
             continue
         hr, hc = int(handle[0]), int(handle[1])
         dr, dc = patch_offsets([(hr, hc)], radius, shape)
@@ -109,7 +114,7 @@ def gooddrag_motion_loss(
     shape = feat.shape[-2:]
     for handle, start, target in zip(handles, handles_init, targets, strict=True):
         dy, dx, dist = _step(handle, target, beta)
-        if dist < reach:
+        if dist < reach or dist == 0:  # reached (or exactly on target: no direction)
             continue
         hr, hc = int(handle[0]), int(handle[1])
         sr, sc = int(start[0]), int(start[1])
