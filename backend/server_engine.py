@@ -95,6 +95,10 @@ class EngineWorker:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def run(self, job: Job) -> None:
         """Hand a job to the engine (the caller runs one at a time)."""
         self._inbox.put(job)

@@ -9,6 +9,7 @@ import pytest
 from fixtures_server import FakeEngine, RawPeer, client_for, image, running_server, submit
 
 from backend.engine.errors import ModelNotFound
+from backend.engine.params import method_descriptions, spec_table
 from backend.server import FairQueue, Job, Server, ServerError
 from protocol import wire
 from protocol.client import (
@@ -35,6 +36,15 @@ def test_hello_describes_the_backend():
     assert info["limits"] == wire.Limits().as_dict()
     assert info["queue"] == {"queued": 0, "running": None}
     assert info["security"] == {"signature_scheme": "hmac-sha256", "curve": False}
+
+
+def test_hello_carries_the_parameter_table_and_method_descriptions():
+    with running_server(FakeEngine()) as server, client_for(server) as client:
+        info = client.hello()
+    assert info["parameters"] == spec_table()
+    assert info["parameters"]["latent_lr"]["min"] > 0 and info["parameters"]["latent_lr"]["help"]
+    assert info["descriptions"] == method_descriptions()
+    assert set(info["descriptions"]) == set(info["methods"])
 
 
 def test_full_job_events_in_order():
