@@ -22,7 +22,14 @@ from backend import __version__
 from backend.engine.errors import EngineError
 from backend.engine.interface import Engine
 from backend.engine.params import defaults_table, method_descriptions, resolve, spec_table
-from backend.server_engine import EngineWorker, JobEnded, JobEvent, ModelLoaded, plain
+from backend.server_engine import (
+    ACCEPTED_DTYPES,
+    EngineWorker,
+    JobEnded,
+    JobEvent,
+    ModelLoaded,
+    plain,
+)
 from backend.server_jobs import FairQueue, Job, JobTable, Terminal
 from backend.server_transport import (
     DEFAULT_BIND,
@@ -202,6 +209,7 @@ class Server:
             "descriptions": method_descriptions(),
             "default_method": "dragdiffusion",
             "limits": self.limits.as_dict(),
+            "dtypes": list(ACCEPTED_DTYPES),
             "client_ttl": self.client_ttl,
             "queue": {"queued": len(self._jobs.queue),
                       "running": running.job_id if running else None},
@@ -237,7 +245,8 @@ class Server:
         if self._stop_reason:
             raise ProtocolError(wire.SHUTTING_DOWN, "the backend is shutting down; start it "
                                 "again and resubmit")
-        wire.check_submit(content, [len(b) for b in message.buffers], self.limits)
+        wire.check_submit(content, [len(b) for b in message.buffers], self.limits,
+                          ACCEPTED_DTYPES)
         try:
             resolve(content["method"], content["params"])
         except EngineError as exc:

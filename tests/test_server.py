@@ -75,6 +75,17 @@ def test_full_job_events_in_order():
     assert request.handles == [(1.0, 1.0)] and request.targets == [(4.0, 3.0)]
 
 
+def test_finished_carries_the_pixel_type_and_the_engine_warnings():
+    with running_server(FakeEngine()) as server, client_for(server) as client:
+        assert client.hello()["dtypes"] == ["u8"]
+        done = collect(client, submit(client, prompt="warn=one,two"))[-1]
+        assert done["dtype"] == "u8" and done["warnings"] == ["one", "two"]
+        assert collect(client, submit(client))[-1]["warnings"] == []
+        with pytest.raises(JobFailed, match="accepts u8") as err:  # uint16 until the engine
+            submit(client, image=bytes(8 * 6 * 3 * 2), dtype="u16")
+        assert err.value.code == wire.INVALID_INPUT
+
+
 def test_slow_steps_all_reported():
     with running_server(FakeEngine(steps=3, delay=0.08)) as server, client_for(server) as client:
         events = collect(client, submit(client))
@@ -288,6 +299,7 @@ def test_jobs_queued_while_the_model_loads_run_afterwards():
     ({"method": "nope"}, wire.INVALID_INPUT),
     ({"params": {"no_such_knob": 1}}, wire.INVALID_INPUT),
     ({"params": {"work_size": 1}}, wire.INVALID_INPUT),
+    ({"dtype": "u16"}, wire.INVALID_INPUT),
 ])
 def test_invalid_submits_are_refused(kwargs, code):
     with running_server(FakeEngine()) as server, client_for(server) as client:
