@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from backend.engine.diffusion import Schedule, UNetRunner
-from backend.engine.motion import Point
 from backend.engine.params import DragParams
-from backend.engine.types import CancelToken, ProgressFn
+from backend.engine.types import CancelToken, GridPoint, ProgressFn
 
 
 @dataclass
@@ -20,8 +19,8 @@ class DragContext:
     schedule: Schedule
     params: DragParams
     grid: tuple[int, int]  # supervision grid (rows, cols) = half the working resolution
-    handles: list[Point]  # (row, col) on the grid
-    targets: list[Point]
+    handles: list[GridPoint]
+    targets: list[GridPoint]
     keep: torch.Tensor | None  # [1,1,h,w] at latent size: 1 where the image must stay; None: no mask
     progress: ProgressFn | None = None
     cancel: CancelToken | None = None

@@ -18,6 +18,7 @@ from backend.engine.motion import (
     masked_latent_loss,
     track_points,
 )
+from backend.engine.types import GridPoint
 
 
 def original_trajectory(ctx: DragContext, z_star: torch.Tensor, n: int):
@@ -36,7 +37,7 @@ def original_trajectory(ctx: DragContext, z_star: torch.Tensor, n: int):
 class _Tracker:
     """Handle bookkeeping shared across timesteps (tracking and the no-change early stop)."""
 
-    def __init__(self, handles: list) -> None:
+    def __init__(self, handles: list[GridPoint]) -> None:
         self.init = list(handles)
         self.handles = list(handles)
         self.no_change = 0
@@ -90,7 +91,7 @@ def drag_at_timestep(
     return z.detach(), True
 
 
-def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
+def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:
     """AlDD over the denoising steps. Returns (clean edited latent, tracked handles)."""
     p, schedule, runner = ctx.params, ctx.schedule, ctx.runner
     timesteps = schedule.denoise_timesteps

@@ -10,8 +10,7 @@ import numpy as np
 from PIL import Image
 
 from backend.engine.errors import InvalidInput
-
-Point = tuple[float, float]
+from backend.engine.types import GridPoint, ImagePoint
 
 
 def working_size(width: int, height: int, long_side: int, multiple: int = 8) -> tuple[int, int]:
@@ -24,7 +23,7 @@ def working_size(width: int, height: int, long_side: int, multiple: int = 8) -> 
     return snap(width), snap(height)
 
 
-def validate_request(image: np.ndarray, handles: list[Point], targets: list[Point],
+def validate_request(image: np.ndarray, handles: list[ImagePoint], targets: list[ImagePoint],
                      mask: np.ndarray | None) -> None:
     """Raise ``InvalidInput`` with a precise sentence for anything the engine cannot use."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
@@ -91,7 +90,8 @@ def resize_mask_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(img.resize(size, Image.NEAREST)) > 0
 
 
-def to_grid(points: list[Point], image_size: tuple[int, int], grid: tuple[int, int]) -> list[Point]:
+def to_grid(points: list[ImagePoint], image_size: tuple[int, int],
+            grid: tuple[int, int]) -> list[GridPoint]:
     """Image (x, y) → integer (row, col) on the supervision grid, as the reference rounds clicks."""
     width, height = image_size
     rows, cols = grid
@@ -101,7 +101,8 @@ def to_grid(points: list[Point], image_size: tuple[int, int], grid: tuple[int, i
     ]
 
 
-def from_grid(points: list[Point], image_size: tuple[int, int], grid: tuple[int, int]) -> list[Point]:
+def from_grid(points: list[GridPoint], image_size: tuple[int, int],
+              grid: tuple[int, int]) -> list[ImagePoint]:
     """(row, col) on the grid → image (x, y)."""
     width, height = image_size
     rows, cols = grid

@@ -14,7 +14,9 @@ from backend.engine.errors import Cancelled
 # progress(phase, step, total): phases are "load", "lora", "inversion", "drag", "denoise".
 ProgressFn = Callable[[str, int, int], None]
 
-Point = tuple[float, float]  # (x, y) in image pixels
+# Two coordinate systems, two names (docs/algorithms.md, "Coordinates"):
+ImagePoint = tuple[float, float]  # (x, y) continuous image pixels, as GIMP path anchors
+GridPoint = tuple[float, float]  # (row, col) on the supervision grid (half the working size)
 
 
 @dataclass
@@ -29,8 +31,8 @@ class DragRequest:
     """
 
     image: np.ndarray
-    handles: list[Point]
-    targets: list[Point]
+    handles: list[ImagePoint]
+    targets: list[ImagePoint]
     mask: np.ndarray | None = None
     method: str = "dragdiffusion"
     prompt: str = ""
@@ -43,7 +45,7 @@ class DragResult:
     """The edited image (same shape and dtype as the input) and where the handles ended."""
 
     image: np.ndarray
-    handles: list[Point]
+    handles: list[ImagePoint]
     timings: dict[str, float]
     stats: dict[str, Any] = field(default_factory=dict)
 
