@@ -75,3 +75,17 @@ def test_composite_keeps_input_pixels_exactly_outside_the_mask():
     np.testing.assert_array_equal(out[mask == 0], original[mask == 0])
     np.testing.assert_array_equal(out[10:20, 10:20], edited[10:20, 10:20])
     assert imageops.composite(original, edited, None) is edited
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(512, 256), (256, 64), (341, 85), (75, 64), (64, 75),
+                                             (100, 37), (37, 100), (8, 16), (96, 96), (682, 680)])
+def test_mask_resize_samples_exactly_like_torch_interpolate_nearest(n_in, n_out):
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(n_in * 1000 + n_out)
+    mask = rng.random((n_in, n_in + 3)) > 0.5
+    ours = imageops.resize_mask_nearest(mask.astype(np.uint8) * 255, (n_out + 1, n_out))
+    ref = F.interpolate(torch.from_numpy(mask).float()[None, None], (n_out, n_out + 1),
+                        mode="nearest")[0, 0].numpy() > 0
+    np.testing.assert_array_equal(ours, ref)

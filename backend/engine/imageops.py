@@ -84,10 +84,28 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb, "RGB").resize(size, Image.BILINEAR))
 
 
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each of ``n_out`` outputs when resizing ``n_in`` samples nearest-neighbour.
+
+    Exactly the index ``torch.nn.functional.interpolate(mode="nearest")`` reads, which both
+    official codes use for the mask: floor(i · n_in / n_out) in float32, clamped to the input
+    (OpenCV's ``INTER_NEAREST``, used for the first resize in their UIs, is the same floor rule).
+    Not the pixel-centre sampling of PIL's ``NEAREST``.
+    """
+    out = np.arange(n_out, dtype=np.int64)
+    if n_out == n_in:
+        return out
+    if n_out == 2 * n_in:
+        return out >> 1
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor(out.astype(np.float32) * scale).astype(np.int64), n_in - 1)
+
+
 def resize_mask_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of an H×W mask to (w, h), binarised (>0 editable)."""
-    img = Image.fromarray((mask > 0).astype(np.uint8) * 255, "L")
-    return np.asarray(img.resize(size, Image.NEAREST)) > 0
+    rows = nearest_indices(mask.shape[0], size[1])
+    cols = nearest_indices(mask.shape[1], size[0])
+    return mask[rows[:, None], cols[None, :]] > 0
 
 
 def to_grid(points: list[ImagePoint], image_size: tuple[int, int],

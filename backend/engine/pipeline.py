@@ -189,7 +189,8 @@ class DragEngine:
         grid = (h // 2, w // 2)
         keep = None
         if prep.mask_work is not None:
-            # As the reference: mask → nearest to the grid → nearest to the latent size.
+            # As both official codes: mask → nearest to the grid → nearest to the latent size,
+            # with F.interpolate's sampling (imageops.nearest_indices).
             sup = imageops.resize_mask_nearest(prep.mask_work, (grid[1], grid[0]))
             vsf = self.model.vae_scale_factor
             lat = imageops.resize_mask_nearest(sup, (w // vsf, h // vsf))
