@@ -61,3 +61,17 @@ def test_mask_resized_to_the_working_size_samples_as_the_official_nearest():
     ref = F.interpolate(torch.from_numpy(mask > 0).float()[None, None], (64, 64), mode="nearest")
     np.testing.assert_array_equal(prep.mask_work, ref[0, 0].numpy() > 0)
     torch.testing.assert_close(ctx.keep, _official_keep(prep.mask_work, prep.work), rtol=0, atol=0)
+
+
+def test_a_selection_that_vanishes_at_latent_size_regularises_nothing_and_says_so():
+    image = np.zeros((96, 96, 3), np.uint8)
+    mask = np.zeros((96, 96), np.uint8)
+    mask[30:31, 44:58] = 255  # a 1-px strip: present at the grid, gone at latent size
+    request = DragRequest(image, [(40.0, 40.0)], [(50.0, 40.0)], mask)
+    _, ctx = _context(request, DragParams(work_size=96))
+    assert _official_keep(mask > 0, (96, 96)).min() == 1  # the official mask term sees no mask
+    assert ctx.keep is None
+    assert len(ctx.warnings) == 1 and "smaller than the model's 8-pixel cell" in ctx.warnings[0]
+    mask[30:40, 44:58] = 255  # a real selection: kept, no warning
+    _, ctx = _context(request, DragParams(work_size=96))
+    assert ctx.keep is not None and ctx.keep.min() == 0 and ctx.warnings == []

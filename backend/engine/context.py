@@ -29,6 +29,7 @@ class DragContext:
     # preview(phase, step, x0): the edited branch's predicted clean latent, for live previews.
     preview: Callable[[str, int, torch.Tensor], None] | None = None
     stats: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # for the user (DragResult.warnings)
 
     def step(self, phase: str, step: int, total: int) -> None:
         """Report progress and honour cancellation (called once per step)."""

@@ -42,12 +42,17 @@ class DragRequest:
 
 @dataclass
 class DragResult:
-    """The edited image (same shape and dtype as the input) and where the handles ended."""
+    """The edited image (same shape and dtype as the input) and where the handles ended.
+
+    ``handles`` use the request's convention (continuous (x, y), see ``DragRequest``).
+    ``warnings`` are sentences for the user about how the request was interpreted.
+    """
 
     image: np.ndarray
     handles: list[ImagePoint]
     timings: dict[str, float]
     stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 class CancelToken:
