@@ -20,10 +20,32 @@ def test_working_size_keeps_aspect_in_multiples_of_8(size, long_side, expected):
 
 def test_points_map_to_the_half_resolution_grid_and_back():
     grid = (128, 192)  # working 384×256 → grid rows 128, cols 192
-    pts = imageops.to_grid([(10.0, 20.0), (1200.0, 800.0), (0.0, 0.0)], (1200, 800), grid)
-    assert pts == [(3.0, 2.0), (127.0, 191.0), (0.0, 0.0)]  # edge points stay on the grid
-    back = imageops.from_grid([(64.0, 96.0)], (1200, 800), grid)
-    assert back == [(600.0, 400.0)]
+    pts = imageops.to_grid([(10.0, 20.0), (1200.0, 800.0), (0.0, 0.0)], (1200, 800), (384, 256),
+                           grid)
+    assert pts == [(3.0, 1.0), (127.0, 191.0), (0.0, 0.0)]  # edge points stay on the grid
+    back = imageops.from_grid([(64.0, 96.0)], (1200, 800), (384, 256), grid)
+    assert back[0] == pytest.approx((601.5625, 401.5625))  # centre of working pixel (192, 128)
+
+
+def test_an_anchor_at_a_pixel_centre_lands_on_the_official_grid_cell_and_back():
+    torch = pytest.importorskip("torch")
+    size = (128, 128)
+    anchors = [(i + 0.5, 127 - i + 0.5) for i in range(128)]  # centre of pixel i, every column
+    cells = imageops.to_grid(anchors, size, size, (64, 64))
+    # The official codes take the clicked pixel index i and round(i / H · sup_res) (torch.round).
+    # The last index rounds to cell 64, outside the official 64-cell grid: we clamp it to 63.
+    official = [(min(63.0, float(torch.round(torch.tensor((127 - i) / 128 * 64)))),
+                 min(63.0, float(torch.round(torch.tensor(i / 128 * 64))))) for i in range(128)]
+    assert cells == official
+    assert [c for _, c in cells] == [float(min(63, round(i / 2))) for i in range(128)]
+    # Back: a cell comes back as the centre of its official pixel index (2·col, 2·row) …
+    grid_cells = [(float(r), float(c)) for r in range(64) for c in range(64)]
+    back = imageops.from_grid(grid_cells, size, size, (64, 64))
+    assert back == [(2 * c + 0.5, 2 * r + 0.5) for r, c in grid_cells]
+    # … and maps onto the same cell again, also through a resize to the working size.
+    assert imageops.to_grid(back, size, size, (64, 64)) == grid_cells
+    big = imageops.from_grid(grid_cells, (300, 300), size, (64, 64))
+    assert imageops.to_grid(big, (300, 300), size, (64, 64)) == grid_cells
 
 
 def test_validation_names_the_problem():

@@ -108,23 +108,32 @@ def resize_mask_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]] > 0
 
 
-def to_grid(points: list[ImagePoint], image_size: tuple[int, int],
+def to_grid(points: list[ImagePoint], image_size: tuple[int, int], work_size: tuple[int, int],
             grid: tuple[int, int]) -> list[GridPoint]:
-    """Image (x, y) → integer (row, col) on the supervision grid, as the reference rounds clicks."""
-    width, height = image_size
-    rows, cols = grid
-    return [
-        (float(min(rows - 1, round(y / height * rows))), float(min(cols - 1, round(x / width * cols))))
-        for x, y in points
-    ]
+    """Continuous image (x, y) → (row, col) cell of the supervision grid, as the official codes
+    round a click (docs/algorithms.md, "Coordinates").
+
+    The point is scaled to the working image, turned into the official pixel index (x − 0.5:
+    pixel i spans [i, i + 1), its centre i + 0.5 is index i) and mapped to the grid with the
+    official ``round(index / size · grid)`` (float32, half to even, as ``torch.round``), i.e.
+    ``round(i / 2)``. Unlike the official code, cells are clamped into the grid.
+    """
+    (width, height), (w, h), (rows, cols) = image_size, work_size, grid
+
+    def cell(v: float, scale: float, size: int, n: int) -> float:
+        index = v * scale - 0.5
+        return float(min(n - 1, max(0, int(np.rint(np.float32(index / size * n))))))
+
+    return [(cell(y, h / height, h, rows), cell(x, w / width, w, cols)) for x, y in points]
 
 
-def from_grid(points: list[GridPoint], image_size: tuple[int, int],
+def from_grid(points: list[GridPoint], image_size: tuple[int, int], work_size: tuple[int, int],
               grid: tuple[int, int]) -> list[ImagePoint]:
-    """(row, col) on the grid → image (x, y)."""
-    width, height = image_size
-    rows, cols = grid
-    return [(c * width / cols, r * height / rows) for r, c in points]
+    """(row, col) on the grid → continuous image (x, y): the centre of the official pixel index
+    ``col · w / cols`` (GoodDrag's ``get_original_points``) scaled back to the full image."""
+    (width, height), (w, h), (rows, cols) = image_size, work_size, grid
+    return [((c * w / cols + 0.5) * width / w, (r * h / rows + 0.5) * height / h)
+            for r, c in points]
 
 
 def feather_weights(mask: np.ndarray, feather: int) -> np.ndarray:

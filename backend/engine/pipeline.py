@@ -171,7 +171,7 @@ class DragEngine:
             "t_star": schedule.t_star,
             "memory": memory_info(model.device),
         }
-        final = imageops.from_grid(handles, prep.size, ctx.grid)
+        final = imageops.from_grid(handles, prep.size, prep.work, ctx.grid)
         return DragResult(image=image, handles=final, timings=timings, stats=stats,
                           warnings=list(ctx.warnings))
 
@@ -215,8 +215,8 @@ class DragEngine:
             schedule=schedule,
             params=params,
             grid=grid,
-            handles=imageops.to_grid(request.handles, prep.size, grid),
-            targets=imageops.to_grid(request.targets, prep.size, grid),
+            handles=imageops.to_grid(request.handles, prep.size, prep.work, grid),
+            targets=imageops.to_grid(request.targets, prep.size, prep.work, grid),
             keep=keep,
             warnings=warnings,
             progress=report,

@@ -24,8 +24,10 @@ class DragRequest:
     """One drag edit.
 
     ``image`` is H×W×C uint8 with C in 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA).
-    ``handles``/``targets`` are (x, y) in image pixels, pixel centres at integer+0.5 is not
-    assumed: (0, 0) is the top-left corner of the top-left pixel's area, the same as GIMP's.
+    ``handles``/``targets`` are continuous (x, y) image coordinates, as GIMP's path anchors:
+    (0, 0) is the top-left corner of the top-left pixel, pixel i spans [i, i + 1) and its
+    centre is i + 0.5. The engine converts them once to the official codes' pixel index
+    (x − 0.5) and grid cell (docs/algorithms.md, "Coordinates").
     ``mask`` is H×W uint8, >0 where the image may change; ``None`` means everything may change.
     ``params`` overrides the method's defaults (see ``backend.engine.params``).
     """
