@@ -75,3 +75,13 @@ def test_a_selection_that_vanishes_at_latent_size_regularises_nothing_and_says_s
     mask[30:40, 44:58] = 255  # a real selection: kept, no warning
     _, ctx = _context(request, DragParams(work_size=96))
     assert ctx.keep is not None and ctx.keep.min() == 0 and ctx.warnings == []
+
+
+def test_a_portrait_runs_at_the_official_width_not_fitted_into_512():
+    image = np.zeros((800, 600, 3), np.uint8)
+    request = DragRequest(image, [(300.0, 400.0)], [(320.0, 400.0)])
+    prep, ctx = _context(request, DragParams())
+    assert prep.work == (512, 680)  # official 512×682 → an 85-row latent = 680 pixels
+    assert ctx.grid == (340, 256)
+    prep, _ = _context(request, DragParams(work_max_side=512))  # the small-GPU cap
+    assert prep.work == (384, 512)

@@ -10,12 +10,25 @@ from backend.engine.errors import InvalidInput
 
 
 @pytest.mark.parametrize(
-    ("size", "long_side", "expected"),
-    [((512, 512), 512, (512, 512)), ((4000, 3000), 512, (512, 384)), ((75, 50), 64, (64, 40)),
-     ((37, 301), 512, (64, 512)), ((3, 900), 128, (8, 128))],
+    ("size", "width", "cap", "expected"),
+    [((512, 512), 512, 0, (512, 512)), ((4000, 3000), 512, 0, (512, 384)),
+     ((600, 800), 512, 0, (512, 680)), ((75, 50), 64, 0, (64, 40)),
+     ((37, 301), 512, 0, (512, 4160)), ((900, 3), 512, 0, (512, 8)),
+     ((600, 800), 512, 512, (384, 512)), ((37, 301), 512, 512, (64, 512)),
+     ((3, 900), 128, 128, (8, 128)), ((4000, 3000), 512, 1024, (512, 384))],
 )
-def test_working_size_keeps_aspect_in_multiples_of_8(size, long_side, expected):
-    assert imageops.working_size(*size, long_side) == expected
+def test_working_size_is_the_official_width_rule_with_an_optional_long_side_cap(
+        size, width, cap, expected):
+    assert imageops.working_size(*size, width, cap) == expected
+
+
+def test_working_size_covers_the_official_latent_for_every_aspect_ratio():
+    # The official UIs resize to 512 × int(512·h/w); their VAE's latent is ⌊·/8⌋ cells.
+    for w in range(40, 1200, 37):
+        for h in (w // 3, w // 2, w - 1, w, w + 5, 4 * w // 3, 2 * w):
+            official = (512 // 8, int(512 * h / w) // 8)
+            ours = imageops.working_size(w, h)
+            assert (ours[0] // 8, ours[1] // 8) == official and ours[1] % 8 == 0, (w, h)
 
 
 def test_points_map_to_the_half_resolution_grid_and_back():

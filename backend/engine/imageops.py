@@ -13,9 +13,21 @@ from backend.engine.errors import InvalidInput
 from backend.engine.types import GridPoint, ImagePoint
 
 
-def working_size(width: int, height: int, long_side: int, multiple: int = 8) -> tuple[int, int]:
-    """(w, h) with the long side ``long_side``, aspect kept, both multiples of ``multiple``."""
-    scale = long_side / max(width, height)
+def working_size(width: int, height: int, work_width: int = 512, max_side: int = 0,
+                 multiple: int = 8) -> tuple[int, int]:
+    """(w, h) the engine edits at, both multiples of ``multiple``.
+
+    As both official codes (their UIs' ``store_img``): width ``work_width`` and height
+    ``int(work_width · height / width)``, then rounded down to a multiple of 8, which is the
+    size their VAE's latent covers (a 512×682 image has an 85-row latent, 680 pixels). With
+    ``max_side`` > 0 and a longer side than that, the long side is fitted to ``max_side``
+    instead (aspect kept, rounded to a multiple of 8), for GPUs with little memory.
+    """
+    w = max(multiple, work_width // multiple * multiple)
+    h = max(multiple, int(work_width * height / width) // multiple * multiple)
+    if max_side <= 0 or max(w, h) <= max_side:
+        return w, h
+    scale = max_side / max(width, height)
 
     def snap(v: float) -> int:
         return max(multiple, round(v * scale / multiple) * multiple)

@@ -180,7 +180,7 @@ class DragEngine:
     def prepare(self, request: DragRequest, params: DragParams) -> _Prepared:
         """Split channels, resize the image and mask to the working resolution."""
         height, width = request.image.shape[:2]
-        work = imageops.working_size(width, height, params.work_size)
+        work = imageops.working_size(width, height, params.work_size, params.work_max_side)
         color, alpha = imageops.split_channels(request.image)
         rgb = imageops.resize_rgb(color, work)
         pixels = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
