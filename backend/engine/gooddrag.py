@@ -103,7 +103,10 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[Grid
     total = len(timesteps)
     z_orig, z_edit = z_star, z_star
     dragging, i = n_drag > 0, 0
-    while i < n_drag and dragging:
+    # As the official loop: a no-change counter that hit its limit at the previous timestep's
+    # last tracking ends dragging before this timestep (no re-tracking, reference attention
+    # from here on); reaching the limit mid-timestep stops inside drag_at_timestep.
+    while i < n_drag and dragging and tracker.no_change < p.max_track_no_change:
         t = timesteps[i]
         z_edit, dragging = drag_at_timestep(ctx, z_edit, t, feats0[i], latents0[i], tracker,
                                             total_adam)
