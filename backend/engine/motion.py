@@ -40,16 +40,19 @@ def bilinear_sample(feat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) 
 
 
 def patch_offsets(
-    centers: list[tuple[int, int]], radius: int, shape: tuple[int, int]
+    centers: list[tuple[float, float]], radius: int, shape: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer offsets (dr, dc) of a (2r+1)² window kept where every centre + offset is inside."""
+    """Integer offsets (dr, dc) of a (2r+1)² window kept where every centre + offset is inside.
+
+    Centres may be real-valued (a bilinear read): inside means within [0, size − 1].
+    """
     height, width = shape
     rng = torch.arange(-radius, radius + 1)
     keep_r = torch.ones_like(rng, dtype=torch.bool)
     keep_c = torch.ones_like(rng, dtype=torch.bool)
     for r, c in centers:
-        keep_r &= (r + rng >= 0) & (r + rng < height)
-        keep_c &= (c + rng >= 0) & (c + rng < width)
+        keep_r &= (r + rng >= 0) & (r + rng <= height - 1)
+        keep_c &= (c + rng >= 0) & (c + rng <= width - 1)
     dr, dc = torch.meshgrid(rng[keep_r], rng[keep_c], indexing="ij")
     return dr, dc
 
@@ -109,6 +112,9 @@ def gooddrag_motion_loss(
     The template is the *original trajectory's* features at the *original* handle at the same
     timestep (never the current latent, so it cannot drift); the current features are sampled
     at the handle shifted by min(beta, distance) towards the target. Scaled by (2r)².
+    Near the border only the offsets whose reads fall outside the map are dropped (template
+    around the original handle, samples around handle + step); where the official code reads
+    inside, this is its loss exactly.
     """
     loss = feat.new_zeros(())
     shape = feat.shape[-2:]
@@ -118,7 +124,7 @@ def gooddrag_motion_loss(
             continue
         hr, hc = int(handle[0]), int(handle[1])
         sr, sc = int(start[0]), int(start[1])
-        dr, dc = patch_offsets([(hr, hc), (sr, sc)], radius, shape)
+        dr, dc = patch_offsets([(sr, sc), (hr + dy, hc + dx)], radius, shape)
         src = feat_orig[0][:, sr + dr, sc + dc].detach()
         shifted = bilinear_sample(feat, hr + dr + dy, hc + dc + dx)
         loss = loss + (2 * radius) ** 2 * (src - shifted).abs().mean()
