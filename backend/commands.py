@@ -14,7 +14,8 @@ from backend.engine.params import PRESETS
 
 POINTS_HELP = (
     'handle→target pairs in image pixels, "x1,y1:x2,y2;x3,y3:x4,y4" '
-    "(x to the right, y down, origin at the top-left corner)"
+    "(x to the right, y down, origin at the top-left corner of the image; the centre of pixel "
+    "column i is x = i+0.5, so to point at pixel (120, 80) give 120.5,80.5)"
 )
 
 
