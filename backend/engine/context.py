@@ -35,6 +35,7 @@ class DragContext:
         """Report progress and honour cancellation (called once per step)."""
         if self.cancel is not None:
             self.cancel.check()
+        self.runner.work.phase = phase  # UNet work from here on is booked to this phase
         if self.progress is not None:
             self.progress(phase, step, total)
 
@@ -52,3 +53,4 @@ class DragContext:
             loss.backward()
             optimiser.step()
         optimiser.zero_grad(set_to_none=True)
+        self.runner.work.backward()

@@ -25,6 +25,7 @@ def original_trajectory(ctx: DragContext, z_star: torch.Tensor, n: int):
     """Features F⁰_t and next latents z⁰_{t−1} of the undragged trajectory for the first n steps."""
     feats, latents = [], []
     z = z_star
+    ctx.runner.work.phase = "reference"
     with torch.no_grad():
         for t in ctx.schedule.denoise_timesteps[:n]:
             eps, feat = ctx.runner.eps_and_features(z, t, ctx.grid)
@@ -121,6 +122,7 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[Grid
         i += 1
     ctx.stats["drag_steps"] = tracker.adam_steps
     ctx.stats["dragged_timesteps"] = i
+    ctx.stats["drag_stopped"] = n_drag > 0 and not dragging
     return _denoise_rest(ctx, z_orig, z_edit, timesteps[i:], total), tracker.handles
 
 

@@ -23,6 +23,7 @@ from backend.engine.lora import LoraCache, lora_applied
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from backend.engine.params import METHODS, PRESETS, DragParams, defaults_table, resolve
 from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
+from backend.engine.work import WorkCounter, official_defaults, official_work
 
 ALGORITHMS = {"dragdiffusion": dragdiffusion.run, "gooddrag": gooddrag.run}
 assert set(ALGORITHMS) == set(METHODS)
@@ -142,14 +143,19 @@ class DragEngine:
             cond = model.encode_prompt(request.prompt)
             z0 = self.encode_image(prep.pixels)
 
+        work = WorkCounter()
+        lora_trained = False
         with ExitStack() as stack:
             if params.lora_steps > 0:
                 with self._timed(timings, "lora"):
-                    stack.enter_context(lora_applied(
+                    lora_info = stack.enter_context(lora_applied(
                         model, prep.pixels, request.prompt, params, cache=self.lora_cache,
                         method=algorithm, seed=request.seed, progress=report, cancel=cancel,
                     ))
-            runner = UNetRunner(model.unet, cond, params.feature_block)
+                lora_trained = not lora_info["cached"]
+                if lora_trained:
+                    work.add("lora", 2 * params.lora_steps * params.lora_batch)
+            runner = UNetRunner(model.unet, cond, params.feature_block, work)
             schedule = Schedule.from_scheduler(model.scheduler, params.n_inference_steps,
                                                params.inversion_strength)
             with self._timed(timings, "inversion"):
@@ -167,6 +173,7 @@ class DragEngine:
         stats = {
             **ctx.stats,
             "unet_passes": runner.passes,
+            "work": self.work_stats(algorithm, params, schedule, work, ctx.stats, lora_trained),
             "work_size": list(prep.work),
             "t_star": schedule.t_star,
             "memory": memory_info(model.device),
@@ -248,6 +255,26 @@ class DragEngine:
             weights = imageops.feather_weights(prep.mask_full, params.feather)
         rgb = imageops.composite(prep.color, edited, weights)
         return imageops.merge_channels(rgb, prep.alpha, channels)
+
+    @staticmethod
+    def work_stats(algorithm: str, params: DragParams, schedule: Schedule, work: WorkCounter,
+                   run_stats: dict, lora_trained: bool) -> dict:
+        """Our forward-equivalents per phase next to the official code's for the same settings
+        and drag steps, and the official count at its defaults (see ``engine.work``)."""
+        official = official_work(
+            algorithm, lora_steps=params.lora_steps, lora_batch=params.lora_batch,
+            n_actual=schedule.n_actual, drag_steps=run_stats.get("drag_steps", 0),
+            stopped_early=bool(run_stats.get("drag_stopped")),
+            drag_end_step=params.drag_end_step, lora_trained=lora_trained,
+        )
+        defaults = sum(official_defaults(algorithm, lora_trained).values())
+        return {
+            "fe": dict(work.fe), "total": work.total, "truncated": work.truncated,
+            "official_fe": official, "official_total": sum(official.values()),
+            "ratio": round(work.total / max(1, sum(official.values())), 4),
+            "official_defaults_total": defaults,
+            "ratio_to_official_defaults": round(work.total / defaults, 4),
+        }
 
     # -- helpers --------------------------------------------------------------------------
 
