@@ -11,6 +11,7 @@ from backend.engine import gooddrag, motion
 from backend.engine.context import DragContext
 from backend.engine.diffusion import Schedule
 from backend.engine.params import PRESETS
+from backend.engine.work import WorkCounter
 
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -25,6 +26,7 @@ class StillRunner:
         self.reference = False
         self.unet = None
         self.passes = 0
+        self.work = WorkCounter()
 
     def eps_and_features(self, z, t, grid, need_eps=True):
         self.calls.append(("features", t, z.shape[0], z.requires_grad, self.reference))
