@@ -3,9 +3,9 @@
 Points are (row, col) on the supervision grid (half the working resolution); feature maps are
 [1, C, H', W'] on that grid. Everything here is pure torch and differentiable where it must be.
 
-Fixes over the reference code (drag-methods.md §2.8, §3.4, §3.5): patches and tracking windows
-are clamped to the map, and shifted patches sample with border clamping, so points on or near
-the image edge work instead of raising shape errors or wrapping around.
+Fixes over the reference code (docs/algorithms.md §4, border clamping): patches and tracking
+windows are clamped to the map, and shifted patches sample with border clamping, so points on
+or near the image edge work instead of raising shape errors or wrapping around.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def dragdiffusion_motion_loss(
     radius: int = 1,
     reach: float = 2.0,
 ) -> torch.Tensor:
-    """DragDiffusion's motion supervision (drag-methods.md §2.2 step 4).
+    """DragDiffusion's motion supervision (docs/algorithms.md §2, step 2.4).
 
     For each handle not yet within ``reach`` of its target: the (2r+1)² patch of the *current*
     features at the handle (stop-gradient) must match the same patch shifted one grid pixel
@@ -107,7 +107,7 @@ def gooddrag_motion_loss(
     beta: float = 4.0,
     reach: float = 2.0,
 ) -> torch.Tensor:
-    """GoodDrag's information-preserving motion supervision (drag-methods.md §3.4).
+    """GoodDrag's information-preserving motion supervision (docs/algorithms.md §3, step 4).
 
     The template is the *original trajectory's* features at the *original* handle at the same
     timestep (never the current latent, so it cannot drift); the current features are sampled
@@ -155,7 +155,7 @@ def track_points(
     """Move each handle to the best L1 match of its original feature within a clamped window.
 
     Template: ``feat_orig`` at the *original* handle. Search: (2r+1)² window of ``feat`` around
-    the current handle, clamped to the map (drag-methods.md §2.4, §3.5).
+    the current handle, clamped to the map (docs/algorithms.md §2 step 2.2, §3 step 6).
     """
     _, _, height, width = feat.shape
     tracked: list[GridPoint] = []
