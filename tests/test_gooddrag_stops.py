@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler
 
 from backend.engine import gooddrag
 from backend.engine.context import DragContext
-from backend.engine.diffusion import Schedule
+from backend.engine.diffusion import Schedule, WorkCounter
 from backend.engine.params import PRESETS
 
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -25,6 +25,7 @@ class StillRunner:
         self.reference = False
         self.unet = None
         self.passes = 0
+        self.work = WorkCounter()
 
     def eps_and_features(self, z, t, grid, need_eps=True):
         self.calls.append(("features", t, z.shape[0], z.requires_grad, self.reference))
