@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler
 
 from backend.engine import gooddrag, motion
 from backend.engine.context import DragContext
-from backend.engine.diffusion import Schedule, WorkCounter
+from backend.engine.diffusion import Schedule
 from backend.engine.params import PRESETS
 from backend.engine.work import WorkCounter
 
