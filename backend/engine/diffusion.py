@@ -92,6 +92,14 @@ class UNetRunner:
         self.passes = 0
         self._captured: torch.Tensor | None = None
         self._stop_early = False
+        self._timesteps: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def timestep(self, t: int, device: torch.device) -> torch.Tensor:
+        """``t`` as a 0-dim tensor on ``device``, made once per runner (no copy per UNet call)."""
+        key = (t, device)
+        if key not in self._timesteps:
+            self._timesteps[key] = torch.tensor(t, dtype=torch.long, device=device)
+        return self._timesteps[key]
 
     def _hook(self, _module, _inputs, output):
         self._captured = output
@@ -103,7 +111,9 @@ class UNetRunner:
         self.passes += 1
         dtype = self.unet.dtype
         cond = self.cond.to(dtype).expand(z.shape[0], -1, -1)
-        return self.unet(z.to(dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
+        timestep = self.timestep(t, z.device)
+        out = self.unet(z.to(dtype), timestep, encoder_hidden_states=cond, return_dict=False)
+        return out[0].float()
 
     def eps_and_features(
         self, z: torch.Tensor, t: int, grid: tuple[int, int], need_eps: bool = True

@@ -28,7 +28,7 @@ ALGORITHMS = {"dragdiffusion": dragdiffusion.run, "gooddrag": gooddrag.run}
 assert set(ALGORITHMS) == set(METHODS)
 
 # Approximate RGB of an SD1.5 latent (scaled by the VAE factor): cheap previews without the VAE.
-LATENT_TO_RGB = torch.tensor([
+LATENT_TO_RGB = torch.tensor(device="cpu", data=[
     [0.3512, 0.2297, 0.3227],
     [0.3250, 0.4974, 0.2350],
     [-0.2829, 0.1762, 0.2721],
