@@ -1,8 +1,11 @@
-"""``python -m backend bench``: per-phase wall time, UNet passes and peak memory as JSON.
+"""``python -m backend bench``: per-phase wall time, UNet work and peak memory as JSON.
 
-Runs real edits through ``DragEngine`` on a synthetic image. Models: ``tiny`` (random tiny SD,
-the default), ``sd15-random`` (the full SD1.5 architecture with random weights: same cost as
-the real model, no download), or any model path/id the loader accepts.
+Runs real edits through ``DragEngine`` on a synthetic image: per method a first edit, then
+``--redrags`` drags of the same image to new targets (what a user does next). Each run reports
+UNet forward-equivalents per phase (``engine.work``: forward + backward = 2) next to the
+official code's count for the same settings, so the ratios hold on any machine. Models:
+``tiny`` (random tiny SD, the default), ``sd15-random`` (the full SD1.5 architecture with random
+weights: same cost as the real model, no download), or any model path/id the loader accepts.
 """
 
 from __future__ import annotations
@@ -37,9 +40,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"reduced step counts for slow machines: {QUICK}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--repeat", type=int, default=1, help="runs per method (LoRA is cached "
-                   "after the first, so later runs show the cache-hit cost)")
+    p.add_argument("--redrags", type=int, default=1, help="drags of the same image to new "
+                   "targets after the first edit, per method (default 1)")
     p.set_defaults(func=run_bench)
+
+
+def redrag_targets(size: int, n: int) -> list[tuple[float, float]]:
+    """The n-th re-drag's target: the same disc dragged another way (left, up, down, …)."""
+    moves = [(-1, 0), (0, -1), (0, 1), (1, 1), (-1, -1)]
+    dx, dy = moves[(n - 1) % len(moves)]
+    return [(size * (0.4 + 0.125 * dx), size * (0.5 + 0.125 * dy))]
 
 
 def synthetic_case(size: int) -> tuple[np.ndarray, np.ndarray, list, list]:
@@ -125,17 +135,20 @@ def run_bench(args: argparse.Namespace) -> int:
     image, mask, handles, targets = synthetic_case(args.size)
     rows = []
     for method in methods:
-        for run in range(args.repeat):
-            request = DragRequest(image=image, handles=handles, targets=targets, mask=mask,
-                                  method=method, prompt="a red disc", seed=0,
+        for run in range(1 + max(0, args.redrags)):
+            request = DragRequest(image=image, handles=handles,
+                                  targets=redrag_targets(args.size, run) if run else targets,
+                                  mask=mask, method=method, prompt="a red disc", seed=0,
                                   params={"work_size": args.size, **overrides})
             t0 = time.perf_counter()
             result = engine.run(request)
             total = time.perf_counter() - t0
             memory = result.stats["memory"]
+            work = result.stats["work"]
             rows.append({
                 "method": method,
                 "run": run,
+                "kind": "redrag" if run else "first",
                 "model": args.model,
                 "device": str(engine.model.device),
                 "dtype": str(engine.model.dtype).removeprefix("torch."),
@@ -143,6 +156,12 @@ def run_bench(args: argparse.Namespace) -> int:
                 "overrides": overrides,
                 "phases_s": result.timings,
                 "total_s": round(total, 3),
+                "fe": work["fe"],
+                "fe_total": work["total"],
+                "official_fe": work["official_fe"],
+                "official_fe_total": work["official_total"],
+                "ratio_to_official": work["ratio"],
+                "official_defaults_fe_total": work["official_defaults_total"],
                 "unet_passes": result.stats["unet_passes"],
                 "drag_steps": result.stats.get("drag_steps"),
                 "peak_memory_mb": round(memory.get("peak", 0) / 2**20, 1),
@@ -150,6 +169,26 @@ def run_bench(args: argparse.Namespace) -> int:
             })
             print(json.dumps(rows[-1]), flush=True)
     summary = {"model_load_s": round(load_s, 2), "torch": torch.__version__,
-               "python": platform.python_version(), "runs": len(rows)}
+               "python": platform.python_version(), "runs": len(rows),
+               "ratios": ratios(rows)}
     print(json.dumps(summary))
     return 0
+
+
+def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per method, measured in this run: re-drag / first edit, in seconds and in work."""
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        first = next(r for r in rows if r["method"] == method and r["kind"] == "first")
+        redrags = [r for r in rows if r["method"] == method and r["kind"] == "redrag"]
+        entry = {"first_s": first["total_s"], "first_fe": first["fe_total"],
+                 "first_official_fe": first["official_fe_total"]}
+        if redrags:
+            seconds = sum(r["total_s"] for r in redrags) / len(redrags)
+            fe = sum(r["fe_total"] for r in redrags) / len(redrags)
+            entry.update({"redrag_s": round(seconds, 3), "redrag_fe": fe,
+                          "redrag_official_fe": redrags[0]["official_fe_total"],
+                          "redrag_over_first_s": round(seconds / first["total_s"], 3),
+                          "redrag_over_first_fe": round(fe / first["fe_total"], 3)})
+        out[method] = entry
+    return out

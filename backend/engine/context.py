@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from backend.engine.diffusion import Schedule, UNetRunner
-from backend.engine.motion import Point
 from backend.engine.params import DragParams
-from backend.engine.types import CancelToken, ProgressFn
+from backend.engine.types import CancelToken, GridPoint, ProgressFn
 
 
 @dataclass
@@ -20,8 +19,8 @@ class DragContext:
     schedule: Schedule
     params: DragParams
     grid: tuple[int, int]  # supervision grid (rows, cols) = half the working resolution
-    handles: list[Point]  # (row, col) on the grid
-    targets: list[Point]
+    handles: list[GridPoint]
+    targets: list[GridPoint]
     keep: torch.Tensor | None  # [1,1,h,w] at latent size: 1 where the image must stay; None: no mask
     progress: ProgressFn | None = None
     cancel: CancelToken | None = None
@@ -30,11 +29,13 @@ class DragContext:
     # preview(phase, step, x0): the edited branch's predicted clean latent, for live previews.
     preview: Callable[[str, int, torch.Tensor], None] | None = None
     stats: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # for the user (DragResult.warnings)
 
     def step(self, phase: str, step: int, total: int) -> None:
         """Report progress and honour cancellation (called once per step)."""
         if self.cancel is not None:
             self.cancel.check()
+        self.runner.work.phase = phase  # UNet work from here on is booked to this phase
         if self.progress is not None:
             self.progress(phase, step, total)
 
@@ -52,3 +53,4 @@ class DragContext:
             loss.backward()
             optimiser.step()
         optimiser.zero_grad(set_to_none=True)
+        self.runner.work.backward()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.engine.errors import InvalidInput
+from backend.engine.work import WorkCounter
 
 
 @dataclass(frozen=True)
@@ -82,14 +83,16 @@ class UNetRunner:
 
     ``feature_block`` indexes ``unet.up_blocks``; −1 picks the first decoder block whose output
     is at full latent resolution (SD1.5: ``up_blocks[2]``, 640 channels, as both official codes).
-    Counts UNet passes for the benchmarks.
+    Counts UNet calls (``passes``) and forward-equivalents per phase (``work``).
     """
 
-    def __init__(self, unet, cond: torch.Tensor, feature_block: int = -1) -> None:
+    def __init__(self, unet, cond: torch.Tensor, feature_block: int = -1,
+                 work: WorkCounter | None = None) -> None:
         self.unet = unet
         self.cond = cond
         self.block = resolve_feature_block(unet, feature_block)
         self.passes = 0
+        self.work = work if work is not None else WorkCounter()
         self._captured: torch.Tensor | None = None
         self._stop_early = False
         self._timesteps: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -109,6 +112,7 @@ class UNetRunner:
     def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
         """ε prediction for a batch of latents (the text condition is repeated to the batch)."""
         self.passes += 1
+        self.work.forward(z.shape[0])
         dtype = self.unet.dtype
         cond = self.cond.to(dtype).expand(z.shape[0], -1, -1)
         timestep = self.timestep(t, z.device)
@@ -129,7 +133,7 @@ class UNetRunner:
         try:
             eps = self.eps(z, t)
         except _StopForward:
-            pass
+            self.work.truncated += z.shape[0]
         finally:
             handle.remove()
         feat, self._captured = self._captured, None

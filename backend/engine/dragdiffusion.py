@@ -17,13 +17,15 @@ from backend.engine.motion import (
     masked_latent_loss,
     track_points,
 )
+from backend.engine.types import GridPoint
 
 
-def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
+def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:
     """The latent-optimisation loop (§2.2). Returns the edited z_{t*} and the tracked handles."""
     p, runner, schedule = ctx.params, ctx.runner, ctx.schedule
     t = schedule.t_star
     use_mask = ctx.keep is not None and p.lam > 0
+    runner.work.phase = "reference"
     with torch.no_grad():
         eps0, feat0 = runner.eps_and_features(z_star, t, ctx.grid, need_eps=use_mask)
         x_prev0 = ddim_step(schedule, z_star, eps0, t) if use_mask else None
@@ -48,10 +50,11 @@ def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, l
         ctx.optimiser_step(loss, optimiser)
         steps_run += 1
     ctx.stats["drag_steps"] = steps_run
+    ctx.stats["drag_stopped"] = steps_run < p.drag_steps
     return z.detach(), handles
 
 
-def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
+def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:
     """Drag, then denoise [original, edited] from t* to 0. Returns (clean edited latent, handles)."""
     z_edit, handles = drag_latent(ctx, z_star)
     p = ctx.params

@@ -20,12 +20,14 @@ from backend.engine.motion import (
     masked_latent_loss,
     track_points,
 )
+from backend.engine.types import GridPoint
 
 
 def original_trajectory(ctx: DragContext, z_star: torch.Tensor, n: int):
     """Features F⁰_t and next latents z⁰_{t−1} of the undragged trajectory for the first n steps."""
     feats, latents = [], []
     z = z_star
+    ctx.runner.work.phase = "reference"
     with torch.no_grad():
         for t in ctx.schedule.denoise_timesteps[:n]:
             eps, feat = ctx.runner.eps_and_features(z, t, ctx.grid)
@@ -38,7 +40,7 @@ def original_trajectory(ctx: DragContext, z_star: torch.Tensor, n: int):
 class _Tracker:
     """Handle bookkeeping shared across timesteps (tracking and the no-change early stop)."""
 
-    def __init__(self, handles: list) -> None:
+    def __init__(self, handles: list[GridPoint]) -> None:
         self.init = list(handles)
         self.handles = list(handles)
         self.no_change = 0
@@ -107,7 +109,7 @@ def _at_most(loss: torch.Tensor, threshold: float, handles: list, targets: list,
                for h, t in zip(handles, targets, strict=True))
 
 
-def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
+def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:
     """AlDD over the denoising steps. Returns (clean edited latent, tracked handles)."""
     p, schedule, runner = ctx.params, ctx.schedule, ctx.runner
     timesteps = schedule.denoise_timesteps
@@ -119,7 +121,10 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
     total = len(timesteps)
     z_orig, z_edit = z_star, z_star
     dragging, i = n_drag > 0, 0
-    while i < n_drag and dragging:
+    # As the official loop: a no-change counter that hit its limit at the previous timestep's
+    # last tracking ends dragging before this timestep (no re-tracking, reference attention
+    # from here on); reaching the limit mid-timestep stops inside drag_at_timestep.
+    while i < n_drag and dragging and tracker.no_change < p.max_track_no_change:
         t = timesteps[i]
         z_edit, dragging = drag_at_timestep(ctx, z_edit, t, feats0[i], latents0[i], tracker,
                                             total_adam)
@@ -134,6 +139,7 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
         i += 1
     ctx.stats["drag_steps"] = tracker.adam_steps
     ctx.stats["dragged_timesteps"] = i
+    ctx.stats["drag_stopped"] = n_drag > 0 and not dragging
     return _denoise_rest(ctx, z_orig, z_edit, timesteps[i:], total), tracker.handles
 
 

@@ -23,6 +23,7 @@ from backend.engine.lora import LoraCache, lora_applied
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from backend.engine.params import METHODS, PRESETS, DragParams, defaults_table, resolve
 from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
+from backend.engine.work import WorkCounter, official_defaults, official_work
 
 ALGORITHMS = {"dragdiffusion": dragdiffusion.run, "gooddrag": gooddrag.run}
 assert set(ALGORITHMS) == set(METHODS)
@@ -35,6 +36,13 @@ LATENT_TO_RGB = torch.tensor(device="cpu", data=[
     [-0.2120, -0.2616, -0.7177],
 ])
 PreviewFn = Callable[[str, int, np.ndarray], None]
+
+SELECTION_TOO_SMALL = (
+    "The selection is smaller than the model's 8-pixel cell (about {cell:.3g} image pixels at "
+    "this working size), so it was ignored while dragging: nothing outside it was held in "
+    "place. Pixels outside the selection are still kept exactly. Select a larger area to "
+    "guide the edit."
+)
 
 
 @dataclass
@@ -135,14 +143,19 @@ class DragEngine:
             cond = model.encode_prompt(request.prompt)
             z0 = self.encode_image(prep.pixels)
 
+        work = WorkCounter()
+        lora_trained = False
         with ExitStack() as stack:
             if params.lora_steps > 0:
                 with self._timed(timings, "lora"):
-                    stack.enter_context(lora_applied(
+                    lora_info = stack.enter_context(lora_applied(
                         model, prep.pixels, request.prompt, params, cache=self.lora_cache,
                         method=algorithm, seed=request.seed, progress=report, cancel=cancel,
                     ))
-            runner = UNetRunner(model.unet, cond, params.feature_block)
+                lora_trained = not lora_info["cached"]
+                if lora_trained:
+                    work.add("lora", 2 * params.lora_steps * params.lora_batch)
+            runner = UNetRunner(model.unet, cond, params.feature_block, work)
             schedule = Schedule.from_scheduler(model.scheduler, params.n_inference_steps,
                                                params.inversion_strength)
             with self._timed(timings, "inversion"):
@@ -160,19 +173,21 @@ class DragEngine:
         stats = {
             **ctx.stats,
             "unet_passes": runner.passes,
+            "work": self.work_stats(algorithm, params, schedule, work, ctx.stats, lora_trained),
             "work_size": list(prep.work),
             "t_star": schedule.t_star,
             "memory": memory_info(model.device),
         }
-        final = imageops.from_grid(handles, prep.size, ctx.grid)
-        return DragResult(image=image, handles=final, timings=timings, stats=stats)
+        final = imageops.from_grid(handles, prep.size, prep.work, ctx.grid)
+        return DragResult(image=image, handles=final, timings=timings, stats=stats,
+                          warnings=list(ctx.warnings))
 
     # -- named steps ----------------------------------------------------------------------
 
     def prepare(self, request: DragRequest, params: DragParams) -> _Prepared:
         """Split channels, resize the image and mask to the working resolution."""
         height, width = request.image.shape[:2]
-        work = imageops.working_size(width, height, params.work_size)
+        work = imageops.working_size(width, height, params.work_size, params.work_max_side)
         color, alpha = imageops.split_channels(request.image)
         rgb = imageops.resize_rgb(color, work)
         pixels = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
@@ -187,13 +202,17 @@ class DragEngine:
         """Points on the supervision grid and the keep-mask at latent resolution."""
         w, h = prep.work
         grid = (h // 2, w // 2)
-        keep = None
+        keep, warnings = None, []
         if prep.mask_work is not None:
-            # As the reference: mask → nearest to the grid → nearest to the latent size.
+            # As both official codes: mask → nearest to the grid → nearest to the latent size,
+            # with F.interpolate's sampling (imageops.nearest_indices).
             sup = imageops.resize_mask_nearest(prep.mask_work, (grid[1], grid[0]))
             vsf = self.model.vae_scale_factor
             lat = imageops.resize_mask_nearest(sup, (w // vsf, h // vsf))
-            keep = torch.from_numpy(~lat).float()[None, None].to(self.model.device)
+            if lat.any():
+                keep = torch.from_numpy(~lat).float()[None, None].to(self.model.device)
+            else:  # as the official: a mask that vanishes at latent size regularises nothing
+                warnings.append(SELECTION_TOO_SMALL.format(cell=vsf * prep.size[0] / w))
         device, dtype = self.model.device, self.model.dtype
         scaler = None
         if device.type == "cuda" and dtype == torch.float16:
@@ -203,9 +222,10 @@ class DragEngine:
             schedule=schedule,
             params=params,
             grid=grid,
-            handles=imageops.to_grid(request.handles, prep.size, grid),
-            targets=imageops.to_grid(request.targets, prep.size, grid),
+            handles=imageops.to_grid(request.handles, prep.size, prep.work, grid),
+            targets=imageops.to_grid(request.targets, prep.size, prep.work, grid),
             keep=keep,
+            warnings=warnings,
             progress=report,
             autocast=lambda: autocast(device, dtype),
             scaler=scaler,
@@ -235,6 +255,26 @@ class DragEngine:
             weights = imageops.feather_weights(prep.mask_full, params.feather)
         rgb = imageops.composite(prep.color, edited, weights)
         return imageops.merge_channels(rgb, prep.alpha, channels)
+
+    @staticmethod
+    def work_stats(algorithm: str, params: DragParams, schedule: Schedule, work: WorkCounter,
+                   run_stats: dict, lora_trained: bool) -> dict:
+        """Our forward-equivalents per phase next to the official code's for the same settings
+        and drag steps, and the official count at its defaults (see ``engine.work``)."""
+        official = official_work(
+            algorithm, lora_steps=params.lora_steps, lora_batch=params.lora_batch,
+            n_actual=schedule.n_actual, drag_steps=run_stats.get("drag_steps", 0),
+            stopped_early=bool(run_stats.get("drag_stopped")),
+            drag_end_step=params.drag_end_step, lora_trained=lora_trained,
+        )
+        defaults = sum(official_defaults(algorithm, lora_trained).values())
+        return {
+            "fe": dict(work.fe), "total": work.total, "truncated": work.truncated,
+            "official_fe": official, "official_total": sum(official.values()),
+            "ratio": round(work.total / max(1, sum(official.values())), 4),
+            "official_defaults_total": defaults,
+            "ratio_to_official_defaults": round(work.total / defaults, 4),
+        }
 
     # -- helpers --------------------------------------------------------------------------
 
