@@ -8,6 +8,7 @@ denoising loop visibly use the same formulas.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -83,13 +84,16 @@ class UNetRunner:
 
     ``feature_block`` indexes ``unet.up_blocks``; −1 picks the first decoder block whose output
     is at full latent resolution (SD1.5: ``up_blocks[2]``, 640 channels, as both official codes).
-    Counts UNet calls (``passes``) and forward-equivalents per phase (``work``).
+    Counts UNet calls (``passes``) and forward-equivalents per phase (``work``). Every call runs
+    inside ``autocast()`` (the model's precision, ``devices.autocast``).
     """
 
     def __init__(self, unet, cond: torch.Tensor, feature_block: int = -1,
-                 work: WorkCounter | None = None) -> None:
+                 work: WorkCounter | None = None,
+                 autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
         self.unet = unet
         self.cond = cond
+        self.autocast = autocast
         self.block = resolve_feature_block(unet, feature_block)
         self.passes = 0
         self.work = work if work is not None else WorkCounter()
@@ -116,7 +120,8 @@ class UNetRunner:
         dtype = self.unet.dtype
         cond = self.cond.to(dtype).expand(z.shape[0], -1, -1)
         timestep = self.timestep(t, z.device)
-        out = self.unet(z.to(dtype), timestep, encoder_hidden_states=cond, return_dict=False)
+        with self.autocast():
+            out = self.unet(z.to(dtype), timestep, encoder_hidden_states=cond, return_dict=False)
         return out[0].float()
 
     def eps_and_features(

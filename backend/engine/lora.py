@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from backend.engine.devices import autocast
+from backend.engine.devices import autocast, grad_scaler
 from backend.engine.errors import InvalidInput
 from backend.engine.models import LoadedModel
 from backend.engine.params import DragParams
@@ -202,7 +202,7 @@ def train_lora(
     if height % vsf or width % vsf:
         raise InvalidInput(f"the LoRA image size {width}×{height} must be a multiple of {vsf}")
     side = min(height, width)
-    device, dtype = model.device, model.dtype
+    device = model.device
     unet, vae, scheduler = model.unet, model.vae, model.scheduler
     generator = torch.Generator().manual_seed(seed)
 
@@ -211,7 +211,7 @@ def train_lora(
         optimizer = torch.optim.AdamW(
             params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
         )
-        scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and dtype == torch.float16 else None
+        scaler = grad_scaler(device, model.precision)
         cond = model.encode_prompt(prompt).expand(batch, -1, -1)
         pixels = image.to(device, vae.dtype)
         posteriors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -240,7 +240,7 @@ def train_lora(
             mean, std = (torch.cat(t) for t in zip(*(posterior(o) for o in offsets), strict=True))
             latents = (mean + std * sample_noise) * vae.config.scaling_factor
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            with autocast(device, dtype):
+            with autocast(device, model.precision):
                 pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=cond).sample
             loss = F.mse_loss(pred.float(), noise.float())
             optimizer.zero_grad(set_to_none=True)
@@ -295,7 +295,7 @@ def lora_cache_key(
             "shape": list(pixels.shape),
             "prompt": prompt,
             "model": model.fingerprint,
-            "dtype": str(model.dtype),
+            "precision": model.precision.name,
             "rank": rank,
             "lr": repr(float(lr)),
             "steps": steps,
