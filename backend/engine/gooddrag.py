@@ -7,6 +7,8 @@ trajectory), then denoised one step. Reference attention starts once dragging ha
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from backend.engine.attention import reference_attention
@@ -87,12 +89,27 @@ def drag_at_timestep(
         ctx.optimiser_step(loss, optimiser)
         tracker.adam_steps += 1
         since_track += 1
-        if since_track == p.max_drag_per_track or float(drag_loss.detach()) <= threshold:
+        if since_track == p.max_drag_per_track or _at_most(drag_loss, threshold, tracker.handles,
+                                                           ctx.targets, p.reach_threshold):
             track_num += 1
             since_track = 0
             # Tracking uses this iteration's features, computed before the Adam update.
             tracker.track(feat0, feat.detach(), p.r2, count=True)
     return z.detach(), True
+
+
+def _at_most(loss: torch.Tensor, threshold: float, handles: list, targets: list,
+             reach: float) -> bool:
+    """``loss <= threshold``, without a device → host read of the loss at threshold 0.
+
+    The motion loss sums non-negative terms, one per handle that is neither within ``reach`` nor
+    exactly on its target, so at threshold 0 the test only holds when no handle adds a term (or
+    every patch matches exactly, which a float loss does not do): the host knows that already.
+    """
+    if threshold != 0:
+        return float(loss.detach()) <= threshold
+    return all(math.dist(h, t) < reach or tuple(h) == tuple(t)
+               for h, t in zip(handles, targets, strict=True))
 
 
 def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:

@@ -10,6 +10,8 @@ or near the image edge work instead of raising shape errors or wrapping around.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from backend.engine.types import GridPoint
@@ -40,20 +42,23 @@ def bilinear_sample(feat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) 
 
 
 def patch_offsets(
-    centers: list[tuple[float, float]], radius: int, shape: tuple[int, int]
+    centers: list[tuple[float, float]], radius: int, shape: tuple[int, int],
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer offsets (dr, dc) of a (2r+1)² window kept where every centre + offset is inside.
 
-    Centres may be real-valued (a bilinear read): inside means within [0, size − 1].
+    Centres may be real-valued (a bilinear read): inside means within [0, size − 1]. The kept
+    range is worked out on the host and created on ``device`` (the feature map's), so indexing
+    and weights stay on it without a boolean mask that would need a device sync.
     """
     height, width = shape
-    rng = torch.arange(-radius, radius + 1)
-    keep_r = torch.ones_like(rng, dtype=torch.bool)
-    keep_c = torch.ones_like(rng, dtype=torch.bool)
-    for r, c in centers:
-        keep_r &= (r + rng >= 0) & (r + rng <= height - 1)
-        keep_c &= (c + rng >= 0) & (c + rng <= width - 1)
-    dr, dc = torch.meshgrid(rng[keep_r], rng[keep_c], indexing="ij")
+    lo_r = max([-radius] + [math.ceil(-r) for r, _ in centers])
+    hi_r = min([radius] + [math.floor(height - 1 - r) for r, _ in centers])
+    lo_c = max([-radius] + [math.ceil(-c) for _, c in centers])
+    hi_c = min([radius] + [math.floor(width - 1 - c) for _, c in centers])
+    rows = torch.arange(lo_r, max(lo_r, hi_r + 1), device=device)
+    cols = torch.arange(lo_c, max(lo_c, hi_c + 1), device=device)
+    dr, dc = torch.meshgrid(rows, cols, indexing="ij")
     return dr, dc
 
 
@@ -90,7 +95,7 @@ def dragdiffusion_motion_loss(
         if dist < reach or dist == 0:  # reached (or exactly on target: no direction)
             continue
         hr, hc = int(handle[0]), int(handle[1])
-        dr, dc = patch_offsets([(hr, hc)], radius, shape)
+        dr, dc = patch_offsets([(hr, hc)], radius, shape, feat.device)
         src = feat[0][:, hr + dr, hc + dc].detach()
         shifted = bilinear_sample(feat, hr + dr + dy, hc + dc + dx)
         loss = loss + (2 * radius + 1) ** 2 * (src - shifted).abs().mean()
@@ -124,7 +129,7 @@ def gooddrag_motion_loss(
             continue
         hr, hc = int(handle[0]), int(handle[1])
         sr, sc = int(start[0]), int(start[1])
-        dr, dc = patch_offsets([(sr, sc), (hr + dy, hc + dx)], radius, shape)
+        dr, dc = patch_offsets([(sr, sc), (hr + dy, hc + dx)], radius, shape, feat.device)
         src = feat_orig[0][:, sr + dr, sc + dc].detach()
         shifted = bilinear_sample(feat, hr + dr + dy, hc + dc + dx)
         loss = loss + (2 * radius) ** 2 * (src - shifted).abs().mean()
@@ -158,7 +163,7 @@ def track_points(
     the current handle, clamped to the map (docs/algorithms.md §2 step 2.2, §3 step 6).
     """
     _, _, height, width = feat.shape
-    tracked: list[GridPoint] = []
+    corners, best = [], []
     for handle, start in zip(handles, handles_init, strict=True):
         template = feat_orig[0, :, int(start[0]), int(start[1])]
         hr, hc = int(handle[0]), int(handle[1])
@@ -166,9 +171,12 @@ def track_points(
         c0, c1 = max(0, hc - radius), min(width, hc + radius + 1)
         window = feat[0, :, r0:r1, c0:c1]
         cost = (window - template[:, None, None]).abs().sum(dim=0)
-        best = int(torch.argmin(cost))
-        tracked.append((float(r0 + best // (c1 - c0)), float(c0 + best % (c1 - c0))))
-    return tracked
+        corners.append((r0, c0, c1 - c0))
+        best.append(torch.argmin(cost))
+    if not best:
+        return []
+    flat = torch.stack(best).tolist()  # one device → host read for all handles
+    return [(float(r0 + i // w), float(c0 + i % w)) for (r0, c0, w), i in zip(corners, flat, strict=True)]
 
 
 def all_reached(handles: list[GridPoint], targets: list[GridPoint], reach: float) -> bool:
