@@ -9,9 +9,9 @@ Training data, per method:
 
 * DragDiffusion: every step, every batch item takes a fresh random square crop of the working
   image and VAE-encodes it (``latent_dist.sample()``). The reference first resizes the short side
-  to 512 and then crops 512×512; our working image already has its final scale (long side =
-  ``work_size``), so we crop a square of the short side at that scale. For square images, the
-  reference's case, this is the whole image and the two are identical. The VAE encoder is
+  to 512 and then crops 512×512; our working image already has its final scale (width =
+  ``work_size``), so we crop a square of the short side at that scale. For square and portrait
+  images (short side = width = 512) the two are identical. The VAE encoder is
   deterministic, so each crop position is encoded once and only the posterior sample is redrawn.
 * GoodDrag: ``batch`` crops are drawn once and encoded once; each step redraws only the sample.
 
