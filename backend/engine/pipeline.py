@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +19,11 @@ from backend.engine.context import DragContext
 from backend.engine.devices import OOM_ADVICE, autocast, is_oom, memory_info, reset_peak_memory
 from backend.engine.diffusion import Schedule, UNetRunner, run_inversion
 from backend.engine.errors import EngineError, OutOfMemory
-from backend.engine.lora import LoraCache, lora_applied
+from backend.engine.lora import LoraCache, prepare_lora
+from backend.engine.lora_merge import MergedLora
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from backend.engine.params import METHODS, PRESETS, DragParams, defaults_table, resolve
+from backend.engine.redrag import RedragCache, RedragEntry, redrag_key
 from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
 from backend.engine.work import WorkCounter, official_defaults, official_work
 
@@ -60,9 +62,15 @@ def latent_preview(latent: torch.Tensor) -> np.ndarray:
 class DragEngine:
     """Holds a loaded model and runs drag edits on it (one at a time)."""
 
-    def __init__(self, model: LoadedModel, lora_cache: LoraCache | None = None) -> None:
+    def __init__(self, model: LoadedModel, lora_cache: LoraCache | None = None, *,
+                 redrag: RedragCache | None = None, reuse: bool = True) -> None:
+        """``reuse`` false turns off the re-drag cache and keeps no LoRA merged between edits
+        (each edit then inverts again and merges its LoRA from the disk cache)."""
         self.model = model
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache()
+        self.redrag = (redrag if redrag is not None else RedragCache()) if reuse else None
+        self.keep_lora = reuse
+        self.merged_lora = MergedLora(model)
 
     @classmethod
     def load(
@@ -72,9 +80,10 @@ class DragEngine:
         device: str | None = None,
         dtype: str | None = None,
         lora_cache_dir: str | None = None,
+        reuse: bool = True,
     ) -> DragEngine:
         loaded = load_model(model, vae=vae, device=device, dtype=dtype)
-        return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None)
+        return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None, reuse=reuse)
 
     def info(self) -> dict:
         m = self.model
@@ -134,31 +143,36 @@ class DragEngine:
             report("load", 0, 1)
             prep = self.prepare(request, params)
             cond = model.encode_prompt(request.prompt)
-            z0 = self.encode_image(prep.pixels)
 
         work = WorkCounter()
-        lora_trained = False
-        with ExitStack() as stack:
+        lora = {"lora": False, "cached": False, "key": None}
+        try:
             if params.lora_steps > 0:
                 with self._timed(timings, "lora"):
-                    lora_info = stack.enter_context(lora_applied(
-                        model, prep.pixels, request.prompt, params, cache=self.lora_cache,
-                        method=algorithm, seed=request.seed, progress=report, cancel=cancel,
-                    ))
-                lora_trained = not lora_info["cached"]
-                if lora_trained:
+                    lora = prepare_lora(model, prep.pixels, request.prompt, params, self.lora_cache,
+                                        method=algorithm, merged=self.merged_lora,
+                                        seed=request.seed, progress=report, cancel=cancel)
+                if not lora["cached"]:
                     work.add("lora", 2 * params.lora_steps * params.lora_batch)
+            else:
+                self.merged_lora.restore()
             runner = UNetRunner(model.unet, cond, params.feature_block, work)
             schedule = Schedule.from_scheduler(model.scheduler, params.n_inference_steps,
                                                params.inversion_strength)
             with self._timed(timings, "inversion"):
-                z_star = run_inversion(runner, schedule, z0,
-                                       lambda i, n: report("inversion", i, n))
+                entry = self.invert(prep, request.prompt, lora["key"], params, runner, schedule,
+                                    report)
             ctx = self.drag_context(prep, params, runner, schedule, request, report)
+            ctx.memo = entry.memo
             if preview is not None:
                 ctx.preview = lambda phase, step, x0: preview(phase, step, latent_preview(x0))
             with self._timed(timings, "drag+denoise"):
-                z_edit, handles = ALGORITHMS[algorithm](ctx, z_star)
+                z_edit, handles = ALGORITHMS[algorithm](ctx, entry.z_star)
+        finally:
+            if not self.keep_lora:
+                self.merged_lora.restore()
+            if self.redrag is not None:
+                self.redrag.trim()
 
         with self._timed(timings, "decode"):
             report("decode", 0, 1)
@@ -166,7 +180,9 @@ class DragEngine:
         stats = {
             **ctx.stats,
             "unet_passes": runner.passes,
-            "work": self.work_stats(algorithm, params, schedule, work, ctx.stats, lora_trained),
+            "work": self.work_stats(algorithm, params, schedule, work, ctx.stats,
+                                    lora["lora"] and not lora["cached"]),
+            "reused": {"lora": bool(lora.get("resident")), "inversion": entry.reused},
             "work_size": list(prep.work),
             "t_star": schedule.t_star,
             "memory": memory_info(model.device),
@@ -217,6 +233,21 @@ class DragEngine:
             autocast=lambda: autocast(device, dtype),
             scaler=scaler,
         )
+
+    def invert(self, prep: _Prepared, prompt: str, lora_key: str | None, params: DragParams,
+               runner: UNetRunner, schedule: Schedule, report: ProgressFn) -> RedragEntry:
+        """z_t* of the working image: from the re-drag cache, else VAE-encoded and inverted."""
+        key = redrag_key(self.model, prep.pixels, prompt, lora_key, params)
+        entry = self.redrag.lookup(key) if self.redrag is not None else None
+        if entry is not None:
+            entry.reused = True
+            report("inversion", schedule.n_actual, schedule.n_actual)
+            return entry
+        z_star = run_inversion(runner, schedule, self.encode_image(prep.pixels),
+                               lambda i, n: report("inversion", i, n))
+        if self.redrag is not None:
+            return self.redrag.put(key, z_star)
+        return RedragEntry(z_star, memo=None)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -276,6 +307,8 @@ class DragEngine:
             timings[name] = round(time.perf_counter() - start, 4)
 
     def _free_memory(self) -> None:
+        if self.redrag is not None:
+            self.redrag.clear()
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 
