@@ -94,7 +94,8 @@ def sd15_random(device: str | None, dtype: str | None):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from backend.engine.devices import resolve_device
-    from backend.engine.models import SD15_CONFIG_DIR, LoadedModel, _ddim_scheduler, sd15_tokenizer
+    from backend.engine.models import LoadedModel
+    from backend.engine.sd15 import SD15_CONFIG_DIR, ddim_scheduler, sd15_tokenizer
 
     dev, dt = resolve_device(device, dtype)
     cfg = SD15_CONFIG_DIR
@@ -106,7 +107,7 @@ def sd15_random(device: str | None, dtype: str | None):
         module.to(dev, dt).eval().requires_grad_(False)
     return LoadedModel(name="sd15-random", source=str(cfg), unet=unet, vae=vae,
                        text_encoder=text_encoder, tokenizer=sd15_tokenizer(),
-                       scheduler=_ddim_scheduler(cfg), device=dev, dtype=dt,
+                       scheduler=ddim_scheduler(cfg), device=dev, dtype=dt,
                        fingerprint="sd15-random-seed0")
 
 

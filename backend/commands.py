@@ -14,7 +14,8 @@ from backend.engine.params import PRESETS
 
 POINTS_HELP = (
     'handle→target pairs in image pixels, "x1,y1:x2,y2;x3,y3:x4,y4" '
-    "(x to the right, y down, origin at the top-left corner)"
+    "(x to the right, y down, origin at the top-left corner of the image; the centre of pixel "
+    "column i is x = i+0.5, so to point at pixel (120, 80) give 120.5,80.5)"
 )
 
 
@@ -175,8 +176,7 @@ def _drag(args: argparse.Namespace) -> int:
     except EngineError as exc:
         raise UsageError(str(exc)) from None
 
-    from tqdm import tqdm
-
+    from backend.cli_progress import PhaseBars
     from backend.engine.errors import Cancelled
     from backend.engine.models import DEFAULT_MODEL
     from backend.engine.pipeline import DragEngine
@@ -192,20 +192,13 @@ def _drag(args: argparse.Namespace) -> int:
 
     cancel = CancelToken()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
-    bar = tqdm(total=1, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def progress(phase: str, step: int, total: int) -> None:
-        if bar.desc != phase:
-            bar.reset(total=total)
-            bar.set_description(phase)
-        bar.n = step + 1
-        bar.refresh()
-
+    bars = PhaseBars(sys.stderr)
     request = DragRequest(image=image, handles=handles, targets=targets, mask=mask,
                           method=args.method, prompt=args.prompt, seed=args.seed,
                           params=overrides)
     try:
-        result = engine.run(request, progress=progress, cancel=cancel)
+        result = engine.run(request, progress=bars, cancel=cancel)
+        bars.close()
     except Cancelled:
         print("\ncancelled: nothing was written", file=sys.stderr)
         return 130
@@ -213,7 +206,7 @@ def _drag(args: argparse.Namespace) -> int:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     finally:
-        bar.close()
+        bars.close(done=False)
         signal.signal(signal.SIGINT, previous)
     write_image(args.out, result.image)
     summary = {

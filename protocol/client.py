@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-START_HINT = "start it with: python -m backend serve (see the README, section 'Backend')"
+START_HINT = "start it with: python -m backend serve (see the README, section 'Quick start')"
 
 
 class BackendError(Exception):

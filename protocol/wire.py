@@ -50,7 +50,6 @@ REPLY_TO = {HELLO: HELLO_REPLY, SUBMIT: SUBMIT_REPLY, ATTACH: ATTACH_REPLY,
             CANCEL: CANCEL_REPLY, PING: PONG, SHUTDOWN: SHUTDOWN_REPLY}
 EVENTS = (QUEUED, STARTED, PROGRESS, PREVIEW, FINISHED, CANCELLED, ERROR)
 TERMINAL_EVENTS = (FINISHED, CANCELLED, ERROR)
-JOB_STATES = ("queued", "running", "finished", "failed", "cancelled")
 
 # --- error codes (section 5) ---------------------------------------------------------------
 BAD_MESSAGE = "bad_message"

@@ -10,9 +10,8 @@ from typing import Any
 import torch
 
 from backend.engine.diffusion import Schedule, UNetRunner
-from backend.engine.motion import Point
 from backend.engine.params import DragParams
-from backend.engine.types import CancelToken, ProgressFn
+from backend.engine.types import CancelToken, GridPoint, ProgressFn
 
 
 @dataclass
@@ -21,8 +20,8 @@ class DragContext:
     schedule: Schedule
     params: DragParams
     grid: tuple[int, int]  # supervision grid (rows, cols) = half the working resolution
-    handles: list[Point]  # (row, col) on the grid
-    targets: list[Point]
+    handles: list[GridPoint]
+    targets: list[GridPoint]
     keep: torch.Tensor | None  # [1,1,h,w] at latent size: 1 where the image must stay; None: no mask
     progress: ProgressFn | None = None
     cancel: CancelToken | None = None
@@ -31,6 +30,7 @@ class DragContext:
     # preview(phase, step, x0): the edited branch's predicted clean latent, for live previews.
     preview: Callable[[str, int, torch.Tensor], None] | None = None
     stats: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # for the user (DragResult.warnings)
     # Values derived from z_t* alone, kept for a re-drag of the same image (engine.redrag).
     memo: dict | None = None
 

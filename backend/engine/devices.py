@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import torch
 
 from backend.engine.errors import InvalidInput
+from backend.engine.oom import OOM_ADVICE as OOM_ADVICE  # re-exported for the engine
+from backend.engine.oom import is_oom as is_oom
 
 _DTYPES = {
     "fp16": torch.float16,
@@ -159,22 +161,3 @@ def autocast(device: torch.device | str, dtype: torch.dtype) -> Iterator[None]:
             yield
     else:
         yield
-
-
-_OOM_MARKERS = (
-    "out of memory",  # CUDA and MPS ("MPS backend out of memory")
-    "can't allocate memory",  # CPU allocator
-    "not enough memory",  # CPU allocator on Windows
-)
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is the device (or the CPU) running out of memory."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MARKERS)
-
-
-OOM_ADVICE = (
-    "lower work_size, close other programs using the GPU, or run on the CPU with --device cpu"
-)

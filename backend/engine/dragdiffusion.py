@@ -17,9 +17,10 @@ from backend.engine.motion import (
     masked_latent_loss,
     track_points,
 )
+from backend.engine.types import GridPoint
 
 
-def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
+def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:
     """The latent-optimisation loop (§2.2). Returns the edited z_{t*} and the tracked handles."""
     p, runner, schedule = ctx.params, ctx.runner, ctx.schedule
     t = schedule.t_star
@@ -57,7 +58,7 @@ def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, l
     return z.detach(), handles
 
 
-def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
+def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:
     """Drag, then denoise [original, edited] from t* to 0. Returns (clean edited latent, handles)."""
     z_edit, handles = drag_latent(ctx, z_star)
     p = ctx.params

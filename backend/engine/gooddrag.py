@@ -18,6 +18,7 @@ from backend.engine.motion import (
     masked_latent_loss,
     track_points,
 )
+from backend.engine.types import GridPoint
 
 
 def original_trajectory(ctx: DragContext, z_star: torch.Tensor, n: int):
@@ -37,7 +38,7 @@ def original_trajectory(ctx: DragContext, z_star: torch.Tensor, n: int):
 class _Tracker:
     """Handle bookkeeping shared across timesteps (tracking and the no-change early stop)."""
 
-    def __init__(self, handles: list) -> None:
+    def __init__(self, handles: list[GridPoint]) -> None:
         self.init = list(handles)
         self.handles = list(handles)
         self.no_change = 0
@@ -91,7 +92,7 @@ def drag_at_timestep(
     return z.detach(), True
 
 
-def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
+def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:
     """AlDD over the denoising steps. Returns (clean edited latent, tracked handles)."""
     p, schedule, runner = ctx.params, ctx.schedule, ctx.runner
     timesteps = schedule.denoise_timesteps
@@ -104,7 +105,10 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
     total = len(timesteps)
     z_orig, z_edit = z_star, z_star
     dragging, i = n_drag > 0, 0
-    while i < n_drag and dragging:
+    # As the official loop: a no-change counter that hit its limit at the previous timestep's
+    # last tracking ends dragging before this timestep (no re-tracking, reference attention
+    # from here on); reaching the limit mid-timestep stops inside drag_at_timestep.
+    while i < n_drag and dragging and tracker.no_change < p.max_track_no_change:
         t = timesteps[i]
         z_edit, dragging = drag_at_timestep(ctx, z_edit, t, feats0[i], latents0[i], tracker,
                                             total_adam)

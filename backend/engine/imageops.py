@@ -10,13 +10,24 @@ import numpy as np
 from PIL import Image
 
 from backend.engine.errors import InvalidInput
+from backend.engine.types import GridPoint, ImagePoint
 
-Point = tuple[float, float]
 
+def working_size(width: int, height: int, work_width: int = 512, max_side: int = 0,
+                 multiple: int = 8) -> tuple[int, int]:
+    """(w, h) the engine edits at, both multiples of ``multiple``.
 
-def working_size(width: int, height: int, long_side: int, multiple: int = 8) -> tuple[int, int]:
-    """(w, h) with the long side ``long_side``, aspect kept, both multiples of ``multiple``."""
-    scale = long_side / max(width, height)
+    As both official codes (their UIs' ``store_img``): width ``work_width`` and height
+    ``int(work_width · height / width)``, then rounded down to a multiple of 8, which is the
+    size their VAE's latent covers (a 512×682 image has an 85-row latent, 680 pixels). With
+    ``max_side`` > 0 and a longer side than that, the long side is fitted to ``max_side``
+    instead (aspect kept, rounded to a multiple of 8), for GPUs with little memory.
+    """
+    w = max(multiple, work_width // multiple * multiple)
+    h = max(multiple, int(work_width * height / width) // multiple * multiple)
+    if max_side <= 0 or max(w, h) <= max_side:
+        return w, h
+    scale = max_side / max(width, height)
 
     def snap(v: float) -> int:
         return max(multiple, round(v * scale / multiple) * multiple)
@@ -24,7 +35,7 @@ def working_size(width: int, height: int, long_side: int, multiple: int = 8) -> 
     return snap(width), snap(height)
 
 
-def validate_request(image: np.ndarray, handles: list[Point], targets: list[Point],
+def validate_request(image: np.ndarray, handles: list[ImagePoint], targets: list[ImagePoint],
                      mask: np.ndarray | None) -> None:
     """Raise ``InvalidInput`` with a precise sentence for anything the engine cannot use."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
@@ -85,27 +96,56 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb, "RGB").resize(size, Image.BILINEAR))
 
 
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each of ``n_out`` outputs when resizing ``n_in`` samples nearest-neighbour.
+
+    Exactly the index ``torch.nn.functional.interpolate(mode="nearest")`` reads, which both
+    official codes use for the mask: floor(i · n_in / n_out) in float32, clamped to the input
+    (OpenCV's ``INTER_NEAREST``, used for the first resize in their UIs, is the same floor rule).
+    Not the pixel-centre sampling of PIL's ``NEAREST``.
+    """
+    out = np.arange(n_out, dtype=np.int64)
+    if n_out == n_in:
+        return out
+    if n_out == 2 * n_in:
+        return out >> 1
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor(out.astype(np.float32) * scale).astype(np.int64), n_in - 1)
+
+
 def resize_mask_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of an H×W mask to (w, h), binarised (>0 editable)."""
-    img = Image.fromarray((mask > 0).astype(np.uint8) * 255, "L")
-    return np.asarray(img.resize(size, Image.NEAREST)) > 0
+    rows = nearest_indices(mask.shape[0], size[1])
+    cols = nearest_indices(mask.shape[1], size[0])
+    return mask[rows[:, None], cols[None, :]] > 0
 
 
-def to_grid(points: list[Point], image_size: tuple[int, int], grid: tuple[int, int]) -> list[Point]:
-    """Image (x, y) → integer (row, col) on the supervision grid, as the reference rounds clicks."""
-    width, height = image_size
-    rows, cols = grid
-    return [
-        (float(min(rows - 1, round(y / height * rows))), float(min(cols - 1, round(x / width * cols))))
-        for x, y in points
-    ]
+def to_grid(points: list[ImagePoint], image_size: tuple[int, int], work_size: tuple[int, int],
+            grid: tuple[int, int]) -> list[GridPoint]:
+    """Continuous image (x, y) → (row, col) cell of the supervision grid, as the official codes
+    round a click (docs/algorithms.md, "Coordinates").
+
+    The point is scaled to the working image, turned into the official pixel index (x − 0.5:
+    pixel i spans [i, i + 1), its centre i + 0.5 is index i) and mapped to the grid with the
+    official ``round(index / size · grid)`` (float32, half to even, as ``torch.round``), i.e.
+    ``round(i / 2)``. Unlike the official code, cells are clamped into the grid.
+    """
+    (width, height), (w, h), (rows, cols) = image_size, work_size, grid
+
+    def cell(v: float, scale: float, size: int, n: int) -> float:
+        index = v * scale - 0.5
+        return float(min(n - 1, max(0, int(np.rint(np.float32(index / size * n))))))
+
+    return [(cell(y, h / height, h, rows), cell(x, w / width, w, cols)) for x, y in points]
 
 
-def from_grid(points: list[Point], image_size: tuple[int, int], grid: tuple[int, int]) -> list[Point]:
-    """(row, col) on the grid → image (x, y)."""
-    width, height = image_size
-    rows, cols = grid
-    return [(c * width / cols, r * height / rows) for r, c in points]
+def from_grid(points: list[GridPoint], image_size: tuple[int, int], work_size: tuple[int, int],
+              grid: tuple[int, int]) -> list[ImagePoint]:
+    """(row, col) on the grid → continuous image (x, y): the centre of the official pixel index
+    ``col · w / cols`` (GoodDrag's ``get_original_points``) scaled back to the full image."""
+    (width, height), (w, h), (rows, cols) = image_size, work_size, grid
+    return [((c * w / cols + 0.5) * width / w, (r * h / rows + 0.5) * height / h)
+            for r, c in points]
 
 
 def feather_weights(mask: np.ndarray, feather: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-Point = tuple[float, float]  # (row, col) on the supervision grid
+from backend.engine.types import GridPoint
 
 
 def bilinear_sample(feat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ def patch_offsets(
     return dr, dc
 
 
-def _step(handle: Point, target: Point, max_len: float | None) -> tuple[float, float, float]:
+def _step(handle: GridPoint, target: GridPoint, max_len: float | None) -> tuple[float, float, float]:
     """Unit direction handle→target scaled to 1 (``max_len`` None) or min(max_len, distance).
 
     Returns (dy, dx, distance); the step is (0, 0) when the handle is on its target.
@@ -69,8 +69,8 @@ def _step(handle: Point, target: Point, max_len: float | None) -> tuple[float, f
 
 def dragdiffusion_motion_loss(
     feat: torch.Tensor,
-    handles: list[Point],
-    targets: list[Point],
+    handles: list[GridPoint],
+    targets: list[GridPoint],
     radius: int = 1,
     reach: float = 2.0,
 ) -> torch.Tensor:
@@ -97,9 +97,9 @@ def dragdiffusion_motion_loss(
 def gooddrag_motion_loss(
     feat: torch.Tensor,
     feat_orig: torch.Tensor,
-    handles: list[Point],
-    handles_init: list[Point],
-    targets: list[Point],
+    handles: list[GridPoint],
+    handles_init: list[GridPoint],
+    targets: list[GridPoint],
     radius: int = 4,
     beta: float = 4.0,
     reach: float = 2.0,
@@ -142,17 +142,17 @@ def masked_latent_loss(
 def track_points(
     feat_orig: torch.Tensor,
     feat: torch.Tensor,
-    handles: list[Point],
-    handles_init: list[Point],
+    handles: list[GridPoint],
+    handles_init: list[GridPoint],
     radius: int,
-) -> list[Point]:
+) -> list[GridPoint]:
     """Move each handle to the best L1 match of its original feature within a clamped window.
 
     Template: ``feat_orig`` at the *original* handle. Search: (2r+1)² window of ``feat`` around
     the current handle, clamped to the map (drag-methods.md §2.4, §3.5).
     """
     _, _, height, width = feat.shape
-    tracked: list[Point] = []
+    tracked: list[GridPoint] = []
     for handle, start in zip(handles, handles_init, strict=True):
         template = feat_orig[0, :, int(start[0]), int(start[1])]
         hr, hc = int(handle[0]), int(handle[1])
@@ -165,7 +165,7 @@ def track_points(
     return tracked
 
 
-def all_reached(handles: list[Point], targets: list[Point], reach: float) -> bool:
+def all_reached(handles: list[GridPoint], targets: list[GridPoint], reach: float) -> bool:
     """True when every handle is strictly within ``reach`` grid pixels of its target."""
     return all(
         ((h[0] - t[0]) ** 2 + (h[1] - t[1]) ** 2) ** 0.5 < reach

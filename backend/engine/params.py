@@ -18,8 +18,11 @@ METHODS = ("dragdiffusion", "gooddrag")
 
 @dataclass(frozen=True)
 class DragParams:
-    # Working resolution: long side in pixels (rounded to a multiple of 8).
+    # Working resolution, as both official codes: width ``work_size``, height from the aspect
+    # ratio, both rounded down to multiples of 8. ``work_max_side`` > 0 caps the long side
+    # (aspect kept), for small GPUs; 0: no cap.
     work_size: int = 512
+    work_max_side: int = 0
     # Identity-preserving LoRA (0 steps disables it).
     lora_steps: int = 80
     lora_lr: float = 5e-4
@@ -124,6 +127,8 @@ def resolve(method: str, overrides: dict[str, Any] | None = None) -> tuple[str, 
 def _validate(p: DragParams) -> None:
     checks = [
         (64 <= p.work_size <= 2048, "work_size must be between 64 and 2048"),
+        (p.work_max_side == 0 or 64 <= p.work_max_side <= 4096,
+         "work_max_side must be 0 (no cap) or between 64 and 4096"),
         (0 <= p.lora_steps <= 2000, "lora_steps must be between 0 and 2000"),
         (1 <= p.lora_rank <= 256, "lora_rank must be between 1 and 256"),
         (1 <= p.lora_batch <= 16, "lora_batch must be between 1 and 16"),

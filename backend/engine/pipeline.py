@@ -39,6 +39,13 @@ LATENT_TO_RGB = torch.tensor([
 ])
 PreviewFn = Callable[[str, int, np.ndarray], None]
 
+SELECTION_TOO_SMALL = (
+    "The selection is smaller than the model's 8-pixel cell (about {cell:.3g} image pixels at "
+    "this working size), so it was ignored while dragging: nothing outside it was held in "
+    "place. Pixels outside the selection are still kept exactly. Select a larger area to "
+    "guide the edit."
+)
+
 
 @dataclass
 class _Prepared:
@@ -187,15 +194,16 @@ class DragEngine:
             "t_star": schedule.t_star,
             "memory": memory_info(model.device),
         }
-        final = imageops.from_grid(handles, prep.size, ctx.grid)
-        return DragResult(image=image, handles=final, timings=timings, stats=stats)
+        final = imageops.from_grid(handles, prep.size, prep.work, ctx.grid)
+        return DragResult(image=image, handles=final, timings=timings, stats=stats,
+                          warnings=list(ctx.warnings))
 
     # -- named steps ----------------------------------------------------------------------
 
     def prepare(self, request: DragRequest, params: DragParams) -> _Prepared:
         """Split channels, resize the image and mask to the working resolution."""
         height, width = request.image.shape[:2]
-        work = imageops.working_size(width, height, params.work_size)
+        work = imageops.working_size(width, height, params.work_size, params.work_max_side)
         color, alpha = imageops.split_channels(request.image)
         rgb = imageops.resize_rgb(color, work)
         pixels = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
@@ -210,13 +218,17 @@ class DragEngine:
         """Points on the supervision grid and the keep-mask at latent resolution."""
         w, h = prep.work
         grid = (h // 2, w // 2)
-        keep = None
+        keep, warnings = None, []
         if prep.mask_work is not None:
-            # As the reference: mask → nearest to the grid → nearest to the latent size.
+            # As both official codes: mask → nearest to the grid → nearest to the latent size,
+            # with F.interpolate's sampling (imageops.nearest_indices).
             sup = imageops.resize_mask_nearest(prep.mask_work, (grid[1], grid[0]))
             vsf = self.model.vae_scale_factor
             lat = imageops.resize_mask_nearest(sup, (w // vsf, h // vsf))
-            keep = torch.from_numpy(~lat).float()[None, None].to(self.model.device)
+            if lat.any():
+                keep = torch.from_numpy(~lat).float()[None, None].to(self.model.device)
+            else:  # as the official: a mask that vanishes at latent size regularises nothing
+                warnings.append(SELECTION_TOO_SMALL.format(cell=vsf * prep.size[0] / w))
         device, dtype = self.model.device, self.model.dtype
         scaler = None
         if device.type == "cuda" and dtype == torch.float16:
@@ -226,9 +238,10 @@ class DragEngine:
             schedule=schedule,
             params=params,
             grid=grid,
-            handles=imageops.to_grid(request.handles, prep.size, grid),
-            targets=imageops.to_grid(request.targets, prep.size, grid),
+            handles=imageops.to_grid(request.handles, prep.size, prep.work, grid),
+            targets=imageops.to_grid(request.targets, prep.size, prep.work, grid),
             keep=keep,
+            warnings=warnings,
             progress=report,
             autocast=lambda: autocast(device, dtype),
             scaler=scaler,

@@ -14,39 +14,16 @@ from pathlib import Path
 
 import torch
 
-from backend.engine.models import DDIM_SETTINGS
-
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    **DDIM_SETTINGS,
-    prediction_type="epsilon",
-    timestep_spacing="leading",
-)
+from backend.engine.checkpoint import save_single_file
+from backend.engine.sd15 import SD15_SCHEDULER, bytes_to_unicode
 
 # A few whole words get their own tokens so that short prompts tokenize compactly.
 _WORDS = ["a", "the", "red", "green", "blue", "disc", "square", "triangle", "star", "photo", "of"]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte → printable-character table."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
-
-
 def write_tokenizer_files(directory: Path) -> None:
     """Write ``vocab.json`` and ``merges.txt`` of a small CLIP-style BPE tokenizer."""
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
     for word in _WORDS:
@@ -148,6 +125,4 @@ def make_tiny_model(directory: str | Path, seed: int = 0, single_file: bool = Fa
     pipe.save_pretrained(directory, safe_serialization=True)
     if not single_file:
         return directory
-    from backend.engine.models import save_single_file
-
     return save_single_file(pipe, directory / "tiny-sd.safetensors")
