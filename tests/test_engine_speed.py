@@ -163,3 +163,41 @@ def test_memos_over_the_byte_budget_are_dropped(engine):
     assert entry.memo == {}  # the trajectory did not fit; z_t* alone is kept
     work = engine.run(make_request("gooddrag", targets=[(10.0, 30.0)])).stats["work"]
     assert work["fe"]["inversion"] == 0 and work["fe"]["reference"] == 2
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_high_bit_depth_comes_back_in_its_dtype_exact_outside_the_mask(engine, dtype, channels):
+    rng = np.random.default_rng(5)
+    if dtype == np.float32:
+        image = rng.uniform(-0.1, 1.3, (48, 64, channels)).astype(np.float32)
+    else:
+        image = rng.integers(0, 65536, (48, 64, channels), dtype=np.uint16)
+    request = make_request(image=image, params={"lora_steps": 0})
+    result = engine.run(request)
+    assert result.image.dtype == image.dtype and result.image.shape == image.shape
+    outside = request.mask == 0
+    assert result.image[outside].tobytes() == image[outside].tobytes()
+    if channels == 4:
+        assert result.image[..., 3].tobytes() == image[..., 3].tobytes()
+    assert not np.array_equal(result.image[~outside], image[~outside])
+    if dtype == np.uint16:  # a 16-bit result, not 8-bit values scaled up
+        assert (result.image[~outside] % 257 != 0).mean() > 0.5
+
+
+def test_the_blend_width_follows_the_working_to_full_scale(engine):
+    """A 320-px image edited at 64 px: the default 3-px feather becomes 15 px at full size."""
+    image = np.zeros((240, 320, 3), np.uint8)
+    mask = np.zeros((240, 320), np.uint8)
+    mask[:, 160:] = 255
+    request = make_request(image=image, mask=mask, handles=[(200.0, 120.0)],
+                           targets=[(220.0, 120.0)])
+    from backend.engine.params import resolve
+
+    _, params = resolve("dragdiffusion", request.params)
+    prep = engine.prepare(request, params)
+    assert prep.work == (64, 48)
+    row = engine.finish(prep, np.ones((48, 64, 3), np.float32), params)[120, :, 0].astype(int)
+    assert (row[:160] == 0).all() and (row[175:] == 255).all()
+    assert 0 < row[160] < 30 and 100 < row[167] < 155  # half way at half the width
+    assert np.diff(row[159:176]).max() <= 30

@@ -53,8 +53,7 @@ class _Prepared:
 
     size: tuple[int, int]  # full (W, H)
     work: tuple[int, int]  # working (w, h)
-    color: np.ndarray  # full-resolution RGB
-    alpha: np.ndarray | None
+    image: np.ndarray  # the input pixels (H×W×C, uint8, uint16 or float32)
     pixels: torch.Tensor  # [1, 3, h, w] in [-1, 1]
     mask_full: np.ndarray | None  # H×W uint8, >0 editable
     mask_work: np.ndarray | None  # h×w bool
@@ -183,7 +182,7 @@ class DragEngine:
 
         with self._timed(timings, "decode"):
             report("decode", 0, 1)
-            image = self.finish(prep, self.decode_latents(z_edit), params, request.image.shape[2])
+            image = self.finish(prep, self.decode_latents(z_edit), params)
         stats = {
             **ctx.stats,
             "unet_passes": runner.passes,
@@ -204,14 +203,13 @@ class DragEngine:
         """Split channels, resize the image and mask to the working resolution."""
         height, width = request.image.shape[:2]
         work = imageops.working_size(width, height, params.work_size, params.work_max_side)
-        color, alpha = imageops.split_channels(request.image)
-        rgb = imageops.resize_rgb(color, work)
-        pixels = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        color, _alpha = imageops.split_channels(request.image)
+        pixels = torch.from_numpy(imageops.model_rgb(color, work)).permute(2, 0, 1)[None]
         mask = request.mask
         if mask is not None and mask.ndim == 3:
             mask = mask[..., 0]
         mask_work = imageops.resize_mask_nearest(mask, work) if mask is not None else None
-        return _Prepared((width, height), work, color, alpha, pixels, mask, mask_work)
+        return _Prepared((width, height), work, request.image, pixels, mask, mask_work)
 
     def drag_context(self, prep: _Prepared, params: DragParams, runner: UNetRunner,
                      schedule: Schedule, request: DragRequest, report: ProgressFn) -> DragContext:
@@ -271,21 +269,22 @@ class DragEngine:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """Latent → h×w×3 uint8."""
+        """Latent → h×w×3 float32 in [0, 1] (not rounded: 16-bit and float images keep the
+        VAE's precision)."""
         vae = self.model.vae
         image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
-        image = ((image.float().clamp(-1, 1) + 1) * 127.5).round()
-        return image[0].permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+        image = (image.float().clamp(-1, 1) + 1) / 2
+        return image[0].permute(1, 2, 0).cpu().numpy()
 
-    def finish(self, prep: _Prepared, edited_work: np.ndarray, params: DragParams,
-               channels: int) -> np.ndarray:
-        """Back to full resolution; outside the (feathered) mask the input's exact pixels."""
-        edited = imageops.resize_rgb(edited_work, prep.size)
-        weights = None
-        if prep.mask_full is not None:
-            weights = imageops.feather_weights(prep.mask_full, params.feather)
-        rgb = imageops.composite(prep.color, edited, weights)
-        return imageops.merge_channels(rgb, prep.alpha, channels)
+    def finish(self, prep: _Prepared, edited_work: np.ndarray, params: DragParams) -> np.ndarray:
+        """Back to full resolution over the mask's bounding box only: the rest of the result is
+        the input's bytes, and so is everything outside the (feathered) mask, in its own dtype.
+
+        The blend is ``params.feather`` working pixels wide, scaled to the full image.
+        """
+        scale = max(prep.size[0] / prep.work[0], prep.size[1] / prep.work[1])
+        feather = imageops.feather_width(params.feather, scale)
+        return imageops.paste_edit(prep.image, edited_work, prep.mask_full, feather)
 
     @staticmethod
     def work_stats(algorithm: str, params: DragParams, schedule: Schedule, work: WorkCounter,
