@@ -183,7 +183,7 @@ class DragEngine:
                 ctx.preview = lambda phase, step, x0: preview(phase, step, latent_preview(x0))
             with self._timed(timings, "drag+denoise"):
                 z_edit, handles = ALGORITHMS[algorithm](ctx, entry.z_star)
-            if not torch.isfinite(z_edit).all():  # diverged: fail, never a black "success"
+            if (~torch.isfinite(z_edit)).any():  # diverged: fail, never a black "success"
                 raise EngineError(f"the edit diverged (the latent became NaN or infinite); "
                                   f"lower latent_lr (now {params.latent_lr:g}) or lora_lr "
                                   f"(now {params.lora_lr:g}) and try again")
