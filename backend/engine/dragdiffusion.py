@@ -29,9 +29,13 @@ def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, l
     t = schedule.t_star
     use_mask = ctx.keep is not None and p.lam > 0
     runner.work.phase = "reference"
-    with torch.no_grad():
+
+    @torch.no_grad()
+    def reference():
         eps0, feat0 = runner.eps_and_features(z_star, t, ctx.grid, need_eps=use_mask)
-        x_prev0 = ddim_step(schedule, z_star, eps0, t) if use_mask else None
+        return feat0, ddim_step(schedule, z_star, eps0, t) if use_mask else None
+
+    feat0, x_prev0 = ctx.cached(("reference", t, ctx.grid, use_mask), reference)
 
     z = z_star.clone().float().requires_grad_(True)
     optimiser = torch.optim.Adam([z], lr=p.latent_lr)

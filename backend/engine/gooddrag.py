@@ -117,7 +117,8 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[Grid
     p, schedule, runner = ctx.params, ctx.schedule, ctx.runner
     timesteps = schedule.denoise_timesteps
     n_drag = min(p.drag_end_step, len(timesteps))
-    feats0, latents0 = original_trajectory(ctx, z_star, n_drag)
+    feats0, latents0 = ctx.cached(("trajectory", n_drag, ctx.grid),
+                                  lambda: original_trajectory(ctx, z_star, n_drag))
     tracker = _Tracker(ctx.handles)
     total_adam = n_drag * p.track_per_denoise * p.max_drag_per_track
 
