@@ -107,9 +107,11 @@ def test_estimate_before_the_run_from_earlier_edits():
 def test_working_megapixels_match_the_engine():
     from backend.engine.imageops import working_size
 
-    for size in ((640, 480), (64, 48), (3000, 2000), (100, 1000)):
+    for size in ((640, 480), (64, 48), (3000, 2000), (100, 1000), (600, 800)):
         w, h = working_size(*size, 512)
         assert prog.working_megapixels(*size, 512) == w * h / 1e6
+        w, h = working_size(*size, 512, 512)
+        assert prog.working_megapixels(*size, 512, 512) == w * h / 1e6
 
 
 def test_advice_before_a_long_or_cpu_run():

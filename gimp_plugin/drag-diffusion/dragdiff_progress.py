@@ -49,10 +49,16 @@ def units(plan: Mapping[str, int]) -> float:
     return sum(STEP_COST.get(phase, 1.0) * steps for phase, steps in plan.items())
 
 
-def working_megapixels(width: int, height: int, work_size: float) -> float:
-    """The engine's working resolution for a layer: long side ``work_size``."""
-    scale = float(work_size) / max(width, height, 1)
-    return max(8, round(width * scale / 8) * 8) * max(8, round(height * scale / 8) * 8) / 1e6
+def working_megapixels(width: int, height: int, work_size: float, max_side: float = 0) -> float:
+    """The engine's working resolution for a layer (``imageops.working_size``): width
+    ``work_size``, height from the aspect ratio, both rounded down to multiples of 8; a long
+    side over ``max_side`` (> 0) is fitted to it instead."""
+    w = max(8, int(work_size) // 8 * 8)
+    h = max(8, int(int(work_size) * height / max(width, 1)) // 8 * 8)
+    if max_side > 0 and max(w, h) > max_side:
+        scale = float(max_side) / max(width, height, 1)
+        w, h = (max(8, round(v * scale / 8) * 8) for v in (width, height))
+    return w * h / 1e6
 
 
 def speed_key(device: str, model: str) -> str:
