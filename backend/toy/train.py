@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.engine.tiny import SD15_SCHEDULER, build_text_encoder, write_tokenizer_files
+from backend.engine.sd15 import SD15_SCHEDULER
+from backend.engine.tiny import build_text_encoder, write_tokenizer_files
 from backend.toy import shapes
 
 DEFAULT_WORK_DIR = Path(".cache/toy-train")
