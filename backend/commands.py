@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.engine.params import PRESETS
+from backend.engine.errors import InvalidInput
+from backend.engine.params import PRESETS, parse_assignments
 
 POINTS_HELP = (
     'handle→target pairs in image pixels, "x1,y1:x2,y2;x3,y3:x4,y4" '
@@ -87,16 +88,11 @@ def parse_points(text: str) -> tuple[list[tuple[float, float]], list[tuple[float
 
 
 def parse_overrides(items: list[str]) -> dict:
-    out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set {item!r}: use KEY=VALUE, e.g. --set drag_steps=40")
-        try:
-            out[key] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
-        except json.JSONDecodeError:
-            raise UsageError(f"--set {item!r}: the value must be a number or true/false") from None
-    return out
+    """``--set KEY=VALUE`` items → knob values (``params.parse_assignments``)."""
+    try:
+        return parse_assignments(items, "--set")
+    except InvalidInput as exc:
+        raise UsageError(str(exc)) from None
 
 
 def read_image(path: str) -> np.ndarray:

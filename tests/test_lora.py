@@ -78,8 +78,8 @@ def test_training_changes_only_lora_weights(trained):
     state, _, base, active, calls = trained
     assert calls == [("lora", i, PARAMS.lora_steps) for i in range(PARAMS.lora_steps + 1)]
     assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
-    # 11 transformer blocks × (self, cross) attention × (to_q, to_k, to_v, to_out.0) × (A, B)
-    assert len(state) == 11 * 2 * 4 * 2
+    # 16 transformer blocks × (self, cross) × (to_q, to_k, to_v, to_out.0) × (A, B)
+    assert len(state) == 16 * 2 * 4 * 2
     assert any(v.abs().max() > 0 for k, v in state.items() if "lora_B" in k)  # B starts at 0
     lora_keys = [k for k in active if "lora_" in k]
     assert lora_keys

@@ -1,4 +1,4 @@
-"""DragDiffusion (Shi et al., CVPR 2024), as the official code runs it (drag-methods.md §2).
+"""DragDiffusion (Shi et al., CVPR 2024), as the official code runs it (docs/algorithms.md §2).
 
 Optimise one latent at t* with motion supervision and point tracking until every handle is
 within reach, then denoise it together with the original latent under reference attention.
@@ -21,7 +21,10 @@ from backend.engine.types import GridPoint
 
 
 def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:
-    """The latent-optimisation loop (§2.2). Returns the edited z_{t*} and the tracked handles."""
+    """The latent-optimisation loop (docs/algorithms.md §2, step 2).
+
+    Returns the edited z_{t*} and the tracked handles.
+    """
     p, runner, schedule = ctx.params, ctx.runner, ctx.schedule
     t = schedule.t_star
     use_mask = ctx.keep is not None and p.lam > 0

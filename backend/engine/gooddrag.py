@@ -1,4 +1,4 @@
-"""GoodDrag (Zhang et al., ICLR 2025), as the official code runs it (drag-methods.md §3).
+"""GoodDrag (Zhang et al., ICLR 2025), as the official code runs it (docs/algorithms.md §3).
 
 Alternating Drag and Denoising (AlDD): at each of the first ``drag_end_step`` denoising steps
 the latent is dragged a little (information-preserving motion supervision against the original
@@ -6,6 +6,8 @@ trajectory), then denoised one step. Reference attention starts once dragging ha
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -55,7 +57,10 @@ def drag_at_timestep(
     ctx: DragContext, z: torch.Tensor, t: int, feat0: torch.Tensor, z0_prev: torch.Tensor,
     tracker: _Tracker, total_adam: int,
 ) -> tuple[torch.Tensor, bool]:
-    """One AlDD drag phase at timestep t (§3.3). Returns (dragged latent, keep dragging?)."""
+    """One AlDD drag phase at timestep t (docs/algorithms.md §3).
+
+    Returns (dragged latent, keep dragging?).
+    """
     p, runner = ctx.params, ctx.runner
     z = z.clone().float().requires_grad_(True)
     optimiser = torch.optim.Adam([z], lr=p.latent_lr)  # fresh moments at every timestep
@@ -84,12 +89,27 @@ def drag_at_timestep(
         ctx.optimiser_step(loss, optimiser)
         tracker.adam_steps += 1
         since_track += 1
-        if since_track == p.max_drag_per_track or float(drag_loss.detach()) <= threshold:
+        if since_track == p.max_drag_per_track or _at_most(drag_loss, threshold, tracker.handles,
+                                                           ctx.targets, p.reach_threshold):
             track_num += 1
             since_track = 0
             # Tracking uses this iteration's features, computed before the Adam update.
             tracker.track(feat0, feat.detach(), p.r2, count=True)
     return z.detach(), True
+
+
+def _at_most(loss: torch.Tensor, threshold: float, handles: list, targets: list,
+             reach: float) -> bool:
+    """``loss <= threshold``, without a device → host read of the loss at threshold 0.
+
+    The motion loss sums non-negative terms, one per handle that is neither within ``reach`` nor
+    exactly on its target, so at threshold 0 the test only holds when no handle adds a term (or
+    every patch matches exactly, which a float loss does not do): the host knows that already.
+    """
+    if threshold != 0:
+        return float(loss.detach()) <= threshold
+    return all(math.dist(h, t) < reach or tuple(h) == tuple(t)
+               for h, t in zip(handles, targets, strict=True))
 
 
 def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:
@@ -128,7 +148,7 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[Grid
 
 
 def _denoise_rest(ctx: DragContext, z_orig, z_edit, timesteps: list[int], total: int):
-    """Denoise the remaining steps, with reference attention from the first of them (§3.2)."""
+    """Denoise the remaining steps, reference attention from the first (algorithms.md §3, 3)."""
     offset = total - len(timesteps)
 
     def on_step(j: int, _n: int) -> None:

@@ -162,7 +162,7 @@ def resize_mask_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def to_grid(points: list[ImagePoint], image_size: tuple[int, int], work_size: tuple[int, int],
             grid: tuple[int, int]) -> list[GridPoint]:
     """Continuous image (x, y) → (row, col) cell of the supervision grid, as the official codes
-    round a click (docs/algorithms.md, "Coordinates").
+    round a click (docs/algorithms.md §1, Coordinates).
 
     The point is scaled to the working image, turned into the official pixel index (x − 0.5:
     pixel i spans [i, i + 1), its centre i + 0.5 is index i) and mapped to the grid with the

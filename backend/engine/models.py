@@ -10,8 +10,9 @@
 3. a Hugging Face id, taken from the local Hugging Face cache, or downloaded when the network
    may be used (``HF_HUB_OFFLINE`` unset).
 
-Weights use the dtype ``devices.resolve_device`` picks (fp16 on CUDA, including the VAE: SD1.5's
-VAE decodes fine in fp16). No safety checker and no classifier-free guidance are loaded.
+Weights use the dtype of the precision ``devices.resolve_precision`` picks (fp16 on CUDA,
+including the VAE: SD1.5's VAE decodes fine in fp16). No safety checker and no classifier-free
+guidance are loaded.
 
 (Near 500 lines: one loader for four kinds of source, each with its own actionable errors.)
 """
@@ -33,7 +34,13 @@ from typing import Any
 import torch
 
 from backend.engine.checkpoint import CONFIG_METADATA_KEY
-from backend.engine.devices import OOM_ADVICE, is_oom, resolve_device
+from backend.engine.devices import (
+    OOM_ADVICE,
+    Precision,
+    is_oom,
+    precision_for_weights,
+    resolve_precision,
+)
 from backend.engine.errors import EngineError, ModelNotFound, OutOfMemory
 from backend.engine.sd15 import SD15_CONFIG_DIR, NotEpsilonModel, ddim_scheduler, sd15_tokenizer
 from backend.engine.types import ProgressFn
@@ -64,7 +71,11 @@ _VAE_FILES = [
 
 @dataclass(eq=False)
 class LoadedModel:
-    """The SD1.5 components the drag engine uses, on one device in one dtype."""
+    """The SD1.5 components the drag engine uses, on one device, weights in one dtype.
+
+    ``precision`` says how it computes (``devices.PRECISIONS``); by default the one its weights'
+    dtype implies (fp16 weights → fp16 autocast, fp32 → no autocast).
+    """
 
     name: str
     source: str
@@ -76,6 +87,17 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     fingerprint: str
+    precision: Precision | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision is None:
+            self.precision = precision_for_weights(self.dtype)
+
+    def cast(self, precision: Precision) -> None:
+        """Switch to ``precision``, casting the weights in place (fp32 → fp16 loses bits)."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(dtype=precision.weights)
+        self.dtype, self.precision = precision.weights, precision
 
     @property
     def vae_scale_factor(self) -> int:
@@ -112,7 +134,8 @@ def load_model(
     saying what was tried and how to fix it), ``EngineError`` for an unreadable checkpoint,
     ``InvalidInput`` for a bad device/dtype and ``OutOfMemory``.
     """
-    dev, dt = resolve_device(device, dtype)
+    dev, precision = resolve_precision(device, dtype)
+    dt = precision.weights
     report = progress or (lambda phase, step, total: None)
     report("load", 0, 3)
     try:
@@ -134,6 +157,7 @@ def load_model(
             device=dev,
             dtype=dt,
             fingerprint=_fingerprint(fingerprint_files),
+            precision=precision,
             **parts,
         )
         _check_compatible(loaded)

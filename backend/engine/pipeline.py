@@ -16,7 +16,14 @@ import torch
 
 from backend.engine import dragdiffusion, gooddrag, imageops
 from backend.engine.context import DragContext
-from backend.engine.devices import OOM_ADVICE, autocast, is_oom, memory_info, reset_peak_memory
+from backend.engine.devices import (
+    OOM_ADVICE,
+    autocast,
+    grad_scaler,
+    is_oom,
+    memory_info,
+    reset_peak_memory,
+)
 from backend.engine.diffusion import Schedule, UNetRunner, run_inversion
 from backend.engine.errors import EngineError, OutOfMemory
 from backend.engine.lora import LoraCache, prepare_lora
@@ -31,7 +38,7 @@ ALGORITHMS = {"dragdiffusion": dragdiffusion.run, "gooddrag": gooddrag.run}
 assert set(ALGORITHMS) == set(METHODS)
 
 # Approximate RGB of an SD1.5 latent (scaled by the VAE factor): cheap previews without the VAE.
-LATENT_TO_RGB = torch.tensor([
+LATENT_TO_RGB = torch.tensor(device="cpu", data=[
     [0.3512, 0.2297, 0.3227],
     [0.3250, 0.4974, 0.2350],
     [-0.2829, 0.1762, 0.2721],
@@ -98,6 +105,7 @@ class DragEngine:
             "model_source": str(m.source),
             "device": str(m.device),
             "dtype": str(m.dtype).removeprefix("torch."),
+            "precision": m.precision.name,
             "memory": memory_info(m.device),
             "methods": list(PRESETS),
             "defaults": defaults_table(),
@@ -162,7 +170,8 @@ class DragEngine:
                     work.add("lora", 2 * params.lora_steps * params.lora_batch)
             else:
                 self.merged_lora.restore()
-            runner = UNetRunner(model.unet, cond, params.feature_block, work)
+            runner = UNetRunner(model.unet, cond, params.feature_block, work,
+                                autocast=lambda: autocast(model.device, model.precision))
             schedule = Schedule.from_scheduler(model.scheduler, params.n_inference_steps,
                                                params.inversion_strength)
             with self._timed(timings, "inversion"):
@@ -174,6 +183,10 @@ class DragEngine:
                 ctx.preview = lambda phase, step, x0: preview(phase, step, latent_preview(x0))
             with self._timed(timings, "drag+denoise"):
                 z_edit, handles = ALGORITHMS[algorithm](ctx, entry.z_star)
+            if not torch.isfinite(z_edit).all():  # diverged: fail, never a black "success"
+                raise EngineError(f"the edit diverged (the latent became NaN or infinite); "
+                                  f"lower latent_lr (now {params.latent_lr:g}) or lora_lr "
+                                  f"(now {params.lora_lr:g}) and try again")
         finally:
             if not self.keep_lora:
                 self.merged_lora.restore()
@@ -227,10 +240,7 @@ class DragEngine:
                 keep = torch.from_numpy(~lat).float()[None, None].to(self.model.device)
             else:  # as the official: a mask that vanishes at latent size regularises nothing
                 warnings.append(SELECTION_TOO_SMALL.format(cell=vsf * prep.size[0] / w))
-        device, dtype = self.model.device, self.model.dtype
-        scaler = None
-        if device.type == "cuda" and dtype == torch.float16:
-            scaler = torch.amp.GradScaler("cuda")
+        device, precision = self.model.device, self.model.precision
         return DragContext(
             runner=runner,
             schedule=schedule,
@@ -241,8 +251,8 @@ class DragEngine:
             keep=keep,
             warnings=warnings,
             progress=report,
-            autocast=lambda: autocast(device, dtype),
-            scaler=scaler,
+            autocast=lambda: autocast(device, precision),
+            scaler=grad_scaler(device, precision),
         )
 
     def invert(self, prep: _Prepared, prompt: str, lora_key: str | None, params: DragParams,
