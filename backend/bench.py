@@ -1,8 +1,11 @@
-"""``python -m backend bench``: per-phase wall time, UNet passes and peak memory as JSON.
+"""``python -m backend bench``: per-phase wall time, UNet work and peak memory as JSON.
 
-Runs real edits through ``DragEngine`` on a synthetic image. Models: ``tiny`` (random tiny SD,
-the default), ``sd15-random`` (the full SD1.5 architecture with random weights: same cost as
-the real model, no download), or any model path/id the loader accepts.
+Runs real edits through ``DragEngine`` on a synthetic image: per method a first edit, then
+``--redrags`` drags of the same image to new targets (what a user does next). Each run reports
+UNet forward-equivalents per phase (``engine.work``: forward + backward = 2) next to the
+official code's count for the same settings, so the ratios hold on any machine. Models:
+``tiny`` (random tiny SD, the default), ``sd15-random`` (the full SD1.5 architecture with random
+weights: same cost as the real model, no download), or any model path/id the loader accepts.
 """
 
 from __future__ import annotations
@@ -30,16 +33,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="tiny", help="tiny (default), sd15-random, or a model "
                    "folder/file/Hugging Face id")
-    p.add_argument("--method", default="all", help="dragdiffusion, gooddrag, a preset, or all")
+    p.add_argument("--method", default="all", help="dragdiffusion, gooddrag, a preset, a "
+                   "comma-separated list of them, or all (the two methods)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
     p.add_argument("--dtype", default=None, help="auto (default), fp16, bf16, fp32")
     p.add_argument("--quick", action="store_true",
                    help=f"reduced step counts for slow machines: {QUICK}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--repeat", type=int, default=1, help="runs per method (LoRA is cached "
-                   "after the first, so later runs show the cache-hit cost)")
+    p.add_argument("--redrags", type=int, default=1, help="drags of the same image to new "
+                   "targets after the first edit, per method (default 1)")
+    p.add_argument("--baseline", action="store_true", help="first run every method without "
+                   "reuse (no re-drag cache, no resident LoRA: the behaviour before it) and "
+                   "print the ratios measured in the same run")
     p.set_defaults(func=run_bench)
+
+
+def redrag_targets(size: int, n: int) -> list[tuple[float, float]]:
+    """The n-th re-drag's target: the same disc dragged another way (left, up, down, …)."""
+    moves = [(-1, 0), (0, -1), (0, 1), (1, 1), (-1, -1)]
+    dx, dy = moves[(n - 1) % len(moves)]
+    return [(size * (0.4 + 0.125 * dx), size * (0.5 + 0.125 * dy))]
 
 
 def synthetic_case(size: int) -> tuple[np.ndarray, np.ndarray, list, list]:
@@ -80,7 +94,8 @@ def sd15_random(device: str | None, dtype: str | None):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from backend.engine.devices import resolve_device
-    from backend.engine.models import SD15_CONFIG_DIR, LoadedModel, _ddim_scheduler, sd15_tokenizer
+    from backend.engine.models import LoadedModel
+    from backend.engine.sd15 import SD15_CONFIG_DIR, ddim_scheduler, sd15_tokenizer
 
     dev, dt = resolve_device(device, dtype)
     cfg = SD15_CONFIG_DIR
@@ -92,7 +107,7 @@ def sd15_random(device: str | None, dtype: str | None):
         module.to(dev, dt).eval().requires_grad_(False)
     return LoadedModel(name="sd15-random", source=str(cfg), unet=unet, vae=vae,
                        text_encoder=text_encoder, tokenizer=sd15_tokenizer(),
-                       scheduler=_ddim_scheduler(cfg), device=dev, dtype=dt,
+                       scheduler=ddim_scheduler(cfg), device=dev, dtype=dt,
                        fingerprint="sd15-random-seed0")
 
 
@@ -101,18 +116,19 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from backend.commands import UsageError, parse_overrides
     from backend.engine.errors import EngineError
+    from backend.engine.lora import LoraCache
     from backend.engine.params import PRESETS
-    from backend.engine.types import DragRequest
+    from backend.engine.pipeline import DragEngine
 
     try:
         overrides = {**(QUICK if args.quick else {}), **parse_overrides(args.overrides)}
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    methods = ["dragdiffusion", "gooddrag"] if args.method == "all" else [args.method]
+    methods = ["dragdiffusion", "gooddrag"] if args.method == "all" else args.method.split(",")
     if any(m not in PRESETS for m in methods):
-        print(f"error: unknown method {args.method!r}; use all or one of {', '.join(PRESETS)}",
-              file=sys.stderr)
+        print(f"error: unknown method {args.method!r}; use all or a comma-separated list of "
+              f"{', '.join(PRESETS)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     try:
@@ -121,34 +137,90 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - start
-    image, mask, handles, targets = synthetic_case(args.size)
+    engines = [engine]
+    if args.baseline:  # the same model without reuse, its own LoRA cache: first edits train
+        cold = LoraCache(tempfile.mkdtemp(prefix="drag-bench-lora-"))
+        engines.insert(0, DragEngine(engine.model, cold, reuse=False))
     rows = []
     for method in methods:
-        for run in range(args.repeat):
-            request = DragRequest(image=image, handles=handles, targets=targets, mask=mask,
-                                  method=method, prompt="a red disc", seed=0,
-                                  params={"work_size": args.size, **overrides})
-            t0 = time.perf_counter()
-            result = engine.run(request)
-            total = time.perf_counter() - t0
-            memory = result.stats["memory"]
-            rows.append({
-                "method": method,
-                "run": run,
-                "model": args.model,
-                "device": str(engine.model.device),
-                "dtype": str(engine.model.dtype).removeprefix("torch."),
-                "size": args.size,
-                "overrides": overrides,
-                "phases_s": result.timings,
-                "total_s": round(total, 3),
-                "unet_passes": result.stats["unet_passes"],
-                "drag_steps": result.stats.get("drag_steps"),
-                "peak_memory_mb": round(memory.get("peak", 0) / 2**20, 1),
-                "handles": [[round(x, 1), round(y, 1)] for x, y in result.handles],
-            })
-            print(json.dumps(rows[-1]), flush=True)
+        for eng in engines:
+            rows += bench_method(eng, method, args, overrides)
+            eng.merged_lora.restore()  # the engines share the model's weights
     summary = {"model_load_s": round(load_s, 2), "torch": torch.__version__,
-               "python": platform.python_version(), "runs": len(rows)}
+               "python": platform.python_version(), "runs": len(rows),
+               "ratios": ratios(rows)}
     print(json.dumps(summary))
     return 0
+
+
+def bench_method(engine, method: str, args: argparse.Namespace, overrides: dict) -> list[dict]:
+    """A first edit of the synthetic image, then ``args.redrags`` drags to other targets."""
+    from backend.engine.types import DragRequest
+
+    image, mask, handles, targets = synthetic_case(args.size)
+    rows = []
+    for run in range(1 + max(0, args.redrags)):
+        request = DragRequest(image=image, handles=handles,
+                              targets=redrag_targets(args.size, run) if run else targets,
+                              mask=mask, method=method, prompt="a red disc", seed=0,
+                              params={"work_size": args.size, **overrides})
+        t0 = time.perf_counter()
+        result = engine.run(request)
+        total = time.perf_counter() - t0
+        memory = result.stats["memory"]
+        work = result.stats["work"]
+        rows.append({
+            "method": method,
+            "run": run,
+            "kind": "redrag" if run else "first",
+            "reuse": engine.redrag is not None,
+            "model": args.model,
+            "device": str(engine.model.device),
+            "dtype": str(engine.model.dtype).removeprefix("torch."),
+            "size": args.size,
+            "overrides": overrides,
+            "phases_s": result.timings,
+            "total_s": round(total, 3),
+            "fe": work["fe"],
+            "fe_total": work["total"],
+            "official_fe": work["official_fe"],
+            "official_fe_total": work["official_total"],
+            "ratio_to_official": work["ratio"],
+            "official_defaults_fe_total": work["official_defaults_total"],
+            "unet_passes": result.stats["unet_passes"],
+            "drag_steps": result.stats.get("drag_steps"),
+            "peak_memory_mb": round(memory.get("peak", 0) / 2**20, 1),
+            "handles": [[round(x, 1), round(y, 1)] for x, y in result.handles],
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per method (and ``<method> no-reuse`` with ``--baseline``), measured in this run: seconds
+    and work of the first edit and the mean re-drag, re-drag / first, and with ``--baseline``
+    the reuse / no-reuse ratios."""
+    out: dict[str, dict[str, float]] = {}
+    for method, reuse in dict.fromkeys((r["method"], r["reuse"]) for r in rows):
+        group = [r for r in rows if r["method"] == method and r["reuse"] == reuse]
+        first = next(r for r in group if r["kind"] == "first")
+        redrags = [r for r in group if r["kind"] == "redrag"]
+        entry = {"first_s": first["total_s"], "first_fe": first["fe_total"],
+                 "first_official_fe": first["official_fe_total"]}
+        if redrags:
+            seconds = sum(r["total_s"] for r in redrags) / len(redrags)
+            fe = sum(r["fe_total"] for r in redrags) / len(redrags)
+            entry.update({"redrag_s": round(seconds, 3), "redrag_fe": fe,
+                          "redrag_official_fe": redrags[0]["official_fe_total"],
+                          "redrag_over_first_s": round(seconds / first["total_s"], 3),
+                          "redrag_over_first_fe": round(fe / first["fe_total"], 3)})
+        out[method if reuse else f"{method} no-reuse"] = entry
+    for method in list(out):
+        before = out.get(f"{method} no-reuse")
+        if before is None:
+            continue
+        after = out[method]
+        for name in ("first_s", "first_fe", "redrag_s", "redrag_fe"):
+            if name in after and before.get(name):
+                after[f"{name}_vs_no_reuse"] = round(after[name] / before[name], 3)
+    return out

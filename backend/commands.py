@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.engine.params import PRESETS
+from backend.engine.errors import InvalidInput
+from backend.engine.params import PRESETS, parse_assignments
 
 POINTS_HELP = (
     'handle→target pairs in image pixels, "x1,y1:x2,y2;x3,y3:x4,y4" '
-    "(x to the right, y down, origin at the top-left corner)"
+    "(x to the right, y down, origin at the top-left corner of the image; the centre of pixel "
+    "column i is x = i+0.5, so to point at pixel (120, 80) give 120.5,80.5)"
 )
 
 
@@ -86,16 +88,11 @@ def parse_points(text: str) -> tuple[list[tuple[float, float]], list[tuple[float
 
 
 def parse_overrides(items: list[str]) -> dict:
-    out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set {item!r}: use KEY=VALUE, e.g. --set drag_steps=40")
-        try:
-            out[key] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
-        except json.JSONDecodeError:
-            raise UsageError(f"--set {item!r}: the value must be a number or true/false") from None
-    return out
+    """``--set KEY=VALUE`` items → knob values (``params.parse_assignments``)."""
+    try:
+        return parse_assignments(items, "--set")
+    except InvalidInput as exc:
+        raise UsageError(str(exc)) from None
 
 
 def read_image(path: str) -> np.ndarray:
@@ -175,8 +172,7 @@ def _drag(args: argparse.Namespace) -> int:
     except EngineError as exc:
         raise UsageError(str(exc)) from None
 
-    from tqdm import tqdm
-
+    from backend.cli_progress import PhaseBars
     from backend.engine.errors import Cancelled
     from backend.engine.models import DEFAULT_MODEL
     from backend.engine.pipeline import DragEngine
@@ -192,20 +188,13 @@ def _drag(args: argparse.Namespace) -> int:
 
     cancel = CancelToken()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
-    bar = tqdm(total=1, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def progress(phase: str, step: int, total: int) -> None:
-        if bar.desc != phase:
-            bar.reset(total=total)
-            bar.set_description(phase)
-        bar.n = step + 1
-        bar.refresh()
-
+    bars = PhaseBars(sys.stderr)
     request = DragRequest(image=image, handles=handles, targets=targets, mask=mask,
                           method=args.method, prompt=args.prompt, seed=args.seed,
                           params=overrides)
     try:
-        result = engine.run(request, progress=progress, cancel=cancel)
+        result = engine.run(request, progress=bars, cancel=cancel)
+        bars.close()
     except Cancelled:
         print("\ncancelled: nothing was written", file=sys.stderr)
         return 130
@@ -213,7 +202,7 @@ def _drag(args: argparse.Namespace) -> int:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     finally:
-        bar.close()
+        bars.close(done=False)
         signal.signal(signal.SIGINT, previous)
     write_image(args.out, result.image)
     summary = {

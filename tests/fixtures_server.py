@@ -21,14 +21,16 @@ if __name__ == "__main__":  # make the repository importable when run as a scrip
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.engine.errors import OutOfMemory
-from backend.engine.types import CancelToken, DragRequest, DragResult
+from backend.engine.interface import Engine, PreviewFn
+from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
 from backend.server import Server
 from protocol import wire
 from protocol.client import Client
 
 
-class FakeEngine:
-    """Runs 'phases' of sleep steps; the prompt scripts it: ``steps=N delay=S raise=oom|crash``.
+class FakeEngine(Engine):
+    """Runs 'phases' of sleep steps; the prompt scripts it: ``steps=N delay=S raise=oom|crash
+    warn=A,B``.
 
     The result is the inverted input; the final handles are the targets. It checks the cancel
     token before every step, like the real engine, and records what it ran.
@@ -44,10 +46,11 @@ class FakeEngine:
     def info(self) -> dict[str, Any]:
         return {"model": "fake-model", "device": "cpu", "memory": {"total": np.int64(1 << 30)}}
 
-    def run(self, request: DragRequest, progress: Callable[[str, int, int], None],
-            cancel: CancelToken, preview: Callable[[str, int, np.ndarray], None] | None = None,
-            ) -> DragResult:
+    def run(self, request: DragRequest, progress: ProgressFn | None = None,
+            cancel: CancelToken | None = None, preview: PreviewFn | None = None) -> DragResult:
         self.runs.append(request)
+        cancel = cancel or CancelToken()
+        progress = progress or (lambda phase, step, total: None)
         script = dict(word.split("=", 1) for word in request.prompt.split() if "=" in word)
         steps, delay = int(script.get("steps", self.steps)), float(script.get("delay", self.delay))
         if script.get("raise") == "oom":
@@ -72,8 +75,11 @@ class FakeEngine:
                 timings[phase] = time.monotonic() - t0
         finally:
             self.steps_after_cancel.append(after_cancel)
-        return DragResult(image=255 - request.image, handles=list(request.targets),
-                          timings=timings, stats={"steps": np.int32(steps), "shape": (1, 2)})
+        result = DragResult(image=255 - request.image, handles=list(request.targets),
+                            timings=timings, stats={"steps": np.int32(steps), "shape": (1, 2)})
+        if "warn" in script:  # DragResult.warnings (COMMON interface 2)
+            result.warnings = script["warn"].split(",")
+        return result
 
 
 @contextmanager

@@ -97,7 +97,13 @@ def test_bench_prints_phase_times_passes_and_memory():
     assert run["method"] == "gooddrag" and run["size"] == 64
     assert {"lora", "inversion", "drag+denoise", "decode"} <= set(run["phases_s"])
     assert run["unet_passes"] > 0 and run["peak_memory_mb"] > 0
-    assert summary["runs"] == 1
+    # UNet work per phase next to the official code's, for the first edit and a re-drag.
+    assert run["kind"] == "first" and run["fe_total"] == sum(run["fe"].values()) > 0
+    assert run["official_fe_total"] == sum(run["official_fe"].values()) >= run["fe_total"]
+    assert run["official_defaults_fe_total"] == 1102
+    redrag = rows[1]
+    assert redrag["kind"] == "redrag" and redrag["fe"]["lora"] == 0
+    assert summary["runs"] == 2 and "redrag_over_first_fe" in summary["ratios"]["gooddrag"]
 
 
 def test_make_tiny_model_writes_a_loadable_single_file(tmp_path):

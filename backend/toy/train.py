@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from backend.engine.tiny import SD15_SCHEDULER
+from backend.engine.sd15 import SD15_SCHEDULER
 from backend.toy import data
 from backend.toy.architecture import (
     build_text_encoder,

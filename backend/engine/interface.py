@@ -1,0 +1,33 @@
+"""The engine interface the server (and the command line) program against.
+
+``backend.engine.pipeline.DragEngine`` implements it; so does the tests' fake engine. Torch-free,
+so the server can be typed against it without loading the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
+
+# preview(phase, step, rgb): a rough h×w×3 uint8 picture of the edit while it forms.
+PreviewFn = Callable[[str, int, np.ndarray], None]
+
+
+class Engine(Protocol):
+    """A loaded model that runs drag edits, one at a time."""
+
+    def info(self) -> dict[str, Any]:
+        """``model``, ``device``, ``memory`` (bytes) and whatever else describes the engine."""
+        ...
+
+    def run(self, request: DragRequest, progress: ProgressFn | None = None,
+            cancel: CancelToken | None = None,
+            preview: PreviewFn | None = None) -> DragResult:
+        """One edit. ``progress(phase, step, total)`` at every step, ``cancel`` checked there,
+        ``preview`` (optional) a few times while denoising. Raises ``EngineError`` subclasses
+        with messages a user can act on (``Cancelled`` when cancelled)."""
+        ...
