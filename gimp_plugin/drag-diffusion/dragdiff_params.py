@@ -37,13 +37,14 @@ class Knob:
 
 
 KNOBS = (
-    Knob("lora-steps", "lora_steps", "LoRA steps", True, 2000),
-    Knob("drag-steps", "drag_steps", "Drag steps", True, 5000),
-    Knob("inversion-strength", "inversion_strength", "Inversion strength", False, 1.0),
-    Knob("work-size", "work_size", "Working size (px)", True, 2048),
-    Knob("latent-lr", "latent_lr", "Latent learning rate", False, 1.0, advanced=True),
-    Knob("lam", "lam", "Mask-keeping weight (λ)", False, 100.0, advanced=True),
-    Knob("n-inference-steps", "n_inference_steps", "Diffusion steps", True, 1000, advanced=True),
+    Knob("lora-steps", "lora_steps", "LoR_A steps", True, 2000),
+    Knob("drag-steps", "drag_steps", "_Drag steps", True, 5000),
+    Knob("inversion-strength", "inversion_strength", "_Inversion strength", False, 1.0),
+    Knob("work-size", "work_size", "_Working size (px)", True, 2048),
+    Knob("latent-lr", "latent_lr", "Latent lear_ning rate", False, 1.0, advanced=True),
+    Knob("lam", "lam", "Mask-keepin_g weight (λ)", False, 100.0, advanced=True),
+    Knob("n-inference-steps", "n_inference_steps", "Di_ffusion steps", True, 1000,
+         advanced=True),
 )
 KNOB_BY_PROP = {k.prop: k for k in KNOBS}
 

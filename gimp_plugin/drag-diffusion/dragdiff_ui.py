@@ -25,9 +25,10 @@ gi.require_version("GdkPixbuf", "2.0")
 from gi.repository import GdkPixbuf, Gimp, GimpUi, GLib, GObject, Gtk  # noqa: E402
 
 PREVIEW_BOX = 256  # the preview's longest side on screen, pixels
-MAIN = ("method", "method-help", "prompt", "seed", "lora-steps", "drag-steps",
-        "inversion-strength", "work-size", "estimate", "notice", "advanced-expander")
-ADVANCED = ("latent-lr", "lam", "n-inference-steps", "advanced", "backend", "timeout",
+MAIN = ("method", "method-help", "prompt", "seed",
+        *(k.prop for k in par.KNOBS if not k.advanced), "estimate", "notice",
+        "advanced-expander")
+ADVANCED = (*(k.prop for k in par.KNOBS if k.advanced), "advanced", "backend", "timeout",
             "make-path")
 DEMO_NOTICE = ("Demo model: the backend serves the small model that ships with Drag "
                "Diffusion, fit for simple shapes only. For photos, install Stable Diffusion "
@@ -153,6 +154,8 @@ class SettingsDialog:
                            measured is not None, "fast" in table.methods)
 
     def run(self) -> bool:
+        """Show the dialog; remember what it holds until an edit with it succeeds (GIMP keeps
+        only a successful run's values, so a Cancel would lose what was typed)."""
         ok = bool(self.dialog.run())
         self.config.disconnect(self._notify)
         typed = snapshot(self.config)
