@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.engine.params import PRESETS
+from backend.engine.errors import InvalidInput
+from backend.engine.params import PRESETS, parse_assignments
 
 POINTS_HELP = (
     'handle→target pairs in image pixels, "x1,y1:x2,y2;x3,y3:x4,y4" '
@@ -49,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a method parameter, e.g. --set drag_steps=40 --set "
                    "work_size=384 (see --list-params)")
     p.add_argument("--list-params", action="store_true",
-                   help="print every method's parameters and defaults, then exit")
+                   help="print every parameter: its default per method, range and what it "
+                   "does (with --json: as JSON), then exit")
     p.add_argument("--lora-cache", default=None, help="LoRA cache folder")
     p.add_argument("--json", action="store_true", help="print the result summary as JSON")
     p.set_defaults(func=run_drag)
@@ -87,16 +89,11 @@ def parse_points(text: str) -> tuple[list[tuple[float, float]], list[tuple[float
 
 
 def parse_overrides(items: list[str]) -> dict:
-    out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set {item!r}: use KEY=VALUE, e.g. --set drag_steps=40")
-        try:
-            out[key] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
-        except json.JSONDecodeError:
-            raise UsageError(f"--set {item!r}: the value must be a number or true/false") from None
-    return out
+    """``--set KEY=VALUE`` items → knob values (``params.parse_assignments``)."""
+    try:
+        return parse_assignments(items, "--set")
+    except InvalidInput as exc:
+        raise UsageError(str(exc)) from None
 
 
 def read_image(path: str) -> np.ndarray:
@@ -139,13 +136,31 @@ def write_image(path: str, image: np.ndarray) -> None:
     Image.fromarray(image[..., 0] if image.shape[2] == 1 else image, mode).save(path)
 
 
+def format_params(defaults: dict[str, dict], specs: dict[str, dict]) -> str:
+    """Every knob with its default per method, its range and what it does (``--list-params``)."""
+    methods = list(defaults)
+    lines = ["defaults per method: " + ", ".join(methods), ""]
+    for name, spec in specs.items():
+        values = [defaults[m][name] for m in methods]
+        shown = (f"{values[0]}" if len(set(map(str, values))) == 1
+                 else " / ".join(str(v) for v in values))
+        allowed = ("true/false" if spec["type"] == "bool"
+                   else f"{spec['type']} {spec['min']:g}..{spec['max']:g}")
+        lines.append(f"{name} = {shown}  ({allowed})")
+        lines.append(f"    {spec['help']}")
+    return "\n".join(lines)
+
+
 # -- commands ---------------------------------------------------------------------------------
 
 def run_drag(args: argparse.Namespace) -> int:
-    from backend.engine.params import defaults_table
+    from backend.engine.params import defaults_table, spec_table
 
     if args.list_params:
-        print(json.dumps(defaults_table(), indent=2))
+        if args.json:
+            print(json.dumps({"defaults": defaults_table(), "specs": spec_table()}, indent=2))
+        else:
+            print(format_params(defaults_table(), spec_table()))
         return 0
     try:
         return _drag(args)

@@ -86,7 +86,8 @@ class MetaRun(TorchFunctionMode):
         if meta and func in _HOST_READS:
             return self._host_read(_HOST_READS[func], args[0])
         if func is torch.Tensor.to and isinstance(args[0], torch.Tensor):
-            device, dtype, *_ = torch._C._nn._parse_to(*args[1:], **kwargs)
+            to_kwargs = {k: v for k, v in kwargs.items() if k != "copy"}  # not parsed there
+            device, dtype, *_ = torch._C._nn._parse_to(*args[1:], **to_kwargs)
             if meta and device is not None and device.type == "cpu":
                 return self._host_read("cpu", args[0]).to(dtype or args[0].dtype)
             if not meta and device is not None and device.type == "meta":

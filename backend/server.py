@@ -21,8 +21,15 @@ from typing import Any
 from backend import __version__
 from backend.engine.errors import EngineError
 from backend.engine.interface import Engine
-from backend.engine.params import defaults_table, resolve
-from backend.server_engine import EngineWorker, JobEnded, JobEvent, ModelLoaded, plain
+from backend.engine.params import defaults_table, method_descriptions, resolve, spec_table
+from backend.server_engine import (
+    ACCEPTED_DTYPES,
+    EngineWorker,
+    JobEnded,
+    JobEvent,
+    ModelLoaded,
+    plain,
+)
 from backend.server_jobs import FairQueue, Job, JobTable, Terminal
 from backend.server_transport import (
     DEFAULT_BIND,
@@ -124,8 +131,8 @@ class Server:
                 if self._stop_reason and self._stop_deadline is None:
                     self._begin_shutdown(self._stop_reason)
                 if self._stop_deadline is not None:
-                    if not self._worker.is_alive() and self._worker.idle():
-                        break
+                    if self._jobs.running is None and self._worker.idle():
+                        break  # every job has ended and its last event is out
                     if now > self._stop_deadline:
                         log.warning("the engine did not stop within %.0f s; exiting anyway",
                                     self.shutdown_grace)
@@ -133,6 +140,7 @@ class Server:
         finally:
             if self.connection_file is not None:
                 remove_connection_file(self.connection_file, self.endpoint)
+            self._worker.join(2.0)  # it ends after its last job (or keeps loading a model)
             self._transport.close(term=not self._worker.is_alive())
             log.info("stopped")
 
@@ -197,8 +205,11 @@ class Server:
             "model": {"name": str(info.get("model", self.model_name)),
                       "state": self._model_state, "error": self._model_error},
             "methods": plain(defaults_table()),
+            "parameters": spec_table(),
+            "descriptions": method_descriptions(),
             "default_method": "dragdiffusion",
             "limits": self.limits.as_dict(),
+            "dtypes": list(ACCEPTED_DTYPES),
             "client_ttl": self.client_ttl,
             "queue": {"queued": len(self._jobs.queue),
                       "running": running.job_id if running else None},
@@ -234,7 +245,8 @@ class Server:
         if self._stop_reason:
             raise ProtocolError(wire.SHUTTING_DOWN, "the backend is shutting down; start it "
                                 "again and resubmit")
-        wire.check_submit(content, [len(b) for b in message.buffers], self.limits)
+        wire.check_submit(content, [len(b) for b in message.buffers], self.limits,
+                          ACCEPTED_DTYPES)
         try:
             resolve(content["method"], content["params"])
         except EngineError as exc:

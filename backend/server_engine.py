@@ -28,6 +28,10 @@ from protocol import wire
 
 log = logging.getLogger("backend.server")
 
+# Pixel types the engine takes (wire name -> numpy dtype); uint8 until the engine keeps 16-bit
+# and float images exact (COMMON interface 3).
+NUMPY_DTYPES = {"u8": np.dtype(np.uint8)}
+ACCEPTED_DTYPES = tuple(NUMPY_DTYPES)
 PROGRESS_INTERVAL = 0.05  # seconds between progress events of one job (phase changes always)
 PREVIEW_INTERVAL = 0.5
 
@@ -95,6 +99,10 @@ class EngineWorker:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def run(self, job: Job) -> None:
         """Hand a job to the engine (the caller runs one at a time)."""
         self._inbox.put(job)
@@ -136,8 +144,9 @@ class EngineWorker:
 
     def _run(self, engine: Engine, job: Job) -> JobEnded:
         r = job.request
-        image = np.frombuffer(job.buffers[0], np.uint8).reshape(r["height"], r["width"],
-                                                                 r["channels"])
+        dtype = NUMPY_DTYPES[r["dtype"]]
+        image = np.frombuffer(job.buffers[0], dtype).reshape(r["height"], r["width"],
+                                                              r["channels"])
         mask = (np.frombuffer(job.buffers[1], np.uint8).reshape(r["height"], r["width"])
                 if r["has_mask"] else None)
         request = DragRequest(image=image, mask=mask, method=r["method"], prompt=r["prompt"],
@@ -165,13 +174,14 @@ class EngineWorker:
                 error = {"code": wire.ENGINE_ERROR, "message": f"the edit failed: "
                          f"{type(exc).__name__}: {exc}"}
             return JobEnded(job, wire.ERROR, {"job_id": jid, **error, "detail": detail})
-        pixels = np.ascontiguousarray(result.image, dtype=np.uint8)
+        pixels = np.ascontiguousarray(result.image, dtype=dtype)
         h, w = pixels.shape[:2]
         channels = pixels.shape[2] if pixels.ndim == 3 else 1
         return JobEnded(job, wire.FINISHED, {
             "job_id": jid, "width": w, "height": h, "channels": channels,
-            "handles": [[float(x), float(y)] for x, y in result.handles],
+            "dtype": r["dtype"], "handles": [[float(x), float(y)] for x, y in result.handles],
             "timings": plain(result.timings), "stats": plain(result.stats),
+            "warnings": [str(text) for text in getattr(result, "warnings", [])],
         }, [pixels.tobytes()])
 
     def _progress_callback(self, job: Job) -> ProgressFn:

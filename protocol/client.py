@@ -88,11 +88,24 @@ class Event:
         return self.content[name]
 
 
+# memoryview formats of numpy/array buffers -> the wire's pixel type
+_FORMAT_DTYPES = {"B": "u8", "b": "u8", "c": "u8", "H": "u16", "<H": "u16", "=H": "u16",
+                  "f": "f32", "<f": "f32", "=f": "f32"}
+
+
 def _as_bytes(data: Any) -> memoryview:
     view = memoryview(data)
     if not view.c_contiguous:
         raise ValueError("pixel data must be C-contiguous")
     return view.cast("B")
+
+
+def _pixel_dtype(data: Any) -> str:
+    """The wire pixel type of a buffer, from its format (bytes and uint8 arrays: ``u8``)."""
+    fmt = memoryview(data).format
+    if fmt not in _FORMAT_DTYPES:
+        raise ValueError(f"pixel data of format {fmt!r} is not uint8, uint16 or float32")
+    return _FORMAT_DTYPES[fmt]
 
 
 class Client:
@@ -159,18 +172,21 @@ class Client:
                handles: Sequence[tuple[float, float]], targets: Sequence[tuple[float, float]],
                *, job_id: str | None = None, mask: Buffer | Any | None = None,
                method: str = "dragdiffusion", params: dict[str, Any] | None = None,
-               prompt: str = "", seed: int = 0, preview: bool = False) -> str:
+               prompt: str = "", seed: int = 0, preview: bool = False,
+               dtype: str | None = None) -> str:
         """Queue a drag edit and return its job id at once; then iterate ``events(job_id)``.
 
-        ``image`` is ``width × height × channels`` bytes (any C-contiguous buffer, e.g. a
-        numpy array); ``mask`` is ``width × height`` bytes, >0 where the image may change.
+        ``image`` is ``width × height × channels`` samples (any C-contiguous buffer, e.g. a
+        numpy array) of ``dtype`` ``u8``, ``u16`` or ``f32`` (default: from the buffer's
+        format); ``mask`` is ``width × height`` bytes, >0 where the image may change.
         Re-submitting with the same ``job_id`` never runs the edit twice.
         """
         job_id = job_id or wire.new_id()
+        dtype = dtype or _pixel_dtype(image)
         buffers = [_as_bytes(image)] + ([_as_bytes(mask)] if mask is not None else [])
         content = {
             "job_id": job_id, "width": int(width), "height": int(height),
-            "channels": int(channels), "has_mask": mask is not None,
+            "channels": int(channels), "dtype": dtype, "has_mask": mask is not None,
             "handles": [[float(x), float(y)] for x, y in handles],
             "targets": [[float(x), float(y)] for x, y in targets],
             "method": method, "params": dict(params or {}), "prompt": prompt,
@@ -179,7 +195,8 @@ class Client:
         limits = wire.Limits(**{k: v for k, v in (self.server_info or {}).get("limits", {}).items()
                                 if k in wire.Limits.__dataclass_fields__})
         try:
-            wire.check_submit(content, [b.nbytes for b in buffers], limits)
+            wire.check_submit(content, [b.nbytes for b in buffers], limits,
+                              (self.server_info or {}).get("dtypes", tuple(wire.PIXEL_DTYPES)))
         except ProtocolError as exc:
             raise JobFailed(exc.message, exc.code, exc.detail) from None
         size = sum(b.nbytes for b in buffers)

@@ -78,6 +78,10 @@ MAX_ARRAY_LEN = 1024
 MAX_BUFFERS = 2
 MAX_SEED = 2**63
 
+# Pixel sample types (section 3): wire name -> bytes per sample. Multi-byte samples are
+# little-endian; ``f32`` is nominally 0–1 and may exceed it.
+PIXEL_DTYPES = {"u8": 1, "u16": 2, "f32": 4}
+
 
 class ProtocolError(Exception):
     """A message broke the protocol; ``code`` is one of ``ERROR_CODES``."""
@@ -359,13 +363,16 @@ SCHEMAS: dict[str, dict[str, tuple[str, Any]]] = {
     HELLO: {"client": ("str", "")},
     HELLO_REPLY: {"protocol_version": ("str", _R), "backend_version": ("str", _R),
                   "server_session": ("str", _R), "device": ("str", _R), "memory": ("map", {}),
-                  "model": ("map", _R), "methods": ("map", _R), "default_method": ("str", _R),
-                  "limits": ("map", _R), "client_ttl": ("num", 60.0), "queue": ("map", {}),
+                  "model": ("map", _R), "methods": ("map", _R), "parameters": ("map", {}),
+                  "descriptions": ("map", {}), "default_method": ("str", _R),
+                  "limits": ("map", _R), "dtypes": ("strs", ["u8"]),
+                  "client_ttl": ("num", 60.0), "queue": ("map", {}),
                   "security": ("map", {})},
     SUBMIT: {"job_id": ("job", _R), "width": ("int", _R), "height": ("int", _R),
              "channels": ("int", _R), "has_mask": ("bool", False), "handles": ("points", _R),
              "targets": ("points", _R), "method": ("str", _R), "params": ("map", {}),
-             "prompt": ("str", ""), "seed": ("int", 0), "preview": ("bool", False)},
+             "prompt": ("str", ""), "seed": ("int", 0), "preview": ("bool", False),
+             "dtype": ("str", "u8")},
     SUBMIT_REPLY: {"job_id": ("job", _R), "state": ("str", _R), "position": ("int?", None),
                    "duplicate": ("bool", False)},
     ATTACH: {"job_id": ("job", _R)},
@@ -386,7 +393,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, Any]]] = {
               "width": ("int", _R), "height": ("int", _R), "channels": ("int", _R)},
     FINISHED: {"job_id": ("job", _R), "width": ("int", _R), "height": ("int", _R),
                "channels": ("int", _R), "handles": ("points", _R), "timings": ("map", {}),
-               "stats": ("map", {})},
+               "stats": ("map", {}), "dtype": ("str", "u8"), "warnings": ("strs", [])},
     CANCELLED: {"job_id": ("job", _R), "reason": ("str", _R)},
 }
 
@@ -429,11 +436,16 @@ def check_content(message: Message) -> dict[str, Any]:
 
 
 def check_submit(content: dict[str, Any], buffer_sizes: Sequence[int],
-                 limits: Limits) -> None:
-    """Check a submit's values against ``limits`` (section 3); raise ``invalid_input``."""
+                 limits: Limits, dtypes: Sequence[str] = tuple(PIXEL_DTYPES)) -> None:
+    """Check a submit's values against ``limits`` and the pixel types the server accepts
+    (section 3; ``hello_reply.dtypes``); raise ``invalid_input``."""
     def invalid(message: str) -> ProtocolError:
         return ProtocolError(INVALID_INPUT, message)
 
+    dtype = content.get("dtype", "u8")
+    if dtype not in dtypes or dtype not in PIXEL_DTYPES:
+        raise invalid(f"pixel type {dtype!r:.20} is not accepted by this backend; it accepts "
+                      f"{', '.join(dtypes)} (convert the image to 8 bits per channel)")
     w, h, c = content["width"], content["height"], content["channels"]
     if not (1 <= w <= limits.max_side and 1 <= h <= limits.max_side):
         raise invalid(f"image size {w}×{h} is outside 1…{limits.max_side} pixels per side; "
@@ -443,9 +455,9 @@ def check_submit(content: dict[str, Any], buffer_sizes: Sequence[int],
                       "crop to a selection or scale down")
     if c not in (1, 2, 3, 4):
         raise invalid(f"channels must be 1, 2, 3 or 4, got {c}")
-    expected = [w * h * c] + ([w * h] if content["has_mask"] else [])
+    expected = [w * h * c * PIXEL_DTYPES[dtype]] + ([w * h] if content["has_mask"] else [])
     if list(buffer_sizes) != expected:
-        raise invalid(f"pixel buffers have {list(buffer_sizes)} bytes but {w}×{h}×{c}"
+        raise invalid(f"pixel buffers have {list(buffer_sizes)} bytes but {w}×{h}×{c} {dtype}"
                       f"{' plus a mask' if content['has_mask'] else ''} needs {expected}")
     handles, targets = content["handles"], content["targets"]
     if not 1 <= len(handles) <= limits.max_points:

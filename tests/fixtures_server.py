@@ -29,7 +29,8 @@ from protocol.client import Client
 
 
 class FakeEngine(Engine):
-    """Runs 'phases' of sleep steps; the prompt scripts it: ``steps=N delay=S raise=oom|crash``.
+    """Runs 'phases' of sleep steps; the prompt scripts it: ``steps=N delay=S raise=oom|crash
+    warn=A,B``.
 
     The result is the inverted input; the final handles are the targets. It checks the cancel
     token before every step, like the real engine, and records what it ran.
@@ -74,8 +75,11 @@ class FakeEngine(Engine):
                 timings[phase] = time.monotonic() - t0
         finally:
             self.steps_after_cancel.append(after_cancel)
-        return DragResult(image=255 - request.image, handles=list(request.targets),
-                          timings=timings, stats={"steps": np.int32(steps), "shape": (1, 2)})
+        result = DragResult(image=255 - request.image, handles=list(request.targets),
+                            timings=timings, stats={"steps": np.int32(steps), "shape": (1, 2)})
+        if "warn" in script:  # DragResult.warnings (COMMON interface 2)
+            result.warnings = script["warn"].split(",")
+        return result
 
 
 @contextmanager

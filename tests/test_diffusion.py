@@ -88,7 +88,7 @@ def test_features_and_eps_come_from_one_forward_pass(tiny):
         eps_only = runner.eps(z, 681)
         none, feat_early = runner.eps_and_features(z, 681, grid=(32, 32), need_eps=False)
     assert runner.passes == 3
-    assert feat.shape == (1, 64, 32, 32)  # first full-resolution up block, upsampled ×2
+    assert feat.shape == (1, 32, 32, 32)  # up_blocks[2] (SD1.5: 640 channels), upsampled ×2
     torch.testing.assert_close(eps, eps_only)
     assert none is None
     torch.testing.assert_close(feat, feat_early)
@@ -105,8 +105,8 @@ def test_feature_gradients_reach_the_latent(tiny):
 
 def test_default_feature_block_is_sd15_up_blocks_2(sd15_unet_meta, tiny):
     assert resolve_feature_block(sd15_unet_meta, -1) == 2
-    assert resolve_feature_block(tiny[0].unet, -1) == 0
-    with pytest.raises(InvalidInput, match="2 up blocks"):
+    assert resolve_feature_block(tiny[0].unet, -1) == 2
+    with pytest.raises(InvalidInput, match="4 up blocks"):
         resolve_feature_block(tiny[0].unet, 5)
 
 

@@ -69,3 +69,135 @@ def test_without_a_mask_the_forwards_stop_after_the_feature_block(engine):
                                    params={"lora_steps": 0})).stats["work"]
     assert work["truncated"] == 1 + 3  # F⁰ and every drag forward: the loss needs no ε
     assert work["fe"]["drag"] == 6  # counted as whole forwards (an upper bound)
+
+
+def base_weights(engine) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in engine.model.unet.state_dict().items()}
+
+
+def assert_same_weights(engine, expected) -> None:
+    now = engine.model.unet.state_dict()
+    assert now.keys() == expected.keys()
+    assert all(torch.equal(now[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("method", ["dragdiffusion", "gooddrag"])
+def test_a_redrag_skips_lora_and_inversion_and_matches_an_uncached_run(engine, method,
+                                                                         tiny_model_dir,
+                                                                         tmp_path_factory):
+    first = engine.run(make_request(method))
+    assert first.stats["reused"] == {"lora": False, "inversion": False}
+    again = engine.run(make_request(method, targets=[(10.0, 30.0)]))  # new points
+    work = again.stats["work"]
+    assert again.stats["reused"] == {"lora": True, "inversion": True}
+    # Only the drag and the denoising ran: no LoRA, no inversion, no reference features.
+    assert work["fe"]["lora"] == work["fe"]["inversion"] == work["fe"]["reference"] == 0
+    assert work["fe"]["drag"] > 0 and work["fe"]["denoise"] > 0
+    assert work["official_fe"]["inversion"] > 0 and work["official_fe"]["lora"] == 0
+
+    cold = DragEngine.load(str(tiny_model_dir), device="cpu", reuse=False,
+                           lora_cache_dir=str(tmp_path_factory.mktemp("cold")))
+    fresh = cold.run(make_request(method, targets=[(10.0, 30.0)]))
+    assert fresh.stats["work"]["fe"]["inversion"] > 0 and fresh.stats["work"]["fe"]["lora"] > 0
+    np.testing.assert_array_equal(again.image, fresh.image)
+    assert again.handles == fresh.handles
+
+
+@pytest.mark.parametrize("change", [
+    {"prompt": "a blue square"},
+    {"seed": 4},  # the LoRA's seed
+    {"params": {"inversion_strength": 0.6}},
+    {"params": {"n_inference_steps": 12}},
+    {"params": {"work_size": 72}},
+    {"params": {"feature_block": 1}},
+    {"params": {"lora_steps": 3}},
+    {"params": {"lora_steps": 0}},
+    {"image": "one pixel"},
+])
+def test_any_change_the_inversion_depends_on_misses_the_cache(engine, change):
+    engine.run(make_request())
+    change = dict(change)
+    if change.get("image") == "one pixel":
+        image = make_request().image.copy()
+        image[30, 30, 0] ^= 1
+        change["image"] = image
+    work = engine.run(make_request(**change)).stats["work"]
+    assert work["fe"]["inversion"] > 0
+
+
+def test_a_cached_lora_stays_merged_and_is_restored_exactly(engine):
+    base = base_weights(engine)
+    engine.run(make_request())
+    merged = engine.merged_lora.key
+    assert merged is not None
+    changed = engine.model.unet.state_dict()
+    assert any(not torch.equal(changed[k], base[k]) for k in base)  # merged into the weights
+    assert not any("lora_" in k for k in changed)  # no adapter layers left in the UNet
+    # Another image: the first LoRA is replaced (restored, then the new one merged).
+    image = make_request().image[::-1].copy()
+    engine.run(make_request(image=image))
+    assert engine.merged_lora.key not in (None, merged)
+    # An edit without LoRA runs on the exact base weights.
+    engine.run(make_request(params={"lora_steps": 0}))
+    assert engine.merged_lora.key is None
+    assert_same_weights(engine, base)
+
+
+def test_without_reuse_nothing_stays_merged_or_cached(tiny_model_dir, tmp_path):
+    engine = DragEngine.load(str(tiny_model_dir), device="cpu", lora_cache_dir=str(tmp_path),
+                             reuse=False)
+    base = base_weights(engine)
+    engine.run(make_request())
+    assert_same_weights(engine, base)
+    second = engine.run(make_request(targets=[(10.0, 30.0)]))
+    assert second.stats["work"]["fe"]["inversion"] > 0  # inverted again
+    assert second.stats["work"]["fe"]["lora"] == 0  # but the LoRA came from the disk cache
+
+
+def test_memos_over_the_byte_budget_are_dropped(engine):
+    from backend.engine.redrag import RedragCache
+
+    engine.redrag = RedragCache(max_bytes=1)
+    engine.run(make_request("gooddrag"))
+    (entry,) = engine.redrag._entries.values()
+    assert entry.memo == {}  # the trajectory did not fit; z_t* alone is kept
+    work = engine.run(make_request("gooddrag", targets=[(10.0, 30.0)])).stats["work"]
+    assert work["fe"]["inversion"] == 0 and work["fe"]["reference"] == 2
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_high_bit_depth_comes_back_in_its_dtype_exact_outside_the_mask(engine, dtype, channels):
+    rng = np.random.default_rng(5)
+    if dtype == np.float32:
+        image = rng.uniform(-0.1, 1.3, (48, 64, channels)).astype(np.float32)
+    else:
+        image = rng.integers(0, 65536, (48, 64, channels), dtype=np.uint16)
+    request = make_request(image=image, params={"lora_steps": 0})
+    result = engine.run(request)
+    assert result.image.dtype == image.dtype and result.image.shape == image.shape
+    outside = request.mask == 0
+    assert result.image[outside].tobytes() == image[outside].tobytes()
+    if channels == 4:
+        assert result.image[..., 3].tobytes() == image[..., 3].tobytes()
+    assert not np.array_equal(result.image[~outside], image[~outside])
+    if dtype == np.uint16:  # a 16-bit result, not 8-bit values scaled up
+        assert (result.image[~outside] % 257 != 0).mean() > 0.5
+
+
+def test_the_blend_width_follows_the_working_to_full_scale(engine):
+    """A 320-px image edited at 64 px: the default 3-px feather becomes 15 px at full size."""
+    image = np.zeros((240, 320, 3), np.uint8)
+    mask = np.zeros((240, 320), np.uint8)
+    mask[:, 160:] = 255
+    request = make_request(image=image, mask=mask, handles=[(200.0, 120.0)],
+                           targets=[(220.0, 120.0)])
+    from backend.engine.params import resolve
+
+    _, params = resolve("dragdiffusion", request.params)
+    prep = engine.prepare(request, params)
+    assert prep.work == (64, 48)
+    row = engine.finish(prep, np.ones((48, 64, 3), np.float32), params)[120, :, 0].astype(int)
+    assert (row[:160] == 0).all() and (row[175:] == 255).all()
+    assert 0 < row[160] < 30 and 100 < row[167] < 155  # half way at half the width
+    assert np.diff(row[159:176]).max() <= 30

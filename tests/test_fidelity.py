@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from backend.engine.devices import PRECISIONS
 from backend.engine.params import DragParams
 from backend.engine.pipeline import DragEngine
 from backend.engine.types import DragRequest
@@ -20,7 +21,8 @@ from backend.engine.types import DragRequest
 
 def _engine() -> DragEngine:
     """An engine whose model is only what ``prepare``/``drag_context`` read (no weights)."""
-    model = SimpleNamespace(vae_scale_factor=8, device=torch.device("cpu"), dtype=torch.float32)
+    model = SimpleNamespace(vae_scale_factor=8, device=torch.device("cpu"), dtype=torch.float32,
+                            precision=PRECISIONS["fp32"])
     return DragEngine(model)  # type: ignore[arg-type]
 
 

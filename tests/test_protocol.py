@@ -25,13 +25,18 @@ SAMPLES: dict[str, tuple[dict, list[bytes]]] = {
                         "server_session": "s", "device": "cpu", "memory": {"total": 1},
                         "model": {"name": "m", "state": "ready", "error": None},
                         "methods": {"dragdiffusion": {"work_size": 512}},
+                        "parameters": {"work_size": {"type": "int", "min": 64, "max": 2048,
+                                                     "step": 64, "help": "working size"}},
+                        "descriptions": {"dragdiffusion": "the default"},
                         "default_method": "dragdiffusion", "limits": Limits().as_dict(),
+                        "dtypes": ["u8"],
                         "client_ttl": 60.0,
                         "queue": {"queued": 0, "running": None},
                         "security": {"signature_scheme": "hmac-sha256", "curve": False}}, []),
     wire.SUBMIT: ({"job_id": JOB, "width": 4, "height": 2, "channels": 3, "has_mask": True,
                    "handles": [[1.0, 1.5]], "targets": [[3, 1]], "method": "gooddrag",
-                   "params": {"work_size": 64}, "prompt": "a cat", "seed": 7, "preview": False},
+                   "params": {"work_size": 64}, "prompt": "a cat", "seed": 7, "preview": False,
+                   "dtype": "u8"},
                   [PIXELS, bytes(8)]),
     wire.SUBMIT_REPLY: ({"job_id": JOB, "state": "queued", "position": 2, "duplicate": False},
                         []),
@@ -50,7 +55,9 @@ SAMPLES: dict[str, tuple[dict, list[bytes]]] = {
     wire.PREVIEW: ({"job_id": JOB, "phase": "drag", "step": 3, "width": 4, "height": 2,
                     "channels": 3}, [PIXELS]),
     wire.FINISHED: ({"job_id": JOB, "width": 4, "height": 2, "channels": 3,
-                     "handles": [[3.0, 1.0]], "timings": {"drag": 1.25}, "stats": {}}, [PIXELS]),
+                     "handles": [[3.0, 1.0]], "timings": {"drag": 1.25}, "stats": {},
+                     "dtype": "u8", "warnings": ["a handle lies outside the selection"]},
+                    [PIXELS]),
     wire.CANCELLED: ({"job_id": JOB, "reason": "client"}, []),
 }
 
@@ -264,6 +271,18 @@ def test_check_submit_limits(changes, sizes, match):
     with pytest.raises(ProtocolError, match=match) as err:
         wire.check_submit(_submit(**changes), sizes, Limits())
     assert err.value.code == wire.INVALID_INPUT
+
+
+def test_check_submit_pixel_types():
+    wire.check_submit(_submit(dtype="u16"), [48], Limits())
+    wire.check_submit(_submit(dtype="f32"), [96], Limits())
+    with pytest.raises(ProtocolError, match="needs") as err:
+        wire.check_submit(_submit(dtype="u16"), [24], Limits())
+    assert err.value.code == wire.INVALID_INPUT
+    for dtype in ("f64", "u16"):
+        with pytest.raises(ProtocolError, match="accepts u8") as err:
+            wire.check_submit(_submit(dtype=dtype), [48], Limits(), ("u8",))
+        assert err.value.code == wire.INVALID_INPUT
 
 
 def test_check_submit_pixel_limit():

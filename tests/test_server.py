@@ -9,6 +9,7 @@ import pytest
 from fixtures_server import FakeEngine, RawPeer, client_for, image, running_server, submit
 
 from backend.engine.errors import ModelNotFound
+from backend.engine.params import method_descriptions, spec_table
 from backend.server import FairQueue, Job, Server, ServerError
 from protocol import wire
 from protocol.client import (
@@ -37,6 +38,15 @@ def test_hello_describes_the_backend():
     assert info["security"] == {"signature_scheme": "hmac-sha256", "curve": False}
 
 
+def test_hello_carries_the_parameter_table_and_method_descriptions():
+    with running_server(FakeEngine()) as server, client_for(server) as client:
+        info = client.hello()
+    assert info["parameters"] == spec_table()
+    assert info["parameters"]["latent_lr"]["min"] > 0 and info["parameters"]["latent_lr"]["help"]
+    assert info["descriptions"] == method_descriptions()
+    assert set(info["descriptions"]) == set(info["methods"])
+
+
 def test_full_job_events_in_order():
     engine = FakeEngine(steps=4)
     with running_server(engine) as server, client_for(server) as client:
@@ -63,6 +73,17 @@ def test_full_job_events_in_order():
     assert (request.method, request.prompt, request.seed) == ("gooddrag", "a photo", 5)
     assert request.params == {"work_size": 64}
     assert request.handles == [(1.0, 1.0)] and request.targets == [(4.0, 3.0)]
+
+
+def test_finished_carries_the_pixel_type_and_the_engine_warnings():
+    with running_server(FakeEngine()) as server, client_for(server) as client:
+        assert client.hello()["dtypes"] == ["u8"]
+        done = collect(client, submit(client, prompt="warn=one,two"))[-1]
+        assert done["dtype"] == "u8" and done["warnings"] == ["one", "two"]
+        assert collect(client, submit(client))[-1]["warnings"] == []
+        with pytest.raises(JobFailed, match="accepts u8") as err:  # uint16 until the engine
+            submit(client, image=bytes(8 * 6 * 3 * 2), dtype="u16")
+        assert err.value.code == wire.INVALID_INPUT
 
 
 def test_slow_steps_all_reported():
@@ -278,6 +299,7 @@ def test_jobs_queued_while_the_model_loads_run_afterwards():
     ({"method": "nope"}, wire.INVALID_INPUT),
     ({"params": {"no_such_knob": 1}}, wire.INVALID_INPUT),
     ({"params": {"work_size": 1}}, wire.INVALID_INPUT),
+    ({"dtype": "u16"}, wire.INVALID_INPUT),
 ])
 def test_invalid_submits_are_refused(kwargs, code):
     with running_server(FakeEngine()) as server, client_for(server) as client:

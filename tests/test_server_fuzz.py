@@ -7,6 +7,7 @@ how many cases ran.
 
 from __future__ import annotations
 
+import math
 import time
 
 import msgpack
@@ -15,6 +16,8 @@ from fixtures_server import FakeEngine, RawPeer, client_for, image, running_serv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from backend.engine.errors import InvalidInput
+from backend.engine.params import SPECS, resolve
 from protocol import wire
 
 EXAMPLES = 200
@@ -249,6 +252,47 @@ def test_hostile_msgpack_in_a_signed_frame(server, peer):
 
     check()
     report("hostile msgpack", count)
+
+
+hostile_numbers = st.sampled_from([math.nan, math.inf, -math.inf, 2**64 - 1, -2**63, 1e308,
+                                   -1e-308, 0, -1, 0.5, True, False])
+param_values = hostile_numbers | msgpack_values
+
+
+def test_hostile_parameters_are_invalid_input(server, peer):
+    """Every bad ``params`` map is refused as ``invalid_input`` naming the knob (issue 11.1)."""
+    count = 0
+    knobs = st.sampled_from(sorted(SPECS))
+    names = knobs | st.text(max_size=12) | st.binary(min_size=1, max_size=12)
+
+    @SETTINGS
+    @given(params=st.dictionaries(names, param_values, min_size=1, max_size=4))
+    def check(params):
+        nonlocal count
+        count += 1
+        job_id = f"param{count}"
+        content = {"job_id": job_id, "width": 8, "height": 6, "channels": 3,
+                   "handles": [[1, 1]], "targets": [[2, 2]], "method": "gooddrag",
+                   "params": params, "prompt": "steps=1"}
+        header, frames = peer.session.serialize(wire.SUBMIT, content, job_id=job_id,
+                                                buffers=[image()])
+        peer.send(frames)
+        (reply,) = replies_before_pong(peer, header["msg_id"])
+        try:
+            resolve("gooddrag", params)
+        except InvalidInput as exc:
+            assert reply.msg_type == wire.ERROR, reply.content
+            assert reply.content["code"] == wire.INVALID_INPUT, reply.content
+            assert reply.content["message"] == str(exc)
+            bad = [k for k in params if isinstance(k, str) and k in SPECS
+                   and f"{k!r}" in str(exc)]
+            assert bad or any(s in str(exc) for s in ("parameter names", "unknown parameter",
+                                                      "UNet passes"))
+        else:
+            assert reply.msg_type == wire.SUBMIT_REPLY, reply.content
+
+    check()
+    report("hostile parameters", count)
 
 
 def test_oversized_frame_is_dropped_and_the_server_serves_on():

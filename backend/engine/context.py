@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,6 +31,17 @@ class DragContext:
     preview: Callable[[str, int, torch.Tensor], None] | None = None
     stats: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # for the user (DragResult.warnings)
+    # Values derived from z_t* alone, kept for a re-drag of the same image (engine.redrag).
+    memo: dict | None = None
+
+    def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, or what it returned in an earlier edit of the same image and settings
+        (``key`` names everything besides z_t* that the value depends on)."""
+        if self.memo is None:
+            return compute()
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
     def step(self, phase: str, step: int, total: int) -> None:
         """Report progress and honour cancellation (called once per step)."""

@@ -1,8 +1,8 @@
 """DDIM inversion and denoising, and UNet decoder features from the same forward pass.
 
-The scheduler logic is written out (drag-methods.md §1.1–§1.3) instead of hidden in
-``DDIMScheduler.step`` so the inversion, the one-step-denoised latent of the mask term and the
-denoising loop visibly use the same formulas.
+The scheduler logic is written out (docs/algorithms.md §1: Schedule, Inversion, Features)
+instead of hidden in ``DDIMScheduler.step`` so the inversion, the one-step-denoised latent of
+the mask term and the denoising loop visibly use the same formulas.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def run_inversion(
     z0: torch.Tensor,
     step_callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """DDIM-invert the clean latent ``z0`` up to t* (drag-methods.md §1.2)."""
+    """DDIM-invert the clean latent ``z0`` up to t* (docs/algorithms.md §1, Inversion)."""
     z = z0
     steps = schedule.inversion_timesteps
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""GoodDrag (Zhang et al., ICLR 2025), as the official code runs it (drag-methods.md §3).
+"""GoodDrag (Zhang et al., ICLR 2025), as the official code runs it (docs/algorithms.md §3).
 
 Alternating Drag and Denoising (AlDD): at each of the first ``drag_end_step`` denoising steps
 the latent is dragged a little (information-preserving motion supervision against the original
@@ -61,7 +61,10 @@ def drag_at_timestep(
     ctx: DragContext, z: torch.Tensor, t: int, feat0: torch.Tensor, z0_prev: torch.Tensor,
     tracker: _Tracker, total_adam: int,
 ) -> tuple[torch.Tensor, bool]:
-    """One AlDD drag phase at timestep t (§3.3). Returns (dragged latent, keep dragging?)."""
+    """One AlDD drag phase at timestep t (docs/algorithms.md §3).
+
+    Returns (dragged latent, keep dragging?).
+    """
     p, runner = ctx.params, ctx.runner
     z = z.clone().float().requires_grad_(True)
     optimiser = torch.optim.Adam([z], lr=p.latent_lr)  # fresh moments at every timestep
@@ -118,7 +121,8 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[Grid
     p, schedule, runner = ctx.params, ctx.schedule, ctx.runner
     timesteps = schedule.denoise_timesteps
     n_drag = min(p.drag_end_step, len(timesteps))
-    feats0, latents0 = original_trajectory(ctx, z_star, n_drag)
+    feats0, latents0 = ctx.cached(("trajectory", n_drag, ctx.grid),
+                                  lambda: original_trajectory(ctx, z_star, n_drag))
     tracker = _Tracker(ctx.handles)
     total_adam = n_drag * p.track_per_denoise * p.max_drag_per_track
 
@@ -148,7 +152,7 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[Grid
 
 
 def _denoise_rest(ctx: DragContext, z_orig, z_edit, timesteps: list[int], total: int):
-    """Denoise the remaining steps, with reference attention from the first of them (§3.2)."""
+    """Denoise the remaining steps, reference attention from the first (algorithms.md §3, 3)."""
     offset = total - len(timesteps)
 
     def on_step(j: int, _n: int) -> None:

@@ -9,15 +9,17 @@ Training data, per method:
 
 * DragDiffusion: every step, every batch item takes a fresh random square crop of the working
   image and VAE-encodes it (``latent_dist.sample()``). The reference first resizes the short side
-  to 512 and then crops 512×512; our working image already has its final scale (long side =
-  ``work_size``), so we crop a square of the short side at that scale. For square images, the
-  reference's case, this is the whole image and the two are identical. The VAE encoder is
+  to 512 and then crops 512×512; our working image already has its final scale (width =
+  ``work_size``), so we crop a square of the short side at that scale. For square and portrait
+  images (short side = width = 512) the two are identical. The VAE encoder is
   deterministic, so each crop position is encoded once and only the posterior sample is redrawn.
 * GoodDrag: ``batch`` crops are drawn once and encoded once; each step redraws only the sample.
 
-The LoRA lives inside the attention ``Linear`` layers (peft), so any attention processor that
-calls ``attn.to_q(...)`` includes it. ``lora_applied`` trains (or loads from the cache) and
-activates it for one edit and unloads it afterwards, restoring the exact base layers.
+Training uses a peft adapter inside the attention ``Linear`` layers. For the edit itself the
+trained weights are merged into those layers (``lora_merge.MergedLora``), so any attention
+processor that calls ``attn.to_q(...)`` includes them at no extra cost per forward, and they stay
+merged between edits with the same LoRA key. ``lora_applied`` does one edit's worth: train (or
+load from the cache), merge, and restore the exact base weights afterwards.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 
 from backend.engine.devices import autocast, grad_scaler
 from backend.engine.errors import InvalidInput
+from backend.engine.lora_merge import MergedLora
 from backend.engine.memory import fit_step
 from backend.engine.models import LoadedModel
 from backend.engine.params import DragParams
@@ -94,30 +97,6 @@ def remove_lora(model: LoadedModel) -> None:
     """Unload any LoRA from the UNet, putting the original layers back (no-op if none)."""
     if getattr(model.unet, "peft_config", None):
         model.unet.unload_lora()
-
-
-def apply_lora(model: LoadedModel, state_dict: dict[str, torch.Tensor], rank: int) -> None:
-    """Activate a LoRA given as the state dict ``train_lora`` returns.
-
-    Raises ``ValueError`` when the weights do not fit the UNet (the adapter is then removed).
-    """
-    from peft import set_peft_model_state_dict
-
-    _add_adapter(model, rank, seed=0)
-    expected = {
-        n.replace(f".{ADAPTER_NAME}.", ".")
-        for n, _ in model.unet.named_parameters()
-        if "lora_" in n
-    }
-    if set(state_dict) != expected:
-        remove_lora(model)
-        raise ValueError("the LoRA weights do not match this model")
-    try:
-        set_peft_model_state_dict(model.unet, state_dict, adapter_name=ADAPTER_NAME)
-    except RuntimeError:
-        remove_lora(model)
-        raise ValueError("the LoRA weights do not match this model") from None
-    _freeze_adapter(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +188,7 @@ def train_lora(
 
     ``fixed_crops`` selects GoodDrag's data (crops drawn once) over DragDiffusion's (fresh
     crops every step). The trained adapter stays active on ``model.unet`` (frozen); the
-    returned state dict (CPU, fp32) can be cached and given to ``apply_lora``.
+    returned state dict (CPU, fp32) can be cached and given to ``MergedLora.merge``.
     """
     from peft.utils import get_peft_model_state_dict
 
@@ -411,19 +390,23 @@ def prepare_lora(
     cache: LoraCache | None = None,
     *,
     method: str,
+    merged: MergedLora,
     seed: int = 0,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> dict:
-    """Train the LoRA for this image and prompt, or load it from ``cache``, and activate it.
+    """Make the LoRA for this image and prompt the one merged into the UNet.
 
-    ``method`` is "dragdiffusion" or "gooddrag" (their crop schemes). With
-    ``params.lora_steps == 0`` nothing is done. Returns ``{"lora": bool, "cached": bool,
-    "key": str | None}``. Call ``remove_lora`` afterwards, or use ``lora_applied``.
+    Kept as is when ``merged`` already holds it (``resident``), else loaded from ``cache`` or
+    trained. ``method`` is "dragdiffusion" or "gooddrag" (their crop schemes). With
+    ``params.lora_steps == 0`` the base weights are restored. Returns ``{"lora": bool,
+    "cached": bool, "resident": bool, "key": str | None}``; ``cached`` is true whenever no
+    training ran. ``merged.restore()`` undoes it, or use ``lora_applied``.
     """
     if params.lora_steps == 0:
         remove_lora(model)
-        return {"lora": False, "cached": False, "key": None}
+        merged.restore()
+        return {"lora": False, "cached": False, "resident": False, "key": None}
     settings = dict(
         rank=params.lora_rank,
         lr=params.lora_lr,
@@ -433,20 +416,30 @@ def prepare_lora(
         seed=seed,
     )
     key = lora_cache_key(model, image, prompt, **settings)
-    cached = cache.get(key) if cache is not None else None
-    if cached is not None:
-        try:
-            apply_lora(model, cached, params.lora_rank)
-        except ValueError:
-            logger.warning("cached LoRA %s does not fit the model; training again", key[:12])
-        else:
-            if progress is not None:
-                progress("lora", params.lora_steps, params.lora_steps)
-            return {"lora": True, "cached": True, "key": key}
-    state = train_lora(model, image, prompt, progress=progress, cancel=cancel, **settings)
-    if cache is not None:
-        cache.put(key, state, {"model": model.name, "prompt": prompt, "method": method, **settings})
-    return {"lora": True, "cached": False, "key": key}
+    done = {"lora": True, "cached": True, "resident": merged.key == key, "key": key}
+    if merged.key != key:
+        merged.restore()
+        state = cache.get(key) if cache is not None else None
+        if state is None or not _merge_cached(merged, key, state):
+            state = train_lora(model, image, prompt, progress=progress, cancel=cancel, **settings)
+            remove_lora(model)
+            merged.merge(key, state)
+            if cache is not None:
+                cache.put(key, state,
+                          {"model": model.name, "prompt": prompt, "method": method, **settings})
+            return {**done, "cached": False}
+    if progress is not None:
+        progress("lora", params.lora_steps, params.lora_steps)
+    return done
+
+
+def _merge_cached(merged: MergedLora, key: str, state: dict[str, torch.Tensor]) -> bool:
+    try:
+        merged.merge(key, state)
+    except ValueError:
+        logger.warning("cached LoRA %s does not fit the model; training again", key[:12])
+        return False
+    return True
 
 
 @contextmanager
@@ -462,12 +455,14 @@ def lora_applied(
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> Iterator[dict]:
-    """``prepare_lora`` for the duration of a ``with`` block; the UNet is restored on exit,
-    also after an error or a cancellation."""
+    """``prepare_lora`` for the duration of a ``with`` block; the UNet's base weights are
+    restored exactly on exit, also after an error or a cancellation."""
+    merged = MergedLora(model)
     try:
         yield prepare_lora(
             model, image, prompt, params, cache,
-            method=method, seed=seed, progress=progress, cancel=cancel,
+            method=method, merged=merged, seed=seed, progress=progress, cancel=cancel,
         )
     finally:
         remove_lora(model)
+        merged.restore()

@@ -3,12 +3,14 @@
 Points are (row, col) on the supervision grid (half the working resolution); feature maps are
 [1, C, H', W'] on that grid. Everything here is pure torch and differentiable where it must be.
 
-Fixes over the reference code (drag-methods.md §2.8, §3.4, §3.5): patches and tracking windows
-are clamped to the map, and shifted patches sample with border clamping, so points on or near
-the image edge work instead of raising shape errors or wrapping around.
+Fixes over the reference code (docs/algorithms.md §4, border clamping): patches and tracking
+windows are clamped to the map, and shifted patches sample with border clamping, so points on
+or near the image edge work instead of raising shape errors or wrapping around.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -40,19 +42,20 @@ def bilinear_sample(feat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) 
 
 
 def patch_offsets(
-    centers: list[tuple[int, int]], radius: int, shape: tuple[int, int],
+    centers: list[tuple[float, float]], radius: int, shape: tuple[int, int],
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer offsets (dr, dc) of a (2r+1)² window kept where every centre + offset is inside.
 
-    The kept range is worked out on the host and created on ``device`` (the feature map's), so
-    indexing and weights stay on it without a boolean mask that would need a device sync.
+    Centres may be real-valued (a bilinear read): inside means within [0, size − 1]. The kept
+    range is worked out on the host and created on ``device`` (the feature map's), so indexing
+    and weights stay on it without a boolean mask that would need a device sync.
     """
     height, width = shape
-    lo_r = max([-radius] + [-r for r, _ in centers])
-    hi_r = min([radius] + [height - 1 - r for r, _ in centers])
-    lo_c = max([-radius] + [-c for _, c in centers])
-    hi_c = min([radius] + [width - 1 - c for _, c in centers])
+    lo_r = max([-radius] + [math.ceil(-r) for r, _ in centers])
+    hi_r = min([radius] + [math.floor(height - 1 - r) for r, _ in centers])
+    lo_c = max([-radius] + [math.ceil(-c) for _, c in centers])
+    hi_c = min([radius] + [math.floor(width - 1 - c) for _, c in centers])
     rows = torch.arange(lo_r, max(lo_r, hi_r + 1), device=device)
     cols = torch.arange(lo_c, max(lo_c, hi_c + 1), device=device)
     dr, dc = torch.meshgrid(rows, cols, indexing="ij")
@@ -79,7 +82,7 @@ def dragdiffusion_motion_loss(
     radius: int = 1,
     reach: float = 2.0,
 ) -> torch.Tensor:
-    """DragDiffusion's motion supervision (drag-methods.md §2.2 step 4).
+    """DragDiffusion's motion supervision (docs/algorithms.md §2, step 2.4).
 
     For each handle not yet within ``reach`` of its target: the (2r+1)² patch of the *current*
     features at the handle (stop-gradient) must match the same patch shifted one grid pixel
@@ -109,11 +112,14 @@ def gooddrag_motion_loss(
     beta: float = 4.0,
     reach: float = 2.0,
 ) -> torch.Tensor:
-    """GoodDrag's information-preserving motion supervision (drag-methods.md §3.4).
+    """GoodDrag's information-preserving motion supervision (docs/algorithms.md §3, step 4).
 
     The template is the *original trajectory's* features at the *original* handle at the same
     timestep (never the current latent, so it cannot drift); the current features are sampled
     at the handle shifted by min(beta, distance) towards the target. Scaled by (2r)².
+    Near the border only the offsets whose reads fall outside the map are dropped (template
+    around the original handle, samples around handle + step); where the official code reads
+    inside, this is its loss exactly.
     """
     loss = feat.new_zeros(())
     shape = feat.shape[-2:]
@@ -123,7 +129,7 @@ def gooddrag_motion_loss(
             continue
         hr, hc = int(handle[0]), int(handle[1])
         sr, sc = int(start[0]), int(start[1])
-        dr, dc = patch_offsets([(hr, hc), (sr, sc)], radius, shape, feat.device)
+        dr, dc = patch_offsets([(sr, sc), (hr + dy, hc + dx)], radius, shape, feat.device)
         src = feat_orig[0][:, sr + dr, sc + dc].detach()
         shifted = bilinear_sample(feat, hr + dr + dy, hc + dc + dx)
         loss = loss + (2 * radius) ** 2 * (src - shifted).abs().mean()
@@ -154,7 +160,7 @@ def track_points(
     """Move each handle to the best L1 match of its original feature within a clamped window.
 
     Template: ``feat_orig`` at the *original* handle. Search: (2r+1)² window of ``feat`` around
-    the current handle, clamped to the map (drag-methods.md §2.4, §3.5).
+    the current handle, clamped to the map (docs/algorithms.md §2 step 2.2, §3 step 6).
     """
     _, _, height, width = feat.shape
     corners, best = [], []

@@ -2,12 +2,15 @@
 
 Defaults follow the official code's current settings (DragDiffusion @ebe659a, GoodDrag
 @fc01bc1); ``dragdiffusion-paper`` reproduces the first published DragDiffusion settings.
-Every field can be overridden per request.
+Every field can be overridden per request; ``SPECS`` says what each knob accepts (type,
+range, dialog step, help line), and ``resolve`` checks every override against it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +59,8 @@ class DragParams:
     reference_attention: bool = True
     ref_start_layer: int = 10
     ref_start_step: int = 0
-    # Pixels outside the mask are composited back from the input after this feather (px).
+    # Blend at the selection's edge, inside it: working-resolution pixels, scaled to the full
+    # image (3 px of a 512-px edit are 23 px of a 4000-px image). Outside the mask: the input.
     feather: int = 3
 
     def replace(self, **overrides: Any) -> DragParams:
@@ -91,67 +95,205 @@ PRESETS: dict[str, DragParams] = {
 PRESET_METHOD = {"dragdiffusion": "dragdiffusion", "gooddrag": "gooddrag",
                  "dragdiffusion-paper": "dragdiffusion"}
 
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(DragParams)}
-_CASTS = {"int": int, "float": float, "bool": bool}
+# One line per method or preset: what it does and when to pick it (the dialog shows it).
+DESCRIPTIONS = {
+    "dragdiffusion": "DragDiffusion: trains a small identity LoRA, then optimises one inverted "
+                     "latent; faithful and steady, the default.",
+    "gooddrag": "GoodDrag: alternates small drags with denoising steps; keeps detail better on "
+                "long drags, takes somewhat longer.",
+    "dragdiffusion-paper": "DragDiffusion with the paper's first published settings (longer "
+                           "LoRA, 40 drag steps, no reference attention); for comparisons.",
+}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What a knob accepts: its type, closed range [low, high], the dialog's step, a help line."""
+
+    kind: str  # "int", "float" or "bool"
+    low: float = 0
+    high: float = 0
+    step: float = 1
+    help: str = ""
+
+    def allowed(self) -> str:
+        if self.kind == "bool":
+            return "true or false"
+        what = "an integer" if self.kind == "int" else "a number"
+        return f"{what} from {self.low:g} to {self.high:g}"
+
+    def check(self, name: str, value: Any) -> int | float | bool:
+        """``value`` as this knob's type, or ``InvalidInput`` naming the knob and its range."""
+        def bad() -> InvalidInput:
+            return InvalidInput(f"parameter {name!r} must be {self.allowed()}, got {value!r:.40}")
+
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise bad()
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        if not (math.isfinite(value) and self.low <= value <= self.high):
+            raise bad()
+        if self.kind == "int":
+            if value != int(value):
+                raise bad()
+            return int(value)
+        return float(value)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.kind, "help": self.help}
+        if self.kind != "bool":
+            out.update(min=self.low, max=self.high, step=self.step)
+        return out
+
+
+def _int(low: int, high: int, step: int, help: str) -> ParamSpec:
+    return ParamSpec("int", low, high, step, help)
+
+
+def _float(low: float, high: float, step: float, help: str) -> ParamSpec:
+    return ParamSpec("float", low, high, step, help)
+
+
+SPECS: dict[str, ParamSpec] = {
+    "work_size": _int(64, 2048, 64, "working width in pixels, height from the aspect ratio "
+                      "(both rounded down to multiples of 8, as the official codes); larger is "
+                      "slower and needs more memory"),
+    "work_max_side": _int(0, 4096, 64, "cap on the working long side for small GPUs: a "
+                          "working size longer than this (e.g. a tall portrait) is shrunk to "
+                          "it, aspect kept (0: no cap)"),
+    "lora_steps": _int(0, 2000, 10, "training steps of the identity LoRA that keeps the image "
+                       "recognisable (0: no LoRA, fastest, less faithful)"),
+    "lora_lr": _float(1e-6, 0.1, 1e-4, "learning rate of the identity LoRA"),
+    "lora_rank": _int(1, 256, 1, "rank of the identity LoRA"),
+    "lora_batch": _int(1, 16, 1, "images per LoRA step (more: steadier training, more memory)"),
+    "n_inference_steps": _int(2, 1000, 1, "DDIM steps of the full schedule"),
+    "inversion_strength": _float(0.01, 1.0, 0.05, "how far the image is inverted into noise "
+                                 "(fraction of the schedule); higher allows larger changes"),
+    "guidance_scale": _float(1.0, 30.0, 0.5, "classifier-free guidance (1: none, as both "
+                             "official codes)"),
+    "latent_lr": _float(1e-5, 1.0, 0.005, "step size of the latent optimisation; too high "
+                        "breaks the image, too low moves little"),
+    "lam": _float(0.0, 100.0, 0.05, "weight of the term that keeps the region outside the "
+                  "selection unchanged while dragging"),
+    "feature_block": _int(-1, 3, 1, "UNet decoder block whose features are supervised "
+                          "(-1: automatic, the official choice)"),
+    "reach_threshold": _float(0.0, 64.0, 0.5, "a handle this close to its target (feature-grid "
+                              "pixels) counts as arrived"),
+    "drag_steps": _int(0, 5000, 10, "DragDiffusion: most latent optimisation steps"),
+    "r_m": _int(0, 32, 1, "DragDiffusion: radius of the motion-supervision patch"),
+    "r_p": _int(0, 64, 1, "DragDiffusion: radius searched when tracking a handle"),
+    "drag_end_step": _int(0, 1000, 1, "GoodDrag: denoising steps during which it drags"),
+    "track_per_denoise": _int(1, 100, 1, "GoodDrag: point-tracking rounds per denoising step"),
+    "max_drag_per_track": _int(1, 100, 1, "GoodDrag: drag steps between two trackings"),
+    "r1": _int(1, 32, 1, "GoodDrag: radius of the motion-supervision patch"),
+    "r2": _int(0, 64, 1, "GoodDrag: radius searched when tracking a handle"),
+    "beta": _float(0.01, 100.0, 0.5, "GoodDrag: how far ahead of a handle the supervision "
+                   "looks (feature-grid pixels)"),
+    "max_track_no_change": _int(1, 1000, 1, "GoodDrag: stop after this many trackings in which "
+                                "no handle moved"),
+    "drag_loss_threshold": _float(0.0, 1e6, 0.1, "GoodDrag: a drag loss at or below this ends a "
+                                  "tracking round early (0: never)"),
+    "reference_attention": ParamSpec("bool", help="while denoising, attend to the original "
+                                     "image so the identity is kept"),
+    "ref_start_layer": _int(0, 16, 1, "first transformer block (of 16) that uses reference "
+                            "attention"),
+    "ref_start_step": _int(0, 1000, 1, "first denoising step that uses reference attention"),
+    "feather": _int(0, 64, 1, "width in pixels of the blend at the selection's edge"),
+}
+assert {f.name: f.type for f in dataclasses.fields(DragParams)} == {
+    name: spec.kind for name, spec in SPECS.items()}, "SPECS must describe every DragParams field"
+
+# The most work one edit may ask for, in UNet forward-pass equivalents at 512×512 (a
+# backward pass counts as one more): about 40 times a default DragDiffusion edit (~900).
+MAX_WORK = 40_000
+
+
+def estimated_work(algorithm: str, p: DragParams) -> float:
+    """UNet forward-pass equivalents at 512² an edit with these settings needs, roughly."""
+    scale = (p.work_size / 512) ** 2
+    steps = p.n_inference_steps * p.inversion_strength
+    lora = 2 * p.lora_steps * p.lora_batch * scale
+    passes = steps * (2 if p.guidance_scale > 1 else 1)  # inversion
+    passes += steps * (2 if p.reference_attention else 1)  # denoising
+    if algorithm == "gooddrag":
+        drag = 2 * min(p.drag_end_step, steps) * p.track_per_denoise * p.max_drag_per_track
+    else:
+        drag = 2 * p.drag_steps
+    return lora + (passes + drag) * scale
 
 
 def resolve(method: str, overrides: dict[str, Any] | None = None) -> tuple[str, DragParams]:
     """Return (algorithm, params) for a method or preset name plus overrides.
 
-    Raises ``InvalidInput`` for an unknown method, an unknown knob or a value of the wrong type.
+    Raises ``InvalidInput`` naming the problem: an unknown method or knob, a value of the wrong
+    type, outside its range (``SPECS``) or not finite, or settings that ask for too much work.
     """
-    if method not in PRESETS:
-        raise InvalidInput(
-            f"unknown method {method!r}; choose one of: {', '.join(PRESETS)}"
-        )
-    params = PRESETS[method]
+    if not isinstance(method, str) or method not in PRESETS:
+        raise InvalidInput(f"unknown method {method!r:.40}; choose one of: {', '.join(PRESETS)}")
     clean: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
-        key = key.replace("-", "_")
-        if key not in _FIELD_TYPES:
-            raise InvalidInput(f"unknown parameter {key!r} for method {method!r}")
-        kind = _FIELD_TYPES[key]
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise InvalidInput(f"parameter {key!r} must be true or false, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidInput(f"parameter {key!r} must be a number, got {value!r}")
-        elif kind == "int" and float(value) != int(value):
-            raise InvalidInput(f"parameter {key!r} must be an integer, got {value!r}")
-        clean[key] = _CASTS[kind](value)
-    params = params.replace(**clean)
-    _validate(params)
-    return PRESET_METHOD[method], params
+        if not isinstance(key, str):
+            raise InvalidInput(f"parameter names must be text, got {key!r:.40}")
+        name = key.replace("-", "_")
+        spec = SPECS.get(name)
+        if spec is None:
+            raise InvalidInput(f"unknown parameter {name!r:.40} for method {method!r}; known: "
+                               f"{', '.join(SPECS)}")
+        clean[name] = spec.check(name, value)
+    algorithm = PRESET_METHOD[method]
+    params = PRESETS[method].replace(**clean)
+    work = estimated_work(algorithm, params)
+    if work > MAX_WORK:
+        raise InvalidInput(
+            f"these settings ask for about {work:,.0f} UNet passes, more than the limit of "
+            f"{MAX_WORK:,} (the {method} defaults need about "
+            f"{estimated_work(algorithm, PRESETS[method]):,.0f}); lower work_size, lora_steps, "
+            "lora_batch, drag_steps or (GoodDrag) track_per_denoise × max_drag_per_track")
+    return algorithm, params
 
 
-def _validate(p: DragParams) -> None:
-    checks = [
-        (64 <= p.work_size <= 2048, "work_size must be between 64 and 2048"),
-        (p.work_max_side == 0 or 64 <= p.work_max_side <= 4096,
-         "work_max_side must be 0 (no cap) or between 64 and 4096"),
-        (0 <= p.lora_steps <= 2000, "lora_steps must be between 0 and 2000"),
-        (1 <= p.lora_rank <= 256, "lora_rank must be between 1 and 256"),
-        (1 <= p.lora_batch <= 16, "lora_batch must be between 1 and 16"),
-        (p.lora_lr > 0 and p.latent_lr > 0, "learning rates must be positive"),
-        (2 <= p.n_inference_steps <= 1000, "n_inference_steps must be between 2 and 1000"),
-        (0.0 < p.inversion_strength <= 1.0, "inversion_strength must be in (0, 1]"),
-        (p.lam >= 0, "lam must be >= 0"),
-        (0 <= p.drag_steps <= 5000, "drag_steps must be between 0 and 5000"),
-        (p.r_m >= 0 and p.r_p >= 0 and p.r1 >= 1 and p.r2 >= 0, "radii must be >= 0 (r1 >= 1)"),
-        (p.beta > 0, "beta must be positive"),
-        (p.drag_end_step >= 0, "drag_end_step must be >= 0"),
-        (p.track_per_denoise >= 1 and p.max_drag_per_track >= 1,
-         "track_per_denoise and max_drag_per_track must be >= 1"),
-        (p.max_track_no_change >= 1, "max_track_no_change must be >= 1"),
-        (p.reach_threshold >= 0, "reach_threshold must be >= 0"),
-        (p.feature_block >= -1, "feature_block must be -1 (automatic) or an up-block index"),
-        (0 <= p.feather <= 64, "feather must be between 0 and 64"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise InvalidInput(message)
+def parse_assignments(items: list[str], option: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` strings (command-line overrides) → knob values of each knob's type.
+
+    Raises ``InvalidInput`` for a malformed item, an unknown knob or a value that its knob does
+    not accept (same checks as ``resolve``).
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        name = key.strip().replace("-", "_")
+        if not sep or not name:
+            raise InvalidInput(f"{option} {item!r}: use KEY=VALUE, e.g. {option} drag_steps=40")
+        spec = SPECS.get(name)
+        if spec is None:
+            raise InvalidInput(f"{option} {item!r}: unknown parameter {name!r}; known: "
+                               f"{', '.join(SPECS)}")
+        text = text.strip()
+        value: Any = text
+        if spec.kind == "bool" and text.lower() in ("true", "false", "1", "0", "yes", "no"):
+            value = text.lower() in ("true", "1", "yes")
+        elif spec.kind != "bool":
+            with contextlib.suppress(ValueError):  # not a number: refused by check below
+                value = float(text)
+        try:
+            out[name] = spec.check(name, value)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{option} {item!r}: {exc}") from None
+    return out
 
 
 def defaults_table() -> dict[str, dict[str, Any]]:
     """Every preset's full parameter set (for the protocol's hello reply and --help)."""
     return {name: {"method": PRESET_METHOD[name], **p.as_dict()} for name, p in PRESETS.items()}
+
+
+def spec_table() -> dict[str, dict[str, Any]]:
+    """Every knob's type, range, dialog step and help line (msgpack/JSON-safe)."""
+    return {name: spec.as_dict() for name, spec in SPECS.items()}
+
+
+def method_descriptions() -> dict[str, str]:
+    """One line per method or preset (empty for a preset nobody described yet)."""
+    return {name: DESCRIPTIONS.get(name, "") for name in PRESETS}

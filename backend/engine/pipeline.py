@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,10 +25,12 @@ from backend.engine.devices import (
 )
 from backend.engine.diffusion import Schedule, UNetRunner, run_inversion
 from backend.engine.errors import EngineError, OutOfMemory
-from backend.engine.lora import LoraCache, lora_applied
+from backend.engine.lora import LoraCache, prepare_lora
+from backend.engine.lora_merge import MergedLora
 from backend.engine.memory import oom_message
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from backend.engine.params import METHODS, PRESETS, DragParams, defaults_table, resolve
+from backend.engine.redrag import RedragCache, RedragEntry, redrag_key
 from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
 from backend.engine.work import WorkCounter, official_defaults, official_work
 
@@ -58,8 +60,7 @@ class _Prepared:
 
     size: tuple[int, int]  # full (W, H)
     work: tuple[int, int]  # working (w, h)
-    color: np.ndarray  # full-resolution RGB
-    alpha: np.ndarray | None
+    image: np.ndarray  # the input pixels (H×W×C, uint8, uint16 or float32)
     pixels: torch.Tensor  # [1, 3, h, w] in [-1, 1]
     mask_full: np.ndarray | None  # H×W uint8, >0 editable
     mask_work: np.ndarray | None  # h×w bool
@@ -74,9 +75,15 @@ def latent_preview(latent: torch.Tensor) -> np.ndarray:
 class DragEngine:
     """Holds a loaded model and runs drag edits on it (one at a time)."""
 
-    def __init__(self, model: LoadedModel, lora_cache: LoraCache | None = None) -> None:
+    def __init__(self, model: LoadedModel, lora_cache: LoraCache | None = None, *,
+                 redrag: RedragCache | None = None, reuse: bool = True) -> None:
+        """``reuse`` false turns off the re-drag cache and keeps no LoRA merged between edits
+        (each edit then inverts again and merges its LoRA from the disk cache)."""
         self.model = model
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache()
+        self.redrag = (redrag if redrag is not None else RedragCache()) if reuse else None
+        self.keep_lora = reuse
+        self.merged_lora = MergedLora(model)
 
     @classmethod
     def load(
@@ -86,9 +93,10 @@ class DragEngine:
         device: str | None = None,
         dtype: str | None = None,
         lora_cache_dir: str | None = None,
+        reuse: bool = True,
     ) -> DragEngine:
         loaded = load_model(model, vae=vae, device=device, dtype=dtype)
-        return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None)
+        return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None, reuse=reuse)
 
     def info(self) -> dict:
         m = self.model
@@ -156,40 +164,51 @@ class DragEngine:
             report("load", 0, 1)
             prep = self.prepare(request, params)
             cond = model.encode_prompt(request.prompt)
-            z0 = self.encode_image(prep.pixels)
 
         work = WorkCounter()
-        lora_trained = False
-        with ExitStack() as stack:
+        lora = {"lora": False, "cached": False, "key": None}
+        try:
             if params.lora_steps > 0:
                 with self._timed(timings, "lora"):
-                    lora_info = stack.enter_context(lora_applied(
-                        model, prep.pixels, request.prompt, params, cache=self.lora_cache,
-                        method=algorithm, seed=request.seed, progress=report, cancel=cancel,
-                    ))
-                lora_trained = not lora_info["cached"]
-                if lora_trained:
+                    lora = prepare_lora(model, prep.pixels, request.prompt, params, self.lora_cache,
+                                        method=algorithm, merged=self.merged_lora,
+                                        seed=request.seed, progress=report, cancel=cancel)
+                if not lora["cached"]:
                     work.add("lora", 2 * params.lora_steps * params.lora_batch)
+            else:
+                self.merged_lora.restore()
             runner = UNetRunner(model.unet, cond, params.feature_block, work,
                                 autocast=lambda: autocast(model.device, model.precision))
             schedule = Schedule.from_scheduler(model.scheduler, params.n_inference_steps,
                                                params.inversion_strength)
             with self._timed(timings, "inversion"):
-                z_star = run_inversion(runner, schedule, z0,
-                                       lambda i, n: report("inversion", i, n))
+                entry = self.invert(prep, request.prompt, lora["key"], params, runner, schedule,
+                                    report)
             ctx = self.drag_context(prep, params, runner, schedule, request, report)
+            ctx.memo = entry.memo
             if preview is not None:
                 ctx.preview = lambda phase, step, x0: preview(phase, step, latent_preview(x0))
             with self._timed(timings, "drag+denoise"):
-                z_edit, handles = ALGORITHMS[algorithm](ctx, z_star)
+                z_edit, handles = ALGORITHMS[algorithm](ctx, entry.z_star)
+            if (~torch.isfinite(z_edit)).any():  # diverged: fail, never a black "success"
+                raise EngineError(f"the edit diverged (the latent became NaN or infinite); "
+                                  f"lower latent_lr (now {params.latent_lr:g}) or lora_lr "
+                                  f"(now {params.lora_lr:g}) and try again")
+        finally:
+            if not self.keep_lora:
+                self.merged_lora.restore()
+            if self.redrag is not None:
+                self.redrag.trim()
 
         with self._timed(timings, "decode"):
             report("decode", 0, 1)
-            image = self.finish(prep, self.decode_latents(z_edit), params, request.image.shape[2])
+            image = self.finish(prep, self.decode_latents(z_edit), params)
         stats = {
             **ctx.stats,
             "unet_passes": runner.passes,
-            "work": self.work_stats(algorithm, params, schedule, work, ctx.stats, lora_trained),
+            "work": self.work_stats(algorithm, params, schedule, work, ctx.stats,
+                                    lora["lora"] and not lora["cached"]),
+            "reused": {"lora": bool(lora.get("resident")), "inversion": entry.reused},
             "work_size": list(prep.work),
             "t_star": schedule.t_star,
             "memory": memory_info(model.device),
@@ -204,14 +223,13 @@ class DragEngine:
         """Split channels, resize the image and mask to the working resolution."""
         height, width = request.image.shape[:2]
         work = imageops.working_size(width, height, params.work_size, params.work_max_side)
-        color, alpha = imageops.split_channels(request.image)
-        rgb = imageops.resize_rgb(color, work)
-        pixels = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        color, _alpha = imageops.split_channels(request.image)
+        pixels = torch.from_numpy(imageops.model_rgb(color, work)).permute(2, 0, 1)[None]
         mask = request.mask
         if mask is not None and mask.ndim == 3:
             mask = mask[..., 0]
         mask_work = imageops.resize_mask_nearest(mask, work) if mask is not None else None
-        return _Prepared((width, height), work, color, alpha, pixels, mask, mask_work)
+        return _Prepared((width, height), work, request.image, pixels, mask, mask_work)
 
     def drag_context(self, prep: _Prepared, params: DragParams, runner: UNetRunner,
                      schedule: Schedule, request: DragRequest, report: ProgressFn) -> DragContext:
@@ -244,6 +262,21 @@ class DragEngine:
             scaler=grad_scaler(device, precision),
         )
 
+    def invert(self, prep: _Prepared, prompt: str, lora_key: str | None, params: DragParams,
+               runner: UNetRunner, schedule: Schedule, report: ProgressFn) -> RedragEntry:
+        """z_t* of the working image: from the re-drag cache, else VAE-encoded and inverted."""
+        key = redrag_key(self.model, prep.pixels, prompt, lora_key, params)
+        entry = self.redrag.lookup(key) if self.redrag is not None else None
+        if entry is not None:
+            entry.reused = True
+            report("inversion", schedule.n_actual, schedule.n_actual)
+            return entry
+        z_star = run_inversion(runner, schedule, self.encode_image(prep.pixels),
+                               lambda i, n: report("inversion", i, n))
+        if self.redrag is not None:
+            return self.redrag.put(key, z_star)
+        return RedragEntry(z_star, memo=None)
+
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """VAE posterior mean × scaling factor (as the reference's ``image2latent``)."""
@@ -253,21 +286,22 @@ class DragEngine:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """Latent → h×w×3 uint8."""
+        """Latent → h×w×3 float32 in [0, 1] (not rounded: 16-bit and float images keep the
+        VAE's precision)."""
         vae = self.model.vae
         image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
-        image = ((image.float().clamp(-1, 1) + 1) * 127.5).round()
-        return image[0].permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+        image = (image.float().clamp(-1, 1) + 1) / 2
+        return image[0].permute(1, 2, 0).cpu().numpy()
 
-    def finish(self, prep: _Prepared, edited_work: np.ndarray, params: DragParams,
-               channels: int) -> np.ndarray:
-        """Back to full resolution; outside the (feathered) mask the input's exact pixels."""
-        edited = imageops.resize_rgb(edited_work, prep.size)
-        weights = None
-        if prep.mask_full is not None:
-            weights = imageops.feather_weights(prep.mask_full, params.feather)
-        rgb = imageops.composite(prep.color, edited, weights)
-        return imageops.merge_channels(rgb, prep.alpha, channels)
+    def finish(self, prep: _Prepared, edited_work: np.ndarray, params: DragParams) -> np.ndarray:
+        """Back to full resolution over the mask's bounding box only: the rest of the result is
+        the input's bytes, and so is everything outside the (feathered) mask, in its own dtype.
+
+        The blend is ``params.feather`` working pixels wide, scaled to the full image.
+        """
+        scale = max(prep.size[0] / prep.work[0], prep.size[1] / prep.work[1])
+        feather = imageops.feather_width(params.feather, scale)
+        return imageops.paste_edit(prep.image, edited_work, prep.mask_full, feather)
 
     @staticmethod
     def work_stats(algorithm: str, params: DragParams, schedule: Schedule, work: WorkCounter,
@@ -302,6 +336,8 @@ class DragEngine:
             timings[name] = round(time.perf_counter() - start, 4)
 
     def _free_memory(self) -> None:
+        if self.redrag is not None:
+            self.redrag.clear()
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -13,7 +13,7 @@ from typing import Any
 
 SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
 
-# SD1.5's DDIM settings, the same in both reference repos (drag-methods.md §1.1).
+# SD1.5's DDIM settings, the same in both reference repos (docs/algorithms.md §1, Schedule).
 DDIM_SETTINGS = dict(
     beta_start=0.00085,
     beta_end=0.012,

@@ -1,9 +1,9 @@
 """A tiny Stable-Diffusion-architecture pipeline with random weights, for tests.
 
-Same component classes and folder layout as SD1.5 (UNet2DConditionModel with cross-attention,
-AutoencoderKL with an 8× downsampling, CLIP text encoder, a locally written BPE tokenizer, the
-SD1.5 DDIM scheduler), so it loads through the same code path as a real checkpoint. Nothing is
-downloaded.
+Same component classes and folder layout as SD1.5 (UNet2DConditionModel with SD1.5's block
+layout and cross-attention, AutoencoderKL with an 8× downsampling, CLIP text encoder, a locally
+written BPE tokenizer, the SD1.5 DDIM scheduler), so it loads through the same code path as a
+real checkpoint. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -16,6 +16,24 @@ import torch
 
 from backend.engine.checkpoint import save_single_file
 from backend.engine.sd15 import SD15_SCHEDULER, bytes_to_unicode
+
+# SD1.5's UNet layout with small channels: 4 down and 4 up blocks, cross-attention in the three
+# highest-resolution stages, 2 layers per block, so 16 transformer blocks in the same order and
+# under the same names as SD1.5's. The official settings (features of up_blocks[2], reference
+# attention from transformer block 10) therefore run literally on it. Keep test latents small
+# (a 64-px image is an 8×8 latent) rather than dropping attention anywhere.
+TINY_UNET = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 32, 64, 64),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
 
 # A few whole words get their own tokens so that short prompts tokenize compactly.
 _WORDS = ["a", "the", "red", "green", "blue", "disc", "square", "triangle", "star", "photo", "of"]
@@ -74,18 +92,7 @@ def build_tiny_pipeline(seed: int = 0, tmp_dir: Path | None = None):
     from transformers import CLIPTokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -14,7 +14,7 @@ from backend.engine.errors import Cancelled
 # progress(phase, step, total): phases are "load", "lora", "inversion", "drag", "denoise".
 ProgressFn = Callable[[str, int, int], None]
 
-# Two coordinate systems, two names (docs/algorithms.md, "Coordinates"):
+# Two coordinate systems, two names (docs/algorithms.md §1, Coordinates):
 ImagePoint = tuple[float, float]  # (x, y) continuous image pixels, as GIMP path anchors
 GridPoint = tuple[float, float]  # (row, col) on the supervision grid (half the working size)
 
@@ -27,7 +27,7 @@ class DragRequest:
     ``handles``/``targets`` are continuous (x, y) image coordinates, as GIMP's path anchors:
     (0, 0) is the top-left corner of the top-left pixel, pixel i spans [i, i + 1) and its
     centre is i + 0.5. The engine converts them once to the official codes' pixel index
-    (x − 0.5) and grid cell (docs/algorithms.md, "Coordinates").
+    (x − 0.5) and grid cell (docs/algorithms.md §1, Coordinates).
     ``mask`` is H×W uint8, >0 where the image may change; ``None`` means everything may change.
     ``params`` overrides the method's defaults (see ``backend.engine.params``).
     """

@@ -15,7 +15,7 @@ Phases: ``lora`` (identity LoRA training), ``inversion`` (DDIM inversion to t*),
 trajectory), ``drag`` (motion-supervision forwards and backwards) and ``denoise``.
 
 ``official_work`` counts what the official code (DragDiffusion @ebe659a, GoodDrag @fc01bc1,
-drag-methods.md §2 and §3) runs for the same settings and the same number of drag steps.
+docs/algorithms.md §2 and §3) runs for the same settings and the same number of drag steps.
 """
 
 from __future__ import annotations

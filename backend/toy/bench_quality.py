@@ -18,23 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from backend.engine.params import parse_assignments
 from backend.toy import metrics
 from backend.toy.shapes import DragCase, make_cases
 
 ENGINE_METHODS = ("dragdiffusion", "gooddrag")
 TOY_PARAMS = {"work_size": 128}
-
-
-def parse_params(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings → dict (values parsed as JSON when possible: numbers, true/false)."""
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def engine_runner(engine, method: str, params: dict, seed: int = 0) -> Callable:
@@ -180,7 +169,7 @@ def run_bench(cases: list[DragCase], methods: list[str], model: str | None, para
 def main(args: argparse.Namespace) -> int:
     methods = list(ENGINE_METHODS) if args.method == "all" else args.method.split(",")
     methods = [m for m in methods if m not in metrics.BASELINES]
-    params = {**TOY_PARAMS, "lora_steps": args.lora_steps, **parse_params(args.param)}
+    params = {**TOY_PARAMS, "lora_steps": args.lora_steps, **parse_assignments(args.param, "--param")}
     cases = make_cases(args.cases, seed=args.seed)
     results = run_bench(cases, methods, args.model, params, lambda m: print(m, flush=True),
                         baselines=not args.no_baselines)

@@ -7,10 +7,11 @@ from contextlib import contextmanager
 import torch
 from diffusers import DDIMScheduler
 
-from backend.engine import gooddrag
+from backend.engine import gooddrag, motion
 from backend.engine.context import DragContext
-from backend.engine.diffusion import Schedule, WorkCounter
+from backend.engine.diffusion import Schedule
 from backend.engine.params import PRESETS
+from backend.engine.work import WorkCounter
 
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -78,3 +79,49 @@ def test_no_change_limit_mid_timestep_stops_at_once(monkeypatch):
     drag_forwards = [c[1] for c in runner.calls if c[0] == "features" and c[3]]
     assert drag_forwards == [ts[0]] * 3  # 2 Adam steps, then the forward that sees the limit
     assert ctx.stats["dragged_timesteps"] == 1 and ctx.stats["drag_steps"] == 2
+
+
+def official_style_loss(feat, feat_orig, handle, start, target, r=4, beta=4.0):
+    """GoodDrag's per-handle loss computed the official way: the template is the plain slice of
+    the original features around the original handle; the moved patch is four stacked integer
+    slices at floor / floor + 1 of handle + step, blended with scalar bilinear weights."""
+    h, g = torch.tensor(handle, dtype=torch.float64), torch.tensor(target, dtype=torch.float64)
+    dist = (g - h).norm()
+    y, x = h + (g - h) / dist * min(beta, float(dist))
+    y0, x0 = int(torch.floor(y)), int(torch.floor(x))
+    fy, fx = float(y) - y0, float(x) - x0
+    sr, sc = int(start[0]), int(start[1])
+    template = feat_orig[:, :, sr - r:sr + r + 1, sc - r:sc + r + 1]
+
+    def at(row: int, col: int) -> torch.Tensor:
+        return feat[:, :, row - r:row + r + 1, col - r:col + r + 1]
+
+    moved = ((1 - fx) * (1 - fy) * at(y0, x0) + (1 - fx) * fy * at(y0 + 1, x0)
+             + fx * (1 - fy) * at(y0, x0 + 1) + fx * fy * at(y0 + 1, x0 + 1))
+    return (2 * r) ** 2 * (template - moved).abs().mean()
+
+
+def test_border_clamp_reads_only_the_template_and_the_moved_patch():
+    gen = torch.Generator().manual_seed(5)
+    feat, feat_orig = torch.randn(1, 16, 32, 32, generator=gen), torch.randn(1, 16, 32, 32,
+                                                                           generator=gen)
+    # The handle is within r1 = 4 of the left edge, but handle + step ± r1 and the template
+    # around the original handle are inside: the official code reads a full 9×9 patch.
+    cases = [((16.0, 2.0), (16.0, 10.0), (19.0, 20.0)),  # current handle near the left edge
+             ((29.0, 16.0), (20.0, 16.0), (5.0, 13.0)),  # near the bottom edge, moving up
+             ((12.0, 12.0), (12.0, 12.0), (15.0, 14.0))]  # well inside (no clamp at all)
+    for handle, start, target in cases:
+        ours = motion.gooddrag_motion_loss(feat, feat_orig, [handle], [start], [target])
+        ref = official_style_loss(feat, feat_orig, handle, start, target)
+        torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_border_clamp_still_fixes_what_crashes_the_official_code():
+    gen = torch.Generator().manual_seed(6)
+    feat = torch.randn(1, 16, 32, 32, generator=gen, requires_grad=True)
+    feat_orig = torch.randn(1, 16, 32, 32, generator=gen)
+    # Template and moved patch both cross the left edge: the official slices go negative.
+    loss = motion.gooddrag_motion_loss(feat, feat_orig, [(16.0, 3.0)], [(16.0, 1.0)],
+                                       [(16.0, 0.0)])
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0 and feat.grad.abs().sum() > 0

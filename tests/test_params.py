@@ -1,0 +1,127 @@
+"""The parameter table: every knob typed and bounded, every override checked before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from backend.engine.errors import InvalidInput
+from backend.engine.params import (
+    MAX_WORK,
+    PRESET_METHOD,
+    PRESETS,
+    SPECS,
+    DragParams,
+    estimated_work,
+    method_descriptions,
+    parse_assignments,
+    resolve,
+    spec_table,
+)
+
+
+def test_every_knob_has_a_spec_and_every_preset_fits_it():
+    assert set(SPECS) == {f.name for f in dataclasses.fields(DragParams)}
+    for name, preset in PRESETS.items():
+        for knob, value in preset.as_dict().items():
+            assert SPECS[knob].check(knob, value) == value, (name, knob)
+        assert estimated_work(PRESET_METHOD[name], preset) < MAX_WORK / 20
+    for spec in SPECS.values():
+        assert spec.help and "\n" not in spec.help
+        if spec.kind != "bool":
+            assert spec.low < spec.high and 0 < spec.step <= spec.high - spec.low
+
+
+def test_every_preset_has_a_one_line_description():
+    descriptions = method_descriptions()
+    assert set(descriptions) == set(PRESETS)
+    assert all(text and "\n" not in text for text in descriptions.values())
+
+
+def test_spec_table_is_plain_data():
+    table = spec_table()
+    assert table["work_size"] == {"type": "int", "min": 64, "max": 2048, "step": 64,
+                                  "help": SPECS["work_size"].help}
+    assert table["reference_attention"]["type"] == "bool"
+    assert "min" not in table["reference_attention"]
+
+
+def test_work_estimate_matches_the_official_pass_counts():
+    # Counted from the official codes at 512² with defaults (issue 13): ≈ 906 and ≈ 1,094.
+    assert estimated_work("dragdiffusion", PRESETS["dragdiffusion"]) == pytest.approx(906, 0.01)
+    assert estimated_work("gooddrag", PRESETS["gooddrag"]) == pytest.approx(1094, 0.01)
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    ({"work_size": math.nan}, "'work_size' must be an integer from 64 to 2048, got nan"),
+    ({"work_size": math.inf}, "'work_size' must be an integer from 64 to 2048"),
+    ({"latent_lr": math.inf}, "'latent_lr' must be a number from 1e-05 to 1"),
+    ({"latent_lr": 0.0}, "'latent_lr' must be a number from 1e-05 to 1"),
+    ({"guidance_scale": math.nan}, "'guidance_scale' must be a number from 1 to 30"),
+    ({"lora_lr": math.inf}, "'lora_lr'"),
+    ({"beta": math.inf}, "'beta'"),
+    ({"lam": -math.inf}, "'lam'"),
+    ({"reach_threshold": math.inf}, "'reach_threshold'"),
+    ({"drag_loss_threshold": math.nan}, "'drag_loss_threshold'"),
+    ({"track_per_denoise": 10**18}, "'track_per_denoise' must be an integer from 1 to 100"),
+    ({"drag_steps": 2.5}, "'drag_steps' must be an integer"),
+    ({"drag_steps": True}, "'drag_steps' must be an integer"),
+    ({"drag_steps": "40"}, "'drag_steps' must be an integer"),
+    ({"reference_attention": 1}, "'reference_attention' must be true or false"),
+    ({b"work_size": 64}, "parameter names must be text"),
+    ({"no_such": 1}, "unknown parameter 'no_such'"),
+    ({"lora_steps": 2000, "lora_batch": 16}, "UNet passes, more than the limit"),
+])
+def test_bad_overrides_name_the_knob_and_its_range(overrides, fragment):
+    with pytest.raises(InvalidInput) as err:
+        resolve("gooddrag", overrides)
+    assert fragment in str(err.value)
+
+
+def test_good_overrides_are_cast_to_the_knob_type():
+    algorithm, params = resolve("dragdiffusion-paper", {"work-size": 256.0, "lam": 1,
+                                                        "reference_attention": True})
+    assert algorithm == "dragdiffusion"
+    assert params.work_size == 256 and isinstance(params.work_size, int)
+    assert params.lam == 1.0 and isinstance(params.lam, float)
+    with pytest.raises(InvalidInput, match="unknown method"):
+        resolve(b"gooddrag", {})  # type: ignore[arg-type]
+
+
+def test_parse_assignments_uses_the_knob_types():
+    assert parse_assignments(["work_size=384", "latent-lr=0.02", "reference_attention=false",
+                              "lam=1e-1"]) == {"work_size": 384, "latent_lr": 0.02,
+                                               "reference_attention": False, "lam": 0.1}
+    for item, fragment in [("drag_steps", "use KEY=VALUE"), ("=3", "use KEY=VALUE"),
+                           ("drag_stepz=3", "unknown parameter 'drag_stepz'"),
+                           ("drag_steps=many", "'drag_steps' must be an integer"),
+                           ("latent_lr=nan", "'latent_lr' must be a number from"),
+                           ("reference_attention=maybe", "must be true or false")]:
+        with pytest.raises(InvalidInput, match=fragment):
+            parse_assignments([item], "--param")
+
+
+def test_a_diverged_edit_fails_instead_of_returning_black(tiny_model_dir, monkeypatch):
+    import numpy as np
+
+    from backend.engine import pipeline
+    from backend.engine.errors import EngineError
+    from backend.engine.types import DragRequest
+
+    real = pipeline.ALGORITHMS["dragdiffusion"]
+
+    def diverging(ctx, z_star):  # what an optimiser that blew up leaves behind
+        z, handles = real(ctx, z_star)
+        return z * float("inf"), handles
+
+    monkeypatch.setitem(pipeline.ALGORITHMS, "dragdiffusion", diverging)
+    engine = pipeline.DragEngine.load(str(tiny_model_dir), device="cpu")
+    image = np.full((32, 32, 3), 200, np.uint8)
+    request = DragRequest(image=image, handles=[(8.0, 8.0)], targets=[(12.0, 8.0)],
+                          params={"work_size": 64, "lora_steps": 0, "n_inference_steps": 4,
+                                  "drag_steps": 1})
+    with pytest.raises(EngineError, match="lower latent_lr") as err:
+        engine.run(request)
+    assert type(err.value) is EngineError and err.value.code == "engine_error"
