@@ -125,12 +125,14 @@ class UNetRunner:
         return out[0].float()
 
     def eps_and_features(
-        self, z: torch.Tensor, t: int, grid: tuple[int, int], need_eps: bool = True
+        self, z: torch.Tensor, t: int, grid: tuple[int, int] | None, need_eps: bool = True
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(ε, features upsampled bilinearly to ``grid``) from one forward pass.
 
-        With ``need_eps=False`` the forward stops right after the feature block (the motion loss
-        alone does not need the rest of the decoder).
+        With ``grid=None`` the features come as the block made them (latent resolution, the
+        UNet's dtype: 1/16 of the grid map's memory at SD1.5's sizes); ``on_grid`` upsamples
+        them later to exactly the same values. With ``need_eps=False`` the forward stops right
+        after the feature block (the motion loss alone does not need the rest of the decoder).
         """
         handle = self.unet.up_blocks[self.block].register_forward_hook(self._hook)
         self._stop_early = not need_eps
@@ -142,8 +144,12 @@ class UNetRunner:
         finally:
             handle.remove()
         feat, self._captured = self._captured, None
-        feat = F.interpolate(feat.float(), size=grid, mode="bilinear", align_corners=False)
-        return eps, feat
+        return eps, (feat if grid is None else on_grid(feat, grid))
+
+
+def on_grid(feat: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Block features bilinearly upsampled to the supervision grid, in fp32 (as both codes)."""
+    return F.interpolate(feat.float(), size=grid, mode="bilinear", align_corners=False)
 
 
 def resolve_feature_block(unet, feature_block: int) -> int:

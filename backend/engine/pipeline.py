@@ -17,7 +17,6 @@ import torch
 from backend.engine import dragdiffusion, gooddrag, imageops
 from backend.engine.context import DragContext
 from backend.engine.devices import (
-    OOM_ADVICE,
     autocast,
     grad_scaler,
     is_oom,
@@ -28,6 +27,7 @@ from backend.engine.diffusion import Schedule, UNetRunner, run_inversion
 from backend.engine.errors import EngineError, OutOfMemory
 from backend.engine.lora import LoraCache, prepare_lora
 from backend.engine.lora_merge import MergedLora
+from backend.engine.memory import oom_message
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from backend.engine.params import METHODS, PRESETS, DragParams, defaults_table, resolve
 from backend.engine.redrag import RedragCache, RedragEntry, redrag_key
@@ -127,14 +127,21 @@ class DragEngine:
         """
         imageops.validate_request(request.image, request.handles, request.targets, request.mask)
         algorithm, params = resolve(request.method, request.params)
+        phase = ["load"]  # the phase an out-of-memory error is reported in
+
+        def tracked(name: str, step: int, total: int) -> None:
+            phase[0] = name
+            if progress is not None:
+                progress(name, step, total)
+
         try:
-            return self._run(request, algorithm, params, progress, cancel, preview)
+            return self._run(request, algorithm, params, tracked, cancel, preview)
         except EngineError:
             raise
         except Exception as exc:
             if is_oom(exc):
                 self._free_memory()
-                raise OutOfMemory(f"the device ran out of memory during the edit: {OOM_ADVICE}") from exc
+                raise OutOfMemory(oom_message(phase[0])) from exc
             raise
         finally:
             self.model.unet.zero_grad(set_to_none=True)
