@@ -147,7 +147,8 @@ class SettingsDialog:
         measured = (self.context.state.get("speeds") or {}).get(prog.speed_key(device, model))
         speed = measured if measured is not None else (
             None if backend.is_demo_model(info) else prog.first_guess(device))
-        mpx = prog.working_megapixels(*self.context.layer_size, resolved.get("work_size", 512))
+        mpx = prog.working_megapixels(*self.context.layer_size, resolved.get("work_size", 512),
+                                      resolved.get("work_max_side", 0))
         seconds = prog.estimate_seconds(prog.plan_steps(resolved), mpx, speed)
         return prog.advice(seconds, device, resolved.get("work_size", 512),
                            measured is not None, "fast" in table.methods)
