@@ -343,10 +343,9 @@ def _run_job(protocol: Any, client: Any, job: JobSpec, feedback: Feedback,
              tracker: prog.Tracker) -> JobResult:
     cancel_after = int(os.environ.get(CANCEL_AFTER_ENV, "0") or 0)
     job_id = "gimp-" + uuid.uuid4().hex[:16]
-    extra = {"dtype": job.dtype} if job.dtype != "u8" else {}
     client.submit(job.pixels, job.width, job.height, job.channels, job.handles, job.targets,
                   job_id=job_id, mask=job.mask, method=job.method, params=job.params,
-                  prompt=job.prompt, seed=job.seed, preview=job.preview, **extra)
+                  prompt=job.prompt, seed=job.seed, preview=job.preview, dtype=job.dtype)
     tracker.update("queued", 0, 0)
     _show(feedback, tracker)
     progress_events = previews = 0
