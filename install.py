@@ -278,6 +278,23 @@ def default_connection_file(python: Path) -> str:
                      f"({python}); run without --no-venv to create the environment")
 
 
+def backend_parameters(python: Path) -> dict:
+    """The backend's method defaults (and parameter specs), as its hello reply carries them, for
+    the plug-in's dialog before it reaches a backend; {} if the backend can't be imported."""
+    code = ("import json; from backend.engine import params as p; "
+            "print(json.dumps({'methods': p.defaults_table(), 'parameters': p.spec_table(), "
+            "'descriptions': p.method_descriptions(), 'default_method': 'dragdiffusion'}))")
+    for candidate in (str(python), sys.executable):
+        try:
+            out = subprocess.run([candidate, "-c", code], cwd=REPO, capture_output=True,
+                                 text=True, timeout=60)
+        except OSError:
+            continue
+        if out.returncode == 0 and out.stdout.strip():
+            return json.loads(out.stdout)
+    return {}
+
+
 def start_command(python: Path) -> str:
     quote = (lambda s: f'"{s}"') if os.name == "nt" else (lambda s: f"'{s}'" if " " in s else s)
     return f"cd {quote(str(REPO))} && {quote(str(python))} -m backend serve"
@@ -385,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "gimp_python": gimp.description,
         "gimp_python_version": gimp.version,
         "vendored": need_vendor,
+        "parameters": backend_parameters(python),
         "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (dest / "install.json").write_text(json.dumps(info, indent=2) + "\n")

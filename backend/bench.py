@@ -1,8 +1,11 @@
-"""``python -m backend bench``: per-phase wall time, UNet passes and peak memory as JSON.
+"""``python -m backend bench``: per-phase wall time, UNet work and peak memory as JSON.
 
-Runs real edits through ``DragEngine`` on a synthetic image. Models: ``tiny`` (random tiny SD,
-the default), ``sd15-random`` (the full SD1.5 architecture with random weights: same cost as
-the real model, no download), or any model path/id the loader accepts.
+Runs real edits through ``DragEngine`` on a synthetic image: per method a first edit, then
+``--redrags`` drags of the same image to new targets (what a user does next). Each run reports
+UNet forward-equivalents per phase (``engine.work``: forward + backward = 2) next to the
+official code's count for the same settings, so the ratios hold on any machine. Models:
+``tiny`` (random tiny SD, the default), ``sd15-random`` (the full SD1.5 architecture with random
+weights: same cost as the real model, no download), or any model path/id the loader accepts.
 """
 
 from __future__ import annotations
@@ -30,16 +33,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="tiny", help="tiny (default), sd15-random, or a model "
                    "folder/file/Hugging Face id")
-    p.add_argument("--method", default="all", help="dragdiffusion, gooddrag, a preset, or all")
+    p.add_argument("--method", default="all", help="dragdiffusion, gooddrag, a preset, a "
+                   "comma-separated list of them, or all (the two methods)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
     p.add_argument("--dtype", default=None, help="auto (default), fp16, bf16, fp32")
     p.add_argument("--quick", action="store_true",
                    help=f"reduced step counts for slow machines: {QUICK}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--repeat", type=int, default=1, help="runs per method (LoRA is cached "
-                   "after the first, so later runs show the cache-hit cost)")
+    p.add_argument("--redrags", type=int, default=1, help="drags of the same image to new "
+                   "targets after the first edit, per method (default 1)")
+    p.add_argument("--baseline", action="store_true", help="first run every method without "
+                   "reuse (no re-drag cache, no resident LoRA: the behaviour before it) and "
+                   "print the ratios measured in the same run")
+    p.add_argument("--finish", metavar="WxH", help="instead: time the full-resolution finish "
+                   "alone at this size (e.g. 4000x3000) with a 36 %%-area elliptical mask, "
+                   "against the same blend computed over the whole image")
     p.set_defaults(func=run_bench)
+
+
+def redrag_targets(size: int, n: int) -> list[tuple[float, float]]:
+    """The n-th re-drag's target: the same disc dragged another way (left, up, down, …)."""
+    moves = [(-1, 0), (0, -1), (0, 1), (1, 1), (-1, -1)]
+    dx, dy = moves[(n - 1) % len(moves)]
+    return [(size * (0.4 + 0.125 * dx), size * (0.5 + 0.125 * dy))]
 
 
 def synthetic_case(size: int) -> tuple[np.ndarray, np.ndarray, list, list]:
@@ -80,7 +97,8 @@ def sd15_random(device: str | None, dtype: str | None):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from backend.engine.devices import resolve_device
-    from backend.engine.models import SD15_CONFIG_DIR, LoadedModel, _ddim_scheduler, sd15_tokenizer
+    from backend.engine.models import LoadedModel
+    from backend.engine.sd15 import SD15_CONFIG_DIR, ddim_scheduler, sd15_tokenizer
 
     dev, dt = resolve_device(device, dtype)
     cfg = SD15_CONFIG_DIR
@@ -92,27 +110,87 @@ def sd15_random(device: str | None, dtype: str | None):
         module.to(dev, dt).eval().requires_grad_(False)
     return LoadedModel(name="sd15-random", source=str(cfg), unet=unet, vae=vae,
                        text_encoder=text_encoder, tokenizer=sd15_tokenizer(),
-                       scheduler=_ddim_scheduler(cfg), device=dev, dtype=dt,
+                       scheduler=ddim_scheduler(cfg), device=dev, dtype=dt,
                        fingerprint="sd15-random-seed0")
+
+
+def bench_finish(width: int, height: int, dtype: str = "uint8", area: float = 0.36,
+                 repeat: int = 3) -> dict:
+    """Seconds of ``imageops.paste_edit`` (the mask's bounding box only) and of the same blend
+    over the whole image (resize it all, feather it all, composite it all), best of ``repeat``,
+    interleaved so both see the same machine load."""
+    from PIL import Image
+
+    from backend.engine import imageops
+
+    rng = np.random.default_rng(0)
+    kind = np.dtype(dtype)
+    if kind == np.float32:
+        image = rng.random((height, width, 3), dtype=np.float32)
+    else:
+        image = rng.integers(0, np.iinfo(kind).max + 1, (height, width, 3), dtype=kind)
+    yy, xx = np.ogrid[0:height, 0:width]
+    s = (area / (np.pi / 4)) ** 0.5
+    mask = (((xx + 0.5 - width / 2) / (width * s / 2)) ** 2
+            + ((yy + 0.5 - height / 2) / (height * s / 2)) ** 2 < 1).astype(np.uint8) * 255
+    work = imageops.working_size(width, height, 512)
+    edited = rng.random((work[1], work[0], 3), dtype=np.float32)
+    feather = imageops.feather_width(3, width / work[0])
+
+    def whole() -> np.ndarray:
+        if kind == np.uint8:
+            small = imageops.quantize(edited * 255.0, kind)
+            full = np.asarray(Image.fromarray(small, "RGB").resize((width, height),
+                                                                   Image.BILINEAR))
+        else:
+            full = imageops.resize_float(edited, (width, height)) * imageops.PIXEL_SCALE[kind]
+        return imageops.composite(image, full, imageops.feather_weights(mask, feather))
+
+    times: dict[str, list[float]] = {"box": [], "whole": []}
+    for _ in range(repeat):
+        for name, fn in (("whole", whole),
+                         ("box", lambda: imageops.paste_edit(image, edited, mask, feather))):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    rows, cols = imageops.mask_box(mask)
+    box, full = min(times["box"]), min(times["whole"])
+    return {"finish": f"{width}x{height}", "dtype": dtype, "working": list(work),
+            "feather_px": feather, "mask_area": round(float((mask > 0).mean()), 3),
+            "box_area": round((rows.stop - rows.start) * (cols.stop - cols.start)
+                              / (width * height), 3),
+            "box_s": round(box, 3), "whole_image_s": round(full, 3),
+            "whole_over_box": round(full / box, 1)}
 
 
 def run_bench(args: argparse.Namespace) -> int:
     import torch
 
+    if args.finish:
+        try:
+            width, height = (int(v) for v in args.finish.lower().split("x"))
+        except ValueError:
+            print(f"error: --finish wants WIDTHxHEIGHT, got {args.finish!r}", file=sys.stderr)
+            return 2
+        for dtype in ("uint8", "uint16", "float32"):
+            print(json.dumps(bench_finish(width, height, dtype)), flush=True)
+        return 0
+
     from backend.commands import UsageError, parse_overrides
     from backend.engine.errors import EngineError
+    from backend.engine.lora import LoraCache
     from backend.engine.params import PRESETS
-    from backend.engine.types import DragRequest
+    from backend.engine.pipeline import DragEngine
 
     try:
         overrides = {**(QUICK if args.quick else {}), **parse_overrides(args.overrides)}
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    methods = ["dragdiffusion", "gooddrag"] if args.method == "all" else [args.method]
+    methods = ["dragdiffusion", "gooddrag"] if args.method == "all" else args.method.split(",")
     if any(m not in PRESETS for m in methods):
-        print(f"error: unknown method {args.method!r}; use all or one of {', '.join(PRESETS)}",
-              file=sys.stderr)
+        print(f"error: unknown method {args.method!r}; use all or a comma-separated list of "
+              f"{', '.join(PRESETS)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     try:
@@ -121,34 +199,91 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - start
-    image, mask, handles, targets = synthetic_case(args.size)
+    engines = [engine]
+    if args.baseline:  # the same model without reuse, its own LoRA cache: first edits train
+        cold = LoraCache(tempfile.mkdtemp(prefix="drag-bench-lora-"))
+        engines.insert(0, DragEngine(engine.model, cold, reuse=False))
     rows = []
     for method in methods:
-        for run in range(args.repeat):
-            request = DragRequest(image=image, handles=handles, targets=targets, mask=mask,
-                                  method=method, prompt="a red disc", seed=0,
-                                  params={"work_size": args.size, **overrides})
-            t0 = time.perf_counter()
-            result = engine.run(request)
-            total = time.perf_counter() - t0
-            memory = result.stats["memory"]
-            rows.append({
-                "method": method,
-                "run": run,
-                "model": args.model,
-                "device": str(engine.model.device),
-                "dtype": str(engine.model.dtype).removeprefix("torch."),
-                "size": args.size,
-                "overrides": overrides,
-                "phases_s": result.timings,
-                "total_s": round(total, 3),
-                "unet_passes": result.stats["unet_passes"],
-                "drag_steps": result.stats.get("drag_steps"),
-                "peak_memory_mb": round(memory.get("peak", 0) / 2**20, 1),
-                "handles": [[round(x, 1), round(y, 1)] for x, y in result.handles],
-            })
-            print(json.dumps(rows[-1]), flush=True)
+        for eng in engines:
+            rows += bench_method(eng, method, args, overrides)
+            eng.merged_lora.restore()  # the engines share the model's weights
     summary = {"model_load_s": round(load_s, 2), "torch": torch.__version__,
-               "python": platform.python_version(), "runs": len(rows)}
+               "python": platform.python_version(), "runs": len(rows),
+               "ratios": ratios(rows)}
     print(json.dumps(summary))
     return 0
+
+
+def bench_method(engine, method: str, args: argparse.Namespace, overrides: dict) -> list[dict]:
+    """A first edit of the synthetic image, then ``args.redrags`` drags to other targets."""
+    from backend.engine.types import DragRequest
+
+    image, mask, handles, targets = synthetic_case(args.size)
+    rows = []
+    for run in range(1 + max(0, args.redrags)):
+        request = DragRequest(image=image, handles=handles,
+                              targets=redrag_targets(args.size, run) if run else targets,
+                              mask=mask, method=method, prompt="a red disc", seed=0,
+                              params={"work_size": args.size, **overrides})
+        t0 = time.perf_counter()
+        result = engine.run(request)
+        total = time.perf_counter() - t0
+        memory = result.stats["memory"]
+        work = result.stats["work"]
+        rows.append({
+            "method": method,
+            "run": run,
+            "kind": "redrag" if run else "first",
+            "reuse": engine.redrag is not None,
+            "model": args.model,
+            "device": str(engine.model.device),
+            "dtype": str(engine.model.dtype).removeprefix("torch."),
+            "size": args.size,
+            "overrides": overrides,
+            "phases_s": result.timings,
+            "total_s": round(total, 3),
+            "fe": work["fe"],
+            "fe_total": work["total"],
+            "official_fe": work["official_fe"],
+            "official_fe_total": work["official_total"],
+            "ratio_to_official": work["ratio"],
+            "official_defaults_fe_total": work["official_defaults_total"],
+            "unet_passes": result.stats["unet_passes"],
+            "drag_steps": result.stats.get("drag_steps"),
+            "peak_memory_mb": round(memory.get("peak", 0) / 2**20, 1),
+            "handles": [[round(x, 1), round(y, 1)] for x, y in result.handles],
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per method (and ``<method> no-reuse`` with ``--baseline``), measured in this run: seconds
+    and work of the first edit and the mean re-drag, re-drag / first, and with ``--baseline``
+    the reuse / no-reuse ratios."""
+    out: dict[str, dict[str, float]] = {}
+    for method, reuse in dict.fromkeys((r["method"], r["reuse"]) for r in rows):
+        group = [r for r in rows if r["method"] == method and r["reuse"] == reuse]
+        first = next(r for r in group if r["kind"] == "first")
+        redrags = [r for r in group if r["kind"] == "redrag"]
+        entry = {"first_s": first["total_s"], "first_fe": first["fe_total"],
+                 "first_official_fe": first["official_fe_total"]}
+        if redrags:
+            seconds = sum(r["total_s"] for r in redrags) / len(redrags)
+            fe = sum(r["fe_total"] for r in redrags) / len(redrags)
+            official = sum(r["official_fe_total"] for r in redrags) / len(redrags)
+            entry.update({"redrag_s": round(seconds, 3), "redrag_fe": fe,
+                          "redrag_official_fe": official,
+                          "redrag_over_first_s": round(seconds / first["total_s"], 3),
+                          "redrag_over_first_fe": round(fe / first["fe_total"], 3)})
+        out[method if reuse else f"{method} no-reuse"] = entry
+    for method in list(out):
+        before = out.get(f"{method} no-reuse")
+        if before is None:
+            continue
+        after = out[method]
+        for name in ("first_s", "first_fe", "redrag_s", "redrag_fe"):
+            if name in after and before.get(name):
+                after[f"{name}_vs_no_reuse"] = round(after[name] / before[name], 3)
+    return out

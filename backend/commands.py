@@ -15,7 +15,8 @@ from backend.engine.params import PRESETS, parse_assignments
 
 POINTS_HELP = (
     'handle→target pairs in image pixels, "x1,y1:x2,y2;x3,y3:x4,y4" '
-    "(x to the right, y down, origin at the top-left corner)"
+    "(x to the right, y down, origin at the top-left corner of the image; the centre of pixel "
+    "column i is x = i+0.5, so to point at pixel (120, 80) give 120.5,80.5)"
 )
 
 
@@ -49,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a method parameter, e.g. --set drag_steps=40 --set "
                    "work_size=384 (see --list-params)")
     p.add_argument("--list-params", action="store_true",
-                   help="print every method's parameters and defaults, then exit")
+                   help="print every parameter: its default per method, range and what it "
+                   "does (with --json: as JSON), then exit")
     p.add_argument("--lora-cache", default=None, help="LoRA cache folder")
     p.add_argument("--json", action="store_true", help="print the result summary as JSON")
     p.set_defaults(func=run_drag)
@@ -134,13 +136,31 @@ def write_image(path: str, image: np.ndarray) -> None:
     Image.fromarray(image[..., 0] if image.shape[2] == 1 else image, mode).save(path)
 
 
+def format_params(defaults: dict[str, dict], specs: dict[str, dict]) -> str:
+    """Every knob with its default per method, its range and what it does (``--list-params``)."""
+    methods = list(defaults)
+    lines = ["defaults per method: " + ", ".join(methods), ""]
+    for name, spec in specs.items():
+        values = [defaults[m][name] for m in methods]
+        shown = (f"{values[0]}" if len(set(map(str, values))) == 1
+                 else " / ".join(str(v) for v in values))
+        allowed = ("true/false" if spec["type"] == "bool"
+                   else f"{spec['type']} {spec['min']:g}..{spec['max']:g}")
+        lines.append(f"{name} = {shown}  ({allowed})")
+        lines.append(f"    {spec['help']}")
+    return "\n".join(lines)
+
+
 # -- commands ---------------------------------------------------------------------------------
 
 def run_drag(args: argparse.Namespace) -> int:
-    from backend.engine.params import defaults_table
+    from backend.engine.params import defaults_table, spec_table
 
     if args.list_params:
-        print(json.dumps(defaults_table(), indent=2))
+        if args.json:
+            print(json.dumps({"defaults": defaults_table(), "specs": spec_table()}, indent=2))
+        else:
+            print(format_params(defaults_table(), spec_table()))
         return 0
     try:
         return _drag(args)
@@ -171,8 +191,7 @@ def _drag(args: argparse.Namespace) -> int:
     except EngineError as exc:
         raise UsageError(str(exc)) from None
 
-    from tqdm import tqdm
-
+    from backend.cli_progress import PhaseBars
     from backend.engine.errors import Cancelled
     from backend.engine.models import DEFAULT_MODEL
     from backend.engine.pipeline import DragEngine
@@ -188,20 +207,13 @@ def _drag(args: argparse.Namespace) -> int:
 
     cancel = CancelToken()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
-    bar = tqdm(total=1, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def progress(phase: str, step: int, total: int) -> None:
-        if bar.desc != phase:
-            bar.reset(total=total)
-            bar.set_description(phase)
-        bar.n = step + 1
-        bar.refresh()
-
+    bars = PhaseBars(sys.stderr)
     request = DragRequest(image=image, handles=handles, targets=targets, mask=mask,
                           method=args.method, prompt=args.prompt, seed=args.seed,
                           params=overrides)
     try:
-        result = engine.run(request, progress=progress, cancel=cancel)
+        result = engine.run(request, progress=bars, cancel=cancel)
+        bars.close()
     except Cancelled:
         print("\ncancelled: nothing was written", file=sys.stderr)
         return 130
@@ -209,15 +221,18 @@ def _drag(args: argparse.Namespace) -> int:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     finally:
-        bar.close()
+        bars.close(done=False)
         signal.signal(signal.SIGINT, previous)
     write_image(args.out, result.image)
+    for warning in result.warnings:  # said once, before the summary
+        print(f"warning: {warning}", file=sys.stderr)
     summary = {
         "out": args.out,
         "handles": [[round(x, 2), round(y, 2)] for x, y in result.handles],
         "targets": [list(t) for t in targets],
         "timings": result.timings,
         "unet_passes": result.stats.get("unet_passes"),
+        "warnings": result.warnings,
     }
     if args.json:
         print(json.dumps(summary))

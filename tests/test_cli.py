@@ -70,6 +70,20 @@ def test_help_explains_every_option():
         assert option in result.stdout
 
 
+def test_list_params_shows_each_knobs_default_range_and_meaning():
+    result = backend("drag", "--list-params", timeout=60)
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert "work_size = 512  (int 64..2048)" in lines
+    assert "work_max_side = 0  (int 0..4096)" in lines
+    meaning = lines[lines.index("work_max_side = 0  (int 0..4096)") + 1]
+    assert "long side" in meaning and "0: no cap" in meaning
+    assert "lora_steps = 80 / 70 / 200  (int 0..2000)" in lines  # per method
+    as_json = json.loads(backend("drag", "--list-params", "--json", timeout=60).stdout)
+    assert as_json["defaults"]["gooddrag"]["work_size"] == 512
+    assert "help" in as_json["specs"]["work_max_side"]
+
+
 @pytest.mark.slow
 def test_drag_writes_a_full_resolution_result(files, tiny_model_dir):
     out = files / "result.png"
@@ -97,7 +111,13 @@ def test_bench_prints_phase_times_passes_and_memory():
     assert run["method"] == "gooddrag" and run["size"] == 64
     assert {"lora", "inversion", "drag+denoise", "decode"} <= set(run["phases_s"])
     assert run["unet_passes"] > 0 and run["peak_memory_mb"] > 0
-    assert summary["runs"] == 1
+    # UNet work per phase next to the official code's, for the first edit and a re-drag.
+    assert run["kind"] == "first" and run["fe_total"] == sum(run["fe"].values()) > 0
+    assert run["official_fe_total"] == sum(run["official_fe"].values()) >= run["fe_total"]
+    assert run["official_defaults_fe_total"] == 1102
+    redrag = rows[1]
+    assert redrag["kind"] == "redrag" and redrag["fe"]["lora"] == 0
+    assert summary["runs"] == 2 and "redrag_over_first_fe" in summary["ratios"]["gooddrag"]
 
 
 def test_make_tiny_model_writes_a_loadable_single_file(tmp_path):

@@ -19,7 +19,8 @@ from backend.engine.diffusion import (
     run_inversion,
 )
 from backend.engine.errors import InvalidInput
-from backend.engine.tiny import SD15_SCHEDULER, build_tiny_pipeline
+from backend.engine.sd15 import SD15_SCHEDULER
+from backend.engine.tiny import build_tiny_pipeline
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -87,7 +88,7 @@ def test_features_and_eps_come_from_one_forward_pass(tiny):
         eps_only = runner.eps(z, 681)
         none, feat_early = runner.eps_and_features(z, 681, grid=(32, 32), need_eps=False)
     assert runner.passes == 3
-    assert feat.shape == (1, 64, 32, 32)  # first full-resolution up block, upsampled ×2
+    assert feat.shape == (1, 32, 32, 32)  # up_blocks[2] (SD1.5: 640 channels), upsampled ×2
     torch.testing.assert_close(eps, eps_only)
     assert none is None
     torch.testing.assert_close(feat, feat_early)
@@ -104,8 +105,8 @@ def test_feature_gradients_reach_the_latent(tiny):
 
 def test_default_feature_block_is_sd15_up_blocks_2(sd15_unet_meta, tiny):
     assert resolve_feature_block(sd15_unet_meta, -1) == 2
-    assert resolve_feature_block(tiny[0].unet, -1) == 0
-    with pytest.raises(InvalidInput, match="2 up blocks"):
+    assert resolve_feature_block(tiny[0].unet, -1) == 2
+    with pytest.raises(InvalidInput, match="4 up blocks"):
         resolve_feature_block(tiny[0].unet, 5)
 
 

@@ -51,6 +51,18 @@ def test_edit_runs_at_full_resolution_and_keeps_unmasked_pixels(engine, method):
     for x, y in result.handles:
         assert 0 <= x <= 75 and 0 <= y <= 50
     assert result.stats["unet_passes"] > 0 and set(result.timings) >= {"lora", "inversion"}
+    assert result.warnings == []
+
+
+@pytest.mark.parametrize("method", ["dragdiffusion", "gooddrag"])
+def test_a_selection_below_one_latent_cell_warns_and_still_keeps_the_outside(engine, method):
+    request = make_request(method, params={**FAST, "lora_steps": 0})
+    request.mask[:] = 0
+    request.mask[20:23, 30:33] = 255  # 3×3 px: less than one 8-px cell of the 64×40 working size
+    result = engine.run(request)
+    assert len(result.warnings) == 1 and "8-pixel cell" in result.warnings[0]
+    outside = request.mask == 0
+    np.testing.assert_array_equal(result.image[outside], request.image[outside])
 
 
 @pytest.mark.parametrize("method", ["dragdiffusion", "gooddrag"])

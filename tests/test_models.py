@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from backend.engine import models
+from backend.engine.checkpoint import save_single_file
 from backend.engine.devices import autocast, is_oom, memory_info, resolve_device
 from backend.engine.errors import EngineError, InvalidInput, ModelNotFound
-from backend.engine.models import load_model, save_single_file
+from backend.engine.models import load_model
+from backend.engine.sd15 import SD15_CONFIG_DIR, sd15_tokenizer
 from backend.engine.tiny import build_tiny_pipeline, make_tiny_model
 
 
@@ -115,7 +117,7 @@ def test_sd15_block_layout_round_trips(tmp_path):
     from diffusers import UNet2DConditionModel
 
     pipe = build_tiny_pipeline(seed=3)
-    sd15 = UNet2DConditionModel.load_config(models.SD15_CONFIG_DIR, subfolder="unet")
+    sd15 = UNet2DConditionModel.load_config(SD15_CONFIG_DIR, subfolder="unet")
     pipe.unet = UNet2DConditionModel.from_config(
         {**sd15, "block_out_channels": [32, 32, 64, 64], "cross_attention_dim": 32, "sample_size": 32}
     )
@@ -254,7 +256,7 @@ def test_shipped_sd15_configs_match_the_real_model():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = models.SD15_CONFIG_DIR
+    cfg = SD15_CONFIG_DIR
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg, subfolder="unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(cfg, subfolder="vae"))
@@ -262,6 +264,6 @@ def test_shipped_sd15_configs_match_the_real_model():
     counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text)]
     assert counts == [859_520_964, 83_653_863, 123_060_480]  # SD1.5's published sizes
 
-    tokenizer = models.sd15_tokenizer()
+    tokenizer = sd15_tokenizer()
     assert len(tokenizer) == 49408
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]

@@ -3,7 +3,6 @@ and starting the real backend detached when none is running."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -11,28 +10,18 @@ import time
 from pathlib import Path
 
 import pytest
+from plugin_modules import load
 
 REPO = Path(__file__).resolve().parents[1]
-PLUGIN_DIR = REPO / "gimp_plugin" / "drag-diffusion"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, PLUGIN_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_load("dragdiff_geometry")
-db = _load("dragdiff_backend")
+db = load("dragdiff_backend")
+prog = load("dragdiff_progress")
 
 
 class Recorder(db.Feedback):
     def __init__(self) -> None:
         self.texts: list[str] = []
 
-    def progress(self, fraction, text):
+    def progress(self, fraction, text, detail=""):
         self.texts.append(text)
 
 
@@ -84,12 +73,131 @@ def test_connect_starts_the_backend_detached(tmp_path, monkeypatch):
     started = time.monotonic()
     client = db.connect(conn, install, 240, feedback)
     try:
-        assert "Starting backend…" in feedback.texts
+        assert "Starting the backend…" in feedback.texts
         pid = json.loads(conn.read_text())["pid"]
         assert os.getsid(pid) != os.getsid(0)  # its own session: detached from "GIMP"
-        assert client.hello()["model"]["state"] in ("loading", "ready")
+        info = client.hello()
+        assert info["model"]["state"] in ("loading", "ready")
+        # The dialog's table comes from this reply: every knob has a default and a spec.
+        par = load("dragdiff_params")
+        table = par.ParamTable.parse(info, "backend")
+        for knob in par.KNOBS:
+            assert table.default("gooddrag", knob.param) is not None, knob
+            assert table.specs[knob.param].step, knob
+        assert table.describe("dragdiffusion")
         print(f"backend started and answered in {time.monotonic() - started:.1f} s")
     finally:
         client.shutdown()
         client.close()
     assert (conn.parent / "backend-console.log").exists()
+
+
+# --- one job against a scripted client --------------------------------------------------------
+
+class ScriptedClient:
+    """Plays back job events like protocol.Client.events (a few per poll)."""
+
+    def __init__(self, events, timeout=60.0) -> None:
+        import protocol
+
+        self.protocol = protocol
+        self.script = list(events)
+        self.timeout, self.retries = timeout, 1
+        self.server_info = {"device": "cpu", "model": {"name": "toy", "demo": True},
+                            "methods": {}}
+        self.submitted: dict = {}
+        self.cancelled: list[str] = []
+
+    def submit(self, *args, **kwargs):
+        self.submitted = kwargs
+        return kwargs["job_id"]
+
+    def events(self, job_id, timeout=None):
+        from protocol.client import Event
+
+        if not self.script:
+            raise self.protocol.JobTimeout("nothing yet")
+        kind, content, buffers = self.script.pop(0)
+        yield Event(kind, job_id, {"job_id": job_id, **content}, buffers)
+
+    def cancel(self, job_id):
+        self.cancelled.append(job_id)
+        self.script.append(("cancelled", {"reason": "client"}, []))
+        return "cancelling"
+
+    def close(self):
+        pass
+
+
+class Watcher(db.Feedback):
+    def __init__(self, cancel_at: int | None = None) -> None:
+        self.shown: list[tuple] = []
+        self.previews: list[tuple] = []
+        self.cancel_at = cancel_at
+
+    def progress(self, fraction, text, detail=""):
+        self.shown.append((fraction, text, detail))
+
+    def preview(self, pixels, width, height, channels):
+        self.previews.append((len(pixels), width, height, channels))
+
+    def cancelled(self):
+        return self.cancel_at is not None and len(self.shown) >= self.cancel_at
+
+
+def job(**changes):
+    spec = {"pixels": bytes(8 * 6 * 3), "width": 8, "height": 6, "channels": 3, "mask": None,
+            "handles": [(1.0, 1.0)], "targets": [(3.0, 2.0)], "method": "dragdiffusion",
+            "params": {}, "preview": True, **changes}
+    return db.JobSpec(**spec)
+
+
+def test_a_job_shows_phases_times_previews_and_returns_the_warnings():
+    events = [("started", {}, []),
+              ("progress", {"phase": "load", "step": 0, "total": 1}, []),
+              ("progress", {"phase": "drag", "step": 0, "total": 4}, []),
+              ("preview", {"phase": "drag", "step": 1, "width": 2, "height": 1,
+                           "channels": 3}, [bytes(6)]),
+              ("progress", {"phase": "drag", "step": 3, "total": 4}, []),
+              ("finished", {"width": 8, "height": 6, "channels": 3, "handles": [[2.5, 1.5]],
+                            "timings": {"drag": 1.0}, "warnings": ["a handle moved off"]},
+               [bytes(8 * 6 * 3)])]
+    client = ScriptedClient(events)
+    session = db.Session(client.protocol, client)
+    assert session.demo_model and session.device == "cpu" and session.dtypes == ["u8"]
+    feedback = Watcher()
+    plan = {"load": 1, "drag": 4, "decode": 1}
+    result = session.run(job(), feedback, prog.Tracker(plan))
+    assert result.warnings == ["a handle moved off"]
+    assert result.previews == 1 and feedback.previews == [(6, 2, 1, 3)]
+    assert result.handles == [(2.5, 1.5)] and result.dtype == "u8"
+    assert client.submitted["preview"] is True
+    assert client.submitted["dtype"] == "u8"
+    phases = [text for _, text, _ in feedback.shown]
+    assert "Dragging: step 4 of 4" in phases
+    assert all("elapsed" in detail for _, _, detail in feedback.shown)
+    fractions = [f for f, _, _ in feedback.shown if f is not None]
+    assert fractions == sorted(fractions) and 0 < fractions[-1] < 1
+    # Liveness while the job runs: a silent backend is reported within about 10 s.
+    assert client.timeout * (client.retries + 1) <= 10
+
+
+def test_cancel_from_the_window_cancels_the_backend_job():
+    events = [("progress", {"phase": "drag", "step": k, "total": 100}, []) for k in range(50)]
+    client = ScriptedClient(events)
+    with pytest.raises(db.JobCancelled, match="stopped job"):
+        db.Session(client.protocol, client).run(job(), Watcher(cancel_at=3),
+                                                prog.Tracker({"drag": 100}))
+    assert len(client.cancelled) == 1
+
+
+def test_a_wider_dtype_is_sent_only_when_the_backend_accepts_it():
+    client = ScriptedClient([("finished", {"width": 8, "height": 6, "channels": 3,
+                                           "handles": [[1, 1]], "dtype": "u16"},
+                              [bytes(8 * 6 * 6)])])
+    client.server_info["dtypes"] = ["u8", "u16", "f32"]
+    session = db.Session(client.protocol, client)
+    assert session.dtypes == ["u8", "u16", "f32"]
+    result = session.run(job(dtype="u16", pixels=bytes(8 * 6 * 6)), Watcher(),
+                         prog.Tracker({"drag": 1}))
+    assert client.submitted["dtype"] == "u16" and result.dtype == "u16"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -181,51 +180,3 @@ def test_mask_or_none():
     assert geo.mask_or_none(bytes([0, 255, 128])) == bytes([0, 255, 128])
     with pytest.raises(InputError, match="empty on this layer"):
         geo.mask_or_none(bytes(5))
-
-
-# --- pixels, parameters, progress --------------------------------------------------------------
-
-@pytest.mark.parametrize(("gray", "alpha", "expected"), [
-    (False, False, ("R'G'B' u8", 3)), (False, True, ("R'G'B'A u8", 4)),
-    (True, False, ("Y' u8", 1)), (True, True, ("Y'A u8", 2)),
-])
-def test_pixel_format(gray, alpha, expected):
-    assert geo.pixel_format(gray, alpha) == expected
-
-
-def test_build_params_drops_method_default_sentinels_and_merges_advanced():
-    params = geo.build_params({"lora_steps": -1, "drag_steps": 5, "lam": 0.0},
-                              json.dumps({"r-m": 2, "feather": 4}))
-    assert params == {"drag_steps": 5, "lam": 0.0, "r_m": 2, "feather": 4}
-
-
-@pytest.mark.parametrize("advanced", ["{not json", "[1, 2]"])
-def test_build_params_rejects_bad_advanced_json(advanced):
-    with pytest.raises(InputError, match="advanced settings"):
-        geo.build_params({}, advanced)
-
-
-def test_method_defaults_mirror_the_engine_presets():
-    params = pytest.importorskip("backend.engine.params")
-    for method, knobs in geo.METHOD_DEFAULTS.items():
-        preset = params.PRESETS[method].as_dict()
-        assert {k: preset[k] for k in knobs} == knobs, method
-    assert set(geo.METHODS) == set(params.PRESETS)
-
-
-def test_progress_is_monotonic_over_the_phases():
-    values = [geo.progress_fraction(phase, step, 4)
-              for phase in ("load", "lora", "inversion", "drag", "denoise", "decode")
-              for step in range(5)]
-    assert values == sorted(values)
-    assert values[0] == 0.0 and values[-1] == pytest.approx(1.0)
-    assert geo.progress_fraction("unknown", 1, 2) == 0.0
-
-
-def test_progress_text():
-    assert geo.progress_text("lora", 3, 80) == "Fine-tuning LoRA 3/80"
-    assert geo.progress_text("starting", 0, 0) == "Starting backend…"
-
-
-def test_result_layer_name():
-    assert geo.result_layer_name("Background", "gooddrag", 2) == "Background – gooddrag (2 drags)"

@@ -2,8 +2,9 @@
 
 The batch is [original, edited]. In the chosen self-attention layers the edited branch keeps its
 own queries but reads keys and values from the original branch, so appearance flows from the
-input image into the edit (MasaCtrl-style; drag-methods.md §1.6). The original branch attends to
-itself and reconstructs unchanged. Cross-attention and earlier layers are untouched.
+input image into the edit (MasaCtrl-style; docs/algorithms.md §1, Reference attention). The
+original branch attends to itself and reconstructs unchanged. Cross-attention and earlier
+layers are untouched.
 """
 
 from __future__ import annotations

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from backend.engine.diffusion import Schedule, UNetRunner
-from backend.engine.motion import Point
 from backend.engine.params import DragParams
-from backend.engine.types import CancelToken, ProgressFn
+from backend.engine.types import CancelToken, GridPoint, ProgressFn
 
 
 @dataclass
@@ -20,8 +20,8 @@ class DragContext:
     schedule: Schedule
     params: DragParams
     grid: tuple[int, int]  # supervision grid (rows, cols) = half the working resolution
-    handles: list[Point]  # (row, col) on the grid
-    targets: list[Point]
+    handles: list[GridPoint]
+    targets: list[GridPoint]
     keep: torch.Tensor | None  # [1,1,h,w] at latent size: 1 where the image must stay; None: no mask
     progress: ProgressFn | None = None
     cancel: CancelToken | None = None
@@ -30,11 +30,24 @@ class DragContext:
     # preview(phase, step, x0): the edited branch's predicted clean latent, for live previews.
     preview: Callable[[str, int, torch.Tensor], None] | None = None
     stats: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # for the user (DragResult.warnings)
+    # Values derived from z_t* alone, kept for a re-drag of the same image (engine.redrag).
+    memo: dict | None = None
+
+    def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, or what it returned in an earlier edit of the same image and settings
+        (``key`` names everything besides z_t* that the value depends on)."""
+        if self.memo is None:
+            return compute()
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
     def step(self, phase: str, step: int, total: int) -> None:
         """Report progress and honour cancellation (called once per step)."""
         if self.cancel is not None:
             self.cancel.check()
+        self.runner.work.phase = phase  # UNet work from here on is booked to this phase
         if self.progress is not None:
             self.progress(phase, step, total)
 
@@ -52,3 +65,4 @@ class DragContext:
             loss.backward()
             optimiser.step()
         optimiser.zero_grad(set_to_none=True)
+        self.runner.work.backward()

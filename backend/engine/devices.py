@@ -1,8 +1,15 @@
 """Device and precision choice, memory figures and out-of-memory detection.
 
-Automatic choice: CUDA with fp16 weights (bf16 on request), then Apple MPS in fp32, then the CPU
-in fp32. MPS runs fp32 by default because fp16 on MPS is prone to NaNs and missing kernels in
-the backward pass that the latent optimisation and the LoRA training need; ask for fp16 to trade
+A *precision* is the dtype of the weights plus the dtype of the autocast regions every UNet pass
+runs in (``PRECISIONS``). With fp16 autocast, the passes that back-propagate (LoRA training, the
+latent optimisation) scale the loss with a ``GradScaler`` so small gradients do not underflow;
+bf16 has fp32's exponent range and needs none. Every branch runs on any device type that has
+autocast (CUDA, MPS, CPU), which is how CI exercises the GPU's branches on a CPU.
+
+Automatic choice: CUDA in fp16 (fp16 weights, fp16 autocast, GradScaler; see the README's
+precision table for the measured drift from fp32), then Apple MPS in fp32, then the CPU in fp32.
+MPS runs fp32 by default because fp16 on MPS is prone to NaNs and missing kernels in the
+backward pass that the latent optimisation and the LoRA training need; ask for fp16 to trade
 that risk for speed and memory.
 """
 
@@ -11,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -18,16 +26,43 @@ from backend.engine.errors import InvalidInput
 from backend.engine.oom import OOM_ADVICE as OOM_ADVICE  # re-exported for the engine
 from backend.engine.oom import is_oom as is_oom
 
-_DTYPES = {
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
+
+@dataclass(frozen=True)
+class Precision:
+    """How a model computes: its weights' dtype and its autocast dtype (None: no autocast)."""
+
+    name: str
+    weights: torch.dtype
+    autocast: torch.dtype | None
+
+    @property
+    def scaled(self) -> bool:
+        """Whether backward passes need a GradScaler (fp16 compute)."""
+        return self.autocast == torch.float16
+
+
+PRECISIONS = {
+    "fp32": Precision("fp32", torch.float32, None),
+    # Half-size weights, half-precision compute (norms and softmax in fp32 under autocast).
+    "fp16": Precision("fp16", torch.float16, torch.float16),
+    "bf16": Precision("bf16", torch.bfloat16, torch.bfloat16),
+    # fp32 weights under fp16/bf16 autocast: the official codes' optimisation loops.
+    "fp16-mixed": Precision("fp16-mixed", torch.float32, torch.float16),
+    "bf16-mixed": Precision("bf16-mixed", torch.float32, torch.bfloat16),
 }
+_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32",
+            "float": "fp32"}
+_BY_WEIGHTS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def precision_for_weights(dtype: torch.dtype) -> Precision:
+    """The precision a model with ``dtype`` weights runs in unless told otherwise."""
+    return PRECISIONS[_BY_WEIGHTS[dtype]]
+
+
+def default_precision(device: torch.device) -> Precision:
+    """The automatic choice per device type (see the module docstring)."""
+    return PRECISIONS["fp16" if device.type == "cuda" else "fp32"]
 
 
 def _mps_available() -> bool:
@@ -66,12 +101,13 @@ def _parse_device(device: str) -> torch.device:
     raise InvalidInput(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
 
 
-def resolve_device(
+def resolve_precision(
     device: str | None = None, dtype: str | None = None
-) -> tuple[torch.device, torch.dtype]:
-    """Pick the device and weight dtype: ``None``/``"auto"`` chooses, anything else is checked.
+) -> tuple[torch.device, Precision]:
+    """Pick the device and precision: ``None``/``"auto"`` chooses, anything else is checked.
 
-    Raises ``InvalidInput`` for an unknown or unavailable device or an unusable dtype.
+    ``dtype`` is a ``PRECISIONS`` name (or an alias such as ``float16``). Raises
+    ``InvalidInput`` for an unknown or unavailable device or an unusable precision.
     """
     if device in (None, "", "auto"):
         if torch.cuda.is_available():
@@ -84,15 +120,27 @@ def resolve_device(
         dev = _parse_device(device)
 
     if dtype in (None, "", "auto"):
-        return dev, torch.float16 if dev.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise InvalidInput(f"unknown dtype {dtype!r}; use auto, fp16, bf16 or fp32")
-    chosen = _DTYPES[dtype]
-    if dev.type == "cpu" and chosen == torch.float16:
+        return dev, default_precision(dev)
+    name = _ALIASES.get(dtype, dtype)
+    if name not in PRECISIONS:
+        raise InvalidInput(
+            f"unknown dtype {dtype!r}; use auto, {', '.join(PRECISIONS)}"
+        )
+    chosen = PRECISIONS[name]
+    if dev.type == "cpu" and chosen.autocast == torch.float16:
         raise InvalidInput("fp16 is not supported on the CPU; use fp32 (or bf16)")
-    if dev.type == "cuda" and chosen == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    if (dev.type == "cuda" and chosen.autocast == torch.bfloat16
+            and not torch.cuda.is_bf16_supported()):
         raise InvalidInput("this GPU does not support bf16; use fp16 or fp32")
     return dev, chosen
+
+
+def resolve_device(
+    device: str | None = None, dtype: str | None = None
+) -> tuple[torch.device, torch.dtype]:
+    """``resolve_precision``, giving the weights' dtype."""
+    dev, precision = resolve_precision(device, dtype)
+    return dev, precision.weights
 
 
 def memory_info(device: torch.device | str) -> dict[str, int]:
@@ -148,16 +196,28 @@ def reset_peak_memory(device: torch.device | str) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-@contextlib.contextmanager
-def autocast(device: torch.device | str, dtype: torch.dtype) -> Iterator[None]:
-    """Mixed precision for the optimisation loops, as the reference code runs them.
+_AUTOCAST_DEVICES = ("cuda", "cpu", "mps")
 
-    On CUDA with fp16/bf16 weights this is ``torch.autocast`` in that dtype (parameters that are
-    trained stay fp32); everywhere else it does nothing.
+
+@contextlib.contextmanager
+def autocast(device: torch.device | str, precision: Precision | torch.dtype) -> Iterator[None]:
+    """``torch.autocast`` in the precision's autocast dtype on this device; nothing for fp32.
+
+    A bare dtype means the precision models with such weights run in.
     """
     device = torch.device(device)
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        with torch.autocast("cuda", dtype=dtype):
-            yield
-    else:
+    if isinstance(precision, torch.dtype):
+        precision = precision_for_weights(precision)
+    if precision.autocast is None or device.type not in _AUTOCAST_DEVICES:
         yield
+        return
+    with torch.autocast(device.type, dtype=precision.autocast):
+        yield
+
+
+def grad_scaler(device: torch.device | str, precision: Precision) -> torch.amp.GradScaler | None:
+    """A loss scaler for fp16 backward passes on this device, else None."""
+    device = torch.device(device)
+    if not precision.scaled or device.type not in _AUTOCAST_DEVICES:
+        return None
+    return torch.amp.GradScaler(device.type)

@@ -1,19 +1,21 @@
 """DDIM inversion and denoising, and UNet decoder features from the same forward pass.
 
-The scheduler logic is written out (drag-methods.md §1.1–§1.3) instead of hidden in
-``DDIMScheduler.step`` so the inversion, the one-step-denoised latent of the mask term and the
-denoising loop visibly use the same formulas.
+The scheduler logic is written out (docs/algorithms.md §1: Schedule, Inversion, Features)
+instead of hidden in ``DDIMScheduler.step`` so the inversion, the one-step-denoised latent of
+the mask term and the denoising loop visibly use the same formulas.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from backend.engine.errors import InvalidInput
+from backend.engine.work import WorkCounter
 
 
 @dataclass(frozen=True)
@@ -82,16 +84,29 @@ class UNetRunner:
 
     ``feature_block`` indexes ``unet.up_blocks``; −1 picks the first decoder block whose output
     is at full latent resolution (SD1.5: ``up_blocks[2]``, 640 channels, as both official codes).
-    Counts UNet passes for the benchmarks.
+    Counts UNet calls (``passes``) and forward-equivalents per phase (``work``). Every call runs
+    inside ``autocast()`` (the model's precision, ``devices.autocast``).
     """
 
-    def __init__(self, unet, cond: torch.Tensor, feature_block: int = -1) -> None:
+    def __init__(self, unet, cond: torch.Tensor, feature_block: int = -1,
+                 work: WorkCounter | None = None,
+                 autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
         self.unet = unet
         self.cond = cond
+        self.autocast = autocast
         self.block = resolve_feature_block(unet, feature_block)
         self.passes = 0
+        self.work = work if work is not None else WorkCounter()
         self._captured: torch.Tensor | None = None
         self._stop_early = False
+        self._timesteps: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def timestep(self, t: int, device: torch.device) -> torch.Tensor:
+        """``t`` as a 0-dim tensor on ``device``, made once per runner (no copy per UNet call)."""
+        key = (t, device)
+        if key not in self._timesteps:
+            self._timesteps[key] = torch.tensor(t, dtype=torch.long, device=device)
+        return self._timesteps[key]
 
     def _hook(self, _module, _inputs, output):
         self._captured = output
@@ -101,17 +116,23 @@ class UNetRunner:
     def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
         """ε prediction for a batch of latents (the text condition is repeated to the batch)."""
         self.passes += 1
+        self.work.forward(z.shape[0])
         dtype = self.unet.dtype
         cond = self.cond.to(dtype).expand(z.shape[0], -1, -1)
-        return self.unet(z.to(dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
+        timestep = self.timestep(t, z.device)
+        with self.autocast():
+            out = self.unet(z.to(dtype), timestep, encoder_hidden_states=cond, return_dict=False)
+        return out[0].float()
 
     def eps_and_features(
-        self, z: torch.Tensor, t: int, grid: tuple[int, int], need_eps: bool = True
+        self, z: torch.Tensor, t: int, grid: tuple[int, int] | None, need_eps: bool = True
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(ε, features upsampled bilinearly to ``grid``) from one forward pass.
 
-        With ``need_eps=False`` the forward stops right after the feature block (the motion loss
-        alone does not need the rest of the decoder).
+        With ``grid=None`` the features come as the block made them (latent resolution, the
+        UNet's dtype: 1/16 of the grid map's memory at SD1.5's sizes); ``on_grid`` upsamples
+        them later to exactly the same values. With ``need_eps=False`` the forward stops right
+        after the feature block (the motion loss alone does not need the rest of the decoder).
         """
         handle = self.unet.up_blocks[self.block].register_forward_hook(self._hook)
         self._stop_early = not need_eps
@@ -119,12 +140,16 @@ class UNetRunner:
         try:
             eps = self.eps(z, t)
         except _StopForward:
-            pass
+            self.work.truncated += z.shape[0]
         finally:
             handle.remove()
         feat, self._captured = self._captured, None
-        feat = F.interpolate(feat.float(), size=grid, mode="bilinear", align_corners=False)
-        return eps, feat
+        return eps, (feat if grid is None else on_grid(feat, grid))
+
+
+def on_grid(feat: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Block features bilinearly upsampled to the supervision grid, in fp32 (as both codes)."""
+    return F.interpolate(feat.float(), size=grid, mode="bilinear", align_corners=False)
 
 
 def resolve_feature_block(unet, feature_block: int) -> int:
@@ -155,7 +180,7 @@ def run_inversion(
     z0: torch.Tensor,
     step_callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """DDIM-invert the clean latent ``z0`` up to t* (drag-methods.md §1.2)."""
+    """DDIM-invert the clean latent ``z0`` up to t* (docs/algorithms.md §1, Inversion)."""
     z = z0
     steps = schedule.inversion_timesteps
     with torch.no_grad():

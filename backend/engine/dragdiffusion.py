@@ -1,4 +1,4 @@
-"""DragDiffusion (Shi et al., CVPR 2024), as the official code runs it (drag-methods.md §2).
+"""DragDiffusion (Shi et al., CVPR 2024), as the official code runs it (docs/algorithms.md §2).
 
 Optimise one latent at t* with motion supervision and point tracking until every handle is
 within reach, then denoise it together with the original latent under reference attention.
@@ -17,16 +17,25 @@ from backend.engine.motion import (
     masked_latent_loss,
     track_points,
 )
+from backend.engine.types import GridPoint
 
 
-def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """The latent-optimisation loop (§2.2). Returns the edited z_{t*} and the tracked handles."""
+def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:
+    """The latent-optimisation loop (docs/algorithms.md §2, step 2).
+
+    Returns the edited z_{t*} and the tracked handles.
+    """
     p, runner, schedule = ctx.params, ctx.runner, ctx.schedule
     t = schedule.t_star
     use_mask = ctx.keep is not None and p.lam > 0
-    with torch.no_grad():
+    runner.work.phase = "reference"
+
+    @torch.no_grad()
+    def reference():
         eps0, feat0 = runner.eps_and_features(z_star, t, ctx.grid, need_eps=use_mask)
-        x_prev0 = ddim_step(schedule, z_star, eps0, t) if use_mask else None
+        return feat0, ddim_step(schedule, z_star, eps0, t) if use_mask else None
+
+    feat0, x_prev0 = ctx.cached(("reference", t, ctx.grid, use_mask), reference)
 
     z = z_star.clone().float().requires_grad_(True)
     optimiser = torch.optim.Adam([z], lr=p.latent_lr)
@@ -48,10 +57,11 @@ def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, l
         ctx.optimiser_step(loss, optimiser)
         steps_run += 1
     ctx.stats["drag_steps"] = steps_run
+    ctx.stats["drag_stopped"] = steps_run < p.drag_steps
     return z.detach(), handles
 
 
-def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
+def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:
     """Drag, then denoise [original, edited] from t* to 0. Returns (clean edited latent, handles)."""
     z_edit, handles = drag_latent(ctx, z_star)
     p = ctx.params

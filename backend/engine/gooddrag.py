@@ -1,4 +1,4 @@
-"""GoodDrag (Zhang et al., ICLR 2025), as the official code runs it (drag-methods.md §3).
+"""GoodDrag (Zhang et al., ICLR 2025), as the official code runs it (docs/algorithms.md §3).
 
 Alternating Drag and Denoising (AlDD): at each of the first ``drag_end_step`` denoising steps
 the latent is dragged a little (information-preserving motion supervision against the original
@@ -7,26 +7,34 @@ trajectory), then denoised one step. Reference attention starts once dragging ha
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from backend.engine.attention import reference_attention
 from backend.engine.context import DragContext
-from backend.engine.diffusion import ddim_step, denoise, predicted_x0
+from backend.engine.diffusion import ddim_step, denoise, on_grid, predicted_x0
 from backend.engine.motion import (
     all_reached,
     gooddrag_motion_loss,
     masked_latent_loss,
     track_points,
 )
+from backend.engine.types import GridPoint
 
 
 def original_trajectory(ctx: DragContext, z_star: torch.Tensor, n: int):
-    """Features F⁰_t and next latents z⁰_{t−1} of the undragged trajectory for the first n steps."""
+    """Features F⁰_t and next latents z⁰_{t−1} of the undragged trajectory for the first n steps.
+
+    The features are kept at the block's own resolution (SD1.5 at 512²: 5 MB each in fp16
+    instead of a 168 MB fp32 grid map, 7 of them by default) and put on the grid when used.
+    """
     feats, latents = [], []
     z = z_star
+    ctx.runner.work.phase = "reference"
     with torch.no_grad():
         for t in ctx.schedule.denoise_timesteps[:n]:
-            eps, feat = ctx.runner.eps_and_features(z, t, ctx.grid)
+            eps, feat = ctx.runner.eps_and_features(z, t, None)
             z = ddim_step(ctx.schedule, z, eps, t)
             feats.append(feat)
             latents.append(z)
@@ -36,7 +44,7 @@ def original_trajectory(ctx: DragContext, z_star: torch.Tensor, n: int):
 class _Tracker:
     """Handle bookkeeping shared across timesteps (tracking and the no-change early stop)."""
 
-    def __init__(self, handles: list) -> None:
+    def __init__(self, handles: list[GridPoint]) -> None:
         self.init = list(handles)
         self.handles = list(handles)
         self.no_change = 0
@@ -53,7 +61,10 @@ def drag_at_timestep(
     ctx: DragContext, z: torch.Tensor, t: int, feat0: torch.Tensor, z0_prev: torch.Tensor,
     tracker: _Tracker, total_adam: int,
 ) -> tuple[torch.Tensor, bool]:
-    """One AlDD drag phase at timestep t (§3.3). Returns (dragged latent, keep dragging?)."""
+    """One AlDD drag phase at timestep t (docs/algorithms.md §3).
+
+    Returns (dragged latent, keep dragging?).
+    """
     p, runner = ctx.params, ctx.runner
     z = z.clone().float().requires_grad_(True)
     optimiser = torch.optim.Adam([z], lr=p.latent_lr)  # fresh moments at every timestep
@@ -82,7 +93,8 @@ def drag_at_timestep(
         ctx.optimiser_step(loss, optimiser)
         tracker.adam_steps += 1
         since_track += 1
-        if since_track == p.max_drag_per_track or float(drag_loss.detach()) <= threshold:
+        if since_track == p.max_drag_per_track or _at_most(drag_loss, threshold, tracker.handles,
+                                                           ctx.targets, p.reach_threshold):
             track_num += 1
             since_track = 0
             # Tracking uses this iteration's features, computed before the Adam update.
@@ -90,22 +102,40 @@ def drag_at_timestep(
     return z.detach(), True
 
 
-def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
+def _at_most(loss: torch.Tensor, threshold: float, handles: list, targets: list,
+             reach: float) -> bool:
+    """``loss <= threshold``, without a device → host read of the loss at threshold 0.
+
+    The motion loss sums non-negative terms, one per handle that is neither within ``reach`` nor
+    exactly on its target, so at threshold 0 the test only holds when no handle adds a term (or
+    every patch matches exactly, which a float loss does not do): the host knows that already.
+    """
+    if threshold != 0:
+        return float(loss.detach()) <= threshold
+    return all(math.dist(h, t) < reach or tuple(h) == tuple(t)
+               for h, t in zip(handles, targets, strict=True))
+
+
+def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:
     """AlDD over the denoising steps. Returns (clean edited latent, tracked handles)."""
     p, schedule, runner = ctx.params, ctx.schedule, ctx.runner
     timesteps = schedule.denoise_timesteps
     n_drag = min(p.drag_end_step, len(timesteps))
-    feats0, latents0 = original_trajectory(ctx, z_star, n_drag)
+    feats0, latents0 = ctx.cached(("trajectory", n_drag, ctx.grid),
+                                  lambda: original_trajectory(ctx, z_star, n_drag))
     tracker = _Tracker(ctx.handles)
     total_adam = n_drag * p.track_per_denoise * p.max_drag_per_track
 
     total = len(timesteps)
     z_orig, z_edit = z_star, z_star
     dragging, i = n_drag > 0, 0
-    while i < n_drag and dragging:
+    # As the official loop: a no-change counter that hit its limit at the previous timestep's
+    # last tracking ends dragging before this timestep (no re-tracking, reference attention
+    # from here on); reaching the limit mid-timestep stops inside drag_at_timestep.
+    while i < n_drag and dragging and tracker.no_change < p.max_track_no_change:
         t = timesteps[i]
-        z_edit, dragging = drag_at_timestep(ctx, z_edit, t, feats0[i], latents0[i], tracker,
-                                            total_adam)
+        z_edit, dragging = drag_at_timestep(ctx, z_edit, t, on_grid(feats0[i], ctx.grid),
+                                            latents0[i], tracker, total_adam)
         # No reference attention yet: the branches are independent and the original branch's
         # next latent is already known from its recorded trajectory.
         ctx.step("denoise", i, total)
@@ -117,11 +147,12 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list]:
         i += 1
     ctx.stats["drag_steps"] = tracker.adam_steps
     ctx.stats["dragged_timesteps"] = i
+    ctx.stats["drag_stopped"] = n_drag > 0 and not dragging
     return _denoise_rest(ctx, z_orig, z_edit, timesteps[i:], total), tracker.handles
 
 
 def _denoise_rest(ctx: DragContext, z_orig, z_edit, timesteps: list[int], total: int):
-    """Denoise the remaining steps, with reference attention from the first of them (§3.2)."""
+    """Denoise the remaining steps, reference attention from the first (algorithms.md §3, 3)."""
     offset = total - len(timesteps)
 
     def on_step(j: int, _n: int) -> None:

@@ -9,15 +9,17 @@ Training data, per method:
 
 * DragDiffusion: every step, every batch item takes a fresh random square crop of the working
   image and VAE-encodes it (``latent_dist.sample()``). The reference first resizes the short side
-  to 512 and then crops 512×512; our working image already has its final scale (long side =
-  ``work_size``), so we crop a square of the short side at that scale. For square images, the
-  reference's case, this is the whole image and the two are identical. The VAE encoder is
+  to 512 and then crops 512×512; our working image already has its final scale (width =
+  ``work_size``), so we crop a square of the short side at that scale. For square and portrait
+  images (short side = width = 512) the two are identical. The VAE encoder is
   deterministic, so each crop position is encoded once and only the posterior sample is redrawn.
 * GoodDrag: ``batch`` crops are drawn once and encoded once; each step redraws only the sample.
 
-The LoRA lives inside the attention ``Linear`` layers (peft), so any attention processor that
-calls ``attn.to_q(...)`` includes it. ``lora_applied`` trains (or loads from the cache) and
-activates it for one edit and unloads it afterwards, restoring the exact base layers.
+Training uses a peft adapter inside the attention ``Linear`` layers. For the edit itself the
+trained weights are merged into those layers (``lora_merge.MergedLora``), so any attention
+processor that calls ``attn.to_q(...)`` includes them at no extra cost per forward, and they stay
+merged between edits with the same LoRA key. ``lora_applied`` does one edit's worth: train (or
+load from the cache), merge, and restore the exact base weights afterwards.
 """
 
 from __future__ import annotations
@@ -31,13 +33,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from backend.engine.devices import autocast
+from backend.engine.devices import autocast, grad_scaler
 from backend.engine.errors import InvalidInput
+from backend.engine.lora_merge import MergedLora
+from backend.engine.memory import fit_step
 from backend.engine.models import LoadedModel
 from backend.engine.params import DragParams
 from backend.engine.types import CancelToken, ProgressFn
@@ -74,7 +80,7 @@ def _add_adapter(model: LoadedModel, rank: int, seed: int) -> list[torch.nn.Para
                 continue
             param.data = param.data.float()
             if "lora_A" in name:  # peft's gaussian init, but from our generator
-                param.copy_(torch.randn(param.shape, generator=generator) / rank)
+                param.copy_(torch.randn(param.shape, generator=generator, device="cpu") / rank)
             params.append(param)
     return params
 
@@ -93,38 +99,75 @@ def remove_lora(model: LoadedModel) -> None:
         model.unet.unload_lora()
 
 
-def apply_lora(model: LoadedModel, state_dict: dict[str, torch.Tensor], rank: int) -> None:
-    """Activate a LoRA given as the state dict ``train_lora`` returns.
-
-    Raises ``ValueError`` when the weights do not fit the UNet (the adapter is then removed).
-    """
-    from peft import set_peft_model_state_dict
-
-    _add_adapter(model, rank, seed=0)
-    expected = {
-        n.replace(f".{ADAPTER_NAME}.", ".")
-        for n, _ in model.unet.named_parameters()
-        if "lora_" in n
-    }
-    if set(state_dict) != expected:
-        remove_lora(model)
-        raise ValueError("the LoRA weights do not match this model")
-    try:
-        set_peft_model_state_dict(model.unet, state_dict, adapter_name=ADAPTER_NAME)
-    except RuntimeError:
-        remove_lora(model)
-        raise ValueError("the LoRA weights do not match this model") from None
-    _freeze_adapter(model)
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
 
 
 def _random_offset(height: int, width: int, side: int, generator: torch.Generator) -> tuple[int, int]:
-    top = int(torch.randint(0, height - side + 1, (1,), generator=generator))
-    left = int(torch.randint(0, width - side + 1, (1,), generator=generator))
+    top = int(torch.randint(0, height - side + 1, (1,), generator=generator, device="cpu"))
+    left = int(torch.randint(0, width - side + 1, (1,), generator=generator, device="cpu"))
     return top, left
+
+
+# Random draws moved to the device in one copy per chunk of steps of at most this many bytes.
+_DRAW_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class _Draws:
+    """Every random draw of the training loop, made up front on the CPU in the loop's order.
+
+    The CPU generator keeps the LoRA the same on every device; moving the draws to the device a
+    chunk at a time (one copy at the defaults) avoids a blocking host→device copy per step.
+    """
+
+    offsets: list[list[tuple[int, int]]]  # per step, per batch item
+    sample_noise: torch.Tensor  # [steps, batch, 4, h, w] for the posterior sample
+    noise: torch.Tensor  # [steps, batch, 4, h, w] the noise the UNet predicts
+    timesteps: torch.Tensor  # [steps, batch]
+
+    @classmethod
+    def make(cls, generator: torch.Generator, steps: int, fixed: list[tuple[int, int]] | None,
+             crop: tuple[int, int, int], latent_shape: tuple[int, ...], train_timesteps: int):
+        height, width, side = crop
+        offsets, sample_noise, noise, timesteps = [], [], [], []
+        for _ in range(steps):
+            offsets.append(fixed if fixed is not None else [
+                _random_offset(height, width, side, generator) for _ in range(latent_shape[0])
+            ])
+            sample_noise.append(torch.randn(latent_shape, generator=generator, device="cpu"))
+            noise.append(torch.randn(latent_shape, generator=generator, device="cpu"))
+            timesteps.append(torch.randint(0, train_timesteps, (latent_shape[0],),
+                                           generator=generator, device="cpu"))
+        return cls(offsets, torch.stack(sample_noise), torch.stack(noise), torch.stack(timesteps))
+
+    def chunks(self, device: torch.device) -> Iterator[tuple[int, torch.Tensor, torch.Tensor,
+                                                              torch.Tensor]]:
+        """(step, sample noise, noise, timesteps) on ``device``, copied a chunk at a time."""
+        steps = len(self.offsets)
+        per_step = 2 * self.noise[0].numel() * self.noise.element_size()
+        size = max(1, _DRAW_CHUNK_BYTES // max(1, per_step))
+        for start in range(0, steps, size):
+            part = slice(start, start + size)
+            chunk = [t[part].to(device) for t in (self.sample_noise, self.noise, self.timesteps)]
+            for i in range(chunk[0].shape[0]):
+                yield start + i, chunk[0][i], chunk[1][i], chunk[2][i]
+
+
+def _backward(model: LoadedModel, noisy: torch.Tensor, noise: torch.Tensor,
+              timesteps: torch.Tensor, cond: torch.Tensor,
+              scaler: torch.amp.GradScaler | None, micro: int) -> None:
+    """Gradients of the batch's noise-prediction MSE, computed ``micro`` images at a time."""
+    unet, batch = model.unet, noisy.shape[0]
+    for start in range(0, batch, micro):
+        part = slice(start, start + micro)
+        with autocast(model.device, model.precision):
+            pred = unet(noisy[part].to(unet.dtype), timesteps[part],
+                        encoder_hidden_states=cond[part]).sample
+        loss = F.mse_loss(pred.float(), noise[part].float())
+        if pred.shape[0] != batch:  # a micro-batch's share of the batch mean
+            loss = loss * (pred.shape[0] / batch)
+        (loss if scaler is None else scaler.scale(loss)).backward()
 
 
 def train_lora(
@@ -145,7 +188,7 @@ def train_lora(
 
     ``fixed_crops`` selects GoodDrag's data (crops drawn once) over DragDiffusion's (fresh
     crops every step). The trained adapter stays active on ``model.unet`` (frozen); the
-    returned state dict (CPU, fp32) can be cached and given to ``apply_lora``.
+    returned state dict (CPU, fp32) can be cached and given to ``MergedLora.merge``.
     """
     from peft.utils import get_peft_model_state_dict
 
@@ -156,7 +199,7 @@ def train_lora(
     if height % vsf or width % vsf:
         raise InvalidInput(f"the LoRA image size {width}×{height} must be a multiple of {vsf}")
     side = min(height, width)
-    device, dtype = model.device, model.dtype
+    device = model.device
     unet, vae, scheduler = model.unet, model.vae, model.scheduler
     generator = torch.Generator().manual_seed(seed)
 
@@ -165,7 +208,7 @@ def train_lora(
         optimizer = torch.optim.AdamW(
             params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
         )
-        scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and dtype == torch.float16 else None
+        scaler = grad_scaler(device, model.precision)
         cond = model.encode_prompt(prompt).expand(batch, -1, -1)
         pixels = image.to(device, vae.dtype)
         posteriors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -181,36 +224,35 @@ def train_lora(
 
         fixed = [_random_offset(height, width, side, generator) for _ in range(batch)]
         train_timesteps = scheduler.config.num_train_timesteps
+        latent_side = side // vsf
+        draws = _Draws.make(generator, steps, fixed if fixed_crops else None, (height, width, side),
+                            (batch, vae.config.latent_channels, latent_side, latent_side),
+                            train_timesteps)
         if progress is not None:
             progress("lora", 0, steps)
-        for step in range(steps):
+        for step, sample_noise, noise, timesteps in draws.chunks(device):
             if cancel is not None:
                 cancel.check()
-            offsets = fixed if fixed_crops else [
-                _random_offset(height, width, side, generator) for _ in range(batch)
-            ]
+            offsets = draws.offsets[step]
             mean, std = (torch.cat(t) for t in zip(*(posterior(o) for o in offsets), strict=True))
-            sample_noise = torch.randn(mean.shape, generator=generator).to(device)
             latents = (mean + std * sample_noise) * vae.config.scaling_factor
-            noise = torch.randn(latents.shape, generator=generator).to(device)
-            timesteps = torch.randint(0, train_timesteps, (batch,), generator=generator).to(device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            with autocast(device, dtype):
-                pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=cond).sample
-            loss = F.mse_loss(pred.float(), noise.float())
             optimizer.zero_grad(set_to_none=True)
+            fit_step(partial(_backward, model, noisy, noise, timesteps, cond, scaler), batch,
+                     model.memory, unet, device, lambda: optimizer.zero_grad(set_to_none=True))
             if scaler is not None:
-                scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                loss.backward()
                 optimizer.step()
             if progress is not None:
                 progress("lora", step + 1, steps)
     except BaseException:
         remove_lora(model)
         raise
+    finally:
+        if model.memory.checkpointing:
+            unet.disable_gradient_checkpointing()
     _freeze_adapter(model)
     state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
@@ -250,7 +292,7 @@ def lora_cache_key(
             "shape": list(pixels.shape),
             "prompt": prompt,
             "model": model.fingerprint,
-            "dtype": str(model.dtype),
+            "precision": model.precision.name,
             "rank": rank,
             "lr": repr(float(lr)),
             "steps": steps,
@@ -348,19 +390,23 @@ def prepare_lora(
     cache: LoraCache | None = None,
     *,
     method: str,
+    merged: MergedLora,
     seed: int = 0,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> dict:
-    """Train the LoRA for this image and prompt, or load it from ``cache``, and activate it.
+    """Make the LoRA for this image and prompt the one merged into the UNet.
 
-    ``method`` is "dragdiffusion" or "gooddrag" (their crop schemes). With
-    ``params.lora_steps == 0`` nothing is done. Returns ``{"lora": bool, "cached": bool,
-    "key": str | None}``. Call ``remove_lora`` afterwards, or use ``lora_applied``.
+    Kept as is when ``merged`` already holds it (``resident``), else loaded from ``cache`` or
+    trained. ``method`` is "dragdiffusion" or "gooddrag" (their crop schemes). With
+    ``params.lora_steps == 0`` the base weights are restored. Returns ``{"lora": bool,
+    "cached": bool, "resident": bool, "key": str | None}``; ``cached`` is true whenever no
+    training ran. ``merged.restore()`` undoes it, or use ``lora_applied``.
     """
     if params.lora_steps == 0:
         remove_lora(model)
-        return {"lora": False, "cached": False, "key": None}
+        merged.restore()
+        return {"lora": False, "cached": False, "resident": False, "key": None}
     settings = dict(
         rank=params.lora_rank,
         lr=params.lora_lr,
@@ -370,20 +416,30 @@ def prepare_lora(
         seed=seed,
     )
     key = lora_cache_key(model, image, prompt, **settings)
-    cached = cache.get(key) if cache is not None else None
-    if cached is not None:
-        try:
-            apply_lora(model, cached, params.lora_rank)
-        except ValueError:
-            logger.warning("cached LoRA %s does not fit the model; training again", key[:12])
-        else:
-            if progress is not None:
-                progress("lora", params.lora_steps, params.lora_steps)
-            return {"lora": True, "cached": True, "key": key}
-    state = train_lora(model, image, prompt, progress=progress, cancel=cancel, **settings)
-    if cache is not None:
-        cache.put(key, state, {"model": model.name, "prompt": prompt, "method": method, **settings})
-    return {"lora": True, "cached": False, "key": key}
+    done = {"lora": True, "cached": True, "resident": merged.key == key, "key": key}
+    if merged.key != key:
+        merged.restore()
+        state = cache.get(key) if cache is not None else None
+        if state is None or not _merge_cached(merged, key, state):
+            state = train_lora(model, image, prompt, progress=progress, cancel=cancel, **settings)
+            remove_lora(model)
+            merged.merge(key, state)
+            if cache is not None:
+                cache.put(key, state,
+                          {"model": model.name, "prompt": prompt, "method": method, **settings})
+            return {**done, "cached": False}
+    if progress is not None:
+        progress("lora", params.lora_steps, params.lora_steps)
+    return done
+
+
+def _merge_cached(merged: MergedLora, key: str, state: dict[str, torch.Tensor]) -> bool:
+    try:
+        merged.merge(key, state)
+    except ValueError:
+        logger.warning("cached LoRA %s does not fit the model; training again", key[:12])
+        return False
+    return True
 
 
 @contextmanager
@@ -399,12 +455,14 @@ def lora_applied(
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> Iterator[dict]:
-    """``prepare_lora`` for the duration of a ``with`` block; the UNet is restored on exit,
-    also after an error or a cancellation."""
+    """``prepare_lora`` for the duration of a ``with`` block; the UNet's base weights are
+    restored exactly on exit, also after an error or a cancellation."""
+    merged = MergedLora(model)
     try:
         yield prepare_lora(
             model, image, prompt, params, cache,
-            method=method, seed=seed, progress=progress, cancel=cancel,
+            method=method, merged=merged, seed=seed, progress=progress, cancel=cancel,
         )
     finally:
         remove_lora(model)
+        merged.restore()

@@ -10,13 +10,15 @@
 3. a Hugging Face id, taken from the local Hugging Face cache, or downloaded when the network
    may be used (``HF_HUB_OFFLINE`` unset).
 
-Weights use the dtype ``devices.resolve_device`` picks (fp16 on CUDA, including the VAE: SD1.5's
-VAE decodes fine in fp16). No safety checker and no classifier-free guidance are loaded.
+Weights use the dtype of the precision ``devices.resolve_precision`` picks (fp16 on CUDA,
+including the VAE: SD1.5's VAE decodes fine in fp16). No safety checker and no classifier-free
+guidance are loaded.
+
+(Near 500 lines: one loader for four kinds of source, each with its own actionable errors.)
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -25,34 +27,29 @@ import pickle
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from backend.engine.devices import OOM_ADVICE, is_oom, resolve_device
+from backend.engine.checkpoint import CONFIG_METADATA_KEY
+from backend.engine.devices import (
+    OOM_ADVICE,
+    Precision,
+    is_oom,
+    precision_for_weights,
+    resolve_precision,
+)
 from backend.engine.errors import EngineError, ModelNotFound, OutOfMemory
+from backend.engine.memory import MemoryHints
+from backend.engine.sd15 import SD15_CONFIG_DIR, NotEpsilonModel, ddim_scheduler, sd15_tokenizer
 from backend.engine.types import ProgressFn
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-# safetensors metadata key under which ``save_single_file`` stores the diffusers configs.
-CONFIG_METADATA_KEY = "gimp_drag_diffusion.diffusers_config"
-
-# SD1.5's DDIM settings, the same in both reference repos.
-DDIM_SETTINGS = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
 
 _MODEL_FILES = [
     "model_index.json",
@@ -75,7 +72,11 @@ _VAE_FILES = [
 
 @dataclass(eq=False)
 class LoadedModel:
-    """The SD1.5 components the drag engine uses, on one device in one dtype."""
+    """The SD1.5 components the drag engine uses, on one device, weights in one dtype.
+
+    ``precision`` says how it computes (``devices.PRECISIONS``); by default the one its weights'
+    dtype implies (fp16 weights → fp16 autocast, fp32 → no autocast).
+    """
 
     name: str
     source: str
@@ -87,6 +88,18 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     fingerprint: str
+    precision: Precision | None = None
+    memory: MemoryHints = field(default_factory=MemoryHints)
+
+    def __post_init__(self) -> None:
+        if self.precision is None:
+            self.precision = precision_for_weights(self.dtype)
+
+    def cast(self, precision: Precision) -> None:
+        """Switch to ``precision``, casting the weights in place (fp32 → fp16 loses bits)."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(dtype=precision.weights)
+        self.dtype, self.precision = precision.weights, precision
 
     @property
     def vae_scale_factor(self) -> int:
@@ -123,7 +136,8 @@ def load_model(
     saying what was tried and how to fix it), ``EngineError`` for an unreadable checkpoint,
     ``InvalidInput`` for a bad device/dtype and ``OutOfMemory``.
     """
-    dev, dt = resolve_device(device, dtype)
+    dev, precision = resolve_precision(device, dtype)
+    dt = precision.weights
     report = progress or (lambda phase, step, total: None)
     report("load", 0, 3)
     try:
@@ -145,6 +159,7 @@ def load_model(
             device=dev,
             dtype=dt,
             fingerprint=_fingerprint(fingerprint_files),
+            precision=precision,
             **parts,
         )
         _check_compatible(loaded)
@@ -206,6 +221,12 @@ def _locate(name: str, what: str) -> tuple[str, Path]:
     return "folder", _from_hub(name, what)
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 
@@ -238,7 +259,7 @@ def _from_hub(repo_id: str, what: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _first_line(exc)
         raise ModelNotFound(f"{tried}, and downloading it failed ({reason}); {_fix_hint(what)}") from None
 
 
@@ -294,7 +315,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> dict[str, Any]:
 def _load_error(exc: Exception, path: Path) -> Exception:
     if is_oom(exc) or isinstance(exc, EngineError):
         return exc
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = _first_line(exc)
     return EngineError(
         f"could not load a Stable Diffusion 1.5 model from {path} ({reason}); check that it is "
         "a complete SD1.5-family model (re-download it if a file is damaged)"
@@ -302,21 +323,14 @@ def _load_error(exc: Exception, path: Path) -> Exception:
 
 
 def _ddim_scheduler(config_dir: Path | None):
-    """A DDIM scheduler from the checkpoint's config, forced to SD1.5's DDIM settings."""
-    from diffusers import DDIMScheduler
-
-    from backend.engine.tiny import SD15_SCHEDULER
-
-    config: dict[str, Any] = dict(SD15_SCHEDULER)
-    if config_dir is not None and (config_dir / "scheduler" / "scheduler_config.json").is_file():
-        config = dict(DDIMScheduler.load_config(config_dir, subfolder="scheduler"))
-    if config.get("prediction_type", "epsilon") != "epsilon":
+    """SD1.5's DDIM scheduler for this checkpoint; refuses a non-ε-prediction model."""
+    try:
+        return ddim_scheduler(config_dir)
+    except NotEpsilonModel as exc:
         raise EngineError(
-            f"this model predicts {config['prediction_type']!r}, but drag editing needs an "
+            f"this model predicts {exc.args[0]!r}, but drag editing needs an "
             "epsilon-prediction Stable Diffusion 1.5 model"
-        )
-    config.update(DDIM_SETTINGS, prediction_type="epsilon")
-    return DDIMScheduler.from_config(config)
+        ) from None
 
 
 def _load_tokenizer(config_dir: Path):
@@ -327,22 +341,6 @@ def _load_tokenizer(config_dir: Path):
     if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
         return CLIPTokenizer.from_pretrained(config_dir, subfolder="tokenizer", local_files_only=True)
     return sd15_tokenizer()
-
-
-def sd15_tokenizer():
-    """SD1.5's CLIP ViT-L/14 tokenizer, built offline from ``configs/sd15/tokenizer``."""
-    from transformers import CLIPTokenizer
-
-    from backend.engine.tiny import _bytes_to_unicode
-
-    with gzip.open(SD15_CONFIG_DIR / "tokenizer" / "clip-merges.txt.gz", "rt", encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    merges = [tuple(line.split(" ")) for line in lines[1:] if line]
-    symbols = list(_bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +439,7 @@ def _load_single_file(
 
 
 def _single_file_error(path: Path, exc: Exception) -> EngineError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = _first_line(exc)
     return EngineError(
         f"could not load {path.name} as a Stable Diffusion 1.5 checkpoint ({reason[:300]}); "
         "it may be another model family (SD2, SDXL, an inpainting model) or damaged"
@@ -523,167 +521,3 @@ def _fingerprint(files: list[tuple[str, Path]]) -> str:
                 f.seek(max(0, (size - block) * i // (samples - 1)))
                 digest.update(f.read(block))
     return digest.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing a single file (the inverse of diffusers' single-file conversion)
-
-
-_UNET_RESNET_RENAMES = (
-    ("norm1.", "in_layers.0."),
-    ("conv1.", "in_layers.2."),
-    ("time_emb_proj.", "emb_layers.1."),
-    ("norm2.", "out_layers.0."),
-    ("conv2.", "out_layers.3."),
-    ("conv_shortcut.", "skip_connection."),
-)
-_VAE_ATTENTION_RENAMES = (
-    ("group_norm.", "norm."),
-    ("to_q.", "q."),
-    ("to_k.", "k."),
-    ("to_v.", "v."),
-    ("to_out.0.", "proj_out."),
-)
-
-
-def _unet_prefixes(config) -> dict[str, tuple[str, bool]]:
-    """diffusers prefix → (original LDM prefix, is a resnet) for an SD-style UNet."""
-    n = config.layers_per_block + 1
-    table: dict[str, tuple[str, bool]] = {
-        "time_embedding.linear_1.": ("time_embed.0.", False),
-        "time_embedding.linear_2.": ("time_embed.2.", False),
-        "conv_in.": ("input_blocks.0.0.", False),
-        "conv_norm_out.": ("out.0.", False),
-        "conv_out.": ("out.2.", False),
-        "mid_block.resnets.0.": ("middle_block.0.", True),
-        "mid_block.attentions.0.": ("middle_block.1.", False),
-        "mid_block.resnets.1.": ("middle_block.2.", True),
-    }
-    for i in range(len(config.down_block_types)):
-        for j in range(config.layers_per_block):
-            table[f"down_blocks.{i}.resnets.{j}."] = (f"input_blocks.{n * i + j + 1}.0.", True)
-            table[f"down_blocks.{i}.attentions.{j}."] = (f"input_blocks.{n * i + j + 1}.1.", False)
-        table[f"down_blocks.{i}.downsamplers.0.conv."] = (f"input_blocks.{n * (i + 1)}.0.op.", False)
-    for i, kind in enumerate(config.up_block_types):
-        for j in range(n):
-            table[f"up_blocks.{i}.resnets.{j}."] = (f"output_blocks.{n * i + j}.0.", True)
-            table[f"up_blocks.{i}.attentions.{j}."] = (f"output_blocks.{n * i + j}.1.", False)
-        upsampler = 2 if "CrossAttn" in kind else 1
-        table[f"up_blocks.{i}.upsamplers.0.conv."] = (f"output_blocks.{n * i + n - 1}.{upsampler}.conv.", False)
-    return table
-
-
-def _vae_prefixes(config) -> dict[str, tuple[str, str]]:
-    """diffusers prefix → (original LDM prefix, kind) for an SD-style AutoencoderKL."""
-    blocks = len(config.block_out_channels)
-    table: dict[str, tuple[str, str]] = {}
-    for part in ("encoder", "decoder"):
-        table[f"{part}.conv_norm_out."] = (f"{part}.norm_out.", "plain")
-        table[f"{part}.mid_block.resnets.0."] = (f"{part}.mid.block_1.", "resnet")
-        table[f"{part}.mid_block.resnets.1."] = (f"{part}.mid.block_2.", "resnet")
-        table[f"{part}.mid_block.attentions.0."] = (f"{part}.mid.attn_1.", "attention")
-    for i in range(blocks):
-        for j in range(config.layers_per_block):
-            table[f"encoder.down_blocks.{i}.resnets.{j}."] = (f"encoder.down.{i}.block.{j}.", "resnet")
-        table[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = (f"encoder.down.{i}.downsample.conv.", "plain")
-        k = blocks - 1 - i
-        for j in range(config.layers_per_block + 1):
-            table[f"decoder.up_blocks.{i}.resnets.{j}."] = (f"decoder.up.{k}.block.{j}.", "resnet")
-        table[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = (f"decoder.up.{k}.upsample.conv.", "plain")
-    return table
-
-
-def _match_prefix(key: str, table: dict[str, Any]) -> tuple[str, Any] | None:
-    parts = key.split(".")
-    for length in range(min(len(parts) - 1, 6), 0, -1):
-        prefix = ".".join(parts[:length]) + "."
-        if prefix in table:
-            return prefix, table[prefix]
-    return None
-
-
-def _unet_to_ldm(unet) -> dict[str, torch.Tensor]:
-    table = _unet_prefixes(unet.config)
-    out = {}
-    for key, value in unet.state_dict().items():
-        match = _match_prefix(key, table)
-        if match is None:
-            raise EngineError(f"cannot write UNet weight {key} in the original SD layout")
-        prefix, (ldm_prefix, is_resnet) = match
-        rest = key[len(prefix):]
-        if is_resnet:
-            for old, new in _UNET_RESNET_RENAMES:
-                if rest.startswith(old):
-                    rest = new + rest[len(old):]
-                    break
-        out["model.diffusion_model." + ldm_prefix + rest] = value
-    return out
-
-
-def _vae_to_ldm(vae) -> dict[str, torch.Tensor]:
-    table = _vae_prefixes(vae.config)
-    out = {}
-    for key, value in vae.state_dict().items():
-        match = _match_prefix(key, table)
-        if match is None:  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
-            out["first_stage_model." + key] = value
-            continue
-        prefix, (ldm_prefix, kind) = match
-        rest = key[len(prefix):]
-        if kind == "resnet":
-            rest = rest.replace("conv_shortcut.", "nin_shortcut.")
-        elif kind == "attention":
-            for old, new in _VAE_ATTENTION_RENAMES:
-                if rest.startswith(old):
-                    rest = new + rest[len(old):]
-                    break
-            if value.ndim == 2:  # the original uses 1×1 convolutions
-                value = value[:, :, None, None]
-        out["first_stage_model." + ldm_prefix + rest] = value
-    return out
-
-
-def _text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    prefix = "cond_stage_model.transformer."
-    return {
-        prefix + (k if k.startswith("text_model.") else "text_model." + k): v
-        for k, v in text_encoder.state_dict().items()
-    }
-
-
-def _configs_metadata(pipe) -> str:
-    """The pipeline's diffusers configs (and tokenizer files) as one JSON string."""
-    files = {
-        "unet/config.json": pipe.unet.to_json_string(),
-        "vae/config.json": pipe.vae.to_json_string(),
-        "text_encoder/config.json": pipe.text_encoder.config.to_json_string(),
-        "scheduler/scheduler_config.json": pipe.scheduler.to_json_string(),
-    }
-    with tempfile.TemporaryDirectory(prefix="sd-tokenizer-") as tmp:
-        pipe.tokenizer.save_pretrained(tmp)
-        for item in sorted(Path(tmp).iterdir()):
-            files[f"tokenizer/{item.name}"] = item.read_text("utf-8")
-    return json.dumps(files)
-
-
-def save_single_file(pipe, path: str | os.PathLike) -> Path:
-    """Write ``pipe``'s UNet, VAE and text encoder as one original-layout ``.safetensors``.
-
-    Keys follow the original Stable Diffusion checkpoints (``model.diffusion_model.*``,
-    ``first_stage_model.*``, ``cond_stage_model.transformer.*``), so the file loads through the
-    same single-file path as a downloaded SD1.5 checkpoint. The diffusers configs are embedded
-    in the metadata, which lets ``load_model`` rebuild a non-SD1.5-sized architecture (such as
-    the tiny test model) offline.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tensors = {
-        **_unet_to_ldm(pipe.unet),
-        **_vae_to_ldm(pipe.vae),
-        **_text_encoder_to_ldm(pipe.text_encoder),
-    }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: _configs_metadata(pipe)})
-    return path

@@ -3,16 +3,18 @@
 Points are (row, col) on the supervision grid (half the working resolution); feature maps are
 [1, C, H', W'] on that grid. Everything here is pure torch and differentiable where it must be.
 
-Fixes over the reference code (drag-methods.md §2.8, §3.4, §3.5): patches and tracking windows
-are clamped to the map, and shifted patches sample with border clamping, so points on or near
-the image edge work instead of raising shape errors or wrapping around.
+Fixes over the reference code (docs/algorithms.md §4, border clamping): patches and tracking
+windows are clamped to the map, and shifted patches sample with border clamping, so points on
+or near the image edge work instead of raising shape errors or wrapping around.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-Point = tuple[float, float]  # (row, col) on the supervision grid
+from backend.engine.types import GridPoint
 
 
 def bilinear_sample(feat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -40,21 +42,27 @@ def bilinear_sample(feat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) 
 
 
 def patch_offsets(
-    centers: list[tuple[int, int]], radius: int, shape: tuple[int, int]
+    centers: list[tuple[float, float]], radius: int, shape: tuple[int, int],
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer offsets (dr, dc) of a (2r+1)² window kept where every centre + offset is inside."""
+    """Integer offsets (dr, dc) of a (2r+1)² window kept where every centre + offset is inside.
+
+    Centres may be real-valued (a bilinear read): inside means within [0, size − 1]. The kept
+    range is worked out on the host and created on ``device`` (the feature map's), so indexing
+    and weights stay on it without a boolean mask that would need a device sync.
+    """
     height, width = shape
-    rng = torch.arange(-radius, radius + 1)
-    keep_r = torch.ones_like(rng, dtype=torch.bool)
-    keep_c = torch.ones_like(rng, dtype=torch.bool)
-    for r, c in centers:
-        keep_r &= (r + rng >= 0) & (r + rng < height)
-        keep_c &= (c + rng >= 0) & (c + rng < width)
-    dr, dc = torch.meshgrid(rng[keep_r], rng[keep_c], indexing="ij")
+    lo_r = max([-radius] + [math.ceil(-r) for r, _ in centers])
+    hi_r = min([radius] + [math.floor(height - 1 - r) for r, _ in centers])
+    lo_c = max([-radius] + [math.ceil(-c) for _, c in centers])
+    hi_c = min([radius] + [math.floor(width - 1 - c) for _, c in centers])
+    rows = torch.arange(lo_r, max(lo_r, hi_r + 1), device=device)
+    cols = torch.arange(lo_c, max(lo_c, hi_c + 1), device=device)
+    dr, dc = torch.meshgrid(rows, cols, indexing="ij")
     return dr, dc
 
 
-def _step(handle: Point, target: Point, max_len: float | None) -> tuple[float, float, float]:
+def _step(handle: GridPoint, target: GridPoint, max_len: float | None) -> tuple[float, float, float]:
     """Unit direction handle→target scaled to 1 (``max_len`` None) or min(max_len, distance).
 
     Returns (dy, dx, distance); the step is (0, 0) when the handle is on its target.
@@ -69,12 +77,12 @@ def _step(handle: Point, target: Point, max_len: float | None) -> tuple[float, f
 
 def dragdiffusion_motion_loss(
     feat: torch.Tensor,
-    handles: list[Point],
-    targets: list[Point],
+    handles: list[GridPoint],
+    targets: list[GridPoint],
     radius: int = 1,
     reach: float = 2.0,
 ) -> torch.Tensor:
-    """DragDiffusion's motion supervision (drag-methods.md §2.2 step 4).
+    """DragDiffusion's motion supervision (docs/algorithms.md §2, step 2.4).
 
     For each handle not yet within ``reach`` of its target: the (2r+1)² patch of the *current*
     features at the handle (stop-gradient) must match the same patch shifted one grid pixel
@@ -87,7 +95,7 @@ def dragdiffusion_motion_loss(
         if dist < reach or dist == 0:  # reached (or exactly on target: no direction)
             continue
         hr, hc = int(handle[0]), int(handle[1])
-        dr, dc = patch_offsets([(hr, hc)], radius, shape)
+        dr, dc = patch_offsets([(hr, hc)], radius, shape, feat.device)
         src = feat[0][:, hr + dr, hc + dc].detach()
         shifted = bilinear_sample(feat, hr + dr + dy, hc + dc + dx)
         loss = loss + (2 * radius + 1) ** 2 * (src - shifted).abs().mean()
@@ -97,18 +105,21 @@ def dragdiffusion_motion_loss(
 def gooddrag_motion_loss(
     feat: torch.Tensor,
     feat_orig: torch.Tensor,
-    handles: list[Point],
-    handles_init: list[Point],
-    targets: list[Point],
+    handles: list[GridPoint],
+    handles_init: list[GridPoint],
+    targets: list[GridPoint],
     radius: int = 4,
     beta: float = 4.0,
     reach: float = 2.0,
 ) -> torch.Tensor:
-    """GoodDrag's information-preserving motion supervision (drag-methods.md §3.4).
+    """GoodDrag's information-preserving motion supervision (docs/algorithms.md §3, step 4).
 
     The template is the *original trajectory's* features at the *original* handle at the same
     timestep (never the current latent, so it cannot drift); the current features are sampled
     at the handle shifted by min(beta, distance) towards the target. Scaled by (2r)².
+    Near the border only the offsets whose reads fall outside the map are dropped (template
+    around the original handle, samples around handle + step); where the official code reads
+    inside, this is its loss exactly.
     """
     loss = feat.new_zeros(())
     shape = feat.shape[-2:]
@@ -118,7 +129,7 @@ def gooddrag_motion_loss(
             continue
         hr, hc = int(handle[0]), int(handle[1])
         sr, sc = int(start[0]), int(start[1])
-        dr, dc = patch_offsets([(hr, hc), (sr, sc)], radius, shape)
+        dr, dc = patch_offsets([(sr, sc), (hr + dy, hc + dx)], radius, shape, feat.device)
         src = feat_orig[0][:, sr + dr, sc + dc].detach()
         shifted = bilinear_sample(feat, hr + dr + dy, hc + dc + dx)
         loss = loss + (2 * radius) ** 2 * (src - shifted).abs().mean()
@@ -142,17 +153,17 @@ def masked_latent_loss(
 def track_points(
     feat_orig: torch.Tensor,
     feat: torch.Tensor,
-    handles: list[Point],
-    handles_init: list[Point],
+    handles: list[GridPoint],
+    handles_init: list[GridPoint],
     radius: int,
-) -> list[Point]:
+) -> list[GridPoint]:
     """Move each handle to the best L1 match of its original feature within a clamped window.
 
     Template: ``feat_orig`` at the *original* handle. Search: (2r+1)² window of ``feat`` around
-    the current handle, clamped to the map (drag-methods.md §2.4, §3.5).
+    the current handle, clamped to the map (docs/algorithms.md §2 step 2.2, §3 step 6).
     """
     _, _, height, width = feat.shape
-    tracked: list[Point] = []
+    corners, best = [], []
     for handle, start in zip(handles, handles_init, strict=True):
         template = feat_orig[0, :, int(start[0]), int(start[1])]
         hr, hc = int(handle[0]), int(handle[1])
@@ -160,12 +171,15 @@ def track_points(
         c0, c1 = max(0, hc - radius), min(width, hc + radius + 1)
         window = feat[0, :, r0:r1, c0:c1]
         cost = (window - template[:, None, None]).abs().sum(dim=0)
-        best = int(torch.argmin(cost))
-        tracked.append((float(r0 + best // (c1 - c0)), float(c0 + best % (c1 - c0))))
-    return tracked
+        corners.append((r0, c0, c1 - c0))
+        best.append(torch.argmin(cost))
+    if not best:
+        return []
+    flat = torch.stack(best).tolist()  # one device → host read for all handles
+    return [(float(r0 + i // w), float(c0 + i % w)) for (r0, c0, w), i in zip(corners, flat, strict=True)]
 
 
-def all_reached(handles: list[Point], targets: list[Point], reach: float) -> bool:
+def all_reached(handles: list[GridPoint], targets: list[GridPoint], reach: float) -> bool:
     """True when every handle is strictly within ``reach`` grid pixels of its target."""
     return all(
         ((h[0] - t[0]) ** 2 + (h[1] - t[1]) ** 2) ** 0.5 < reach

@@ -21,8 +21,11 @@ METHODS = ("dragdiffusion", "gooddrag")
 
 @dataclass(frozen=True)
 class DragParams:
-    # Working resolution: long side in pixels (rounded to a multiple of 8).
+    # Working resolution, as both official codes: width ``work_size``, height from the aspect
+    # ratio, both rounded down to multiples of 8. ``work_max_side`` > 0 caps the long side
+    # (aspect kept), for small GPUs; 0: no cap.
     work_size: int = 512
+    work_max_side: int = 0
     # Identity-preserving LoRA (0 steps disables it).
     lora_steps: int = 80
     lora_lr: float = 5e-4
@@ -56,7 +59,8 @@ class DragParams:
     reference_attention: bool = True
     ref_start_layer: int = 10
     ref_start_step: int = 0
-    # Pixels outside the mask are composited back from the input after this feather (px).
+    # Blend at the selection's edge, inside it: working-resolution pixels, scaled to the full
+    # image (3 px of a 512-px edit are 23 px of a 4000-px image). Outside the mask: the input.
     feather: int = 3
 
     def replace(self, **overrides: Any) -> DragParams:
@@ -153,8 +157,12 @@ def _float(low: float, high: float, step: float, help: str) -> ParamSpec:
 
 
 SPECS: dict[str, ParamSpec] = {
-    "work_size": _int(64, 2048, 64, "working resolution, long side in pixels (rounded to a "
-                      "multiple of 8); larger is slower and needs more memory"),
+    "work_size": _int(64, 2048, 64, "working width in pixels, height from the aspect ratio "
+                      "(both rounded down to multiples of 8, as the official codes); larger is "
+                      "slower and needs more memory"),
+    "work_max_side": _int(0, 4096, 64, "cap on the working long side for small GPUs: a "
+                          "working size longer than this (e.g. a tall portrait) is shrunk to "
+                          "it, aspect kept (0: no cap)"),
     "lora_steps": _int(0, 2000, 10, "training steps of the identity LoRA that keeps the image "
                        "recognisable (0: no LoRA, fastest, less faithful)"),
     "lora_lr": _float(1e-6, 0.1, 1e-4, "learning rate of the identity LoRA"),

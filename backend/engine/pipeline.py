@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,25 +16,42 @@ import torch
 
 from backend.engine import dragdiffusion, gooddrag, imageops
 from backend.engine.context import DragContext
-from backend.engine.devices import OOM_ADVICE, autocast, is_oom, memory_info, reset_peak_memory
+from backend.engine.devices import (
+    autocast,
+    grad_scaler,
+    is_oom,
+    memory_info,
+    reset_peak_memory,
+)
 from backend.engine.diffusion import Schedule, UNetRunner, run_inversion
 from backend.engine.errors import EngineError, OutOfMemory
-from backend.engine.lora import LoraCache, lora_applied
+from backend.engine.lora import LoraCache, prepare_lora
+from backend.engine.lora_merge import MergedLora
+from backend.engine.memory import oom_message
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from backend.engine.params import METHODS, PRESETS, DragParams, defaults_table, resolve
+from backend.engine.redrag import RedragCache, RedragEntry, redrag_key
 from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
+from backend.engine.work import WorkCounter, official_defaults, official_work
 
 ALGORITHMS = {"dragdiffusion": dragdiffusion.run, "gooddrag": gooddrag.run}
 assert set(ALGORITHMS) == set(METHODS)
 
 # Approximate RGB of an SD1.5 latent (scaled by the VAE factor): cheap previews without the VAE.
-LATENT_TO_RGB = torch.tensor([
+LATENT_TO_RGB = torch.tensor(device="cpu", data=[
     [0.3512, 0.2297, 0.3227],
     [0.3250, 0.4974, 0.2350],
     [-0.2829, 0.1762, 0.2721],
     [-0.2120, -0.2616, -0.7177],
 ])
 PreviewFn = Callable[[str, int, np.ndarray], None]
+
+SELECTION_TOO_SMALL = (
+    "The selection is smaller than the model's 8-pixel cell (about {cell:.3g} image pixels at "
+    "this working size), so it was ignored while dragging: nothing outside it was held in "
+    "place. Pixels outside the selection are still kept exactly. Select a larger area to "
+    "guide the edit."
+)
 
 
 @dataclass
@@ -43,8 +60,7 @@ class _Prepared:
 
     size: tuple[int, int]  # full (W, H)
     work: tuple[int, int]  # working (w, h)
-    color: np.ndarray  # full-resolution RGB
-    alpha: np.ndarray | None
+    image: np.ndarray  # the input pixels (H×W×C, uint8, uint16 or float32)
     pixels: torch.Tensor  # [1, 3, h, w] in [-1, 1]
     mask_full: np.ndarray | None  # H×W uint8, >0 editable
     mask_work: np.ndarray | None  # h×w bool
@@ -59,9 +75,15 @@ def latent_preview(latent: torch.Tensor) -> np.ndarray:
 class DragEngine:
     """Holds a loaded model and runs drag edits on it (one at a time)."""
 
-    def __init__(self, model: LoadedModel, lora_cache: LoraCache | None = None) -> None:
+    def __init__(self, model: LoadedModel, lora_cache: LoraCache | None = None, *,
+                 redrag: RedragCache | None = None, reuse: bool = True) -> None:
+        """``reuse`` false turns off the re-drag cache and keeps no LoRA merged between edits
+        (each edit then inverts again and merges its LoRA from the disk cache)."""
         self.model = model
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache()
+        self.redrag = (redrag if redrag is not None else RedragCache()) if reuse else None
+        self.keep_lora = reuse
+        self.merged_lora = MergedLora(model)
 
     @classmethod
     def load(
@@ -71,9 +93,10 @@ class DragEngine:
         device: str | None = None,
         dtype: str | None = None,
         lora_cache_dir: str | None = None,
+        reuse: bool = True,
     ) -> DragEngine:
         loaded = load_model(model, vae=vae, device=device, dtype=dtype)
-        return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None)
+        return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None, reuse=reuse)
 
     def info(self) -> dict:
         m = self.model
@@ -82,6 +105,7 @@ class DragEngine:
             "model_source": str(m.source),
             "device": str(m.device),
             "dtype": str(m.dtype).removeprefix("torch."),
+            "precision": m.precision.name,
             "memory": memory_info(m.device),
             "methods": list(PRESETS),
             "defaults": defaults_table(),
@@ -103,14 +127,21 @@ class DragEngine:
         """
         imageops.validate_request(request.image, request.handles, request.targets, request.mask)
         algorithm, params = resolve(request.method, request.params)
+        phase = ["load"]  # the phase an out-of-memory error is reported in
+
+        def tracked(name: str, step: int, total: int) -> None:
+            phase[0] = name
+            if progress is not None:
+                progress(name, step, total)
+
         try:
-            return self._run(request, algorithm, params, progress, cancel, preview)
+            return self._run(request, algorithm, params, tracked, cancel, preview)
         except EngineError:
             raise
         except Exception as exc:
             if is_oom(exc):
                 self._free_memory()
-                raise OutOfMemory(f"the device ran out of memory during the edit: {OOM_ADVICE}") from exc
+                raise OutOfMemory(oom_message(phase[0])) from exc
             raise
         finally:
             self.model.unet.zero_grad(set_to_none=True)
@@ -133,87 +164,118 @@ class DragEngine:
             report("load", 0, 1)
             prep = self.prepare(request, params)
             cond = model.encode_prompt(request.prompt)
-            z0 = self.encode_image(prep.pixels)
 
-        with ExitStack() as stack:
+        work = WorkCounter()
+        lora = {"lora": False, "cached": False, "key": None}
+        try:
             if params.lora_steps > 0:
                 with self._timed(timings, "lora"):
-                    stack.enter_context(lora_applied(
-                        model, prep.pixels, request.prompt, params, cache=self.lora_cache,
-                        method=algorithm, seed=request.seed, progress=report, cancel=cancel,
-                    ))
-            runner = UNetRunner(model.unet, cond, params.feature_block)
+                    lora = prepare_lora(model, prep.pixels, request.prompt, params, self.lora_cache,
+                                        method=algorithm, merged=self.merged_lora,
+                                        seed=request.seed, progress=report, cancel=cancel)
+                if not lora["cached"]:
+                    work.add("lora", 2 * params.lora_steps * params.lora_batch)
+            else:
+                self.merged_lora.restore()
+            runner = UNetRunner(model.unet, cond, params.feature_block, work,
+                                autocast=lambda: autocast(model.device, model.precision))
             schedule = Schedule.from_scheduler(model.scheduler, params.n_inference_steps,
                                                params.inversion_strength)
             with self._timed(timings, "inversion"):
-                z_star = run_inversion(runner, schedule, z0,
-                                       lambda i, n: report("inversion", i, n))
+                entry = self.invert(prep, request.prompt, lora["key"], params, runner, schedule,
+                                    report)
             ctx = self.drag_context(prep, params, runner, schedule, request, report)
+            ctx.memo = entry.memo
             if preview is not None:
                 ctx.preview = lambda phase, step, x0: preview(phase, step, latent_preview(x0))
             with self._timed(timings, "drag+denoise"):
-                z_edit, handles = ALGORITHMS[algorithm](ctx, z_star)
-            if not torch.isfinite(z_edit).all():  # diverged: fail, never a black "success"
+                z_edit, handles = ALGORITHMS[algorithm](ctx, entry.z_star)
+            if (~torch.isfinite(z_edit)).any():  # diverged: fail, never a black "success"
                 raise EngineError(f"the edit diverged (the latent became NaN or infinite); "
                                   f"lower latent_lr (now {params.latent_lr:g}) or lora_lr "
                                   f"(now {params.lora_lr:g}) and try again")
+        finally:
+            if not self.keep_lora:
+                self.merged_lora.restore()
+            if self.redrag is not None:
+                self.redrag.trim()
 
         with self._timed(timings, "decode"):
             report("decode", 0, 1)
-            image = self.finish(prep, self.decode_latents(z_edit), params, request.image.shape[2])
+            image = self.finish(prep, self.decode_latents(z_edit), params)
         stats = {
             **ctx.stats,
             "unet_passes": runner.passes,
+            "work": self.work_stats(algorithm, params, schedule, work, ctx.stats,
+                                    lora["lora"] and not lora["cached"]),
+            "reused": {"lora": bool(lora.get("resident")), "inversion": entry.reused},
             "work_size": list(prep.work),
             "t_star": schedule.t_star,
             "memory": memory_info(model.device),
         }
-        final = imageops.from_grid(handles, prep.size, ctx.grid)
-        return DragResult(image=image, handles=final, timings=timings, stats=stats)
+        final = imageops.from_grid(handles, prep.size, prep.work, ctx.grid)
+        return DragResult(image=image, handles=final, timings=timings, stats=stats,
+                          warnings=list(ctx.warnings))
 
     # -- named steps ----------------------------------------------------------------------
 
     def prepare(self, request: DragRequest, params: DragParams) -> _Prepared:
         """Split channels, resize the image and mask to the working resolution."""
         height, width = request.image.shape[:2]
-        work = imageops.working_size(width, height, params.work_size)
-        color, alpha = imageops.split_channels(request.image)
-        rgb = imageops.resize_rgb(color, work)
-        pixels = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        work = imageops.working_size(width, height, params.work_size, params.work_max_side)
+        color, _alpha = imageops.split_channels(request.image)
+        pixels = torch.from_numpy(imageops.model_rgb(color, work)).permute(2, 0, 1)[None]
         mask = request.mask
         if mask is not None and mask.ndim == 3:
             mask = mask[..., 0]
         mask_work = imageops.resize_mask_nearest(mask, work) if mask is not None else None
-        return _Prepared((width, height), work, color, alpha, pixels, mask, mask_work)
+        return _Prepared((width, height), work, request.image, pixels, mask, mask_work)
 
     def drag_context(self, prep: _Prepared, params: DragParams, runner: UNetRunner,
                      schedule: Schedule, request: DragRequest, report: ProgressFn) -> DragContext:
         """Points on the supervision grid and the keep-mask at latent resolution."""
         w, h = prep.work
         grid = (h // 2, w // 2)
-        keep = None
+        keep, warnings = None, []
         if prep.mask_work is not None:
-            # As the reference: mask → nearest to the grid → nearest to the latent size.
+            # As both official codes: mask → nearest to the grid → nearest to the latent size,
+            # with F.interpolate's sampling (imageops.nearest_indices).
             sup = imageops.resize_mask_nearest(prep.mask_work, (grid[1], grid[0]))
             vsf = self.model.vae_scale_factor
             lat = imageops.resize_mask_nearest(sup, (w // vsf, h // vsf))
-            keep = torch.from_numpy(~lat).float()[None, None].to(self.model.device)
-        device, dtype = self.model.device, self.model.dtype
-        scaler = None
-        if device.type == "cuda" and dtype == torch.float16:
-            scaler = torch.amp.GradScaler("cuda")
+            if lat.any():
+                keep = torch.from_numpy(~lat).float()[None, None].to(self.model.device)
+            else:  # as the official: a mask that vanishes at latent size regularises nothing
+                warnings.append(SELECTION_TOO_SMALL.format(cell=vsf * prep.size[0] / w))
+        device, precision = self.model.device, self.model.precision
         return DragContext(
             runner=runner,
             schedule=schedule,
             params=params,
             grid=grid,
-            handles=imageops.to_grid(request.handles, prep.size, grid),
-            targets=imageops.to_grid(request.targets, prep.size, grid),
+            handles=imageops.to_grid(request.handles, prep.size, prep.work, grid),
+            targets=imageops.to_grid(request.targets, prep.size, prep.work, grid),
             keep=keep,
+            warnings=warnings,
             progress=report,
-            autocast=lambda: autocast(device, dtype),
-            scaler=scaler,
+            autocast=lambda: autocast(device, precision),
+            scaler=grad_scaler(device, precision),
         )
+
+    def invert(self, prep: _Prepared, prompt: str, lora_key: str | None, params: DragParams,
+               runner: UNetRunner, schedule: Schedule, report: ProgressFn) -> RedragEntry:
+        """z_t* of the working image: from the re-drag cache, else VAE-encoded and inverted."""
+        key = redrag_key(self.model, prep.pixels, prompt, lora_key, params)
+        entry = self.redrag.lookup(key) if self.redrag is not None else None
+        if entry is not None:
+            entry.reused = True
+            report("inversion", schedule.n_actual, schedule.n_actual)
+            return entry
+        z_star = run_inversion(runner, schedule, self.encode_image(prep.pixels),
+                               lambda i, n: report("inversion", i, n))
+        if self.redrag is not None:
+            return self.redrag.put(key, z_star)
+        return RedragEntry(z_star, memo=None)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -224,21 +286,42 @@ class DragEngine:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """Latent → h×w×3 uint8."""
+        """Latent → h×w×3 float32 in [0, 1] (not rounded: 16-bit and float images keep the
+        VAE's precision)."""
         vae = self.model.vae
         image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
-        image = ((image.float().clamp(-1, 1) + 1) * 127.5).round()
-        return image[0].permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+        image = (image.float().clamp(-1, 1) + 1) / 2
+        return image[0].permute(1, 2, 0).cpu().numpy()
 
-    def finish(self, prep: _Prepared, edited_work: np.ndarray, params: DragParams,
-               channels: int) -> np.ndarray:
-        """Back to full resolution; outside the (feathered) mask the input's exact pixels."""
-        edited = imageops.resize_rgb(edited_work, prep.size)
-        weights = None
-        if prep.mask_full is not None:
-            weights = imageops.feather_weights(prep.mask_full, params.feather)
-        rgb = imageops.composite(prep.color, edited, weights)
-        return imageops.merge_channels(rgb, prep.alpha, channels)
+    def finish(self, prep: _Prepared, edited_work: np.ndarray, params: DragParams) -> np.ndarray:
+        """Back to full resolution over the mask's bounding box only: the rest of the result is
+        the input's bytes, and so is everything outside the (feathered) mask, in its own dtype.
+
+        The blend is ``params.feather`` working pixels wide, scaled to the full image.
+        """
+        scale = max(prep.size[0] / prep.work[0], prep.size[1] / prep.work[1])
+        feather = imageops.feather_width(params.feather, scale)
+        return imageops.paste_edit(prep.image, edited_work, prep.mask_full, feather)
+
+    @staticmethod
+    def work_stats(algorithm: str, params: DragParams, schedule: Schedule, work: WorkCounter,
+                   run_stats: dict, lora_trained: bool) -> dict:
+        """Our forward-equivalents per phase next to the official code's for the same settings
+        and drag steps, and the official count at its defaults (see ``engine.work``)."""
+        official = official_work(
+            algorithm, lora_steps=params.lora_steps, lora_batch=params.lora_batch,
+            n_actual=schedule.n_actual, drag_steps=run_stats.get("drag_steps", 0),
+            stopped_early=bool(run_stats.get("drag_stopped")),
+            drag_end_step=params.drag_end_step, lora_trained=lora_trained,
+        )
+        defaults = sum(official_defaults(algorithm, lora_trained).values())
+        return {
+            "fe": dict(work.fe), "total": work.total, "truncated": work.truncated,
+            "official_fe": official, "official_total": sum(official.values()),
+            "ratio": round(work.total / max(1, sum(official.values())), 4),
+            "official_defaults_total": defaults,
+            "ratio_to_official_defaults": round(work.total / defaults, 4),
+        }
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -253,6 +336,8 @@ class DragEngine:
             timings[name] = round(time.perf_counter() - start, 4)
 
     def _free_memory(self) -> None:
+        if self.redrag is not None:
+            self.redrag.clear()
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -1,9 +1,9 @@
 """A tiny Stable-Diffusion-architecture pipeline with random weights, for tests.
 
-Same component classes and folder layout as SD1.5 (UNet2DConditionModel with cross-attention,
-AutoencoderKL with an 8× downsampling, CLIP text encoder, a locally written BPE tokenizer, the
-SD1.5 DDIM scheduler), so it loads through the same code path as a real checkpoint. Nothing is
-downloaded.
+Same component classes and folder layout as SD1.5 (UNet2DConditionModel with SD1.5's block
+layout and cross-attention, AutoencoderKL with an 8× downsampling, CLIP text encoder, a locally
+written BPE tokenizer, the SD1.5 DDIM scheduler), so it loads through the same code path as a
+real checkpoint. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -14,39 +14,34 @@ from pathlib import Path
 
 import torch
 
-from backend.engine.models import DDIM_SETTINGS
+from backend.engine.checkpoint import save_single_file
+from backend.engine.sd15 import SD15_SCHEDULER, bytes_to_unicode
 
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    **DDIM_SETTINGS,
-    prediction_type="epsilon",
-    timestep_spacing="leading",
+# SD1.5's UNet layout with small channels: 4 down and 4 up blocks, cross-attention in the three
+# highest-resolution stages, 2 layers per block, so 16 transformer blocks in the same order and
+# under the same names as SD1.5's. The official settings (features of up_blocks[2], reference
+# attention from transformer block 10) therefore run literally on it. Keep test latents small
+# (a 64-px image is an 8×8 latent) rather than dropping attention anywhere.
+TINY_UNET = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 32, 64, 64),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
 )
 
 # A few whole words get their own tokens so that short prompts tokenize compactly.
 _WORDS = ["a", "the", "red", "green", "blue", "disc", "square", "triangle", "star", "photo", "of"]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte → printable-character table."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
-
-
 def write_tokenizer_files(directory: Path) -> None:
     """Write ``vocab.json`` and ``merges.txt`` of a small CLIP-style BPE tokenizer."""
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
     for word in _WORDS:
@@ -97,18 +92,7 @@ def build_tiny_pipeline(seed: int = 0, tmp_dir: Path | None = None):
     from transformers import CLIPTokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -148,6 +132,4 @@ def make_tiny_model(directory: str | Path, seed: int = 0, single_file: bool = Fa
     pipe.save_pretrained(directory, safe_serialization=True)
     if not single_file:
         return directory
-    from backend.engine.models import save_single_file
-
     return save_single_file(pipe, directory / "tiny-sd.safetensors")

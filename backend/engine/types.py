@@ -14,7 +14,9 @@ from backend.engine.errors import Cancelled
 # progress(phase, step, total): phases are "load", "lora", "inversion", "drag", "denoise".
 ProgressFn = Callable[[str, int, int], None]
 
-Point = tuple[float, float]  # (x, y) in image pixels
+# Two coordinate systems, two names (docs/algorithms.md §1, Coordinates):
+ImagePoint = tuple[float, float]  # (x, y) continuous image pixels, as GIMP path anchors
+GridPoint = tuple[float, float]  # (row, col) on the supervision grid (half the working size)
 
 
 @dataclass
@@ -22,15 +24,17 @@ class DragRequest:
     """One drag edit.
 
     ``image`` is H×W×C uint8 with C in 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA).
-    ``handles``/``targets`` are (x, y) in image pixels, pixel centres at integer+0.5 is not
-    assumed: (0, 0) is the top-left corner of the top-left pixel's area, the same as GIMP's.
+    ``handles``/``targets`` are continuous (x, y) image coordinates, as GIMP's path anchors:
+    (0, 0) is the top-left corner of the top-left pixel, pixel i spans [i, i + 1) and its
+    centre is i + 0.5. The engine converts them once to the official codes' pixel index
+    (x − 0.5) and grid cell (docs/algorithms.md §1, Coordinates).
     ``mask`` is H×W uint8, >0 where the image may change; ``None`` means everything may change.
     ``params`` overrides the method's defaults (see ``backend.engine.params``).
     """
 
     image: np.ndarray
-    handles: list[Point]
-    targets: list[Point]
+    handles: list[ImagePoint]
+    targets: list[ImagePoint]
     mask: np.ndarray | None = None
     method: str = "dragdiffusion"
     prompt: str = ""
@@ -40,12 +44,17 @@ class DragRequest:
 
 @dataclass
 class DragResult:
-    """The edited image (same shape and dtype as the input) and where the handles ended."""
+    """The edited image (same shape and dtype as the input) and where the handles ended.
+
+    ``handles`` use the request's convention (continuous (x, y), see ``DragRequest``).
+    ``warnings`` are sentences for the user about how the request was interpreted.
+    """
 
     image: np.ndarray
-    handles: list[Point]
+    handles: list[ImagePoint]
     timings: dict[str, float]
     stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 class CancelToken:

@@ -4,8 +4,11 @@
 Filters › Generic › Drag Diffusion… reads the selected layer, the selection (what may change)
 and a path whose anchors come in handle→target pairs, sends them to the backend, and adds the
 result as a new layer above the source layer in one undo step. Also callable through the PDB
-as ``python-fu-drag-diffusion``. All GIMP calls happen here, on the plug-in's main thread;
-the pure logic is in dragdiff_geometry.py and the backend conversation in dragdiff_backend.py.
+as ``python-fu-drag-diffusion``. All GIMP calls happen on the plug-in's main thread, in this
+file (image in, layer out) and dragdiff_ui.py (windows); the pure logic lives in
+dragdiff_geometry (paths, selection), dragdiff_params (settings), dragdiff_progress (times)
+and dragdiff_layer (pixel formats, changed pixels, naming); the backend conversation in
+dragdiff_backend.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 VENDOR = os.path.join(HERE, "vendor")  # pyzmq + msgpack wheels for GIMP's Python (install.py)
@@ -27,42 +31,44 @@ gi.require_version("Gimp", "3.0")
 gi.require_version("Gegl", "0.4")
 import dragdiff_backend as backend  # noqa: E402
 import dragdiff_geometry as geo  # noqa: E402
-from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
+import dragdiff_layer as lay  # noqa: E402
+import dragdiff_params as par  # noqa: E402
+import dragdiff_progress as prog  # noqa: E402
+from gi.repository import Gegl, Gimp, Gio, GLib, GObject  # noqa: E402
 
 PROC_NAME = "python-fu-drag-diffusion"
+HELP_DOMAIN = "org.gimp-drag-diffusion"
 RW = GObject.ParamFlags.READWRITE
-LAYER_TYPES = {1: Gimp.ImageType.GRAY_IMAGE, 2: Gimp.ImageType.GRAYA_IMAGE,
-               3: Gimp.ImageType.RGB_IMAGE, 4: Gimp.ImageType.RGBA_IMAGE}
 METHOD_LABELS = {"dragdiffusion": "DragDiffusion", "gooddrag": "GoodDrag",
-                 "dragdiffusion-paper": "DragDiffusion (paper settings)"}
-# (property name, engine parameter, nick, minimum, maximum, is-int)
-KNOBS = (
-    ("lora-steps", "lora_steps", "LoRA steps", -1, 2000, True),
-    ("drag-steps", "drag_steps", "Drag steps", -1, 5000, True),
-    ("inversion-strength", "inversion_strength", "Inversion strength", -1.0, 1.0, False),
-    ("latent-lr", "latent_lr", "Latent learning rate", -1.0, 1.0, False),
-    ("lam", "lam", "Mask-keeping weight (λ)", -1.0, 100.0, False),
-    ("work-size", "work_size", "Working size (px)", -1, 2048, True),
-    ("n-inference-steps", "n_inference_steps", "Diffusion steps", -1, 1000, True),
-)
-ADVANCED = ("latent-lr", "lam", "work-size", "n-inference-steps", "advanced",
-            "backend", "timeout", "make-path")
+                 "dragdiffusion-paper": "DragDiffusion (paper settings)", "fast": "Fast"}
+FALLBACK_METHODS = ("dragdiffusion", "gooddrag", "dragdiffusion-paper")
+
+
+def state_file() -> Path:
+    """The plug-in's remembered state (last hello, typed values, measured speed)."""
+    return Path(Gimp.directory()) / "plug-in-settings" / "drag-diffusion-state.json"
 
 
 class Inputs:
-    """Everything read from the image for one run (layer coordinates throughout)."""
+    """What is read from the image for one run (layer coordinates throughout)."""
 
     def __init__(self, image: Gimp.Image, layer: Gimp.Layer) -> None:
         self.layer = layer
         self.width, self.height = layer.get_width(), layer.get_height()
         _, ox, oy = layer.get_offsets()
         self.offsets = (ox, oy)
-        self.format, self.channels = geo.pixel_format(layer.is_gray(), layer.has_alpha())
+        self.precision = image.get_precision().value_nick
         self.handles, self.targets = read_drags(image, self.offsets, self.width, self.height)
         self.mask = read_mask(image, geo.Rect(ox, oy, self.width, self.height))
-        self.pixels = layer.get_buffer().get(
-            Gegl.Rectangle.new(0, 0, self.width, self.height), 1.0, self.format,
+
+    def read_pixels(self, dtypes: list[str]) -> tuple[lay.PixelFormat, bytes]:
+        """The layer's pixels in the best format the backend accepts for its precision."""
+        fmt = lay.pixel_format(self.precision, self.layer.is_gray(), self.layer.has_alpha(),
+                               dtypes)
+        pixels = self.layer.get_buffer().get(
+            Gegl.Rectangle.new(0, 0, self.width, self.height), 1.0, fmt.babl,
             Gegl.AbyssPolicy.NONE)
+        return fmt, pixels
 
 
 def read_drags(image: Gimp.Image, offsets: tuple[int, int], width: int,
@@ -91,26 +97,41 @@ def read_mask(image: Gimp.Image, layer_rect: geo.Rect) -> bytes | None:
     return geo.mask_or_none(geo.place_mask(pixels, local, layer_rect.width, layer_rect.height))
 
 
-def insert_result(image: Gimp.Image, inputs: Inputs, result: backend.JobResult, name: str,
-                  make_path: bool) -> tuple[Gimp.Layer, Gimp.Path | None]:
-    """Add the result layer (and the optional path) above the source, as one undo step."""
+def insert_result(image: Gimp.Image, inputs: Inputs, fmt: lay.PixelFormat, sent: bytes,
+                  result: backend.JobResult, name: str,
+                  make_path: bool) -> tuple[Gimp.Layer, Gimp.Path | None, int]:
+    """Add the result layer (and the optional path) above the source, as one undo step.
+
+    The layer is a copy of the source in its own precision; only the pixels the backend
+    changed are written into it, so all others stay bit-identical. Also returns how many
+    rows changed."""
     if (result.width, result.height, result.channels) != (inputs.width, inputs.height,
-                                                          inputs.channels):
+                                                          fmt.channels):
         raise backend.BackendError(
             f"The backend returned a {result.width}×{result.height}×{result.channels} image "
-            f"for a {inputs.width}×{inputs.height}×{inputs.channels} layer.")
+            f"for a {inputs.width}×{inputs.height}×{fmt.channels} layer.")
+    if result.dtype != fmt.dtype or len(result.pixels) != len(sent):
+        raise backend.BackendError(f"The backend returned {result.dtype} pixels "
+                                   f"({len(result.pixels)} bytes) for {fmt.dtype} pixels "
+                                   f"({len(sent)} bytes).")
+    runs = lay.changed_runs(sent, result.pixels, inputs.width, fmt.bytes_per_pixel)
     source = inputs.layer
     image.undo_group_start()
     try:
-        layer = Gimp.Layer.new(image, name, inputs.width, inputs.height,
-                               LAYER_TYPES[inputs.channels], 100.0, Gimp.LayerMode.NORMAL)
-        layer.set_offsets(*inputs.offsets)
+        layer = Gimp.Layer.new_from_drawable(source, image)
+        layer.set_name(name)
         image.insert_layer(layer, source.get_parent(), image.get_item_position(source))
         buffer = layer.get_buffer()
-        buffer.set(Gegl.Rectangle.new(0, 0, inputs.width, inputs.height), inputs.format,
-                   result.pixels)
+        row = inputs.width * fmt.bytes_per_pixel
+        bpp = fmt.bytes_per_pixel
+        for x, y, w, h in lay.rectangles(runs):
+            data = b"".join(result.pixels[(y + r) * row + x * bpp:(y + r) * row + (x + w) * bpp]
+                            for r in range(h))
+            buffer.set(Gegl.Rectangle.new(x, y, w, h), fmt.babl, data)
         buffer.flush()
-        layer.update(0, 0, inputs.width, inputs.height)
+        box = lay.bounding_box(runs)
+        if box:
+            layer.update(*box)
         path = None
         if make_path:
             path = Gimp.Path.new(image, f"{name} – tracked handles")
@@ -125,95 +146,32 @@ def insert_result(image: Gimp.Image, inputs: Inputs, result: backend.JobResult, 
     finally:
         image.undo_group_end()
     Gimp.displays_flush()
-    return layer, path
+    return layer, path, len({y for y, _, _ in runs})
 
 
-class GimpUI(backend.Feedback):
-    """Progress in GIMP's progress bar; in interactive mode also a small dialog with Cancel."""
+class StatusBar(backend.Feedback):
+    """Progress in GIMP's status bar (every run; interactive runs add a window)."""
 
-    def __init__(self, interactive: bool) -> None:
-        self.interactive = interactive
-        self.dialog = self.bar = None
-        self._cancelled = False
-        self._last = (None, -1.0)
+    def __init__(self) -> None:
+        self._last: tuple = ()
         Gimp.progress_init("Drag Diffusion")
-        if interactive:
-            self._open_dialog()
 
-    def _open_dialog(self) -> None:
-        gi.require_version("GimpUi", "3.0")
-        gi.require_version("Gtk", "3.0")
-        from gi.repository import GimpUi, Gtk
-
-        self.dialog = GimpUi.Dialog(title="Drag Diffusion – working", role=PROC_NAME)
-        self.dialog.add_button("_Cancel", Gtk.ResponseType.CANCEL)
-        self.dialog.connect("response", lambda *_: self._cancel())
-        self.dialog.connect("delete-event", lambda *_: self._cancel() or True)
-        box = self.dialog.get_content_area()
-        box.set_border_width(12)
-        box.set_spacing(8)
-        self.bar = Gtk.ProgressBar(show_text=True)
-        self.bar.set_size_request(360, -1)
-        box.pack_start(self.bar, False, False, 0)
-        self.dialog.show_all()
-        self._gtk = Gtk
-
-    def _cancel(self) -> None:
-        self._cancelled = True
-        if self.bar is not None:
-            self.bar.set_text("Cancelling…")
-
-    def progress(self, fraction: float | None, text: str) -> None:
-        if (text, fraction) == self._last:
+    def progress(self, fraction: float | None, text: str, detail: str = "") -> None:
+        if (fraction, text, detail) == self._last:
             return
-        self._last = (text, fraction)
-        Gimp.progress_set_text(text)
+        self._last = (fraction, text, detail)
+        Gimp.progress_set_text(f"{text} — {detail}" if detail else text)
         if fraction is None:
             Gimp.progress_pulse()
         else:
             Gimp.progress_update(fraction)
-        if self.bar is not None and not self._cancelled:
-            self.bar.set_text(text)
-            if fraction is None:
-                self.bar.pulse()
-            else:
-                self.bar.set_fraction(fraction)
-        self.idle()
-
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def idle(self) -> None:
-        if self.dialog is not None:
-            while self._gtk.events_pending():
-                self._gtk.main_iteration_do(False)
 
     def close(self) -> None:
         Gimp.progress_end()
-        if self.dialog is not None:
-            self.dialog.destroy()
-            self.idle()
-            self.dialog = None
-
-
-def show_dialog(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> bool:
-    gi.require_version("GimpUi", "3.0")
-    from gi.repository import GimpUi
-
-    GimpUi.init(PROC_NAME)
-    dialog = GimpUi.ProcedureDialog.new(procedure, config, "Drag Diffusion")
-    dialog.get_label("advanced-title", "Advanced", False, False)
-    dialog.fill_box("advanced-box", ADVANCED)
-    dialog.fill_expander("advanced-expander", "advanced-title", False, "advanced-box")
-    dialog.fill(["method", "prompt", "seed", "lora-steps", "drag-steps", "inversion-strength",
-                 "advanced-expander"])
-    ok = dialog.run()
-    dialog.destroy()
-    return ok
 
 
 def knob_values(config: Gimp.ProcedureConfig) -> dict[str, float]:
-    return {param: config.get_property(prop) for prop, param, *_ in KNOBS}
+    return {k.prop: float(config.get_property(k.prop)) for k in par.KNOBS}
 
 
 def text(config: Gimp.ProcedureConfig, name: str) -> str:
@@ -221,8 +179,75 @@ def text(config: Gimp.ProcedureConfig, name: str) -> str:
     return config.get_property(name) or ""
 
 
+def make_tracker(table: par.ParamTable | None, method: str, params: dict, inputs: Inputs,
+                 session: backend.Session, state: dict) -> prog.Tracker:
+    resolved = table.resolved(method, params) if table else dict(params)
+    speed = (state.get("speeds") or {}).get(prog.speed_key(session.device, session.model_name))
+    return prog.Tracker(
+        prog.plan_steps(resolved), sequential=resolved.get("method") != "gooddrag",
+        drag_end_step=resolved.get("drag_end_step"), speed=speed,
+        megapixels=prog.working_megapixels(inputs.width, inputs.height,
+                                           resolved.get("work_size", 512),
+                                           resolved.get("work_max_side", 0)))
+
+
+def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
+         table: par.ParamTable | None, feedback: backend.Feedback, interactive: bool,
+         state_path: Path) -> dict:
+    """Read, send, wait, insert: one edit. Returns the info for the PDB caller."""
+    if not isinstance(layer, Gimp.Layer):
+        raise geo.InputError("Select exactly one layer (not a mask or channel) in the "
+                             "Layers dialog.")
+    inputs = Inputs(image, layer)
+    method = config.get_property("method")
+    params = par.overrides(table, method, knob_values(config), text(config, "advanced"))
+    session = backend.open_session(text(config, "backend"),
+                                   float(config.get_property("timeout")), feedback)
+    try:
+        par.write_state(state_path, hello=session.info)
+        if session.demo_model:
+            feedback.notice("Demo model: fit for simple shapes only. For photos, install "
+                            "Stable Diffusion 1.5 (README, section “Models”).")
+        if session.device.startswith("cpu"):
+            feedback.notice("The backend runs on the CPU: this takes a while.")
+        fmt, pixels = inputs.read_pixels(session.dtypes)
+        job = backend.JobSpec(
+            pixels=pixels, width=inputs.width, height=inputs.height, channels=fmt.channels,
+            mask=inputs.mask, handles=inputs.handles, targets=inputs.targets, method=method,
+            params=params, prompt=text(config, "prompt"), seed=config.get_property("seed"),
+            dtype=fmt.dtype, preview=interactive)
+        state = par.read_state(state_path)
+        tracker = make_tracker(table, method, params, inputs, session, state)
+        result = session.run(job, feedback, tracker)
+        measured = tracker.measured_speed()
+        if measured is not None:
+            key = prog.speed_key(session.device, session.model_name)
+            par.write_state(state_path, speeds=prog.remember_speed(
+                dict(state.get("speeds") or {}), key, measured))
+    finally:
+        session.close()
+    name = lay.result_layer_name(layer.get_name(), method, len(inputs.handles),
+                                 session.demo_model)
+    new_layer, path, rows = insert_result(image, inputs, fmt, pixels, result, name,
+                                          config.get_property("make-path"))
+    if result.warnings and interactive:
+        Gimp.message("Drag Diffusion finished, with a warning:\n" + "\n".join(result.warnings))
+    return {"layer": new_layer, "name": name, "method": method, "params": params,
+            "drags": len(inputs.handles),
+            "handles": geo.to_image(inputs.handles, inputs.offsets),
+            "targets": geo.to_image(inputs.targets, inputs.offsets),
+            "final_handles": geo.to_image(result.handles, inputs.offsets),
+            "masked": inputs.mask is not None, "timings": result.timings,
+            "warnings": result.warnings, "precision": inputs.precision, "dtype": fmt.dtype,
+            "format": fmt.babl, "previews": result.previews, "demo_model": session.demo_model,
+            "changed_rows": rows,
+            "path": path.get_name() if path else None, "job_id": result.job_id,
+            "pyzmq": getattr(sys.modules.get("zmq"), "__file__", None)}
+
+
 def error_return(procedure: Gimp.Procedure, status: Gimp.PDBStatusType,
                  message: str) -> Gimp.ValueArray:
+    """GIMP shows an execution error's text to the user itself: no second message box."""
     return procedure.new_return_values(status, GLib.Error(message))
 
 
@@ -230,49 +255,50 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
         drawables: list[Gimp.Drawable], config: Gimp.ProcedureConfig,
         data: object) -> Gimp.ValueArray:
     interactive = run_mode == Gimp.RunMode.INTERACTIVE
-    if interactive and not show_dialog(procedure, config):
-        return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
-    ui = None
+    state_path = state_file()
+    install = backend.InstallInfo.load()
+    hello = None
+    if interactive:
+        gi.require_version("GimpUi", "3.0")
+        import dragdiff_ui as ui
+        from gi.repository import GimpUi
+
+        GimpUi.init(PROC_NAME)
+        hello = backend.quick_hello(text(config, "backend"))
+        if hello:
+            par.write_state(state_path, hello=hello)
+    state = par.read_state(state_path)
+    table = par.load_table(hello, state, {"parameters": install.parameters})
+    if interactive:
+        size = (drawables[0].get_width(), drawables[0].get_height()) if drawables else (1, 1)
+        dialog = ui.SettingsDialog(procedure, config, ui.DialogContext(
+            table, state.get("hello"), hello is not None, size, state_path, state))
+        if not dialog.run():
+            return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+    feedback = ui.ProgressWindow(StatusBar()) if interactive else StatusBar()
     try:
-        if len(drawables) != 1 or not isinstance(drawables[0], Gimp.Layer):
+        if len(drawables) != 1:
             raise geo.InputError("Select exactly one layer (not a mask or channel) in the "
                                  "Layers dialog.")
-        inputs = Inputs(image, drawables[0])
-        method = config.get_property("method")
-        params = geo.build_params(knob_values(config), text(config, "advanced"))
-        job = backend.JobSpec(
-            pixels=inputs.pixels, width=inputs.width, height=inputs.height,
-            channels=inputs.channels, mask=inputs.mask, handles=inputs.handles,
-            targets=inputs.targets, method=method, params=params,
-            prompt=text(config, "prompt"), seed=config.get_property("seed"))
-        ui = GimpUI(interactive)
-        result = backend.run_drag(job, text(config, "backend"),
-                                  float(config.get_property("timeout")), ui)
-        name = geo.result_layer_name(inputs.layer.get_name(), method, len(inputs.handles))
-        layer, path = insert_result(image, inputs, result, name,
-                                    config.get_property("make-path"))
+        info = edit(image, drawables[0], config, table, feedback, interactive, state_path)
     except backend.JobCancelled as exc:
         return error_return(procedure, Gimp.PDBStatusType.CANCEL, str(exc))
-    except (geo.InputError, backend.BackendError) as exc:
-        if interactive:
-            Gimp.message(str(exc))
+    except (geo.InputError, par.ParamsError, backend.BackendError) as exc:
         return error_return(procedure, Gimp.PDBStatusType.EXECUTION_ERROR, str(exc))
     except Exception as exc:  # never let GIMP see an uncaught exception (it loses the text)
         traceback.print_exc()  # to GIMP's stderr, for bug reports
-        message = f"Drag Diffusion failed: {type(exc).__name__}: {exc}"
-        if interactive:
-            Gimp.message(message)
-        return error_return(procedure, Gimp.PDBStatusType.EXECUTION_ERROR, message)
+        return error_return(procedure, Gimp.PDBStatusType.EXECUTION_ERROR,
+                            f"Drag Diffusion failed: {type(exc).__name__}: {exc}")
     finally:
-        if ui is not None:
-            ui.close()
-    info = {"layer": name, "method": method, "params": params, "drags": len(inputs.handles),
-            "handles": geo.to_image(inputs.handles, inputs.offsets),
-            "targets": geo.to_image(inputs.targets, inputs.offsets),
-            "final_handles": geo.to_image(result.handles, inputs.offsets),
-            "masked": inputs.mask is not None, "timings": result.timings,
-            "path": path.get_name() if path else None, "job_id": result.job_id,
-            "pyzmq": getattr(sys.modules.get("zmq"), "__file__", None)}
+        feedback.close()
+        if interactive:  # GIMP keeps these as the last values: -1 = the method's default
+            for prop, value in par.stored_values(table, config.get_property("method"),
+                                                 knob_values(config)).items():
+                knob = par.KNOB_BY_PROP[prop]
+                config.set_property(prop, round(value) if knob.is_int else value)
+    if interactive:  # GIMP now keeps these values itself; nothing typed is pending
+        par.write_state(state_path, typed=None)
+    layer = info.pop("layer")
     values = procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
     values.remove(1)
     values.insert(1, GObject.Value(Gimp.Layer, layer))
@@ -286,9 +312,13 @@ class DragDiffusion(Gimp.PlugIn):
         return False
 
     def do_query_procedures(self) -> list[str]:
+        help_dir = Gio.File.new_for_path(os.path.join(HERE, "help"))
+        self.set_help_domain(HELP_DOMAIN, help_dir)
         return [PROC_NAME]
 
     def do_create_procedure(self, name: str) -> Gimp.Procedure:
+        install = backend.InstallInfo.load()
+        table = par.ParamTable.parse(install.parameters, "install.json")
         p = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, run, None)
         p.set_image_types("RGB*, GRAY*")
         p.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
@@ -299,32 +329,39 @@ class DragDiffusion(Gimp.PlugIn):
             "Draw a path whose anchors come in pairs — handle (the point to move), then its "
             "target — either one two-anchor stroke per drag or handle, target, handle, target "
             "in one stroke. Optionally select the area that may change. The result is added "
-            "as a new layer above the selected layer; one Undo removes it. Numeric settings "
-            "at -1 use the method's default.", name)
+            "as a new layer above the selected layer; one Undo removes it. From scripts, a "
+            "numeric setting at -1 uses the chosen method's default.", name)
         p.set_attribution("GIMP Drag Diffusion contributors", "GPL-3.0-or-later", "2025")
 
         methods = Gimp.Choice.new()
-        for number, method in enumerate(geo.METHODS):
-            methods.add(method, number, METHOD_LABELS[method], "")
+        names = list(table.methods) if table else list(FALLBACK_METHODS)
+        for number, method in enumerate(names):
+            methods.add(method, number, METHOD_LABELS.get(method, method),
+                        table.describe(method) if table else "")
+        default = table.default_method if table and table.default_method in names else names[0]
         p.add_choice_argument("method", "_Method", "Drag algorithm and its settings",
-                              methods, "dragdiffusion", RW)
+                              methods, default, RW)
         p.add_string_argument("prompt", "_Prompt", "What the image shows (optional; helps "
                               "the model)", "", RW)
-        p.add_int_argument("seed", "_Seed", "Random seed", 0, 2**31 - 1, 42, RW)
-        for prop, param, nick, low, high, is_int in KNOBS:
-            blurb = f"-1 = method default ({geo.defaults_hint(param)})"
-            if is_int:
-                p.add_int_argument(prop, nick, blurb, low, high, -1, RW)
+        p.add_int_argument("seed", "S_eed", "Random seed", 0, 2**31 - 1, 42, RW)
+        for knob in par.KNOBS:
+            spec = table.specs.get(knob.param) if table else None
+            blurb = (spec.help if spec and spec.help else knob.nick) + \
+                " (-1: the method's default)"
+            if knob.is_int:
+                p.add_int_argument(knob.prop, knob.nick, blurb, par.DEFAULT, int(knob.pdb_max),
+                                   par.DEFAULT, RW)
             else:
-                p.add_double_argument(prop, nick, blurb, low, high, -1.0, RW)
-        p.add_string_argument("advanced", "Other settings (JSON)",
+                p.add_double_argument(knob.prop, knob.nick, blurb, par.DEFAULT, knob.pdb_max,
+                                      par.DEFAULT, RW)
+        p.add_string_argument("advanced", "Other settings (_JSON)",
                               'More engine parameters as a JSON object, e.g. {"r_m": 1, '
                               '"feather": 5}', "", RW)
         p.add_string_argument("backend", "_Backend",
                               "Connection file of the backend (empty: the default one)", "", RW)
         p.add_int_argument("timeout", "_Timeout (s)", "How long to wait for the backend to "
                            "answer or start", 1, 3600, 120, RW)
-        p.add_boolean_argument("make-path", "Add a path with the _tracked handles",
+        p.add_boolean_argument("make-path", "Add a path with the trac_ked handles",
                                "Also add a path from each handle's final position to its "
                                "target", False, RW)
         p.add_layer_return_value("new-layer", "New layer", "The result layer", True, RW)

@@ -1,8 +1,8 @@
 """The plug-in's side of the backend conversation: find the backend, start it, run one job.
 
-No gi here: GIMP is reached only through a ``Feedback`` object (progress, cancel, UI pumping),
-so this module also runs (and is tested) outside GIMP. The backend is reached only through the
-``protocol`` package installed beside the plug-in.
+No gi here: GIMP is reached only through a ``Feedback`` object (progress, previews, notices,
+cancel, UI pumping), so this module also runs (and is tested) outside GIMP. The backend is
+reached only through the ``protocol`` package installed beside the plug-in.
 """
 
 from __future__ import annotations
@@ -16,13 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dragdiff_geometry as geo
+import dragdiff_progress as prog
+from dragdiff_geometry import Point
 
 HERE = Path(__file__).resolve().parent
 # Test hook: cancel the job after this many progress events (non-interactive runs can't click).
 CANCEL_AFTER_ENV = "DRAG_DIFFUSION_CANCEL_AFTER_PROGRESS"
 POLL_SECONDS = 0.2  # longest the UI goes unpumped while waiting for the backend
-PING_SECONDS = 10.0  # liveness check while a job runs (also keeps the backend's client TTL)
+# While a job runs the backend answers heartbeats within this time even when busy (its socket
+# thread is not the engine's); three silent periods in a row mean it is gone.
+LIVENESS_SECONDS = 3.0
+LIVENESS_RETRIES = 2
 # Variables from GIMP's environment that must not leak into the backend's Python.
 _STRIP_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONEXECUTABLE",
               "PYTHONNOUSERSITE", "VIRTUAL_ENV", "GI_TYPELIB_PATH", "LD_LIBRARY_PATH",
@@ -41,8 +45,15 @@ class JobCancelled(Exception):
 class Feedback:
     """How the backend conversation talks to the user; the default does nothing."""
 
-    def progress(self, fraction: float | None, text: str) -> None:
-        """Show ``text``; ``fraction`` 0..1, or None for "busy, no estimate"."""
+    def progress(self, fraction: float | None, text: str, detail: str = "") -> None:
+        """Show ``text`` (the phase) and ``detail`` (times); ``fraction`` 0..1, or None for
+        "busy, no estimate"."""
+
+    def preview(self, pixels: bytes, width: int, height: int, channels: int) -> None:
+        """A rough 8-bit picture of the edit so far (only when the job asked for previews)."""
+
+    def notice(self, text: str) -> None:
+        """A line the user should read while waiting (demo model, CPU backend, …)."""
 
     def cancelled(self) -> bool:
         return False
@@ -58,12 +69,14 @@ class JobSpec:
     height: int
     channels: int
     mask: bytes | None
-    handles: list[geo.Point]
-    targets: list[geo.Point]
+    handles: list[Point]
+    targets: list[Point]
     method: str
     params: dict[str, Any]
     prompt: str = ""
     seed: int = 0
+    dtype: str = "u8"
+    preview: bool = False
 
 
 @dataclass
@@ -73,8 +86,12 @@ class JobResult:
     width: int
     height: int
     channels: int
-    handles: list[geo.Point]
+    handles: list[Point]
     timings: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    dtype: str = "u8"
+    previews: int = 0  # preview events shown while it ran
 
 
 @dataclass
@@ -85,6 +102,7 @@ class InstallInfo:
     backend_args: list[str] = field(default_factory=lambda: ["-m", "backend", "serve"])
     repo: str | None = None
     connection_file: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)  # the backend's table, recorded
 
     @classmethod
     def load(cls, folder: Path = HERE) -> InstallInfo:
@@ -94,7 +112,8 @@ class InstallInfo:
             return cls()
         return cls(backend_python=data.get("backend_python"),
                    backend_args=list(data.get("backend_args") or ["-m", "backend", "serve"]),
-                   repo=data.get("repo"), connection_file=data.get("connection_file"))
+                   repo=data.get("repo"), connection_file=data.get("connection_file"),
+                   parameters=dict(data.get("parameters") or {}))
 
     def start_command(self) -> str | None:
         if not self.backend_python or not self.repo:
@@ -218,8 +237,10 @@ def connect(path: Path, install: InstallInfo, timeout: float, feedback: Feedback
     log_path = path.parent / "backend-console.log"
     process = start_backend(install, log_path)
     deadline = time.monotonic() + timeout
+    started = time.monotonic()
     while time.monotonic() < deadline:
-        feedback.progress(None, geo.progress_text("starting", 0, 0))
+        feedback.progress(None, f"{prog.PHASE_LABELS['starting']}…",
+                          f"{prog.clock_time(time.monotonic() - started)} elapsed")
         if feedback.cancelled():
             raise JobCancelled("Cancelled while the backend was starting (it keeps starting "
                                "in the background).")
@@ -242,62 +263,126 @@ def _wait(seconds: float, feedback: Feedback) -> None:
         time.sleep(min(0.05, max(0.0, end - time.monotonic())))
 
 
-def run_drag(job: JobSpec, setting: str, timeout: float, feedback: Feedback) -> JobResult:
-    """Run one drag edit on the backend, reporting progress; raise on error or cancel."""
-    protocol = _import_protocol()
-    install = InstallInfo.load()
-    client = connect(connection_file(setting, install), install, timeout, feedback)
+def quick_hello(setting: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    """The running backend's ``hello`` reply if one answers within ``timeout`` (for the
+    dialog: defaults, device, model), else None. Never starts a backend."""
     try:
-        return _run_job(protocol, client, job, timeout, feedback)
-    except protocol.BackendUnavailable as exc:
-        raise BackendError(f"Lost the backend: {exc.message}") from None
-    except protocol.BackendError as exc:
-        raise BackendError(f"The backend reported an error: {exc.message}") from None
+        install = InstallInfo.load()
+        client = try_connect(connection_file(setting, install), timeout)
+    except BackendError:
+        return None
+    if client is None:
+        return None
+    try:
+        return dict(client.server_info or {})
     finally:
         client.close()
 
 
-def _run_job(protocol: Any, client: Any, job: JobSpec, timeout: float,
-             feedback: Feedback) -> JobResult:
+def is_demo_model(info: dict[str, Any]) -> bool:
+    """Whether the backend serves the small demo model that ships with the project."""
+    model = info.get("model") or {}
+    return bool(model.get("demo") or model.get("fallback"))
+
+
+class Session:
+    """A connected backend: what its ``hello`` said, and running jobs on it."""
+
+    def __init__(self, protocol: Any, client: Any) -> None:
+        self.protocol = protocol
+        self.client = client
+        self.info: dict[str, Any] = dict(client.server_info or {})
+
+    @property
+    def device(self) -> str:
+        return str(self.info.get("device") or "")
+
+    @property
+    def model_name(self) -> str:
+        return str((self.info.get("model") or {}).get("name") or "")
+
+    @property
+    def demo_model(self) -> bool:
+        return is_demo_model(self.info)
+
+    @property
+    def dtypes(self) -> list[str]:
+        """Pixel dtypes the backend accepts (PROTOCOL.md: 8-bit only unless it says more)."""
+        return [str(d) for d in self.info.get("dtypes") or ["u8"]]
+
+    def run(self, job: JobSpec, feedback: Feedback, tracker: prog.Tracker) -> JobResult:
+        """Run one drag edit, reporting progress; raise on error or cancel."""
+        # A busy backend still answers heartbeats: silence now means it died.
+        self.client.timeout = min(self.client.timeout, LIVENESS_SECONDS)
+        self.client.retries = LIVENESS_RETRIES
+        try:
+            return _run_job(self.protocol, self.client, job, feedback, tracker)
+        except self.protocol.BackendUnavailable as exc:
+            raise BackendError(f"Lost the backend: {exc.message}") from None
+        except self.protocol.BackendError as exc:
+            raise BackendError(f"The backend reported an error: {exc.message}") from None
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_session(setting: str, timeout: float, feedback: Feedback) -> Session:
+    """Connect to (or start) the backend named by ``setting`` (see ``connection_file``)."""
+    protocol = _import_protocol()
+    install = InstallInfo.load()
+    return Session(protocol, connect(connection_file(setting, install), install, timeout,
+                                     feedback))
+
+
+def _show(feedback: Feedback, tracker: prog.Tracker) -> None:
+    fraction = None if tracker.phase in ("starting", "queued") else tracker.fraction
+    feedback.progress(fraction, tracker.phase_text(), tracker.time_text())
+
+
+def _run_job(protocol: Any, client: Any, job: JobSpec, feedback: Feedback,
+             tracker: prog.Tracker) -> JobResult:
     cancel_after = int(os.environ.get(CANCEL_AFTER_ENV, "0") or 0)
     job_id = "gimp-" + uuid.uuid4().hex[:16]
     client.submit(job.pixels, job.width, job.height, job.channels, job.handles, job.targets,
                   job_id=job_id, mask=job.mask, method=job.method, params=job.params,
-                  prompt=job.prompt, seed=job.seed)
-    feedback.progress(0.0, geo.progress_text("queued", 0, 0))
-    progress_events = 0
+                  prompt=job.prompt, seed=job.seed, preview=job.preview, dtype=job.dtype)
+    tracker.update("queued", 0, 0)
+    _show(feedback, tracker)
+    progress_events = previews = 0
     cancelling = False
-    last_ping = time.monotonic()
     while True:
         for event in _poll(protocol, client, job_id):
+            c = event.content
             if event.type == "finished" and cancelling:
                 raise JobCancelled(f"Cancelled; job {job_id} had just finished on the backend "
                                    "and its result was discarded.")
             if event.type == "finished":
-                c = event.content
+                tracker.finish()
                 return JobResult(job_id, event.image or b"", c["width"], c["height"],
                                  c["channels"], [tuple(p) for p in c["handles"]],
-                                 dict(c.get("timings") or {}))
+                                 dict(c.get("timings") or {}), dict(c.get("stats") or {}),
+                                 [str(w) for w in c.get("warnings") or []],
+                                 str(c.get("dtype") or "u8"), previews)
             if event.type == "cancelled":
                 raise JobCancelled(f"Cancelled; the backend stopped job {job_id} "
-                                   f"({event.content.get('reason', 'client')}).")
+                                   f"({c.get('reason', 'client')}).")
             if event.type == "queued":
-                feedback.progress(0.0, f"Waiting in the backend's queue (position "
-                                       f"{event.content.get('position')})")
+                tracker.update("queued", 0, 0)
+                feedback.progress(None, f"{prog.PHASE_LABELS['queued']} (position "
+                                        f"{c.get('position')})", tracker.time_text())
             elif event.type == "progress" and not cancelling:
-                c = event.content
                 progress_events += 1
-                feedback.progress(geo.progress_fraction(c["phase"], c["step"], c["total"]),
-                                  geo.progress_text(c["phase"], c["step"], c["total"]))
+                tracker.update(c["phase"], c["step"], c["total"])
+                _show(feedback, tracker)
+            elif event.type == "preview" and not cancelling and event.image:
+                previews += 1
+                feedback.preview(event.image, c["width"], c["height"], c["channels"])
         feedback.idle()
         if not cancelling and (feedback.cancelled() or
                                (cancel_after and progress_events >= cancel_after)):
             cancelling = True
-            feedback.progress(None, "Cancelling…")
+            feedback.progress(None, "Cancelling…", tracker.time_text())
             client.cancel(job_id)
-        if time.monotonic() - last_ping >= PING_SECONDS:
-            client.ping()
-            last_ping = time.monotonic()
 
 
 def _poll(protocol: Any, client: Any, job_id: str) -> list[Any]:

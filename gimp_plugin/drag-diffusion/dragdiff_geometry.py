@@ -1,4 +1,4 @@
-"""Pure helpers for the Drag Diffusion plug-in: paths → drag pairs, selection → mask, parameters.
+"""Pure geometry for the Drag Diffusion plug-in: paths → drag pairs, selection → mask.
 
 Nothing here imports gi or numpy, so it runs in any Python 3.10+ (GIMP's bundled Python on
 Windows has no numpy) and is unit-tested without GIMP. Coordinates are GIMP's: (0, 0) is the
@@ -8,7 +8,6 @@ coordinates are relative to the layer's top-left corner (image = layer + offsets
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -179,88 +178,3 @@ def mask_or_none(mask: bytes) -> bytes | None:
         raise InputError("The selection is empty on this layer (fully unselected); select the "
                          "area that may change, or Select › None to let the whole layer change.")
     return None if mask.count(255) == len(mask) else mask
-
-
-# --- pixels -------------------------------------------------------------------------------------
-
-def pixel_format(gray: bool, alpha: bool) -> tuple[str, int]:
-    """The Babl format to read/write a layer in its own channel layout, and its channel count."""
-    if gray:
-        return ("Y'A u8", 2) if alpha else ("Y' u8", 1)
-    return ("R'G'B'A u8", 4) if alpha else ("R'G'B' u8", 3)
-
-
-# --- parameters ---------------------------------------------------------------------------------
-
-METHODS = ("dragdiffusion", "gooddrag", "dragdiffusion-paper")
-
-# Method defaults of the knobs the dialog shows (mirrors backend/engine/params.py; shown to
-# the user only: the backend applies its own defaults for every knob left at -1).
-METHOD_DEFAULTS: dict[str, dict[str, float]] = {
-    "dragdiffusion": {"lora_steps": 80, "drag_steps": 80, "inversion_strength": 0.7,
-                      "latent_lr": 0.01, "lam": 0.1, "work_size": 512, "n_inference_steps": 50},
-    "gooddrag": {"lora_steps": 70, "drag_steps": 80, "inversion_strength": 0.75,
-                 "latent_lr": 0.02, "lam": 0.2, "work_size": 512, "n_inference_steps": 50},
-    "dragdiffusion-paper": {"lora_steps": 200, "drag_steps": 40, "inversion_strength": 0.8,
-                            "latent_lr": 0.01, "lam": 0.1, "work_size": 512,
-                            "n_inference_steps": 50},
-}
-
-
-def defaults_hint(knob: str) -> str:
-    """'dragdiffusion 80, gooddrag 70, dragdiffusion-paper 200' for a dialog tooltip."""
-    return ", ".join(f"{m} {METHOD_DEFAULTS[m][knob]:g}" for m in METHODS)
-
-
-def build_params(knobs: dict[str, float], advanced: str) -> dict[str, Any]:
-    """Overrides for the backend: knobs with a negative value (= method default) are left out,
-    then the ``advanced`` JSON object (any other engine parameter) is merged over them."""
-    params: dict[str, Any] = {name: value for name, value in knobs.items() if value >= 0}
-    advanced = advanced.strip()
-    if advanced:
-        try:
-            extra = json.loads(advanced)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"The advanced settings are not valid JSON ({exc.msg} at "
-                             f"character {exc.pos}); write an object such as "
-                             '{"r_m": 1, "feather": 5}.') from None
-        if not isinstance(extra, dict):
-            raise InputError('The advanced settings must be a JSON object such as '
-                             '{"r_m": 1, "feather": 5}.')
-        params.update({str(k).replace("-", "_"): v for k, v in extra.items()})
-    return params
-
-
-# --- progress -----------------------------------------------------------------------------------
-
-# Share of the whole job each phase gets on the progress bar (typical CPU/GPU time split).
-PHASE_WEIGHTS: dict[str, float] = {
-    "starting": 0.0, "queued": 0.0, "load": 0.05, "lora": 0.30, "inversion": 0.10,
-    "drag": 0.40, "denoise": 0.12, "decode": 0.03,
-}
-PHASE_LABELS: dict[str, str] = {
-    "starting": "Starting backend", "queued": "Waiting in the backend's queue",
-    "load": "Loading model", "lora": "Fine-tuning LoRA", "inversion": "Inverting (DDIM)",
-    "drag": "Dragging", "denoise": "Denoising", "decode": "Decoding",
-}
-_PHASE_ORDER = list(PHASE_WEIGHTS)
-
-
-def progress_fraction(phase: str, step: int, total: int) -> float:
-    """Overall fraction 0..1 for step ``step`` of ``total`` in ``phase``."""
-    if phase not in PHASE_WEIGHTS:
-        return 0.0
-    done = sum(PHASE_WEIGHTS[p] for p in _PHASE_ORDER[:_PHASE_ORDER.index(phase)])
-    part = min(max(step / total, 0.0), 1.0) if total > 0 else 0.0
-    return min(done + PHASE_WEIGHTS[phase] * part, 1.0)
-
-
-def progress_text(phase: str, step: int, total: int) -> str:
-    label = PHASE_LABELS.get(phase, phase.capitalize())
-    return f"{label} {step}/{total}" if total > 0 else f"{label}…"
-
-
-# --- naming ---------------------------------------------------------------------------------
-
-def result_layer_name(source: str, method: str, drags: int) -> str:
-    return f"{source} – {method} ({drags} drag{'' if drags == 1 else 's'})"

@@ -1,0 +1,295 @@
+"""The plug-in's windows: the settings dialog and the progress window with its live preview.
+
+Both run in the plug-in's main thread; the progress window is pumped by the backend
+conversation's ``Feedback.idle`` calls while it waits. The logic they show (defaults, ranges,
+estimates, times) lives in the pure modules dragdiff_params and dragdiff_progress.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dragdiff_backend as backend
+import dragdiff_layer as lay
+import dragdiff_params as par
+import dragdiff_progress as prog
+import gi
+
+gi.require_version("Gimp", "3.0")
+gi.require_version("GimpUi", "3.0")
+gi.require_version("Gtk", "3.0")
+gi.require_version("GdkPixbuf", "2.0")
+from gi.repository import GdkPixbuf, Gimp, GimpUi, GLib, GObject, Gtk  # noqa: E402
+
+PREVIEW_BOX = 256  # the preview's longest side on screen, pixels
+MAIN = ("method", "method-help", "prompt", "seed",
+        *(k.prop for k in par.KNOBS if not k.advanced), "estimate", "notice",
+        "advanced-expander")
+ADVANCED = (*(k.prop for k in par.KNOBS if k.advanced), "advanced", "backend", "timeout",
+            "make-path")
+DEMO_NOTICE = ("Demo model: the backend serves the small model that ships with Drag "
+               "Diffusion, fit for simple shapes only. For photos, install Stable Diffusion "
+               "1.5 (README, section “Models”) and restart the backend.")
+
+
+def demo_notice(info: dict[str, Any]) -> str:
+    """The dialog's line about the demo model, with the backend's own hint if it gives one."""
+    hint = (info.get("model") or {}).get("hint")
+    return f"{DEMO_NOTICE} {hint}" if hint else DEMO_NOTICE
+
+
+@dataclass
+class DialogContext:
+    """What the settings dialog shows besides the procedure's arguments."""
+
+    table: par.ParamTable | None
+    info: dict[str, Any] | None  # the backend's hello (live or remembered); None: unknown
+    running: bool  # the backend answered just now
+    layer_size: tuple[int, int]
+    state_path: Path
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class SettingsDialog:
+    """GIMP's procedure dialog with real defaults that follow the method, one line about the
+    chosen method, the expected time, and notices (demo model, backend not running)."""
+
+    def __init__(self, procedure: Gimp.Procedure, config: Gimp.ProcedureConfig,
+                 context: DialogContext) -> None:
+        self.config = config
+        self.context = context
+        self.table = context.table
+        typed = context.state.get("typed")
+        if isinstance(typed, dict):
+            restore(config, typed)
+        self.method = config.get_property("method")
+        if self.table is not None:
+            set_knobs(config, par.shown_values(self.table, self.method, knob_values(config)))
+        self.dialog = GimpUi.ProcedureDialog.new(procedure, config, "Drag Diffusion")
+        self.method_help = self._label("method-help")
+        self.estimate = self._label("estimate")
+        self.notice = self._label("notice")
+        self._tune_knobs()
+        self.dialog.get_label("advanced-title", "Advanced", False, False)
+        self.dialog.fill_box("advanced-box", list(ADVANCED))
+        self.dialog.fill_expander("advanced-expander", "advanced-title", False, "advanced-box")
+        self.dialog.fill(list(MAIN))
+        self._update()
+        self._notify = config.connect("notify", self._changed)
+
+    def _label(self, name: str) -> Gtk.Label:
+        label = self.dialog.get_label(name, "", False, False)
+        label.set_line_wrap(True)
+        label.set_max_width_chars(56)
+        label.set_xalign(0.0)
+        return label
+
+    def _tune_knobs(self) -> None:
+        """Each knob's range, step and digits from the backend's specs; help as tooltip."""
+        if self.table is None:
+            return
+        for knob in par.KNOBS:
+            widget = self.dialog.get_widget(knob.prop, GObject.TYPE_NONE)
+            if not isinstance(widget, GimpUi.LabelSpin):
+                continue
+            lower, upper, step = self.table.knob_range(knob)
+            digits = 0 if knob.is_int else max(1, -math.floor(math.log10(step)))
+            widget.set_digits(digits)
+            widget.set_property("lower", lower)
+            widget.set_property("upper", upper)
+            widget.set_increments(step, step * 10)
+            spec = self.table.specs.get(knob.param)
+            if spec and spec.help:
+                widget.set_tooltip_text(spec.help)
+
+    def _changed(self, config: Gimp.ProcedureConfig, pspec: GObject.ParamSpec) -> None:
+        if pspec.name == "method":
+            new = config.get_property("method")
+            if self.table is not None and new != self.method:
+                values = par.follow_method(self.table, self.method, new, knob_values(config))
+                with config.handler_block(self._notify):
+                    set_knobs(config, values)
+            self.method = new
+        self._update()
+
+    def _update(self) -> None:
+        table, info = self.table, self.context.info or {}
+        self.method_help.set_text(table.describe(self.method) if table else "")
+        self.method_help.set_visible(bool(self.method_help.get_text()))
+        self.estimate.set_text(self._estimate_text(table, info))
+        self.estimate.set_visible(bool(self.estimate.get_text()))
+        notices = []
+        if self.context.info and backend.is_demo_model(self.context.info):
+            notices.append(demo_notice(self.context.info))
+        if not self.context.running:
+            notices.append("The backend is not running: it starts when you press OK (loading "
+                           "the model takes a minute or more the first time).")
+        if table is None:
+            notices.append("The method defaults are unknown (no backend answered and "
+                           "install.json has no table): settings at -1 use them.")
+        self.notice.set_text("\n".join(notices))
+        self.notice.set_visible(bool(notices))
+
+    def _estimate_text(self, table: par.ParamTable | None, info: dict[str, Any]) -> str:
+        if table is None or not info.get("device"):
+            return ""
+        try:
+            sent = par.overrides(table, self.method, knob_values(self.config),
+                                 text(self.config, "advanced"))
+        except par.ParamsError:
+            sent = {}
+        resolved = table.resolved(self.method, sent)
+        device = str(info["device"])
+        model = str((info.get("model") or {}).get("name") or "")
+        measured = (self.context.state.get("speeds") or {}).get(prog.speed_key(device, model))
+        speed = measured if measured is not None else (
+            None if backend.is_demo_model(info) else prog.first_guess(device))
+        mpx = prog.working_megapixels(*self.context.layer_size, resolved.get("work_size", 512),
+                                      resolved.get("work_max_side", 0))
+        seconds = prog.estimate_seconds(prog.plan_steps(resolved), mpx, speed)
+        return prog.advice(seconds, device, resolved.get("work_size", 512),
+                           measured is not None, "fast" in table.methods)
+
+    def run(self) -> bool:
+        """Show the dialog; remember what it holds until an edit with it succeeds (GIMP keeps
+        only a successful run's values, so a Cancel would lose what was typed)."""
+        ok = bool(self.dialog.run())
+        self.config.disconnect(self._notify)
+        typed = snapshot(self.config)
+        typed.update(par.stored_values(self.table, self.method, knob_values(self.config)))
+        par.write_state(self.context.state_path, typed=typed)
+        self.dialog.destroy()
+        return ok
+
+
+# --- config helpers -------------------------------------------------------------------------------
+
+REMEMBERED = ("method", "prompt", "seed", "advanced", "backend", "timeout", "make-path",
+              *(k.prop for k in par.KNOBS))
+
+
+def knob_values(config: Gimp.ProcedureConfig) -> dict[str, float]:
+    return {k.prop: float(config.get_property(k.prop)) for k in par.KNOBS}
+
+
+def set_knobs(config: Gimp.ProcedureConfig, values: dict[str, float]) -> None:
+    for knob in par.KNOBS:
+        if knob.prop in values:
+            value = values[knob.prop]
+            config.set_property(knob.prop, round(value) if knob.is_int else float(value))
+
+
+def snapshot(config: Gimp.ProcedureConfig) -> dict[str, Any]:
+    return {name: config.get_property(name) for name in REMEMBERED}
+
+
+def restore(config: Gimp.ProcedureConfig, values: dict[str, Any]) -> None:
+    """Put remembered dialog values back (unknown or invalid ones are skipped)."""
+    for name, value in values.items():
+        if name not in REMEMBERED:
+            continue
+        knob = par.KNOB_BY_PROP.get(name)
+        try:
+            if knob is not None:
+                value = round(value) if knob.is_int else float(value)
+            config.set_property(name, value)
+        except (TypeError, ValueError):
+            continue
+
+
+def text(config: Gimp.ProcedureConfig, name: str) -> str:
+    """A string argument; GIMP hands back None for an empty string in some paths."""
+    return config.get_property(name) or ""
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+class ProgressWindow(backend.Feedback):
+    """A window with phase, times, a live preview, notices and Cancel, beside GIMP's status
+    bar (``status``). Nothing of it stays behind: it is destroyed at the end."""
+
+    def __init__(self, status: backend.Feedback) -> None:
+        self.status = status
+        self._cancelled = False
+        self._last: tuple[Any, ...] = ()
+        self._notices: list[str] = []
+        self.previews = 0
+        self.dialog = GimpUi.Dialog(title="Drag Diffusion – working", role="drag-diffusion")
+        self.dialog.add_button("_Cancel", Gtk.ResponseType.CANCEL)
+        self.dialog.connect("response", lambda *_: self._cancel())
+        self.dialog.connect("delete-event", lambda *_: self._cancel() or True)
+        box = self.dialog.get_content_area()
+        box.set_border_width(12)
+        box.set_spacing(6)
+        self.phase = Gtk.Label(label="Connecting to the backend…", xalign=0.0)
+        self.bar = Gtk.ProgressBar(show_text=True)
+        self.bar.set_size_request(PREVIEW_BOX + 104, -1)
+        self.picture = Gtk.Image()
+        self.picture.set_size_request(PREVIEW_BOX, PREVIEW_BOX)
+        self.caption = Gtk.Label(label="The preview appears once the edit takes shape.",
+                                 xalign=0.5)
+        self.caption.get_style_context().add_class("dim-label")
+        self.notes = Gtk.Label(xalign=0.0)
+        self.notes.set_line_wrap(True)
+        self.notes.set_max_width_chars(52)
+        for widget in (self.phase, self.bar, self.picture, self.caption, self.notes):
+            box.pack_start(widget, False, False, 0)
+        self.dialog.show_all()
+        self.notes.hide()
+
+    def _cancel(self) -> None:
+        self._cancelled = True
+        self.phase.set_text("Cancelling…")
+
+    def progress(self, fraction: float | None, text: str, detail: str = "") -> None:
+        self.status.progress(fraction, text, detail)
+        if (fraction, text, detail) == self._last or self.dialog is None:
+            return
+        self._last = (fraction, text, detail)
+        if not self._cancelled:
+            self.phase.set_text(text)
+            if fraction is None:
+                self.bar.pulse()
+                self.bar.set_text(detail or " ")
+            else:
+                self.bar.set_fraction(fraction)
+                self.bar.set_text(f"{fraction:.0%} · {detail}" if detail else f"{fraction:.0%}")
+        self.idle()
+
+    def preview(self, pixels: bytes, width: int, height: int, channels: int) -> None:
+        if self.dialog is None:
+            return
+        rgb = lay.preview_rgb(pixels, width, height, channels)
+        pixbuf = GdkPixbuf.Pixbuf.new_from_bytes(GLib.Bytes.new(rgb), GdkPixbuf.Colorspace.RGB,
+                                                 False, 8, width, height, width * 3)
+        shown = lay.fit(width, height, PREVIEW_BOX)
+        self.picture.set_from_pixbuf(pixbuf.scale_simple(*shown, GdkPixbuf.InterpType.BILINEAR))
+        self.previews += 1
+        self.caption.set_text("Live preview (rough colours; the result is decoded properly)")
+        self.idle()
+
+    def notice(self, text: str) -> None:
+        if text in self._notices or self.dialog is None:
+            return
+        self._notices.append(text)
+        self.notes.set_text("\n".join(self._notices))
+        self.notes.show()
+        self.idle()
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def idle(self) -> None:
+        if self.dialog is not None:
+            while Gtk.events_pending():
+                Gtk.main_iteration_do(False)
+
+    def close(self) -> None:
+        self.status.close()
+        if self.dialog is not None:
+            self.dialog.destroy()
+            self.idle()
+            self.dialog = None

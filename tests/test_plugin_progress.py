@@ -1,0 +1,134 @@
+"""What the user sees of an edit's progress (dragdiff_progress.py): phase, step, elapsed time,
+time left, and the estimate before a run."""
+
+from __future__ import annotations
+
+import pytest
+from plugin_modules import load
+
+from backend.engine.params import defaults_table
+
+prog = load("dragdiff_progress")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_phase(tracker, clock, phase, total, seconds_per_step, steps=None):
+    for step in range(total if steps is None else steps):
+        tracker.update(phase, step, total)
+        clock.now += seconds_per_step
+
+
+def test_plan_follows_the_methods_parameters():
+    table = defaults_table()
+    dd = prog.plan_steps(table["dragdiffusion"])
+    assert dd == {"load": 1, "lora": 80, "inversion": 35, "drag": 80, "denoise": 35, "decode": 1}
+    gd = prog.plan_steps(table["gooddrag"])
+    assert gd["drag"] == 7 * 10 * 3 and gd["inversion"] == 38  # round(37.5), as the engine
+
+
+def test_fraction_is_monotonic_and_reaches_one_for_a_dragdiffusion_run():
+    clock = Clock()
+    plan = {"load": 1, "lora": 4, "inversion": 3, "drag": 5, "denoise": 3, "decode": 1}
+    tracker = prog.Tracker(plan, clock=clock)
+    seen = []
+    for phase in ("load", "lora", "inversion", "drag", "denoise", "decode"):
+        for step in range(plan[phase]):
+            tracker.update(phase, step, plan[phase])
+            seen.append(tracker.fraction)
+            clock.now += 1
+    tracker.finish()
+    assert seen == sorted(seen) and seen[0] == 0.0
+    assert tracker.fraction == 1.0
+
+
+def test_time_left_uses_the_speed_measured_in_this_edit():
+    clock = Clock()
+    tracker = prog.Tracker({"lora": 10, "inversion": 10}, clock=clock)
+    assert tracker.remaining() is None  # nothing measured, nothing remembered
+    clock.now += 30  # connecting and waiting do not count as work
+    run_phase(tracker, clock, "lora", 10, 2.0, steps=5)  # 5 LoRA steps = 10 units in 10 s
+    tracker.update("lora", 5, 10)
+    # left: 5 LoRA steps (10 units) + 10 inversion steps (10 units) at 1 s per unit
+    assert tracker.remaining() == pytest.approx(20.0)
+    assert tracker.elapsed() == pytest.approx(40.0)
+    assert tracker.time_text() == "0:40 elapsed · about 0:20 left"
+    assert tracker.phase_text() == "Fine-tuning LoRA: step 6 of 10"
+
+
+def test_an_early_stop_and_a_skipped_phase_leave_the_plan():
+    clock = Clock()
+    plan = {"load": 1, "lora": 50, "inversion": 4, "drag": 80, "denoise": 4, "decode": 1}
+    tracker = prog.Tracker(plan, clock=clock)
+    tracker.update("load", 0, 1)
+    run_phase(tracker, clock, "inversion", 4, 1.0)  # the LoRA came from the cache
+    assert tracker.plan["lora"] == 0 and tracker.done["inversion"] == 3
+    run_phase(tracker, clock, "drag", 80, 1.0, steps=10)  # every handle reached at step 9
+    tracker.update("denoise", 0, 4)
+    assert tracker.plan["drag"] == tracker.done["drag"] == 10
+    assert tracker.plan["inversion"] == tracker.done["inversion"] == 4
+
+
+def test_gooddrag_interleaves_drag_and_denoise_steps():
+    clock = Clock()
+    plan = {"load": 1, "lora": 0, "inversion": 10, "drag": 6, "denoise": 10, "decode": 1}
+    tracker = prog.Tracker(plan, sequential=False, drag_end_step=2, clock=clock)
+    fractions = []
+    for i in range(10):
+        if i < 2:
+            for k in range(3):
+                tracker.update("drag", i * 3 + k, 6)
+                fractions.append(tracker.fraction)
+        tracker.update("denoise", i, 10)
+        fractions.append(tracker.fraction)
+    assert fractions == sorted(fractions)
+    assert tracker.plan["drag"] == 6  # finished at drag_end_step, not cut short by denoise 0
+
+
+def test_estimate_before_the_run_from_earlier_edits():
+    plan = {"lora": 10, "inversion": 10}  # 30 units
+    assert prog.estimate_seconds(plan, 0.25, 4.0) == pytest.approx(30.0)
+    assert prog.estimate_seconds(plan, 0.25, None) is None
+    clock = Clock()
+    tracker = prog.Tracker(plan, megapixels=0.25, clock=clock)
+    run_phase(tracker, clock, "lora", 10, 2.0)
+    tracker.update("inversion", 0, 10)
+    assert tracker.measured_speed() == pytest.approx(20.0 / 20 / 0.25)
+    speeds = prog.remember_speed({}, "cpu|m", 4.0)
+    assert prog.remember_speed(speeds, "cpu|m", 2.0) == {"cpu|m": 3.0}
+
+
+def test_working_megapixels_match_the_engine():
+    from backend.engine.imageops import working_size
+
+    for size in ((640, 480), (64, 48), (3000, 2000), (100, 1000), (513, 999)):
+        for work, cap in ((512, 0), (256, 0), (512, 384)):
+            w, h = working_size(*size, work, cap)
+            assert prog.working_megapixels(*size, work, cap) == w * h / 1e6, (size, work, cap)
+
+
+def test_advice_before_a_long_or_cpu_run():
+    text = prog.advice(600, "cpu", 512, measured=True, fast_preset=True)
+    assert text.startswith("Estimated time: about 10 minutes on CPU (from earlier edits).")
+    assert "smaller Working width (now 512 px" in text and "the 'fast' method" in text
+    assert "fast" not in prog.advice(600, "cpu", 512, measured=False, fast_preset=False)
+    assert prog.advice(20, "cuda:0", 512, measured=True, fast_preset=False) == \
+        "Estimated time: about 20 seconds on CUDA (from earlier edits)."
+    assert "Faster" in prog.advice(None, "cpu", 512, measured=False, fast_preset=False)
+    assert prog.advice(None, "cuda", 512, measured=False, fast_preset=False) == ""
+
+
+@pytest.mark.parametrize(("seconds", "clock_text", "words"), [
+    (42, "0:42", "about 40 seconds"), (725, "12:05", "about 12 minutes"),
+    (3723, "1:02:03", "about 62 minutes"),
+    (4 * 3600, "4:00:00", "about 4.0 hours"),
+])
+def test_time_formats(seconds, clock_text, words):
+    assert prog.clock_time(seconds) == clock_text
+    assert prog.duration_words(seconds) == words
