@@ -174,8 +174,10 @@ def try_connect(path: Path, timeout: float) -> Any | None:
         return None
     try:
         info = client.hello()
-    except protocol.BackendUnavailable:
+    except protocol.BackendUnavailable as exc:
         client.close()
+        if exc.code == "wrong_key":  # someone answers there: say so, don't start another
+            raise BackendError(f"The backend refused this plug-in: {exc.message}.") from None
         return None
     except protocol.BackendError as exc:
         client.close()
