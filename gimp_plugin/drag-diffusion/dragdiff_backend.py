@@ -27,6 +27,7 @@ POLL_SECONDS = 0.2  # longest the UI goes unpumped while waiting for the backend
 # thread is not the engine's); three silent periods in a row mean it is gone.
 LIVENESS_SECONDS = 3.0
 LIVENESS_RETRIES = 2
+CONSOLE_LOG_BYTES = 2**20  # backend-console.log is rotated when a start finds it larger
 # Variables from GIMP's environment that must not leak into the backend's Python.
 _STRIP_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONEXECUTABLE",
               "PYTHONNOUSERSITE", "VIRTUAL_ENV", "GI_TYPELIB_PATH", "LD_LIBRARY_PATH",
@@ -208,6 +209,8 @@ def start_backend(install: InstallInfo, log_path: Path) -> subprocess.Popen:
     """Start ``<backend python> -m backend serve`` detached from GIMP (own session, clean env)."""
     env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if log_path.exists() and log_path.stat().st_size > CONSOLE_LOG_BYTES:
+        log_path.replace(log_path.with_name(log_path.name + ".1"))  # keep one old console log
     kwargs: dict[str, Any] = {}
     if os.name == "nt":
         kwargs["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP
