@@ -7,7 +7,8 @@ import logging
 import signal
 from pathlib import Path
 
-from protocol.wire import Limits, default_connection_file
+from protocol.connection import default_connection_file
+from protocol.wire import Limits
 
 log = logging.getLogger("backend.server")
 

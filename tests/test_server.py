@@ -12,7 +12,7 @@ from fixtures_server import FakeEngine, RawPeer, client_for, image, running_serv
 from backend.engine.errors import ModelNotFound
 from backend.engine.params import method_descriptions, spec_table
 from backend.server import FairQueue, Job, Server, ServerError
-from protocol import wire
+from protocol import connection, wire
 from protocol.client import (
     BackendUnavailable,
     Client,
@@ -394,7 +394,7 @@ def test_wrong_key_says_the_connection_file_is_stale():
 def test_connection_file_lifecycle(tmp_path):
     path = tmp_path / "backend.json"
     with running_server(FakeEngine(), connection_file=path) as server:
-        info = wire.read_connection_file(path)
+        info = connection.read_connection_file(path)
         assert info.endpoint == server.endpoint and info.key == server.key
         with Client.from_connection_file(path, timeout=2) as client:
             assert client.ping()["running"] is None

@@ -10,7 +10,7 @@ import pytest
 from fixtures_server import FakeEngine, running_server
 from plugin_modules import load
 
-from protocol import wire
+from protocol import connection
 
 db = load("dragdiff_backend")
 
@@ -19,7 +19,7 @@ def test_a_backend_with_another_key_is_named_not_called_missing(tmp_path):
     """11.4: the right endpoint with a wrong key used to say 'backend is not running'."""
     path = tmp_path / "backend.json"
     with running_server(FakeEngine()) as server:
-        wire.write_connection_file(path, wire.ConnectionInfo(server.endpoint, os.urandom(32)))
+        connection.write_connection_file(path, connection.ConnectionInfo(server.endpoint, os.urandom(32)))
         with pytest.raises(db.BackendError) as err:
             db.try_connect(path, 2.0)
     text = str(err.value)
@@ -58,3 +58,17 @@ def test_a_redirected_console_gets_warnings_only_and_the_log_file_everything(tmp
     assert "a warning" in result.stderr and "routine line" not in result.stderr
     text = (tmp_path / "backend.log").read_text()
     assert "routine line" in text and "a warning" in text
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+def test_an_unsafe_connection_file_is_refused_with_the_reason(tmp_path):
+    """11.5: the plug-in followed any connection file, even one others could have swapped."""
+    path = tmp_path / "conf" / "backend.json"
+    with running_server(FakeEngine(), connection_file=path):
+        os.chmod(path.parent, 0o777)
+        with pytest.raises(db.BackendError) as err:
+            db.try_connect(path, 2.0)
+        os.chmod(path.parent, 0o700)
+    text = str(err.value)
+    assert "can't use the connection file" in text and "writable by other users" in text
+    assert "chmod 700" in text

@@ -144,7 +144,7 @@ def connection_file(setting: str, install: InstallInfo) -> Path:
     """The backend's connection file: the procedure's argument, else the environment's
     ``DRAG_DIFFUSION_CONNECTION_FILE``, else what install.py recorded, else the default."""
     from protocol import default_connection_file
-    from protocol.wire import CONNECTION_ENV
+    from protocol.connection import CONNECTION_ENV
 
     if setting.strip():
         return Path(setting.strip()).expanduser()
@@ -171,7 +171,10 @@ def try_connect(path: Path, timeout: float) -> Any | None:
     try:
         client = protocol.Client.from_connection_file(
             path, timeout=max(0.2, timeout / 2), retries=1, name="gimp-drag-diffusion")
-    except protocol.BackendUnavailable:
+    except protocol.BackendUnavailable as exc:
+        if exc.code == "connection_file":  # unsafe or incomplete: starting one won't help
+            raise BackendError(f"The plug-in can't use the connection file: {exc.message}.") \
+                from None
         return None
     try:
         info = client.hello()
