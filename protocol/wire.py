@@ -377,7 +377,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, Any]]] = {
                   "model": ("map", _R), "methods": ("map", _R), "parameters": ("map", {}),
                   "descriptions": ("map", {}), "default_method": ("str", _R),
                   "limits": ("map", _R), "dtypes": ("strs", ["u8"]),
-                  "client_ttl": ("num", 60.0), "queue": ("map", {}),
+                  "client_ttl": ("num", 6.0), "queue": ("map", {}),
                   "security": ("map", {})},
     SUBMIT: {"job_id": ("job", _R), "width": ("int", _R), "height": ("int", _R),
              "channels": ("int", _R), "has_mask": ("bool", False), "handles": ("points", _R),
