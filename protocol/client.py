@@ -204,6 +204,8 @@ class Client:
         format); ``mask`` is ``width × height`` bytes, >0 where the image may change.
         Re-submitting with the same ``job_id`` never runs the edit twice.
         """
+        if self.server_info is None:
+            self.hello()  # its limits are checked below, before anything large is sent
         job_id = job_id or wire.new_id()
         dtype = dtype or _pixel_dtype(image)
         buffers = [_as_bytes(image)] + ([_as_bytes(mask)] if mask is not None else [])

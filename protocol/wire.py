@@ -466,7 +466,15 @@ def check_submit(content: dict[str, Any], buffer_sizes: Sequence[int],
                       "crop to a selection or scale down")
     if c not in (1, 2, 3, 4):
         raise invalid(f"channels must be 1, 2, 3 or 4, got {c}")
-    expected = [w * h * c * PIXEL_DTYPES[dtype]] + ([w * h] if content["has_mask"] else [])
+    image_bytes = w * h * c * PIXEL_DTYPES[dtype]
+    if image_bytes > limits.max_frame_bytes:  # libzmq would drop it without a word
+        mb = 2**20
+        raise invalid(f"the image is {image_bytes / mb:.1f} MB ({w}×{h}, {c} channels, "
+                      f"{dtype}) but the backend accepts at most "
+                      f"{limits.max_frame_bytes / mb:.1f} MB per image; restart the backend "
+                      f"with --max-frame-mb {-(-image_bytes // mb)} or more, or scale the "
+                      "image (or crop to the selection) down")
+    expected = [image_bytes] + ([w * h] if content["has_mask"] else [])
     if list(buffer_sizes) != expected:
         raise invalid(f"pixel buffers have {list(buffer_sizes)} bytes but {w}×{h}×{c} {dtype}"
                       f"{' plus a mask' if content['has_mask'] else ''} needs {expected}")
