@@ -322,6 +322,7 @@ class Client:
     def _open(self) -> None:
         socket = self._context.socket(zmq.DEALER)
         socket.linger = 0
+        socket.ipv6 = wire.needs_ipv6(self.endpoint)
         if self._curve is not None:
             self._curve.apply(socket)
         else:  # the server lets only holders of the key connect (PROTOCOL.md section 6)

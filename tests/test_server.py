@@ -447,3 +447,24 @@ def test_an_image_over_the_frame_limit_is_refused_before_sending():
     assert err.value.code == wire.INVALID_INPUT
     assert "the image is 2.0 MB" in message and "at most 1.0 MB" in message
     assert "--max-frame-mb 3" in message
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_an_ipv6_loopback_bind_serves():
+    """11.9: --bind tcp://[::1]:PORT failed with 'No such device' (ZMQ_IPV6 was off)."""
+    with running_server(FakeEngine(), bind="tcp://[::1]:0") as server:
+        assert server.endpoint.startswith("tcp://[::1]:")
+        with client_for(server) as client:
+            assert client.ping()["queued"] == 0
+            assert collect(client, submit(client))[-1].type == "finished"
