@@ -468,3 +468,35 @@ def test_an_ipv6_loopback_bind_serves():
         with client_for(server) as client:
             assert client.ping()["queued"] == 0
             assert collect(client, submit(client))[-1].type == "finished"
+
+
+def test_a_missing_default_model_falls_back_to_the_demo_model_and_says_so():
+    """12.8: the first run on a fresh machine serves the shipped demo model instead of none."""
+    from backend.server import Fallback
+
+    def missing():
+        raise ModelNotFound("model stable-diffusion-v1-5 was not found in the cache")
+
+    demo = FakeEngine()
+    fallback = Fallback("backend/toy/model", lambda: demo, "get SD1.5 like this")
+    with running_server(load=missing, fallback=fallback) as server, \
+            client_for(server) as client:
+        model = client.hello()["model"]
+        assert collect(client, submit(client))[-1].type == "finished"
+        notice = server.demo_notice
+    assert model["state"] == "ready" and model["demo"] is True and model["error"] is None
+    assert model["requested"] == "fake-model" and "not found in the cache" in model["why"]
+    assert model["hint"] == "get SD1.5 like this"
+    assert "demo model backend/toy/model" in notice and "simple shapes" in notice
+    assert len(demo.runs) == 1
+
+
+def test_an_available_model_is_served_as_today_with_a_fallback_configured():
+    from backend.server import Fallback
+
+    fallback = Fallback("backend/toy/model", lambda: FakeEngine(), "hint")
+    with running_server(FakeEngine(), fallback=fallback) as server, \
+            client_for(server) as client:
+        model = client.hello()["model"]
+        assert server.demo_notice is None
+    assert model == {"name": "fake-model", "state": "ready", "error": None}  # no "demo"
