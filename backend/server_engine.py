@@ -96,6 +96,11 @@ def plain(value: Any, depth: int = 0) -> Any:
     return str(value)
 
 
+def _frame(pixels: np.ndarray) -> memoryview:
+    """A C-contiguous array as a byte buffer to send as it is (no copy of the image)."""
+    return memoryview(pixels).cast("B")
+
+
 class EngineWorker:
     """The ``drag-engine`` thread. ``wake()`` is called after every posted event."""
 
@@ -213,7 +218,7 @@ class EngineWorker:
             "dtype": r["dtype"], "handles": [[float(x), float(y)] for x, y in result.handles],
             "timings": plain(result.timings), "stats": plain(result.stats),
             "warnings": [str(text) for text in getattr(result, "warnings", [])],
-        }, [pixels.tobytes()])
+        }, [_frame(pixels)])
 
     def _progress_callback(self, job: Job) -> ProgressFn:
         last: dict[str, Any] = {"phase": None, "time": 0.0}
@@ -240,5 +245,5 @@ class EngineWorker:
             self._post(JobEvent(job, wire.PREVIEW, {
                 "job_id": job.job_id, "phase": phase, "step": int(step),
                 "width": pixels.shape[1], "height": pixels.shape[0],
-                "channels": pixels.shape[2] if pixels.ndim == 3 else 1}, [pixels.tobytes()]))
+                "channels": pixels.shape[2] if pixels.ndim == 3 else 1}, [_frame(pixels)]))
         return preview

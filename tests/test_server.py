@@ -11,6 +11,7 @@ from fixtures_server import FakeEngine, RawPeer, client_for, image, running_serv
 
 from backend.engine.errors import ModelNotFound
 from backend.engine.params import method_descriptions, spec_table
+from backend.engine.types import DragResult
 from backend.server import FairQueue, Job, Server, ServerError
 from protocol import connection, wire
 from protocol.client import (
@@ -500,3 +501,37 @@ def test_an_available_model_is_served_as_today_with_a_fallback_configured():
         model = client.hello()["model"]
         assert server.demo_notice is None
     assert model == {"name": "fake-model", "state": "ready", "error": None}  # no "demo"
+
+
+class IdentityEngine(FakeEngine):
+    """Returns its input as the result: only the transport's own copies remain."""
+
+    def run(self, request, progress=None, cancel=None, preview=None):
+        return DragResult(image=request.image, handles=list(request.targets), timings={})
+
+
+def test_a_large_result_crosses_server_and_client_without_a_full_copy():
+    """13.3: the server copied the result (tobytes) and the client copied it again at every
+    look at ``Event.image``."""
+    import tracemalloc
+
+    w, h, c = 2000, 1500, 4
+    pixels = np.random.default_rng(0).integers(0, 256, (h, w, c), dtype=np.uint8)
+    with running_server(IdentityEngine()) as server, client_for(server, timeout=10) as client:
+        client.hello()
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        done = collect(client, client.submit(pixels, w, h, c, [(1, 1)], [(2, 2)]))[-1]
+        view = done.buffer
+        elapsed = time.perf_counter() - t0
+        peak_view = tracemalloc.get_traced_memory()[1]
+        first, second = done.image, done.image
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    print(f"\n{w}x{h}x{c} round trip {elapsed:.3f} s; Python allocations: "
+          f"{peak_view / 2**20:.1f} MiB through Event.buffer, {peak_bytes / 2**20:.1f} MiB "
+          f"after two looks at Event.image (image {pixels.nbytes / 2**20:.1f} MiB)")
+    assert np.array_equal(np.frombuffer(view, np.uint8).reshape(h, w, c), pixels)
+    assert first is second and first == pixels.tobytes()
+    assert peak_view < pixels.nbytes / 4  # no full copy on the way
+    assert peak_bytes < 1.5 * pixels.nbytes  # bytes made once
