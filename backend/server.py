@@ -32,7 +32,7 @@ from backend.server_engine import (
     plain,
 )
 from backend.server_jobs import FairQueue, Job, JobTable, Terminal
-from backend.server_log import RefusalLog, printable
+from backend.server_log import RefusalLog, log_job, printable
 from backend.server_transport import (
     DEFAULT_BIND,
     CurveServer,
@@ -387,23 +387,7 @@ class Server:
         """Record a job's terminal event, send it, log the job, keep the result a while."""
         self._jobs.finish(job, Terminal(msg_type, content, list(buffers)))
         self._emit(job, msg_type, content, buffers)
-        self._log_job(job)
-
-    def _log_job(self, job: Job) -> None:
-        r = job.request
-        assert job.terminal is not None and job.ended is not None
-        msg_type, content = job.terminal.msg_type, job.terminal.content
-        waited = (job.started or job.ended) - job.created
-        ran = job.ended - job.started if job.started else 0.0
-        phases = " ".join(f"{k}={v:.2f}s" for k, v in content.get("timings", {}).items())
-        outcome = {wire.FINISHED: "finished",
-                   wire.CANCELLED: f"cancelled ({content.get('reason')})",
-                   wire.ERROR: f"failed ({content.get('code')}: {content.get('message')})"}
-        log.info("job %s %s: client %s, %dx%dx%d%s, %d points, method %s, waited %.2fs, "
-                 "ran %.2fs%s", job.job_id, outcome[msg_type], printable(job.session, 8),
-                 r["width"],
-                 r["height"], r["channels"], " +mask" if r["has_mask"] else "",
-                 len(r["handles"]), r["method"], waited, ran, f", {phases}" if phases else "")
+        log_job(job)
 
     def _housekeeping(self, now: float) -> None:
         """Cancel the jobs of clients that went silent; forget idle sessions; expire results."""

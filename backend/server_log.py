@@ -12,6 +12,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from backend.server_jobs import Job
+from protocol import wire
+
 log = logging.getLogger("backend.server")
 
 LOG_BYTES = 5 * 2**20  # rotate backend.log at this size, keeping LOG_BACKUPS old files
@@ -52,6 +55,23 @@ def setup_logging(log_file: Path, level: str) -> None:
         handler.setFormatter(fmt)
         root.addHandler(handler)
     root.setLevel(level)
+
+
+def log_job(job: Job) -> None:
+    """One line per ended job: outcome, client, geometry, method, waiting and running time."""
+    r = job.request
+    assert job.terminal is not None and job.ended is not None
+    msg_type, content = job.terminal.msg_type, job.terminal.content
+    waited = (job.started or job.ended) - job.created
+    ran = job.ended - job.started if job.started else 0.0
+    phases = " ".join(f"{k}={v:.2f}s" for k, v in content.get("timings", {}).items())
+    outcome = {wire.FINISHED: "finished",
+               wire.CANCELLED: f"cancelled ({content.get('reason')})",
+               wire.ERROR: f"failed ({content.get('code')}: {content.get('message')})"}
+    log.info("job %s %s: client %s, %dx%dx%d%s, %d points, method %s, waited %.2fs, "
+             "ran %.2fs%s", job.job_id, outcome[msg_type], printable(job.session, 8),
+             r["width"], r["height"], r["channels"], " +mask" if r["has_mask"] else "",
+             len(r["handles"]), r["method"], waited, ran, f", {phases}" if phases else "")
 
 
 class RefusalLog:

@@ -1,7 +1,9 @@
 """The wire protocol of ``PROTOCOL.md``: envelope, signing, replay guard, codec, validation.
 
 Pure Python + msgpack; no ZeroMQ here, so both sides (and tests) can build and parse frames
-without sockets. Section numbers refer to ``PROTOCOL.md``.
+without sockets. Section numbers refer to ``PROTOCOL.md``. Over 450 lines on purpose: it is the
+one module that implements that document (sections 1–5), kept whole beside it so the two can
+be read side by side; only the connection file (section 7) lives apart, in ``connection.py``.
 """
 
 from __future__ import annotations
