@@ -92,26 +92,9 @@ def build_engine(args: argparse.Namespace):
 
 def sd15_random(device: str | None, dtype: str | None):
     """The SD1.5 architecture (860 M-parameter UNet) with random weights, from the shipped configs."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from backend.engine.sd15_random import random_sd15
 
-    from backend.engine.devices import resolve_device
-    from backend.engine.models import LoadedModel
-    from backend.engine.sd15 import SD15_CONFIG_DIR, ddim_scheduler, sd15_tokenizer
-
-    dev, dt = resolve_device(device, dtype)
-    cfg = SD15_CONFIG_DIR
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg / "unet"))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(cfg / "vae"))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(cfg / "text_encoder"))
-    for module in (unet, vae, text_encoder):
-        module.to(dev, dt).eval().requires_grad_(False)
-    return LoadedModel(name="sd15-random", source=str(cfg), unet=unet, vae=vae,
-                       text_encoder=text_encoder, tokenizer=sd15_tokenizer(),
-                       scheduler=ddim_scheduler(cfg), device=dev, dtype=dt,
-                       fingerprint="sd15-random-seed0")
+    return random_sd15(device, dtype)
 
 
 def bench_finish(width: int, height: int, dtype: str = "uint8", area: float = 0.36,

@@ -35,7 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def estimate(method: str, precision: str, size: int, overrides: dict) -> dict:
     """Peak live tensor bytes overall and per progress phase for one meta-device edit."""
-    import torch
 
     from backend.engine.devices import PRECISIONS
     from backend.engine.lora import LoraCache
@@ -45,9 +44,7 @@ def estimate(method: str, precision: str, size: int, overrides: dict) -> dict:
     from backend.meta_tools import EmulatedAutocast, LiveBytes, MetaRun
 
     prec = PRECISIONS[precision]
-    model = random_sd15("meta", {torch.float32: "fp32", torch.float16: "fp16",
-                                 torch.bfloat16: "bf16"}[prec.weights])
-    model.precision = prec
+    model = random_sd15("meta", precision)
     image = np.full((size, size, 3), 128, np.uint8)
     mask = np.zeros((size, size), np.uint8)
     mask[size // 5: size * 4 // 5, size // 5: size * 4 // 5] = 255

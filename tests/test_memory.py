@@ -82,8 +82,11 @@ def test_micro_batches_accumulate_the_batch_gradient(model):
                 p.grad = None
     finally:
         remove_lora(model)
+    # Equal up to the kernels' float differences between batch sizes (~1e-4 here); a missing
+    # share factor would be off by 4×, a dropped micro-batch by 25 % or more.
+    assert sum(float(g.norm()) for g in grads[0]) > 0
     for whole, parts in zip(*grads, strict=True):
-        torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-8)
+        assert (parts - whole).norm() <= 1e-2 * whole.norm()
 
 
 def test_out_of_memory_in_a_lora_step_retries_smaller_then_with_checkpointing(model, image):
@@ -135,10 +138,12 @@ def request_():
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_out_of_memory_in_any_phase_fails_only_that_edit(model, request_, tmp_path, phase):
-    expected = DragEngine(model, LoraCache(tmp_path / "reference")).run(request_).image
-    engine = DragEngine(model, LoraCache(tmp_path / "engine"))  # no cached LoRA: it trains
+    # reuse=False: no LoRA stays merged into the shared model and nothing is re-used, so every
+    # edit is computed from scratch and trains its LoRA.
+    expected = DragEngine(model, LoraCache(tmp_path / "reference"), reuse=False).run(request_).image
+    engine = DragEngine(model, LoraCache(tmp_path / "engine"), reuse=False)
     current = {"phase": None}
-    modules = {"load": model.vae.encoder, "decode": model.vae.decoder}
+    modules = {"load": model.text_encoder, "decode": model.vae.decoder}
     target = modules.get(phase, model.unet)
 
     def hook(_module, _args):
