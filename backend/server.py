@@ -34,6 +34,7 @@ from backend.server_jobs import FairQueue, Job, JobTable, Terminal
 from backend.server_transport import (
     DEFAULT_BIND,
     CurveServer,
+    Inbound,
     ServerError,
     Transport,
     refuse_if_running,
@@ -41,7 +42,7 @@ from backend.server_transport import (
     write_connection_file,
 )
 from protocol import wire
-from protocol.wire import Buffer, Limits, Message, ProtocolError
+from protocol.wire import Limits, Message, ProtocolError
 
 __all__ = ["DEFAULT_BIND", "CurveServer", "FairQueue", "Job", "Server", "ServerError"]
 
@@ -75,7 +76,7 @@ class Server:
         self._session = wire.Session(self.key, me="this backend", peer="the plug-in",
                                      replay=wire.ReplayGuard(replay_window),
                                      max_field_bytes=self.limits.max_field_bytes)
-        self._transport = Transport(bind, self.limits, curve)
+        self._transport = Transport(bind, self.key, self.limits, curve)
         self._worker = EngineWorker(load_engine, self._transport.wake)
         self._engine: Engine | None = None
         self._engine_info: dict[str, Any] = {}
@@ -121,8 +122,8 @@ class Server:
         try:
             while True:
                 self._transport.poll(100)
-                for identity, frames in self._transport.receive():
-                    self._receive(identity, frames)
+                for inbound in self._transport.receive():
+                    self._receive(inbound)
                 self._collect_worker_events()
                 now = time.monotonic()
                 if now >= self._next_housekeeping:
@@ -160,10 +161,13 @@ class Server:
         return cancelled
 
     # --- inbound ------------------------------------------------------------------------------
-    def _receive(self, identity: bytes, frames: list[Buffer]) -> None:
+    def _receive(self, inbound: Inbound) -> None:
+        identity = inbound.identity
         message: Message | None = None
         try:
-            message = self._session.parse(frames)
+            if inbound.count > wire.MAX_FRAMES:
+                raise wire.too_many_frames(inbound.count)
+            message = self._session.parse(inbound.frames)
             wire.check_content(message)
             if message.msg_type not in wire.REQUESTS:
                 raise ProtocolError(wire.UNKNOWN_MESSAGE_TYPE,

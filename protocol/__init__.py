@@ -13,6 +13,7 @@ from protocol.client import (
     IncompatibleVersion,
     JobFailed,
     JobTimeout,
+    WrongKey,
 )
 from protocol.wire import (
     PROTOCOL_VERSION,
@@ -36,6 +37,7 @@ __all__ = [
     "JobTimeout",
     "Limits",
     "ProtocolError",
+    "WrongKey",
     "default_connection_file",
     "read_connection_file",
     "write_connection_file",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from protocol import wire
 from protocol.wire import Buffer, Message, ProtocolError
@@ -46,6 +47,14 @@ class BackendUnavailable(BackendError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, "unavailable")
+
+
+class WrongKey(BackendUnavailable):
+    """A backend answers at the endpoint but refuses our key (stale connection file)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = "wrong_key"
 
 
 class IncompatibleVersion(BackendError):
@@ -132,6 +141,7 @@ class Client:
         self._last_heard = time.monotonic()  # any authentic message from the backend
         self._heartbeat = max(0.05, min(2.0, timeout / 3))
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
         self._open()
 
     @classmethod
@@ -274,8 +284,12 @@ class Client:
 
     def close(self) -> None:
         if self._socket is not None:
+            self._socket.disable_monitor()
             self._socket.close(linger=0)
             self._socket = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def __enter__(self) -> Client:
         return self
@@ -292,8 +306,16 @@ class Client:
         socket.linger = 0
         if self._curve is not None:
             self._curve.apply(socket)
+        else:  # the server lets only holders of the key connect (PROTOCOL.md section 6)
+            socket.plain_username = wire.TRANSPORT_USER
+            socket.plain_password = wire.transport_password(self._session.key)
+        # The handshake's outcome: a refused login means a backend with another key.
+        self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         socket.connect(self.endpoint)
         self._socket = socket
+        self._poller = zmq.Poller()
+        self._poller.register(socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
 
     def _reopen(self) -> None:
         """Lazy pirate: a silent socket may hold a broken connection; start afresh."""
@@ -318,7 +340,11 @@ class Client:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._socket.poll(max(1, int(left * 1000)), zmq.POLLIN):
+            ready = dict(self._poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
+            if self._monitor in ready:
+                recv_monitor_message(self._monitor)
+                raise WrongKey(self._wrong_key_message())
+            if self._socket not in ready:
                 return None
             frames = self._socket.recv_multipart(copy=False)
             try:
@@ -366,6 +392,15 @@ class Client:
             log.debug("no reply to %s within %.1f s (attempt %d of %d)", msg_type, timeout,
                       attempt + 1, attempts)
         raise BackendUnavailable(self._silence_message(lost_job))
+
+    def _wrong_key_message(self) -> str:
+        if self._curve is not None:
+            return (f"the backend at {self.endpoint} refused this client's CURVE key; copy "
+                    "this client's public .key file into the backend's --allow-keys folder")
+        return (f"a backend answers at {self.endpoint}, but with another key: the connection "
+                "file is out of date (that backend was restarted, or it belongs to another "
+                "user or installation); restart your backend so that it rewrites the file, "
+                "or use the connection file of the backend that runs there")
 
     def _silence_message(self, lost_job: str | None) -> str:
         total = self.timeout * (self.retries + 1)

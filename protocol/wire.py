@@ -166,6 +166,17 @@ def check_version(theirs: str, ours: str = PROTOCOL_VERSION, peer: str = "the pe
         )
 
 
+# --- transport login (section 6) --------------------------------------------------------------
+TRANSPORT_USER = b"drag-diffusion"
+MAX_FRAMES = 5 + MAX_BUFFERS  # frames of a message after the routing identity
+
+
+def transport_password(key: bytes) -> bytes:
+    """The PLAIN password a local client logs in with: derived from the HMAC key, so only a
+    holder of the connection file can connect, and the key itself never crosses the wire."""
+    return hmac.new(key, b"DRAG1 transport login", hashlib.sha256).hexdigest().encode("ascii")
+
+
 # --- signing (section 2) --------------------------------------------------------------------
 def signature(key: bytes, header: Buffer, parent: Buffer, content: Buffer,
               buffers: Sequence[Buffer] = ()) -> tuple[bytes, list[bytes]]:
@@ -274,9 +285,8 @@ class Session:
             raise ProtocolError(BAD_MESSAGE, "malformed message: expected the <DRAG|MSG> "
                                 "delimiter, a signature, header, parent and content frames",
                                 f"got {len(frames)} frames")
-        if len(frames) > 5 + MAX_BUFFERS:
-            raise ProtocolError(BAD_MESSAGE, f"too many frames ({len(frames)}); at most "
-                                f"{5 + MAX_BUFFERS} are allowed")
+        if len(frames) > MAX_FRAMES:
+            raise too_many_frames(len(frames))
         sig, h, p, c, *buffers = frames[1:]
         for name, frame in (("header", h), ("parent", p), ("content", c)):
             if len(frame) > self.max_field_bytes:
@@ -303,6 +313,11 @@ class Session:
         fingerprint = hashlib.sha256(bytes(c) + b"".join(digests)).digest()
         return Message(header["msg_type"], header, parent, content, list(buffers), sig,
                        fingerprint)
+
+
+def too_many_frames(count: int) -> ProtocolError:
+    return ProtocolError(BAD_MESSAGE, f"too many frames ({count}); at most {MAX_FRAMES} are "
+                         "allowed")
 
 
 def _check_header(header: dict[str, Any]) -> None:

@@ -8,7 +8,11 @@ how many cases ran.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
+import tracemalloc
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -20,6 +24,7 @@ from backend.engine.errors import InvalidInput
 from backend.engine.params import SPECS, resolve
 from protocol import wire
 
+ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = 200
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -303,6 +308,89 @@ def test_oversized_frame_is_dropped_and_the_server_serves_on():
         bully.close()
         with client_for(server) as client:
             assert client.ping()["queued"] == 0
+
+
+# A separate process, so its sending does not share this process's GIL with the server. It
+# speaks ZMTP 3.0 over a plain TCP socket: a greeting without a login (NULL mechanism), then,
+# once the server has greeted back, one message of a million empty frames (2 MB).
+_FLOOD = """
+import socket, sys, time
+host, port = sys.argv[1].removeprefix("tcp://").rsplit(":", 1)
+greeting = b"\\xff" + bytes(7) + b"\\x01\\x7f\\x03\\x00" + b"NULL".ljust(20, b"\\0") + bytes(32)
+body = b"\\x05READY\\x0bSocket-Type" + (6).to_bytes(4, "big") + b"DEALER"
+ready = b"\\x04" + bytes([len(body)]) + body
+frames = b"\\x01\\x00" * (int(sys.argv[2]) - 1) + b"\\x00\\x00"
+with socket.create_connection((host, int(port))) as sock:
+    print("sending", flush=True)
+    try:
+        sock.sendall(greeting)
+        peer = b""
+        while len(peer) < 64 and (data := sock.recv(64 - len(peer))):
+            peer += data
+        sock.sendall(ready + frames)
+        print("sent", flush=True)
+        time.sleep(60)  # closing now could reset the connection before the server reads it
+    except OSError as exc:
+        print("refused:", exc, flush=True)
+"""
+
+
+def flood(server, frames: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _FLOOD, server.endpoint, str(frames)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "sending"
+    return proc
+
+
+def ping_times(client, seconds: float) -> list[float]:
+    times = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t0 = time.monotonic()
+        client.ping()
+        times.append(time.monotonic() - t0)
+        time.sleep(0.02)
+    return times
+
+
+def test_a_keyless_million_frame_message_never_stalls_other_clients():
+    """Issue 11.2: one unauthenticated 2 MB message (a million empty frames) used to stall
+    every client for ~40 s. Without the key it cannot complete the handshake now."""
+    with running_server(FakeEngine()) as server, client_for(server, timeout=5.0) as client:
+        client.ping()
+        attacker = flood(server, 10**6)
+        try:
+            times = ping_times(client, 5.0)
+        finally:
+            attacker.kill()
+            outcome = attacker.communicate()[0].strip()
+    times.sort()
+    print(f"\nping while a keyless client sends 10**6 frames: {len(times)} pings, median "
+          f"{times[len(times) // 2] * 1000:.1f} ms, max {times[-1] * 1000:.1f} ms; "
+          f"attacker: {outcome}")
+    assert times[-1] < 1.0  # the old server needed tens of seconds for this message
+
+
+def test_a_key_holders_many_frames_are_dropped_while_read():
+    """A message with too many frames is read frame by frame, dropped, and refused once."""
+    FRAMES = 200_000
+    with running_server(FakeEngine()) as server, client_for(server, timeout=30.0) as client:
+        peer = RawPeer(server)
+        frames = [b""] * FRAMES
+        tracemalloc.start()
+        t0 = time.monotonic()
+        peer.send(frames)
+        reply = peer.recv(120)
+        elapsed = time.monotonic() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert reply is not None and reply.content["code"] == wire.BAD_MESSAGE
+        assert f"too many frames ({FRAMES})" in reply.content["message"]
+        assert client.ping()["queued"] == 0
+        peer.close()
+    print(f"\na key holder's {FRAMES}-frame message: sent, drained and refused in {elapsed:.1f} s; "
+          f"Python memory peak while it was read: {peak / 2**20:.1f} MiB")
+    assert peak < 10 * 2**20  # reading them into a list took ~60 MiB
 
 
 def test_still_serves_a_real_job_afterwards(server):
