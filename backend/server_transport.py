@@ -20,10 +20,10 @@ from pathlib import Path
 import zmq
 
 from backend.server_auth import ZapGate
-from protocol import wire
+from protocol import connection, wire
 from protocol.client import BackendError, Client
 from protocol.curve import load_keypair
-from protocol.wire import Buffer, ConnectionInfo, Limits
+from protocol.wire import Buffer, Limits
 
 log = logging.getLogger("backend.server")
 
@@ -213,7 +213,7 @@ def refuse_if_running(path: Path | None, context: zmq.Context) -> None:
     if path is None or not path.exists():
         return
     try:
-        info = wire.read_connection_file(path)
+        info = connection.read_connection_file(path)
     except (OSError, ValueError):
         return
     try:
@@ -229,8 +229,10 @@ def refuse_if_running(path: Path | None, context: zmq.Context) -> None:
 def write_connection_file(path: Path, endpoint: str, key: bytes,
                           curve_server_key: str | None) -> None:
     try:
-        wire.write_connection_file(path, ConnectionInfo(
+        connection.write_connection_file(path, connection.ConnectionInfo(
             endpoint=endpoint, key=key, pid=os.getpid(), curve_server_key=curve_server_key))
+    except connection.UnsafeConnectionFile as exc:
+        raise ServerError(str(exc)) from None
     except OSError as exc:
         raise ServerError(f"cannot write the connection file {path}: {exc}; give a "
                           "writable --connection-file") from None
@@ -239,7 +241,7 @@ def write_connection_file(path: Path, endpoint: str, key: bytes,
 def remove_connection_file(path: Path, endpoint: str) -> None:
     """Remove ``path`` if it still describes this process's ``endpoint``."""
     try:
-        info = wire.read_connection_file(path)
+        info = connection.read_connection_file(path)
         if info.pid == os.getpid() and info.endpoint == endpoint:
             path.unlink()
     except (OSError, ValueError):

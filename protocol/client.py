@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from protocol import wire
+from protocol import connection, wire
 from protocol.wire import Buffer, Message, ProtocolError
 
 if TYPE_CHECKING:
@@ -47,6 +47,15 @@ class BackendUnavailable(BackendError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, "unavailable")
+
+
+class ConnectionFileError(BackendUnavailable):
+    """The connection file cannot be used as it is (unsafe, or CURVE settings missing); the
+    message says what to change. Starting another backend would not help."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = "connection_file"
 
 
 class WrongKey(BackendUnavailable):
@@ -148,15 +157,15 @@ class Client:
     def from_connection_file(cls, path: Path | str | None = None, **kwargs: Any) -> Client:
         """Connect as the connection file says (default location: PROTOCOL.md section 7)."""
         try:
-            info = wire.read_connection_file(path)
-        except FileNotFoundError as exc:
-            raise BackendUnavailable(str(exc)) from None
-        except ValueError as exc:
+            info = connection.read_connection_file(path)
+        except connection.UnsafeConnectionFile as exc:
+            raise ConnectionFileError(str(exc)) from None
+        except (FileNotFoundError, ValueError) as exc:  # no backend, or a stale/damaged file
             raise BackendUnavailable(str(exc)) from None
         curve = None
         if info.curve_server_key:
             if not info.curve_client_key:
-                raise BackendUnavailable(
+                raise ConnectionFileError(
                     "the backend uses CURVE encryption: add \"curve_client_key\": "
                     "\"/path/to/client.key_secret\" to the connection file (see the README)")
             from protocol.curve import CurveClient  # only remote setups need zmq.auth
@@ -164,7 +173,7 @@ class Client:
             try:
                 curve = CurveClient.from_files(info.curve_server_key, info.curve_client_key)
             except ValueError as exc:
-                raise BackendUnavailable(str(exc)) from None
+                raise ConnectionFileError(str(exc)) from None
         return cls(info.endpoint, info.key, curve=curve, **kwargs)
 
     # --- public API --------------------------------------------------------------------------

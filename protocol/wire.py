@@ -9,17 +9,13 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
-import json
 import math
-import os
 import re
 import struct
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -489,77 +485,3 @@ def check_submit(content: dict[str, Any], buffer_sizes: Sequence[int],
         raise invalid("seed must be between 0 and 2**63 - 1")
     if len(content["method"]) > 64 or len(content["params"]) > 64:
         raise invalid("method name or parameter list too long")
-
-
-# --- connection file (section 7) ---------------------------------------------------------------
-APP_DIR = "gimp-drag-diffusion"
-CONNECTION_ENV = "DRAG_DIFFUSION_CONNECTION_FILE"
-
-
-def default_connection_file() -> Path:
-    """``$DRAG_DIFFUSION_CONNECTION_FILE``, else the per-user default (section 7)."""
-    override = os.environ.get(CONNECTION_ENV)
-    if override:
-        return Path(override).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
-    else:
-        # Not $XDG_CONFIG_HOME: Flatpak remaps it inside GIMP's sandbox.
-        base = Path.home() / ".config"
-    return base / APP_DIR / "backend.json"
-
-
-@dataclass(frozen=True)
-class ConnectionInfo:
-    endpoint: str
-    key: bytes
-    signature_scheme: str = SIGNATURE_SCHEME
-    protocol_version: str = PROTOCOL_VERSION
-    pid: int | None = None
-    curve_server_key: str | None = None
-    curve_client_key: str | None = None  # path of the client's secret key file
-
-    def as_json(self) -> dict[str, Any]:
-        data = {"endpoint": self.endpoint, "key": self.key.hex(),
-                "signature_scheme": self.signature_scheme,
-                "protocol_version": self.protocol_version, "pid": self.pid,
-                "curve_server_key": self.curve_server_key,
-                "curve_client_key": self.curve_client_key}
-        return {k: v for k, v in data.items() if v is not None}
-
-
-def write_connection_file(path: Path, info: ConnectionInfo) -> None:
-    """Write ``info`` readable by the owner only (0600; folder 0700), atomically."""
-    path = Path(path)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(info.as_json(), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def read_connection_file(path: Path | str | None = None) -> ConnectionInfo:
-    """Read a connection file; raise ``FileNotFoundError``/``ValueError`` with a clear message."""
-    path = Path(path) if path else default_connection_file()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"no backend connection file at {path}: the backend is not running; start it "
-            "with: python -m backend serve") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the backend connection file {path}: {exc}") from None
-    try:
-        if data.get("signature_scheme", SIGNATURE_SCHEME) != SIGNATURE_SCHEME:
-            raise ValueError(f"unsupported signature scheme {data['signature_scheme']!r}")
-        return ConnectionInfo(
-            endpoint=str(data["endpoint"]), key=bytes.fromhex(data["key"]),
-            protocol_version=str(data.get("protocol_version", PROTOCOL_VERSION)),
-            pid=data.get("pid"), curve_server_key=data.get("curve_server_key"),
-            curve_client_key=data.get("curve_client_key"))
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"the backend connection file {path} is damaged ({exc}); restart the "
-                         "backend to rewrite it") from None

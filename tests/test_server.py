@@ -5,13 +5,14 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 from fixtures_server import FakeEngine, RawPeer, client_for, image, running_server, submit
 
 from backend.engine.errors import ModelNotFound
 from backend.engine.params import method_descriptions, spec_table
 from backend.server import FairQueue, Job, Server, ServerError
-from protocol import wire
+from protocol import connection, wire
 from protocol.client import (
     BackendUnavailable,
     Client,
@@ -76,13 +77,22 @@ def test_full_job_events_in_order():
 
 
 def test_finished_carries_the_pixel_type_and_the_engine_warnings():
-    with running_server(FakeEngine()) as server, client_for(server) as client:
-        assert client.hello()["dtypes"] == ["u8"]
+    engine = FakeEngine()
+    with running_server(engine) as server, client_for(server) as client:
+        assert client.hello()["dtypes"] == ["u8", "u16", "f32"]
         done = collect(client, submit(client, prompt="warn=one,two"))[-1]
         assert done["dtype"] == "u8" and done["warnings"] == ["one", "two"]
         assert collect(client, submit(client))[-1]["warnings"] == []
-        with pytest.raises(JobFailed, match="accepts u8") as err:  # uint16 until the engine
-            submit(client, image=bytes(8 * 6 * 3 * 2), dtype="u16")
+        for dtype in (np.uint16, np.float32):
+            pixels = np.arange(8 * 6 * 3, dtype=dtype).reshape(6, 8, 3) * 300
+            done = collect(client, submit(client, image=pixels))[-1]
+            assert done["dtype"] == {np.uint16: "u16", np.float32: "f32"}[dtype]
+            assert engine.runs[-1].image.dtype == dtype
+            assert np.array_equal(engine.runs[-1].image, pixels)
+            out = np.frombuffer(done.image, dtype).reshape(6, 8, 3)
+            assert np.array_equal(out, (255 - pixels).astype(dtype))
+        with pytest.raises(JobFailed, match="not accepted") as err:
+            submit(client, image=bytes(8 * 6 * 3 * 8), dtype="f64")
         assert err.value.code == wire.INVALID_INPUT
 
 
@@ -384,7 +394,7 @@ def test_wrong_key_says_the_connection_file_is_stale():
 def test_connection_file_lifecycle(tmp_path):
     path = tmp_path / "backend.json"
     with running_server(FakeEngine(), connection_file=path) as server:
-        info = wire.read_connection_file(path)
+        info = connection.read_connection_file(path)
         assert info.endpoint == server.endpoint and info.key == server.key
         with Client.from_connection_file(path, timeout=2) as client:
             assert client.ping()["running"] is None

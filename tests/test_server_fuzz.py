@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+import zmq
 from fixtures_server import FakeEngine, RawPeer, client_for, image, running_server, submit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -397,3 +398,58 @@ def test_still_serves_a_real_job_afterwards(server):
     with client_for(server) as client:
         events = list(client.events(submit(client), timeout=30))
     assert events[-1].type == "finished"
+
+
+def test_a_flood_of_refused_messages_is_summarised_not_logged_line_by_line(caplog):
+    """11.3: each refused message used to write a log line (~1 GB/hour under a flood)."""
+    caplog.set_level("INFO", logger="backend.server")
+    with running_server(FakeEngine(), refusal_log_interval=600.0) as server:
+        wrong_key = RawPeer(server, login=b"another key")
+        wrong_key.socket.send(b"nothing gets through", zmq.NOBLOCK)
+        peer = RawPeer(server)
+        for _ in range(300):
+            peer.send([wire.DELIMITER, b"0" * 64, b"x", b"x", b"x"])  # bad signature
+        while peer.recv(1.0) is not None:  # the 300 error replies
+            pass
+        peer.close()
+        wrong_key.close()
+    # The summary comes at the end of each interval, and when the server stops.
+    lines = [r.getMessage() for r in caplog.records if r.name == "backend.server"]
+    single = [line for line in lines if line.startswith("refused a message")]
+    (summary,) = [line for line in lines if "more refused messages" in line]
+    assert len(single) == 5
+    assert "295 more refused messages (bad_signature: 295)" in summary
+    assert int(summary.split("), ")[1].split()[0]) >= 1 and "logins with a wrong key" in summary
+
+
+def test_client_strings_cannot_forge_log_lines():
+    """11.3: a key holder could write fake log lines through ``hello.client``."""
+    import io
+    import logging
+
+    from backend.server_log import OneLineFormatter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(OneLineFormatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("backend.server")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel("INFO")
+    try:
+        with running_server(FakeEngine()) as server:
+            forged = "gimp\n2030-01-01 INFO backend.server: job x finished\u2028"
+            with client_for(server, name=forged) as client:
+                client.hello()
+            peer = RawPeer(server)
+            peer.session.session_id = "ab\ncd\r\x1b[2J"
+            peer.request(wire.PING, {})
+            peer.close()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    lines = out.getvalue().splitlines()
+    (hello,) = [line for line in lines if line.startswith("INFO hello from")]
+    assert "gimp\\n2030-01-01 INFO backend.server: job x finished\\u2028" in hello
+    assert not [line for line in lines if line.startswith("2030")]
+    assert all(line.startswith(("INFO", "WARNING", "ERROR", "DEBUG")) for line in lines)

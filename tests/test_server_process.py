@@ -20,7 +20,7 @@ from fixtures_server import FakeEngine, client_for, running_server
 
 from backend import server_cli
 from backend.server import CurveServer
-from protocol import wire
+from protocol import connection, wire
 from protocol.client import BackendUnavailable, Client, JobFailed, JobTimeout
 from protocol.curve import CurveClient, generate_keypair
 
@@ -196,7 +196,7 @@ def test_curve_allows_listed_clients_only(tmp_path):
     conn = tmp_path / "backend.json"
     curve = CurveServer(server_secret, allowed)
     with running_server(FakeEngine(), curve=curve, connection_file=conn) as server:
-        info = wire.read_connection_file(conn)
+        info = connection.read_connection_file(conn)
         assert info.curve_server_key and len(info.curve_server_key) == 40
         good = CurveClient.from_files(info.curve_server_key, good_secret)
         with client_for(server, curve=good) as client:
@@ -210,7 +210,7 @@ def test_curve_allows_listed_clients_only(tmp_path):
         # The plug-in's path: the connection file plus the client's own key.
         with pytest.raises(BackendUnavailable, match="curve_client_key"):
             Client.from_connection_file(conn)
-        wire.write_connection_file(conn, wire.ConnectionInfo(
+        connection.write_connection_file(conn, connection.ConnectionInfo(
             info.endpoint, info.key, pid=info.pid, curve_server_key=info.curve_server_key,
             curve_client_key=str(good_secret)))
         with Client.from_connection_file(conn, timeout=2.0) as client:
