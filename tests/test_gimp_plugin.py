@@ -310,6 +310,14 @@ FIRST = {**TOY, "inversion-strength": -1.0,
                                  "track_per_denoise": 10, "max_track_no_change": 1000})}
 
 
+def params_module():
+    """The plug-in's dragdiff_params (its knob list)."""
+    sys.path.insert(0, str(harness.REPO / "gimp_plugin" / "drag-diffusion"))
+    import dragdiff_params
+
+    return dragdiff_params
+
+
 def toy_scene(gimp: harness.GimpChroot) -> dict:
     """A shapes picture from the toy model's drag cases: its file, a selection around the
     swept area and the drag."""
@@ -360,11 +368,12 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
     opened = fake_browser(gimp)
     settings = gimp.profile / "plug-in-settings" / "drag-diffusion-state.json"
     scene = toy_scene(gimp)
-    args = {**TOY, "prompt": scene["prompt"], "backend": gimp.inside(backend)}
-    first = {**FIRST, "prompt": scene["prompt"], "backend": gimp.inside(backend)}
+    args = {**TOY, "prompt": scene["prompt"]}
+    first = {**FIRST, "prompt": scene["prompt"]}
+    # The backend through the environment (the Backend field is reset with the rest).
+    env = {"DISPLAY": xvfb.name, "DRAG_DIFFUSION_CONNECTION_FILE": gimp.inside(backend)}
     process = gimp.popen([gimp.script("gimp_gui.py", STATE=gimp.inside(state), ARGS=args,
-                                      FIRST=first, SCENE=scene)], gui=True,
-                         env={"DISPLAY": xvfb.name}, log=log)
+                                      FIRST=first, SCENE=scene)], gui=True, env=env, log=log)
     started = time.monotonic()
 
     def step(name: str, timeout: float = 120) -> dict:
@@ -423,37 +432,10 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
         typed = xdisplay.read_json(settings)["typed"]  # written from the dialog's values
         assert typed["method"] == "gooddrag" and typed["seed"] == 7
 
-        # 3. An error is shown once (GIMP's own error box), not twice.
-        dialog = xvfb.wait_window("^Drag Diffusion$")
-        xvfb.keys(dialog, "alt+o")
-        run3 = step("run3")
-        assert run3["status"] == "execution-error" and "has 3 anchors" in run3["error"]
-        assert run3["layers"] == original
-        time.sleep(1)
-        assert log.read_text().count("has 3 anchors") == 1, log.read_text()[-3000:]
-
-        # 4. A quick edit, then the undo history holds exactly one step: the edit.
-        applied = step("applied", 240)
-        assert applied["status"] == "success", (applied, log.read_text()[-3000:])
-        edited = applied["layers"]
-        assert len(edited) == 2 and edited[1] == original[0]
-        window = xvfb.wait_window(r"layers?\) [0-9]+x[0-9]+", 30)
-        xvfb.keys(window, "2")  # zoom to 200 % to see the result
-        time.sleep(1.5)
-        xvfb.screenshot(ARTIFACTS / "gimp-result.png")
-        layers_now = lambda: (xdisplay.read_json(state / "state.json") or {}).get("layers")  # noqa: E731
-        xvfb.keys(window, "ctrl+z")
-        xdisplay.wait_for(lambda: layers_now() == original, 30, "one Ctrl+Z to undo the edit")
-        xvfb.keys(window, "ctrl+z")  # nothing else to undo: no trace of runs 1-3
-        time.sleep(2)
-        assert layers_now() == original
-        xvfb.keys(window, "ctrl+y")
-        xdisplay.wait_for(lambda: layers_now() == edited, 30, "Ctrl+Y to redo the edit")
-        (state / "undo-done").touch()
-
-        # 5. Cancel from GIMP's status bar: GIMP kills the plug-in; the backend notices the
+        # 3. Cancel from GIMP's status bar: GIMP kills the plug-in; the backend notices the
         #    silence and cancels the job.
         dialog = xvfb.wait_window("^Drag Diffusion$")
+        window = xvfb.wait_window(r"layers?\) [0-9]+x[0-9]+", 30)
         log_mark = len(backend_log(backend))
         xvfb.keys(dialog, "alt+o")
         xvfb.wait_window("^Drag Diffusion – working$")
@@ -463,16 +445,52 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
         clicked = time.monotonic()
         run4 = step("run4")
         assert run4["status"] == "cancel", run4
-        assert run4["layers"] == edited
+        assert run4["layers"] == original
         xdisplay.wait_for(lambda: re.search(r"job gimp-[0-9a-f]+ cancelled \(client_gone\)",
                                             backend_log(backend)[log_mark:]), 30,
                           "the backend to cancel the orphaned job")
         gone = time.monotonic() - clicked
         print(f"[gui] status-bar Cancel -> backend job cancelled in {gone:.1f} s")
         assert gone < 10 + 2
+        # 4. An error is shown once (GIMP's own error box), not twice.
+        #    Before that, Reset › Reset to Factory Defaults: each knob shows its method's
+        #    default again (the factory value -1 is never shown or clamped to a range end).
+        dialog = xvfb.wait_window("^Drag Diffusion$")
+        time.sleep(1.5)
+        xvfb.click(dialog, 212, 470)  # Reset
+        time.sleep(1)
+        xvfb.click(dialog, 213, 417)  # its popover's Reset to Factory Defaults
+        time.sleep(1)
+        xvfb.screenshot(ARTIFACTS / "plugin-dialog-factory.png", dialog)
+        xvfb.keys(dialog, "alt+o")
+        run3 = step("run3")
+        assert run3["status"] == "execution-error" and "has 3 anchors" in run3["error"]
+        assert run3["layers"] == original
+        time.sleep(1)
+        assert log.read_text().count("has 3 anchors") == 1, log.read_text()[-3000:]
+        typed = xdisplay.read_json(settings)["typed"]
+        assert typed["method"] == "dragdiffusion" and typed["seed"] == 42
+        assert all(typed[k.prop] == -1 for k in params_module().KNOBS), typed
+
+        # 5. A quick edit, then the undo history holds exactly one step: the edit.
+        applied = step("applied", 240)
+        assert applied["status"] == "success", (applied, log.read_text()[-3000:])
+        edited = applied["layers"]
+        assert len(edited) == 2 and edited[1] == original[0]
+        xvfb.keys(window, "2")  # zoom to 200 % to see the result
+        time.sleep(1.5)
+        xvfb.screenshot(ARTIFACTS / "gimp-result.png")
+        layers_now = lambda: (xdisplay.read_json(state / "state.json") or {}).get("layers")  # noqa: E731
+        xvfb.keys(window, "ctrl+z")
+        xdisplay.wait_for(lambda: layers_now() == original, 30, "one Ctrl+Z to undo the edit")
+        xvfb.keys(window, "ctrl+z")  # nothing else to undo: no trace of runs 1-4
+        time.sleep(2)
+        assert layers_now() == original
+        xvfb.keys(window, "ctrl+y")
+        xdisplay.wait_for(lambda: layers_now() == edited, 30, "Ctrl+Y to redo the edit")
+
         print(f"[gui] whole GUI session {time.monotonic() - started:.1f} s")
     finally:
-        (state / "undo-done").touch()
         (state / "done").touch()
         try:
             process.wait(60)

@@ -73,8 +73,8 @@ class SettingsDialog:
             set_knobs(config, par.shown_values(self.table, self.method, knob_values(config)))
         self.method_help = self.estimate = self.notice = None
         self.widgets: dict[str, Gtk.Widget] = {}
-        # Connected before the dialog binds its widgets, so this handler sees a knob's -1 (the
-        # factory default, e.g. after Reset) before a widget clamps it to its lower bound.
+        # Follows the method, and turns a knob's -1 (the factory value, e.g. after Reset) into
+        # the method's real default.
         self._notify = config.connect("notify", self._changed)
         self.dialog = GimpUi.ProcedureDialog.new(procedure, config, "Drag Diffusion")
         self.method_help = self._label("method-help")

@@ -9,10 +9,11 @@
 #           live previews, cancelled from the progress window
 #   run2    interactive again (as Re-Show): the values typed before the cancel are back;
 #           the dialog is cancelled
-#   run3    interactive with a path whose stroke has 3 anchors: an error, shown once
+#   run4    interactive long job cancelled from GIMP's status bar (GIMP kills the plug-in)
+#   run3    interactive with a path whose stroke has 3 anchors, after Reset to Factory
+#           Defaults in the dialog: an error, shown once
 #   applied non-interactive quick edit: one layer in one undo group; then the host presses
 #           Ctrl+Z, Ctrl+Z, Ctrl+Y while STATE/state.json reports the layers every 0.2 s
-#   run4    interactive long job cancelled from GIMP's status bar (GIMP kills the plug-in)
 import hashlib
 import json
 import os
@@ -96,11 +97,10 @@ def call(run_mode, args):
 
 mark("run1", call(Gimp.RunMode.INTERACTIVE, FIRST))
 mark("run2", call(Gimp.RunMode.INTERACTIVE, ARGS))
+mark("run4", call(Gimp.RunMode.INTERACTIVE, ARGS))
 image.set_selected_paths([bad])
 mark("run3", call(Gimp.RunMode.INTERACTIVE, ARGS))
 image.set_selected_paths([drags])
 applied = call(Gimp.RunMode.NONINTERACTIVE, ARGS)
 mark("applied", {**applied, "original": original})
-report_until("undo-done")
-mark("run4", call(Gimp.RunMode.INTERACTIVE, ARGS))
 report_until("done")
