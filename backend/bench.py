@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "comma-separated list of them, or all (the two methods)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
-    p.add_argument("--dtype", default=None, help="auto (default), fp16, bf16, fp32")
+    p.add_argument("--dtype", default=None, help="precision: auto (default), fp16, bf16, fp32, "
+                   "fp16-mixed, bf16-mixed")
     p.add_argument("--quick", action="store_true",
                    help=f"reduced step counts for slow machines: {QUICK}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--max-memory-gb", type=float, default=None,
                    help="cap PyTorch's CUDA allocations (e.g. 8) to prove the edit fits")
+    p.add_argument("--compile", action="store_true",
+                   help="run the UNet through torch.compile (the first edit includes compiling)")
     p.add_argument("--json", help="also write the figures to this file")
     p.set_defaults(func=main)
 
@@ -191,7 +193,8 @@ def main(args: argparse.Namespace) -> int:
                                                        model.device)
             report["memory_cap_gb"] = args.max_memory_gb
         print(json.dumps(report["system"]), f"model built in {report['build_s']} s", flush=True)
-        engine = _engine_class()(model, LoraCache(Path(tmp) / "lora"), reuse=False)
+        engine = _engine_class()(model, LoraCache(Path(tmp) / "lora"), reuse=False,
+                                 compile_unet=args.compile)
         failed = False
         for method in methods:
             try:

@@ -41,11 +41,12 @@ def _same(a: dict, b: dict) -> None:
 
 
 class OOMWhen:
-    """A UNet pre-hook raising CUDA's out-of-memory error while ``condition(batch)`` holds."""
+    """A hook on the UNet's first layer raising CUDA's out-of-memory error in a backward-bound
+    pass while ``condition(batch)`` holds."""
 
     def __init__(self, unet, condition) -> None:
         self.unet, self.condition, self.raised = unet, condition, 0
-        self.handle = unet.register_forward_pre_hook(self)
+        self.handle = unet.conv_in.register_forward_pre_hook(self)
 
     def __call__(self, _module, args) -> None:
         if torch.is_grad_enabled() and self.condition(args[0].shape[0]):
@@ -144,7 +145,7 @@ def test_out_of_memory_in_any_phase_fails_only_that_edit(model, request_, tmp_pa
     engine = DragEngine(model, LoraCache(tmp_path / "engine"), reuse=False)
     current = {"phase": None}
     modules = {"load": model.text_encoder, "decode": model.vae.decoder}
-    target = modules.get(phase, model.unet)
+    target = modules.get(phase, model.unet.conv_in)
 
     def hook(_module, _args):
         if current["phase"] == phase:
