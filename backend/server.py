@@ -59,7 +59,7 @@ class Server:
     def __init__(self, load_engine: Callable[[], Engine], *, model_name: str,
                  device: str = "auto", bind: str = DEFAULT_BIND,
                  connection_file: Path | None = None, limits: Limits | None = None,
-                 curve: CurveServer | None = None, client_ttl: float = 60.0,
+                 curve: CurveServer | None = None, client_ttl: float = 6.0,
                  replay_window: float = 300.0, keep_results: int = 32,
                  keep_bytes: int = 2**30, keep_seconds: float = 3600.0,
                  shutdown_grace: float = 30.0, refusal_log_interval: float = 60.0,

@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-frame-mb", type=int, default=Limits.max_frame_bytes // 2**20,
                        help="largest inbound frame in MiB (ZMQ_MAXMSGSIZE)")
     serve.add_argument("--max-queue", type=int, default=Limits.max_queue)
-    serve.add_argument("--client-ttl", type=float, default=60.0,
+    serve.add_argument("--client-ttl", type=float, default=6.0,
                        help="cancel the jobs of a client silent for this many seconds")
     serve.set_defaults(func=run_serve)
 

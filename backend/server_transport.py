@@ -47,7 +47,7 @@ def is_local(endpoint: str) -> bool:
     """Whether ``endpoint`` is reachable from this machine only."""
     if endpoint.startswith(("ipc://", "inproc://")):
         return True
-    match = re.fullmatch(r"tcp://(.+):(\d+|\*)", endpoint)
+    match = re.fullmatch(r"tcp://(.+):([0-9]+|\*)", endpoint)
     if not match:
         return False
     host = match.group(1).strip("[]")
@@ -94,6 +94,7 @@ class Transport:
                               "reachable from other machines; add --curve (see the README, "
                               "'Remote or secured backend') or bind tcp://127.0.0.1")
         sock = self._socket = self.context.socket(zmq.ROUTER)
+        sock.ipv6 = wire.needs_ipv6(self.bind)
         sock.linger = 2000
         sock.router_mandatory = 1
         sock.maxmsgsize = self.limits.max_frame_bytes

@@ -26,7 +26,7 @@ SIGNATURE_SCHEME = "hmac-sha256"
 _SIGNATURE_PREFIX = b"DRAG1"
 _HEX = re.compile(rb"[0-9a-f]{64}\Z")
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-_VERSION = re.compile(r"(\d{1,4})\.(\d{1,4})\Z")
+_VERSION = re.compile(r"([0-9]{1,4})\.([0-9]{1,4})\Z")  # ASCII digits only, unlike \d
 
 Buffer = bytes | bytearray | memoryview
 
@@ -167,6 +167,12 @@ TRANSPORT_USER = b"drag-diffusion"
 MAX_FRAMES = 5 + MAX_BUFFERS  # frames of a message after the routing identity
 
 
+def needs_ipv6(endpoint: str) -> bool:
+    """Whether ``endpoint`` names an IPv6 address (``tcp://[::1]:5557``): its socket needs
+    ``ZMQ_IPV6``, without which libzmq reports "No such device"."""
+    return endpoint.startswith("tcp://[")
+
+
 def transport_password(key: bytes) -> bytes:
     """The PLAIN password a local client logs in with: derived from the HMAC key, so only a
     holder of the connection file can connect, and the key itself never crosses the wire."""
@@ -228,10 +234,15 @@ def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
 def _unpack(frame: Buffer, what: str) -> dict[str, Any]:
     try:
         obj = msgpack.unpackb(
             frame, raw=False, strict_map_key=True, use_list=True, max_ext_len=0,
+            ext_hook=_refuse_ext,  # max_ext_len=0 alone lets a zero-length ext through
             max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
@@ -377,7 +388,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, Any]]] = {
                   "model": ("map", _R), "methods": ("map", _R), "parameters": ("map", {}),
                   "descriptions": ("map", {}), "default_method": ("str", _R),
                   "limits": ("map", _R), "dtypes": ("strs", ["u8"]),
-                  "client_ttl": ("num", 60.0), "queue": ("map", {}),
+                  "client_ttl": ("num", 6.0), "queue": ("map", {}),
                   "security": ("map", {})},
     SUBMIT: {"job_id": ("job", _R), "width": ("int", _R), "height": ("int", _R),
              "channels": ("int", _R), "has_mask": ("bool", False), "handles": ("points", _R),
@@ -466,7 +477,15 @@ def check_submit(content: dict[str, Any], buffer_sizes: Sequence[int],
                       "crop to a selection or scale down")
     if c not in (1, 2, 3, 4):
         raise invalid(f"channels must be 1, 2, 3 or 4, got {c}")
-    expected = [w * h * c * PIXEL_DTYPES[dtype]] + ([w * h] if content["has_mask"] else [])
+    image_bytes = w * h * c * PIXEL_DTYPES[dtype]
+    if image_bytes > limits.max_frame_bytes:  # libzmq would drop it without a word
+        mb = 2**20
+        raise invalid(f"the image is {image_bytes / mb:.1f} MB ({w}×{h}, {c} channels, "
+                      f"{dtype}) but the backend accepts at most "
+                      f"{limits.max_frame_bytes / mb:.1f} MB per image; restart the backend "
+                      f"with --max-frame-mb {-(-image_bytes // mb)} or more, or scale the "
+                      "image (or crop to the selection) down")
+    expected = [image_bytes] + ([w * h] if content["has_mask"] else [])
     if list(buffer_sizes) != expected:
         raise invalid(f"pixel buffers have {list(buffer_sizes)} bytes but {w}×{h}×{c} {dtype}"
                       f"{' plus a mask' if content['has_mask'] else ''} needs {expected}")

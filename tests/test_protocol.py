@@ -193,6 +193,8 @@ def _signed(session: Session, header: dict, content: bytes) -> list[bytes]:
     msgpack.packb([1, 2]),                    # not a map
     msgpack.packb({"a": list(range(5000))}),  # too long an array
     msgpack.packb({"a": msgpack.ExtType(1, b"x")}),  # extension types are refused
+    b"\x81\xa1a\xc7\x00\x05",                       # ... also a zero-length one (11.9)
+    b"\x81\xa1a\xd4\x05\x00",                       # ... and a fixext
     msgpack.packb({1: 2}),                    # non-string key
     b"\x91" * 100000,                          # deep nesting
     msgpack.packb({}) + b"extra",              # trailing bytes
@@ -206,8 +208,19 @@ def test_hostile_msgpack_is_a_bad_message(content):
     assert err.value.code == wire.BAD_MESSAGE
 
 
+@pytest.mark.parametrize("version", ["١.٠", "１.０", "1.٠", "².0", "1.0\n"])
+def test_versions_are_ascii_digits_only(version):
+    """11.9: Unicode digits used to pass as a version ('١.٠' is Arabic-Indic 1.0)."""
+    with pytest.raises(ProtocolError) as err:
+        wire.parse_version(version)
+    assert err.value.code == wire.BAD_MESSAGE
+    with pytest.raises(ProtocolError):
+        wire.check_version(version)
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("msg_id", 5), ("session", ""), ("msg_type", "x" * 40), ("version", "one"),
+    ("version", "１.０"),
     ("time", float("nan")), ("time", True), ("job_id", "../etc"),
 ])
 def test_bad_header_fields(field, value):

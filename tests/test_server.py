@@ -431,3 +431,40 @@ def test_one_log_line_per_job(caplog):
     (line,) = [r.getMessage() for r in caplog.records if f"job {job}" in r.getMessage()]
     assert "finished" in line and "8x6x3 +mask" in line and "method gooddrag" in line
     assert "inversion=" in line and "drag=" in line and "1 points" in line
+
+
+def test_an_image_over_the_frame_limit_is_refused_before_sending():
+    """11.8: the client sent it anyway; libzmq dropped it and 24 s later the user read that
+    no backend answered."""
+    limits = wire.Limits(max_frame_bytes=2**20)
+    with running_server(FakeEngine(), limits=limits) as server, client_for(server) as client:
+        t0 = time.monotonic()
+        with pytest.raises(JobFailed) as err:
+            submit(client, image=bytes(1000 * 700 * 3), width=1000, height=700)
+        assert time.monotonic() - t0 < 1.0
+        assert client.ping()["queued"] == 0
+    message = err.value.message
+    assert err.value.code == wire.INVALID_INPUT
+    assert "the image is 2.0 MB" in message and "at most 1.0 MB" in message
+    assert "--max-frame-mb 3" in message
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_an_ipv6_loopback_bind_serves():
+    """11.9: --bind tcp://[::1]:PORT failed with 'No such device' (ZMQ_IPV6 was off)."""
+    with running_server(FakeEngine(), bind="tcp://[::1]:0") as server:
+        assert server.endpoint.startswith("tcp://[::1]:")
+        with client_for(server) as client:
+            assert client.ping()["queued"] == 0
+            assert collect(client, submit(client))[-1].type == "finished"
