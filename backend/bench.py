@@ -256,8 +256,9 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
         if redrags:
             seconds = sum(r["total_s"] for r in redrags) / len(redrags)
             fe = sum(r["fe_total"] for r in redrags) / len(redrags)
+            official = sum(r["official_fe_total"] for r in redrags) / len(redrags)
             entry.update({"redrag_s": round(seconds, 3), "redrag_fe": fe,
-                          "redrag_official_fe": redrags[0]["official_fe_total"],
+                          "redrag_official_fe": official,
                           "redrag_over_first_s": round(seconds / first["total_s"], 3),
                           "redrag_over_first_fe": round(fe / first["fe_total"], 3)})
         out[method if reuse else f"{method} no-reuse"] = entry

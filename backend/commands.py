@@ -225,12 +225,15 @@ def _drag(args: argparse.Namespace) -> int:
         bars.close(done=False)
         signal.signal(signal.SIGINT, previous)
     write_image(args.out, result.image)
+    for warning in result.warnings:  # said once, before the summary
+        print(f"warning: {warning}", file=sys.stderr)
     summary = {
         "out": args.out,
         "handles": [[round(x, 2), round(y, 2)] for x, y in result.handles],
         "targets": [list(t) for t in targets],
         "timings": result.timings,
         "unet_passes": result.stats.get("unet_passes"),
+        "warnings": result.warnings,
     }
     if args.json:
         print(json.dumps(summary))

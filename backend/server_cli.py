@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
 import signal
-import sys
 from pathlib import Path
 
-from protocol.wire import Limits, default_connection_file
+from protocol.connection import default_connection_file
+from protocol.wire import Limits
 
 log = logging.getLogger("backend.server")
 
@@ -53,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-frame-mb", type=int, default=Limits.max_frame_bytes // 2**20,
                        help="largest inbound frame in MiB (ZMQ_MAXMSGSIZE)")
     serve.add_argument("--max-queue", type=int, default=Limits.max_queue)
-    serve.add_argument("--client-ttl", type=float, default=60.0,
+    serve.add_argument("--client-ttl", type=float, default=6.0,
                        help="cancel the jobs of a client silent for this many seconds")
     serve.set_defaults(func=run_serve)
 
@@ -68,24 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     keygen.set_defaults(func=run_keygen)
 
 
-def _setup_logging(log_file: Path, level: str) -> None:
-    log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    to_file = logging.handlers.RotatingFileHandler(log_file, maxBytes=5 * 2**20, backupCount=3,
-                                                   encoding="utf-8")
-    to_stderr = logging.StreamHandler(sys.stderr)
-    root = logging.getLogger()
-    for handler in (to_file, to_stderr):
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
-    root.setLevel(level)
-
-
 def run_serve(args: argparse.Namespace) -> int:
     from backend.server import CurveServer, Server, ServerError
+    from backend.server_log import setup_logging
 
     conn = args.connection_file or default_connection_file()
-    _setup_logging(args.log_file or conn.with_name("backend.log"), args.log_level)
+    setup_logging(args.log_file or conn.with_name("backend.log"), args.log_level)
     curve = None
     if args.curve:
         curve = CurveServer(args.server_key or conn.parent / "curve" / "server.key_secret",

@@ -187,7 +187,8 @@ def make_tracker(table: par.ParamTable | None, method: str, params: dict, inputs
         prog.plan_steps(resolved), sequential=resolved.get("method") != "gooddrag",
         drag_end_step=resolved.get("drag_end_step"), speed=speed,
         megapixels=prog.working_megapixels(inputs.width, inputs.height,
-                                           resolved.get("work_size", 512)))
+                                           resolved.get("work_size", 512),
+                                           resolved.get("work_max_side", 0)))
 
 
 def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
