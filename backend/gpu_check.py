@@ -208,8 +208,8 @@ def main(args: argparse.Namespace) -> int:
             report["runs"].append(row)
             failed |= not (row["finite"] and row["unmasked_exact"])
             print(format_row(row), flush=True)
-        if any(model.memory.__dict__.values()):
-            print(f"memory was short: LoRA fallbacks used {vars(model.memory)}")
+        if any(vars(model.memory).values()):
+            print(f"LoRA memory settings in the end (engine.memory): {vars(model.memory)}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 1 if failed else 0

@@ -278,3 +278,13 @@ def test_lora_training_copies_to_the_device_once_not_per_step(meta_model):
         assert state and all(v.device.type == "cpu" for v in state.values())
         uploads.append(run.uploads_in("lora.py"))
     assert uploads[0] == uploads[1], uploads
+
+
+def test_dragdiffusion_reads_back_only_the_tracked_handles(unet, cond):
+    ctx = _context(unet, cond, "dragdiffusion", n_inference_steps=8, drag_steps=4)
+    with MetaRun() as run:
+        dragdiffusion.drag_latent(ctx, meta(1, 4, 64, 64))
+    steps = ctx.stats["drag_steps"]
+    assert steps >= 2
+    assert run.reads_in("dragdiffusion.py") == 0
+    assert run.reads_in("motion.py") == steps - 1  # one tracking per step after the first

@@ -200,3 +200,16 @@ def test_gooddrag_keeps_its_trajectory_at_block_resolution():
     kept = sum(f.numel() * f.element_size() for f in feats)
     assert all(f.shape == (1, 640, 64, 64) for f in feats)
     assert kept == 7 * 640 * 64 * 64 * 2  # 37 MB, not 7 × 168 MB of fp32 grid maps
+
+
+def test_a_small_gpu_starts_the_lora_two_images_at_a_time(monkeypatch):
+    from types import SimpleNamespace
+
+    from backend.engine.memory import initial_hints
+
+    gpu = torch.device("cuda", 0)
+    for total, expected in ((8 * 10**9, MemoryHints(lora_micro_batch=2)), (24 * 10**9, MemoryHints())):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda _d, total=total: SimpleNamespace(total_memory=total))
+        assert initial_hints(gpu) == expected
+    assert initial_hints(torch.device("cpu")) == MemoryHints()

@@ -27,7 +27,7 @@ from backend.engine.diffusion import Schedule, UNetRunner, compiled_unet_forward
 from backend.engine.errors import EngineError, OutOfMemory
 from backend.engine.lora import LoraCache, prepare_lora
 from backend.engine.lora_merge import MergedLora
-from backend.engine.memory import oom_message
+from backend.engine.memory import free_memory, oom_message
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from backend.engine.params import METHODS, PRESETS, DragParams, defaults_table, resolve
 from backend.engine.redrag import RedragCache, RedragEntry, redrag_key
@@ -348,6 +348,5 @@ class DragEngine:
     def _free_memory(self) -> None:
         if self.redrag is not None:
             self.redrag.clear()
-        if self.model.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(self.model.device)
 
