@@ -25,6 +25,7 @@ from backend.engine.params import defaults_table, method_descriptions, resolve, 
 from backend.server_engine import (
     ACCEPTED_DTYPES,
     EngineWorker,
+    Fallback,
     JobEnded,
     JobEvent,
     ModelLoaded,
@@ -45,7 +46,15 @@ from backend.server_transport import (
 from protocol import wire
 from protocol.wire import Limits, Message, ProtocolError
 
-__all__ = ["DEFAULT_BIND", "CurveServer", "FairQueue", "Job", "Server", "ServerError"]
+__all__ = [
+    "DEFAULT_BIND",
+    "CurveServer",
+    "FairQueue",
+    "Fallback",
+    "Job",
+    "Server",
+    "ServerError",
+]
 
 log = logging.getLogger("backend.server")
 
@@ -63,6 +72,7 @@ class Server:
                  replay_window: float = 300.0, keep_results: int = 32,
                  keep_bytes: int = 2**30, keep_seconds: float = 3600.0,
                  shutdown_grace: float = 30.0, refusal_log_interval: float = 60.0,
+                 fallback: Fallback | None = None,
                  on_ready: Callable[[Server], None] | None = None) -> None:
         self.model_name = model_name
         self.device = device
@@ -78,7 +88,9 @@ class Server:
                                      replay=wire.ReplayGuard(replay_window),
                                      max_field_bytes=self.limits.max_field_bytes)
         self._transport = Transport(bind, self.key, self.limits, curve)
-        self._worker = EngineWorker(load_engine, self._transport.wake)
+        self._fallback = fallback
+        self._demo: str | None = None  # why the fallback (demo) model is served, if it is
+        self._worker = EngineWorker(load_engine, self._transport.wake, fallback)
         self._engine: Engine | None = None
         self._engine_info: dict[str, Any] = {}
         self._model_state, self._model_error = "loading", None
@@ -98,6 +110,14 @@ class Server:
     @property
     def endpoint(self) -> str:
         return self._transport.endpoint
+
+    @property
+    def demo_notice(self) -> str | None:
+        """One line for the user when the demo model is served instead of the configured one."""
+        if self._demo is None or self._fallback is None:
+            return None
+        return (f"serving the demo model {self._fallback.name}, fit for simple shapes only: "
+                f"{self._fallback.hint}")
 
     # --- life cycle -------------------------------------------------------------------------
     def start(self) -> str:
@@ -209,8 +229,7 @@ class Server:
             "server_session": self._session.session_id,
             "device": str(info.get("device", self.device)),
             "memory": plain(info.get("memory", {})),
-            "model": {"name": str(info.get("model", self.model_name)),
-                      "state": self._model_state, "error": self._model_error},
+            "model": self._model_description(info),
             "methods": plain(defaults_table()),
             "parameters": spec_table(),
             "descriptions": method_descriptions(),
@@ -225,6 +244,14 @@ class Server:
         })
         log.info("hello from %s (%s)", printable(message.session, 8),
                  printable(message.content["client"], 80))
+
+    def _model_description(self, info: dict[str, Any]) -> dict[str, Any]:
+        model: dict[str, Any] = {"name": str(info.get("model", self.model_name)),
+                                 "state": self._model_state, "error": self._model_error}
+        if self._demo is not None and self._fallback is not None:
+            model.update(demo=True, requested=self.model_name, why=self._demo,
+                         hint=self._fallback.hint)
+        return model
 
     def _on_ping(self, message: Message, identity: bytes) -> None:
         running = self._jobs.running
@@ -420,14 +447,16 @@ class Server:
 
     def _model_loaded(self, event: ModelLoaded) -> None:
         self._model_state, self._model_error = event.state, event.error
-        self._engine = event.engine
+        self._engine, self._demo = event.engine, event.demo
         if event.engine is not None:
             try:
                 self._engine_info = event.engine.info()
             except Exception:
                 log.exception("engine.info() failed")
-            log.info("model %s ready on %s", self.model_name,
+            log.info("model %s ready on %s", self._engine_info.get("model", self.model_name),
                      self._engine_info.get("device", self.device))
+            if self.demo_notice:
+                log.warning("%s", self.demo_notice)
         else:
             log.error("model %s not available: %s", self.model_name, event.error)
             for job in self._jobs.queue.order():

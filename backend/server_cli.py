@@ -12,6 +12,11 @@ from protocol.wire import Limits
 
 log = logging.getLogger("backend.server")
 
+DEMO_NAME = "backend/toy/model"
+DEMO_HINT = ("to edit photos, put Stable Diffusion 1.5 where the backend finds it (the Hugging "
+             "Face cache, see the README, section 'Models') or start the backend with --model "
+             "PATH (an SD1.5 diffusers folder or .safetensors/.ckpt file)")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from backend.server import DEFAULT_BIND
@@ -20,10 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
         "serve", help="run the persistent backend that the GIMP plug-in talks to",
         description="Load the model once and serve drag edits over ZeroMQ (protocol/PROTOCOL.md). "
-        "Prints 'READY <endpoint> <connection-file>' once the model is loaded.")
+        "Prints 'READY <endpoint> <connection-file>' once the model is loaded (followed by a "
+        "note in parentheses when it serves the demo model).")
     serve.add_argument("--model", default=None,
                        help="SD1.5 model: Hugging Face id, diffusers folder or single file "
-                       "(default: the engine's default, stable-diffusion-v1-5)")
+                       "(default: the engine's default, stable-diffusion-v1-5; when that is "
+                       "not on this machine, the small demo model backend/toy/model)")
     serve.add_argument("--vae", default=None, help="optional replacement VAE")
     serve.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto")
     serve.add_argument("--dtype", default=None,
@@ -68,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from backend.server import CurveServer, Server, ServerError
+    from backend.server import CurveServer, Fallback, Server, ServerError
     from backend.server_log import setup_logging
 
     conn = args.connection_file or default_connection_file()
@@ -91,12 +98,21 @@ def run_serve(args: argparse.Namespace) -> int:
         return DragEngine.load(model, vae=args.vae, device=device, dtype=args.dtype,
                                compile_unet=args.compile)
 
-    def ready(server: Server) -> None:
-        print(f"READY {server.endpoint} {conn}", flush=True)
+    def load_demo():  # the same, when the default model is missing
+        from backend.engine.pipeline import DragEngine
+        from backend.toy.train import DEFAULT_MODEL_DIR
+        return DragEngine.load(str(DEFAULT_MODEL_DIR), device=device)
 
+    def ready(server: Server) -> None:
+        note = f" ({server.demo_notice})" if server.demo_notice else ""
+        print(f"READY {server.endpoint} {conn}{note}", flush=True)
+
+    # Only the default model falls back to the demo: an explicit --model that is missing is
+    # an error to fix.
+    fallback = None if args.model is not None else Fallback(DEMO_NAME, load_demo, DEMO_HINT)
     server = Server(load_engine, model_name=model, device=args.device, bind=args.bind,
                     connection_file=conn, limits=limits, curve=curve,
-                    client_ttl=args.client_ttl, on_ready=ready)
+                    client_ttl=args.client_ttl, fallback=fallback, on_ready=ready)
     try:
         server.start()
     except ServerError as exc:

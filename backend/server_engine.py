@@ -36,12 +36,26 @@ PREVIEW_INTERVAL = 0.5
 
 
 @dataclass(frozen=True)
+class Fallback:
+    """What to serve when the configured model is missing: the demo model that ships with the
+    project. ``hint`` tells the user how to get the real one."""
+
+    name: str
+    load: Callable[[], Engine]
+    hint: str
+
+
+@dataclass(frozen=True)
 class ModelLoaded:
-    """The model finished loading: ``state`` is ``ready``, ``missing`` or ``error``."""
+    """The model finished loading: ``state`` is ``ready``, ``missing`` or ``error``.
+
+    ``demo`` is set when the fallback model is served instead: why the configured one is not.
+    """
 
     state: str
     error: str | None
     engine: Engine | None
+    demo: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,11 +96,18 @@ def plain(value: Any, depth: int = 0) -> Any:
     return str(value)
 
 
+def _frame(pixels: np.ndarray) -> memoryview:
+    """A C-contiguous array as a byte buffer to send as it is (no copy of the image)."""
+    return memoryview(pixels).cast("B")
+
+
 class EngineWorker:
     """The ``drag-engine`` thread. ``wake()`` is called after every posted event."""
 
-    def __init__(self, load_engine: Callable[[], Engine], wake: Callable[[], None]) -> None:
+    def __init__(self, load_engine: Callable[[], Engine], wake: Callable[[], None],
+                 fallback: Fallback | None = None) -> None:
         self._load_engine = load_engine
+        self._fallback = fallback
         self._wake = wake
         self._events: queue.Queue[WorkerEvent] = queue.Queue()
         self._inbox: queue.Queue[Job | None] = queue.Queue()
@@ -133,13 +154,29 @@ class EngineWorker:
             engine = self._load_engine()
             self._post(ModelLoaded("ready", None, engine))
         except ModelNotFound as exc:
-            self._post(ModelLoaded("missing", str(exc), None))
+            if self._fallback is None:
+                self._post(ModelLoaded("missing", str(exc), None))
+            else:
+                engine = self._load_fallback(str(exc))
         except Exception as exc:
             log.exception("loading the model failed")
             self._post(ModelLoaded("error", f"{type(exc).__name__}: {exc}", None))
         while (job := self._inbox.get()) is not None:
             assert engine is not None
             self._post(self._run(engine, job))
+
+    def _load_fallback(self, why: str) -> Engine | None:
+        assert self._fallback is not None
+        log.warning("%s; serving %s instead", why, self._fallback.name)
+        try:
+            engine = self._fallback.load()
+        except Exception as exc:
+            log.exception("loading %s failed too", self._fallback.name)
+            self._post(ModelLoaded("missing", f"{why}; and {self._fallback.name} failed to "
+                                   f"load: {type(exc).__name__}: {exc}", None))
+            return None
+        self._post(ModelLoaded("ready", None, engine, demo=why))
+        return engine
 
     def _run(self, engine: Engine, job: Job) -> JobEnded:
         r = job.request
@@ -181,7 +218,7 @@ class EngineWorker:
             "dtype": r["dtype"], "handles": [[float(x), float(y)] for x, y in result.handles],
             "timings": plain(result.timings), "stats": plain(result.stats),
             "warnings": [str(text) for text in getattr(result, "warnings", [])],
-        }, [pixels.tobytes()])
+        }, [_frame(pixels)])
 
     def _progress_callback(self, job: Job) -> ProgressFn:
         last: dict[str, Any] = {"phase": None, "time": 0.0}
@@ -208,5 +245,5 @@ class EngineWorker:
             self._post(JobEvent(job, wire.PREVIEW, {
                 "job_id": job.job_id, "phase": phase, "step": int(step),
                 "width": pixels.shape[1], "height": pixels.shape[0],
-                "channels": pixels.shape[2] if pixels.ndim == 3 else 1}, [pixels.tobytes()]))
+                "channels": pixels.shape[2] if pixels.ndim == 3 else 1}, [_frame(pixels)]))
         return preview

@@ -9,6 +9,7 @@ client per thread.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -100,8 +101,15 @@ class Event:
         return self.type in wire.TERMINAL_EVENTS
 
     @property
+    def buffer(self) -> memoryview | None:
+        """Pixels of a ``finished`` or ``preview`` event (``width × height × channels``
+        samples of the event's ``dtype``) as a read-only view of the received frame: no copy
+        (``numpy.frombuffer(event.buffer, …)``)."""
+        return memoryview(self.buffers[0]).cast("B") if self.buffers else None
+
+    @functools.cached_property
     def image(self) -> bytes | None:
-        """Pixels of a ``finished`` or ``preview`` event (``width × height × channels``)."""
+        """The same pixels as ``bytes``: copied out of the frame once, on first use."""
         return bytes(self.buffers[0]) if self.buffers else None
 
     def __getitem__(self, name: str) -> Any:

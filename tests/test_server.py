@@ -11,6 +11,7 @@ from fixtures_server import FakeEngine, RawPeer, client_for, image, running_serv
 
 from backend.engine.errors import ModelNotFound
 from backend.engine.params import method_descriptions, spec_table
+from backend.engine.types import DragResult
 from backend.server import FairQueue, Job, Server, ServerError
 from protocol import connection, wire
 from protocol.client import (
@@ -468,3 +469,69 @@ def test_an_ipv6_loopback_bind_serves():
         with client_for(server) as client:
             assert client.ping()["queued"] == 0
             assert collect(client, submit(client))[-1].type == "finished"
+
+
+def test_a_missing_default_model_falls_back_to_the_demo_model_and_says_so():
+    """12.8: the first run on a fresh machine serves the shipped demo model instead of none."""
+    from backend.server import Fallback
+
+    def missing():
+        raise ModelNotFound("model stable-diffusion-v1-5 was not found in the cache")
+
+    demo = FakeEngine()
+    fallback = Fallback("backend/toy/model", lambda: demo, "get SD1.5 like this")
+    with running_server(load=missing, fallback=fallback) as server, \
+            client_for(server) as client:
+        model = client.hello()["model"]
+        assert collect(client, submit(client))[-1].type == "finished"
+        notice = server.demo_notice
+    assert model["state"] == "ready" and model["demo"] is True and model["error"] is None
+    assert model["requested"] == "fake-model" and "not found in the cache" in model["why"]
+    assert model["hint"] == "get SD1.5 like this"
+    assert "demo model backend/toy/model" in notice and "simple shapes" in notice
+    assert len(demo.runs) == 1
+
+
+def test_an_available_model_is_served_as_today_with_a_fallback_configured():
+    from backend.server import Fallback
+
+    fallback = Fallback("backend/toy/model", lambda: FakeEngine(), "hint")
+    with running_server(FakeEngine(), fallback=fallback) as server, \
+            client_for(server) as client:
+        model = client.hello()["model"]
+        assert server.demo_notice is None
+    assert model == {"name": "fake-model", "state": "ready", "error": None}  # no "demo"
+
+
+class IdentityEngine(FakeEngine):
+    """Returns its input as the result: only the transport's own copies remain."""
+
+    def run(self, request, progress=None, cancel=None, preview=None):
+        return DragResult(image=request.image, handles=list(request.targets), timings={})
+
+
+def test_a_large_result_crosses_server_and_client_without_a_full_copy():
+    """13.3: the server copied the result (tobytes) and the client copied it again at every
+    look at ``Event.image``."""
+    import tracemalloc
+
+    w, h, c = 2000, 1500, 4
+    pixels = np.random.default_rng(0).integers(0, 256, (h, w, c), dtype=np.uint8)
+    with running_server(IdentityEngine()) as server, client_for(server, timeout=10) as client:
+        client.hello()
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        done = collect(client, client.submit(pixels, w, h, c, [(1, 1)], [(2, 2)]))[-1]
+        view = done.buffer
+        elapsed = time.perf_counter() - t0
+        peak_view = tracemalloc.get_traced_memory()[1]
+        first, second = done.image, done.image
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    print(f"\n{w}x{h}x{c} round trip {elapsed:.3f} s; Python allocations: "
+          f"{peak_view / 2**20:.1f} MiB through Event.buffer, {peak_bytes / 2**20:.1f} MiB "
+          f"after two looks at Event.image (image {pixels.nbytes / 2**20:.1f} MiB)")
+    assert np.array_equal(np.frombuffer(view, np.uint8).reshape(h, w, c), pixels)
+    assert first is second and first == pixels.tobytes()
+    assert peak_view < pixels.nbytes / 4  # no full copy on the way
+    assert peak_bytes < 1.5 * pixels.nbytes  # bytes made once

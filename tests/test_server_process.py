@@ -41,8 +41,9 @@ def start(args: list[str], timeout: float = 60) -> tuple[subprocess.Popen, str]:
     except queue.Empty:
         proc.kill()
         raise AssertionError("the backend printed no READY line") from None
-    parts = line.split()
-    assert len(parts) == 3 and parts[0] == "READY", line
+    parts = line.split(maxsplit=3)  # READY endpoint connection-file [(note)]
+    assert len(parts) >= 3 and parts[0] == "READY", line
+    assert len(parts) == 3 or parts[3].startswith("("), line
     return proc, parts[1]
 
 
