@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "comma-separated list of them, or all (the two methods)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
-    p.add_argument("--dtype", default=None, help="auto (default), fp16, bf16, fp32")
+    p.add_argument("--dtype", default=None, help="precision: auto (default), fp16, bf16, fp32, "
+                   "fp16-mixed, bf16-mixed")
     p.add_argument("--quick", action="store_true",
                    help=f"reduced step counts for slow machines: {QUICK}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -46,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", action="store_true", help="first run every method without "
                    "reuse (no re-drag cache, no resident LoRA: the behaviour before it) and "
                    "print the ratios measured in the same run")
+    p.add_argument("--finish", metavar="WxH", help="instead: time the full-resolution finish "
+                   "alone at this size (e.g. 4000x3000) with a 36 %%-area elliptical mask, "
+                   "against the same blend computed over the whole image")
     p.set_defaults(func=run_bench)
 
 
@@ -89,30 +93,72 @@ def build_engine(args: argparse.Namespace):
 
 def sd15_random(device: str | None, dtype: str | None):
     """The SD1.5 architecture (860 M-parameter UNet) with random weights, from the shipped configs."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from backend.engine.sd15_random import random_sd15
 
-    from backend.engine.devices import resolve_device
-    from backend.engine.models import LoadedModel
-    from backend.engine.sd15 import SD15_CONFIG_DIR, ddim_scheduler, sd15_tokenizer
+    return random_sd15(device, dtype)
 
-    dev, dt = resolve_device(device, dtype)
-    cfg = SD15_CONFIG_DIR
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg / "unet"))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(cfg / "vae"))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(cfg / "text_encoder"))
-    for module in (unet, vae, text_encoder):
-        module.to(dev, dt).eval().requires_grad_(False)
-    return LoadedModel(name="sd15-random", source=str(cfg), unet=unet, vae=vae,
-                       text_encoder=text_encoder, tokenizer=sd15_tokenizer(),
-                       scheduler=ddim_scheduler(cfg), device=dev, dtype=dt,
-                       fingerprint="sd15-random-seed0")
+
+def bench_finish(width: int, height: int, dtype: str = "uint8", area: float = 0.36,
+                 repeat: int = 3) -> dict:
+    """Seconds of ``imageops.paste_edit`` (the mask's bounding box only) and of the same blend
+    over the whole image (resize it all, feather it all, composite it all), best of ``repeat``,
+    interleaved so both see the same machine load."""
+    from PIL import Image
+
+    from backend.engine import imageops
+
+    rng = np.random.default_rng(0)
+    kind = np.dtype(dtype)
+    if kind == np.float32:
+        image = rng.random((height, width, 3), dtype=np.float32)
+    else:
+        image = rng.integers(0, np.iinfo(kind).max + 1, (height, width, 3), dtype=kind)
+    yy, xx = np.ogrid[0:height, 0:width]
+    s = (area / (np.pi / 4)) ** 0.5
+    mask = (((xx + 0.5 - width / 2) / (width * s / 2)) ** 2
+            + ((yy + 0.5 - height / 2) / (height * s / 2)) ** 2 < 1).astype(np.uint8) * 255
+    work = imageops.working_size(width, height, 512)
+    edited = rng.random((work[1], work[0], 3), dtype=np.float32)
+    feather = imageops.feather_width(3, width / work[0])
+
+    def whole() -> np.ndarray:
+        if kind == np.uint8:
+            small = imageops.quantize(edited * 255.0, kind)
+            full = np.asarray(Image.fromarray(small, "RGB").resize((width, height),
+                                                                   Image.BILINEAR))
+        else:
+            full = imageops.resize_float(edited, (width, height)) * imageops.PIXEL_SCALE[kind]
+        return imageops.composite(image, full, imageops.feather_weights(mask, feather))
+
+    times: dict[str, list[float]] = {"box": [], "whole": []}
+    for _ in range(repeat):
+        for name, fn in (("whole", whole),
+                         ("box", lambda: imageops.paste_edit(image, edited, mask, feather))):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    rows, cols = imageops.mask_box(mask)
+    box, full = min(times["box"]), min(times["whole"])
+    return {"finish": f"{width}x{height}", "dtype": dtype, "working": list(work),
+            "feather_px": feather, "mask_area": round(float((mask > 0).mean()), 3),
+            "box_area": round((rows.stop - rows.start) * (cols.stop - cols.start)
+                              / (width * height), 3),
+            "box_s": round(box, 3), "whole_image_s": round(full, 3),
+            "whole_over_box": round(full / box, 1)}
 
 
 def run_bench(args: argparse.Namespace) -> int:
     import torch
+
+    if args.finish:
+        try:
+            width, height = (int(v) for v in args.finish.lower().split("x"))
+        except ValueError:
+            print(f"error: --finish wants WIDTHxHEIGHT, got {args.finish!r}", file=sys.stderr)
+            return 2
+        for dtype in ("uint8", "uint16", "float32"):
+            print(json.dumps(bench_finish(width, height, dtype)), flush=True)
+        return 0
 
     from backend.commands import UsageError, parse_overrides
     from backend.engine.errors import EngineError
@@ -210,8 +256,9 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
         if redrags:
             seconds = sum(r["total_s"] for r in redrags) / len(redrags)
             fe = sum(r["fe_total"] for r in redrags) / len(redrags)
+            official = sum(r["official_fe_total"] for r in redrags) / len(redrags)
             entry.update({"redrag_s": round(seconds, 3), "redrag_fe": fe,
-                          "redrag_official_fe": redrags[0]["official_fe_total"],
+                          "redrag_official_fe": official,
                           "redrag_over_first_s": round(seconds / first["total_s"], 3),
                           "redrag_over_first_fe": round(fe / first["fe_total"], 3)})
         out[method if reuse else f"{method} no-reuse"] = entry

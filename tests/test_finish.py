@@ -147,3 +147,12 @@ def test_feather_weights_are_exact_at_both_ends():
     soft = mask // 2
     assert w.dtype == np.float32
     assert imageops.feather_weights(soft, 6)[40, 40] == pytest.approx(127 / 255)
+
+
+def test_the_finish_benchmark_prints_both_timings():
+    from backend.bench import bench_finish
+
+    row = bench_finish(400, 300, "uint16", repeat=1)
+    assert row["finish"] == "400x300" and row["working"] == [512, 384]
+    assert row["mask_area"] == pytest.approx(0.36, abs=0.01) and row["box_area"] < 0.5
+    assert row["box_s"] > 0 and row["whole_image_s"] > 0

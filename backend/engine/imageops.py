@@ -140,7 +140,8 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
 
     Exactly the index ``torch.nn.functional.interpolate(mode="nearest")`` reads, which both
     official codes use for the mask: floor(i · n_in / n_out) in float32, clamped to the input
-    (OpenCV's ``INTER_NEAREST``, used for the first resize in their UIs, is the same floor rule).
+    (OpenCV's ``INTER_NEAREST``, used for the first resize in their UIs, is the same floor rule
+    computed in double precision; for a few size pairs one row or column differs).
     Not the pixel-centre sampling of PIL's ``NEAREST``.
     """
     out = np.arange(n_out, dtype=np.int64)
@@ -214,14 +215,17 @@ def feather_weights(mask: np.ndarray, feather: int) -> np.ndarray:
     soft (0–255, e.g. a feathered GIMP selection); its values scale the weight. The image border
     is not an edge (the box filter repeats edge pixels, so nothing fades along it).
     """
-    soft = mask.astype(np.float32) / 255.0 if mask.dtype == np.uint8 else mask.astype(np.float32)
-    inside = soft > 0
+    if mask.dtype == np.uint8:
+        soft = mask if ((mask - np.uint8(1)) < 254).any() else None  # None: only 0 and 255
+    else:
+        soft = mask.astype(np.float32) * 255.0
+    inside = (mask > 0).view(np.uint8) * np.uint8(255)
     if feather <= 0:
-        return soft
-    box = Image.fromarray(inside.astype(np.uint8) * 255, "L").filter(ImageFilter.BoxBlur(feather))
-    weights = RAMP[np.asarray(box)]
-    weights *= soft
-    weights[~inside] = 0.0
+        return inside.astype(np.float32) / 255.0 if soft is None else soft.astype(np.float32) / 255
+    box = np.asarray(Image.fromarray(inside, "L").filter(ImageFilter.BoxBlur(feather)))
+    weights = RAMP[box & inside]  # 0 outside the mask
+    if soft is not None:
+        weights *= soft.astype(np.float32) / 255.0
     return weights
 
 
@@ -236,9 +240,9 @@ def composite(original: np.ndarray, edited: np.ndarray, weights: np.ndarray | No
         edited = quantize(edited, original.dtype)
     if weights is None:
         return edited
-    out = original.copy()
-    np.copyto(out, edited, where=(weights >= 1.0)[..., None])
-    band = np.nonzero((weights > 0.0) & (weights < 1.0))
+    full = weights >= 1.0
+    out = np.where(full[..., None], edited, original)
+    band = np.nonzero((weights > 0.0) & ~full)
     w = weights[band][:, None]
     out[band] = quantize(w * edited[band].astype(np.float32)
                          + (1.0 - w) * original[band].astype(np.float32), original.dtype)

@@ -89,11 +89,23 @@ PRESETS: dict[str, DragParams] = {
         drag_steps=40,
         reference_attention=False,
     ),
+    # DragDiffusion at about a quarter of the work (README, "Speed"): a quarter of the LoRA
+    # samples (20 steps × batch 2) at 4× its learning rate, 25 DDIM steps (18 inverted: t* is
+    # still 681), at most 40 drag steps at twice the step. ≤ 215 UNet forward-equivalents
+    # per first edit instead of 906, ≤ 116 per re-drag instead of 266.
+    "fast": DragParams(
+        lora_steps=20,
+        lora_lr=2e-3,
+        lora_batch=2,
+        n_inference_steps=25,
+        drag_steps=40,
+        latent_lr=0.02,
+    ),
 }
 
 # Which algorithm each preset runs.
 PRESET_METHOD = {"dragdiffusion": "dragdiffusion", "gooddrag": "gooddrag",
-                 "dragdiffusion-paper": "dragdiffusion"}
+                 "dragdiffusion-paper": "dragdiffusion", "fast": "dragdiffusion"}
 
 # One line per method or preset: what it does and when to pick it (the dialog shows it).
 DESCRIPTIONS = {
@@ -103,6 +115,8 @@ DESCRIPTIONS = {
                 "long drags, takes somewhat longer.",
     "dragdiffusion-paper": "DragDiffusion with the paper's first published settings (longer "
                            "LoRA, 40 drag steps, no reference attention); for comparisons.",
+    "fast": "DragDiffusion with a short LoRA, 25 DDIM steps and fewer, larger drag steps: about "
+            "a quarter of the work, measured to keep the edit on the toy model.",
 }
 
 
@@ -160,8 +174,9 @@ SPECS: dict[str, ParamSpec] = {
     "work_size": _int(64, 2048, 64, "working width in pixels, height from the aspect ratio "
                       "(both rounded down to multiples of 8, as the official codes); larger is "
                       "slower and needs more memory"),
-    "work_max_side": _int(0, 4096, 64, "cap on the working long side for small GPUs: a tall "
-                          "image is shrunk so its long side is at most this (0: no cap)"),
+    "work_max_side": _int(0, 4096, 64, "cap on the working long side for small GPUs: a "
+                          "working size longer than this (e.g. a tall portrait) is shrunk to "
+                          "it, aspect kept (0: no cap)"),
     "lora_steps": _int(0, 2000, 10, "training steps of the identity LoRA that keeps the image "
                        "recognisable (0: no LoRA, fastest, less faithful)"),
     "lora_lr": _float(1e-6, 0.1, 1e-4, "learning rate of the identity LoRA"),

@@ -55,6 +55,7 @@ def redrag_key(model, pixels: torch.Tensor, prompt: str, lora_key: str | None, p
         "model": model.fingerprint,
         "device": str(model.device),
         "dtype": str(model.dtype),
+        "precision": model.precision.name,
         "prompt": prompt,
         "lora": lora_key,
         "steps": params.n_inference_steps,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,7 @@ def engine_runner(engine, method: str, params: dict, seed: int = 0) -> Callable:
                               prompt=case.prompt, seed=seed, params=dict(params))
         result = engine.run(request)
         stats = {k: v for k, v in result.stats.items() if isinstance(v, (int, float))}
+        stats["fe"] = result.stats["work"]["total"]  # UNet forward-equivalents (engine.work)
         return result.image, {"tracked": result.handles, "timings": result.timings,
                               "stats": stats}
 
@@ -159,10 +161,12 @@ def run_bench(cases: list[DragCase], methods: list[str], model: str | None, para
     if methods:
         from backend.engine.pipeline import DragEngine
 
-        engine = DragEngine.load(model, device="cpu")
-        for method in methods:
-            log(f"running {method} on {len(cases)} cases ...")
-            results[method] = evaluate(cases, engine_runner(engine, method, params), log)
+        # A fresh LoRA cache: every case trains its LoRA, so the seconds are an edit's.
+        with tempfile.TemporaryDirectory(prefix="bench-quality-lora-") as lora_dir:
+            engine = DragEngine.load(model, device="cpu", lora_cache_dir=lora_dir)
+            for method in methods:
+                log(f"running {method} on {len(cases)} cases ...")
+                results[method] = evaluate(cases, engine_runner(engine, method, params), log)
     return results
 
 
