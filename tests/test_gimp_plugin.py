@@ -116,8 +116,7 @@ def serving(gimp: harness.GimpChroot, name: str, model: Path, *extra: str):
 def backend(gimp: harness.GimpChroot, tiny_model: Path):
     """The real backend with the tiny random model (the connection file's path is passed to
     the plug-in; the log is backend.log beside it)."""
-    # A killed plug-in's job is cancelled after this much silence.
-    with serving(gimp, "backend", tiny_model, "--client-ttl", "8") as (_, conn):
+    with serving(gimp, "backend", tiny_model) as (_, conn):
         yield conn
 
 
@@ -374,7 +373,7 @@ def xvfb(gimp):
 
 @pytest.mark.gui
 def test_gui_dialog_preview_errors_undo_and_cancel(gimp, xvfb):
-    with serving(gimp, "toy", TOY_MODEL, "--client-ttl", "8") as (_, toy):
+    with serving(gimp, "toy", TOY_MODEL) as (_, toy):
         gui_session(gimp, xvfb, toy)
 
 

@@ -178,8 +178,6 @@ def test_a_job_shows_phases_times_previews_and_returns_the_warnings():
     assert all("elapsed" in detail for _, _, detail in feedback.shown)
     fractions = [f for f, _, _ in feedback.shown if f is not None]
     assert fractions == sorted(fractions) and 0 < fractions[-1] < 1
-    # Liveness while the job runs: a silent backend is reported within about 10 s.
-    assert client.timeout * (client.retries + 1) <= 10
 
 
 def test_cancel_from_the_window_cancels_the_backend_job():

@@ -23,10 +23,6 @@ HERE = Path(__file__).resolve().parent
 # Test hook: cancel the job after this many progress events (non-interactive runs can't click).
 CANCEL_AFTER_ENV = "DRAG_DIFFUSION_CANCEL_AFTER_PROGRESS"
 POLL_SECONDS = 0.2  # longest the UI goes unpumped while waiting for the backend
-# While a job runs the backend answers heartbeats within this time even when busy (its socket
-# thread is not the engine's); three silent periods in a row mean it is gone.
-LIVENESS_SECONDS = 3.0
-LIVENESS_RETRIES = 2
 CONSOLE_LOG_BYTES = 2**20  # backend-console.log is rotated when a start finds it larger
 # Variables from GIMP's environment that must not leak into the backend's Python.
 _STRIP_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONEXECUTABLE",
@@ -319,10 +315,9 @@ class Session:
         return [str(d) for d in self.info.get("dtypes") or ["u8"]]
 
     def run(self, job: JobSpec, feedback: Feedback, tracker: prog.Tracker) -> JobResult:
-        """Run one drag edit, reporting progress; raise on error or cancel."""
-        # A busy backend still answers heartbeats: silence now means it died.
-        self.client.timeout = min(self.client.timeout, LIVENESS_SECONDS)
-        self.client.retries = LIVENESS_RETRIES
+        """Run one drag edit, reporting progress; raise on error or cancel. A backend that
+        stops answering the client's heartbeats is reported as lost (protocol.Client's
+        ``liveness``, a few seconds)."""
         try:
             return _run_job(self.protocol, self.client, job, feedback, tracker)
         except self.protocol.BackendUnavailable as exc:
