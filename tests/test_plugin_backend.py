@@ -199,3 +199,17 @@ def test_a_wider_dtype_is_sent_only_when_the_backend_accepts_it():
     result = session.run(job(dtype="u16", pixels=bytes(8 * 6 * 6)), Watcher(),
                          prog.Tracker({"drag": 1}))
     assert client.submitted["dtype"] == "u16" and result.dtype == "u16"
+
+
+def test_demo_model_notice_uses_the_backends_hint():
+    plain = {"model": {"name": "sd15", "state": "ready"}}
+    assert not db.is_demo_model(plain)
+    demo = {"model": {"name": "backend/toy/model", "demo": True,
+                      "hint": "To edit photos, put Stable Diffusion 1.5 where the backend "
+                              "finds it."}}
+    assert db.is_demo_model(demo)
+    assert db.demo_notice(demo) == (
+        "Demo model: the backend serves the small model that ships with Drag Diffusion, fit "
+        "for simple shapes only; to edit photos, put Stable Diffusion 1.5 where the backend "
+        "finds it.")
+    assert "README" in db.demo_notice({"model": {"demo": True}})

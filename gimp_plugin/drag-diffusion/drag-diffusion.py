@@ -206,8 +206,7 @@ def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
     try:
         par.write_state(state_path, hello=session.info)
         if session.demo_model:
-            feedback.notice("Demo model: fit for simple shapes only. For photos, install "
-                            "Stable Diffusion 1.5 (README, section “Models”).")
+            feedback.notice(backend.demo_notice(session.info))
         if session.device.startswith("cpu"):
             feedback.notice("The backend runs on the CPU: this takes a while.")
         fmt, pixels = inputs.read_pixels(session.dtypes)

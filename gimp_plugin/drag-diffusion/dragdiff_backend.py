@@ -284,9 +284,18 @@ def quick_hello(setting: str, timeout: float = 1.0) -> dict[str, Any] | None:
 
 
 def is_demo_model(info: dict[str, Any]) -> bool:
-    """Whether the backend serves the small demo model that ships with the project."""
-    model = info.get("model") or {}
-    return bool(model.get("demo") or model.get("fallback"))
+    """Whether the backend serves the small demo model that ships with the project (its hello
+    says ``model.demo``)."""
+    return bool((info.get("model") or {}).get("demo"))
+
+
+def demo_notice(info: dict[str, Any]) -> str:
+    """The line the dialog and the progress window show while the demo model is served, with
+    the backend's own hint on getting SD1.5 when it gives one."""
+    hint = str((info.get("model") or {}).get("hint") or "to edit photos, install Stable "
+               "Diffusion 1.5 (README, section “Models”) and restart the backend").strip()
+    return ("Demo model: the backend serves the small model that ships with Drag Diffusion, "
+            f"fit for simple shapes only; {hint[:1].lower()}{hint[1:].rstrip('.')}.")
 
 
 class Session:
