@@ -270,8 +270,9 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
     table = par.load_table(hello, state, {"parameters": install.parameters})
     if interactive:
         size = (drawables[0].get_width(), drawables[0].get_height()) if drawables else (1, 1)
+        manual = install.start_command() if install.why_not_startable() else None
         dialog = ui.SettingsDialog(procedure, config, ui.DialogContext(
-            table, state.get("hello"), hello is not None, size, state_path, state))
+            table, state.get("hello"), hello is not None, size, state_path, state, manual))
         if not dialog.run():
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     feedback = ui.ProgressWindow(StatusBar()) if interactive else StatusBar()

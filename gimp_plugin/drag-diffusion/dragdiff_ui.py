@@ -40,6 +40,7 @@ class DialogContext:
     layer_size: tuple[int, int]
     state_path: Path
     state: dict[str, Any] = field(default_factory=dict)
+    start_command: str | None = None  # how to start the backend when the plug-in can't
 
 
 class SettingsDialog:
@@ -130,7 +131,10 @@ class SettingsDialog:
         notices = []
         if self.context.info and backend.is_demo_model(self.context.info):
             notices.append(backend.demo_notice(self.context.info))
-        if not self.context.running:
+        if not self.context.running and self.context.start_command:
+            notices.append("The backend is not running, and the plug-in can't start it from "
+                           f"here: start it with {self.context.start_command}")
+        elif not self.context.running:
             notices.append("The backend is not running: it starts when you press OK (loading "
                            "the model takes a minute or more the first time).")
         if table is None:
