@@ -270,7 +270,8 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
     table = par.load_table(hello, state, {"parameters": install.parameters})
     if interactive:
         size = (drawables[0].get_width(), drawables[0].get_height()) if drawables else (1, 1)
-        manual = install.start_command() if install.why_not_startable() else None
+        manual = (install.start_command() or ".venv/bin/python -m backend serve in the Drag "
+                  "Diffusion folder") if install.why_not_startable() else None
         dialog = ui.SettingsDialog(procedure, config, ui.DialogContext(
             table, state.get("hello"), hello is not None, size, state_path, state, manual))
         if not dialog.run():
