@@ -393,8 +393,11 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
     first = {**FIRST, "prompt": scene["prompt"]}
     # The backend through the environment (the Backend field is reset with the rest).
     env = {"DISPLAY": xvfb.name, "DRAG_DIFFUSION_CONNECTION_FILE": gimp.inside(backend)}
+    dead = gimp.work / "gui-dead-backend.json"
+    dead.write_text(json.dumps({"endpoint": "tcp://127.0.0.1:9", "key": "00" * 32}))
     process = gimp.popen([gimp.script("gimp_gui.py", STATE=gimp.inside(state), ARGS=args,
-                                      FIRST=first, SCENE=scene)], gui=True, env=env, log=log)
+                                      FIRST=first, SCENE=scene, DEAD=gimp.inside(dead))],
+                         gui=True, env=env, log=log)
     started = time.monotonic()
 
     def step(name: str, timeout: float = 120) -> dict:
@@ -405,6 +408,13 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
                           120, "GIMP to open the image")
         assert process.poll() is None, log.read_text()[-3000:]
         original = step("ready")["layers"]
+
+        # 0. No backend answers: the dialog says so (and how it will start).
+        dialog = xvfb.wait_window("^Drag Diffusion$")
+        time.sleep(2)
+        xvfb.screenshot(ARTIFACTS / "plugin-dialog-no-backend.png", dialog)
+        xvfb.keys(dialog, "Escape")
+        assert step("run0")["status"] == "cancel"
 
         # 1. The dialog: real defaults, the method's line, the estimate; Help opens the page
         #    shipped with the plug-in; a method change moves the knobs at their defaults.
