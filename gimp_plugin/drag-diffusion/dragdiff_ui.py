@@ -30,17 +30,6 @@ MAIN = ("method", "method-help", "prompt", "seed",
         "advanced-expander")
 ADVANCED = (*(k.prop for k in par.KNOBS if k.advanced), "advanced", "backend", "timeout",
             "make-path")
-DEMO_NOTICE = ("Demo model: the backend serves the small model that ships with Drag "
-               "Diffusion, fit for simple shapes only. For photos, install Stable Diffusion "
-               "1.5 (README, section “Models”) and restart the backend.")
-
-
-def demo_notice(info: dict[str, Any]) -> str:
-    """The dialog's line about the demo model, with the backend's own hint if it gives one."""
-    hint = (info.get("model") or {}).get("hint")
-    return f"{DEMO_NOTICE} {hint}" if hint else DEMO_NOTICE
-
-
 @dataclass
 class DialogContext:
     """What the settings dialog shows besides the procedure's arguments."""
@@ -51,6 +40,7 @@ class DialogContext:
     layer_size: tuple[int, int]
     state_path: Path
     state: dict[str, Any] = field(default_factory=dict)
+    start_command: str | None = None  # how to start the backend when the plug-in can't
 
 
 class SettingsDialog:
@@ -140,8 +130,11 @@ class SettingsDialog:
         self.estimate.set_visible(bool(self.estimate.get_text()))
         notices = []
         if self.context.info and backend.is_demo_model(self.context.info):
-            notices.append(demo_notice(self.context.info))
-        if not self.context.running:
+            notices.append(backend.demo_notice(self.context.info))
+        if not self.context.running and self.context.start_command:
+            notices.append("The backend is not running, and the plug-in can't start it from "
+                           f"here: start it with {self.context.start_command}")
+        elif not self.context.running:
             notices.append("The backend is not running: it starts when you press OK (loading "
                            "the model takes a minute or more the first time).")
         if table is None:

@@ -5,6 +5,8 @@
 #
 # Each step below waits for the host, which watches the windows, screenshots them and presses
 # keys; each step's outcome is written to STATE/<step> (JSON):
+#   run0    interactive with a connection file nobody answers: the dialog says so; cancelled
+#           (then what it remembered is forgotten, so run1 starts from the call's values)
 #   run1    interactive: the dialog (help, method change, a typed seed), then a long job with
 #           live previews, cancelled from the progress window
 #   run2    interactive again (as Re-Show): the values typed before the cancel are back;
@@ -25,6 +27,7 @@ STATE: str = globals()["STATE"]
 ARGS: dict = globals()["ARGS"]
 FIRST: dict = globals()["FIRST"]
 SCENE: dict = globals()["SCENE"]
+DEAD: str = globals()["DEAD"]  # a connection file of a backend that is not running
 
 
 def mark(name, data=None):
@@ -95,6 +98,13 @@ def call(run_mode, args):
     return out
 
 
+mark("run0", call(Gimp.RunMode.INTERACTIVE, {**ARGS, "backend": DEAD}))
+settings = os.path.join(Gimp.directory(), "plug-in-settings", "drag-diffusion-state.json")
+with open(settings) as f:
+    remembered = json.load(f)
+remembered.pop("typed", None)
+with open(settings, "w") as f:
+    json.dump(remembered, f)
 mark("run1", call(Gimp.RunMode.INTERACTIVE, FIRST))
 mark("run2", call(Gimp.RunMode.INTERACTIVE, ARGS))
 mark("run4", call(Gimp.RunMode.INTERACTIVE, ARGS))
