@@ -281,8 +281,9 @@ def default_connection_file(python: Path) -> str:
 def backend_parameters(python: Path) -> dict:
     """The backend's method defaults (and parameter specs), as its hello reply carries them, for
     the plug-in's dialog before it reaches a backend; {} if the backend can't be imported."""
-    code = ("import json; from backend.engine.params import defaults_table as t; "
-            "print(json.dumps({'methods': t(), 'default_method': 'dragdiffusion'}))")
+    code = ("import json; from backend.engine import params as p; "
+            "print(json.dumps({'methods': p.defaults_table(), 'parameters': p.spec_table(), "
+            "'descriptions': p.method_descriptions(), 'default_method': 'dragdiffusion'}))")
     for candidate in (str(python), sys.executable):
         try:
             out = subprocess.run([candidate, "-c", code], cwd=REPO, capture_output=True,

@@ -14,6 +14,9 @@ COMMAND_MODULES = (
     "backend.server_cli",  # serve, keygen
     "backend.commands",  # drag, make-tiny-model
     "backend.bench",  # bench
+    "backend.precision_bench",  # precision
+    "backend.memory_estimate",  # memory
+    "backend.gpu_check",  # gpu-check
     "backend.toy.cli",  # toy train, bench-quality
 )
 

@@ -45,12 +45,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "single .safetensors/.ckpt file or Hugging Face id (default: SD 1.5)")
     p.add_argument("--vae", default=None, help="separate VAE (folder, file or Hugging Face id)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default=None, help="auto (default), fp16, bf16 or fp32")
+    p.add_argument("--dtype", default=None, help="precision: auto (default), fp16, bf16, fp32, "
+                   "fp16-mixed or bf16-mixed (fp32 weights under autocast)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method parameter, e.g. --set drag_steps=40 --set "
                    "work_size=384 (see --list-params)")
     p.add_argument("--list-params", action="store_true",
-                   help="print every method's parameters and defaults, then exit")
+                   help="print every parameter: its default per method, range and what it "
+                   "does (with --json: as JSON), then exit")
     p.add_argument("--lora-cache", default=None, help="LoRA cache folder")
     p.add_argument("--json", action="store_true", help="print the result summary as JSON")
     p.set_defaults(func=run_drag)
@@ -135,13 +137,31 @@ def write_image(path: str, image: np.ndarray) -> None:
     Image.fromarray(image[..., 0] if image.shape[2] == 1 else image, mode).save(path)
 
 
+def format_params(defaults: dict[str, dict], specs: dict[str, dict]) -> str:
+    """Every knob with its default per method, its range and what it does (``--list-params``)."""
+    methods = list(defaults)
+    lines = ["defaults per method: " + ", ".join(methods), ""]
+    for name, spec in specs.items():
+        values = [defaults[m][name] for m in methods]
+        shown = (f"{values[0]}" if len(set(map(str, values))) == 1
+                 else " / ".join(str(v) for v in values))
+        allowed = ("true/false" if spec["type"] == "bool"
+                   else f"{spec['type']} {spec['min']:g}..{spec['max']:g}")
+        lines.append(f"{name} = {shown}  ({allowed})")
+        lines.append(f"    {spec['help']}")
+    return "\n".join(lines)
+
+
 # -- commands ---------------------------------------------------------------------------------
 
 def run_drag(args: argparse.Namespace) -> int:
-    from backend.engine.params import defaults_table
+    from backend.engine.params import defaults_table, spec_table
 
     if args.list_params:
-        print(json.dumps(defaults_table(), indent=2))
+        if args.json:
+            print(json.dumps({"defaults": defaults_table(), "specs": spec_table()}, indent=2))
+        else:
+            print(format_params(defaults_table(), spec_table()))
         return 0
     try:
         return _drag(args)
@@ -205,12 +225,15 @@ def _drag(args: argparse.Namespace) -> int:
         bars.close(done=False)
         signal.signal(signal.SIGINT, previous)
     write_image(args.out, result.image)
+    for warning in result.warnings:  # said once, before the summary
+        print(f"warning: {warning}", file=sys.stderr)
     summary = {
         "out": args.out,
         "handles": [[round(x, 2), round(y, 2)] for x, y in result.handles],
         "targets": [list(t) for t in targets],
         "timings": result.timings,
         "unet_passes": result.stats.get("unet_passes"),
+        "warnings": result.warnings,
     }
     if args.json:
         print(json.dumps(summary))

@@ -31,9 +31,11 @@ from backend.server_engine import (
     plain,
 )
 from backend.server_jobs import FairQueue, Job, JobTable, Terminal
+from backend.server_log import RefusalLog, printable
 from backend.server_transport import (
     DEFAULT_BIND,
     CurveServer,
+    Inbound,
     ServerError,
     Transport,
     refuse_if_running,
@@ -41,7 +43,7 @@ from backend.server_transport import (
     write_connection_file,
 )
 from protocol import wire
-from protocol.wire import Buffer, Limits, Message, ProtocolError
+from protocol.wire import Limits, Message, ProtocolError
 
 __all__ = ["DEFAULT_BIND", "CurveServer", "FairQueue", "Job", "Server", "ServerError"]
 
@@ -57,10 +59,10 @@ class Server:
     def __init__(self, load_engine: Callable[[], Engine], *, model_name: str,
                  device: str = "auto", bind: str = DEFAULT_BIND,
                  connection_file: Path | None = None, limits: Limits | None = None,
-                 curve: CurveServer | None = None, client_ttl: float = 60.0,
+                 curve: CurveServer | None = None, client_ttl: float = 6.0,
                  replay_window: float = 300.0, keep_results: int = 32,
                  keep_bytes: int = 2**30, keep_seconds: float = 3600.0,
-                 shutdown_grace: float = 30.0,
+                 shutdown_grace: float = 30.0, refusal_log_interval: float = 60.0,
                  on_ready: Callable[[Server], None] | None = None) -> None:
         self.model_name = model_name
         self.device = device
@@ -75,7 +77,7 @@ class Server:
         self._session = wire.Session(self.key, me="this backend", peer="the plug-in",
                                      replay=wire.ReplayGuard(replay_window),
                                      max_field_bytes=self.limits.max_field_bytes)
-        self._transport = Transport(bind, self.limits, curve)
+        self._transport = Transport(bind, self.key, self.limits, curve)
         self._worker = EngineWorker(load_engine, self._transport.wake)
         self._engine: Engine | None = None
         self._engine_info: dict[str, Any] = {}
@@ -86,6 +88,8 @@ class Server:
         self._stop_reason: str | None = None
         self._stop_deadline: float | None = None
         self._next_housekeeping = 0.0
+        self._refusals = RefusalLog(refusal_log_interval)
+        self._denied_seen = 0  # the gate's count of refused logins, as last logged
 
     @property
     def bind(self) -> str:
@@ -121,8 +125,8 @@ class Server:
         try:
             while True:
                 self._transport.poll(100)
-                for identity, frames in self._transport.receive():
-                    self._receive(identity, frames)
+                for inbound in self._transport.receive():
+                    self._receive(inbound)
                 self._collect_worker_events()
                 now = time.monotonic()
                 if now >= self._next_housekeeping:
@@ -138,6 +142,7 @@ class Server:
                                     self.shutdown_grace)
                         break
         finally:
+            self._log_refusals(time.monotonic(), force=True)
             if self.connection_file is not None:
                 remove_connection_file(self.connection_file, self.endpoint)
             self._worker.join(2.0)  # it ends after its last job (or keeps loading a model)
@@ -160,18 +165,20 @@ class Server:
         return cancelled
 
     # --- inbound ------------------------------------------------------------------------------
-    def _receive(self, identity: bytes, frames: list[Buffer]) -> None:
+    def _receive(self, inbound: Inbound) -> None:
+        identity = inbound.identity
         message: Message | None = None
         try:
-            message = self._session.parse(frames)
+            if inbound.count > wire.MAX_FRAMES:
+                raise wire.too_many_frames(inbound.count)
+            message = self._session.parse(inbound.frames)
             wire.check_content(message)
             if message.msg_type not in wire.REQUESTS:
                 raise ProtocolError(wire.UNKNOWN_MESSAGE_TYPE,
                                     f"{message.msg_type!r} is not a request")
         except ProtocolError as exc:
             parent = message.header if message else exc.header
-            log.info("refused a message from %s: %s (%s)", identity.hex()[:8], exc.message,
-                     exc.detail)
+            self._refusals.refused(identity.hex()[:8], exc.code, exc.message, exc.detail)
             self._send(identity, wire.ERROR, exc.content(), parent=parent,
                        job_id=(parent or {}).get("job_id"))
             return
@@ -216,7 +223,8 @@ class Server:
             "security": {"signature_scheme": wire.SIGNATURE_SCHEME,
                          "curve": self.curve is not None},
         })
-        log.info("hello from %s (%s)", message.session[:8], message.content["client"][:80])
+        log.info("hello from %s (%s)", printable(message.session, 8),
+                 printable(message.content["client"], 80))
 
     def _on_ping(self, message: Message, identity: bytes) -> None:
         running = self._jobs.running
@@ -365,7 +373,8 @@ class Server:
                    wire.CANCELLED: f"cancelled ({content.get('reason')})",
                    wire.ERROR: f"failed ({content.get('code')}: {content.get('message')})"}
         log.info("job %s %s: client %s, %dx%dx%d%s, %d points, method %s, waited %.2fs, "
-                 "ran %.2fs%s", job.job_id, outcome[msg_type], job.session[:8], r["width"],
+                 "ran %.2fs%s", job.job_id, outcome[msg_type], printable(job.session, 8),
+                 r["width"],
                  r["height"], r["channels"], " +mask" if r["has_mask"] else "",
                  len(r["handles"]), r["method"], waited, ran, f", {phases}" if phases else "")
 
@@ -375,8 +384,8 @@ class Server:
         for job in active:
             if now - self._last_seen.get(job.route, now) <= self.client_ttl:
                 continue
-            log.info("client %s silent for %.0f s; cancelling job %s", job.route[:8],
-                     self.client_ttl, job.job_id)
+            log.info("client %s silent for %.0f s; cancelling job %s",
+                     printable(job.route, 8), self.client_ttl, job.job_id)
             if job.state == "queued":
                 self._end(job, wire.CANCELLED, {"job_id": job.job_id, "reason": "client_gone"})
                 self._update_positions()
@@ -389,6 +398,14 @@ class Server:
                 del self._last_seen[session]
                 self._routes.pop(session, None)
         self._jobs.trim()
+        self._log_refusals(now)
+
+    def _log_refusals(self, now: float, force: bool = False) -> None:
+        gate = self._transport.gate
+        if gate is not None and gate.denied != self._denied_seen:
+            self._refusals.handshakes_refused(gate.denied - self._denied_seen)
+            self._denied_seen = gate.denied
+        self._refusals.flush(now, force)
 
     # --- events from the engine thread --------------------------------------------------------
     def _collect_worker_events(self) -> None:

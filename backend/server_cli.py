@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
 import signal
-import sys
 from pathlib import Path
 
-from protocol.wire import Limits, default_connection_file
+from protocol.connection import default_connection_file
+from protocol.wire import Limits
 
 log = logging.getLogger("backend.server")
 
@@ -27,6 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "(default: the engine's default, stable-diffusion-v1-5)")
     serve.add_argument("--vae", default=None, help="optional replacement VAE")
     serve.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto")
+    serve.add_argument("--dtype", default=None,
+                       help="precision: auto (default), fp16, bf16, fp32, fp16-mixed, bf16-mixed")
+    serve.add_argument("--compile", action="store_true",
+                       help="run the UNet through torch.compile (slower first edit)")
     serve.add_argument("--bind", default=DEFAULT_BIND,
                        help="ZeroMQ endpoint (default %(default)s; port 0 = any free port)")
     serve.add_argument("--connection-file", type=Path, default=None,
@@ -49,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-frame-mb", type=int, default=Limits.max_frame_bytes // 2**20,
                        help="largest inbound frame in MiB (ZMQ_MAXMSGSIZE)")
     serve.add_argument("--max-queue", type=int, default=Limits.max_queue)
-    serve.add_argument("--client-ttl", type=float, default=60.0,
+    serve.add_argument("--client-ttl", type=float, default=6.0,
                        help="cancel the jobs of a client silent for this many seconds")
     serve.set_defaults(func=run_serve)
 
@@ -64,24 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     keygen.set_defaults(func=run_keygen)
 
 
-def _setup_logging(log_file: Path, level: str) -> None:
-    log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    to_file = logging.handlers.RotatingFileHandler(log_file, maxBytes=5 * 2**20, backupCount=3,
-                                                   encoding="utf-8")
-    to_stderr = logging.StreamHandler(sys.stderr)
-    root = logging.getLogger()
-    for handler in (to_file, to_stderr):
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
-    root.setLevel(level)
-
-
 def run_serve(args: argparse.Namespace) -> int:
     from backend.server import CurveServer, Server, ServerError
+    from backend.server_log import setup_logging
 
     conn = args.connection_file or default_connection_file()
-    _setup_logging(args.log_file or conn.with_name("backend.log"), args.log_level)
+    setup_logging(args.log_file or conn.with_name("backend.log"), args.log_level)
     curve = None
     if args.curve:
         curve = CurveServer(args.server_key or conn.parent / "curve" / "server.key_secret",
@@ -97,7 +88,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     def load_engine():  # runs in the server's worker thread
         from backend.engine.pipeline import DragEngine
-        return DragEngine.load(model, vae=args.vae, device=device)
+        return DragEngine.load(model, vae=args.vae, device=device, dtype=args.dtype,
+                               compile_unet=args.compile)
 
     def ready(server: Server) -> None:
         print(f"READY {server.endpoint} {conn}", flush=True)

@@ -28,9 +28,8 @@ from protocol import wire
 
 log = logging.getLogger("backend.server")
 
-# Pixel types the engine takes (wire name -> numpy dtype); uint8 until the engine keeps 16-bit
-# and float images exact (COMMON interface 3).
-NUMPY_DTYPES = {"u8": np.dtype(np.uint8)}
+# Pixel types the engine takes (wire name -> numpy dtype, little-endian as on the wire).
+NUMPY_DTYPES = {"u8": np.dtype(np.uint8), "u16": np.dtype("<u2"), "f32": np.dtype("<f4")}
 ACCEPTED_DTYPES = tuple(NUMPY_DTYPES)
 PROGRESS_INTERVAL = 0.05  # seconds between progress events of one job (phase changes always)
 PREVIEW_INTERVAL = 0.5

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
-from protocol import wire
+from backend.server_auth import ZapGate
+from protocol import connection, wire
 from protocol.client import BackendError, Client
 from protocol.curve import load_keypair
-from protocol.wire import Buffer, ConnectionInfo, Limits
+from protocol.wire import Buffer, Limits
 
 log = logging.getLogger("backend.server")
 
@@ -48,7 +47,7 @@ def is_local(endpoint: str) -> bool:
     """Whether ``endpoint`` is reachable from this machine only."""
     if endpoint.startswith(("ipc://", "inproc://")):
         return True
-    match = re.fullmatch(r"tcp://(.+):(\d+|\*)", endpoint)
+    match = re.fullmatch(r"tcp://(.+):([0-9]+|\*)", endpoint)
     if not match:
         return False
     host = match.group(1).strip("[]")
@@ -60,17 +59,29 @@ def is_local(endpoint: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Inbound:
+    """A received message: the sender's routing identity, its first frames (from the
+    delimiter on) and how many frames it had after the identity."""
+
+    identity: bytes
+    frames: list[Buffer]
+    count: int
+
+
 class Transport:
     """One ROUTER socket bound to ``bind``, plus a socket pair that wakes its poller."""
 
-    def __init__(self, bind: str, limits: Limits, curve: CurveServer | None = None) -> None:
+    def __init__(self, bind: str, key: bytes, limits: Limits,
+                 curve: CurveServer | None = None) -> None:
         self.bind = bind
         self.limits = limits
         self.curve = curve
         self.endpoint = ""
         self.context = zmq.Context()
+        self._key = key
         self._socket: zmq.Socket | None = None
-        self._auth: ThreadAuthenticator | None = None
+        self.gate: ZapGate | None = None
         self._wake_r, self._wake_w = pysocket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -78,16 +89,21 @@ class Transport:
 
     def open(self) -> str:
         """Create and bind the socket; return the endpoint clients connect to."""
+        if self.curve is None and not is_local(self.bind):
+            raise ServerError(f"refusing to bind {self.bind} without encryption: it is "
+                              "reachable from other machines; add --curve (see the README, "
+                              "'Remote or secured backend') or bind tcp://127.0.0.1")
         sock = self._socket = self.context.socket(zmq.ROUTER)
+        sock.ipv6 = wire.needs_ipv6(self.bind)
         sock.linger = 2000
         sock.router_mandatory = 1
         sock.maxmsgsize = self.limits.max_frame_bytes
         if self.curve is not None:
             self._setup_curve(sock)
-        elif not is_local(self.bind):
-            raise ServerError(f"refusing to bind {self.bind} without encryption: it is "
-                              "reachable from other machines; add --curve (see the README, "
-                              "'Remote backend') or bind tcp://127.0.0.1")
+        else:  # only holders of the connection file's key complete the handshake
+            self.gate = ZapGate(self.context, password=wire.transport_password(self._key))
+            self.gate.start()
+            sock.plain_server = True
         self.endpoint = self._bind(sock)
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
@@ -104,9 +120,8 @@ class Transport:
         if not self.curve.allow_dir.is_dir():
             raise ServerError(f"the allow-list folder {self.curve.allow_dir} does not exist; put "
                               "the clients' public .key files there")
-        self._auth = ThreadAuthenticator(self.context)
-        self._auth.start()
-        self._auth.configure_curve(domain="*", location=str(self.curve.allow_dir))
+        self.gate = ZapGate(self.context, allow_dir=self.curve.allow_dir)
+        self.gate.start()
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_server = True
@@ -142,15 +157,28 @@ class Transport:
                 while self._wake_r.recv(4096):
                     pass
 
-    def receive(self) -> Iterator[tuple[bytes, list[Buffer]]]:
-        """The waiting messages as (routing identity, frames from the delimiter), at most
-        ``RECEIVE_BATCH`` of them (never blocks)."""
-        assert self._socket is not None
+    def receive(self) -> Iterator[Inbound]:
+        """The waiting messages, at most ``RECEIVE_BATCH`` of them (never blocks).
+
+        At most ``wire.MAX_FRAMES`` frames of a message are kept; the rest are read and
+        dropped one by one as they are read (``Inbound.count`` says how many there were), so
+        a message of a million empty frames costs no memory per frame.
+        """
+        sock = self._socket
+        assert sock is not None
         for _ in range(RECEIVE_BATCH):
-            if not self._socket.poll(0, zmq.POLLIN):
+            if not sock.poll(0, zmq.POLLIN):
                 return
-            frames = self._socket.recv_multipart(copy=False)
-            yield frames[0].bytes, [f.buffer for f in frames[1:]]
+            identity = sock.recv(zmq.NOBLOCK)
+            frames: list[Buffer] = []
+            count = 0
+            while sock.getsockopt(zmq.RCVMORE):
+                count += 1
+                if count > wire.MAX_FRAMES:
+                    sock.recv(zmq.NOBLOCK)  # drop: the message is refused anyway
+                else:
+                    frames.append(sock.recv(zmq.NOBLOCK, copy=False).buffer)
+            yield Inbound(identity, frames, count)
 
     def send(self, identity: bytes, frames: Sequence[Buffer], what: str) -> None:
         """Send without blocking; a client that is gone or not reading loses the message."""
@@ -172,8 +200,8 @@ class Transport:
         also ends the ZeroMQ context (only when no other thread uses it)."""
         if self._socket is not None:
             self._socket.close()
-        if self._auth is not None:
-            self._auth.stop()
+        if self.gate is not None:
+            self.gate.stop()
         self._wake_r.close()
         self._wake_w.close()
         if term:
@@ -186,7 +214,7 @@ def refuse_if_running(path: Path | None, context: zmq.Context) -> None:
     if path is None or not path.exists():
         return
     try:
-        info = wire.read_connection_file(path)
+        info = connection.read_connection_file(path)
     except (OSError, ValueError):
         return
     try:
@@ -202,8 +230,10 @@ def refuse_if_running(path: Path | None, context: zmq.Context) -> None:
 def write_connection_file(path: Path, endpoint: str, key: bytes,
                           curve_server_key: str | None) -> None:
     try:
-        wire.write_connection_file(path, ConnectionInfo(
+        connection.write_connection_file(path, connection.ConnectionInfo(
             endpoint=endpoint, key=key, pid=os.getpid(), curve_server_key=curve_server_key))
+    except connection.UnsafeConnectionFile as exc:
+        raise ServerError(str(exc)) from None
     except OSError as exc:
         raise ServerError(f"cannot write the connection file {path}: {exc}; give a "
                           "writable --connection-file") from None
@@ -212,7 +242,7 @@ def write_connection_file(path: Path, endpoint: str, key: bytes,
 def remove_connection_file(path: Path, endpoint: str) -> None:
     """Remove ``path`` if it still describes this process's ``endpoint``."""
     try:
-        info = wire.read_connection_file(path)
+        info = connection.read_connection_file(path)
         if info.pid == os.getpid() and info.endpoint == endpoint:
             path.unlink()
     except (OSError, ValueError):

@@ -9,26 +9,28 @@ from protocol.client import (
     BackendError,
     BackendUnavailable,
     Client,
+    ConnectionFileError,
     Event,
     IncompatibleVersion,
     JobFailed,
     JobTimeout,
+    WrongKey,
 )
-from protocol.wire import (
-    PROTOCOL_VERSION,
+from protocol.connection import (
     ConnectionInfo,
-    Limits,
-    ProtocolError,
+    UnsafeConnectionFile,
     default_connection_file,
     read_connection_file,
     write_connection_file,
 )
+from protocol.wire import PROTOCOL_VERSION, Limits, ProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION",
     "BackendError",
     "BackendUnavailable",
     "Client",
+    "ConnectionFileError",
     "ConnectionInfo",
     "Event",
     "IncompatibleVersion",
@@ -36,6 +38,8 @@ __all__ = [
     "JobTimeout",
     "Limits",
     "ProtocolError",
+    "UnsafeConnectionFile",
+    "WrongKey",
     "default_connection_file",
     "read_connection_file",
     "write_connection_file",

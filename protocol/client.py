@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from protocol import wire
+from protocol import connection, wire
 from protocol.wire import Buffer, Message, ProtocolError
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LIVENESS = 6.0  # longest silence (s) while a job runs before the backend counts as gone
+HEARTBEAT = 1.0  # seconds between heartbeats while waiting for a job (at most client_ttl / 4)
 START_HINT = "start it with: python -m backend serve (see the README, section 'Quick start')"
 
 
@@ -46,6 +49,23 @@ class BackendUnavailable(BackendError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, "unavailable")
+
+
+class ConnectionFileError(BackendUnavailable):
+    """The connection file cannot be used as it is (unsafe, or CURVE settings missing); the
+    message says what to change. Starting another backend would not help."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = "connection_file"
+
+
+class WrongKey(BackendUnavailable):
+    """A backend answers at the endpoint but refuses our key (stale connection file)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = "wrong_key"
 
 
 class IncompatibleVersion(BackendError):
@@ -114,7 +134,7 @@ class Client:
     def __init__(self, endpoint: str, key: bytes | str, *, timeout: float = 3.0,
                  retries: int = 2, curve: CurveClient | None = None,
                  context: zmq.Context | None = None,
-                 name: str = "drag-diffusion-client") -> None:
+                 name: str = "drag-diffusion-client", liveness: float | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self.retries = retries
@@ -129,24 +149,27 @@ class Client:
         self._beats: deque[str] = deque(maxlen=64)  # msg ids of heartbeat attaches
         self._bad_signatures = 0
         self._last_sent = 0.0
-        self._last_heard = time.monotonic()  # any authentic message from the backend
-        self._heartbeat = max(0.05, min(2.0, timeout / 3))
+        self._unanswered_since: float | None = None  # first send since we last heard
+        self._reopened = False  # the socket was recreated during this silence
+        self.liveness = liveness or min(timeout * (retries + 1), LIVENESS)
+        self._heartbeat = max(0.05, min(HEARTBEAT, timeout / 3, self.liveness / 4))
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
         self._open()
 
     @classmethod
     def from_connection_file(cls, path: Path | str | None = None, **kwargs: Any) -> Client:
         """Connect as the connection file says (default location: PROTOCOL.md section 7)."""
         try:
-            info = wire.read_connection_file(path)
-        except FileNotFoundError as exc:
-            raise BackendUnavailable(str(exc)) from None
-        except ValueError as exc:
+            info = connection.read_connection_file(path)
+        except connection.UnsafeConnectionFile as exc:
+            raise ConnectionFileError(str(exc)) from None
+        except (FileNotFoundError, ValueError) as exc:  # no backend, or a stale/damaged file
             raise BackendUnavailable(str(exc)) from None
         curve = None
         if info.curve_server_key:
             if not info.curve_client_key:
-                raise BackendUnavailable(
+                raise ConnectionFileError(
                     "the backend uses CURVE encryption: add \"curve_client_key\": "
                     "\"/path/to/client.key_secret\" to the connection file (see the README)")
             from protocol.curve import CurveClient  # only remote setups need zmq.auth
@@ -154,7 +177,7 @@ class Client:
             try:
                 curve = CurveClient.from_files(info.curve_server_key, info.curve_client_key)
             except ValueError as exc:
-                raise BackendUnavailable(str(exc)) from None
+                raise ConnectionFileError(str(exc)) from None
         return cls(info.endpoint, info.key, curve=curve, **kwargs)
 
     # --- public API --------------------------------------------------------------------------
@@ -181,6 +204,8 @@ class Client:
         format); ``mask`` is ``width × height`` bytes, >0 where the image may change.
         Re-submitting with the same ``job_id`` never runs the edit twice.
         """
+        if self.server_info is None:
+            self.hello()  # its limits are checked below, before anything large is sent
         job_id = job_id or wire.new_id()
         dtype = dtype or _pixel_dtype(image)
         buffers = [_as_bytes(image)] + ([_as_bytes(mask)] if mask is not None else [])
@@ -207,12 +232,13 @@ class Client:
     def events(self, job_id: str, timeout: float | None = None) -> Iterator[Event]:
         """Yield the job's events until a terminal one (``finished`` or ``cancelled``).
 
-        An ``error`` event raises ``JobFailed``. While waiting, the job is re-attached every
-        few seconds (a heartbeat that also recovers lost events); if the backend
-        stays silent for ``timeout × (retries + 1)`` seconds (per-request ``timeout`` of the
-        client), ``BackendUnavailable`` is raised. ``timeout`` here bounds this call (None: no
-        bound) and raises ``JobTimeout``; calling ``events`` again continues where it stopped,
-        so a caller may poll with short timeouts between UI updates.
+        An ``error`` event raises ``JobFailed``. While waiting, the job is re-attached about
+        once a second (a heartbeat: it keeps this client alive on the backend and recovers
+        lost events). A backend answers heartbeats at once, however busy its engine, so when
+        none is answered for ``liveness`` seconds (at most ``LIVENESS`` s) it is gone:
+        ``BackendUnavailable``, whatever the job takes. ``timeout`` here bounds this call
+        (None: no bound) and raises ``JobTimeout``; calling ``events`` again continues where
+        it stopped, so a caller may poll with short timeouts between UI updates.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         if job_id in self._done:  # asked again: accept its re-sent terminal event
@@ -235,18 +261,20 @@ class Client:
             if deadline is not None and now >= deadline:
                 raise JobTimeout(f"job {job_id} did not finish within {timeout:g} s; "
                                  "it keeps running on the backend (cancel it or wait longer)")
-            if now - self._last_heard >= self.timeout:
-                self._reopen()
-                self._request(wire.ATTACH, {"job_id": job_id}, job_id=job_id,
-                              attempts=self.retries, lost_job=job_id)
-                continue
+            silent = self._silent(now)
+            if silent >= self.liveness:
+                raise BackendUnavailable(self._silence_message(job_id))
+            if silent >= self.liveness / 2 and not self._reopened:
+                self._reopen()  # lazy pirate: the connection itself may be broken
+                self._reopened = True
+                self._last_sent = 0.0  # beat again at once, on the new socket
             if now - self._last_sent >= self._heartbeat:
                 # The heartbeat is an attach: it keeps us alive on the backend, routes the
                 # job's events to our current socket, and makes the backend re-send a
                 # terminal event that got lost.
                 self._beats.append(self._send(wire.ATTACH, {"job_id": job_id},
                                               job_id)["msg_id"])
-            wait = min(self._heartbeat, self.timeout - (now - self._last_heard))
+            wait = max(0.001, min(self._heartbeat, self.liveness - self._silent(now)))
             if deadline is not None:
                 wait = min(wait, deadline - now)
             message = self._recv(wait)
@@ -274,8 +302,12 @@ class Client:
 
     def close(self) -> None:
         if self._socket is not None:
+            self._socket.disable_monitor()
             self._socket.close(linger=0)
             self._socket = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def __enter__(self) -> Client:
         return self
@@ -290,10 +322,19 @@ class Client:
     def _open(self) -> None:
         socket = self._context.socket(zmq.DEALER)
         socket.linger = 0
+        socket.ipv6 = wire.needs_ipv6(self.endpoint)
         if self._curve is not None:
             self._curve.apply(socket)
+        else:  # the server lets only holders of the key connect (PROTOCOL.md section 6)
+            socket.plain_username = wire.TRANSPORT_USER
+            socket.plain_password = wire.transport_password(self._session.key)
+        # The handshake's outcome: a refused login means a backend with another key.
+        self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         socket.connect(self.endpoint)
         self._socket = socket
+        self._poller = zmq.Poller()
+        self._poller.register(socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
 
     def _reopen(self) -> None:
         """Lazy pirate: a silent socket may hold a broken connection; start afresh."""
@@ -310,7 +351,13 @@ class Client:
         except zmq.Again:
             log.debug("send queue full; %s not sent", msg_type)
         self._last_sent = time.monotonic()
+        if self._unanswered_since is None:
+            self._unanswered_since = self._last_sent
         return header
+
+    def _silent(self, now: float) -> float:
+        """How long the backend has left our messages unanswered (0: nothing outstanding)."""
+        return 0.0 if self._unanswered_since is None else now - self._unanswered_since
 
     def _recv(self, timeout: float) -> Message | None:
         """The next valid message within ``timeout`` seconds, or None."""
@@ -318,7 +365,11 @@ class Client:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._socket.poll(max(1, int(left * 1000)), zmq.POLLIN):
+            ready = dict(self._poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
+            if self._monitor in ready:
+                recv_monitor_message(self._monitor)
+                raise WrongKey(self._wrong_key_message())
+            if self._socket not in ready:
                 return None
             frames = self._socket.recv_multipart(copy=False)
             try:
@@ -333,7 +384,7 @@ class Client:
                 log.debug("ignoring a message from the backend: %s (%s)", exc.message,
                           exc.detail)
                 continue
-            self._last_heard = time.monotonic()
+            self._unanswered_since, self._reopened = None, False
             return message
 
     def _stash(self, message: Message) -> None:
@@ -367,8 +418,17 @@ class Client:
                       attempt + 1, attempts)
         raise BackendUnavailable(self._silence_message(lost_job))
 
+    def _wrong_key_message(self) -> str:
+        if self._curve is not None:
+            return (f"the backend at {self.endpoint} refused this client's CURVE key; copy "
+                    "this client's public .key file into the backend's --allow-keys folder")
+        return (f"a backend answers at {self.endpoint}, but with another key: the connection "
+                "file is out of date (that backend was restarted, or it belongs to another "
+                "user or installation); restart your backend so that it rewrites the file, "
+                "or use the connection file of the backend that runs there")
+
     def _silence_message(self, lost_job: str | None) -> str:
-        total = self.timeout * (self.retries + 1)
+        total = self.liveness if lost_job else self.timeout * (self.retries + 1)
         if self._bad_signatures:
             return (f"the backend at {self.endpoint} answered but its messages fail the "
                     "signature check: the connection file is out of date; restart the backend "

@@ -9,17 +9,13 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
-import json
 import math
-import os
 import re
 import struct
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -30,7 +26,7 @@ SIGNATURE_SCHEME = "hmac-sha256"
 _SIGNATURE_PREFIX = b"DRAG1"
 _HEX = re.compile(rb"[0-9a-f]{64}\Z")
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-_VERSION = re.compile(r"(\d{1,4})\.(\d{1,4})\Z")
+_VERSION = re.compile(r"([0-9]{1,4})\.([0-9]{1,4})\Z")  # ASCII digits only, unlike \d
 
 Buffer = bytes | bytearray | memoryview
 
@@ -166,6 +162,23 @@ def check_version(theirs: str, ours: str = PROTOCOL_VERSION, peer: str = "the pe
         )
 
 
+# --- transport login (section 6) --------------------------------------------------------------
+TRANSPORT_USER = b"drag-diffusion"
+MAX_FRAMES = 5 + MAX_BUFFERS  # frames of a message after the routing identity
+
+
+def needs_ipv6(endpoint: str) -> bool:
+    """Whether ``endpoint`` names an IPv6 address (``tcp://[::1]:5557``): its socket needs
+    ``ZMQ_IPV6``, without which libzmq reports "No such device"."""
+    return endpoint.startswith("tcp://[")
+
+
+def transport_password(key: bytes) -> bytes:
+    """The PLAIN password a local client logs in with: derived from the HMAC key, so only a
+    holder of the connection file can connect, and the key itself never crosses the wire."""
+    return hmac.new(key, b"DRAG1 transport login", hashlib.sha256).hexdigest().encode("ascii")
+
+
 # --- signing (section 2) --------------------------------------------------------------------
 def signature(key: bytes, header: Buffer, parent: Buffer, content: Buffer,
               buffers: Sequence[Buffer] = ()) -> tuple[bytes, list[bytes]]:
@@ -221,10 +234,15 @@ def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
 def _unpack(frame: Buffer, what: str) -> dict[str, Any]:
     try:
         obj = msgpack.unpackb(
             frame, raw=False, strict_map_key=True, use_list=True, max_ext_len=0,
+            ext_hook=_refuse_ext,  # max_ext_len=0 alone lets a zero-length ext through
             max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
@@ -274,9 +292,8 @@ class Session:
             raise ProtocolError(BAD_MESSAGE, "malformed message: expected the <DRAG|MSG> "
                                 "delimiter, a signature, header, parent and content frames",
                                 f"got {len(frames)} frames")
-        if len(frames) > 5 + MAX_BUFFERS:
-            raise ProtocolError(BAD_MESSAGE, f"too many frames ({len(frames)}); at most "
-                                f"{5 + MAX_BUFFERS} are allowed")
+        if len(frames) > MAX_FRAMES:
+            raise too_many_frames(len(frames))
         sig, h, p, c, *buffers = frames[1:]
         for name, frame in (("header", h), ("parent", p), ("content", c)):
             if len(frame) > self.max_field_bytes:
@@ -303,6 +320,11 @@ class Session:
         fingerprint = hashlib.sha256(bytes(c) + b"".join(digests)).digest()
         return Message(header["msg_type"], header, parent, content, list(buffers), sig,
                        fingerprint)
+
+
+def too_many_frames(count: int) -> ProtocolError:
+    return ProtocolError(BAD_MESSAGE, f"too many frames ({count}); at most {MAX_FRAMES} are "
+                         "allowed")
 
 
 def _check_header(header: dict[str, Any]) -> None:
@@ -366,7 +388,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, Any]]] = {
                   "model": ("map", _R), "methods": ("map", _R), "parameters": ("map", {}),
                   "descriptions": ("map", {}), "default_method": ("str", _R),
                   "limits": ("map", _R), "dtypes": ("strs", ["u8"]),
-                  "client_ttl": ("num", 60.0), "queue": ("map", {}),
+                  "client_ttl": ("num", 6.0), "queue": ("map", {}),
                   "security": ("map", {})},
     SUBMIT: {"job_id": ("job", _R), "width": ("int", _R), "height": ("int", _R),
              "channels": ("int", _R), "has_mask": ("bool", False), "handles": ("points", _R),
@@ -455,7 +477,15 @@ def check_submit(content: dict[str, Any], buffer_sizes: Sequence[int],
                       "crop to a selection or scale down")
     if c not in (1, 2, 3, 4):
         raise invalid(f"channels must be 1, 2, 3 or 4, got {c}")
-    expected = [w * h * c * PIXEL_DTYPES[dtype]] + ([w * h] if content["has_mask"] else [])
+    image_bytes = w * h * c * PIXEL_DTYPES[dtype]
+    if image_bytes > limits.max_frame_bytes:  # libzmq would drop it without a word
+        mb = 2**20
+        raise invalid(f"the image is {image_bytes / mb:.1f} MB ({w}×{h}, {c} channels, "
+                      f"{dtype}) but the backend accepts at most "
+                      f"{limits.max_frame_bytes / mb:.1f} MB per image; restart the backend "
+                      f"with --max-frame-mb {-(-image_bytes // mb)} or more, or scale the "
+                      "image (or crop to the selection) down")
+    expected = [image_bytes] + ([w * h] if content["has_mask"] else [])
     if list(buffer_sizes) != expected:
         raise invalid(f"pixel buffers have {list(buffer_sizes)} bytes but {w}×{h}×{c} {dtype}"
                       f"{' plus a mask' if content['has_mask'] else ''} needs {expected}")
@@ -474,77 +504,3 @@ def check_submit(content: dict[str, Any], buffer_sizes: Sequence[int],
         raise invalid("seed must be between 0 and 2**63 - 1")
     if len(content["method"]) > 64 or len(content["params"]) > 64:
         raise invalid("method name or parameter list too long")
-
-
-# --- connection file (section 7) ---------------------------------------------------------------
-APP_DIR = "gimp-drag-diffusion"
-CONNECTION_ENV = "DRAG_DIFFUSION_CONNECTION_FILE"
-
-
-def default_connection_file() -> Path:
-    """``$DRAG_DIFFUSION_CONNECTION_FILE``, else the per-user default (section 7)."""
-    override = os.environ.get(CONNECTION_ENV)
-    if override:
-        return Path(override).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
-    else:
-        # Not $XDG_CONFIG_HOME: Flatpak remaps it inside GIMP's sandbox.
-        base = Path.home() / ".config"
-    return base / APP_DIR / "backend.json"
-
-
-@dataclass(frozen=True)
-class ConnectionInfo:
-    endpoint: str
-    key: bytes
-    signature_scheme: str = SIGNATURE_SCHEME
-    protocol_version: str = PROTOCOL_VERSION
-    pid: int | None = None
-    curve_server_key: str | None = None
-    curve_client_key: str | None = None  # path of the client's secret key file
-
-    def as_json(self) -> dict[str, Any]:
-        data = {"endpoint": self.endpoint, "key": self.key.hex(),
-                "signature_scheme": self.signature_scheme,
-                "protocol_version": self.protocol_version, "pid": self.pid,
-                "curve_server_key": self.curve_server_key,
-                "curve_client_key": self.curve_client_key}
-        return {k: v for k, v in data.items() if v is not None}
-
-
-def write_connection_file(path: Path, info: ConnectionInfo) -> None:
-    """Write ``info`` readable by the owner only (0600; folder 0700), atomically."""
-    path = Path(path)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(info.as_json(), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def read_connection_file(path: Path | str | None = None) -> ConnectionInfo:
-    """Read a connection file; raise ``FileNotFoundError``/``ValueError`` with a clear message."""
-    path = Path(path) if path else default_connection_file()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"no backend connection file at {path}: the backend is not running; start it "
-            "with: python -m backend serve") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the backend connection file {path}: {exc}") from None
-    try:
-        if data.get("signature_scheme", SIGNATURE_SCHEME) != SIGNATURE_SCHEME:
-            raise ValueError(f"unsupported signature scheme {data['signature_scheme']!r}")
-        return ConnectionInfo(
-            endpoint=str(data["endpoint"]), key=bytes.fromhex(data["key"]),
-            protocol_version=str(data.get("protocol_version", PROTOCOL_VERSION)),
-            pid=data.get("pid"), curve_server_key=data.get("curve_server_key"),
-            curve_client_key=data.get("curve_client_key"))
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"the backend connection file {path} is damaged ({exc}); restart the "
-                         "backend to rewrite it") from None

@@ -123,10 +123,17 @@ def submit(client: Client, **kwargs: Any) -> str:
 class RawPeer:
     """A bare DEALER plus a protocol session, to send arbitrary frames to a server."""
 
-    def __init__(self, server: Server, key: bytes | None = None) -> None:
+    def __init__(self, server: Server, key: bytes | None = None,
+                 login: bytes | None = None) -> None:
+        """``key`` signs the messages; ``login`` is the key for the transport login (default:
+        the server's key; ``b""``: connect without logging in)."""
         self.session = wire.Session(key or server.key, me="test", peer="the backend")
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.linger = 0
+        login = server.key if login is None else login
+        if login:
+            self.socket.plain_username = wire.TRANSPORT_USER
+            self.socket.plain_password = wire.transport_password(login)
         self.socket.connect(server.endpoint)
 
     def frames(self, msg_type: str, content: dict[str, Any], **kwargs: Any) -> list[bytes]:

@@ -118,7 +118,7 @@ def test_sd15_features_and_timesteps_on_the_device(unet, cond):
     runner = UNetRunner(unet, cond)
     z = meta(1, 4, 64, 64, grad=True)
     seen = []
-    hook = unet.register_forward_pre_hook(lambda _m, args: seen.append(args[1]))
+    hook = unet.time_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     try:
         with MetaRun() as run:
             eps, feat = runner.eps_and_features(z, 681, (256, 256))
@@ -128,7 +128,8 @@ def test_sd15_features_and_timesteps_on_the_device(unet, cond):
     assert eps.device == META and eps.shape == (1, 4, 64, 64)
     assert feat.shape == feat2.shape == (1, 640, 256, 256) and none is None
     # The timestep went in as a device tensor, made once for both calls.
-    assert seen[0].device == META and seen[0] is seen[1]
+    assert len(seen) == 2 and all(t.device == META for t in seen)
+    assert runner.timestep(681, META) is runner.timestep(681, META)
     assert not run.factories_without_device
     (feat.sum() + eps.sum()).backward()
     assert z.grad.device == META

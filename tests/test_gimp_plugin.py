@@ -8,15 +8,21 @@ The backend runs on the host (``python -m backend serve`` with the tiny random m
 CPU); GIMP's plug-in in the chroot reaches it on 127.0.0.1 through the connection file in the
 bind-mounted work folder. The pixels the backend returned are fetched again on the host with
 the protocol's ``attach`` and compared with the new layer's pixels read back inside GIMP.
+
+One module (a little over 450 lines) because its session fixtures — the chroot, the GIMP
+profile bind-mounted at /mnt/test, the backend — must exist once for every real-GIMP test;
+the helpers are in tests/gimp/ (harness, cases, xdisplay).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,17 +31,22 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "gimp"))
 import harness
+import xdisplay
+from cases import (
+    backend_log,
+    backend_result,
+    check_new_layer,
+    fake_browser,
+    hello,
+    outside,
+    preview_shown,
+    run_case,
+)
 
 pytestmark = pytest.mark.gimp
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REQUESTED = IN_CI or os.environ.get("DRAG_GIMP_TESTS") == "1"
-# Small enough for the tiny model on a busy CPU. The default feather (3 px) lies inside the
-# selection, so pixels outside it must stay exactly unchanged.
-FAST = {"work-size": 64, "lora-steps": 0, "drag-steps": 2, "n-inference-steps": 4,
-        "advanced": json.dumps({"lam": 0.1}), "timeout": 60}
-
-
 def unavailable(message: str) -> None:
     if IN_CI:
         pytest.fail(f"GIMP tests can't run in CI: {message}", pytrace=False)
@@ -71,95 +82,43 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
 
 
-@pytest.fixture(scope="session")
-def backend(gimp: harness.GimpChroot, tiny_model: Path):
-    """The real backend on the host, its connection file inside the mounted work folder."""
-    conn = gimp.work / "backend.json"
-    log = gimp.work / "backend-stdout.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DRAG_DIFFUSION_CONNECTION_FILE": str(conn)}
+@contextlib.contextmanager
+def serving(gimp: harness.GimpChroot, name: str, model: Path, *extra: str):
+    """``python -m backend serve`` on the host with ``model`` on the CPU, its connection file
+    ``<name>.json`` and log ``<name>.log`` in the mounted work folder; yields (process, conn)."""
+    conn, log = gimp.work / f"{name}.json", gimp.work / f"{name}-stdout.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve", "--model", str(tiny_model),
-             "--device", "cpu", "--bind", "tcp://127.0.0.1:0", "--connection-file", str(conn)],
-            cwd=harness.REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while "READY" not in log.read_text():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the backend did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    yield conn
-    from protocol import Client
-
+            [sys.executable, "-m", "backend", "serve", "--model", str(model), "--device", "cpu",
+             "--bind", "tcp://127.0.0.1:0", "--connection-file", str(conn),
+             "--log-file", str(gimp.work / f"{name}.log"), *extra],
+            cwd=harness.REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out,
+            stderr=subprocess.STDOUT)
     try:
-        with Client.from_connection_file(conn, timeout=5) as client:
-            client.shutdown()
-        process.wait(30)
-    except Exception:
-        process.kill()
-        process.wait(10)
+        xdisplay.wait_for(lambda: "READY" in log.read_text() or process.poll() is not None,
+                          300, f"the {name} backend")
+        assert process.poll() is None, f"the backend did not start:\n{log.read_text()[-3000:]}"
+        yield process, conn
+    finally:
+        from protocol import Client
+
+        try:
+            if process.poll() is None:
+                with Client.from_connection_file(conn, timeout=5) as client:
+                    client.shutdown()
+            process.wait(30)
+        except Exception:
+            process.kill()
+            process.wait(10)
 
 
-def backend_result(conn: Path, job_id: str):
-    """The terminal event of a job, fetched again from the backend."""
-    from protocol import Client
-
-    with Client.from_connection_file(conn, timeout=10) as client:
-        client.attach(job_id)
-        return [e for e in client.events(job_id, timeout=60) if e.terminal][-1]
-
-
-def run_case(gimp: harness.GimpChroot, name: str, conn: Path | None, *,
-             env: dict[str, str] | None = None, **case) -> tuple[dict, Path]:
-    """Build the image in GIMP, call the plug-in, return (report, output folder on the host)."""
-    case = {"gray": False, "alpha": True, "canvas": [64, 48], "layer_size": [64, 48],
-            "offsets": [0, 0], "selection": None, "paths": [], **case}
-    args = {**FAST, **case.get("args", {})}
-    if conn is not None:
-        args["backend"] = gimp.inside(conn)
-    case["args"] = args
-    out = gimp.work / "out" / name
-    started = time.monotonic()
-    run = gimp.run([gimp.script("gimp_case.py", CASE=case, OUT=gimp.inside(out))], env=env)
-    print(f"[{name}] GIMP run {time.monotonic() - started:.1f} s")
-    assert run.returncode == 0, run.output
-    report = json.loads((out / "result.json").read_text())
-    print(f"[{name}] plug-in call {report['seconds']:.1f} s: {report['status']}")
-    return report, out
-
-
-def pixels(out: Path, name: str, size: list[int], channels: int) -> np.ndarray:
-    data = np.frombuffer((out / name).read_bytes(), np.uint8)
-    return data.reshape(size[1], size[0], channels)
-
-
-def check_new_layer(report: dict, out: Path, conn: Path, size: list[int],
-                    offsets: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """One new layer right above the source, same geometry, pixels = the backend's result."""
-    assert report["status"] == "success", report["error"]
-    names = [layer["name"] for layer in report["layers"]]
-    assert names == ["Top", report["new_layer"], "Source", "Background"]
-    assert report["layers_before"] == ["Top", "Source", "Background"]
-    new = report["layers"][1]
-    assert new["size"] == size and new["offsets"] == offsets
-    assert report["source_unchanged"]
-    channels = report["channels"]
-    source = pixels(out, "source-before.bin", size, channels)
-    result = pixels(out, "new-layer.bin", size, channels)
-    finished = backend_result(conn, report["info"]["job_id"])
-    assert finished.type == "finished"
-    assert (finished["width"], finished["height"], finished["channels"]) == (*size, channels)
-    assert result.tobytes() == finished.image
-    return source, result
-
-
-def outside(size: list[int], offsets: list[int], selection: list[int]) -> np.ndarray:
-    """Boolean H×W: layer pixels outside a rectangular selection given in image coordinates."""
-    mask = np.ones((size[1], size[0]), bool)
-    x, y, w, h = selection
-    x0, y0 = max(x - offsets[0], 0), max(y - offsets[1], 0)
-    mask[y0:max(y + h - offsets[1], 0), x0:max(x + w - offsets[0], 0)] = False
-    return mask
+@pytest.fixture(scope="session")
+def backend(gimp: harness.GimpChroot, tiny_model: Path):
+    """The real backend with the tiny random model (the connection file's path is passed to
+    the plug-in; the log is backend.log beside it)."""
+    # A killed plug-in's job is cancelled after this much silence.
+    with serving(gimp, "backend", tiny_model, "--client-ttl", "8") as (_, conn):
+        yield conn
 
 
 def test_plugin_is_registered_and_odd_anchor_count_is_an_error(gimp):
@@ -171,6 +130,22 @@ def test_plugin_is_registered_and_odd_anchor_count_is_an_error(gimp):
     assert "Stroke 2 of the path has 3 anchors" in report["error"]
     assert "handle" in report["error"] and "target" in report["error"]
     assert report["layers"][1]["name"] == "Source" and len(report["layers"]) == 3
+
+
+def test_installed_plugin_carries_the_backends_table_and_its_help(gimp):
+    """install.py records the backend's defaults/specs/descriptions for the dialog and the
+    Method menu; the help page is installed where the plug-in's help domain points."""
+    from backend.engine.params import defaults_table, method_descriptions, spec_table
+
+    folder = gimp.plugin_dir / "drag-diffusion"
+    recorded = json.loads((folder / "install.json").read_text())["parameters"]
+    assert recorded["methods"] == json.loads(json.dumps(defaults_table()))
+    assert recorded["parameters"] == json.loads(json.dumps(spec_table()))
+    assert recorded["descriptions"] == method_descriptions()
+    assert (folder / "help" / "en" / "index.html").is_file()
+    assert 'ref="index.html"' in (folder / "help" / "en" / "gimp-help.xml").read_text()
+    report, _ = run_case(gimp, "registered", None)
+    assert report["methods"] == method_descriptions()  # every preset, each with its line
 
 
 def test_no_path_and_selection_off_the_layer_are_errors(gimp):
@@ -269,7 +244,7 @@ def test_cancel_mid_job(gimp, backend):
     assert report["status"] == "cancel", report
     assert len(report["layers"]) == 3 and report["source_unchanged"]
     # GIMP reports a cancelled call as just "cancelled"; the backend's log names the job.
-    log = (backend.parent / "backend.log").read_text()
+    log = backend_log(backend)
     job_ids = re.findall(r"job (gimp-[0-9a-f]+) cancelled \(client\)", log)
     assert job_ids, log[-2000:]
     event = backend_result(backend, job_ids[-1])
@@ -277,36 +252,105 @@ def test_cancel_mid_job(gimp, backend):
     assert report["seconds"] < 60  # 200 drag steps would take minutes
 
 
-# --- GUI: the dialog, and one Ctrl+Z removes the whole edit ------------------------------------
+@pytest.mark.parametrize(("precision", "sample"), [("U16_NON_LINEAR", np.uint16),
+                                                   ("FLOAT_LINEAR", np.float32)])
+def test_high_bit_depth_stays_exact_outside_the_selection(gimp, backend, precision, sample):
+    selection = [8, 6, 40, 30]
+    report, out = run_case(gimp, f"depth-{precision}", backend, precision=precision,
+                           selection=selection, paths=[[[[12, 12], [18, 14]]]])
+    assert report["status"] == "success", report["error"]
+    info = report["info"]
+    assert report["precision"] == info["precision"] == precision.lower().replace("_", "-")
+    assert report["new_layer_format"] == report["source_format"] == report["format"]
+    source = np.frombuffer((out / "source-before.bin").read_bytes(), sample).reshape(48, 64, 4)
+    result = np.frombuffer((out / "new-layer.bin").read_bytes(), sample).reshape(48, 64, 4)
+    # The source uses bits that 8 bits can't hold, so an 8-bit round trip would change it.
+    if sample == np.uint16:
+        assert np.any(source % 257 != 0)
+    else:
+        assert np.any(np.abs(np.round(source * 255) / 255 - source) > 1e-4)
+    keep = outside([64, 48], [0, 0], selection)
+    assert result[keep].tobytes() == source[keep].tobytes()  # bit-identical, own precision
+    assert not np.array_equal(result[~keep], source[~keep])
+    # The pixels the backend changed are its result, in the dtype it worked in.
+    supported = hello(backend).get("dtypes") or ["u8"]
+    wanted = "u16" if sample == np.uint16 else "f32"
+    assert info["dtype"] == (wanted if wanted in supported else "u8")
+    finished = backend_result(backend, info["job_id"])
+    assert (out / "new-layer-sent.bin").read_bytes() == finished.image
+    assert 0 < info["changed_rows"] <= 30
+
+
+def test_a_backend_that_dies_mid_job_is_reported_within_10_s(gimp, tiny_model):
+    """kill -9 of the backend while a job runs: a clear error, no layer, within ~10 s."""
+    killed: list[float] = []
+    log = gimp.work / "doomed.log"
+
+    def kill_when_busy(doomed: subprocess.Popen) -> None:
+        xdisplay.wait_for(lambda: log.exists() and "hello from" in log.read_text(), 120,
+                          "the plug-in to reach the doomed backend")
+        time.sleep(3)  # the job is running now
+        doomed.kill()
+        killed.append(time.time())
+
+    with serving(gimp, "doomed", tiny_model) as (doomed, conn):
+        killer = threading.Thread(target=kill_when_busy, args=(doomed,), daemon=True)
+        killer.start()
+        report, _ = run_case(gimp, "backend-dies", conn, selection=[8, 6, 40, 30],
+                             paths=[[[[12, 12], [18, 14]]]],
+                             args={"drag-steps": 5000,
+                                   "advanced": json.dumps({"reach_threshold": 0})})
+        killer.join(5)
+    assert killed, "the backend was not killed"
+    assert report["status"] == "execution-error", report
+    assert "Lost the backend" in report["error"] and "crashed" in report["error"]
+    assert len(report["layers"]) == 3
+    noticed = report["started_at"] + report["seconds"] - killed[0]
+    print(f"[backend-dies] dead backend reported {noticed:.1f} s after kill -9")
+    assert noticed < 10 + 2
+
+
+# --- GUI: the dialog, the progress with its preview, errors, undo, cancel ---------------------
 
 ARTIFACTS = harness.REPO / "test-artifacts"
+TOY_MODEL = harness.REPO / "backend" / "toy" / "model"
+# The GUI edits a picture of shapes with the project's trained toy model, so the preview and
+# the result show a shape moving (random weights only make noise). Toy settings as the
+# README's quality table: no LoRA, a larger latent step, GoodDrag's radii scaled to its grid.
+TOY = {"work-size": 128, "lora-steps": 0, "drag-steps": 40, "n-inference-steps": 10,
+       "latent-lr": 0.1, "timeout": 120, "advanced": json.dumps({"r1": 1, "r2": 3, "beta": 1})}
+# The first interactive run: DragDiffusion's dialog with a knob at its default, switched to
+# GoodDrag by keyboard; a GoodDrag job long enough to watch its previews, then cancelled.
+FIRST = {**TOY, "inversion-strength": -1.0,
+         "advanced": json.dumps({"r1": 1, "r2": 3, "beta": 1, "reach_threshold": 0,
+                                 "track_per_denoise": 10, "max_track_no_change": 1000})}
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+def params_module():
+    """The plug-in's dragdiff_params (its knob list)."""
+    sys.path.insert(0, str(harness.REPO / "gimp_plugin" / "drag-diffusion"))
+    import dragdiff_params
+
+    return dragdiff_params
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def toy_scene(gimp: harness.GimpChroot) -> dict:
+    """A shapes picture from the toy model's drag cases: its file, a selection around the
+    swept area and the drag."""
+    from PIL import Image
 
+    from backend.toy.shapes import make_cases
 
-def xdotool(display: str, *args: str) -> str:
-    return subprocess.run(["xdotool", *args], env={**os.environ, "DISPLAY": display},
-                          capture_output=True, text=True, timeout=30).stdout.strip()
-
-
-def find_window(display: str, name: str) -> str | None:
-    found = xdotool(display, "search", "--onlyvisible", "--name", name).split()
-    return found[-1] if found else None
+    case = make_cases(1, seed=2, size=128)[0]
+    path = gimp.work / "gui-scene.png"
+    Image.fromarray(case.image).save(path)
+    ys, xs = np.nonzero(case.mask)
+    x0, y0 = max(0, int(xs.min()) - 4), max(0, int(ys.min()) - 4)
+    return {"image": gimp.inside(path), "prompt": case.prompt,
+            "selection": [x0, y0, min(128, int(xs.max()) + 5) - x0,
+                          min(128, int(ys.max()) + 5) - y0],
+            "drags": [[list(h), list(t)] for h, t in zip(case.handles, case.targets,
+                                                          strict=True)]}
 
 
 @pytest.fixture
@@ -316,76 +360,152 @@ def xvfb(gimp):
                                   packages=("xvfb", "xdotool", "imagemagick"))
     except harness.Unavailable as exc:
         unavailable(str(exc))
-    display = f":{90 + os.getpid() % 100}"
-    process = subprocess.Popen(["Xvfb", display, "-nolisten", "tcp", "-screen", "0",
+    name = f":{90 + os.getpid() % 100}"
+    process = subprocess.Popen(["Xvfb", name, "-nolisten", "tcp", "-screen", "0",
                                 "1280x900x24"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    wait_for(lambda: subprocess.run(["xdotool", "getdisplaygeometry"],
-                                    env={**os.environ, "DISPLAY": display},
-                                    capture_output=True).returncode == 0, 30, "Xvfb")
+    display = xdisplay.Display(name)
+    xdisplay.wait_for(lambda: subprocess.run(["xdotool", "getdisplaygeometry"], env=display.env,
+                                             capture_output=True).returncode == 0, 30, "Xvfb")
     yield display
     process.terminate()
     process.wait(10)
 
 
 @pytest.mark.gui
-def test_gui_dialog_and_one_undo_removes_the_whole_edit(gimp, backend, xvfb):
-    state = gimp.work / "gui-state"
+def test_gui_dialog_preview_errors_undo_and_cancel(gimp, xvfb):
+    with serving(gimp, "toy", TOY_MODEL, "--client-ttl", "8") as (_, toy):
+        gui_session(gimp, xvfb, toy)
+
+
+def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path) -> None:
+    state, log = gimp.work / "gui-state", gimp.work / "gui-gimp.log"
     state.mkdir()
-    ARTIFACTS.mkdir(exist_ok=True)
-    args = {**FAST, "backend": gimp.inside(backend)}
-    log = gimp.work / "gui-gimp.log"
-    process = gimp.popen([gimp.script("gimp_gui.py", STATE=gimp.inside(state), ARGS=args)],
-                         gui=True, env={"DISPLAY": xvfb}, log=log)
+    opened = fake_browser(gimp)
+    settings = gimp.profile / "plug-in-settings" / "drag-diffusion-state.json"
+    scene = toy_scene(gimp)
+    args = {**TOY, "prompt": scene["prompt"]}
+    first = {**FIRST, "prompt": scene["prompt"]}
+    # The backend through the environment (the Backend field is reset with the rest).
+    env = {"DISPLAY": xvfb.name, "DRAG_DIFFUSION_CONNECTION_FILE": gimp.inside(backend)}
+    process = gimp.popen([gimp.script("gimp_gui.py", STATE=gimp.inside(state), ARGS=args,
+                                      FIRST=first, SCENE=scene)], gui=True, env=env, log=log)
+    started = time.monotonic()
+
+    def step(name: str, timeout: float = 120) -> dict:
+        return xdisplay.wait_for(lambda: xdisplay.read_json(state / name), timeout, name)
+
     try:
-        wait_for(lambda: (state / "ready").exists() or process.poll() is not None, 120,
-                 "GIMP to open the image")
+        xdisplay.wait_for(lambda: (state / "ready").exists() or process.poll() is not None,
+                          120, "GIMP to open the image")
         assert process.poll() is None, log.read_text()[-3000:]
-        # The plug-in's dialog (interactive run): screenshot it, then dismiss it.
-        dialog = wait_for(lambda: find_window(xvfb, "^Drag Diffusion$"), 60, "the dialog")
+        original = step("ready")["layers"]
+
+        # 1. The dialog: real defaults, the method's line, the estimate; Help opens the page
+        #    shipped with the plug-in; a method change moves the knobs at their defaults.
+        dialog = xvfb.wait_window("^Drag Diffusion$")
         time.sleep(2)  # let it draw
-        env = {**os.environ, "DISPLAY": xvfb}
-        subprocess.run(["import", "-window", dialog, str(ARTIFACTS / "plugin-dialog.png")],
-                       env=env, check=True, timeout=60)
-        subprocess.run(["import", "-window", "root", str(ARTIFACTS / "gimp-with-dialog.png")],
-                       env=env, check=True, timeout=60)
-        # No window manager under Xvfb: focus explicitly; keys and clicks go through XTEST
-        # (GTK ignores events sent with "--window").
-        xdotool(xvfb, "mousemove", "--window", dialog, "50", "205", "click", "1")  # Advanced
-        time.sleep(2)
-        subprocess.run(["import", "-window", dialog,
-                        str(ARTIFACTS / "plugin-dialog-advanced.png")],
-                       env=env, check=True, timeout=60)
-        xdotool(xvfb, "windowfocus", "--sync", dialog)
-        xdotool(xvfb, "key", "Return")  # OK: the edit starts, with its progress dialog
-        working = wait_for(lambda: find_window(xvfb, "^Drag Diffusion – working$"), 60,
-                           "the progress dialog")
-        time.sleep(5)  # let the job get going and the bar move
-        subprocess.run(["import", "-window", "root", str(ARTIFACTS / "gimp-progress.png")],
-                       env=env, check=True, timeout=60)
-        xdotool(xvfb, "windowfocus", "--sync", working)
-        xdotool(xvfb, "key", "Escape")  # = its Cancel button
-        closed = wait_for(lambda: read_json(state / "dialog-closed"), 60,
-                          "the cancelled edit to return")
-        assert closed["status"] == "cancel"
-        assert closed["layers"] == read_json(state / "ready")["layers"]  # nothing added
-        assert re.search(r"job gimp-[0-9a-f]+ cancelled \(client\)",
-                         (backend.parent / "backend.log").read_text())
+        xvfb.screenshot(ARTIFACTS / "plugin-dialog.png", dialog)
+        xvfb.screenshot(ARTIFACTS / "gimp-with-dialog.png")
+        xvfb.keys(dialog, "F1")
+        page = xdisplay.wait_for(lambda: opened.exists() and opened.read_text().strip(), 30,
+                                 "Help to open a page")
+        assert page.split("#")[0].endswith("/plug-ins/drag-diffusion/help/en/index.html"), page
+        xvfb.keys(dialog, "alt+m", "Down")
+        xvfb.keys(dialog, "alt+e", "ctrl+a")
+        xvfb.type(dialog, "7")
+        xvfb.keys(dialog, "Tab")
+        time.sleep(1)
+        xvfb.screenshot(ARTIFACTS / "plugin-dialog-gooddrag.png", dialog)
+        xvfb.keys(dialog, "alt+o")  # OK
 
-        applied = wait_for(lambda: read_json(state / "applied"), 240, "the drag to finish")
+        # The progress window with its live preview; its Cancel stops the backend's job.
+        working = xvfb.wait_window("^Drag Diffusion – working$")
+        shot = ARTIFACTS / "progress-window.png"
+        xdisplay.wait_for(lambda: preview_shown(xvfb.screenshot(shot, working)), 120,
+                          "a live preview in the progress window", interval=1.0)
+        xvfb.screenshot(ARTIFACTS / "gimp-progress.png")
+        xvfb.keys(working, "Escape")
+        run1 = step("run1")
+        assert run1["status"] == "cancel", run1
+        assert run1["layers"] == original  # nothing added, nothing left of the preview
+        assert re.search(r"job gimp-[0-9a-f]+ cancelled \(client\).*method gooddrag",
+                         backend_log(backend))
+        typed = xdisplay.read_json(settings)["typed"]
+        assert typed["method"] == "gooddrag" and typed["seed"] == 7
+        # The knob shown at DragDiffusion's default moved to GoodDrag's (so it is remembered
+        # as "the method's default"); the values set before stayed.
+        assert typed["inversion-strength"] == -1
+        assert typed["latent-lr"] == TOY["latent-lr"] and typed["work-size"] == 128
+
+        # 2. Re-Show: GIMP passes its last successful values (here: none yet, so the call's);
+        #    the dialog shows what was typed before the cancel.
+        dialog = xvfb.wait_window("^Drag Diffusion$")
+        time.sleep(1.5)
+        xvfb.screenshot(ARTIFACTS / "plugin-dialog-reshow.png", dialog)
+        xvfb.keys(dialog, "Escape")
+        assert step("run2")["status"] == "cancel"
+        typed = xdisplay.read_json(settings)["typed"]  # written from the dialog's values
+        assert typed["method"] == "gooddrag" and typed["seed"] == 7
+
+        # 3. Cancel from GIMP's status bar: GIMP kills the plug-in; the backend notices the
+        #    silence and cancels the job.
+        dialog = xvfb.wait_window("^Drag Diffusion$")
+        window = xvfb.wait_window(r"layers?\) [0-9]+x[0-9]+", 30)
+        log_mark = len(backend_log(backend))
+        xvfb.keys(dialog, "alt+o")
+        xvfb.wait_window("^Drag Diffusion – working$")
+        time.sleep(3)
+        xvfb.screenshot(ARTIFACTS / "gimp-statusbar-progress.png")
+        xvfb.click(window, 519, 582)  # the status bar's Cancel button
+        clicked = time.monotonic()
+        run4 = step("run4")
+        assert run4["status"] == "cancel", run4
+        assert run4["layers"] == original
+        xdisplay.wait_for(lambda: re.search(r"job gimp-[0-9a-f]+ cancelled \(client_gone\)",
+                                            backend_log(backend)[log_mark:]), 30,
+                          "the backend to cancel the orphaned job")
+        gone = time.monotonic() - clicked
+        print(f"[gui] status-bar Cancel -> backend job cancelled in {gone:.1f} s")
+        assert gone < 10 + 2
+        # 4. An error is shown once (GIMP's own error box), not twice.
+        #    Before that, Reset › Reset to Factory Defaults: each knob shows its method's
+        #    default again (the factory value -1 is never shown or clamped to a range end).
+        dialog = xvfb.wait_window("^Drag Diffusion$")
+        time.sleep(1.5)
+        xvfb.click(dialog, 212, 470)  # Reset
+        time.sleep(1)
+        xvfb.click(dialog, 213, 417)  # its popover's Reset to Factory Defaults
+        time.sleep(1)
+        xvfb.screenshot(ARTIFACTS / "plugin-dialog-factory.png", dialog)
+        xvfb.keys(dialog, "alt+o")
+        run3 = step("run3")
+        assert run3["status"] == "execution-error" and "has 3 anchors" in run3["error"]
+        assert run3["layers"] == original
+        time.sleep(1)
+        assert log.read_text().count("has 3 anchors") == 1, log.read_text()[-3000:]
+        typed = xdisplay.read_json(settings)["typed"]
+        assert typed["method"] == "dragdiffusion" and typed["seed"] == 42
+        assert all(typed[k.prop] == -1 for k in params_module().KNOBS), typed
+
+        # 5. A quick edit, then the undo history holds exactly one step: the edit.
+        applied = step("applied", 240)
         assert applied["status"] == "success", (applied, log.read_text()[-3000:])
-        original, edited = applied["original"], applied["layers"]
+        edited = applied["layers"]
         assert len(edited) == 2 and edited[1] == original[0]
+        xvfb.keys(window, "2")  # zoom to 200 % to see the result
+        time.sleep(1.5)
+        xvfb.screenshot(ARTIFACTS / "gimp-result.png")
+        layers_now = lambda: (xdisplay.read_json(state / "state.json") or {}).get("layers")  # noqa: E731
+        xvfb.keys(window, "ctrl+z")
+        xdisplay.wait_for(lambda: layers_now() == original, 30, "one Ctrl+Z to undo the edit")
+        xvfb.keys(window, "ctrl+z")  # nothing else to undo: no trace of runs 1-4
+        time.sleep(2)
+        assert layers_now() == original
+        xvfb.keys(window, "ctrl+y")
+        xdisplay.wait_for(lambda: layers_now() == edited, 30, "Ctrl+Y to redo the edit")
 
-        window = wait_for(lambda: find_window(xvfb, r"layers?\) [0-9]+x[0-9]+"), 30,
-                          "the image window")
-        xdotool(xvfb, "windowfocus", "--sync", window)
-        xdotool(xvfb, "key", "ctrl+z")
-        wait_for(lambda: (read_json(state / "state.json") or {}).get("layers") == original, 30,
-                 "one Ctrl+Z to remove the whole edit")
-        xdotool(xvfb, "key", "ctrl+y")
-        wait_for(lambda: (read_json(state / "state.json") or {}).get("layers") == edited, 30,
-                 "Ctrl+Y to restore the edit")
+        print(f"[gui] whole GUI session {time.monotonic() - started:.1f} s")
     finally:
         (state / "done").touch()
         try:

@@ -76,7 +76,15 @@ def test_connect_starts_the_backend_detached(tmp_path, monkeypatch):
         assert "Starting the backend…" in feedback.texts
         pid = json.loads(conn.read_text())["pid"]
         assert os.getsid(pid) != os.getsid(0)  # its own session: detached from "GIMP"
-        assert client.hello()["model"]["state"] in ("loading", "ready")
+        info = client.hello()
+        assert info["model"]["state"] in ("loading", "ready")
+        # The dialog's table comes from this reply: every knob has a default and a spec.
+        par = load("dragdiff_params")
+        table = par.ParamTable.parse(info, "backend")
+        for knob in par.KNOBS:
+            assert table.default("gooddrag", knob.param) is not None, knob
+            assert table.specs[knob.param].step, knob
+        assert table.describe("dragdiffusion")
         print(f"backend started and answered in {time.monotonic() - started:.1f} s")
     finally:
         client.shutdown()
@@ -164,7 +172,7 @@ def test_a_job_shows_phases_times_previews_and_returns_the_warnings():
     assert result.previews == 1 and feedback.previews == [(6, 2, 1, 3)]
     assert result.handles == [(2.5, 1.5)] and result.dtype == "u8"
     assert client.submitted["preview"] is True
-    assert "dtype" not in client.submitted  # 8-bit requests look as before interface 3
+    assert client.submitted["dtype"] == "u8"
     phases = [text for _, text, _ in feedback.shown]
     assert "Dragging: step 4 of 4" in phases
     assert all("elapsed" in detail for _, _, detail in feedback.shown)

@@ -8,7 +8,7 @@ import json
 import pytest
 from plugin_modules import load
 
-from backend.engine.params import PRESETS, defaults_table
+from backend.engine.params import PRESETS, defaults_table, method_descriptions, spec_table
 
 par = load("dragdiff_params")
 DEFAULT = par.DEFAULT
@@ -17,10 +17,7 @@ DEFAULT = par.DEFAULT
 def hello_table() -> dict:
     """The parameter part of the backend's hello reply, as the server builds it."""
     return {"methods": defaults_table(), "default_method": "dragdiffusion",
-            "param_specs": {"lora_steps": {"min": 0, "max": 2000, "step": 10,
-                                           "help": "Identity-preserving LoRA fine-tune steps"},
-                            "inversion_strength": {"min": 0.05, "max": 1.0, "step": 0.05}},
-            "method_descriptions": {"gooddrag": "Alternates drag and denoising steps."}}
+            "parameters": spec_table(), "descriptions": method_descriptions()}
 
 
 @pytest.fixture
@@ -32,8 +29,8 @@ def test_knob_defaults_come_from_the_backends_table(table):
     for knob in par.KNOBS:
         for method, preset in PRESETS.items():
             assert table.default(method, knob.param) == getattr(preset, knob.param), (method, knob)
-    assert table.describe("gooddrag") == "Alternates drag and denoising steps."
-    assert table.specs["lora_steps"].help.startswith("Identity-preserving")
+    assert table.describe("gooddrag").startswith("GoodDrag: alternates small drags")
+    assert table.specs["lora_steps"].help.startswith("training steps of the identity LoRA")
 
 
 def test_the_plugin_keeps_no_copy_of_the_defaults():
@@ -114,12 +111,16 @@ def test_remembered_values_keep_defaults_symbolic(table):
 
 
 def test_knob_ranges_and_steps_follow_the_specs(table):
-    lora = par.KNOB_BY_PROP["lora-steps"]
-    assert table.knob_range(lora) == (0.0, 2000.0, 10.0)
-    strength = par.KNOB_BY_PROP["inversion-strength"]
-    assert table.knob_range(strength) == (0.05, 1.0, 0.05)
-    lr = par.KNOB_BY_PROP["latent-lr"]  # no spec: the PDB range, a step below the defaults
-    assert table.knob_range(lr) == (0.0, 1.0, pytest.approx(0.001))
+    ranges = {k.prop: table.knob_range(k) for k in par.KNOBS}
+    assert ranges["lora-steps"] == (0.0, 2000.0, 10.0)
+    assert ranges["inversion-strength"] == (0.01, 1.0, 0.05)
+    assert ranges["work-size"] == (64.0, 2048.0, 64.0)
+    assert ranges["latent-lr"] == (1e-5, 1.0, 0.005)
+    for knob in par.KNOBS:  # every knob's range fits the PDB argument's
+        low, high, step = ranges[knob.prop]
+        assert 0 <= low < high <= knob.pdb_max and step > 0, knob
+    bare = par.ParamTable({"dragdiffusion": {"latent_lr": 0.01}})  # no specs: PDB range
+    assert bare.knob_range(par.KNOB_BY_PROP["latent-lr"]) == (0.0, 1.0, pytest.approx(0.001))
 
 
 def test_state_file_round_trip(tmp_path):
@@ -136,3 +137,10 @@ def test_record_round_trip(table):
     again = par.ParamTable.parse(table.as_record(), "cache")
     assert again.methods == table.methods and again.specs == table.specs
     assert again.descriptions == table.descriptions
+
+
+def test_algorithm_of_each_method(table):
+    assert table.algorithm("dragdiffusion-paper") == "dragdiffusion"
+    assert table.algorithm("gooddrag") == "gooddrag"
+    only = {k.prop: k.only for k in par.KNOBS if k.only}
+    assert only == {"drag-steps": "dragdiffusion"}  # GoodDrag counts its steps differently

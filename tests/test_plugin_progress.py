@@ -107,15 +107,16 @@ def test_estimate_before_the_run_from_earlier_edits():
 def test_working_megapixels_match_the_engine():
     from backend.engine.imageops import working_size
 
-    for size in ((640, 480), (64, 48), (3000, 2000), (100, 1000)):
-        w, h = working_size(*size, 512)
-        assert prog.working_megapixels(*size, 512) == w * h / 1e6
+    for size in ((640, 480), (64, 48), (3000, 2000), (100, 1000), (513, 999)):
+        for work, cap in ((512, 0), (256, 0), (512, 384)):
+            w, h = working_size(*size, work, cap)
+            assert prog.working_megapixels(*size, work, cap) == w * h / 1e6, (size, work, cap)
 
 
 def test_advice_before_a_long_or_cpu_run():
     text = prog.advice(600, "cpu", 512, measured=True, fast_preset=True)
     assert text.startswith("Estimated time: about 10 minutes on CPU (from earlier edits).")
-    assert "smaller Working size (now 512 px" in text and "the 'fast' method" in text
+    assert "smaller Working width (now 512 px" in text and "the 'fast' method" in text
     assert "fast" not in prog.advice(600, "cpu", 512, measured=False, fast_preset=False)
     assert prog.advice(20, "cuda:0", 512, measured=True, fast_preset=False) == \
         "Estimated time: about 20 seconds on CUDA (from earlier edits)."

@@ -12,7 +12,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from protocol import wire
+from protocol import connection, wire
 from protocol.wire import Limits, ProtocolError, Session
 
 KEY = b"k" * 32
@@ -193,6 +193,8 @@ def _signed(session: Session, header: dict, content: bytes) -> list[bytes]:
     msgpack.packb([1, 2]),                    # not a map
     msgpack.packb({"a": list(range(5000))}),  # too long an array
     msgpack.packb({"a": msgpack.ExtType(1, b"x")}),  # extension types are refused
+    b"\x81\xa1a\xc7\x00\x05",                       # ... also a zero-length one (11.9)
+    b"\x81\xa1a\xd4\x05\x00",                       # ... and a fixext
     msgpack.packb({1: 2}),                    # non-string key
     b"\x91" * 100000,                          # deep nesting
     msgpack.packb({}) + b"extra",              # trailing bytes
@@ -206,8 +208,19 @@ def test_hostile_msgpack_is_a_bad_message(content):
     assert err.value.code == wire.BAD_MESSAGE
 
 
+@pytest.mark.parametrize("version", ["١.٠", "１.０", "1.٠", "².0", "1.0\n"])
+def test_versions_are_ascii_digits_only(version):
+    """11.9: Unicode digits used to pass as a version ('١.٠' is Arabic-Indic 1.0)."""
+    with pytest.raises(ProtocolError) as err:
+        wire.parse_version(version)
+    assert err.value.code == wire.BAD_MESSAGE
+    with pytest.raises(ProtocolError):
+        wire.check_version(version)
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("msg_id", 5), ("session", ""), ("msg_type", "x" * 40), ("version", "one"),
+    ("version", "１.０"),
     ("time", float("nan")), ("time", True), ("job_id", "../etc"),
 ])
 def test_bad_header_fields(field, value):
@@ -293,11 +306,11 @@ def test_check_submit_pixel_limit():
 
 def test_connection_file_round_trip_and_permissions(tmp_path):
     path = tmp_path / "conf" / "backend.json"
-    info = wire.ConnectionInfo("tcp://127.0.0.1:5557", os.urandom(32), pid=42,
+    info = connection.ConnectionInfo("tcp://127.0.0.1:5557", os.urandom(32), pid=42,
                                curve_server_key="x" * 40)
-    wire.write_connection_file(path, info)
-    wire.write_connection_file(path, info)  # overwrite in place
-    assert wire.read_connection_file(path) == info
+    connection.write_connection_file(path, info)
+    connection.write_connection_file(path, info)  # overwrite in place
+    assert connection.read_connection_file(path) == info
     if os.name == "posix":
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
@@ -307,20 +320,20 @@ def test_connection_file_round_trip_and_permissions(tmp_path):
 
 def test_connection_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m backend serve"):
-        wire.read_connection_file(tmp_path / "none.json")
+        connection.read_connection_file(tmp_path / "none.json")
     damaged = tmp_path / "bad.json"
     damaged.write_text('{"endpoint": "tcp://x:1", "key": "zz"}')
     with pytest.raises(ValueError, match="damaged"):
-        wire.read_connection_file(damaged)
+        connection.read_connection_file(damaged)
 
 
 def test_default_connection_file(monkeypatch, tmp_path):
-    monkeypatch.setenv(wire.CONNECTION_ENV, str(tmp_path / "c.json"))
-    assert wire.default_connection_file() == tmp_path / "c.json"
-    monkeypatch.delenv(wire.CONNECTION_ENV)
+    monkeypatch.setenv(connection.CONNECTION_ENV, str(tmp_path / "c.json"))
+    assert connection.default_connection_file() == tmp_path / "c.json"
+    monkeypatch.delenv(connection.CONNECTION_ENV)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))  # ignored on purpose (Flatpak)
-    path = wire.default_connection_file()
-    assert path.name == "backend.json" and path.parent.name == wire.APP_DIR
+    path = connection.default_connection_file()
+    assert path.name == "backend.json" and path.parent.name == connection.APP_DIR
     if sys.platform != "win32":
         assert path.parent.parent == Path.home() / ".config"
 
@@ -330,3 +343,55 @@ def test_protocol_imports_without_numpy_or_torch():
             "bad = {'numpy', 'torch', 'backend'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=Path(__file__).resolve().parents[1])
+
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX owners and modes")
+
+
+@posix_only
+def test_an_open_folder_of_ours_is_tightened_when_the_file_is_written(tmp_path):
+    """11.5: an existing group/world-writable folder used to be left as it was."""
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    os.chmod(folder, 0o777)
+    connection.write_connection_file(folder / "backend.json",
+                                     connection.ConnectionInfo("tcp://127.0.0.1:1", b"k" * 32))
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert connection.read_connection_file(folder / "backend.json").key == b"k" * 32
+
+
+@posix_only
+@pytest.mark.parametrize("what", ["folder writable by others", "file writable by others",
+                                  "file of another user", "folder of another user"])
+def test_a_connection_file_others_could_swap_is_refused(tmp_path, monkeypatch, what):
+    """11.5: the client used to read any connection file, whoever could have written it."""
+    folder = tmp_path / "conf"
+    path = folder / "backend.json"
+    connection.write_connection_file(path, connection.ConnectionInfo("tcp://127.0.0.1:1",
+                                                                     b"k" * 32))
+    if what == "folder writable by others":
+        os.chmod(folder, 0o777)
+    elif what == "file writable by others":
+        os.chmod(path, 0o622)
+    elif os.getuid() == 0:  # root can give the file or the folder away
+        os.chown(path if what == "file of another user" else folder, 4321, -1)
+    else:  # pretend to be someone else: then neither is ours
+        me = os.getuid()
+        monkeypatch.setattr(connection.os, "getuid", lambda: me + 1)
+    with pytest.raises(connection.UnsafeConnectionFile) as err:
+        connection.read_connection_file(path)
+    message = str(err.value)
+    assert str(path) in message and ("another user" in message or "writable by other" in message)
+    assert "chmod 700" in message
+
+
+@posix_only
+def test_a_folder_of_another_user_is_not_written_into(tmp_path, monkeypatch):
+    folder = tmp_path / "theirs"
+    folder.mkdir(mode=0o755)
+    me = os.getuid()
+    monkeypatch.setattr(connection.os, "getuid", lambda: me + 1)
+    with pytest.raises(connection.UnsafeConnectionFile, match="belongs to another user"):
+        connection.write_connection_file(folder / "backend.json",
+                                         connection.ConnectionInfo("tcp://x:1", b"k" * 32))
+    assert not (folder / "backend.json").exists()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 from fixtures_server import FakeEngine, RawPeer, client_for, image, running_server, submit
 
 from backend.engine.errors import ModelNotFound
 from backend.engine.params import method_descriptions, spec_table
 from backend.server import FairQueue, Job, Server, ServerError
-from protocol import wire
+from protocol import connection, wire
 from protocol.client import (
     BackendUnavailable,
     Client,
@@ -76,13 +77,22 @@ def test_full_job_events_in_order():
 
 
 def test_finished_carries_the_pixel_type_and_the_engine_warnings():
-    with running_server(FakeEngine()) as server, client_for(server) as client:
-        assert client.hello()["dtypes"] == ["u8"]
+    engine = FakeEngine()
+    with running_server(engine) as server, client_for(server) as client:
+        assert client.hello()["dtypes"] == ["u8", "u16", "f32"]
         done = collect(client, submit(client, prompt="warn=one,two"))[-1]
         assert done["dtype"] == "u8" and done["warnings"] == ["one", "two"]
         assert collect(client, submit(client))[-1]["warnings"] == []
-        with pytest.raises(JobFailed, match="accepts u8") as err:  # uint16 until the engine
-            submit(client, image=bytes(8 * 6 * 3 * 2), dtype="u16")
+        for dtype in (np.uint16, np.float32):
+            pixels = np.arange(8 * 6 * 3, dtype=dtype).reshape(6, 8, 3) * 300
+            done = collect(client, submit(client, image=pixels))[-1]
+            assert done["dtype"] == {np.uint16: "u16", np.float32: "f32"}[dtype]
+            assert engine.runs[-1].image.dtype == dtype
+            assert np.array_equal(engine.runs[-1].image, pixels)
+            out = np.frombuffer(done.image, dtype).reshape(6, 8, 3)
+            assert np.array_equal(out, (255 - pixels).astype(dtype))
+        with pytest.raises(JobFailed, match="not accepted") as err:
+            submit(client, image=bytes(8 * 6 * 3 * 8), dtype="f64")
         assert err.value.code == wire.INVALID_INPUT
 
 
@@ -384,7 +394,7 @@ def test_wrong_key_says_the_connection_file_is_stale():
 def test_connection_file_lifecycle(tmp_path):
     path = tmp_path / "backend.json"
     with running_server(FakeEngine(), connection_file=path) as server:
-        info = wire.read_connection_file(path)
+        info = connection.read_connection_file(path)
         assert info.endpoint == server.endpoint and info.key == server.key
         with Client.from_connection_file(path, timeout=2) as client:
             assert client.ping()["running"] is None
@@ -421,3 +431,40 @@ def test_one_log_line_per_job(caplog):
     (line,) = [r.getMessage() for r in caplog.records if f"job {job}" in r.getMessage()]
     assert "finished" in line and "8x6x3 +mask" in line and "method gooddrag" in line
     assert "inversion=" in line and "drag=" in line and "1 points" in line
+
+
+def test_an_image_over_the_frame_limit_is_refused_before_sending():
+    """11.8: the client sent it anyway; libzmq dropped it and 24 s later the user read that
+    no backend answered."""
+    limits = wire.Limits(max_frame_bytes=2**20)
+    with running_server(FakeEngine(), limits=limits) as server, client_for(server) as client:
+        t0 = time.monotonic()
+        with pytest.raises(JobFailed) as err:
+            submit(client, image=bytes(1000 * 700 * 3), width=1000, height=700)
+        assert time.monotonic() - t0 < 1.0
+        assert client.ping()["queued"] == 0
+    message = err.value.message
+    assert err.value.code == wire.INVALID_INPUT
+    assert "the image is 2.0 MB" in message and "at most 1.0 MB" in message
+    assert "--max-frame-mb 3" in message
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_an_ipv6_loopback_bind_serves():
+    """11.9: --bind tcp://[::1]:PORT failed with 'No such device' (ZMQ_IPV6 was off)."""
+    with running_server(FakeEngine(), bind="tcp://[::1]:0") as server:
+        assert server.endpoint.startswith("tcp://[::1]:")
+        with client_for(server) as client:
+            assert client.ping()["queued"] == 0
+            assert collect(client, submit(client))[-1].type == "finished"

@@ -8,10 +8,15 @@ how many cases ran.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
+import tracemalloc
+from pathlib import Path
 
 import msgpack
 import pytest
+import zmq
 from fixtures_server import FakeEngine, RawPeer, client_for, image, running_server, submit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +25,7 @@ from backend.engine.errors import InvalidInput
 from backend.engine.params import SPECS, resolve
 from protocol import wire
 
+ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = 200
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -305,7 +311,145 @@ def test_oversized_frame_is_dropped_and_the_server_serves_on():
             assert client.ping()["queued"] == 0
 
 
+# A separate process, so its sending does not share this process's GIL with the server. It
+# speaks ZMTP 3.0 over a plain TCP socket: a greeting without a login (NULL mechanism), then,
+# once the server has greeted back, one message of a million empty frames (2 MB).
+_FLOOD = """
+import socket, sys, time
+host, port = sys.argv[1].removeprefix("tcp://").rsplit(":", 1)
+greeting = b"\\xff" + bytes(7) + b"\\x01\\x7f\\x03\\x00" + b"NULL".ljust(20, b"\\0") + bytes(32)
+body = b"\\x05READY\\x0bSocket-Type" + (6).to_bytes(4, "big") + b"DEALER"
+ready = b"\\x04" + bytes([len(body)]) + body
+frames = b"\\x01\\x00" * (int(sys.argv[2]) - 1) + b"\\x00\\x00"
+with socket.create_connection((host, int(port))) as sock:
+    print("sending", flush=True)
+    try:
+        sock.sendall(greeting)
+        peer = b""
+        while len(peer) < 64 and (data := sock.recv(64 - len(peer))):
+            peer += data
+        sock.sendall(ready + frames)
+        print("sent", flush=True)
+        time.sleep(60)  # closing now could reset the connection before the server reads it
+    except OSError as exc:
+        print("refused:", exc, flush=True)
+"""
+
+
+def flood(server, frames: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _FLOOD, server.endpoint, str(frames)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "sending"
+    return proc
+
+
+def ping_times(client, seconds: float) -> list[float]:
+    times = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t0 = time.monotonic()
+        client.ping()
+        times.append(time.monotonic() - t0)
+        time.sleep(0.02)
+    return times
+
+
+def test_a_keyless_million_frame_message_never_stalls_other_clients():
+    """Issue 11.2: one unauthenticated 2 MB message (a million empty frames) used to stall
+    every client for ~40 s. Without the key it cannot complete the handshake now."""
+    with running_server(FakeEngine()) as server, client_for(server, timeout=5.0) as client:
+        client.ping()
+        attacker = flood(server, 10**6)
+        try:
+            times = ping_times(client, 5.0)
+        finally:
+            attacker.kill()
+            outcome = attacker.communicate()[0].strip()
+    times.sort()
+    print(f"\nping while a keyless client sends 10**6 frames: {len(times)} pings, median "
+          f"{times[len(times) // 2] * 1000:.1f} ms, max {times[-1] * 1000:.1f} ms; "
+          f"attacker: {outcome}")
+    assert times[-1] < 1.0  # the old server needed tens of seconds for this message
+
+
+def test_a_key_holders_many_frames_are_dropped_while_read():
+    """A message with too many frames is read frame by frame, dropped, and refused once."""
+    FRAMES = 200_000
+    with running_server(FakeEngine()) as server, client_for(server, timeout=30.0) as client:
+        peer = RawPeer(server)
+        frames = [b""] * FRAMES
+        tracemalloc.start()
+        t0 = time.monotonic()
+        peer.send(frames)
+        reply = peer.recv(120)
+        elapsed = time.monotonic() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert reply is not None and reply.content["code"] == wire.BAD_MESSAGE
+        assert f"too many frames ({FRAMES})" in reply.content["message"]
+        assert client.ping()["queued"] == 0
+        peer.close()
+    print(f"\na key holder's {FRAMES}-frame message: sent, drained and refused in {elapsed:.1f} s; "
+          f"Python memory peak while it was read: {peak / 2**20:.1f} MiB")
+    assert peak < 10 * 2**20  # reading them into a list took ~60 MiB
+
+
 def test_still_serves_a_real_job_afterwards(server):
     with client_for(server) as client:
         events = list(client.events(submit(client), timeout=30))
     assert events[-1].type == "finished"
+
+
+def test_a_flood_of_refused_messages_is_summarised_not_logged_line_by_line(caplog):
+    """11.3: each refused message used to write a log line (~1 GB/hour under a flood)."""
+    caplog.set_level("INFO", logger="backend.server")
+    with running_server(FakeEngine(), refusal_log_interval=600.0) as server:
+        wrong_key = RawPeer(server, login=b"another key")
+        wrong_key.socket.send(b"nothing gets through", zmq.NOBLOCK)
+        peer = RawPeer(server)
+        for _ in range(300):
+            peer.send([wire.DELIMITER, b"0" * 64, b"x", b"x", b"x"])  # bad signature
+        while peer.recv(1.0) is not None:  # the 300 error replies
+            pass
+        peer.close()
+        wrong_key.close()
+    # The summary comes at the end of each interval, and when the server stops.
+    lines = [r.getMessage() for r in caplog.records if r.name == "backend.server"]
+    single = [line for line in lines if line.startswith("refused a message")]
+    (summary,) = [line for line in lines if "more refused messages" in line]
+    assert len(single) == 5
+    assert "295 more refused messages (bad_signature: 295)" in summary
+    assert int(summary.split("), ")[1].split()[0]) >= 1 and "logins with a wrong key" in summary
+
+
+def test_client_strings_cannot_forge_log_lines():
+    """11.3: a key holder could write fake log lines through ``hello.client``."""
+    import io
+    import logging
+
+    from backend.server_log import OneLineFormatter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(OneLineFormatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("backend.server")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel("INFO")
+    try:
+        with running_server(FakeEngine()) as server:
+            forged = "gimp\n2030-01-01 INFO backend.server: job x finished\u2028"
+            with client_for(server, name=forged) as client:
+                client.hello()
+            peer = RawPeer(server)
+            peer.session.session_id = "ab\ncd\r\x1b[2J"
+            peer.request(wire.PING, {})
+            peer.close()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    lines = out.getvalue().splitlines()
+    (hello,) = [line for line in lines if line.startswith("INFO hello from")]
+    assert "gimp\\n2030-01-01 INFO backend.server: job x finished\\u2028" in hello
+    assert not [line for line in lines if line.startswith("2030")]
+    assert all(line.startswith(("INFO", "WARNING", "ERROR", "DEBUG")) for line in lines)

@@ -20,7 +20,7 @@ from fixtures_server import FakeEngine, client_for, running_server
 
 from backend import server_cli
 from backend.server import CurveServer
-from protocol import wire
+from protocol import connection, wire
 from protocol.client import BackendUnavailable, Client, JobFailed, JobTimeout
 from protocol.curve import CurveClient, generate_keypair
 
@@ -51,9 +51,9 @@ def stop(proc: subprocess.Popen) -> int:
     return proc.wait(30)
 
 
-def poll_until_end(client: Client, job: str) -> list:
+def poll_until_end(client: Client, job: str, events: list | None = None) -> list:
     """The plug-in's pattern: short ``events`` calls between UI updates."""
-    events = []
+    events = [] if events is None else events
     while not (events and events[-1].terminal):
         with contextlib.suppress(JobTimeout):  # events seen before the timeout are kept
             events.extend(client.events(job, timeout=0.05))
@@ -196,7 +196,7 @@ def test_curve_allows_listed_clients_only(tmp_path):
     conn = tmp_path / "backend.json"
     curve = CurveServer(server_secret, allowed)
     with running_server(FakeEngine(), curve=curve, connection_file=conn) as server:
-        info = wire.read_connection_file(conn)
+        info = connection.read_connection_file(conn)
         assert info.curve_server_key and len(info.curve_server_key) == 40
         good = CurveClient.from_files(info.curve_server_key, good_secret)
         with client_for(server, curve=good) as client:
@@ -210,8 +210,101 @@ def test_curve_allows_listed_clients_only(tmp_path):
         # The plug-in's path: the connection file plus the client's own key.
         with pytest.raises(BackendUnavailable, match="curve_client_key"):
             Client.from_connection_file(conn)
-        wire.write_connection_file(conn, wire.ConnectionInfo(
+        connection.write_connection_file(conn, connection.ConnectionInfo(
             info.endpoint, info.key, pid=info.pid, curve_server_key=info.curve_server_key,
             curve_client_key=str(good_secret)))
         with Client.from_connection_file(conn, timeout=2.0) as client:
             assert client.ping()["queued"] == 0
+
+
+def test_a_killed_backend_is_reported_within_10_s_whatever_the_job_timeout(tmp_path):
+    """11.6: after kill -9 the client used to wait its whole timeout × (retries + 1)."""
+    conn = tmp_path / "backend.json"
+    proc, _ = start([str(FAKE_SERVER), str(conn)])
+    try:
+        client = Client.from_connection_file(conn, timeout=130.0, retries=2)
+        job = client.submit(bytes(48), 4, 4, 3, [(1, 1)], [(2, 2)])
+        waiting = poll_until_progress(client, job)
+        proc.kill()
+        proc.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="stopped answering") as err:
+            poll_until_end(client, job, waiting)
+        elapsed = time.monotonic() - t0
+        client.close()
+    finally:
+        proc.kill()
+    print(f"\nkilled backend reported after {elapsed:.1f} s (client timeout 130 s)")
+    assert elapsed < 10.0 and job in str(err.value)
+
+
+def poll_until_progress(client: Client, job: str) -> list:
+    events: list = []
+    while not any(e.type == "progress" for e in events):
+        with contextlib.suppress(JobTimeout):
+            events.extend(client.events(job, timeout=0.05))
+    return events
+
+
+_PLUGIN = """
+import sys, time
+from protocol.client import Client, JobTimeout
+client = Client.from_connection_file(sys.argv[1], timeout=5.0)
+client.hello()
+job = client.submit(bytes(48), 4, 4, 3, [(1, 1)], [(2, 2)], prompt=sys.argv[2])
+print(job, flush=True)
+while True:  # the plug-in's loop: short waits between UI updates
+    try:
+        for event in client.events(job, timeout=0.2):
+            if event.terminal:
+                print(event.type, event.content.get("reason", ""), flush=True)
+                sys.exit(0)
+    except JobTimeout:
+        pass
+    time.sleep(float(sys.argv[3]))  # the UI's own work
+"""
+
+
+def plugin_process(conn: Path, prompt: str, ui_seconds: float = 0.0) -> tuple:
+    proc = subprocess.Popen([sys.executable, "-c", _PLUGIN, str(conn), prompt,
+                             str(ui_seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def test_a_killed_plugin_has_its_job_cancelled_within_10_s(tmp_path):
+    """11.7: the backend cancelled a dead plug-in's job only after its 60 s client TTL."""
+    conn = tmp_path / "backend.json"
+    engine = FakeEngine(steps=1000, delay=0.05)
+    with running_server(engine, connection_file=conn) as server, \
+            client_for(server) as observer:
+        proc, job = plugin_process(conn, "")
+        assert engine.step_started.wait(30)
+        proc.kill()
+        proc.wait(10)
+        t0 = time.monotonic()
+        while observer.ping()["running"] == job:  # (an attach would adopt the job)
+            assert time.monotonic() - t0 < 30, "the dead plug-in's job kept running"
+            time.sleep(0.1)
+        elapsed = time.monotonic() - t0
+        assert observer.attach(job)["state"] == "cancelled"
+    print(f"\nkilled plug-in's job cancelled after {elapsed:.1f} s (client TTL "
+          f"{server.client_ttl:g} s)")
+    assert elapsed < 10.0
+
+
+def test_a_live_plugin_on_a_busy_machine_keeps_its_job(tmp_path):
+    """11.7: a short TTL must not cancel a live, slow client: 3 TTLs of work, every core busy,
+    and the client pausing 0.5 s between its polls."""
+    conn = tmp_path / "backend.json"
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(os.cpu_count() or 2)]
+    try:
+        with running_server(FakeEngine(), connection_file=conn) as server:
+            steps = int(3 * server.client_ttl / 0.1)
+            proc, _ = plugin_process(conn, f"steps={steps} delay=0.05", ui_seconds=0.5)
+            outcome = proc.communicate(timeout=120)[0].strip()
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert outcome == "finished", outcome

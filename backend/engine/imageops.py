@@ -140,7 +140,8 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
 
     Exactly the index ``torch.nn.functional.interpolate(mode="nearest")`` reads, which both
     official codes use for the mask: floor(i · n_in / n_out) in float32, clamped to the input
-    (OpenCV's ``INTER_NEAREST``, used for the first resize in their UIs, is the same floor rule).
+    (OpenCV's ``INTER_NEAREST``, used for the first resize in their UIs, is the same floor rule
+    computed in double precision; for a few size pairs one row or column differs).
     Not the pixel-centre sampling of PIL's ``NEAREST``.
     """
     out = np.arange(n_out, dtype=np.int64)

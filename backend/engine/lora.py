@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from backend.engine.devices import autocast, grad_scaler
 from backend.engine.errors import InvalidInput
 from backend.engine.lora_merge import MergedLora
+from backend.engine.memory import fit_step
 from backend.engine.models import LoadedModel
 from backend.engine.params import DragParams
 from backend.engine.types import CancelToken, ProgressFn
@@ -152,6 +154,22 @@ class _Draws:
                 yield start + i, chunk[0][i], chunk[1][i], chunk[2][i]
 
 
+def _backward(model: LoadedModel, noisy: torch.Tensor, noise: torch.Tensor,
+              timesteps: torch.Tensor, cond: torch.Tensor,
+              scaler: torch.amp.GradScaler | None, micro: int) -> None:
+    """Gradients of the batch's noise-prediction MSE, computed ``micro`` images at a time."""
+    unet, batch = model.unet, noisy.shape[0]
+    for start in range(0, batch, micro):
+        part = slice(start, start + micro)
+        with autocast(model.device, model.precision):
+            pred = unet(noisy[part].to(unet.dtype), timesteps[part],
+                        encoder_hidden_states=cond[part]).sample
+        loss = F.mse_loss(pred.float(), noise[part].float())
+        if pred.shape[0] != batch:  # a micro-batch's share of the batch mean
+            loss = loss * (pred.shape[0] / batch)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+
+
 def train_lora(
     model: LoadedModel,
     image: torch.Tensor,
@@ -219,22 +237,22 @@ def train_lora(
             mean, std = (torch.cat(t) for t in zip(*(posterior(o) for o in offsets), strict=True))
             latents = (mean + std * sample_noise) * vae.config.scaling_factor
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            with autocast(device, model.precision):
-                pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=cond).sample
-            loss = F.mse_loss(pred.float(), noise.float())
             optimizer.zero_grad(set_to_none=True)
+            fit_step(partial(_backward, model, noisy, noise, timesteps, cond, scaler), batch,
+                     model.memory, unet, device, lambda: optimizer.zero_grad(set_to_none=True))
             if scaler is not None:
-                scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                loss.backward()
                 optimizer.step()
             if progress is not None:
                 progress("lora", step + 1, steps)
     except BaseException:
         remove_lora(model)
         raise
+    finally:
+        if model.memory.checkpointing:
+            unet.disable_gradient_checkpointing()
     _freeze_adapter(model)
     state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}

@@ -27,7 +27,7 @@ import pickle
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from backend.engine.devices import (
     resolve_precision,
 )
 from backend.engine.errors import EngineError, ModelNotFound, OutOfMemory
+from backend.engine.memory import MemoryHints
 from backend.engine.sd15 import SD15_CONFIG_DIR, NotEpsilonModel, ddim_scheduler, sd15_tokenizer
 from backend.engine.types import ProgressFn
 
@@ -88,6 +89,7 @@ class LoadedModel:
     dtype: torch.dtype
     fingerprint: str
     precision: Precision | None = None
+    memory: MemoryHints = field(default_factory=MemoryHints)
 
     def __post_init__(self) -> None:
         if self.precision is None:

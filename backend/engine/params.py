@@ -174,8 +174,9 @@ SPECS: dict[str, ParamSpec] = {
     "work_size": _int(64, 2048, 64, "working width in pixels, height from the aspect ratio "
                       "(both rounded down to multiples of 8, as the official codes); larger is "
                       "slower and needs more memory"),
-    "work_max_side": _int(0, 4096, 64, "cap on the working long side for small GPUs: a tall "
-                          "image is shrunk so its long side is at most this (0: no cap)"),
+    "work_max_side": _int(0, 4096, 64, "cap on the working long side for small GPUs: a "
+                          "working size longer than this (e.g. a tall portrait) is shrunk to "
+                          "it, aspect kept (0: no cap)"),
     "lora_steps": _int(0, 2000, 10, "training steps of the identity LoRA that keeps the image "
                        "recognisable (0: no LoRA, fastest, less faithful)"),
     "lora_lr": _float(1e-6, 0.1, 1e-4, "learning rate of the identity LoRA"),

@@ -17,17 +17,17 @@ import torch
 from backend.engine import dragdiffusion, gooddrag, imageops
 from backend.engine.context import DragContext
 from backend.engine.devices import (
-    OOM_ADVICE,
     autocast,
     grad_scaler,
     is_oom,
     memory_info,
     reset_peak_memory,
 )
-from backend.engine.diffusion import Schedule, UNetRunner, run_inversion
+from backend.engine.diffusion import Schedule, UNetRunner, compiled_unet_forward, run_inversion
 from backend.engine.errors import EngineError, OutOfMemory
 from backend.engine.lora import LoraCache, prepare_lora
 from backend.engine.lora_merge import MergedLora
+from backend.engine.memory import oom_message
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from backend.engine.params import METHODS, PRESETS, DragParams, defaults_table, resolve
 from backend.engine.redrag import RedragCache, RedragEntry, redrag_key
@@ -76,10 +76,17 @@ class DragEngine:
     """Holds a loaded model and runs drag edits on it (one at a time)."""
 
     def __init__(self, model: LoadedModel, lora_cache: LoraCache | None = None, *,
-                 redrag: RedragCache | None = None, reuse: bool = True) -> None:
+                 redrag: RedragCache | None = None, reuse: bool = True,
+                 compile_unet: bool | str = False) -> None:
         """``reuse`` false turns off the re-drag cache and keeps no LoRA merged between edits
-        (each edit then inverts again and merges its LoRA from the disk cache)."""
+        (each edit then inverts again and merges its LoRA from the disk cache).
+        ``compile_unet`` runs the UNet through ``torch.compile`` (True: inductor, or a backend
+        name)."""
         self.model = model
+        self.unet_forward = None
+        if compile_unet:
+            self.unet_forward = compiled_unet_forward(
+                compile_unet if isinstance(compile_unet, str) else "inductor")
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache()
         self.redrag = (redrag if redrag is not None else RedragCache()) if reuse else None
         self.keep_lora = reuse
@@ -94,9 +101,11 @@ class DragEngine:
         dtype: str | None = None,
         lora_cache_dir: str | None = None,
         reuse: bool = True,
+        compile_unet: bool | str = False,
     ) -> DragEngine:
         loaded = load_model(model, vae=vae, device=device, dtype=dtype)
-        return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None, reuse=reuse)
+        return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None, reuse=reuse,
+                   compile_unet=compile_unet)
 
     def info(self) -> dict:
         m = self.model
@@ -127,14 +136,21 @@ class DragEngine:
         """
         imageops.validate_request(request.image, request.handles, request.targets, request.mask)
         algorithm, params = resolve(request.method, request.params)
+        phase = ["load"]  # the phase an out-of-memory error is reported in
+
+        def tracked(name: str, step: int, total: int) -> None:
+            phase[0] = name
+            if progress is not None:
+                progress(name, step, total)
+
         try:
-            return self._run(request, algorithm, params, progress, cancel, preview)
+            return self._run(request, algorithm, params, tracked, cancel, preview)
         except EngineError:
             raise
         except Exception as exc:
             if is_oom(exc):
                 self._free_memory()
-                raise OutOfMemory(f"the device ran out of memory during the edit: {OOM_ADVICE}") from exc
+                raise OutOfMemory(oom_message(phase[0])) from exc
             raise
         finally:
             self.model.unet.zero_grad(set_to_none=True)
@@ -171,7 +187,8 @@ class DragEngine:
             else:
                 self.merged_lora.restore()
             runner = UNetRunner(model.unet, cond, params.feature_block, work,
-                                autocast=lambda: autocast(model.device, model.precision))
+                                autocast=lambda: autocast(model.device, model.precision),
+                                forward=self.unet_forward)
             schedule = Schedule.from_scheduler(model.scheduler, params.n_inference_steps,
                                                params.inversion_strength)
             with self._timed(timings, "inversion"):
@@ -183,7 +200,7 @@ class DragEngine:
                 ctx.preview = lambda phase, step, x0: preview(phase, step, latent_preview(x0))
             with self._timed(timings, "drag+denoise"):
                 z_edit, handles = ALGORITHMS[algorithm](ctx, entry.z_star)
-            if not torch.isfinite(z_edit).all():  # diverged: fail, never a black "success"
+            if (~torch.isfinite(z_edit)).any():  # diverged: fail, never a black "success"
                 raise EngineError(f"the edit diverged (the latent became NaN or infinite); "
                                   f"lower latent_lr (now {params.latent_lr:g}) or lora_lr "
                                   f"(now {params.lora_lr:g}) and try again")

@@ -23,9 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                  if getattr(args, f.name, None) is not None}
     cfg = TrainConfig(**overrides)
     trainer = train(cfg, Path(args.work_dir), args.device, args.resume, args.max_minutes,
-                    Path(args.out) if args.out else None, args.stage)
-    done = trainer.unet_step >= cfg.unet_steps and trainer.decoder_step >= cfg.decoder_steps
-    return 0 if done else 3
+                    Path(args.out) if args.out else None)
+    return 0 if trainer.unet_step >= cfg.unet_steps else 3
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -41,14 +40,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from diffusers import StableDiffusionPipeline
-
-    from backend.toy.train import reconstruction_quality
+    from backend.engine.pipeline import DragEngine
+    from backend.toy import evaluate
 
     _threads(args.threads)
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True)
-    result = reconstruction_quality(pipe, n=args.n, strength=args.strength)
-    print(json.dumps(result, indent=2))
+    engine = DragEngine.load(args.model, device=args.device)
+    per_image = evaluate.quality(engine, evaluate.evaluation_sets(args.n), args.strength)
+    for name, row in per_image.items():
+        print(f"{name}: VAE round trip {row['vae_psnr']:.2f} dB, "
+              f"inversion + denoise {row['inversion_psnr']:.2f} dB")
+    print(json.dumps(evaluate.summary(per_image), indent=2))
     return 0
 
 
@@ -72,8 +73,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="export the pipeline here when training finishes (default: %(default)s)")
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     tr.add_argument("--device", default="cpu")
-    tr.add_argument("--stage", choices=("all", "decoder"), default="all",
-                    help="decoder: only the decoder fine-tune (can run beside the UNet stage)")
     tr.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
     tr.add_argument("--max-minutes", type=float, default=600.0,
                     help="stop (with a checkpoint) after this wall time")
@@ -87,9 +86,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ex.add_argument("--out", default=str(DEFAULT_MODEL_DIR))
     ex.set_defaults(func=_cmd_export)
 
-    ev = toy_sub.add_parser("eval", help="reconstruction PSNR: VAE round trip, DDIM inversion")
+    ev = toy_sub.add_parser("eval", help="reconstruction PSNR on held-out photographs and "
+                            "unseen colours: VAE round trip, DDIM inversion + denoise")
     ev.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
-    ev.add_argument("--n", type=int, default=16)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--n", type=int, default=4, help="unseen-colour shape scenes")
     ev.add_argument("--strength", type=float, default=0.7)
     ev.add_argument("--threads", type=int, default=0)
     ev.set_defaults(func=_cmd_eval)

@@ -187,7 +187,8 @@ def make_tracker(table: par.ParamTable | None, method: str, params: dict, inputs
         prog.plan_steps(resolved), sequential=resolved.get("method") != "gooddrag",
         drag_end_step=resolved.get("drag_end_step"), speed=speed,
         megapixels=prog.working_megapixels(inputs.width, inputs.height,
-                                           resolved.get("work_size", 512)))
+                                           resolved.get("work_size", 512),
+                                           resolved.get("work_max_side", 0)))
 
 
 def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
@@ -295,6 +296,8 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
                                                  knob_values(config)).items():
                 knob = par.KNOB_BY_PROP[prop]
                 config.set_property(prop, round(value) if knob.is_int else value)
+    if interactive:  # GIMP now keeps these values itself; nothing typed is pending
+        par.write_state(state_path, typed=None)
     layer = info.pop("layer")
     values = procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
     values.remove(1)
@@ -340,7 +343,7 @@ class DragDiffusion(Gimp.PlugIn):
                               methods, default, RW)
         p.add_string_argument("prompt", "_Prompt", "What the image shows (optional; helps "
                               "the model)", "", RW)
-        p.add_int_argument("seed", "_Seed", "Random seed", 0, 2**31 - 1, 42, RW)
+        p.add_int_argument("seed", "S_eed", "Random seed", 0, 2**31 - 1, 42, RW)
         for knob in par.KNOBS:
             spec = table.specs.get(knob.param) if table else None
             blurb = (spec.help if spec and spec.help else knob.nick) + \
@@ -351,14 +354,14 @@ class DragDiffusion(Gimp.PlugIn):
             else:
                 p.add_double_argument(knob.prop, knob.nick, blurb, par.DEFAULT, knob.pdb_max,
                                       par.DEFAULT, RW)
-        p.add_string_argument("advanced", "Other settings (JSON)",
+        p.add_string_argument("advanced", "Other settings (_JSON)",
                               'More engine parameters as a JSON object, e.g. {"r_m": 1, '
                               '"feather": 5}', "", RW)
         p.add_string_argument("backend", "_Backend",
                               "Connection file of the backend (empty: the default one)", "", RW)
         p.add_int_argument("timeout", "_Timeout (s)", "How long to wait for the backend to "
                            "answer or start", 1, 3600, 120, RW)
-        p.add_boolean_argument("make-path", "Add a path with the _tracked handles",
+        p.add_boolean_argument("make-path", "Add a path with the trac_ked handles",
                                "Also add a path from each handle's final position to its "
                                "target", False, RW)
         p.add_layer_return_value("new-layer", "New layer", "The result layer", True, RW)

@@ -27,6 +27,7 @@ POLL_SECONDS = 0.2  # longest the UI goes unpumped while waiting for the backend
 # thread is not the engine's); three silent periods in a row mean it is gone.
 LIVENESS_SECONDS = 3.0
 LIVENESS_RETRIES = 2
+CONSOLE_LOG_BYTES = 2**20  # backend-console.log is rotated when a start finds it larger
 # Variables from GIMP's environment that must not leak into the backend's Python.
 _STRIP_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONEXECUTABLE",
               "PYTHONNOUSERSITE", "VIRTUAL_ENV", "GI_TYPELIB_PATH", "LD_LIBRARY_PATH",
@@ -143,7 +144,7 @@ def connection_file(setting: str, install: InstallInfo) -> Path:
     """The backend's connection file: the procedure's argument, else the environment's
     ``DRAG_DIFFUSION_CONNECTION_FILE``, else what install.py recorded, else the default."""
     from protocol import default_connection_file
-    from protocol.wire import CONNECTION_ENV
+    from protocol.connection import CONNECTION_ENV
 
     if setting.strip():
         return Path(setting.strip()).expanduser()
@@ -170,12 +171,17 @@ def try_connect(path: Path, timeout: float) -> Any | None:
     try:
         client = protocol.Client.from_connection_file(
             path, timeout=max(0.2, timeout / 2), retries=1, name="gimp-drag-diffusion")
-    except protocol.BackendUnavailable:
+    except protocol.BackendUnavailable as exc:
+        if exc.code == "connection_file":  # unsafe or incomplete: starting one won't help
+            raise BackendError(f"The plug-in can't use the connection file: {exc.message}.") \
+                from None
         return None
     try:
         info = client.hello()
-    except protocol.BackendUnavailable:
+    except protocol.BackendUnavailable as exc:
         client.close()
+        if exc.code == "wrong_key":  # someone answers there: say so, don't start another
+            raise BackendError(f"The backend refused this plug-in: {exc.message}.") from None
         return None
     except protocol.BackendError as exc:
         client.close()
@@ -206,6 +212,8 @@ def start_backend(install: InstallInfo, log_path: Path) -> subprocess.Popen:
     """Start ``<backend python> -m backend serve`` detached from GIMP (own session, clean env)."""
     env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if log_path.exists() and log_path.stat().st_size > CONSOLE_LOG_BYTES:
+        log_path.replace(log_path.with_name(log_path.name + ".1"))  # keep one old console log
     kwargs: dict[str, Any] = {}
     if os.name == "nt":
         kwargs["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP
@@ -343,10 +351,9 @@ def _run_job(protocol: Any, client: Any, job: JobSpec, feedback: Feedback,
              tracker: prog.Tracker) -> JobResult:
     cancel_after = int(os.environ.get(CANCEL_AFTER_ENV, "0") or 0)
     job_id = "gimp-" + uuid.uuid4().hex[:16]
-    extra = {"dtype": job.dtype} if job.dtype != "u8" else {}
     client.submit(job.pixels, job.width, job.height, job.channels, job.handles, job.targets,
                   job_id=job_id, mask=job.mask, method=job.method, params=job.params,
-                  prompt=job.prompt, seed=job.seed, preview=job.preview, **extra)
+                  prompt=job.prompt, seed=job.seed, preview=job.preview, dtype=job.dtype)
     tracker.update("queued", 0, 0)
     _show(feedback, tracker)
     progress_events = previews = 0

@@ -34,16 +34,18 @@ class Knob:
     is_int: bool
     pdb_max: float
     advanced: bool = False
+    only: str | None = None  # the one algorithm that uses it, if only one does
 
 
 KNOBS = (
-    Knob("lora-steps", "lora_steps", "LoRA steps", True, 2000),
-    Knob("drag-steps", "drag_steps", "Drag steps", True, 5000),
-    Knob("inversion-strength", "inversion_strength", "Inversion strength", False, 1.0),
-    Knob("work-size", "work_size", "Working size (px)", True, 2048),
-    Knob("latent-lr", "latent_lr", "Latent learning rate", False, 1.0, advanced=True),
-    Knob("lam", "lam", "Mask-keeping weight (λ)", False, 100.0, advanced=True),
-    Knob("n-inference-steps", "n_inference_steps", "Diffusion steps", True, 1000, advanced=True),
+    Knob("lora-steps", "lora_steps", "LoR_A steps", True, 2000),
+    Knob("drag-steps", "drag_steps", "_Drag steps", True, 5000, only="dragdiffusion"),
+    Knob("inversion-strength", "inversion_strength", "_Inversion strength", False, 1.0),
+    Knob("work-size", "work_size", "_Working width (px)", True, 2048),
+    Knob("latent-lr", "latent_lr", "Latent lear_ning rate", False, 1.0, advanced=True),
+    Knob("lam", "lam", "Mask-keepin_g weight (λ)", False, 100.0, advanced=True),
+    Knob("n-inference-steps", "n_inference_steps", "Di_ffusion steps", True, 1000,
+         advanced=True),
 )
 KNOB_BY_PROP = {k.prop: k for k in KNOBS}
 
@@ -59,15 +61,13 @@ class Spec:
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> Spec:
-        def number(*names: str) -> float | None:
-            for name in names:
-                value = data.get(name)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    return float(value)
+        def number(name: str) -> float | None:
+            value = data.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
             return None
 
-        return cls(number("min", "minimum"), number("max", "maximum"), number("step"),
-                   str(data.get("help") or data.get("description") or ""))
+        return cls(number("min"), number("max"), number("step"), str(data.get("help") or ""))
 
 
 @dataclass
@@ -86,12 +86,8 @@ class ParamTable:
         methods = data.get("methods")
         if not isinstance(methods, Mapping) or not methods:
             return None
-        specs = data.get("param_specs") or data.get("params") or {}
-        descriptions = dict(data.get("method_descriptions") or {})
-        for name, defaults in methods.items():
-            text = defaults.get("description") if isinstance(defaults, Mapping) else None
-            if text and name not in descriptions:
-                descriptions[name] = str(text)
+        specs = data.get("parameters") or {}
+        descriptions = data.get("descriptions") or {}
         return cls(
             methods={str(k): dict(v) for k, v in methods.items() if isinstance(v, Mapping)},
             specs={str(k): Spec.parse(v) for k, v in specs.items() if isinstance(v, Mapping)},
@@ -102,9 +98,9 @@ class ParamTable:
     def as_record(self) -> dict[str, Any]:
         """The fields ``parse`` reads, for the state file."""
         return {"methods": self.methods, "default_method": self.default_method,
-                "method_descriptions": self.descriptions,
-                "param_specs": {k: {"min": s.minimum, "max": s.maximum, "step": s.step,
-                                    "help": s.help} for k, s in self.specs.items()}}
+                "descriptions": self.descriptions,
+                "parameters": {k: {"min": s.minimum, "max": s.maximum, "step": s.step,
+                                   "help": s.help} for k, s in self.specs.items()}}
 
     def default(self, method: str, param: str) -> float | None:
         value = self.methods.get(method, {}).get(param)
@@ -113,6 +109,9 @@ class ParamTable:
     def resolved(self, method: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """The method's full parameters with ``overrides`` applied (for estimates)."""
         return {**self.methods.get(method, {}), **overrides}
+
+    def algorithm(self, method: str) -> str:
+        return str(self.methods.get(method, {}).get("method") or method)
 
     def describe(self, method: str) -> str:
         return self.descriptions.get(method, "")

@@ -49,10 +49,17 @@ def units(plan: Mapping[str, int]) -> float:
     return sum(STEP_COST.get(phase, 1.0) * steps for phase, steps in plan.items())
 
 
-def working_megapixels(width: int, height: int, work_size: float) -> float:
-    """The engine's working resolution for a layer: long side ``work_size``."""
-    scale = float(work_size) / max(width, height, 1)
-    return max(8, round(width * scale / 8) * 8) * max(8, round(height * scale / 8) * 8) / 1e6
+def working_megapixels(width: int, height: int, work_size: float, max_side: float = 0) -> float:
+    """Megapixels the engine edits a layer at: width ``work_size``, height from the aspect
+    ratio, both rounded down to multiples of 8; with ``max_side`` > 0 the long side is fitted
+    to it instead when longer (as backend/engine/imageops.working_size)."""
+    work = int(work_size)
+    w = max(8, work // 8 * 8)
+    h = max(8, int(work * height / max(width, 1)) // 8 * 8)
+    if 0 < max_side < max(w, h):
+        scale = max_side / max(width, height, 1)
+        w, h = (max(8, round(v * scale / 8) * 8) for v in (width, height))
+    return w * h / 1e6
 
 
 def speed_key(device: str, model: str) -> str:
@@ -195,8 +202,8 @@ def advice(seconds: float | None, device: str, work_size: float, measured: bool,
         head = f"Estimated time: {duration_words(seconds)} on {on.upper()} ({how})."
     if on != "cpu" and (seconds is None or seconds <= 60):
         return head
-    faster = [f"a smaller Working size (now {int(work_size)} px; half the size takes about a "
-              "quarter of the time)", "fewer LoRA or Drag steps"]
+    faster = [f"a smaller Working width (now {int(work_size)} px; half the width takes about "
+              "a quarter of the time)", "fewer LoRA or Drag steps"]
     if fast_preset:
         faster.append("the 'fast' method")
     return f"{head} Faster: {', '.join(faster[:-1])} or {faster[-1]}.".strip()

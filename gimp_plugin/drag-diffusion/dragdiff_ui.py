@@ -25,9 +25,10 @@ gi.require_version("GdkPixbuf", "2.0")
 from gi.repository import GdkPixbuf, Gimp, GimpUi, GLib, GObject, Gtk  # noqa: E402
 
 PREVIEW_BOX = 256  # the preview's longest side on screen, pixels
-MAIN = ("method", "method-help", "prompt", "seed", "lora-steps", "drag-steps",
-        "inversion-strength", "work-size", "estimate", "notice", "advanced-expander")
-ADVANCED = ("latent-lr", "lam", "n-inference-steps", "advanced", "backend", "timeout",
+MAIN = ("method", "method-help", "prompt", "seed",
+        *(k.prop for k in par.KNOBS if not k.advanced), "estimate", "notice",
+        "advanced-expander")
+ADVANCED = (*(k.prop for k in par.KNOBS if k.advanced), "advanced", "backend", "timeout",
             "make-path")
 DEMO_NOTICE = ("Demo model: the backend serves the small model that ships with Drag "
                "Diffusion, fit for simple shapes only. For photos, install Stable Diffusion "
@@ -61,12 +62,20 @@ class SettingsDialog:
         self.config = config
         self.context = context
         self.table = context.table
+        for name in STRINGS:  # GIMP may hand an empty string over as None
+            if config.get_property(name) is None:
+                config.set_property(name, "")
         typed = context.state.get("typed")
         if isinstance(typed, dict):
             restore(config, typed)
         self.method = config.get_property("method")
         if self.table is not None:
             set_knobs(config, par.shown_values(self.table, self.method, knob_values(config)))
+        self.method_help = self.estimate = self.notice = None
+        self.widgets: dict[str, Gtk.Widget] = {}
+        # Follows the method, and turns a knob's -1 (the factory value, e.g. after Reset) into
+        # the method's real default.
+        self._notify = config.connect("notify", self._changed)
         self.dialog = GimpUi.ProcedureDialog.new(procedure, config, "Drag Diffusion")
         self.method_help = self._label("method-help")
         self.estimate = self._label("estimate")
@@ -77,7 +86,6 @@ class SettingsDialog:
         self.dialog.fill_expander("advanced-expander", "advanced-title", False, "advanced-box")
         self.dialog.fill(list(MAIN))
         self._update()
-        self._notify = config.connect("notify", self._changed)
 
     def _label(self, name: str) -> Gtk.Label:
         label = self.dialog.get_label(name, "", False, False)
@@ -94,6 +102,7 @@ class SettingsDialog:
             widget = self.dialog.get_widget(knob.prop, GObject.TYPE_NONE)
             if not isinstance(widget, GimpUi.LabelSpin):
                 continue
+            self.widgets[knob.prop] = widget
             lower, upper, step = self.table.knob_range(knob)
             digits = 0 if knob.is_int else max(1, -math.floor(math.log10(step)))
             widget.set_digits(digits)
@@ -105,6 +114,10 @@ class SettingsDialog:
                 widget.set_tooltip_text(spec.help)
 
     def _changed(self, config: Gimp.ProcedureConfig, pspec: GObject.ParamSpec) -> None:
+        knob = par.KNOB_BY_PROP.get(pspec.name)
+        if self.table is not None and knob is not None and config.get_property(knob.prop) < 0:
+            set_knobs(config, par.shown_values(self.table, self.method, knob_values(config)))
+            return  # setting it notified again
         if pspec.name == "method":
             new = config.get_property("method")
             if self.table is not None and new != self.method:
@@ -115,7 +128,12 @@ class SettingsDialog:
         self._update()
 
     def _update(self) -> None:
+        if self.notice is None:  # the dialog is being built
+            return
         table, info = self.table, self.context.info or {}
+        for knob in par.KNOBS:  # a knob the chosen algorithm does not use is greyed out
+            if knob.only and knob.prop in self.widgets and table is not None:
+                self.widgets[knob.prop].set_sensitive(table.algorithm(self.method) == knob.only)
         self.method_help.set_text(table.describe(self.method) if table else "")
         self.method_help.set_visible(bool(self.method_help.get_text()))
         self.estimate.set_text(self._estimate_text(table, info))
@@ -146,12 +164,15 @@ class SettingsDialog:
         measured = (self.context.state.get("speeds") or {}).get(prog.speed_key(device, model))
         speed = measured if measured is not None else (
             None if backend.is_demo_model(info) else prog.first_guess(device))
-        mpx = prog.working_megapixels(*self.context.layer_size, resolved.get("work_size", 512))
+        mpx = prog.working_megapixels(*self.context.layer_size, resolved.get("work_size", 512),
+                                      resolved.get("work_max_side", 0))
         seconds = prog.estimate_seconds(prog.plan_steps(resolved), mpx, speed)
         return prog.advice(seconds, device, resolved.get("work_size", 512),
                            measured is not None, "fast" in table.methods)
 
     def run(self) -> bool:
+        """Show the dialog; remember what it holds until an edit with it succeeds (GIMP keeps
+        only a successful run's values, so a Cancel would lose what was typed)."""
         ok = bool(self.dialog.run())
         self.config.disconnect(self._notify)
         typed = snapshot(self.config)
@@ -163,8 +184,8 @@ class SettingsDialog:
 
 # --- config helpers -------------------------------------------------------------------------------
 
-REMEMBERED = ("method", "prompt", "seed", "advanced", "backend", "timeout", "make-path",
-              *(k.prop for k in par.KNOBS))
+STRINGS = ("prompt", "advanced", "backend")
+REMEMBERED = ("method", "seed", "timeout", "make-path", *STRINGS, *(k.prop for k in par.KNOBS))
 
 
 def knob_values(config: Gimp.ProcedureConfig) -> dict[str, float]:
@@ -179,7 +200,8 @@ def set_knobs(config: Gimp.ProcedureConfig, values: dict[str, float]) -> None:
 
 
 def snapshot(config: Gimp.ProcedureConfig) -> dict[str, Any]:
-    return {name: config.get_property(name) for name in REMEMBERED}
+    values = {name: config.get_property(name) for name in REMEMBERED}
+    return {k: "" if v is None and k in STRINGS else v for k, v in values.items()}
 
 
 def restore(config: Gimp.ProcedureConfig, values: dict[str, Any]) -> None:

@@ -1,21 +1,30 @@
 # Runs inside GIMP's GUI (gimp-3.0 under Xvfb, python-fu-eval batch code).
-# Variables set by the host: STATE (folder inside the chroot), ARGS (plug-in arguments).
+# Variables set by the host: STATE (folder inside the chroot), ARGS (plug-in arguments of the
+# quick edit), FIRST (arguments of the first interactive run: a long GoodDrag-able job), SCENE
+# (the picture to load, the selection rectangle and the drags).
 #
-# 1. Opens an image with a selection and a two-stroke path in a display.
-# 2. Runs the plug-in INTERACTIVELY: its dialog shows; the host screenshots it and presses OK;
-#    the progress dialog shows; the host screenshots it and cancels the job with Escape.
-# 3. Runs the plug-in non-interactively (it adds one layer in one undo group).
-# 4. Reports the layer list and pixel checksums to STATE/state.json every 0.2 s while the host
-#    presses Ctrl+Z and Ctrl+Y, until the host creates STATE/done.
+# Each step below waits for the host, which watches the windows, screenshots them and presses
+# keys; each step's outcome is written to STATE/<step> (JSON):
+#   run1    interactive: the dialog (help, method change, a typed seed), then a long job with
+#           live previews, cancelled from the progress window
+#   run2    interactive again (as Re-Show): the values typed before the cancel are back;
+#           the dialog is cancelled
+#   run4    interactive long job cancelled from GIMP's status bar (GIMP kills the plug-in)
+#   run3    interactive with a path whose stroke has 3 anchors, after Reset to Factory
+#           Defaults in the dialog: an error, shown once
+#   applied non-interactive quick edit: one layer in one undo group; then the host presses
+#           Ctrl+Z, Ctrl+Z, Ctrl+Y while STATE/state.json reports the layers every 0.2 s
 import hashlib
 import json
 import os
 import time
 
-from gi.repository import Gegl, Gimp
+from gi.repository import Gegl, Gimp, Gio
 
 STATE: str = globals()["STATE"]
 ARGS: dict = globals()["ARGS"]
+FIRST: dict = globals()["FIRST"]
+SCENE: dict = globals()["SCENE"]
 
 
 def mark(name, data=None):
@@ -35,25 +44,29 @@ def snapshot(image):
     return layers
 
 
-W, H = 64, 48
-image = Gimp.Image.new(W, H, Gimp.ImageBaseType.RGB)
-layer = Gimp.Layer.new(image, "Background", W, H, Gimp.ImageType.RGBA_IMAGE, 100.0,
-                       Gimp.LayerMode.NORMAL)
-image.insert_layer(layer, None, 0)
-data = bytearray()
-for y in range(H):
-    for x in range(W):
-        data += bytes(((x * 4) % 256, (y * 5) % 256, ((x + y) * 3) % 256, 255))
-buffer = layer.get_buffer()
-buffer.set(Gegl.Rectangle.new(0, 0, W, H), "R'G'B'A u8", bytes(data))
-buffer.flush()
-image.select_rectangle(Gimp.ChannelOps.REPLACE, 8, 6, 40, 30)
-path = Gimp.Path.new(image, "drags")
-image.insert_path(path, None, 0)
-for (hx, hy), (tx, ty) in (((12, 12), (18, 14)), ((30, 20), (34, 26))):
-    path.stroke_new_from_points(Gimp.PathStrokeType.BEZIER,
-                                [hx, hy] * 3 + [tx, ty] * 3, False)
+def report_until(marker, seconds=180):
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(os.path.join(STATE, marker)) and time.monotonic() < deadline:
+        mark("state.json", {"layers": snapshot(image), "time": time.time()})
+        time.sleep(0.2)
+
+
+image = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(SCENE["image"]))
+layer = image.get_layers()[0]
+layer.set_name("Background")
+image.select_rectangle(Gimp.ChannelOps.REPLACE, *SCENE["selection"])
+drags = Gimp.Path.new(image, "drags")
+image.insert_path(drags, None, 0)
+for (hx, hy), (tx, ty) in SCENE["drags"]:
+    drags.stroke_new_from_points(Gimp.PathStrokeType.BEZIER, [hx, hy] * 3 + [tx, ty] * 3, False)
+bad = Gimp.Path.new(image, "three anchors")
+image.insert_path(bad, None, 0)
+bad.stroke_new_from_points(Gimp.PathStrokeType.BEZIER,
+                           [10, 10] * 3 + [20, 10] * 3 + [30, 10] * 3, False)
+image.set_selected_paths([drags])
 image.set_selected_layers([layer])
+image.undo_disable()
+image.undo_enable()  # an empty undo history: every step in it is the plug-in's
 image.clean_all()
 Gimp.Display.new(image)
 Gimp.displays_flush()
@@ -71,19 +84,23 @@ def call(run_mode, args):
     config.set_core_object_array("drawables", [layer])
     for name, value in args.items():
         config.set_property(name, value)
+    started = time.time()
     result = procedure.run(config)
-    return result.index(0).value_nick
+    status = result.index(0)
+    out = {"status": status.value_nick, "started": started, "ended": time.time(),
+           "error": pdb.get_last_error() if status != Gimp.PDBStatusType.SUCCESS else None,
+           "layers": snapshot(image)}
+    if status == Gimp.PDBStatusType.SUCCESS:
+        out["info"] = json.loads(result.index(2))
+    return out
 
 
-# A job long enough to cancel by hand: 500 drag steps that never stop early (reach threshold 0;
-# random weights otherwise "reach" their targets within a few steps).
-LONG = {**ARGS, "drag-steps": 500,
-        "advanced": json.dumps({**json.loads(ARGS.get("advanced") or "{}"), "reach_threshold": 0})}
-mark("dialog-closed", {"status": call(Gimp.RunMode.INTERACTIVE, LONG), "layers": snapshot(image)})
-status = call(Gimp.RunMode.NONINTERACTIVE, ARGS)
-mark("applied", {"status": status, "error": pdb.get_last_error(), "original": original,
-                 "layers": snapshot(image)})
-deadline = time.monotonic() + 180
-while not os.path.exists(os.path.join(STATE, "done")) and time.monotonic() < deadline:
-    mark("state.json", {"layers": snapshot(image), "time": time.time()})
-    time.sleep(0.2)
+mark("run1", call(Gimp.RunMode.INTERACTIVE, FIRST))
+mark("run2", call(Gimp.RunMode.INTERACTIVE, ARGS))
+mark("run4", call(Gimp.RunMode.INTERACTIVE, ARGS))
+image.set_selected_paths([bad])
+mark("run3", call(Gimp.RunMode.INTERACTIVE, ARGS))
+image.set_selected_paths([drags])
+applied = call(Gimp.RunMode.NONINTERACTIVE, ARGS)
+mark("applied", {**applied, "original": original})
+report_until("done")

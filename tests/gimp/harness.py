@@ -121,7 +121,7 @@ class GimpChroot:
         gimprc = self.profile / "gimprc"
         if not gimprc.exists():  # GIMP rewrites it on exit; keep its version afterwards
             gimprc.write_text("(show-welcome-dialog no)\n(check-updates no)\n"
-                              "(save-session-info no)\n")
+                              "(save-session-info no)\n(help-browser web-browser)\n")
 
     def env(self, extra: dict[str, str] | None = None) -> list[str]:
         home = self.inside(self.home)
@@ -133,7 +133,9 @@ class GimpChroot:
 
     def command(self, batch: list[str], *, gui: bool = False,
                 env: dict[str, str] | None = None) -> list[str]:
-        program = ["gimp-3.0", "-n", "-s"] if gui else ["gimp-console-3.0", "-i", "-n"]
+        # In the GUI, messages go to stderr (the test counts them) instead of message boxes.
+        program = ["gimp-3.0", "-n", "-s", "--console-messages"] if gui else \
+            ["gimp-console-3.0", "-i", "-n"]
         args = [*program, "--batch-interpreter", "python-fu-eval"]
         for code in batch:
             args += ["-b", code]

@@ -1,13 +1,24 @@
-"""The command line's progress bars: one per phase, with the phase's true elapsed time and ETA."""
+"""What the command line tells the user: one progress bar per phase with the phase's true
+elapsed time and ETA, and the engine's warnings, once."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
+import pytest
 import tqdm.std
+from PIL import Image
 
 from backend.cli_progress import PhaseBars
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Clock:
@@ -60,3 +71,26 @@ def test_eta_while_a_phase_runs(monkeypatch):
     assert re.search(r"5/20 \[00:05<00:15, +1\.00step/s\]", current), current
     bars.close(done=False)  # cancelled: the bar stays where it was
     assert "5/20" in out.getvalue().split("\r")[-1]
+
+
+@pytest.mark.slow
+def test_drag_prints_the_engines_warnings_once(tmp_path, tiny_model_dir):
+    """A selection smaller than one latent cell is ignored while dragging: the CLI says so."""
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[10:30, 10:30] = 200
+    Image.fromarray(image).save(tmp_path / "in.png")
+    mask = np.zeros((48, 64), np.uint8)
+    mask[20:22, 20:22] = 255  # 2×2 px: nothing of it is left at latent size
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    result = subprocess.run(
+        [sys.executable, "-m", "backend", "drag", "--image", str(tmp_path / "in.png"),
+         "--points", "20,20:24,22", "--mask", str(tmp_path / "mask.png"), "--model",
+         str(tiny_model_dir), "--device", "cpu", "--out", str(tmp_path / "out.png"), "--json",
+         "--set", "work_size=64", "--set", "lora_steps=0", "--set", "n_inference_steps=4",
+         "--set", "drag_steps=2"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("warning: The selection is smaller than the model's") == 1
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(summary["warnings"]) == 1 and "ignored while dragging" in summary["warnings"][0]

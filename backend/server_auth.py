@@ -1,0 +1,87 @@
+"""Who may open a connection at all: the ZAP handler of the server's ZeroMQ context (RFC 27).
+
+Local mode: a client must log in with ZeroMQ's PLAIN mechanism, its password derived from the
+connection file's key (``wire.transport_password``), so a program without the key cannot even
+complete the handshake, let alone deliver a message (a keyless flood never reaches the server
+loop). CURVE mode: the client's public key must be in the allow-list folder. Denials are counted
+(``denied``) for the server's refusal summary; nothing secret is logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.utils import z85
+
+from protocol import wire
+
+log = logging.getLogger("backend.server")
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+_VERSION = b"1.0"
+
+
+class ZapGate:
+    """A thread answering ZAP requests for one context: PLAIN with ``password``, or CURVE
+    with the public keys found in ``allow_dir``."""
+
+    def __init__(self, context: zmq.Context, *, password: bytes | None = None,
+                 allow_dir: Path | None = None) -> None:
+        self.context = context
+        self.password = password
+        self.allowed_keys: set[bytes] = set()
+        if allow_dir is not None:
+            self.allowed_keys = {z85.decode(key)
+                                 for key in zmq.auth.load_certificates(str(allow_dir))}
+        self.denied = 0  # handshakes refused so far (read by the socket thread)
+        self.last_reason = ""
+        self._stop = threading.Event()
+        self._socket = context.socket(zmq.REP)
+        self._socket.linger = 0
+        self._socket.bind(ZAP_ENDPOINT)  # before any server socket binds
+        self._thread = threading.Thread(target=self._serve, name="zap-gate", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self._socket.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self._socket.poll(100):
+                continue
+            request = self._socket.recv_multipart()
+            ok, reason = self.check(request)
+            if not ok:
+                self.denied += 1
+                self.last_reason = reason
+            request_id = request[1] if len(request) > 1 else b""
+            self._socket.send_multipart([_VERSION, request_id, b"200" if ok else b"400",
+                                         b"OK" if ok else reason.encode(),
+                                         b"client" if ok else b"", b""])
+
+    def check(self, request: list[bytes]) -> tuple[bool, str]:
+        """(allowed, reason) for one ZAP request: version, id, domain, address, routing id,
+        mechanism, credentials…"""
+        if len(request) < 6 or request[0] != _VERSION:
+            return False, "malformed ZAP request"
+        mechanism, credentials = request[5], request[6:]
+        if mechanism == b"PLAIN" and self.password is not None and len(credentials) == 2:
+            user, password = credentials
+            if user == wire.TRANSPORT_USER and hmac.compare_digest(password, self.password):
+                return True, ""
+            return False, "wrong key"
+        if mechanism == b"CURVE" and self.allowed_keys and len(credentials) == 1:
+            if credentials[0] in self.allowed_keys:
+                return True, ""
+            return False, "client key not in the allow-list"
+        return False, f"mechanism {mechanism.decode('ascii', 'replace')[:10]} not accepted"

@@ -1,0 +1,72 @@
+"""Host side of the GUI test: an Xvfb display, xdotool keys and clicks, screenshots.
+
+There is no window manager under Xvfb: windows get focus explicitly, and keys and clicks go
+through XTEST (GTK ignores events sent to a window with ``--window``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+             interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Display:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.env = {**os.environ, "DISPLAY": name}
+
+    def xdotool(self, *args: str) -> str:
+        return subprocess.run(["xdotool", *args], env=self.env, capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+
+    def find(self, name: str) -> str | None:
+        found = self.xdotool("search", "--onlyvisible", "--name", name).split()
+        return found[-1] if found else None
+
+    def wait_window(self, name: str, timeout: float = 60) -> str:
+        return wait_for(lambda: self.find(name), timeout, f"a window named {name!r}")
+
+    def gone(self, window: str) -> bool:
+        return window not in self.xdotool("search", "--onlyvisible", "--name", ".").split()
+
+    def keys(self, window: str, *keys: str) -> None:
+        self.xdotool("windowfocus", "--sync", window)
+        for key in keys:
+            self.xdotool("key", key)
+            time.sleep(0.3)
+
+    def type(self, window: str, text: str) -> None:
+        self.xdotool("windowfocus", "--sync", window)
+        self.xdotool("type", "--delay", "50", text)
+
+    def click(self, window: str, x: int, y: int) -> None:
+        self.xdotool("mousemove", "--window", window, str(x), str(y), "click", "1")
+
+    def screenshot(self, path: Path, window: str = "root") -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["import", "-window", window, str(path)], env=self.env, check=True,
+                       timeout=60)
+        return path
