@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "comma-separated list of them, or all (the two methods)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
-    p.add_argument("--dtype", default=None, help="auto (default), fp16, bf16, fp32")
+    p.add_argument("--dtype", default=None, help="precision: auto (default), fp16, bf16, fp32, "
+                   "fp16-mixed, bf16-mixed")
     p.add_argument("--quick", action="store_true",
                    help=f"reduced step counts for slow machines: {QUICK}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -92,26 +93,9 @@ def build_engine(args: argparse.Namespace):
 
 def sd15_random(device: str | None, dtype: str | None):
     """The SD1.5 architecture (860 M-parameter UNet) with random weights, from the shipped configs."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from backend.engine.sd15_random import random_sd15
 
-    from backend.engine.devices import resolve_device
-    from backend.engine.models import LoadedModel
-    from backend.engine.sd15 import SD15_CONFIG_DIR, ddim_scheduler, sd15_tokenizer
-
-    dev, dt = resolve_device(device, dtype)
-    cfg = SD15_CONFIG_DIR
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg / "unet"))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(cfg / "vae"))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(cfg / "text_encoder"))
-    for module in (unet, vae, text_encoder):
-        module.to(dev, dt).eval().requires_grad_(False)
-    return LoadedModel(name="sd15-random", source=str(cfg), unet=unet, vae=vae,
-                       text_encoder=text_encoder, tokenizer=sd15_tokenizer(),
-                       scheduler=ddim_scheduler(cfg), device=dev, dtype=dt,
-                       fingerprint="sd15-random-seed0")
+    return random_sd15(device, dtype)
 
 
 def bench_finish(width: int, height: int, dtype: str = "uint8", area: float = 0.36,

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "backend.bench",  # bench
     "backend.precision_bench",  # precision
     "backend.memory_estimate",  # memory
+    "backend.gpu_check",  # gpu-check
     "backend.toy.cli",  # toy train, bench-quality
 )
 

@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "single .safetensors/.ckpt file or Hugging Face id (default: SD 1.5)")
     p.add_argument("--vae", default=None, help="separate VAE (folder, file or Hugging Face id)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default=None, help="auto (default), fp16, bf16 or fp32")
+    p.add_argument("--dtype", default=None, help="precision: auto (default), fp16, bf16, fp32, "
+                   "fp16-mixed or bf16-mixed (fp32 weights under autocast)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method parameter, e.g. --set drag_steps=40 --set "
                    "work_size=384 (see --list-params)")

@@ -14,8 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from backend.engine.memory import MemoryHints
 
 # Step counts cut to what reaches every phase's peak (the first LoRA step allocates the AdamW
 # state, GoodDrag keeps one feature map per dragged timestep).
@@ -29,25 +33,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="all", help="dragdiffusion, gooddrag or all")
     p.add_argument("--size", type=int, default=512, help="square image side (default 512)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--lora-micro-batch", type=int, default=None,
+                   help="as after an out-of-memory fallback: LoRA images per pass")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="as after the last fallback: LoRA with gradient checkpointing")
     p.add_argument("--json", action="store_true", help="one JSON line per method")
     p.set_defaults(func=main)
 
 
-def estimate(method: str, precision: str, size: int, overrides: dict) -> dict:
+def estimate(method: str, precision: str, size: int, overrides: dict,
+             hints: MemoryHints | None = None) -> dict:
     """Peak live tensor bytes overall and per progress phase for one meta-device edit."""
-    import torch
 
     from backend.engine.devices import PRECISIONS
     from backend.engine.lora import LoraCache
+    from backend.engine.memory import MemoryHints
     from backend.engine.pipeline import DragEngine
     from backend.engine.sd15_random import random_sd15
     from backend.engine.types import DragRequest
     from backend.meta_tools import EmulatedAutocast, LiveBytes, MetaRun
 
     prec = PRECISIONS[precision]
-    model = random_sd15("meta", {torch.float32: "fp32", torch.float16: "fp16",
-                                 torch.bfloat16: "bf16"}[prec.weights])
-    model.precision = prec
+    model = random_sd15("meta", precision)
+    model.memory = hints or MemoryHints()
     image = np.full((size, size, 3), 128, np.uint8)
     mask = np.zeros((size, size), np.uint8)
     mask[size // 5: size * 4 // 5, size // 5: size * 4 // 5] = 255
@@ -68,7 +76,8 @@ def estimate(method: str, precision: str, size: int, overrides: dict) -> dict:
             engine.run(request, progress=progress)
     gb = 1e9
     return {"method": method, "precision": precision, "size": size,
-            "params": {**SHORT, **overrides}, "weights_gb": round(weights / gb, 3),
+            "params": {**SHORT, **overrides}, "memory_hints": vars(model.memory),
+            "weights_gb": round(weights / gb, 3),
             "peak_gb": round(live.peak / gb, 3),
             "phase_peak_gb": {k: round(v / gb, 3) for k, v in live.phase_peaks.items()}}
 
@@ -76,6 +85,7 @@ def estimate(method: str, precision: str, size: int, overrides: dict) -> dict:
 def main(args: argparse.Namespace) -> int:
     from backend.commands import UsageError, parse_overrides
     from backend.engine.devices import PRECISIONS
+    from backend.engine.memory import MemoryHints
 
     try:
         overrides = parse_overrides(args.overrides)
@@ -87,7 +97,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     methods = ["dragdiffusion", "gooddrag"] if args.method == "all" else [args.method]
     for method in methods:
-        row = estimate(method, args.precision, args.size, overrides)
+        hints = MemoryHints(args.lora_micro_batch, args.checkpointing)
+        row = estimate(method, args.precision, args.size, overrides, hints)
         if args.json:
             print(json.dumps(row), flush=True)
         else:

@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "not on this machine, the small demo model backend/toy/model)")
     serve.add_argument("--vae", default=None, help="optional replacement VAE")
     serve.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto")
+    serve.add_argument("--dtype", default=None,
+                       help="precision: auto (default), fp16, bf16, fp32, fp16-mixed, bf16-mixed")
+    serve.add_argument("--compile", action="store_true",
+                       help="run the UNet through torch.compile (slower first edit)")
     serve.add_argument("--bind", default=DEFAULT_BIND,
                        help="ZeroMQ endpoint (default %(default)s; port 0 = any free port)")
     serve.add_argument("--connection-file", type=Path, default=None,
@@ -91,7 +95,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     def load_engine():  # runs in the server's worker thread
         from backend.engine.pipeline import DragEngine
-        return DragEngine.load(model, vae=args.vae, device=device)
+        return DragEngine.load(model, vae=args.vae, device=device, dtype=args.dtype,
+                               compile_unet=args.compile)
 
     def load_demo():  # the same, when the default model is missing
         from backend.engine.pipeline import DragEngine

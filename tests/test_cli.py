@@ -78,7 +78,10 @@ def test_list_params_shows_each_knobs_default_range_and_meaning():
     assert "work_max_side = 0  (int 0..4096)" in lines
     meaning = lines[lines.index("work_max_side = 0  (int 0..4096)") + 1]
     assert "long side" in meaning and "0: no cap" in meaning
-    assert "lora_steps = 80 / 70 / 200  (int 0..2000)" in lines  # per method
+    from backend.engine.params import PRESETS  # one value per method, in the presets' order
+    per_method = " / ".join(str(p.lora_steps) for p in PRESETS.values())
+    assert f"lora_steps = {per_method}  (int 0..2000)" in lines
+    assert per_method.startswith("80 / 70 / 200")  # the official codes' and the paper's
     as_json = json.loads(backend("drag", "--list-params", "--json", timeout=60).stdout)
     assert as_json["defaults"]["gooddrag"]["work_size"] == 512
     assert "help" in as_json["specs"]["work_max_side"]

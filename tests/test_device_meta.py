@@ -118,7 +118,7 @@ def test_sd15_features_and_timesteps_on_the_device(unet, cond):
     runner = UNetRunner(unet, cond)
     z = meta(1, 4, 64, 64, grad=True)
     seen = []
-    hook = unet.register_forward_pre_hook(lambda _m, args: seen.append(args[1]))
+    hook = unet.time_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     try:
         with MetaRun() as run:
             eps, feat = runner.eps_and_features(z, 681, (256, 256))
@@ -128,7 +128,8 @@ def test_sd15_features_and_timesteps_on_the_device(unet, cond):
     assert eps.device == META and eps.shape == (1, 4, 64, 64)
     assert feat.shape == feat2.shape == (1, 640, 256, 256) and none is None
     # The timestep went in as a device tensor, made once for both calls.
-    assert seen[0].device == META and seen[0] is seen[1]
+    assert len(seen) == 2 and all(t.device == META for t in seen)
+    assert runner.timestep(681, META) is runner.timestep(681, META)
     assert not run.factories_without_device
     (feat.sum() + eps.sum()).backward()
     assert z.grad.device == META
@@ -277,3 +278,13 @@ def test_lora_training_copies_to_the_device_once_not_per_step(meta_model):
         assert state and all(v.device.type == "cpu" for v in state.values())
         uploads.append(run.uploads_in("lora.py"))
     assert uploads[0] == uploads[1], uploads
+
+
+def test_dragdiffusion_reads_back_only_the_tracked_handles(unet, cond):
+    ctx = _context(unet, cond, "dragdiffusion", n_inference_steps=8, drag_steps=4)
+    with MetaRun() as run:
+        dragdiffusion.drag_latent(ctx, meta(1, 4, 64, 64))
+    steps = ctx.stats["drag_steps"]
+    assert steps >= 2
+    assert run.reads_in("dragdiffusion.py") == 0
+    assert run.reads_in("motion.py") == steps - 1  # one tracking per step after the first

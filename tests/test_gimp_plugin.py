@@ -16,11 +16,13 @@ the helpers are in tests/gimp/ (harness, cases, xdisplay).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,8 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "gimp"))
 import harness
 import xdisplay
 from cases import (
-    FAST,
-    backend_log_since,
+    backend_log,
     backend_result,
     check_new_layer,
     fake_browser,
@@ -81,35 +82,42 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
 
 
-@pytest.fixture(scope="session")
-def backend(gimp: harness.GimpChroot, tiny_model: Path):
-    """The real backend on the host, its connection file inside the mounted work folder."""
-    conn = gimp.work / "backend.json"
-    log = gimp.work / "backend-stdout.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DRAG_DIFFUSION_CONNECTION_FILE": str(conn)}
+@contextlib.contextmanager
+def serving(gimp: harness.GimpChroot, name: str, model: Path, *extra: str):
+    """``python -m backend serve`` on the host with ``model`` on the CPU, its connection file
+    ``<name>.json`` and log ``<name>.log`` in the mounted work folder; yields (process, conn)."""
+    conn, log = gimp.work / f"{name}.json", gimp.work / f"{name}-stdout.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve", "--model", str(tiny_model),
-             "--device", "cpu", "--bind", "tcp://127.0.0.1:0", "--connection-file", str(conn),
-             # A killed plug-in's job is cancelled after this much silence.
-             "--client-ttl", "8"],
-            cwd=harness.REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while "READY" not in log.read_text():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the backend did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    yield conn
-    from protocol import Client
-
+            [sys.executable, "-m", "backend", "serve", "--model", str(model), "--device", "cpu",
+             "--bind", "tcp://127.0.0.1:0", "--connection-file", str(conn),
+             "--log-file", str(gimp.work / f"{name}.log"), *extra],
+            cwd=harness.REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out,
+            stderr=subprocess.STDOUT)
     try:
-        with Client.from_connection_file(conn, timeout=5) as client:
-            client.shutdown()
-        process.wait(30)
-    except Exception:
-        process.kill()
-        process.wait(10)
+        xdisplay.wait_for(lambda: "READY" in log.read_text() or process.poll() is not None,
+                          300, f"the {name} backend")
+        assert process.poll() is None, f"the backend did not start:\n{log.read_text()[-3000:]}"
+        yield process, conn
+    finally:
+        from protocol import Client
+
+        try:
+            if process.poll() is None:
+                with Client.from_connection_file(conn, timeout=5) as client:
+                    client.shutdown()
+            process.wait(30)
+        except Exception:
+            process.kill()
+            process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def backend(gimp: harness.GimpChroot, tiny_model: Path):
+    """The real backend with the tiny random model (the connection file's path is passed to
+    the plug-in; the log is backend.log beside it)."""
+    with serving(gimp, "backend", tiny_model) as (_, conn):
+        yield conn
 
 
 def test_plugin_is_registered_and_odd_anchor_count_is_an_error(gimp):
@@ -121,6 +129,22 @@ def test_plugin_is_registered_and_odd_anchor_count_is_an_error(gimp):
     assert "Stroke 2 of the path has 3 anchors" in report["error"]
     assert "handle" in report["error"] and "target" in report["error"]
     assert report["layers"][1]["name"] == "Source" and len(report["layers"]) == 3
+
+
+def test_installed_plugin_carries_the_backends_table_and_its_help(gimp):
+    """install.py records the backend's defaults/specs/descriptions for the dialog and the
+    Method menu; the help page is installed where the plug-in's help domain points."""
+    from backend.engine.params import defaults_table, method_descriptions, spec_table
+
+    folder = gimp.plugin_dir / "drag-diffusion"
+    recorded = json.loads((folder / "install.json").read_text())["parameters"]
+    assert recorded["methods"] == json.loads(json.dumps(defaults_table()))
+    assert recorded["parameters"] == json.loads(json.dumps(spec_table()))
+    assert recorded["descriptions"] == method_descriptions()
+    assert (folder / "help" / "en" / "index.html").is_file()
+    assert 'ref="index.html"' in (folder / "help" / "en" / "gimp-help.xml").read_text()
+    report, _ = run_case(gimp, "registered", None)
+    assert report["methods"] == method_descriptions()  # every preset, each with its line
 
 
 def test_no_path_and_selection_off_the_layer_are_errors(gimp):
@@ -219,7 +243,7 @@ def test_cancel_mid_job(gimp, backend):
     assert report["status"] == "cancel", report
     assert len(report["layers"]) == 3 and report["source_unchanged"]
     # GIMP reports a cancelled call as just "cancelled"; the backend's log names the job.
-    log = (backend.parent / "backend.log").read_text()
+    log = backend_log(backend)
     job_ids = re.findall(r"job (gimp-[0-9a-f]+) cancelled \(client\)", log)
     assert job_ids, log[-2000:]
     event = backend_result(backend, job_ids[-1])
@@ -252,45 +276,36 @@ def test_high_bit_depth_stays_exact_outside_the_selection(gimp, backend, precisi
     wanted = "u16" if sample == np.uint16 else "f32"
     assert info["dtype"] == (wanted if wanted in supported else "u8")
     finished = backend_result(backend, info["job_id"])
-    assert (out / "new-layer-sent.bin").read_bytes() == finished.image
+    written = (out / "new-layer-sent.bin").read_bytes()
+    if info["format"] == report["format"]:  # sent in the layer's own format: exact
+        assert written == finished.image
+    else:  # e.g. gamma floats written into a linear-light layer: exact up to float rounding
+        sent = np.dtype({"u8": np.uint8, "u16": np.uint16, "f32": np.float32}[info["dtype"]])
+        np.testing.assert_allclose(np.frombuffer(written, sent),
+                                   np.frombuffer(finished.image, sent), rtol=1e-5, atol=1e-6)
     assert 0 < info["changed_rows"] <= 30
 
 
 def test_a_backend_that_dies_mid_job_is_reported_within_10_s(gimp, tiny_model):
     """kill -9 of the backend while a job runs: a clear error, no layer, within ~10 s."""
-    conn = gimp.work / "doomed.json"
-    out_log = gimp.work / "doomed-stdout.log"
-    with open(out_log, "w") as out:
-        doomed = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve", "--model", str(tiny_model),
-             "--device", "cpu", "--bind", "tcp://127.0.0.1:0", "--connection-file", str(conn),
-             "--log-file", str(gimp.work / "doomed.log")],
-            cwd=harness.REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out,
-            stderr=subprocess.STDOUT)
     killed: list[float] = []
+    log = gimp.work / "doomed.log"
 
-    def kill_when_busy() -> None:
-        log = gimp.work / "doomed.log"
+    def kill_when_busy(doomed: subprocess.Popen) -> None:
         xdisplay.wait_for(lambda: log.exists() and "hello from" in log.read_text(), 120,
                           "the plug-in to reach the doomed backend")
         time.sleep(3)  # the job is running now
         doomed.kill()
         killed.append(time.time())
 
-    try:
-        xdisplay.wait_for(lambda: "READY" in out_log.read_text(), 120, "the doomed backend")
-        import threading
-
-        killer = threading.Thread(target=kill_when_busy, daemon=True)
+    with serving(gimp, "doomed", tiny_model) as (doomed, conn):
+        killer = threading.Thread(target=kill_when_busy, args=(doomed,), daemon=True)
         killer.start()
         report, _ = run_case(gimp, "backend-dies", conn, selection=[8, 6, 40, 30],
                              paths=[[[[12, 12], [18, 14]]]],
                              args={"drag-steps": 5000,
                                    "advanced": json.dumps({"reach_threshold": 0})})
         killer.join(5)
-    finally:
-        doomed.kill()
-        doomed.wait(10)
     assert killed, "the backend was not killed"
     assert report["status"] == "execution-error", report
     assert "Lost the backend" in report["error"] and "crashed" in report["error"]
@@ -303,11 +318,44 @@ def test_a_backend_that_dies_mid_job_is_reported_within_10_s(gimp, tiny_model):
 # --- GUI: the dialog, the progress with its preview, errors, undo, cancel ---------------------
 
 ARTIFACTS = harness.REPO / "test-artifacts"
-# The first interactive run: DragDiffusion's dialog with two knobs at their defaults, switched to
+TOY_MODEL = harness.REPO / "backend" / "toy" / "model"
+# The GUI edits a picture of shapes with the project's trained toy model, so the preview and
+# the result show a shape moving (random weights only make noise). Toy settings as the
+# README's quality table: no LoRA, a larger latent step, GoodDrag's radii scaled to its grid.
+TOY = {"work-size": 128, "lora-steps": 0, "drag-steps": 40, "n-inference-steps": 10,
+       "latent-lr": 0.1, "timeout": 120, "advanced": json.dumps({"r1": 1, "r2": 3, "beta": 1})}
+# The first interactive run: DragDiffusion's dialog with a knob at its default, switched to
 # GoodDrag by keyboard; a GoodDrag job long enough to watch its previews, then cancelled.
-FIRST = {**FAST, "inversion-strength": -1.0, "latent-lr": -1.0, "n-inference-steps": 10,
-         "advanced": json.dumps({"reach_threshold": 0, "track_per_denoise": 10,
-                                 "max_track_no_change": 10000})}
+FIRST = {**TOY, "inversion-strength": -1.0,
+         "advanced": json.dumps({"r1": 1, "r2": 3, "beta": 1, "reach_threshold": 0,
+                                 "track_per_denoise": 10, "max_track_no_change": 1000})}
+
+
+def params_module():
+    """The plug-in's dragdiff_params (its knob list)."""
+    sys.path.insert(0, str(harness.REPO / "gimp_plugin" / "drag-diffusion"))
+    import dragdiff_params
+
+    return dragdiff_params
+
+
+def toy_scene(gimp: harness.GimpChroot) -> dict:
+    """A shapes picture from the toy model's drag cases: its file, a selection around the
+    swept area and the drag."""
+    from PIL import Image
+
+    from backend.toy.shapes import make_cases
+
+    case = make_cases(1, seed=2, size=128)[0]
+    path = gimp.work / "gui-scene.png"
+    Image.fromarray(case.image).save(path)
+    ys, xs = np.nonzero(case.mask)
+    x0, y0 = max(0, int(xs.min()) - 4), max(0, int(ys.min()) - 4)
+    return {"image": gimp.inside(path), "prompt": case.prompt,
+            "selection": [x0, y0, min(128, int(xs.max()) + 5) - x0,
+                          min(128, int(ys.max()) + 5) - y0],
+            "drags": [[list(h), list(t)] for h, t in zip(case.handles, case.targets,
+                                                          strict=True)]}
 
 
 @pytest.fixture
@@ -330,17 +378,26 @@ def xvfb(gimp):
 
 
 @pytest.mark.gui
-def test_gui_dialog_preview_errors_undo_and_cancel(gimp, backend, xvfb):
+def test_gui_dialog_preview_errors_undo_and_cancel(gimp, xvfb):
+    with serving(gimp, "toy", TOY_MODEL) as (_, toy):
+        gui_session(gimp, xvfb, toy)
+
+
+def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path) -> None:
     state, log = gimp.work / "gui-state", gimp.work / "gui-gimp.log"
     state.mkdir()
     opened = fake_browser(gimp)
     settings = gimp.profile / "plug-in-settings" / "drag-diffusion-state.json"
-    args = {**FAST, "backend": gimp.inside(backend)}
-    first = {**FIRST, "backend": gimp.inside(backend)}
-    log_start = len((backend.parent / "backend.log").read_text())
+    scene = toy_scene(gimp)
+    args = {**TOY, "prompt": scene["prompt"]}
+    first = {**FIRST, "prompt": scene["prompt"]}
+    # The backend through the environment (the Backend field is reset with the rest).
+    env = {"DISPLAY": xvfb.name, "DRAG_DIFFUSION_CONNECTION_FILE": gimp.inside(backend)}
+    dead = gimp.work / "gui-dead-backend.json"
+    dead.write_text(json.dumps({"endpoint": "tcp://127.0.0.1:9", "key": "00" * 32}))
     process = gimp.popen([gimp.script("gimp_gui.py", STATE=gimp.inside(state), ARGS=args,
-                                      FIRST=first)], gui=True, env={"DISPLAY": xvfb.name},
-                         log=log)
+                                      FIRST=first, SCENE=scene, DEAD=gimp.inside(dead))],
+                         gui=True, env=env, log=log)
     started = time.monotonic()
 
     def step(name: str, timeout: float = 120) -> dict:
@@ -351,6 +408,13 @@ def test_gui_dialog_preview_errors_undo_and_cancel(gimp, backend, xvfb):
                           120, "GIMP to open the image")
         assert process.poll() is None, log.read_text()[-3000:]
         original = step("ready")["layers"]
+
+        # 0. No backend answers: the dialog says so (and how it will start).
+        dialog = xvfb.wait_window("^Drag Diffusion$")
+        time.sleep(2)
+        xvfb.screenshot(ARTIFACTS / "plugin-dialog-no-backend.png", dialog)
+        xvfb.keys(dialog, "Escape")
+        assert step("run0")["status"] == "cancel"
 
         # 1. The dialog: real defaults, the method's line, the estimate; Help opens the page
         #    shipped with the plug-in; a method change moves the knobs at their defaults.
@@ -381,13 +445,13 @@ def test_gui_dialog_preview_errors_undo_and_cancel(gimp, backend, xvfb):
         assert run1["status"] == "cancel", run1
         assert run1["layers"] == original  # nothing added, nothing left of the preview
         assert re.search(r"job gimp-[0-9a-f]+ cancelled \(client\).*method gooddrag",
-                         backend_log_since(backend, log_start))
+                         backend_log(backend))
         typed = xdisplay.read_json(settings)["typed"]
         assert typed["method"] == "gooddrag" and typed["seed"] == 7
-        # The two knobs shown at DragDiffusion's defaults moved to GoodDrag's (so they are
-        # remembered as "the method's default"); the typed ones stayed.
-        assert typed["inversion-strength"] == -1 and typed["latent-lr"] == -1
-        assert typed["drag-steps"] == FAST["drag-steps"] and typed["work-size"] == 64
+        # The knob shown at DragDiffusion's default moved to GoodDrag's (so it is remembered
+        # as "the method's default"); the values set before stayed.
+        assert typed["inversion-strength"] == -1
+        assert typed["latent-lr"] == TOY["latent-lr"] and typed["work-size"] == 128
 
         # 2. Re-Show: GIMP passes its last successful values (here: none yet, so the call's);
         #    the dialog shows what was typed before the cancel.
@@ -399,56 +463,66 @@ def test_gui_dialog_preview_errors_undo_and_cancel(gimp, backend, xvfb):
         typed = xdisplay.read_json(settings)["typed"]  # written from the dialog's values
         assert typed["method"] == "gooddrag" and typed["seed"] == 7
 
-        # 3. An error is shown once (GIMP's own error box), not twice.
+        # 3. Cancel from GIMP's status bar: GIMP kills the plug-in; the backend notices the
+        #    silence and cancels the job.
         dialog = xvfb.wait_window("^Drag Diffusion$")
+        window = xvfb.wait_window(r"layers?\) [0-9]+x[0-9]+", 30)
+        log_mark = len(backend_log(backend))
+        xvfb.keys(dialog, "alt+o")
+        xvfb.wait_window("^Drag Diffusion – working$")
+        xvfb.keys(window, "z")  # the Zoom tool: a click that misses a button paints nothing
+        time.sleep(3)
+        xvfb.screenshot(ARTIFACTS / "gimp-statusbar-progress.png")
+        xvfb.click(window, -281, -18)  # the status bar's Cancel button
+        clicked = time.monotonic()
+        run4 = step("run4")
+        assert run4["status"] == "cancel", run4
+        assert run4["layers"] == original
+        xdisplay.wait_for(lambda: re.search(r"job gimp-[0-9a-f]+ cancelled \(client_gone\)",
+                                            backend_log(backend)[log_mark:]), 30,
+                          "the backend to cancel the orphaned job")
+        gone = time.monotonic() - clicked
+        print(f"[gui] status-bar Cancel -> backend job cancelled in {gone:.1f} s")
+        assert gone < 10 + 2
+        # 4. An error is shown once (GIMP's own error box), not twice.
+        #    Before that, Reset › Reset to Factory Defaults: each knob shows its method's
+        #    default again (the factory value -1 is never shown or clamped to a range end).
+        dialog = xvfb.wait_window("^Drag Diffusion$")
+        time.sleep(1.5)
+        xvfb.click(dialog, 212, -42)  # Reset (the buttons' row is 42 px above the bottom)
+        time.sleep(1)
+        xvfb.click(dialog, 213, -95)  # its popover's Reset to Factory Defaults
+        time.sleep(1)
+        xvfb.screenshot(ARTIFACTS / "plugin-dialog-factory.png", dialog)
         xvfb.keys(dialog, "alt+o")
         run3 = step("run3")
         assert run3["status"] == "execution-error" and "has 3 anchors" in run3["error"]
         assert run3["layers"] == original
         time.sleep(1)
         assert log.read_text().count("has 3 anchors") == 1, log.read_text()[-3000:]
+        typed = xdisplay.read_json(settings)["typed"]
+        assert typed["method"] == "dragdiffusion" and typed["seed"] == 42
+        assert all(typed[k.prop] == -1 for k in params_module().KNOBS), typed
 
-        # 4. A quick edit, then the undo history holds exactly one step: the edit.
+        # 5. A quick edit, then the undo history holds exactly one step: the edit.
         applied = step("applied", 240)
         assert applied["status"] == "success", (applied, log.read_text()[-3000:])
         edited = applied["layers"]
         assert len(edited) == 2 and edited[1] == original[0]
-        window = xvfb.wait_window(r"layers?\) [0-9]+x[0-9]+", 30)
-        xvfb.keys(window, "4")  # zoom to 800 % to see the result
+        xvfb.keys(window, "2")  # zoom to 200 % to see the result
         time.sleep(1.5)
         xvfb.screenshot(ARTIFACTS / "gimp-result.png")
         layers_now = lambda: (xdisplay.read_json(state / "state.json") or {}).get("layers")  # noqa: E731
         xvfb.keys(window, "ctrl+z")
         xdisplay.wait_for(lambda: layers_now() == original, 30, "one Ctrl+Z to undo the edit")
-        xvfb.keys(window, "ctrl+z")  # nothing else to undo: no trace of runs 1-3
+        xvfb.keys(window, "ctrl+z")  # nothing else to undo: no trace of runs 1-4
         time.sleep(2)
         assert layers_now() == original
         xvfb.keys(window, "ctrl+y")
         xdisplay.wait_for(lambda: layers_now() == edited, 30, "Ctrl+Y to redo the edit")
-        (state / "undo-done").touch()
 
-        # 5. Cancel from GIMP's status bar: GIMP kills the plug-in; the backend notices the
-        #    silence and cancels the job.
-        dialog = xvfb.wait_window("^Drag Diffusion$")
-        log_mark = len((backend.parent / "backend.log").read_text())
-        xvfb.keys(dialog, "alt+o")
-        xvfb.wait_window("^Drag Diffusion – working$")
-        time.sleep(3)
-        xvfb.screenshot(ARTIFACTS / "gimp-statusbar-progress.png")
-        xvfb.click(window, 519, 582)  # the status bar's Cancel button
-        clicked = time.monotonic()
-        run4 = step("run4")
-        assert run4["status"] == "cancel", run4
-        assert run4["layers"] == edited
-        xdisplay.wait_for(lambda: re.search(r"job gimp-[0-9a-f]+ cancelled \(client_gone\)",
-                                            backend_log_since(backend, log_mark)), 30,
-                          "the backend to cancel the orphaned job")
-        gone = time.monotonic() - clicked
-        print(f"[gui] status-bar Cancel -> backend job cancelled in {gone:.1f} s")
-        assert gone < 10 + 2
         print(f"[gui] whole GUI session {time.monotonic() - started:.1f} s")
     finally:
-        (state / "undo-done").touch()
         (state / "done").touch()
         try:
             process.wait(60)

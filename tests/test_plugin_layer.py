@@ -70,6 +70,8 @@ def test_changed_runs_match_a_per_pixel_reference(width, height, bpp, data):
         after[y, x:x + n, data.draw(st.integers(0, bpp - 1))] ^= data.draw(st.integers(1, 255))
     runs = lay.changed_runs(before.tobytes(), after.tobytes(), width, bpp)
     assert runs == reference_runs(before, after)
+    # The same without numpy (GIMP's Python on Windows/macOS may lack it).
+    assert lay._runs_pure(before.tobytes(), after.tobytes(), width, bpp) == runs
 
 
 def test_changed_runs_of_float_pixels_outside_a_mask():
@@ -79,6 +81,7 @@ def test_changed_runs_of_float_pixels_outside_a_mask():
     after[5:20, 10:30] += np.float32(1e-6)  # a tiny change is still a change
     runs = lay.changed_runs(before.tobytes(), after.tobytes(), 50, 16)
     assert runs == [(y, 10, 30) for y in range(5, 20)]
+    assert lay._runs_numpy(before.tobytes(), after.tobytes(), 50, 16, band=4) == runs
     assert lay.rectangles(runs) == [(10, 5, 20, 15)]
     assert lay.bounding_box(runs) == (10, 5, 20, 15)
     assert lay.changed_runs(before.tobytes(), before.tobytes(), 50, 16) == []

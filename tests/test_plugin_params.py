@@ -137,3 +137,10 @@ def test_record_round_trip(table):
     again = par.ParamTable.parse(table.as_record(), "cache")
     assert again.methods == table.methods and again.specs == table.specs
     assert again.descriptions == table.descriptions
+
+
+def test_algorithm_of_each_method(table):
+    assert table.algorithm("dragdiffusion-paper") == "dragdiffusion"
+    assert table.algorithm("gooddrag") == "gooddrag"
+    only = {k.prop: k.only for k in par.KNOBS if k.only}
+    assert only == {"drag-steps": "dragdiffusion"}  # GoodDrag counts its steps differently

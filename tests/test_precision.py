@@ -101,7 +101,7 @@ class _AutocastSpy:
 
     def __init__(self, unet) -> None:
         self.seen: set[tuple[bool, torch.dtype | None]] = set()
-        self.handle = unet.register_forward_pre_hook(self)
+        self.handle = unet.conv_in.register_forward_pre_hook(self)
 
     def __call__(self, _module, _args) -> None:
         on = torch.is_autocast_enabled("cpu")

@@ -67,3 +67,22 @@ def test_counter_books_batches_and_backwards_to_phases():
     w.add("lora", 8)
     assert w.fe == {"lora": 8, "inversion": 1, "reference": 0, "drag": 2, "denoise": 2}
     assert w.total == 13 and w.truncated == 1
+
+
+def test_the_fast_preset_is_a_quarter_of_the_official_work():
+    from diffusers import DDIMScheduler
+
+    from backend.engine.params import resolve
+    from backend.engine.tiny import SD15_SCHEDULER
+
+    algorithm, p = resolve("fast")
+    assert algorithm == "dragdiffusion"
+    schedule = Schedule.from_scheduler(DDIMScheduler(**SD15_SCHEDULER), p.n_inference_steps,
+                                       p.inversion_strength)
+    assert schedule.t_star == 681  # the same timestep as the faithful default
+    fast = official_work(algorithm, lora_steps=p.lora_steps, lora_batch=p.lora_batch,
+                         n_actual=schedule.n_actual, drag_steps=p.drag_steps)
+    assert sum(fast.values()) == 215  # at most (the drag may stop earlier)
+    assert sum(official_defaults("dragdiffusion").values()) / sum(fast.values()) > 4
+    redrag = {**fast, "lora": 0, "inversion": 0, "reference": 0}  # with the re-drag cache
+    assert sum(redrag.values()) == 116

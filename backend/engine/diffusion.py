@@ -75,10 +75,6 @@ def inversion_step(schedule: Schedule, z: torch.Tensor, eps: torch.Tensor, t: in
     return a_t**0.5 * x0 + (1 - a_t) ** 0.5 * eps
 
 
-class _StopForward(Exception):
-    """Raised by the feature hook to skip the rest of the UNet when ε is not needed."""
-
-
 class UNetRunner:
     """Calls the UNet and captures one decoder block's output from the same forward pass.
 
@@ -90,15 +86,15 @@ class UNetRunner:
 
     def __init__(self, unet, cond: torch.Tensor, feature_block: int = -1,
                  work: WorkCounter | None = None,
-                 autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
+                 autocast: Callable[[], AbstractContextManager] = nullcontext,
+                 forward: Callable | None = None) -> None:
         self.unet = unet
         self.cond = cond
         self.autocast = autocast
+        self.forward = forward or unet_forward  # e.g. a torch.compile'd unet_forward
         self.block = resolve_feature_block(unet, feature_block)
         self.passes = 0
         self.work = work if work is not None else WorkCounter()
-        self._captured: torch.Tensor | None = None
-        self._stop_early = False
         self._timesteps: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def timestep(self, t: int, device: torch.device) -> torch.Tensor:
@@ -108,21 +104,20 @@ class UNetRunner:
             self._timesteps[key] = torch.tensor(t, dtype=torch.long, device=device)
         return self._timesteps[key]
 
-    def _hook(self, _module, _inputs, output):
-        self._captured = output
-        if self._stop_early:
-            raise _StopForward
-
-    def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
-        """ε prediction for a batch of latents (the text condition is repeated to the batch)."""
+    def _call(self, z: torch.Tensor, t: int, block: int | None,
+              stop: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         self.passes += 1
         self.work.forward(z.shape[0])
         dtype = self.unet.dtype
         cond = self.cond.to(dtype).expand(z.shape[0], -1, -1)
-        timestep = self.timestep(t, z.device)
         with self.autocast():
-            out = self.unet(z.to(dtype), timestep, encoder_hidden_states=cond, return_dict=False)
-        return out[0].float()
+            eps, feat = self.forward(self.unet, z.to(dtype), self.timestep(t, z.device), cond,
+                                     block, stop)
+        return (None if eps is None else eps.float()), feat
+
+    def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
+        """ε prediction for a batch of latents (the text condition is repeated to the batch)."""
+        return self._call(z, t, None, False)[0]
 
     def eps_and_features(
         self, z: torch.Tensor, t: int, grid: tuple[int, int] | None, need_eps: bool = True
@@ -134,17 +129,74 @@ class UNetRunner:
         them later to exactly the same values. With ``need_eps=False`` the forward stops right
         after the feature block (the motion loss alone does not need the rest of the decoder).
         """
-        handle = self.unet.up_blocks[self.block].register_forward_hook(self._hook)
-        self._stop_early = not need_eps
-        eps = None
-        try:
-            eps = self.eps(z, t)
-        except _StopForward:
+        eps, feat = self._call(z, t, self.block, not need_eps)
+        if not need_eps:
             self.work.truncated += z.shape[0]
-        finally:
-            handle.remove()
-        feat, self._captured = self._captured, None
         return eps, (feat if grid is None else on_grid(feat, grid))
+
+
+def unet_forward(unet, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
+                 block: int | None = None,
+                 stop: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """diffusers' ``UNet2DConditionModel.forward`` for what the engine passes, with features.
+
+    The same modules in the same order (no attention masks, ControlNet residuals or adapters,
+    which the engine never uses), so ε is bit for bit the library's. Returns (ε, the output of
+    ``up_blocks[block]``); with ``stop`` it returns (None, features) right after that block.
+    Plain control flow, no hook and no exception: ``torch.compile`` traces it as one graph.
+    """
+    upsample_any = any(s % 2**unet.num_upsamplers for s in sample.shape[-2:])
+    if unet.config.center_input_sample:
+        sample = 2 * sample - 1.0
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    class_emb = unet.get_class_embed(sample=sample, class_labels=None)
+    if class_emb is not None:
+        emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat \
+            else emb + class_emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    cond = unet.process_encoder_hidden_states(encoder_hidden_states=cond, added_cond_kwargs=None)
+    sample = unet.conv_in(sample)
+    residuals: tuple[torch.Tensor, ...] = (sample,)
+    for down in unet.down_blocks:
+        if getattr(down, "has_cross_attention", False):
+            sample, res = down(hidden_states=sample, temb=emb, encoder_hidden_states=cond)
+        else:
+            sample, res = down(hidden_states=sample, temb=emb)
+        residuals += res
+    if unet.mid_block is not None:
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            sample = unet.mid_block(sample, emb, encoder_hidden_states=cond)
+        else:
+            sample = unet.mid_block(sample, emb)
+    feat, size = None, None
+    for i, up in enumerate(unet.up_blocks):
+        res, residuals = residuals[-len(up.resnets):], residuals[:-len(up.resnets)]
+        if i < len(unet.up_blocks) - 1 and upsample_any:
+            size = residuals[-1].shape[2:]
+        if getattr(up, "has_cross_attention", False):
+            sample = up(hidden_states=sample, temb=emb, res_hidden_states_tuple=res,
+                        encoder_hidden_states=cond, upsample_size=size)
+        else:
+            sample = up(hidden_states=sample, temb=emb, res_hidden_states_tuple=res,
+                        upsample_size=size)
+        if i == block:
+            feat = sample
+            if stop:
+                return None, feat
+    if unet.conv_norm_out:
+        sample = unet.conv_act(unet.conv_norm_out(sample))
+    return unet.conv_out(sample), feat
+
+
+def compiled_unet_forward(backend: str = "inductor") -> Callable:
+    """``unet_forward`` through ``torch.compile`` (opt-in: the first call of each shape, batch
+    and phase compiles for a while; later calls run the compiled graph)."""
+    import torch._dynamo
+
+    # One graph per phase variant (inversion, drag with and without ε, reference attention...).
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    return torch.compile(unet_forward, backend=backend, dynamic=False)
 
 
 def on_grid(feat: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

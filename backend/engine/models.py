@@ -27,7 +27,7 @@ import pickle
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from backend.engine.devices import (
     resolve_precision,
 )
 from backend.engine.errors import EngineError, ModelNotFound, OutOfMemory
-from backend.engine.memory import MemoryHints
+from backend.engine.memory import MemoryHints, initial_hints
 from backend.engine.sd15 import SD15_CONFIG_DIR, NotEpsilonModel, ddim_scheduler, sd15_tokenizer
 from backend.engine.types import ProgressFn
 
@@ -89,11 +89,13 @@ class LoadedModel:
     dtype: torch.dtype
     fingerprint: str
     precision: Precision | None = None
-    memory: MemoryHints = field(default_factory=MemoryHints)
+    memory: MemoryHints | None = None  # what fits in the device's memory (``engine.memory``)
 
     def __post_init__(self) -> None:
         if self.precision is None:
             self.precision = precision_for_weights(self.dtype)
+        if self.memory is None:
+            self.memory = initial_hints(self.device)
 
     def cast(self, precision: Precision) -> None:
         """Switch to ``precision``, casting the weights in place (fp32 → fp16 loses bits)."""

@@ -89,11 +89,23 @@ PRESETS: dict[str, DragParams] = {
         drag_steps=40,
         reference_attention=False,
     ),
+    # DragDiffusion at about a quarter of the work (README, "Speed"): a quarter of the LoRA
+    # samples (20 steps × batch 2) at 4× its learning rate, 25 DDIM steps (18 inverted: t* is
+    # still 681), at most 40 drag steps at twice the step. ≤ 215 UNet forward-equivalents
+    # per first edit instead of 906, ≤ 116 per re-drag instead of 266.
+    "fast": DragParams(
+        lora_steps=20,
+        lora_lr=2e-3,
+        lora_batch=2,
+        n_inference_steps=25,
+        drag_steps=40,
+        latent_lr=0.02,
+    ),
 }
 
 # Which algorithm each preset runs.
 PRESET_METHOD = {"dragdiffusion": "dragdiffusion", "gooddrag": "gooddrag",
-                 "dragdiffusion-paper": "dragdiffusion"}
+                 "dragdiffusion-paper": "dragdiffusion", "fast": "dragdiffusion"}
 
 # One line per method or preset: what it does and when to pick it (the dialog shows it).
 DESCRIPTIONS = {
@@ -103,6 +115,8 @@ DESCRIPTIONS = {
                 "long drags, takes somewhat longer.",
     "dragdiffusion-paper": "DragDiffusion with the paper's first published settings (longer "
                            "LoRA, 40 drag steps, no reference attention); for comparisons.",
+    "fast": "DragDiffusion with a short LoRA, 25 DDIM steps and fewer, larger drag steps: about "
+            "a quarter of the work, measured to keep the edit on the toy model.",
 }
 
 

@@ -23,11 +23,11 @@ from backend.engine.devices import (
     memory_info,
     reset_peak_memory,
 )
-from backend.engine.diffusion import Schedule, UNetRunner, run_inversion
+from backend.engine.diffusion import Schedule, UNetRunner, compiled_unet_forward, run_inversion
 from backend.engine.errors import EngineError, OutOfMemory
 from backend.engine.lora import LoraCache, prepare_lora
 from backend.engine.lora_merge import MergedLora
-from backend.engine.memory import oom_message
+from backend.engine.memory import free_memory, oom_message
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from backend.engine.params import METHODS, PRESETS, DragParams, defaults_table, resolve
 from backend.engine.redrag import RedragCache, RedragEntry, redrag_key
@@ -76,10 +76,17 @@ class DragEngine:
     """Holds a loaded model and runs drag edits on it (one at a time)."""
 
     def __init__(self, model: LoadedModel, lora_cache: LoraCache | None = None, *,
-                 redrag: RedragCache | None = None, reuse: bool = True) -> None:
+                 redrag: RedragCache | None = None, reuse: bool = True,
+                 compile_unet: bool | str = False) -> None:
         """``reuse`` false turns off the re-drag cache and keeps no LoRA merged between edits
-        (each edit then inverts again and merges its LoRA from the disk cache)."""
+        (each edit then inverts again and merges its LoRA from the disk cache).
+        ``compile_unet`` runs the UNet through ``torch.compile`` (True: inductor, or a backend
+        name)."""
         self.model = model
+        self.unet_forward = None
+        if compile_unet:
+            self.unet_forward = compiled_unet_forward(
+                compile_unet if isinstance(compile_unet, str) else "inductor")
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache()
         self.redrag = (redrag if redrag is not None else RedragCache()) if reuse else None
         self.keep_lora = reuse
@@ -94,9 +101,11 @@ class DragEngine:
         dtype: str | None = None,
         lora_cache_dir: str | None = None,
         reuse: bool = True,
+        compile_unet: bool | str = False,
     ) -> DragEngine:
         loaded = load_model(model, vae=vae, device=device, dtype=dtype)
-        return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None, reuse=reuse)
+        return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None, reuse=reuse,
+                   compile_unet=compile_unet)
 
     def info(self) -> dict:
         m = self.model
@@ -178,7 +187,8 @@ class DragEngine:
             else:
                 self.merged_lora.restore()
             runner = UNetRunner(model.unet, cond, params.feature_block, work,
-                                autocast=lambda: autocast(model.device, model.precision))
+                                autocast=lambda: autocast(model.device, model.precision),
+                                forward=self.unet_forward)
             schedule = Schedule.from_scheduler(model.scheduler, params.n_inference_steps,
                                                params.inversion_strength)
             with self._timed(timings, "inversion"):
@@ -338,6 +348,5 @@ class DragEngine:
     def _free_memory(self) -> None:
         if self.redrag is not None:
             self.redrag.clear()
-        if self.model.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(self.model.device)
 

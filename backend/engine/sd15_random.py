@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from backend.engine.devices import resolve_device
+from backend.engine.devices import PRECISIONS, resolve_precision
 from backend.engine.models import LoadedModel
 from backend.engine.sd15 import SD15_CONFIG_DIR, ddim_scheduler, sd15_tokenizer
 
@@ -16,7 +16,8 @@ from backend.engine.sd15 import SD15_CONFIG_DIR, ddim_scheduler, sd15_tokenizer
 def random_sd15(device: str | None = None, dtype: str | None = None, seed: int = 0) -> LoadedModel:
     """SD1.5's UNet, VAE and text encoder from the shipped configs, random weights from ``seed``.
 
-    ``device`` is anything ``resolve_device`` accepts, or ``"meta"``. The modules are created
+    ``device`` and ``dtype`` are what ``resolve_precision`` accepts, or ``device="meta"`` (any
+    ``PRECISIONS`` name, no checks). The modules are created
     directly on the target device (random initialisation on a GPU takes a fraction of a second
     instead of ~10 s on the CPU).
     """
@@ -24,10 +25,10 @@ def random_sd15(device: str | None = None, dtype: str | None = None, seed: int =
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if device == "meta":
-        dev = torch.device("meta")
-        dt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype or "", torch.float32)
+        dev, precision = torch.device("meta"), PRECISIONS[dtype or "fp32"]
     else:
-        dev, dt = resolve_device(device, dtype)
+        dev, precision = resolve_precision(device, dtype)
+    dt = precision.weights
     cfg = SD15_CONFIG_DIR
     torch.manual_seed(seed)
     with torch.device(dev):
@@ -39,4 +40,4 @@ def random_sd15(device: str | None = None, dtype: str | None = None, seed: int =
     return LoadedModel(name="sd15-random", source=str(cfg), unet=unet, vae=vae,
                        text_encoder=text_encoder, tokenizer=sd15_tokenizer(),
                        scheduler=ddim_scheduler(cfg), device=dev, dtype=dt,
-                       fingerprint=f"sd15-random-seed{seed}")
+                       fingerprint=f"sd15-random-seed{seed}", precision=precision)

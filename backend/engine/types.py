@@ -23,7 +23,9 @@ GridPoint = tuple[float, float]  # (row, col) on the supervision grid (half the 
 class DragRequest:
     """One drag edit.
 
-    ``image`` is H×W×C uint8 with C in 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA).
+    ``image`` is H×W×C uint8, uint16 or float32 (nominally 0–1, may exceed) with C in 1 (gray),
+    2 (gray+alpha), 3 (RGB) or 4 (RGBA); the result has the same dtype, and outside the
+    (feathered) mask the same bits.
     ``handles``/``targets`` are continuous (x, y) image coordinates, as GIMP's path anchors:
     (0, 0) is the top-left corner of the top-left pixel, pixel i spans [i, i + 1) and its
     centre is i + 0.5. The engine converts them once to the official codes' pixel index

@@ -206,8 +206,7 @@ def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
     try:
         par.write_state(state_path, hello=session.info)
         if session.demo_model:
-            feedback.notice("Demo model: fit for simple shapes only. For photos, install "
-                            "Stable Diffusion 1.5 (README, section “Models”).")
+            feedback.notice(backend.demo_notice(session.info))
         if session.device.startswith("cpu"):
             feedback.notice("The backend runs on the CPU: this takes a while.")
         fmt, pixels = inputs.read_pixels(session.dtypes)
@@ -271,8 +270,10 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
     table = par.load_table(hello, state, {"parameters": install.parameters})
     if interactive:
         size = (drawables[0].get_width(), drawables[0].get_height()) if drawables else (1, 1)
+        manual = (install.start_command() or ".venv/bin/python -m backend serve in the Drag "
+                  "Diffusion folder") if install.why_not_startable() else None
         dialog = ui.SettingsDialog(procedure, config, ui.DialogContext(
-            table, state.get("hello"), hello is not None, size, state_path, state))
+            table, state.get("hello"), hello is not None, size, state_path, state, manual))
         if not dialog.run():
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     feedback = ui.ProgressWindow(StatusBar()) if interactive else StatusBar()

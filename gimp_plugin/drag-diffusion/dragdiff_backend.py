@@ -23,10 +23,6 @@ HERE = Path(__file__).resolve().parent
 # Test hook: cancel the job after this many progress events (non-interactive runs can't click).
 CANCEL_AFTER_ENV = "DRAG_DIFFUSION_CANCEL_AFTER_PROGRESS"
 POLL_SECONDS = 0.2  # longest the UI goes unpumped while waiting for the backend
-# While a job runs the backend answers heartbeats within this time even when busy (its socket
-# thread is not the engine's); three silent periods in a row mean it is gone.
-LIVENESS_SECONDS = 3.0
-LIVENESS_RETRIES = 2
 CONSOLE_LOG_BYTES = 2**20  # backend-console.log is rotated when a start finds it larger
 # Variables from GIMP's environment that must not leak into the backend's Python.
 _STRIP_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONEXECUTABLE",
@@ -288,9 +284,18 @@ def quick_hello(setting: str, timeout: float = 1.0) -> dict[str, Any] | None:
 
 
 def is_demo_model(info: dict[str, Any]) -> bool:
-    """Whether the backend serves the small demo model that ships with the project."""
-    model = info.get("model") or {}
-    return bool(model.get("demo") or model.get("fallback"))
+    """Whether the backend serves the small demo model that ships with the project (its hello
+    says ``model.demo``)."""
+    return bool((info.get("model") or {}).get("demo"))
+
+
+def demo_notice(info: dict[str, Any]) -> str:
+    """The line the dialog and the progress window show while the demo model is served, with
+    the backend's own hint on getting SD1.5 when it gives one."""
+    hint = str((info.get("model") or {}).get("hint") or "to edit photos, install Stable "
+               "Diffusion 1.5 (README, section “Models”) and restart the backend").strip()
+    return ("Demo model: the backend serves the small model that ships with Drag Diffusion, "
+            f"fit for simple shapes only; {hint[:1].lower()}{hint[1:].rstrip('.')}.")
 
 
 class Session:
@@ -319,10 +324,9 @@ class Session:
         return [str(d) for d in self.info.get("dtypes") or ["u8"]]
 
     def run(self, job: JobSpec, feedback: Feedback, tracker: prog.Tracker) -> JobResult:
-        """Run one drag edit, reporting progress; raise on error or cancel."""
-        # A busy backend still answers heartbeats: silence now means it died.
-        self.client.timeout = min(self.client.timeout, LIVENESS_SECONDS)
-        self.client.retries = LIVENESS_RETRIES
+        """Run one drag edit, reporting progress; raise on error or cancel. A backend that
+        stops answering the client's heartbeats is reported as lost (protocol.Client's
+        ``liveness``, a few seconds)."""
         try:
             return _run_job(self.protocol, self.client, job, feedback, tracker)
         except self.protocol.BackendUnavailable as exc:

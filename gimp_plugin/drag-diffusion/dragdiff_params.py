@@ -34,11 +34,12 @@ class Knob:
     is_int: bool
     pdb_max: float
     advanced: bool = False
+    only: str | None = None  # the one algorithm that uses it, if only one does
 
 
 KNOBS = (
     Knob("lora-steps", "lora_steps", "LoR_A steps", True, 2000),
-    Knob("drag-steps", "drag_steps", "_Drag steps", True, 5000),
+    Knob("drag-steps", "drag_steps", "_Drag steps", True, 5000, only="dragdiffusion"),
     Knob("inversion-strength", "inversion_strength", "_Inversion strength", False, 1.0),
     Knob("work-size", "work_size", "_Working width (px)", True, 2048),
     Knob("latent-lr", "latent_lr", "Latent lear_ning rate", False, 1.0, advanced=True),
@@ -108,6 +109,9 @@ class ParamTable:
     def resolved(self, method: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """The method's full parameters with ``overrides`` applied (for estimates)."""
         return {**self.methods.get(method, {}), **overrides}
+
+    def algorithm(self, method: str) -> str:
+        return str(self.methods.get(method, {}).get("method") or method)
 
     def describe(self, method: str) -> str:
         return self.descriptions.get(method, "")

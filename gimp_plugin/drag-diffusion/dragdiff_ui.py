@@ -30,17 +30,6 @@ MAIN = ("method", "method-help", "prompt", "seed",
         "advanced-expander")
 ADVANCED = (*(k.prop for k in par.KNOBS if k.advanced), "advanced", "backend", "timeout",
             "make-path")
-DEMO_NOTICE = ("Demo model: the backend serves the small model that ships with Drag "
-               "Diffusion, fit for simple shapes only. For photos, install Stable Diffusion "
-               "1.5 (README, section “Models”) and restart the backend.")
-
-
-def demo_notice(info: dict[str, Any]) -> str:
-    """The dialog's line about the demo model, with the backend's own hint if it gives one."""
-    hint = (info.get("model") or {}).get("hint")
-    return f"{DEMO_NOTICE} {hint}" if hint else DEMO_NOTICE
-
-
 @dataclass
 class DialogContext:
     """What the settings dialog shows besides the procedure's arguments."""
@@ -51,6 +40,7 @@ class DialogContext:
     layer_size: tuple[int, int]
     state_path: Path
     state: dict[str, Any] = field(default_factory=dict)
+    start_command: str | None = None  # how to start the backend when the plug-in can't
 
 
 class SettingsDialog:
@@ -62,12 +52,20 @@ class SettingsDialog:
         self.config = config
         self.context = context
         self.table = context.table
+        for name in STRINGS:  # GIMP may hand an empty string over as None
+            if config.get_property(name) is None:
+                config.set_property(name, "")
         typed = context.state.get("typed")
         if isinstance(typed, dict):
             restore(config, typed)
         self.method = config.get_property("method")
         if self.table is not None:
             set_knobs(config, par.shown_values(self.table, self.method, knob_values(config)))
+        self.method_help = self.estimate = self.notice = None
+        self.widgets: dict[str, Gtk.Widget] = {}
+        # Follows the method, and turns a knob's -1 (the factory value, e.g. after Reset) into
+        # the method's real default.
+        self._notify = config.connect("notify", self._changed)
         self.dialog = GimpUi.ProcedureDialog.new(procedure, config, "Drag Diffusion")
         self.method_help = self._label("method-help")
         self.estimate = self._label("estimate")
@@ -78,7 +76,6 @@ class SettingsDialog:
         self.dialog.fill_expander("advanced-expander", "advanced-title", False, "advanced-box")
         self.dialog.fill(list(MAIN))
         self._update()
-        self._notify = config.connect("notify", self._changed)
 
     def _label(self, name: str) -> Gtk.Label:
         label = self.dialog.get_label(name, "", False, False)
@@ -95,6 +92,7 @@ class SettingsDialog:
             widget = self.dialog.get_widget(knob.prop, GObject.TYPE_NONE)
             if not isinstance(widget, GimpUi.LabelSpin):
                 continue
+            self.widgets[knob.prop] = widget
             lower, upper, step = self.table.knob_range(knob)
             digits = 0 if knob.is_int else max(1, -math.floor(math.log10(step)))
             widget.set_digits(digits)
@@ -106,6 +104,10 @@ class SettingsDialog:
                 widget.set_tooltip_text(spec.help)
 
     def _changed(self, config: Gimp.ProcedureConfig, pspec: GObject.ParamSpec) -> None:
+        knob = par.KNOB_BY_PROP.get(pspec.name)
+        if self.table is not None and knob is not None and config.get_property(knob.prop) < 0:
+            set_knobs(config, par.shown_values(self.table, self.method, knob_values(config)))
+            return  # setting it notified again
         if pspec.name == "method":
             new = config.get_property("method")
             if self.table is not None and new != self.method:
@@ -116,15 +118,23 @@ class SettingsDialog:
         self._update()
 
     def _update(self) -> None:
+        if self.notice is None:  # the dialog is being built
+            return
         table, info = self.table, self.context.info or {}
+        for knob in par.KNOBS:  # a knob the chosen algorithm does not use is greyed out
+            if knob.only and knob.prop in self.widgets and table is not None:
+                self.widgets[knob.prop].set_sensitive(table.algorithm(self.method) == knob.only)
         self.method_help.set_text(table.describe(self.method) if table else "")
         self.method_help.set_visible(bool(self.method_help.get_text()))
         self.estimate.set_text(self._estimate_text(table, info))
         self.estimate.set_visible(bool(self.estimate.get_text()))
         notices = []
         if self.context.info and backend.is_demo_model(self.context.info):
-            notices.append(demo_notice(self.context.info))
-        if not self.context.running:
+            notices.append(backend.demo_notice(self.context.info))
+        if not self.context.running and self.context.start_command:
+            notices.append("The backend is not running, and the plug-in can't start it from "
+                           f"here: start it with {self.context.start_command}")
+        elif not self.context.running:
             notices.append("The backend is not running: it starts when you press OK (loading "
                            "the model takes a minute or more the first time).")
         if table is None:
@@ -167,8 +177,8 @@ class SettingsDialog:
 
 # --- config helpers -------------------------------------------------------------------------------
 
-REMEMBERED = ("method", "prompt", "seed", "advanced", "backend", "timeout", "make-path",
-              *(k.prop for k in par.KNOBS))
+STRINGS = ("prompt", "advanced", "backend")
+REMEMBERED = ("method", "seed", "timeout", "make-path", *STRINGS, *(k.prop for k in par.KNOBS))
 
 
 def knob_values(config: Gimp.ProcedureConfig) -> dict[str, float]:
@@ -183,7 +193,8 @@ def set_knobs(config: Gimp.ProcedureConfig, values: dict[str, float]) -> None:
 
 
 def snapshot(config: Gimp.ProcedureConfig) -> dict[str, Any]:
-    return {name: config.get_property(name) for name in REMEMBERED}
+    values = {name: config.get_property(name) for name in REMEMBERED}
+    return {k: "" if v is None and k in STRINGS else v for k, v in values.items()}
 
 
 def restore(config: Gimp.ProcedureConfig, values: dict[str, Any]) -> None:

@@ -115,5 +115,6 @@ def preview_shown(screenshot: Path) -> bool:
         return colours is None or len(colours) > 30
 
 
-def backend_log_since(conn: Path, offset: int) -> str:
-    return (conn.parent / "backend.log").read_text()[offset:]
+def backend_log(conn: Path) -> str:
+    """The backend's log (``<name>.log`` beside its connection file ``<name>.json``)."""
+    return conn.with_suffix(".log").read_text()

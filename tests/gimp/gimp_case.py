@@ -117,6 +117,7 @@ config.set_property("image", image)
 config.set_core_object_array("drawables", [source])
 for name, value in CASE["args"].items():
     config.set_property(name, value)
+choice = Gimp.param_spec_choice_get_choice(procedure.find_argument("method"))
 names_before = [layer.get_name() for layer in image.get_layers()]
 started_at = time.time()
 started = time.monotonic()
@@ -140,6 +141,7 @@ report = {
     "sample_bytes": sample_bytes,
     "precision": image.get_precision().value_nick,
     "menu_paths": procedure.get_menu_paths(),
+    "methods": {nick: choice.get_help(nick) for nick in choice.list_nicks()},
     "image_types": procedure.get_image_types(),
 }
 if status == Gimp.PDBStatusType.SUCCESS:

@@ -1,27 +1,33 @@
 # Runs inside GIMP's GUI (gimp-3.0 under Xvfb, python-fu-eval batch code).
 # Variables set by the host: STATE (folder inside the chroot), ARGS (plug-in arguments of the
-# quick edit), FIRST (arguments of the first interactive run: a long GoodDrag-able job).
+# quick edit), FIRST (arguments of the first interactive run: a long GoodDrag-able job), SCENE
+# (the picture to load, the selection rectangle and the drags).
 #
 # Each step below waits for the host, which watches the windows, screenshots them and presses
 # keys; each step's outcome is written to STATE/<step> (JSON):
+#   run0    interactive with a connection file nobody answers: the dialog says so; cancelled
+#           (then what it remembered is forgotten, so run1 starts from the call's values)
 #   run1    interactive: the dialog (help, method change, a typed seed), then a long job with
 #           live previews, cancelled from the progress window
 #   run2    interactive again (as Re-Show): the values typed before the cancel are back;
 #           the dialog is cancelled
-#   run3    interactive with a path whose stroke has 3 anchors: an error, shown once
+#   run4    interactive long job cancelled from GIMP's status bar (GIMP kills the plug-in)
+#   run3    interactive with a path whose stroke has 3 anchors, after Reset to Factory
+#           Defaults in the dialog: an error, shown once
 #   applied non-interactive quick edit: one layer in one undo group; then the host presses
 #           Ctrl+Z, Ctrl+Z, Ctrl+Y while STATE/state.json reports the layers every 0.2 s
-#   run4    interactive long job cancelled from GIMP's status bar (GIMP kills the plug-in)
 import hashlib
 import json
 import os
 import time
 
-from gi.repository import Gegl, Gimp
+from gi.repository import Gegl, Gimp, Gio
 
 STATE: str = globals()["STATE"]
 ARGS: dict = globals()["ARGS"]
 FIRST: dict = globals()["FIRST"]
+SCENE: dict = globals()["SCENE"]
+DEAD: str = globals()["DEAD"]  # a connection file of a backend that is not running
 
 
 def mark(name, data=None):
@@ -48,22 +54,13 @@ def report_until(marker, seconds=180):
         time.sleep(0.2)
 
 
-W, H = 64, 48
-image = Gimp.Image.new(W, H, Gimp.ImageBaseType.RGB)
-layer = Gimp.Layer.new(image, "Background", W, H, Gimp.ImageType.RGBA_IMAGE, 100.0,
-                       Gimp.LayerMode.NORMAL)
-image.insert_layer(layer, None, 0)
-data = bytearray()
-for y in range(H):
-    for x in range(W):
-        data += bytes(((x * 4) % 256, (y * 5) % 256, ((x + y) * 3) % 256, 255))
-buffer = layer.get_buffer()
-buffer.set(Gegl.Rectangle.new(0, 0, W, H), "R'G'B'A u8", bytes(data))
-buffer.flush()
-image.select_rectangle(Gimp.ChannelOps.REPLACE, 8, 6, 40, 30)
+image = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(SCENE["image"]))
+layer = image.get_layers()[0]
+layer.set_name("Background")
+image.select_rectangle(Gimp.ChannelOps.REPLACE, *SCENE["selection"])
 drags = Gimp.Path.new(image, "drags")
 image.insert_path(drags, None, 0)
-for (hx, hy), (tx, ty) in (((12, 12), (18, 14)), ((30, 20), (34, 26))):
+for (hx, hy), (tx, ty) in SCENE["drags"]:
     drags.stroke_new_from_points(Gimp.PathStrokeType.BEZIER, [hx, hy] * 3 + [tx, ty] * 3, False)
 bad = Gimp.Path.new(image, "three anchors")
 image.insert_path(bad, None, 0)
@@ -101,13 +98,19 @@ def call(run_mode, args):
     return out
 
 
+mark("run0", call(Gimp.RunMode.INTERACTIVE, {**ARGS, "backend": DEAD}))
+settings = os.path.join(Gimp.directory(), "plug-in-settings", "drag-diffusion-state.json")
+with open(settings) as f:
+    remembered = json.load(f)
+remembered.pop("typed", None)
+with open(settings, "w") as f:
+    json.dump(remembered, f)
 mark("run1", call(Gimp.RunMode.INTERACTIVE, FIRST))
 mark("run2", call(Gimp.RunMode.INTERACTIVE, ARGS))
+mark("run4", call(Gimp.RunMode.INTERACTIVE, ARGS))
 image.set_selected_paths([bad])
 mark("run3", call(Gimp.RunMode.INTERACTIVE, ARGS))
 image.set_selected_paths([drags])
 applied = call(Gimp.RunMode.NONINTERACTIVE, ARGS)
 mark("applied", {**applied, "original": original})
-report_until("undo-done")
-mark("run4", call(Gimp.RunMode.INTERACTIVE, ARGS))
 report_until("done")

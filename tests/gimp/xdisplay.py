@@ -62,7 +62,15 @@ class Display:
         self.xdotool("windowfocus", "--sync", window)
         self.xdotool("type", "--delay", "50", text)
 
+    def size(self, window: str) -> tuple[int, int]:
+        geometry = self.xdotool("getwindowgeometry", window)
+        width, height = geometry.split("Geometry:")[1].split()[0].split("x")
+        return int(width), int(height)
+
     def click(self, window: str, x: int, y: int) -> None:
+        """Click at (x, y) in the window; negative values count from the right/bottom edge."""
+        width, height = self.size(window)
+        x, y = x + width if x < 0 else x, y + height if y < 0 else y
         self.xdotool("mousemove", "--window", window, str(x), str(y), "click", "1")
 
     def screenshot(self, path: Path, window: str = "root") -> Path:
