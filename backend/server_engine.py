@@ -217,7 +217,7 @@ class EngineWorker:
             "job_id": jid, "width": w, "height": h, "channels": channels,
             "dtype": r["dtype"], "handles": [[float(x), float(y)] for x, y in result.handles],
             "timings": plain(result.timings), "stats": plain(result.stats),
-            "warnings": [str(text) for text in getattr(result, "warnings", [])],
+            "warnings": [str(text) for text in result.warnings],
         }, [_frame(pixels)])
 
     def _progress_callback(self, job: Job) -> ProgressFn:

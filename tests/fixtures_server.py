@@ -75,11 +75,10 @@ class FakeEngine(Engine):
                 timings[phase] = time.monotonic() - t0
         finally:
             self.steps_after_cancel.append(after_cancel)
-        result = DragResult(image=255 - request.image, handles=list(request.targets),
-                            timings=timings, stats={"steps": np.int32(steps), "shape": (1, 2)})
-        if "warn" in script:  # DragResult.warnings (COMMON interface 2)
-            result.warnings = script["warn"].split(",")
-        return result
+        warnings = script["warn"].split(",") if "warn" in script else []
+        return DragResult(image=255 - request.image, handles=list(request.targets),
+                          timings=timings, stats={"steps": np.int32(steps), "shape": (1, 2)},
+                          warnings=warnings)
 
 
 @contextmanager
