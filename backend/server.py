@@ -26,8 +26,6 @@ from backend.server_engine import (
     ACCEPTED_DTYPES,
     EngineWorker,
     Fallback,
-    JobEnded,
-    JobEvent,
     ModelLoaded,
     plain,
 )
@@ -423,11 +421,11 @@ class Server:
         for event in self._worker.events():
             if isinstance(event, ModelLoaded):
                 self._model_loaded(event)
-            elif isinstance(event, JobEvent):
-                self._emit(event.job, event.msg_type, event.content, event.buffers)
-            elif isinstance(event, JobEnded):
+            elif event.terminal:
                 self._end(event.job, event.msg_type, event.content, event.buffers)
                 self._dispatch()
+            else:
+                self._emit(event.job, event.msg_type, event.content, event.buffers)
 
     def _model_loaded(self, event: ModelLoaded) -> None:
         self._model_state, self._model_error = event.state, event.error

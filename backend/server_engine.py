@@ -59,26 +59,21 @@ class ModelLoaded:
 
 
 @dataclass(frozen=True)
-class JobEvent:
-    """A non-terminal event of the running job (progress, preview)."""
+class JobMessage:
+    """An event of the running job: progress or preview, or its terminal one (finished,
+    cancelled, error)."""
 
     job: Job
     msg_type: str
     content: dict[str, Any]
     buffers: list[Any] = field(default_factory=list)
 
-
-@dataclass(frozen=True)
-class JobEnded:
-    """The running job's terminal event (finished, cancelled, error)."""
-
-    job: Job
-    msg_type: str
-    content: dict[str, Any]
-    buffers: list[Any] = field(default_factory=list)
+    @property
+    def terminal(self) -> bool:
+        return self.msg_type in wire.TERMINAL_EVENTS
 
 
-WorkerEvent = ModelLoaded | JobEvent | JobEnded
+WorkerEvent = ModelLoaded | JobMessage
 
 
 def plain(value: Any, depth: int = 0) -> Any:
@@ -178,7 +173,7 @@ class EngineWorker:
         self._post(ModelLoaded("ready", None, engine, demo=why))
         return engine
 
-    def _run(self, engine: Engine, job: Job) -> JobEnded:
+    def _run(self, engine: Engine, job: Job) -> JobMessage:
         r = job.request
         dtype = NUMPY_DTYPES[r["dtype"]]
         image = np.frombuffer(job.buffers[0], dtype).reshape(r["height"], r["width"],
@@ -195,9 +190,9 @@ class EngineWorker:
                                 cancel=job.cancel,
                                 preview=self._preview_callback(job) if r["preview"] else None)
         except Cancelled:
-            return JobEnded(job, wire.CANCELLED, {"job_id": jid, "reason": job.cancel_reason})
+            return JobMessage(job, wire.CANCELLED, {"job_id": jid, "reason": job.cancel_reason})
         except EngineError as exc:
-            return JobEnded(job, wire.ERROR, {"job_id": jid, "code": exc.code,
+            return JobMessage(job, wire.ERROR, {"job_id": jid, "code": exc.code,
                                               "message": str(exc), "detail": None})
         except Exception as exc:
             detail = "".join(traceback.format_exception(exc)[-3:])[-2000:]
@@ -209,11 +204,11 @@ class EngineWorker:
                 log.exception("job %s failed", jid)
                 error = {"code": wire.ENGINE_ERROR, "message": f"the edit failed: "
                          f"{type(exc).__name__}: {exc}"}
-            return JobEnded(job, wire.ERROR, {"job_id": jid, **error, "detail": detail})
+            return JobMessage(job, wire.ERROR, {"job_id": jid, **error, "detail": detail})
         pixels = np.ascontiguousarray(result.image, dtype=dtype)
         h, w = pixels.shape[:2]
         channels = pixels.shape[2] if pixels.ndim == 3 else 1
-        return JobEnded(job, wire.FINISHED, {
+        return JobMessage(job, wire.FINISHED, {
             "job_id": jid, "width": w, "height": h, "channels": channels,
             "dtype": r["dtype"], "handles": [[float(x), float(y)] for x, y in result.handles],
             "timings": plain(result.timings), "stats": plain(result.stats),
@@ -229,7 +224,7 @@ class EngineWorker:
                     and now - last["time"] < PROGRESS_INTERVAL):
                 return
             last.update(phase=phase, time=now)
-            self._post(JobEvent(job, wire.PROGRESS, {"job_id": job.job_id, "phase": phase,
+            self._post(JobMessage(job, wire.PROGRESS, {"job_id": job.job_id, "phase": phase,
                                                      "step": int(step), "total": int(total)}))
         return progress
 
@@ -242,7 +237,7 @@ class EngineWorker:
                 return
             last[0] = now
             pixels = np.ascontiguousarray(image, dtype=np.uint8)
-            self._post(JobEvent(job, wire.PREVIEW, {
+            self._post(JobMessage(job, wire.PREVIEW, {
                 "job_id": job.job_id, "phase": phase, "step": int(step),
                 "width": pixels.shape[1], "height": pixels.shape[0],
                 "channels": pixels.shape[2] if pixels.ndim == 3 else 1}, [_frame(pixels)]))
