@@ -66,9 +66,12 @@ class _Prepared:
     mask_work: np.ndarray | None  # h×w bool
 
 
-def latent_preview(latent: torch.Tensor) -> np.ndarray:
-    """[1, 4, h, w] latent → h×w×3 uint8 through a fixed linear map (no VAE decode)."""
-    rgb = torch.einsum("chw,cr->hwr", latent[0].float().cpu(), LATENT_TO_RGB)
+def latent_preview(latent: torch.Tensor, latent_to_rgb: list | None = None) -> np.ndarray:
+    """[1, C, h, w] latent → h×w×3 uint8 through a fixed linear map (no VAE decode): SD1.5's,
+    or the model's own C×3 ``latent_to_rgb`` (from its ``preset.json``)."""
+    matrix = LATENT_TO_RGB if latent_to_rgb is None else torch.tensor(latent_to_rgb,
+                                                                      device="cpu")
+    rgb = torch.einsum("chw,cr->hwr", latent[0].float().cpu(), matrix.float())
     return ((rgb + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).numpy()
 
 
@@ -80,6 +83,10 @@ class DragEngine:
         """``reuse`` false turns off the re-drag cache and keeps no LoRA merged between edits
         (each edit then inverts again and merges its LoRA from the disk cache)."""
         self.model = model
+        try:  # a model's own defaults must be valid knobs (checked once, at load)
+            resolve(METHODS[0], self.model_params)
+        except EngineError as exc:
+            raise EngineError(f"the preset.json of {model.source} is not valid: {exc}") from None
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache()
         self.redrag = (redrag if redrag is not None else RedragCache()) if reuse else None
         self.keep_lora = reuse
@@ -98,6 +105,11 @@ class DragEngine:
         loaded = load_model(model, vae=vae, device=device, dtype=dtype)
         return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None, reuse=reuse)
 
+    @property
+    def model_params(self) -> dict:
+        """The loaded model's own parameter defaults (its ``preset.json``; usually none)."""
+        return self.model.preset.get("params", {})
+
     def info(self) -> dict:
         m = self.model
         return {
@@ -108,7 +120,7 @@ class DragEngine:
             "precision": m.precision.name,
             "memory": memory_info(m.device),
             "methods": list(PRESETS),
-            "defaults": defaults_table(),
+            "defaults": defaults_table(self.model_params),
         }
 
     # -- the edit -------------------------------------------------------------------------
@@ -126,7 +138,7 @@ class DragEngine:
         (latent resolution, h×w×3 uint8, colours approximated without the VAE).
         """
         imageops.validate_request(request.image, request.handles, request.targets, request.mask)
-        algorithm, params = resolve(request.method, request.params)
+        algorithm, params = resolve(request.method, {**self.model_params, **request.params})
         try:
             return self._run(request, algorithm, params, progress, cancel, preview)
         except EngineError:
@@ -180,7 +192,9 @@ class DragEngine:
             ctx = self.drag_context(prep, params, runner, schedule, request, report)
             ctx.memo = entry.memo
             if preview is not None:
-                ctx.preview = lambda phase, step, x0: preview(phase, step, latent_preview(x0))
+                rgb_map = model.preset.get("latent_to_rgb")
+                ctx.preview = lambda phase, step, x0: preview(phase, step,
+                                                              latent_preview(x0, rgb_map))
             with self._timed(timings, "drag+denoise"):
                 z_edit, handles = ALGORITHMS[algorithm](ctx, entry.z_star)
             if not torch.isfinite(z_edit).all():  # diverged: fail, never a black "success"
