@@ -14,7 +14,9 @@ import torch
 from backend.toy import metrics
 from backend.toy.bench_quality import TOY_PARAMS, engine_runner, evaluate, summary
 from backend.toy.shapes import make_cases
-from backend.toy.train import DEFAULT_MODEL_DIR, psnr, reconstruction_quality, to_uint8
+from backend.toy.data import to_tensor, to_uint8
+from backend.toy.metrics import psnr
+from backend.toy.train import DEFAULT_MODEL_DIR
 
 # Measured on the shipped weights (VAE round trip ≈ 23 dB, DDIM inversion + denoise at strength
 # 0.7 within 0.2 dB of it), minus a margin.
@@ -50,10 +52,11 @@ def test_shipped_model_is_small_and_sd_shaped(loaded):
 
 
 def test_vae_round_trip(loaded):
-    from backend.toy.train import image_batch
+    from backend.toy.shapes import random_scene, render
 
     torch.set_grad_enabled(False)
-    x, _ = image_batch(2024, 4)
+    rng = np.random.default_rng(2024)
+    x = to_tensor(np.stack([render(random_scene(rng)) for _ in range(4)]))
     vae = loaded.vae
     y = vae.decode(vae.encode(x).latent_dist.mean).sample
     scores = [psnr(a, b) for a, b in zip(to_uint8(x), to_uint8(y), strict=True)]
@@ -63,11 +66,14 @@ def test_vae_round_trip(loaded):
 
 @pytest.mark.slow
 def test_ddim_inversion_reconstructs():
-    from diffusers import StableDiffusionPipeline
+    from backend.engine.pipeline import DragEngine
+    from backend.toy.evaluate import reconstruct
+    from backend.toy.shapes import random_scene, render
 
-    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL_DIR, local_files_only=True)
-    q = reconstruction_quality(pipe, n=4, seed=2025, strength=0.7)
-    assert q["inversion_psnr"] > INVERSION_PSNR_MIN, q
+    engine = DragEngine.load(str(DEFAULT_MODEL_DIR), device="cpu")
+    img = render(random_scene(np.random.default_rng(2025)))
+    _, inverted = reconstruct(engine, img, prompt="a shape", strength=0.7)
+    assert psnr(img, inverted) > INVERSION_PSNR_MIN
 
 
 def _drag_vs_noop(method: str, params: dict) -> tuple[dict, dict]:

@@ -27,7 +27,7 @@ import pickle
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,8 @@ class LoadedModel:
     fingerprint: str
     precision: Precision | None = None
     memory: MemoryHints | None = None  # what fits in the device's memory (``engine.memory``)
+    # The model folder's own ``preset.json`` (see ``read_preset``); empty for other models.
+    preset: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.precision is None:
@@ -283,6 +285,27 @@ def _weight_files(folder: Path, component: str) -> list[tuple[str, Path]]:
     return [(f"{component}/{p.name}", p) for p in files]
 
 
+PRESET_FILE = "preset.json"
+
+
+def read_preset(folder: Path) -> dict[str, Any]:
+    """A model folder's own drag preset, ``preset.json``: ``{"params": {knob: value},
+    "latent_to_rgb": [[r, g, b] per latent channel]}`` (both optional). ``params`` become that
+    model's defaults for every method (a request's own values still win); ``latent_to_rgb``
+    replaces SD1.5's preview map. Models without the file behave as before."""
+    file = folder / PRESET_FILE
+    if not file.is_file():
+        return {}
+    try:
+        preset = json.loads(file.read_text("utf-8"))
+        if not isinstance(preset, dict) or not isinstance(preset.get("params", {}), dict):
+            raise ValueError("expected an object with a 'params' object")
+    except ValueError as exc:
+        raise EngineError(f"the model's {file} is not a valid preset ({_first_line(exc)}); "
+                          "fix or delete it") from None
+    return preset
+
+
 def _load_folder(path: Path, dtype: torch.dtype) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -304,6 +327,9 @@ def _load_folder(path: Path, dtype: torch.dtype) -> dict[str, Any]:
     except Exception as exc:
         raise _load_error(exc, path) from exc
     files = [f for sub in ("unet", "vae", "text_encoder") for f in _weight_files(path / sub, sub)]
+    preset = read_preset(path)
+    if preset:
+        files.append((PRESET_FILE, path / PRESET_FILE))
     return dict(
         unet=unet,
         vae=vae,
@@ -311,6 +337,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> dict[str, Any]:
         tokenizer=tokenizer,
         scheduler=_ddim_scheduler(path),
         files=files,
+        preset=preset,
     )
 
 
@@ -490,10 +517,12 @@ def _load_vae(kind: str, path: Path, dtype: torch.dtype, config: str | os.PathLi
 
 def _check_compatible(model: LoadedModel) -> None:
     unet = model.unet.config
-    if unet.in_channels != 4 or model.vae.config.latent_channels != 4:
+    latent = model.vae.config.latent_channels
+    if unet.in_channels != latent or unet.out_channels != latent:
         raise EngineError(
             f"{model.name} is not a plain text-to-image SD1.5 model (UNet input has "
-            f"{unet.in_channels} channels, e.g. an inpainting model); use a standard SD1.5 model"
+            f"{unet.in_channels} channels, its VAE's latent {latent}, e.g. an inpainting model); "
+            "use a standard SD1.5 model"
         )
     if unet.cross_attention_dim != model.text_encoder.config.hidden_size:
         raise EngineError(

@@ -298,9 +298,11 @@ def parse_assignments(items: list[str], option: str = "--set") -> dict[str, Any]
     return out
 
 
-def defaults_table() -> dict[str, dict[str, Any]]:
-    """Every preset's full parameter set (for the protocol's hello reply and --help)."""
-    return {name: {"method": PRESET_METHOD[name], **p.as_dict()} for name, p in PRESETS.items()}
+def defaults_table(model_params: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Every preset's full parameter set (for the protocol's hello reply and --help), with a
+    loaded model's own defaults (``model_params``, from its ``preset.json``) applied."""
+    return {name: {"method": PRESET_METHOD[name], **p.replace(**(model_params or {})).as_dict()}
+            for name, p in PRESETS.items()}
 
 
 def spec_table() -> dict[str, dict[str, Any]]:

@@ -66,9 +66,12 @@ class _Prepared:
     mask_work: np.ndarray | None  # h×w bool
 
 
-def latent_preview(latent: torch.Tensor) -> np.ndarray:
-    """[1, 4, h, w] latent → h×w×3 uint8 through a fixed linear map (no VAE decode)."""
-    rgb = torch.einsum("chw,cr->hwr", latent[0].float().cpu(), LATENT_TO_RGB)
+def latent_preview(latent: torch.Tensor, latent_to_rgb: list | None = None) -> np.ndarray:
+    """[1, C, h, w] latent → h×w×3 uint8 through a fixed linear map (no VAE decode): SD1.5's,
+    or the model's own C×3 ``latent_to_rgb`` (from its ``preset.json``)."""
+    matrix = LATENT_TO_RGB if latent_to_rgb is None else torch.tensor(latent_to_rgb,
+                                                                      device="cpu")
+    rgb = torch.einsum("chw,cr->hwr", latent[0].float().cpu(), matrix.float())
     return ((rgb + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).numpy()
 
 
@@ -87,6 +90,10 @@ class DragEngine:
         if compile_unet:
             self.unet_forward = compiled_unet_forward(
                 compile_unet if isinstance(compile_unet, str) else "inductor")
+        try:  # a model's own defaults must be valid knobs (checked once, at load)
+            resolve(METHODS[0], self.model_params)
+        except EngineError as exc:
+            raise EngineError(f"the preset.json of {model.source} is not valid: {exc}") from None
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache()
         self.redrag = (redrag if redrag is not None else RedragCache()) if reuse else None
         self.keep_lora = reuse
@@ -107,6 +114,11 @@ class DragEngine:
         return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None, reuse=reuse,
                    compile_unet=compile_unet)
 
+    @property
+    def model_params(self) -> dict:
+        """The loaded model's own parameter defaults (its ``preset.json``; usually none)."""
+        return self.model.preset.get("params", {})
+
     def info(self) -> dict:
         m = self.model
         return {
@@ -117,7 +129,7 @@ class DragEngine:
             "precision": m.precision.name,
             "memory": memory_info(m.device),
             "methods": list(PRESETS),
-            "defaults": defaults_table(),
+            "defaults": defaults_table(self.model_params),
         }
 
     # -- the edit -------------------------------------------------------------------------
@@ -135,7 +147,7 @@ class DragEngine:
         (latent resolution, h×w×3 uint8, colours approximated without the VAE).
         """
         imageops.validate_request(request.image, request.handles, request.targets, request.mask)
-        algorithm, params = resolve(request.method, request.params)
+        algorithm, params = resolve(request.method, {**self.model_params, **request.params})
         phase = ["load"]  # the phase an out-of-memory error is reported in
 
         def tracked(name: str, step: int, total: int) -> None:
@@ -197,7 +209,9 @@ class DragEngine:
             ctx = self.drag_context(prep, params, runner, schedule, request, report)
             ctx.memo = entry.memo
             if preview is not None:
-                ctx.preview = lambda phase, step, x0: preview(phase, step, latent_preview(x0))
+                rgb_map = model.preset.get("latent_to_rgb")
+                ctx.preview = lambda phase, step, x0: preview(phase, step,
+                                                              latent_preview(x0, rgb_map))
             with self._timed(timings, "drag+denoise"):
                 z_edit, handles = ALGORITHMS[algorithm](ctx, entry.z_star)
             if (~torch.isfinite(z_edit)).any():  # diverged: fail, never a black "success"

@@ -23,12 +23,18 @@ def reconstruct(engine, image: np.ndarray, prompt: str = "", strength: float = 0
     model = engine.model
     pixels = data.to_tensor(image[None])
     z0 = engine.encode_image(pixels)
-    vae_rt = engine.decode_latents(z0)
+    vae_rt = _uint8(engine.decode_latents(z0))
     runner = UNetRunner(model.unet, model.encode_prompt(prompt))
     schedule = Schedule.from_scheduler(model.scheduler, steps, strength)
     z = run_inversion(runner, schedule, z0)
-    inverted = engine.decode_latents(denoise(runner, schedule, z, schedule.denoise_timesteps))
+    inverted = _uint8(engine.decode_latents(denoise(runner, schedule, z,
+                                                    schedule.denoise_timesteps)))
     return vae_rt, inverted
+
+
+def _uint8(image: np.ndarray) -> np.ndarray:
+    """The engine's float [0, 1] decode → uint8, rounded as an 8-bit edit is."""
+    return np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
 def quality(engine, images: dict[str, np.ndarray], strength: float = 0.7) -> dict[str, dict]:

@@ -118,6 +118,15 @@ def stereo_cases(n: int = 4, work: int = WORK) -> list[PhotoCase]:
     return cases
 
 
+def _composite(bg: np.ndarray, tex: np.ndarray, shape: shapes.Shape,
+               shift: tuple[float, float]) -> np.ndarray:
+    """``bg`` with ``shape`` filled by ``tex`` moved by ``shift`` (the texture moves along)."""
+    h, w = bg.shape[:2]
+    cov = shapes.shape_layer(shape, (0, 0, w, h))[1][..., None]
+    shifted = np.roll(tex, (round(shift[1]), round(shift[0])), axis=(0, 1))
+    return shapes.quantize(bg * (1 - cov) + shifted * cov)
+
+
 def paste_cases(n: int = 4, seed: int = 0, work: int = WORK) -> list[PhotoCase]:
     """``n`` cases: a photo-textured shape moved over a held-out background photograph."""
     rng = np.random.default_rng(seed)
@@ -143,13 +152,8 @@ def paste_cases(n: int = 4, seed: int = 0, work: int = WORK) -> list[PhotoCase]:
             kind, c, r, float(rng.uniform(0, 2 * math.pi)))
         obj = shapes.Shape(kind, "photo", c, r, shapes.Fill((0.0, 0.0, 0.0)), verts)
 
-        def composite(shape: shapes.Shape, dx: float, dy: float) -> np.ndarray:
-            cov = shapes.shape_layer(shape, (0, 0, w, h))[1][..., None]
-            shifted = np.roll(tex, (round(dy), round(dx)), axis=(0, 1))  # texture moves along
-            return shapes.quantize(bg * (1 - cov) + shifted * cov)
-
-        before = composite(obj, 0, 0)
-        after = composite(obj.translated(*d), *d)
+        before = _composite(bg, tex, obj, (0, 0))
+        after = _composite(bg, tex, obj.translated(*d), d)
         target = (c[0] + d[0], c[1] + d[1])
         mask = np.zeros((h, w), bool)
         for t in np.linspace(0, 1, 9):

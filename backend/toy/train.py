@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from backend.engine.sd15 import SD15_SCHEDULER
 from backend.toy import data
 from backend.toy.architecture import (
+    add_reference_channels,
     build_text_encoder,
     build_tokenizer,
     build_unet,
@@ -44,10 +45,10 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"
 @dataclass
 class TrainConfig:
     seed: int = 0
-    vae_steps: int = 8000
+    vae_steps: int = 6000
     vae_batch: int = 8
     vae_crop: int = 64
-    vae_lr: float = 2e-3
+    vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     grad_weight: float = 0.5
     unet_steps: int = 5000
@@ -85,6 +86,14 @@ def _psnr(mse: float) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-10))  # images in [-1, 1]
 
 
+@torch.no_grad()
+def _ema_update(ema, model, decay: float, step: int) -> None:
+    """EMA of ``model``'s weights (decay warmed up over the first steps)."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
+        pe.lerp_(p, 1 - d)
+
+
 class Trainer:
     """Holds the models, optimisers and progress; saves and restores all of it."""
 
@@ -99,6 +108,10 @@ class Trainer:
         n_lat = self.vae.config.latent_channels
         with torch.no_grad():  # start near-deterministic (posterior std ≈ 0.05), else the
             self.vae.quant_conv.bias[n_lat:].fill_(-6.0)  # sampling noise swamps the code
+        add_reference_channels(self.vae)
+        self.vae_ema = build_vae().to(self.device)  # what the UNet stage and export use
+        self.vae_ema.load_state_dict(self.vae.state_dict())
+        self.vae_ema.requires_grad_(False).eval()
         self.unet = build_unet().to(self.device)
         self.ema = build_unet().to(self.device)
         self.ema.load_state_dict(self.unet.state_dict())
@@ -121,6 +134,7 @@ class Trainer:
         state = {
             "cfg": dataclasses.asdict(self.cfg),
             "vae": self.vae.state_dict(),
+            "vae_ema": self.vae_ema.state_dict(),
             "unet": self.unet.state_dict(),
             "ema": self.ema.state_dict(),
             "text_encoder": self.text_encoder.state_dict(),
@@ -129,7 +143,7 @@ class Trainer:
             "vae_step": self.vae_step,
             "unet_step": self.unet_step,
             "seconds": self.seconds,
-            "scaling_factor": self.vae.config.scaling_factor,
+            "scaling_factor": self.vae_ema.config.scaling_factor,
             "log": self.log,
         }
         tmp = self.ckpt_path.with_suffix(".tmp")
@@ -141,6 +155,7 @@ class Trainer:
             return False
         state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
         self.vae.load_state_dict(state["vae"])
+        self.vae_ema.load_state_dict(state["vae_ema"])
         self.unet.load_state_dict(state["unet"])
         self.ema.load_state_dict(state["ema"])
         self.text_encoder.load_state_dict(state["text_encoder"])
@@ -150,7 +165,7 @@ class Trainer:
         self.unet_step = state["unet_step"]
         self.seconds = state["seconds"]
         self.log = state["log"]
-        self.vae.register_to_config(scaling_factor=state["scaling_factor"])
+        self.vae_ema.register_to_config(scaling_factor=state["scaling_factor"])
         return True
 
     def _progress(self, stage: str, step: int, total: int, t_start: float, **values) -> None:
@@ -190,35 +205,51 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
             self.vae_opt.step()
             self.vae_step += 1
+            _ema_update(self.vae_ema, self.vae, cfg.ema_decay, self.vae_step)
             self.seconds += time.time() - t0
             self._progress("vae", self.vae_step, cfg.vae_steps, t_start, psnr=_psnr(mse.item()))
+            if self.vae_step % 250 == 0:
+                print(f"vae {self.vae_step} EMA on held-out images: {self.held_out_psnr()}",
+                      flush=True)
             if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
                 self.save()
                 last_ckpt = time.time()
-        self.vae.eval()
         self.set_scaling_factor()
         self.save()
         return True
 
     @torch.no_grad()
+    def held_out_psnr(self) -> dict[str, float]:
+        """VAE (EMA) round-trip PSNR on the held-out photographs and unseen-colour scenes."""
+        from backend.toy.evaluate import evaluation_sets
+        from backend.toy.metrics import psnr
+
+        out = {}
+        for name, img in evaluation_sets().items():
+            x = data.to_tensor(img[None]).to(self.device)
+            y = self.vae_ema.decode(self.vae_ema.encode(x).latent_dist.mean).sample
+            out[name] = round(psnr(img, data.to_uint8(y)[0]), 2)
+        return out
+
+    @torch.no_grad()
     def set_scaling_factor(self) -> None:
         """1 / std of the posterior-mean latents of 256 training images (SD's 0.18215)."""
         x, _ = data.training_batch(step_seed(self.cfg.seed, "scale", 0), 256, 128)
-        z = torch.cat([self.vae.encode(c.to(self.device)).latent_dist.mean for c in x.split(32)])
-        self.vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+        enc = self.vae_ema.encode
+        z = torch.cat([enc(c.to(self.device)).latent_dist.mean for c in x.split(32)])
+        self.vae_ema.register_to_config(scaling_factor=float(1.0 / z.std()))
 
     @torch.no_grad()
     def _latents(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Scaled posterior samples of the frozen encoder."""
-        post = self.vae.encode(x.to(self.device)).latent_dist
+        post = self.vae_ema.encode(x.to(self.device)).latent_dist
         eps = torch.randn(post.mean.shape, generator=gen).to(self.device)
-        return (post.mean + post.std * eps) * self.vae.config.scaling_factor
+        return (post.mean + post.std * eps) * self.vae_ema.config.scaling_factor
 
     def train_unet(self, deadline: float) -> bool:
         from diffusers import DDPMScheduler
 
         cfg = self.cfg
-        self.vae.eval()
         noise_sched = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER.items()
                                        if k != "set_alpha_to_one"})
         empty = encode_prompts(self.tokenizer, self.text_encoder, [""])
@@ -251,10 +282,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
             self.unet_opt.step()
             self.unet_step += 1
-            decay = min(cfg.ema_decay, (1 + self.unet_step) / (10 + self.unet_step))
-            with torch.no_grad():
-                for pe, p in zip(self.ema.parameters(), self.unet.parameters(), strict=True):
-                    pe.lerp_(p, 1 - decay)
+            _ema_update(self.ema, self.unet, cfg.ema_decay, self.unet_step)
             self.seconds += time.time() - t0
             self._progress("unet", self.unet_step, cfg.unet_steps, t_start, loss=loss.item())
             if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
@@ -270,8 +298,8 @@ class Trainer:
         unet = build_unet()
         unet.load_state_dict({k: v.cpu() for k, v in self.ema.state_dict().items()})
         vae = build_vae()
-        vae.load_state_dict({k: v.cpu() for k, v in self.vae.state_dict().items()})
-        vae.register_to_config(scaling_factor=self.vae.config.scaling_factor)
+        vae.load_state_dict({k: v.cpu() for k, v in self.vae_ema.state_dict().items()})
+        vae.register_to_config(scaling_factor=self.vae_ema.config.scaling_factor)
         text_encoder = build_text_encoder(self.tokenizer)
         text_encoder.load_state_dict(
             {k: v.cpu() for k, v in self.text_encoder.state_dict().items()})
