@@ -9,14 +9,13 @@ CPU); GIMP's plug-in in the chroot reaches it on 127.0.0.1 through the connectio
 bind-mounted work folder. The pixels the backend returned are fetched again on the host with
 the protocol's ``attach`` and compared with the new layer's pixels read back inside GIMP.
 
-One module (a little over 450 lines) because its session fixtures — the chroot, the GIMP
+One module (about 480 lines) because its session fixtures — the chroot, the GIMP
 profile bind-mounted at /mnt/test, the backend — must exist once for every real-GIMP test;
-the helpers are in tests/gimp/ (harness, cases, xdisplay).
+the helpers are in tests/gimp/ (harness, cases, gui_scene, xdisplay).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -41,7 +40,9 @@ from cases import (
     outside,
     preview_shown,
     run_case,
+    serving,
 )
+from gui_scene import FIRST, TOY, TOY_MODEL, params_module, toy_scene
 
 pytestmark = pytest.mark.gimp
 
@@ -80,36 +81,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from backend.engine.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
-
-
-@contextlib.contextmanager
-def serving(gimp: harness.GimpChroot, name: str, model: Path, *extra: str):
-    """``python -m backend serve`` on the host with ``model`` on the CPU, its connection file
-    ``<name>.json`` and log ``<name>.log`` in the mounted work folder; yields (process, conn)."""
-    conn, log = gimp.work / f"{name}.json", gimp.work / f"{name}-stdout.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve", "--model", str(model), "--device", "cpu",
-             "--bind", "tcp://127.0.0.1:0", "--connection-file", str(conn),
-             "--log-file", str(gimp.work / f"{name}.log"), *extra],
-            cwd=harness.REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out,
-            stderr=subprocess.STDOUT)
-    try:
-        xdisplay.wait_for(lambda: "READY" in log.read_text() or process.poll() is not None,
-                          300, f"the {name} backend")
-        assert process.poll() is None, f"the backend did not start:\n{log.read_text()[-3000:]}"
-        yield process, conn
-    finally:
-        from protocol import Client
-
-        try:
-            if process.poll() is None:
-                with Client.from_connection_file(conn, timeout=5) as client:
-                    client.shutdown()
-            process.wait(30)
-        except Exception:
-            process.kill()
-            process.wait(10)
 
 
 @pytest.fixture(scope="session")
@@ -318,46 +289,6 @@ def test_a_backend_that_dies_mid_job_is_reported_within_10_s(gimp, tiny_model):
 # --- GUI: the dialog, the progress with its preview, errors, undo, cancel ---------------------
 
 ARTIFACTS = harness.REPO / "test-artifacts"
-TOY_MODEL = harness.REPO / "backend" / "toy" / "model"
-# The GUI edits a picture of shapes with the project's trained toy model, so the preview and
-# the result show a shape moving (random weights only make noise). Toy settings as the
-# README's quality table: no LoRA, a larger latent step, GoodDrag's radii scaled to its grid.
-TOY = {"work-size": 128, "lora-steps": 0, "drag-steps": 40, "n-inference-steps": 10,
-       "latent-lr": 0.1, "timeout": 120, "advanced": json.dumps({"r1": 1, "r2": 3, "beta": 1})}
-# The first interactive run: DragDiffusion's dialog with a knob at its default, switched to
-# GoodDrag by keyboard; a GoodDrag job long enough to watch its previews, then cancelled.
-FIRST = {**TOY, "inversion-strength": -1.0,
-         "advanced": json.dumps({"r1": 1, "r2": 3, "beta": 1, "reach_threshold": 0,
-                                 "track_per_denoise": 10, "max_track_no_change": 1000})}
-
-
-def params_module():
-    """The plug-in's dragdiff_params (its knob list)."""
-    sys.path.insert(0, str(harness.REPO / "gimp_plugin" / "drag-diffusion"))
-    import dragdiff_params
-
-    return dragdiff_params
-
-
-def toy_scene(gimp: harness.GimpChroot) -> dict:
-    """A shapes picture from the toy model's drag cases: its file, a selection around the
-    swept area and the drag."""
-    from PIL import Image
-
-    from backend.toy.shapes import make_cases
-
-    case = make_cases(1, seed=2, size=128)[0]
-    path = gimp.work / "gui-scene.png"
-    Image.fromarray(case.image).save(path)
-    ys, xs = np.nonzero(case.mask)
-    x0, y0 = max(0, int(xs.min()) - 4), max(0, int(ys.min()) - 4)
-    return {"image": gimp.inside(path), "prompt": case.prompt,
-            "selection": [x0, y0, min(128, int(xs.max()) + 5) - x0,
-                          min(128, int(ys.max()) + 5) - y0],
-            "drags": [[list(h), list(t)] for h, t in zip(case.handles, case.targets,
-                                                          strict=True)]}
-
-
 @pytest.fixture
 def xvfb(gimp):
     try:

@@ -3,12 +3,17 @@ what it made, and compare with what the backend returned."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import harness
 import numpy as np
+import xdisplay
 
 # Small enough for the tiny model on a busy CPU. The default feather (3 px) lies inside the
 # selection, so pixels outside it must stay exactly unchanged.
@@ -118,3 +123,33 @@ def preview_shown(screenshot: Path) -> bool:
 def backend_log(conn: Path) -> str:
     """The backend's log (``<name>.log`` beside its connection file ``<name>.json``)."""
     return conn.with_suffix(".log").read_text()
+
+
+@contextlib.contextmanager
+def serving(gimp: harness.GimpChroot, name: str, model: Path, *extra: str):
+    """``python -m backend serve`` on the host with ``model`` on the CPU, its connection file
+    ``<name>.json`` and log ``<name>.log`` in the mounted work folder; yields (process, conn)."""
+    conn, log = gimp.work / f"{name}.json", gimp.work / f"{name}-stdout.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "backend", "serve", "--model", str(model), "--device", "cpu",
+             "--bind", "tcp://127.0.0.1:0", "--connection-file", str(conn),
+             "--log-file", str(gimp.work / f"{name}.log"), *extra],
+            cwd=harness.REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out,
+            stderr=subprocess.STDOUT)
+    try:
+        xdisplay.wait_for(lambda: "READY" in log.read_text() or process.poll() is not None,
+                          300, f"the {name} backend")
+        assert process.poll() is None, f"the backend did not start:\n{log.read_text()[-3000:]}"
+        yield process, conn
+    finally:
+        from protocol import Client
+
+        try:
+            if process.poll() is None:
+                with Client.from_connection_file(conn, timeout=5) as client:
+                    client.shutdown()
+            process.wait(30)
+        except Exception:
+            process.kill()
+            process.wait(10)
