@@ -6,7 +6,8 @@ optimiser state, activations autograd saves, gradients, the drag's feature maps.
 casts are emulated (``meta_tools.EmulatedAutocast``) and attention runs as the GPU's
 memory-efficient kernel. Not counted: the CUDA context (~0.3–0.5 GB outside PyTorch's figures),
 kernel workspaces and the caching allocator's rounding, which on a GPU add roughly 10–20 % to
-``torch.cuda.max_memory_allocated``.
+``torch.cuda.max_memory_allocated``. Gradient checkpointing cannot be estimated this way (its
+recomputation in the backward pass runs outside the meta tools' function modes).
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--lora-micro-batch", type=int, default=None,
                    help="as after an out-of-memory fallback: LoRA images per pass")
-    p.add_argument("--checkpointing", action="store_true",
-                   help="as after the last fallback: LoRA with gradient checkpointing")
     p.add_argument("--json", action="store_true", help="one JSON line per method")
     p.set_defaults(func=main)
 
@@ -97,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     methods = ["dragdiffusion", "gooddrag"] if args.method == "all" else [args.method]
     for method in methods:
-        hints = MemoryHints(args.lora_micro_batch, args.checkpointing)
+        hints = MemoryHints(lora_micro_batch=args.lora_micro_batch)
         row = estimate(method, args.precision, args.size, overrides, hints)
         if args.json:
             print(json.dumps(row), flush=True)
