@@ -42,7 +42,7 @@ from cases import (
     run_case,
     serving,
 )
-from gui_scene import FIRST, TOY, TOY_MODEL, params_module, toy_scene
+from gui_scene import FIRST, TOY, params_module, toy_scene
 
 pytestmark = pytest.mark.gimp
 
@@ -310,7 +310,8 @@ def xvfb(gimp):
 
 @pytest.mark.gui
 def test_gui_dialog_preview_errors_undo_and_cancel(gimp, xvfb):
-    with serving(gimp, "toy", TOY_MODEL) as (_, toy):
+    # No --model and no SD1.5 here: the backend serves the shipped toy model as the demo.
+    with serving(gimp, "toy", None) as (_, toy):
         gui_session(gimp, xvfb, toy)
 
 
@@ -440,6 +441,9 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
         assert applied["status"] == "success", (applied, log.read_text()[-3000:])
         edited = applied["layers"]
         assert len(edited) == 2 and edited[1] == original[0]
+        info = applied["info"]  # the demo model says so in the result's name
+        assert info["demo_model"] is True and edited[0][0] == info["name"]
+        assert info["name"] == "Background – dragdiffusion (1 drag, demo model)"
         xvfb.keys(window, "2")  # zoom to 200 % to see the result
         time.sleep(1.5)
         xvfb.screenshot(ARTIFACTS / "gimp-result.png")

@@ -126,17 +126,21 @@ def backend_log(conn: Path) -> str:
 
 
 @contextlib.contextmanager
-def serving(gimp: harness.GimpChroot, name: str, model: Path, *extra: str):
+def serving(gimp: harness.GimpChroot, name: str, model: Path | None, *extra: str):
     """``python -m backend serve`` on the host with ``model`` on the CPU, its connection file
-    ``<name>.json`` and log ``<name>.log`` in the mounted work folder; yields (process, conn)."""
+    ``<name>.json`` and log ``<name>.log`` in the mounted work folder; yields (process, conn).
+    ``model`` None: the default model, which an empty Hugging Face cache makes missing, so the
+    backend serves the demo model that ships with the project (as on a fresh machine)."""
     conn, log = gimp.work / f"{name}.json", gimp.work / f"{name}-stdout.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if model is None:
+        env["HF_HOME"] = str(gimp.work / f"{name}-empty-hf-home")
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve", "--model", str(model), "--device", "cpu",
-             "--bind", "tcp://127.0.0.1:0", "--connection-file", str(conn),
+            [sys.executable, "-m", "backend", "serve", *(["--model", str(model)] if model else []),
+             "--device", "cpu", "--bind", "tcp://127.0.0.1:0", "--connection-file", str(conn),
              "--log-file", str(gimp.work / f"{name}.log"), *extra],
-            cwd=harness.REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out,
-            stderr=subprocess.STDOUT)
+            cwd=harness.REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         xdisplay.wait_for(lambda: "READY" in log.read_text() or process.poll() is not None,
                           300, f"the {name} backend")

@@ -9,7 +9,6 @@ import sys
 import harness
 import numpy as np
 
-TOY_MODEL = harness.REPO / "backend" / "toy" / "model"
 # The GUI edits a picture of shapes with the project's trained toy model, so the preview and
 # the result show a shape moving (random weights only make noise). Toy settings as the
 # README's quality table: no LoRA, a larger latent step, GoodDrag's radii scaled to its grid.
