@@ -163,3 +163,10 @@ def test_mask_term_gradient_is_zero_in_the_editable_region():
 def test_all_reached_is_strict():
     assert all_reached([(0.0, 0.0)], [(0.0, 1.9)], 2.0)
     assert not all_reached([(0.0, 0.0), (5.0, 5.0)], [(0.0, 1.0), (5.0, 7.0)], 2.0)
+
+
+def test_a_handle_on_its_target_has_arrived_even_with_reach_zero():
+    # With reach 0 nothing is strictly within reach, but a handle exactly on its target gives
+    # the motion loss no direction: treating it as not arrived left a loss without a gradient.
+    assert all_reached([(3.0, 4.0)], [(3.0, 4.0)], 0.0)
+    assert not all_reached([(3.0, 4.0), (1.0, 1.0)], [(3.0, 4.0), (1.0, 2.0)], 0.0)

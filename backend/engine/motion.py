@@ -180,8 +180,12 @@ def track_points(
 
 
 def all_reached(handles: list[GridPoint], targets: list[GridPoint], reach: float) -> bool:
-    """True when every handle is strictly within ``reach`` grid pixels of its target."""
+    """True when every handle is strictly within ``reach`` grid pixels of its target.
+
+    A handle exactly on its target has arrived whatever ``reach`` is (also 0): the motion losses
+    have no direction to pull it in, so with every handle there nothing is left to optimise.
+    """
     return all(
-        ((h[0] - t[0]) ** 2 + (h[1] - t[1]) ** 2) ** 0.5 < reach
+        (dist := ((h[0] - t[0]) ** 2 + (h[1] - t[1]) ** 2) ** 0.5) < reach or dist == 0
         for h, t in zip(handles, targets, strict=True)
     )
