@@ -393,12 +393,14 @@ class Server:
         for job in active:
             if now - self._last_seen.get(job.route, now) <= self.client_ttl:
                 continue
-            log.info("client %s silent for %.0f s; cancelling job %s",
+            if job.cancel.cancelled:  # already asked to stop; it ends at its next step
+                continue
+            log.info("client %s silent for %g s; cancelling job %s",
                      printable(job.route, 8), self.client_ttl, job.job_id)
             if job.state == "queued":
                 self._end(job, wire.CANCELLED, {"job_id": job.job_id, "reason": "client_gone"})
                 self._update_positions()
-            elif not job.cancel.cancelled:
+            else:
                 job.cancel_reason = "client_gone"
                 job.cancel.cancel()
         busy = {job.route for job in active}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -362,6 +363,30 @@ def test_a_vanished_client_does_not_wedge_the_queue():
             assert client.attach("ghost1")["state"] == "cancelled"
             assert client.attach("ghost2")["state"] == "cancelled"
     assert [r.prompt for r in engine.runs] == ["", "steps=2"]
+
+
+def test_a_vanished_clients_job_is_cancelled_once_not_at_every_housekeeping(caplog):
+    """A running job only stops at its next step; meanwhile the server must not log the
+    cancellation again at every housekeeping pass (it did, about every 0.3 s)."""
+    engine = FakeEngine()
+    with running_server(engine, client_ttl=0.5) as server:
+        ghost = RawPeer(server)
+        content = {"job_id": "slow", "width": 8, "height": 6, "channels": 3, "prompt":
+                   "steps=2 delay=3", "handles": [[1, 1]], "targets": [[2, 2]],
+                   "method": "dragdiffusion"}
+        with caplog.at_level(logging.INFO, logger="backend.server"):
+            assert ghost.request(wire.SUBMIT, content, job_id="slow",
+                                 buffers=[image()]).msg_type == wire.SUBMIT_REPLY
+            assert engine.step_started.wait(5)
+            ghost.close()  # gone without a word, during a 3 s step
+            deadline = time.monotonic() + 15
+            while not engine.steps_after_cancel:  # the run has not ended yet
+                assert time.monotonic() < deadline, "the ghost's job never ended"
+                time.sleep(0.2)
+            with client_for(server) as client:  # attaching moves the job to this client: after
+                assert client.attach("slow")["state"] == "cancelled"
+    silent = [r for r in caplog.records if "silent for" in r.getMessage()]
+    assert len(silent) == 1, [r.getMessage() for r in silent]
 
 
 def test_events_survive_a_reconnect():
