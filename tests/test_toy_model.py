@@ -13,9 +13,9 @@ import torch
 
 from backend.toy import metrics
 from backend.toy.bench_quality import engine_runner, evaluate, summary
-from backend.toy.shapes import make_cases
 from backend.toy.data import to_tensor, to_uint8
 from backend.toy.metrics import psnr
+from backend.toy.shapes import make_cases
 from backend.toy.train import DEFAULT_MODEL_DIR
 
 # Measured on the shipped weights (VAE round trip ≈ 23 dB, DDIM inversion + denoise at strength

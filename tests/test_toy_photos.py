@@ -7,9 +7,7 @@ import math
 import numpy as np
 import pytest
 
-pytest.importorskip("skimage")
-
-from backend.toy import data, photo_cases, photos  # noqa: E402
+from backend.toy import data, photo_cases, photos
 
 
 def test_photos_come_from_the_installed_wheel_and_the_split_is_disjoint():
