@@ -208,7 +208,7 @@ def run_bench(case_sets: dict[str, list[Case]], methods: list[str], model: str |
 
 def main(args: argparse.Namespace) -> int:
     methods = default_methods() if args.method == "all" else args.method.split(",")
-    methods = [m for m in methods if m not in metrics.BASELINES]
+    methods = [m for m in methods if m not in (*metrics.BASELINES, "", "none")]
     params = parse_assignments(args.param, "--param")
     if args.lora_steps is not None:
         params["lora_steps"] = args.lora_steps
@@ -240,5 +240,9 @@ def main(args: argparse.Namespace) -> int:
          "mean": means}, indent=1, default=str), "utf-8")
     for set_name, by_method in results.items():
         make_grid(case_sets[set_name], by_method).save(out / f"grid-{set_name}.png")
+        for i, case in enumerate(case_sets[set_name]):
+            if case.name == args.figure:  # one case's row alone (the README picture)
+                rows = {name: [rows[i]] for name, rows in by_method.items()}
+                make_grid([case], rows).save(out / "figure.png")
     print(f"wrote {out / 'table.md'}, {out / 'results.json'} and the grids in {out}")
     return 0

@@ -100,8 +100,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                help="drag methods vs baselines on cases with known answers "
                                "(shapes, a stereo pair, an object moved over a photograph)")
     bq.add_argument("--method", default="all",
-                    help="comma-separated methods or presets, or all (default: dragdiffusion, "
-                    "gooddrag and the fast preset)")
+                    help="comma-separated methods or presets, all (default: dragdiffusion, "
+                    "gooddrag and the fast preset) or none (baselines only)")
     bq.add_argument("--sets", default=",".join(CASE_SETS),
                     help="comma-separated case sets (default: %(default)s)")
     bq.add_argument("--cases", type=int, default=6, help="shape cases (default: %(default)s)")
@@ -116,5 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="override every method's LoRA steps (default: each method's own)")
     bq.add_argument("--no-baselines", action="store_true",
                     help="leave out the no-op and cut-and-paste rows and grid columns")
+    bq.add_argument("--figure", default="", metavar="CASE",
+                    help="also write figure.png: this case's row alone (e.g. paste-00-disc)")
     bq.add_argument("--threads", type=int, default=0)
     bq.set_defaults(func=_cmd_bench)
