@@ -1,9 +1,13 @@
-"""``python -m backend bench-quality``: drag methods vs baselines on ground-truth cases.
+"""``python -m backend bench-quality``: drag methods vs baselines on cases with known answers.
 
-Runs every case through the no-op and cut-and-paste baselines and the chosen engine methods on
-the toy model, prints one table per method (per case and the mean), and writes
-``results.json``, ``table.md`` and ``grid.png`` (input with mask and arrows / correct result /
-each method's result) to ``--out``.
+Three case sets: ``shapes`` (procedural scenes, the correct result rendered exactly, handle error
+from re-rendered hypotheses: ``metrics``), ``stereo`` (the motorcycle stereo pair) and ``paste``
+(an object moved over a photograph; both ``photo_cases``, handle error by patch matching). Every
+case runs through the no-op and cut-and-paste baselines and the chosen engine methods or presets
+(default: both methods and the ``fast`` preset, each with its own defaults and the model's
+``preset.json``); the command prints a summary and per-case tables and writes ``table.md``,
+``results.json`` and one ``grid-<set>.png`` per set (input with mask and arrows / correct /
+each result) to ``--out``.
 """
 
 from __future__ import annotations
@@ -19,19 +23,49 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from backend.engine.params import parse_assignments
-from backend.toy import metrics
+from backend.engine.params import PRESETS, parse_assignments
+from backend.toy import metrics, photo_cases
+from backend.toy.photo_cases import PhotoCase
 from backend.toy.shapes import DragCase, make_cases
 
-ENGINE_METHODS = ("dragdiffusion", "gooddrag")
-TOY_PARAMS = {"work_size": 128}
+CASE_SETS = ("shapes", "stereo", "paste")
+Case = DragCase | PhotoCase
+
+
+def default_methods() -> list[str]:
+    return ["dragdiffusion", "gooddrag", *(["fast"] if "fast" in PRESETS else [])]
+
+
+def make_case_sets(names: list[str], n_shapes: int = 6, n_photo: int = 4,
+                   seed: int = 0) -> dict[str, list[Case]]:
+    makers = {"shapes": lambda: make_cases(n_shapes, seed=seed),
+              "stereo": lambda: photo_cases.stereo_cases(n_photo),
+              "paste": lambda: photo_cases.paste_cases(n_photo, seed=seed)}
+    return {name: makers[name]() for name in names}
+
+
+def score(case: Case, image: np.ndarray) -> dict[str, float]:
+    """Handle error (px), PSNR inside the mask vs the answer, PSNR outside vs the input."""
+    if isinstance(case, PhotoCase):
+        return photo_cases.score(case, image)
+    s = metrics.score(case, image)
+    return {"handle_error": s.handle_error, "psnr_in": s.psnr_in, "psnr_out": s.psnr_out,
+            "match_psnr": float(np.mean([metrics.capped(p.match_psnr) for p in s.pairs]))}
+
+
+def baseline(name: str) -> Callable[[Case], np.ndarray]:
+    def run(case: Case) -> np.ndarray:
+        table = photo_cases.BASELINES if isinstance(case, PhotoCase) else metrics.BASELINES
+        return table[name](case)
+
+    return run
 
 
 def engine_runner(engine, method: str, params: dict, seed: int = 0) -> Callable:
-    """A function case → (output image, stats) running ``method`` on ``engine``."""
+    """A function case → (output image, extra) running ``method`` on ``engine``."""
     from backend.engine.types import DragRequest
 
-    def run(case: DragCase) -> tuple[np.ndarray, dict]:
+    def run(case: Case) -> tuple[np.ndarray, dict]:
         request = DragRequest(image=case.image, handles=list(case.handles),
                               targets=list(case.targets), mask=case.mask, method=method,
                               prompt=case.prompt, seed=seed, params=dict(params))
@@ -44,7 +78,7 @@ def engine_runner(engine, method: str, params: dict, seed: int = 0) -> Callable:
     return run
 
 
-def evaluate(cases: list[DragCase], run: Callable,
+def evaluate(cases: list[Case], run: Callable,
              log: Callable[[str], None] | None = None) -> list[dict]:
     """Score ``run`` on every case; one row per case (``log`` gets a line per case)."""
     rows = []
@@ -53,28 +87,24 @@ def evaluate(cases: list[DragCase], run: Callable,
         out = run(case)
         seconds = time.perf_counter() - start
         image, extra = out if isinstance(out, tuple) else (out, {})
-        s = metrics.score(case, image)
+        s = score(case, image)
         drag = float(np.mean([math.dist(h, t) for h, t in zip(case.handles, case.targets,
                                                                 strict=True)]))
-        rows.append({
-            "case": case.name, "drag_px": drag, "handle_error": s.handle_error,
-            "psnr_in": s.psnr_in, "psnr_out": s.psnr_out,
-            "match_psnr": float(np.mean([metrics.capped(p.match_psnr) for p in s.pairs])),
-            "displacements": [p.displacement for p in s.pairs], "seconds": seconds,
-            "image": image, **extra,
-        })
+        rows.append({"case": case.name, "drag_px": drag, **s, "seconds": seconds,
+                     "image": image, **extra})
         if log is not None:
-            log(f"  {case.name}: handle error {s.handle_error:.2f} px (drag {drag:.1f}), "
-                f"PSNR in {_fmt(s.psnr_in)} dB, {seconds:.1f} s")
+            log(f"  {case.name}: handle error {s['handle_error']:.2f} px (drag {drag:.1f}), "
+                f"PSNR in {_fmt(s['psnr_in'])} dB, {seconds:.1f} s")
     return rows
 
 
 def summary(rows: list[dict]) -> dict:
     return {
         "handle_error": float(np.mean([r["handle_error"] for r in rows])),
+        "drag_px": float(np.mean([r["drag_px"] for r in rows])),
         "psnr_in": float(np.mean([metrics.capped(r["psnr_in"]) for r in rows])),
         "psnr_out": float(np.mean([metrics.capped(r["psnr_out"]) for r in rows])),
-        "match_psnr": float(np.mean([r["match_psnr"] for r in rows])),
+        "exact_outside": all(math.isinf(r["psnr_out"]) for r in rows),
         "seconds": float(np.mean([r["seconds"] for r in rows])),
     }
 
@@ -83,28 +113,37 @@ def _fmt(v: float) -> str:
     return "inf" if math.isinf(v) else f"{v:.1f}"
 
 
-def format_table(method: str, rows: list[dict]) -> str:
-    """Markdown table: per case and the mean."""
-    lines = [f"### {method}", "",
-             "| case | drag px | handle err px | PSNR in mask vs correct dB | "
-             "PSNR outside mask vs input dB | shape match dB | s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+def summary_table(results: dict[str, dict[str, list[dict]]]) -> str:
+    """Markdown: one row per set and method (means over the set's cases)."""
+    lines = ["| set | method | handle error px | PSNR in mask dB | outside mask | s / case |",
+             "|---|---|---:|---:|---|---:|"]
+    for set_name, by_method in results.items():
+        for method, rows in by_method.items():
+            s = summary(rows)
+            outside = "exact" if s["exact_outside"] else f"{s['psnr_out']:.1f} dB"
+            lines.append(f"| {set_name} | {method} | {s['handle_error']:.2f} | "
+                         f"{s['psnr_in']:.1f} | {outside} | {s['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def case_table(title: str, rows: list[dict]) -> str:
+    lines = [f"### {title}", "",
+             "| case | drag px | handle err px | PSNR in mask dB | PSNR outside dB | s |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['drag_px']:.1f} | {r['handle_error']:.2f} | "
-                     f"{_fmt(r['psnr_in'])} | {_fmt(r['psnr_out'])} | {r['match_psnr']:.1f} | "
-                     f"{r['seconds']:.2f} |")
-    s = summary(rows)
-    drag = np.mean([r["drag_px"] for r in rows])
-    lines.append(f"| **mean** | {drag:.1f} | **{s['handle_error']:.2f}** | {s['psnr_in']:.1f} | "
-                 f"{s['psnr_out']:.1f} | {s['match_psnr']:.1f} | {s['seconds']:.2f} |")
+                     f"{_fmt(r['psnr_in'])} | {_fmt(r['psnr_out'])} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- picture
 
 
-def _arrows(img: np.ndarray, case: DragCase, scale: int, mask: bool) -> Image.Image:
-    im = Image.fromarray(img).resize((img.shape[1] * scale,) * 2, Image.NEAREST)
+def draw_case(img: np.ndarray, case: Case, scale: int, mask: bool) -> Image.Image:
+    """``img`` enlarged ``scale``×, optionally with the mask lightened, red handle → blue
+    target arrows."""
+    h, w = img.shape[:2]
+    im = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
     if mask:
         tint = np.asarray(im).astype(np.float64)
         m = np.kron(case.mask > 0, np.ones((scale, scale), dtype=bool))
@@ -112,37 +151,36 @@ def _arrows(img: np.ndarray, case: DragCase, scale: int, mask: bool) -> Image.Im
         im = Image.fromarray(tint.astype(np.uint8))
     draw = ImageDraw.Draw(im)
     for (hx, hy), (tx, ty) in zip(case.handles, case.targets, strict=True):
-        h = (hx * scale, hy * scale)
-        t = (tx * scale, ty * scale)
-        draw.line([h, t], fill=(255, 255, 255), width=3)
-        draw.line([h, t], fill=(20, 20, 20), width=1)
-        draw.ellipse([h[0] - 4, h[1] - 4, h[0] + 4, h[1] + 4], fill=(230, 30, 30))
-        draw.ellipse([t[0] - 4, t[1] - 4, t[0] + 4, t[1] + 4], fill=(30, 90, 230))
+        a, b = (hx * scale, hy * scale), (tx * scale, ty * scale)
+        draw.line([a, b], fill=(255, 255, 255), width=3)
+        draw.line([a, b], fill=(20, 20, 20), width=1)
+        draw.ellipse([a[0] - 4, a[1] - 4, a[0] + 4, a[1] + 4], fill=(230, 30, 30))
+        draw.ellipse([b[0] - 4, b[1] - 4, b[0] + 4, b[1] + 4], fill=(30, 90, 230))
     return im
 
 
-def make_grid(cases: list[DragCase], results: dict[str, list[dict]], scale: int = 2) -> Image.Image:
+def make_grid(cases: list[Case], results: dict[str, list[dict]], scale: int = 2) -> Image.Image:
     """Rows: cases. Columns: input (mask lightened, red handle → blue target), correct, methods."""
     names = list(results)
-    cell = cases[0].image.shape[0] * scale
+    h, w = cases[0].image.shape[:2]
+    cw, ch = w * scale, h * scale
     pad, head = 4, 18
-    cols = 2 + len(names)
-    grid = Image.new("RGB", (cols * (cell + pad) + pad, head + len(cases) * (cell + head)),
-                     (255, 255, 255))
+    grid = Image.new("RGB", ((2 + len(names)) * (cw + pad) + pad,
+                             head + len(cases) * (ch + head)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for c, title in enumerate(["input + mask + drag", "correct", *names]):
-        draw.text((pad + c * (cell + pad), 3), title, fill=(0, 0, 0))
+        draw.text((pad + c * (cw + pad), 3), title, fill=(0, 0, 0))
     for r, case in enumerate(cases):
-        y = head + r * (cell + head)
+        y = head + r * (ch + head)
         draw.text((pad, y + 2), case.name, fill=(0, 0, 0))
         y += head - 4
-        grid.paste(_arrows(case.image, case, scale, mask=True), (pad, y))
-        grid.paste(_arrows(case.correct, case, scale, mask=False), (2 * pad + cell, y))
+        grid.paste(draw_case(case.image, case, scale, mask=True), (pad, y))
+        grid.paste(draw_case(case.correct, case, scale, mask=False), (2 * pad + cw, y))
         for c, name in enumerate(names):
             row = results[name][r]
-            x = pad + (2 + c) * (cell + pad)
-            grid.paste(_arrows(row["image"], case, scale, mask=False), (x, y))
-            draw.text((x + cell // 2, y - head + 6), f"err {row['handle_error']:.1f}px",
+            x = pad + (2 + c) * (cw + pad)
+            grid.paste(draw_case(row["image"], case, scale, mask=False), (x, y))
+            draw.text((x + cw // 2, y - head + 6), f"err {row['handle_error']:.1f}px",
                       fill=(0, 0, 0))
     return grid
 
@@ -150,14 +188,14 @@ def make_grid(cases: list[DragCase], results: dict[str, list[dict]], scale: int 
 # ---------------------------------------------------------------- command
 
 
-def run_bench(cases: list[DragCase], methods: list[str], model: str | None, params: dict,
-              log: Callable[[str], None] = print,
-              baselines: bool = True) -> dict[str, list[dict]]:
-    """Baselines (unless ``baselines`` is false) plus ``methods`` (engine method or preset
-    names) on ``cases``."""
-    results: dict[str, list[dict]] = {}
-    for name, fn in metrics.BASELINES.items() if baselines else ():
-        results[name] = evaluate(cases, fn)
+def run_bench(case_sets: dict[str, list[Case]], methods: list[str], model: str | None,
+              params: dict, log: Callable[[str], None] = print,
+              baselines: bool = True) -> dict[str, dict[str, list[dict]]]:
+    """results[set][method] = rows: baselines (unless turned off) and the engine ``methods``."""
+    results: dict[str, dict[str, list[dict]]] = {name: {} for name in case_sets}
+    for set_name, cases in case_sets.items():
+        for name in metrics.BASELINES if baselines else ():
+            results[set_name][name] = evaluate(cases, baseline(name))
     if methods:
         from backend.engine.pipeline import DragEngine
 
@@ -165,32 +203,50 @@ def run_bench(cases: list[DragCase], methods: list[str], model: str | None, para
         with tempfile.TemporaryDirectory(prefix="bench-quality-lora-") as lora_dir:
             engine = DragEngine.load(model, device="cpu", lora_cache_dir=lora_dir)
             for method in methods:
-                log(f"running {method} on {len(cases)} cases ...")
-                results[method] = evaluate(cases, engine_runner(engine, method, params), log)
+                for set_name, cases in case_sets.items():
+                    log(f"running {method} on {len(cases)} {set_name} cases ...")
+                    results[set_name][method] = evaluate(cases, engine_runner(engine, method,
+                                                                              params), log)
     return results
 
 
 def main(args: argparse.Namespace) -> int:
-    methods = list(ENGINE_METHODS) if args.method == "all" else args.method.split(",")
-    methods = [m for m in methods if m not in metrics.BASELINES]
-    params = {**TOY_PARAMS, "lora_steps": args.lora_steps, **parse_assignments(args.param, "--param")}
-    cases = make_cases(args.cases, seed=args.seed)
-    results = run_bench(cases, methods, args.model, params, lambda m: print(m, flush=True),
+    methods = default_methods() if args.method == "all" else args.method.split(",")
+    methods = [m for m in methods if m not in (*metrics.BASELINES, "", "none")]
+    params = parse_assignments(args.param, "--param")
+    if args.lora_steps is not None:
+        params["lora_steps"] = args.lora_steps
+    sets = args.sets.split(",")
+    unknown = set(sets) - set(CASE_SETS)
+    if unknown:
+        raise SystemExit(f"unknown case set(s) {', '.join(sorted(unknown))}; choose from "
+                         f"{', '.join(CASE_SETS)}")
+    case_sets = make_case_sets(sets, args.cases, args.photo_cases, args.seed)
+    results = run_bench(case_sets, methods, args.model, params, lambda m: print(m, flush=True),
                         baselines=not args.no_baselines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = [f"cases: {len(cases)} (seed {args.seed}); model: {args.model}; "
-            f"engine params: {json.dumps(params)}", ""]
-    for name, rows in results.items():
-        text += [format_table(name, rows), ""]
+    text = [f"model: {args.model}; seed {args.seed}; parameter overrides: "
+            f"{json.dumps(params) if params else 'none (method defaults + model preset)'}", "",
+            summary_table(results), ""]
+    for set_name, by_method in results.items():
+        for name, rows in by_method.items():
+            text += [case_table(f"{set_name}: {name}", rows), ""]
     table = "\n".join(text)
     print(table)
     (out / "table.md").write_text(table + "\n", "utf-8")
-    serial = {name: [{k: v for k, v in r.items() if k != "image"} for r in rows]
-              for name, rows in results.items()}
+    serial = {s: {n: [{k: v for k, v in r.items() if k != "image"} for r in rows]
+                  for n, rows in by_method.items()} for s, by_method in results.items()}
+    means = {s: {n: summary(rows) for n, rows in by_method.items()}
+             for s, by_method in results.items()}
     (out / "results.json").write_text(json.dumps(
         {"params": params, "seed": args.seed, "model": args.model, "results": serial,
-         "mean": {n: summary(r) for n, r in results.items()}}, indent=1, default=str), "utf-8")
-    make_grid(cases, results).save(out / "grid.png")
-    print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'grid.png'}")
+         "mean": means}, indent=1, default=str), "utf-8")
+    for set_name, by_method in results.items():
+        make_grid(case_sets[set_name], by_method).save(out / f"grid-{set_name}.png")
+        for i, case in enumerate(case_sets[set_name]):
+            if case.name == args.figure:  # one case's row alone (the README picture)
+                rows = {name: [rows[i]] for name, rows in by_method.items()}
+                make_grid([case], rows).save(out / "figure.png")
+    print(f"wrote {out / 'table.md'}, {out / 'results.json'} and the grids in {out}")
     return 0

@@ -61,6 +61,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from backend.toy.bench_quality import CASE_SETS
     from backend.toy.train import DEFAULT_MODEL_DIR, DEFAULT_WORK_DIR, TrainConfig
 
     toy = subparsers.add_parser("toy", help="the trained toy model: train, export, eval")
@@ -96,17 +97,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.set_defaults(func=_cmd_eval)
 
     bq = subparsers.add_parser("bench-quality",
-                               help="ground-truth drag benchmark on the toy model")
+                               help="drag methods vs baselines on cases with known answers "
+                               "(shapes, a stereo pair, an object moved over a photograph)")
     bq.add_argument("--method", default="all",
-                    help="dragdiffusion, gooddrag, a preset name, or all (default)")
-    bq.add_argument("--cases", type=int, default=12)
+                    help="comma-separated methods or presets, all (default: dragdiffusion, "
+                    "gooddrag and the fast preset) or none (baselines only)")
+    bq.add_argument("--sets", default=",".join(CASE_SETS),
+                    help="comma-separated case sets (default: %(default)s)")
+    bq.add_argument("--cases", type=int, default=6, help="shape cases (default: %(default)s)")
+    bq.add_argument("--photo-cases", type=int, default=4,
+                    help="cases per photo set (default: %(default)s)")
     bq.add_argument("--seed", type=int, default=0, help="case generator seed")
     bq.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     bq.add_argument("--out", default="bench-quality-out")
     bq.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                    help="engine parameter override (repeatable)")
-    bq.add_argument("--lora-steps", type=int, default=0)
+                    help="engine parameter override for every method (repeatable)")
+    bq.add_argument("--lora-steps", type=int, default=None,
+                    help="override every method's LoRA steps (default: each method's own)")
     bq.add_argument("--no-baselines", action="store_true",
                     help="leave out the no-op and cut-and-paste rows and grid columns")
+    bq.add_argument("--figure", default="", metavar="CASE",
+                    help="also write figure.png: this case's row alone (e.g. paste-00-disc)")
     bq.add_argument("--threads", type=int, default=0)
     bq.set_defaults(func=_cmd_bench)

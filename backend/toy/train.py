@@ -3,7 +3,7 @@
 Two stages, each resumable from the checkpoint in ``--work-dir``; every batch is a pure function
 of the seed and the step, so a run reproduces from its seed:
 
-1. ``vae``: AutoencoderKL on random 64 px crops (``data.training_batch``); MSE + a small
+1. ``vae``: AutoencoderKL on random 48 px crops (``data.training_batch``); MSE + a small
    image-gradient L1 + a tiny KL term. Its latent scale is then measured and stored as
    ``scaling_factor`` (SD's 0.18215 analogue).
 2. ``unet``: UNet2DConditionModel with ε-prediction on SD1.5's noise schedule, on latents the
@@ -46,9 +46,9 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"
 class TrainConfig:
     seed: int = 0
     vae_steps: int = 6000
-    vae_batch: int = 8
-    vae_crop: int = 64
-    vae_lr: float = 1e-3
+    vae_batch: int = 16
+    vae_crop: int = 48
+    vae_lr: float = 4e-4
     kl_weight: float = 1e-6
     grad_weight: float = 0.5
     unet_steps: int = 5000
