@@ -22,7 +22,7 @@ from backend.engine.types import DragRequest
 def _engine() -> DragEngine:
     """An engine whose model is only what ``prepare``/``drag_context`` read (no weights)."""
     model = SimpleNamespace(vae_scale_factor=8, device=torch.device("cpu"), dtype=torch.float32,
-                            precision=PRECISIONS["fp32"])
+                            precision=PRECISIONS["fp32"], preset={})
     return DragEngine(model)  # type: ignore[arg-type]
 
 

@@ -311,7 +311,9 @@ def xvfb(gimp):
 @pytest.mark.gui
 def test_gui_dialog_preview_errors_undo_and_cancel(gimp, xvfb):
     # No --model and no SD1.5 here: the backend serves the shipped toy model as the demo.
-    with serving(gimp, "toy", None) as (_, toy):
+    # A short client TTL (the plug-in's heartbeats follow it): the status-bar cancel below is
+    # noticed within ~3 s instead of 6.
+    with serving(gimp, "toy", None, "--client-ttl", "3") as (_, toy):
         gui_session(gimp, xvfb, toy)
 
 
@@ -400,7 +402,12 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
         dialog = xvfb.wait_window("^Drag Diffusion$")
         window = xvfb.wait_window(r"layers?\) [0-9]+x[0-9]+", 30)
         log_mark = len(backend_log(backend))
-        xvfb.keys(dialog, "alt+o")
+        # At twice the working width: no re-drag cache hit, and a job long enough (~4x the
+        # drag's cost) to outlast the click and the TTL; at 128 px with its cached inversion
+        # the handle arrives and the job ends within ~5 s.
+        xvfb.keys(dialog, "alt+w", "ctrl+a")
+        xvfb.type(dialog, "256")
+        xvfb.keys(dialog, "Tab", "alt+o")
         xvfb.wait_window("^Drag Diffusion – working$")
         xvfb.keys(window, "z")  # the Zoom tool: a click that misses a button paints nothing
         time.sleep(3)
