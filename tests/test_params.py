@@ -59,7 +59,8 @@ def test_work_estimate_matches_the_official_pass_counts():
     ({"work_size": math.inf}, "'work_size' must be an integer from 64 to 2048"),
     ({"latent_lr": math.inf}, "'latent_lr' must be a number from 1e-05 to 1"),
     ({"latent_lr": 0.0}, "'latent_lr' must be a number from 1e-05 to 1"),
-    ({"guidance_scale": math.nan}, "'guidance_scale' must be a number from 1 to 30"),
+    ({"inversion_strength": math.nan}, "'inversion_strength' must be a number from 0.01 to 1"),
+    ({"guidance_scale": 7.5}, "unknown parameter 'guidance_scale'"),  # no CFG: not a knob
     ({"lora_lr": math.inf}, "'lora_lr'"),
     ({"beta": math.inf}, "'beta'"),
     ({"lam": -math.inf}, "'lam'"),

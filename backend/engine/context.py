@@ -11,7 +11,7 @@ import torch
 
 from backend.engine.diffusion import Schedule, UNetRunner
 from backend.engine.params import DragParams
-from backend.engine.types import CancelToken, GridPoint, ProgressFn
+from backend.engine.types import GridPoint, ProgressFn
 
 
 @dataclass
@@ -24,7 +24,6 @@ class DragContext:
     targets: list[GridPoint]
     keep: torch.Tensor | None  # [1,1,h,w] at latent size: 1 where the image must stay; None: no mask
     progress: ProgressFn | None = None
-    cancel: CancelToken | None = None
     autocast: Callable[[], AbstractContextManager] = nullcontext
     scaler: torch.amp.GradScaler | None = None
     # preview(phase, step, x0): the edited branch's predicted clean latent, for live previews.
@@ -44,9 +43,8 @@ class DragContext:
         return self.memo[key]
 
     def step(self, phase: str, step: int, total: int) -> None:
-        """Report progress and honour cancellation (called once per step)."""
-        if self.cancel is not None:
-            self.cancel.check()
+        """Report progress (called once per step; the pipeline's ``progress`` also raises
+        ``Cancelled`` when the edit was cancelled)."""
         self.runner.work.phase = phase  # UNet work from here on is booked to this phase
         if self.progress is not None:
             self.progress(phase, step, total)

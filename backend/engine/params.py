@@ -34,7 +34,6 @@ class DragParams:
     # DDIM inversion.
     n_inference_steps: int = 50
     inversion_strength: float = 0.7
-    guidance_scale: float = 1.0
     # Latent optimisation (shared names).
     latent_lr: float = 0.01
     lam: float = 0.1
@@ -185,8 +184,6 @@ SPECS: dict[str, ParamSpec] = {
     "n_inference_steps": _int(2, 1000, 1, "DDIM steps of the full schedule"),
     "inversion_strength": _float(0.01, 1.0, 0.05, "how far the image is inverted into noise "
                                  "(fraction of the schedule); higher allows larger changes"),
-    "guidance_scale": _float(1.0, 30.0, 0.5, "classifier-free guidance (1: none, as both "
-                             "official codes)"),
     "latent_lr": _float(1e-5, 1.0, 0.005, "step size of the latent optimisation; too high "
                         "breaks the image, too low moves little"),
     "lam": _float(0.0, 100.0, 0.05, "weight of the term that keeps the region outside the "
@@ -229,7 +226,7 @@ def estimated_work(algorithm: str, p: DragParams) -> float:
     scale = (p.work_size / 512) ** 2
     steps = p.n_inference_steps * p.inversion_strength
     lora = 2 * p.lora_steps * p.lora_batch * scale
-    passes = steps * (2 if p.guidance_scale > 1 else 1)  # inversion
+    passes = steps  # inversion (no classifier-free guidance, as both official codes)
     passes += steps * (2 if p.reference_attention else 1)  # denoising
     if algorithm == "gooddrag":
         drag = 2 * min(p.drag_end_step, steps) * p.track_per_denoise * p.max_drag_per_track

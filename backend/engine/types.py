@@ -11,7 +11,8 @@ import numpy as np
 
 from backend.engine.errors import Cancelled
 
-# progress(phase, step, total): phases are "load", "lora", "inversion", "drag", "denoise".
+# progress(phase, step, total): phases are "load", "lora", "inversion", "drag", "denoise",
+# "decode".
 ProgressFn = Callable[[str, int, int], None]
 
 # Two coordinate systems, two names (docs/algorithms.md §1, Coordinates):
