@@ -263,9 +263,9 @@ def install_plugin(dest: Path) -> None:
     main.chmod(main.stat().st_mode | 0o755)
 
 
-def default_connection_file(python: Path) -> str:
-    """The backend's default connection file, as the repo's protocol package defines it."""
-    code = "from protocol import default_connection_file as f; print(f())"
+def _backend_python_prints(python: Path, code: str) -> str | None:
+    """What ``code`` prints when run in the repository by the backend's Python (else by this
+    one); None if neither runs it."""
     for candidate in (str(python), sys.executable):
         try:
             out = subprocess.run([candidate, "-c", code], cwd=REPO, capture_output=True,
@@ -274,6 +274,15 @@ def default_connection_file(python: Path) -> str:
             continue
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
+    return None
+
+
+def default_connection_file(python: Path) -> str:
+    """The backend's default connection file, as the repo's protocol package defines it."""
+    path = _backend_python_prints(
+        python, "from protocol import default_connection_file as f; print(f())")
+    if path is not None:
+        return path
     raise SystemExit("install.py: can't import the protocol package with the backend's Python "
                      f"({python}); run without --no-venv to create the environment")
 
@@ -284,15 +293,8 @@ def backend_parameters(python: Path) -> dict:
     code = ("import json; from backend.engine import params as p; "
             "print(json.dumps({'methods': p.defaults_table(), 'parameters': p.spec_table(), "
             "'descriptions': p.method_descriptions(), 'default_method': 'dragdiffusion'}))")
-    for candidate in (str(python), sys.executable):
-        try:
-            out = subprocess.run([candidate, "-c", code], cwd=REPO, capture_output=True,
-                                 text=True, timeout=60)
-        except OSError:
-            continue
-        if out.returncode == 0 and out.stdout.strip():
-            return json.loads(out.stdout)
-    return {}
+    out = _backend_python_prints(python, code)
+    return json.loads(out) if out is not None else {}
 
 
 def start_command(python: Path) -> str:

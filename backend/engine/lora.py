@@ -20,6 +20,9 @@ trained weights are merged into those layers (``lora_merge.MergedLora``), so any
 processor that calls ``attn.to_q(...)`` includes them at no extra cost per forward, and they stay
 merged between edits with the same LoRA key. ``lora_applied`` does one edit's worth: train (or
 load from the cache), merge, and restore the exact base weights afterwards.
+
+(Near 470 lines: training, its cache key and the cache are one unit; the key must name
+exactly what the training reads.)
 """
 
 from __future__ import annotations

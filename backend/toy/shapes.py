@@ -6,6 +6,9 @@ result is the rendering of the "after" scene, exactly.
 
 Coordinates follow the engine: (x, y) in image pixels, (0, 0) is the top-left corner of the
 top-left pixel, pixel (i, j) covers [j, j+1) × [i, i+1).
+
+(Over 450 lines: the scenes and the drag cases made of them stay together, because a case's
+answer and its masks are computed from the same analytic shapes and coverage as the image.)
 """
 
 from __future__ import annotations
