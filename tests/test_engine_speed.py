@@ -201,3 +201,23 @@ def test_the_blend_width_follows_the_working_to_full_scale(engine):
     assert (row[:160] == 0).all() and (row[175:] == 255).all()
     assert 0 < row[160] < 30 and 100 < row[167] < 155  # half way at half the width
     assert np.diff(row[159:176]).max() <= 30
+
+
+def test_the_redrag_key_covers_the_model_and_its_precision():
+    from types import SimpleNamespace
+
+    from backend.engine.devices import PRECISIONS
+    from backend.engine.params import DragParams
+    from backend.engine.redrag import redrag_key
+
+    pixels = torch.zeros(1, 3, 8, 8)
+    model = SimpleNamespace(fingerprint="a", device=torch.device("cpu"), dtype=torch.float32,
+                            precision=PRECISIONS["fp32"])
+    key = redrag_key(model, pixels, "p", None, DragParams())
+    assert key == redrag_key(model, pixels.clone(), "p", None, DragParams())
+    for change in ({"fingerprint": "b"}, {"dtype": torch.float16},
+                   {"precision": PRECISIONS["fp16"]}):
+        other = SimpleNamespace(**{**vars(model), **change})
+        assert redrag_key(other, pixels, "p", None, DragParams()) != key
+    assert redrag_key(model, pixels, "p", "lora-key", DragParams()) != key
+    assert redrag_key(model, pixels, "p", None, DragParams(drag_steps=3)) == key  # not a key part
