@@ -315,10 +315,10 @@ class Trainer:
 
         out_dir.mkdir(parents=True, exist_ok=True)
         pipe = self.pipeline()
+        preset.write(out_dir, pipe.vae)  # fitted on the fp32 VAE, before the weights are cast
         pipe.unet.to(torch.float16)
         pipe.vae.to(torch.float16)
         pipe.save_pretrained(out_dir, safe_serialization=True)
-        preset.write(out_dir, self.pipeline().vae)
         return out_dir
 
 
