@@ -66,11 +66,12 @@ class _Prepared:
     mask_work: np.ndarray | None  # h×w bool
 
 
-def latent_preview(latent: torch.Tensor, latent_to_rgb: list | None = None) -> np.ndarray:
+def latent_preview(latent: torch.Tensor,
+                   latent_to_rgb: torch.Tensor | list | None = None) -> np.ndarray:
     """[1, C, h, w] latent → h×w×3 uint8 through a fixed linear map (no VAE decode): SD1.5's,
     or the model's own C×3 ``latent_to_rgb`` (from its ``preset.json``)."""
-    matrix = LATENT_TO_RGB if latent_to_rgb is None else torch.tensor(latent_to_rgb,
-                                                                      device="cpu")
+    matrix = LATENT_TO_RGB if latent_to_rgb is None else torch.as_tensor(latent_to_rgb,
+                                                                         device="cpu")
     rgb = torch.einsum("chw,cr->hwr", latent[0].float().cpu(), matrix.float())
     return ((rgb + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).numpy()
 
@@ -210,6 +211,8 @@ class DragEngine:
             ctx.memo = entry.memo
             if preview is not None:
                 rgb_map = model.preset.get("latent_to_rgb")
+                if rgb_map is not None:  # the model's own map, made a tensor once per edit
+                    rgb_map = torch.tensor(rgb_map, dtype=torch.float32, device="cpu")
                 ctx.preview = lambda phase, step, x0: preview(phase, step,
                                                               latent_preview(x0, rgb_map))
             with self._timed(timings, "drag+denoise"):
