@@ -19,6 +19,7 @@ code as SD1.5, plus the model's own drag preset (``preset.json``, see ``backend/
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -153,7 +154,7 @@ class Trainer:
     def load(self) -> bool:
         if not self.ckpt_path.exists():
             return False
-        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
         self.vae.load_state_dict(state["vae"])
         self.vae_ema.load_state_dict(state["vae_ema"])
         self.unet.load_state_dict(state["unet"])
@@ -190,24 +191,9 @@ class Trainer:
             if time.time() > deadline:
                 return False
             t0 = time.time()
-            for g in self.vae_opt.param_groups:
-                g["lr"] = cfg.vae_lr * lr_factor(self.vae_step, cfg.vae_steps, cfg.warmup)
-            x, _ = data.training_batch(step_seed(cfg.seed, "vae", self.vae_step), cfg.vae_batch,
-                                       cfg.vae_crop)
-            x = x.to(self.device)
-            post = self.vae.encode(x).latent_dist
-            y = self.vae.decode(post.sample()).sample
-            mse = F.mse_loss(y, x)
-            loss = mse + cfg.grad_weight * image_gradient_l1(y, x)
-            loss = loss + cfg.kl_weight * post.kl().mean()
-            self.vae_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
-            self.vae_opt.step()
-            self.vae_step += 1
-            _ema_update(self.vae_ema, self.vae, cfg.ema_decay, self.vae_step)
+            psnr = self.vae_step_once()
             self.seconds += time.time() - t0
-            self._progress("vae", self.vae_step, cfg.vae_steps, t_start, psnr=_psnr(mse.item()))
+            self._progress("vae", self.vae_step, cfg.vae_steps, t_start, psnr=psnr)
             if self.vae_step % 250 == 0:
                 print(f"vae {self.vae_step} EMA on held-out images: {self.held_out_psnr()}",
                       flush=True)
@@ -217,6 +203,28 @@ class Trainer:
         self.set_scaling_factor()
         self.save()
         return True
+
+    def vae_step_once(self) -> float:
+        """One VAE optimiser step, a pure function of the seed and the step; its batch PSNR."""
+        cfg = self.cfg
+        for g in self.vae_opt.param_groups:
+            g["lr"] = cfg.vae_lr * lr_factor(self.vae_step, cfg.vae_steps, cfg.warmup)
+        seed = step_seed(cfg.seed, "vae", self.vae_step)
+        x, _ = data.training_batch(seed, cfg.vae_batch, cfg.vae_crop)
+        x = x.to(self.device)
+        post = self.vae.encode(x).latent_dist
+        # the posterior's noise from the step's own generator, so a resumed run is a straight one
+        y = self.vae.decode(post.sample(generator=torch.Generator().manual_seed(seed))).sample
+        mse = F.mse_loss(y, x)
+        loss = mse + cfg.grad_weight * image_gradient_l1(y, x)
+        loss = loss + cfg.kl_weight * post.kl().mean()
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
+        self.vae_opt.step()
+        self.vae_step += 1
+        _ema_update(self.vae_ema, self.vae, cfg.ema_decay, self.vae_step)
+        return _psnr(mse.item())
 
     @torch.no_grad()
     def held_out_psnr(self) -> dict[str, float]:
@@ -247,12 +255,8 @@ class Trainer:
         return (post.mean + post.std * eps) * self.vae_ema.config.scaling_factor
 
     def train_unet(self, deadline: float) -> bool:
-        from diffusers import DDPMScheduler
-
+        """Run UNet steps until done or ``deadline``; True when the stage is complete."""
         cfg = self.cfg
-        noise_sched = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER.items()
-                                       if k != "set_alpha_to_one"})
-        empty = encode_prompts(self.tokenizer, self.text_encoder, [""])
         self.unet.train()
         last_ckpt = t_start = time.time()
         self._first_step = self.unet_step
@@ -260,36 +264,50 @@ class Trainer:
             if time.time() > deadline:
                 return False
             t0 = time.time()
-            for g in self.unet_opt.param_groups:
-                g["lr"] = cfg.unet_lr * lr_factor(self.unet_step, cfg.unet_steps, cfg.warmup)
-            seed = step_seed(cfg.seed, "unet", self.unet_step)
-            gen = torch.Generator().manual_seed(seed)
-            big = self.unet_step % 4 == 3  # the working size's latents, at a quarter batch
-            size, batch = (2 * cfg.unet_size, max(1, cfg.unet_batch // 4)) if big else (
-                cfg.unet_size, cfg.unet_batch)
-            x, caps = data.training_batch(seed, batch, size)
-            z0 = self._latents(x, gen)
-            ctx = encode_prompts(self.tokenizer, self.text_encoder, caps)
-            drop = torch.rand(batch, generator=gen) < cfg.caption_dropout
-            ctx[drop] = empty[0]
-            noise = torch.randn(z0.shape, generator=gen).to(self.device)
-            t = torch.randint(0, 1000, (batch,), generator=gen).to(self.device)
-            pred = self.unet(noise_sched.add_noise(z0, noise, t), t,
-                             encoder_hidden_states=ctx).sample
-            loss = F.mse_loss(pred, noise)
-            self.unet_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
-            self.unet_opt.step()
-            self.unet_step += 1
-            _ema_update(self.ema, self.unet, cfg.ema_decay, self.unet_step)
+            loss = self.unet_step_once()
             self.seconds += time.time() - t0
-            self._progress("unet", self.unet_step, cfg.unet_steps, t_start, loss=loss.item())
+            self._progress("unet", self.unet_step, cfg.unet_steps, t_start, loss=loss)
             if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
                 self.save()
                 last_ckpt = time.time()
         self.save()
         return True
+
+    def unet_step_once(self) -> float:
+        """One UNet optimiser step (ε-prediction), a pure function of the seed and the step."""
+        cfg = self.cfg
+        for g in self.unet_opt.param_groups:
+            g["lr"] = cfg.unet_lr * lr_factor(self.unet_step, cfg.unet_steps, cfg.warmup)
+        seed = step_seed(cfg.seed, "unet", self.unet_step)
+        gen = torch.Generator().manual_seed(seed)
+        big = self.unet_step % 4 == 3  # the working size's latents, at a quarter batch
+        size, batch = (2 * cfg.unet_size, max(1, cfg.unet_batch // 4)) if big else (
+            cfg.unet_size, cfg.unet_batch)
+        x, caps = data.training_batch(seed, batch, size)
+        z0 = self._latents(x, gen)
+        ctx = encode_prompts(self.tokenizer, self.text_encoder, caps)
+        drop = torch.rand(batch, generator=gen) < cfg.caption_dropout
+        ctx[drop] = encode_prompts(self.tokenizer, self.text_encoder, [""])[0]
+        noise = torch.randn(z0.shape, generator=gen).to(self.device)
+        t = torch.randint(0, 1000, (batch,), generator=gen).to(self.device)
+        pred = self.unet(self._noise_schedule.add_noise(z0, noise, t), t,
+                         encoder_hidden_states=ctx).sample
+        loss = F.mse_loss(pred, noise)
+        self.unet_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.unet_opt.step()
+        self.unet_step += 1
+        _ema_update(self.ema, self.unet, cfg.ema_decay, self.unet_step)
+        return loss.item()
+
+    @functools.cached_property
+    def _noise_schedule(self):
+        """SD1.5's training noise schedule (DDPM, the same betas as its DDIM sampler)."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER.items()
+                                if k != "set_alpha_to_one"})
 
     def pipeline(self):
         """The current weights (EMA UNet) as a StableDiffusionPipeline on the CPU."""
