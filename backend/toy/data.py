@@ -129,7 +129,8 @@ def training_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """N×H×W×3 uint8 → (N, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    # a copy: the photographs come read-only from their cache, and torch warns on those
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

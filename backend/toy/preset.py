@@ -20,7 +20,7 @@ from backend.toy import data
 
 FILENAME = "preset.json"
 # Parameters the engine applies to every method when this model is loaded.
-PARAMS: dict[str, int | float | bool] = {"work_size": 256}
+PARAMS: dict[str, int | float | bool] = {"work_size": 128}
 
 
 @torch.no_grad()
