@@ -385,7 +385,7 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
         # The knob shown at DragDiffusion's default moved to GoodDrag's (so it is remembered
         # as "the method's default"); the values set before stayed.
         assert typed["inversion-strength"] == -1
-        assert typed["latent-lr"] == TOY["latent-lr"] and typed["work-size"] == 128
+        assert typed["latent-lr"] == TOY["latent-lr"] and typed["work-size"] == FIRST["work-size"]
 
         # 2. Re-Show: GIMP passes its last successful values (here: none yet, so the call's);
         #    the dialog shows what was typed before the cancel.
@@ -402,11 +402,10 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
         dialog = xvfb.wait_window("^Drag Diffusion$")
         window = xvfb.wait_window(r"layers?\) [0-9]+x[0-9]+", 30)
         log_mark = len(backend_log(backend))
-        # At twice the working width: no re-drag cache hit, and a job long enough (~4x the
-        # drag's cost) to outlast the click and the TTL; at 128 px with its cached inversion
-        # the handle arrives and the job ends within ~5 s.
+        # Another working width than the first run's: no re-drag cache hit, and with that
+        # run's 50 DDIM steps a job long enough (~20 s) to outlast the click and the TTL.
         xvfb.keys(dialog, "alt+w", "ctrl+a")
-        xvfb.type(dialog, "256")
+        xvfb.type(dialog, "192")
         xvfb.keys(dialog, "Tab", "alt+o")
         xvfb.wait_window("^Drag Diffusion – working$")
         xvfb.keys(window, "z")  # the Zoom tool: a click that misses a button paints nothing

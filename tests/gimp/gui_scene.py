@@ -15,8 +15,11 @@ import numpy as np
 TOY = {"work-size": 128, "lora-steps": 0, "drag-steps": 40, "n-inference-steps": 10,
        "latent-lr": 0.1, "timeout": 120, "advanced": json.dumps({"r1": 1, "r2": 3, "beta": 1})}
 # The first interactive run: DragDiffusion's dialog with a knob at its default, switched to
-# GoodDrag by keyboard; a GoodDrag job long enough to watch its previews, then cancelled.
-FIRST = {**TOY, "inversion-strength": -1.0,
+# GoodDrag by keyboard; a GoodDrag job long enough to watch its previews, then cancelled. The
+# trained toy's tracker puts this scene's handle on its target within ~20 drag steps, so the
+# length comes from the work: 256 px and the full 50 DDIM steps (~40 s on one core; at 128 px
+# and 10 steps the job is over in ~4 s, before a preview is seen).
+FIRST = {**TOY, "work-size": 256, "n-inference-steps": 50, "inversion-strength": -1.0,
          "advanced": json.dumps({"r1": 1, "r2": 3, "beta": 1, "reach_threshold": 0,
                                  "track_per_denoise": 10, "max_track_no_change": 1000})}
 
