@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,37 +170,50 @@ class Trainer:
         self.vae_ema.register_to_config(scaling_factor=state["scaling_factor"])
         return True
 
-    def _progress(self, stage: str, step: int, total: int, t_start: float, **values) -> None:
+    def _progress(self, stage: str, step: int, total: int, t_start: float, first_step: int,
+                  values: dict[str, float]) -> None:
         """One log line (and a log entry) every 50 steps."""
         if step % 50 and step != total:
             return
         self.log.append({"stage": stage, "step": step, "seconds": self.seconds, **values})
-        rate = (time.time() - t_start) / max(1, step - self._first_step)
+        rate = (time.time() - t_start) / max(1, step - first_step)
         figures = " ".join(f"{k} {v:.4g}" for k, v in values.items())
         print(f"{stage} {step}/{total} {figures} ({rate:.2f} s/step, "
               f"{self.seconds / 60:.1f} min trained)", flush=True)
 
     # ------------------------------------------------------------ stages
 
-    def train_vae(self, deadline: float) -> bool:
-        """Run VAE steps until done or ``deadline``; True when the stage is complete."""
-        cfg = self.cfg
-        self.vae.train()
+    def _run_stage(self, stage: str, total: int, step_once: Callable[[], dict[str, float]],
+                   deadline: float, after_step: Callable[[int], None] | None = None) -> bool:
+        """Call ``step_once`` until ``self.<stage>_step`` reaches ``total`` or ``deadline``
+        passes, logging and checkpointing on the way; True when the stage is complete."""
         last_ckpt = t_start = time.time()
-        self._first_step = self.vae_step
-        while self.vae_step < cfg.vae_steps:
+        first_step = getattr(self, f"{stage}_step")
+        while getattr(self, f"{stage}_step") < total:
             if time.time() > deadline:
                 return False
             t0 = time.time()
-            psnr = self.vae_step_once()
+            figures = step_once()
             self.seconds += time.time() - t0
-            self._progress("vae", self.vae_step, cfg.vae_steps, t_start, psnr=psnr)
-            if self.vae_step % 250 == 0:
-                print(f"vae {self.vae_step} EMA on held-out images: {self.held_out_psnr()}",
-                      flush=True)
-            if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
+            step = getattr(self, f"{stage}_step")
+            self._progress(stage, step, total, t_start, first_step, figures)
+            if after_step is not None:
+                after_step(step)
+            if time.time() - last_ckpt > self.cfg.checkpoint_minutes * 60:
                 self.save()
                 last_ckpt = time.time()
+        return True
+
+    def train_vae(self, deadline: float) -> bool:
+        """Run VAE steps until done or ``deadline``; True when the stage is complete."""
+        def held_out(step: int) -> None:
+            if step % 250 == 0:
+                print(f"vae {step} EMA on held-out images: {self.held_out_psnr()}", flush=True)
+
+        self.vae.train()
+        if not self._run_stage("vae", self.cfg.vae_steps, lambda: {"psnr": self.vae_step_once()},
+                               deadline, held_out):
+            return False
         self.set_scaling_factor()
         self.save()
         return True
@@ -256,20 +270,10 @@ class Trainer:
 
     def train_unet(self, deadline: float) -> bool:
         """Run UNet steps until done or ``deadline``; True when the stage is complete."""
-        cfg = self.cfg
         self.unet.train()
-        last_ckpt = t_start = time.time()
-        self._first_step = self.unet_step
-        while self.unet_step < cfg.unet_steps:
-            if time.time() > deadline:
-                return False
-            t0 = time.time()
-            loss = self.unet_step_once()
-            self.seconds += time.time() - t0
-            self._progress("unet", self.unet_step, cfg.unet_steps, t_start, loss=loss)
-            if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
-                self.save()
-                last_ckpt = time.time()
+        if not self._run_stage("unet", self.cfg.unet_steps,
+                               lambda: {"loss": self.unet_step_once()}, deadline):
+            return False
         self.save()
         return True
 
@@ -287,7 +291,7 @@ class Trainer:
         z0 = self._latents(x, gen)
         ctx = encode_prompts(self.tokenizer, self.text_encoder, caps)
         drop = torch.rand(batch, generator=gen) < cfg.caption_dropout
-        ctx[drop] = encode_prompts(self.tokenizer, self.text_encoder, [""])[0]
+        ctx[drop] = self._empty_prompt[0]
         noise = torch.randn(z0.shape, generator=gen).to(self.device)
         t = torch.randint(0, 1000, (batch,), generator=gen).to(self.device)
         pred = self.unet(self._noise_schedule.add_noise(z0, noise, t), t,
@@ -300,6 +304,11 @@ class Trainer:
         self.unet_step += 1
         _ema_update(self.ema, self.unet, cfg.ema_decay, self.unet_step)
         return loss.item()
+
+    @functools.cached_property
+    def _empty_prompt(self) -> torch.Tensor:
+        """The empty caption's embedding (the frozen text encoder's), for caption dropout."""
+        return encode_prompts(self.tokenizer, self.text_encoder, [""])
 
     @functools.cached_property
     def _noise_schedule(self):
