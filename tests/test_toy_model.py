@@ -4,7 +4,8 @@ and drags.
 Reconstruction is measured on images held out of training: a photograph (the Middlebury
 motorcycle, left view) and shape scenes coloured only from the hue band no training shape or
 background used. The drag tests are the semantic check that random weights cannot pass: with
-each method's faithful defaults (the model's preset sets only its working size) the dragged
+each method's faithful defaults (the model's preset sets only its working size and the arrival
+radius scaled to it) the dragged
 content must end up closer to its target than leaving the image unchanged, with the pixels
 outside the mask exactly the input's.
 """
@@ -50,7 +51,7 @@ def test_shipped_model_is_small_and_sd_shaped(engine):
     assert up == ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
     assert m.encode_prompt("a red disc").shape == (1, 77, 32)
     # its own preset: the working size it was trained for, a preview map for its 8 channels
-    assert engine.model_params == {"work_size": 128}
+    assert engine.model_params == {"work_size": 128, "reach_threshold": 0.5}
     assert np.asarray(m.preset["latent_to_rgb"]).shape == (m.vae.config.latent_channels, 3)
 
 
@@ -78,11 +79,16 @@ def test_inversion_keeps_the_vae_round_trip(engine):
     assert q["unseen"]["inversion_psnr"] > UNSEEN_INVERSION_PSNR_MIN, q
 
 
+# Measured on these two cases with the preset (no-op 22.8 px): GoodDrag 2.9 px (0.13 × the
+# no-op's error), DragDiffusion 13.7 px (0.60 ×).
+MAX_ERROR_VS_NOOP = {"gooddrag": 0.2, "dragdiffusion": 0.75}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dragdiffusion", "gooddrag"])
 def test_drag_moves_content_toward_the_target_with_the_faithful_defaults(engine, method):
     cases = make_case_sets(["shapes"], n_shapes=2)["shapes"]  # a small and a large translation
     got = summary(bench_evaluate(cases, engine_runner(engine, method, {})))
     noop = summary(bench_evaluate(cases, lambda c: c.image.copy()))
-    assert got["handle_error"] < 0.75 * noop["handle_error"], (got, noop)
+    assert got["handle_error"] < MAX_ERROR_VS_NOOP[method] * noop["handle_error"], (got, noop)
     assert got["psnr_out"] == metrics.PSNR_CAP  # outside the mask exactly the input

@@ -16,11 +16,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from backend.engine.params import DragParams
 from backend.toy import data
 
 FILENAME = "preset.json"
-# Parameters the engine applies to every method when this model is loaded.
-PARAMS: dict[str, int | float | bool] = {"work_size": 128}
+WORK_SIZE = 128
+# Parameters the engine applies to every method when this model is loaded: its working size, and
+# the official arrival radius (2 cells of the 256-cell grid at 512 px) scaled to that size.
+PARAMS: dict[str, int | float | bool] = {
+    "work_size": WORK_SIZE,
+    "reach_threshold": DragParams().reach_threshold * WORK_SIZE / DragParams().work_size,
+}
 
 
 @torch.no_grad()
