@@ -199,7 +199,8 @@ def run_bench(case_sets: dict[str, list[Case]], methods: list[str], model: str |
     if methods:
         from backend.engine.pipeline import DragEngine
 
-        # A fresh LoRA cache: every case trains its LoRA, so the seconds are an edit's.
+        # A fresh LoRA cache, so a case's seconds are a first edit's; the stereo cases share one
+        # photograph, so after the first of them its LoRA and inversion come from the caches.
         with tempfile.TemporaryDirectory(prefix="bench-quality-lora-") as lora_dir:
             engine = DragEngine.load(model, device="cpu", lora_cache_dir=lora_dir)
             for method in methods:
