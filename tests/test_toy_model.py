@@ -5,9 +5,8 @@ Reconstruction is measured on images held out of training: a photograph (the Mid
 motorcycle, left view) and shape scenes coloured only from the hue band no training shape or
 background used. The drag tests are the semantic check that random weights cannot pass: with
 each method's faithful defaults (the model's preset sets only its working size and the arrival
-radius scaled to it) the dragged
-content must end up closer to its target than leaving the image unchanged, with the pixels
-outside the mask exactly the input's.
+radius scaled to it) the dragged content must end up closer to its target than leaving the
+image unchanged, with the pixels outside the mask exactly the input's.
 """
 
 from __future__ import annotations
@@ -56,9 +55,7 @@ def test_shipped_model_is_small_and_sd_shaped(engine):
 
 
 def _round_trip(engine, img: np.ndarray) -> float:
-    pixels = data.to_tensor(img[None])
-    out = evaluate._uint8(engine.decode_latents(engine.encode_image(pixels)))
-    return psnr(img, out)
+    return psnr(img, evaluate.vae_round_trip(engine, img)[1])
 
 
 def test_vae_round_trip_on_a_held_out_photo_and_unseen_colours(engine):
@@ -89,6 +86,6 @@ MAX_ERROR_VS_NOOP = {"gooddrag": 0.2, "dragdiffusion": 0.75}
 def test_drag_moves_content_toward_the_target_with_the_faithful_defaults(engine, method):
     cases = make_case_sets(["shapes"], n_shapes=2)["shapes"]  # a small and a large translation
     got = summary(bench_evaluate(cases, engine_runner(engine, method, {})))
-    noop = summary(bench_evaluate(cases, lambda c: c.image.copy()))
+    noop = summary(bench_evaluate(cases, metrics.noop))
     assert got["handle_error"] < MAX_ERROR_VS_NOOP[method] * noop["handle_error"], (got, noop)
     assert got["psnr_out"] == metrics.PSNR_CAP  # outside the mask exactly the input

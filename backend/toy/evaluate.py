@@ -21,15 +21,20 @@ def reconstruct(engine, image: np.ndarray, prompt: str = "", strength: float = 0
     """(VAE round trip, DDIM inversion to ``strength`` then denoising) of an H×W×3 uint8 image
     whose sides are multiples of the VAE factor."""
     model = engine.model
-    pixels = data.to_tensor(image[None])
-    z0 = engine.encode_image(pixels)
-    vae_rt = _uint8(engine.decode_latents(z0))
+    z0, vae_rt = vae_round_trip(engine, image)
     runner = UNetRunner(model.unet, model.encode_prompt(prompt))
     schedule = Schedule.from_scheduler(model.scheduler, steps, strength)
     z = run_inversion(runner, schedule, z0)
     inverted = _uint8(engine.decode_latents(denoise(runner, schedule, z,
                                                     schedule.denoise_timesteps)))
     return vae_rt, inverted
+
+
+@torch.no_grad()
+def vae_round_trip(engine, image: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """An H×W×3 uint8 image's latent (the engine's encoding) and that latent decoded, as uint8."""
+    z0 = engine.encode_image(data.to_tensor(image[None]))
+    return z0, _uint8(engine.decode_latents(z0))
 
 
 def _uint8(image: np.ndarray) -> np.ndarray:
