@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from backend.cli import main
 
 
@@ -24,3 +26,18 @@ def test_bench_quality_baselines_on_every_set(tmp_path):
     assert "| stereo | no-op |" in table and "| paste | cut-paste |" in table
     for name in ("grid-shapes.png", "grid-stereo.png", "grid-paste.png", "figure.png"):
         assert (out / name).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--param", "bogus=1"], "unknown parameter 'bogus'"),
+    (["--param", "reach_threshold=99"], "reach_threshold"),
+    (["--lora-steps", "-3"], "lora_steps"),
+    (["--method", "gooddrag,nonsense"], "unknown method 'nonsense'"),
+])
+def test_bench_quality_refuses_bad_overrides_before_loading(tmp_path, argv, message):
+    # the model folder does not exist: the check must come first, with the engine's message
+    with pytest.raises(SystemExit) as exc:
+        main(["bench-quality", "--model", str(tmp_path / "no-model"), "--out",
+              str(tmp_path / "out"), *argv])
+    assert str(exc.value).startswith("bench-quality: ") and message in str(exc.value)
+    assert not (tmp_path / "out").exists()

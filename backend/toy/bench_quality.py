@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from backend.engine.params import PRESETS, parse_assignments
+from backend.engine.errors import InvalidInput
+from backend.engine.params import PRESETS, parse_assignments, resolve
 from backend.toy import metrics, photo_cases
 from backend.toy.photo_cases import PhotoCase
 from backend.toy.shapes import DragCase, make_cases
@@ -211,12 +212,24 @@ def run_bench(case_sets: dict[str, list[Case]], methods: list[str], model: str |
     return results
 
 
+def checked_params(methods: list[str], items: list[str], lora_steps: int | None) -> dict:
+    """``--param``/``--lora-steps`` → overrides, checked with every method before the model
+    loads; a bad name or value exits with the engine's message instead of a traceback."""
+    try:
+        params = parse_assignments(items, "--param")
+        if lora_steps is not None:
+            params.update(parse_assignments([f"lora_steps={lora_steps}"], "--lora-steps"))
+        for method in methods:
+            resolve(method, params)
+    except InvalidInput as exc:
+        raise SystemExit(f"bench-quality: {exc}") from None
+    return params
+
+
 def main(args: argparse.Namespace) -> int:
     methods = default_methods() if args.method == "all" else args.method.split(",")
     methods = [m for m in methods if m not in (*metrics.BASELINES, "", "none")]
-    params = parse_assignments(args.param, "--param")
-    if args.lora_steps is not None:
-        params["lora_steps"] = args.lora_steps
+    params = checked_params(methods, args.param, args.lora_steps)
     sets = args.sets.split(",")
     unknown = set(sets) - set(CASE_SETS)
     if unknown:
