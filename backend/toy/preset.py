@@ -23,9 +23,10 @@ FILENAME = "preset.json"
 WORK_SIZE = 128
 # Parameters the engine applies to every method when this model is loaded: its working size, and
 # the official arrival radius (2 cells of the 256-cell grid at 512 px) scaled to that size.
+_OFFICIAL = DragParams()
 PARAMS: dict[str, int | float | bool] = {
     "work_size": WORK_SIZE,
-    "reach_threshold": DragParams().reach_threshold * WORK_SIZE / DragParams().work_size,
+    "reach_threshold": _OFFICIAL.reach_threshold * WORK_SIZE / _OFFICIAL.work_size,
 }
 
 
