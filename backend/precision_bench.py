@@ -5,9 +5,9 @@ Runs the same edits (same image, points, seed, LoRA draws) once per precision br
 the drag's stop step, where the tracked handles ended, the edited latent (relative L2) and the
 decoded image (PSNR), plus the handle error against the known correct result on the toy model.
 
-Models: ``toy`` (the trained shape model, the default: its drags move content, so the figures
-mean something), ``tiny`` (random weights), ``sd15-random`` (the full architecture, for a GPU),
-or a model path. Every branch starts from freshly loaded fp32 weights. On the CPU the fp16
+Models: ``toy`` (the trained demo model with its own ``preset.json``, the default: its drags move
+content, so the figures mean something), ``tiny`` (random weights), ``sd15-random`` (the full
+architecture, for a GPU), or a model path. Every branch starts from freshly loaded fp32 weights. On the CPU the fp16
 branches are emulated (fp16 weights and CPU autocast with a CPU GradScaler): the roundings are
 the GPU's formats, the kernels and their accumulation order are the CPU's.
 """
@@ -24,11 +24,6 @@ from pathlib import Path
 import numpy as np
 
 BRANCHES = ("fp32", "fp16", "bf16", "fp16-mixed", "bf16-mixed")
-# Settings under which the toy model's drags move content (README, "Edit quality").
-TOY_SETTINGS = {
-    "dragdiffusion": {"work_size": 128, "latent_lr": 0.1},
-    "gooddrag": {"work_size": 128, "latent_lr": 0.1, "r1": 1, "r2": 3, "beta": 1},
-}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -186,8 +181,9 @@ def main(args: argparse.Namespace) -> int:
               f"LoRA {args.lora_steps} steps; differences from fp32 on the same inputs\n")
         print(HEADER, flush=True)
         for method in methods:
-            params = {**(TOY_SETTINGS[method] if args.model == "toy" else
-                         {"work_size": args.size}), "lora_steps": args.lora_steps, **overrides}
+            # the toy model's own preset.json sets its working size; others run at --size
+            size = {} if args.model == "toy" else {"work_size": args.size}
+            params = {**size, "lora_steps": args.lora_steps, **overrides}
             ref = None
             for branch in branches:
                 model = load_branch(args.model, args.device, branch, tiny_dir)

@@ -133,3 +133,27 @@ def test_a_whole_edit_runs_in_each_precision(tiny_model_dir, tmp_path, monkeypat
     assert len(scaled) == (2 + steps if precision.scaled else 0)
     assert result.image.dtype == np.uint8 and result.image.shape == image.shape
     assert (result.image[mask == 0] == image[mask == 0]).all()
+
+
+def test_precision_bench_on_the_toy_model_compares_branches_with_fp32(tmp_path, monkeypatch):
+    """``python -m backend precision`` end to end on the toy model (its preset.json sets the
+    working size): fp32 is its own reference, bf16 differs but stays finite and close."""
+    import json
+
+    from backend.cli import main
+
+    sizes = []  # (the bench's work_size override, the model's preset) per edit
+    run = DragEngine.run
+    monkeypatch.setattr(DragEngine, "run", lambda self, request, *a, **k: sizes.append(
+        (request.params.get("work_size"), self.model_params.get("work_size")))
+        or run(self, request, *a, **k))
+    out = tmp_path / "rows.json"
+    assert main(["precision", "--model", "toy", "--method", "dragdiffusion", "--cases", "1",
+                 "--branches", "bf16", "--lora-steps", "0", "--set", "n_inference_steps=10",
+                 "--set", "drag_steps=3", "--json", str(out)]) == 0
+    fp32, bf16 = json.loads(out.read_text())
+    assert (fp32["branch"], bf16["branch"]) == ("fp32", "bf16")
+    assert fp32["mean_latent_rel_l2"] == 0.0 and fp32["min_image_psnr_db"] == float("inf")
+    assert 0.0 < bf16["mean_latent_rel_l2"] < 0.5 and 20.0 < bf16["min_image_psnr_db"] < 200.0
+    assert fp32["mean_handle_error_px"] >= 0.0  # scored against the case's correct result
+    assert sizes == [(None, 128)] * 2  # the toy model's own working size, no bench override
