@@ -106,6 +106,10 @@ def test_bad_requests_are_refused_before_any_work(engine):
         engine.run(make_request("dragganx"))
     with pytest.raises(InvalidInput, match="unknown parameter"):
         engine.run(make_request("gooddrag", params={"drag_stepz": 3}))
+    strip = np.zeros((4000, 8, 3), np.uint8)  # 1:500: at the default width a 512×256000 canvas
+    with pytest.raises(InvalidInput, match=r"512×256000.*work_max_side"):
+        engine.run(make_request("dragdiffusion", image=strip, mask=None, params={},
+                                handles=[(4.0, 100.0)], targets=[(4.0, 120.0)]))
 
 
 @pytest.mark.parametrize("method", ["dragdiffusion", "gooddrag"])

@@ -8,12 +8,14 @@ import math
 import pytest
 
 from backend.engine.errors import InvalidInput
+from backend.engine.imageops import working_size
 from backend.engine.params import (
     MAX_WORK,
     PRESET_METHOD,
     PRESETS,
     SPECS,
     DragParams,
+    check_canvas,
     estimated_work,
     method_descriptions,
     parse_assignments,
@@ -126,3 +128,18 @@ def test_a_diverged_edit_fails_instead_of_returning_black(tiny_model_dir, monkey
     with pytest.raises(EngineError, match="lower latent_lr") as err:
         engine.run(request)
     assert type(err.value) is EngineError and err.value.code == "engine_error"
+
+
+def test_a_tall_canvas_counts_its_height_and_names_the_cap_that_fits():
+    p = PRESETS["dragdiffusion"]
+    square = estimated_work("dragdiffusion", p)
+    assert estimated_work("dragdiffusion", p, (512, 512)) == pytest.approx(square)
+    assert estimated_work("dragdiffusion", p, (512, 2048)) == pytest.approx(4 * square)
+    check_canvas("dragdiffusion", p, working_size(3000, 4000))  # a portrait photo: fine
+    # a 1:100 strip: 512 wide and 51,200 tall at the default width, ~90,000 UNet passes
+    with pytest.raises(InvalidInput, match=r"51200.*work_max_side \(at most (\d+)\)") as exc:
+        check_canvas("dragdiffusion", p, working_size(60, 6000))
+    fits = int(exc.value.args[0].rsplit("at most ", 1)[1].split(")")[0])
+    capped = p.replace(work_max_side=fits)
+    check_canvas("dragdiffusion", capped, working_size(60, 6000, 512, fits))
+    assert estimated_work("dragdiffusion", capped, working_size(60, 6000, 512, fits)) > 0.5 * MAX_WORK

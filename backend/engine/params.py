@@ -221,9 +221,12 @@ assert {f.name: f.type for f in dataclasses.fields(DragParams)} == {
 MAX_WORK = 40_000
 
 
-def estimated_work(algorithm: str, p: DragParams) -> float:
-    """UNet forward-pass equivalents at 512² an edit with these settings needs, roughly."""
-    scale = (p.work_size / 512) ** 2
+def estimated_work(algorithm: str, p: DragParams,
+                   work: tuple[float, float] | None = None) -> float:
+    """UNet forward-pass equivalents at 512² an edit with these settings needs, roughly:
+    on a ``work`` = (w, h) canvas, or on a square one of side ``work_size``."""
+    w, h = work if work is not None else (p.work_size, p.work_size)
+    scale = w * h / 512**2
     steps = p.n_inference_steps * p.inversion_strength
     lora = 2 * p.lora_steps * p.lora_batch * scale
     passes = steps  # inversion (no classifier-free guidance, as both official codes)
@@ -233,6 +236,24 @@ def estimated_work(algorithm: str, p: DragParams) -> float:
     else:
         drag = 2 * p.drag_steps
     return lora + (passes + drag) * scale
+
+
+def check_canvas(algorithm: str, p: DragParams, work: tuple[int, int]) -> None:
+    """Refuse an edit whose working canvas (a tall or wide image: the width is ``work_size``,
+    the height follows the aspect ratio) asks for more than ``MAX_WORK``, naming the cap that
+    fits."""
+    need = estimated_work(algorithm, p, work)
+    if need <= MAX_WORK:
+        return
+    long, short = max(work), min(work)
+    fits = int(long * math.sqrt(MAX_WORK / need)) // 8 * 8
+    # the capped short side is rounded to a multiple of 8: allow for it rounding up
+    while fits > 8 and estimated_work(algorithm, p, (fits, short * fits / long + 8)) > MAX_WORK:
+        fits -= 8
+    raise InvalidInput(
+        f"this image's working canvas is {work[0]}×{work[1]}, which asks for about {need:,.0f} "
+        f"UNet passes, more than the limit of {MAX_WORK:,}; cap its long side with "
+        f"work_max_side (at most {fits}) or crop the image")
 
 
 def resolve(method: str, overrides: dict[str, Any] | None = None) -> tuple[str, DragParams]:

@@ -29,7 +29,14 @@ from backend.engine.lora import LoraCache, prepare_lora
 from backend.engine.lora_merge import MergedLora
 from backend.engine.memory import free_memory, oom_message
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
-from backend.engine.params import METHODS, PRESETS, DragParams, defaults_table, resolve
+from backend.engine.params import (
+    METHODS,
+    PRESETS,
+    DragParams,
+    check_canvas,
+    defaults_table,
+    resolve,
+)
 from backend.engine.redrag import RedragCache, RedragEntry, redrag_key
 from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
 from backend.engine.work import WorkCounter, official_defaults, official_work
@@ -149,6 +156,9 @@ class DragEngine:
         """
         imageops.validate_request(request.image, request.handles, request.targets, request.mask)
         algorithm, params = resolve(request.method, {**self.model_params, **request.params})
+        height, width = request.image.shape[:2]
+        check_canvas(algorithm, params, imageops.working_size(width, height, params.work_size,
+                                                              params.work_max_side))
         phase = ["load"]  # the phase an out-of-memory error is reported in
 
         def tracked(name: str, step: int, total: int) -> None:
