@@ -7,9 +7,9 @@ decoded image (PSNR), plus the handle error against the known correct result on 
 
 Models: ``toy`` (the trained demo model with its own ``preset.json``, the default: its drags move
 content, so the figures mean something), ``tiny`` (random weights), ``sd15-random`` (the full
-architecture, for a GPU), or a model path. Every branch starts from freshly loaded fp32 weights. On the CPU the fp16
-branches are emulated (fp16 weights and CPU autocast with a CPU GradScaler): the roundings are
-the GPU's formats, the kernels and their accumulation order are the CPU's.
+architecture, for a GPU), or a model path. Every branch starts from freshly loaded fp32 weights.
+On the CPU the fp16 branches are emulated (fp16 weights and CPU autocast with a CPU GradScaler):
+the roundings are the GPU's formats, the kernels and their accumulation order are the CPU's.
 """
 
 from __future__ import annotations
