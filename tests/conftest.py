@@ -15,3 +15,19 @@ def tiny_model_dir(tmp_path_factory):
     from backend.engine.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module that compares two runs bit for bit.
+
+    With two threads some CPU kernels split their sums by how the threads happen to be
+    scheduled, so two identical runs can differ in the last bit when the other core is busy;
+    tiny tensors gain nothing from the threads anyway.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

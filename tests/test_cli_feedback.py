@@ -7,10 +7,10 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
+import limits
 import numpy as np
 import pytest
 import tqdm.std
@@ -82,13 +82,13 @@ def test_drag_prints_the_engines_warnings_once(tmp_path, tiny_model_dir):
     mask = np.zeros((48, 64), np.uint8)
     mask[20:22, 20:22] = 255  # 2×2 px: nothing of it is left at latent size
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    result = subprocess.run(
+    result = limits.run(
         [sys.executable, "-m", "backend", "drag", "--image", str(tmp_path / "in.png"),
          "--points", "20,20:24,22", "--mask", str(tmp_path / "mask.png"), "--model",
          str(tiny_model_dir), "--device", "cpu", "--out", str(tmp_path / "out.png"), "--json",
          "--set", "work_size=64", "--set", "lora_steps=0", "--set", "n_inference_steps=4",
          "--set", "drag_steps=2"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        limit=1800, capture_output=True, text=True, cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("warning: The selection is smaller than the model's") == 1

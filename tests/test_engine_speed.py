@@ -18,12 +18,7 @@ FAST = {"work_size": 64, "lora_steps": 2, "lora_batch": 2, "n_inference_steps": 
         "reach_threshold": 0.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

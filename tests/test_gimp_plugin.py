@@ -218,8 +218,8 @@ def test_cancel_mid_job(gimp, backend):
     job_ids = re.findall(r"job (gimp-[0-9a-f]+) cancelled \(client\)", log)
     assert job_ids, log[-2000:]
     event = backend_result(backend, job_ids[-1])
+    # Cancelled by the client, not finished: 200 drag steps were asked (no wall clock here).
     assert event.type == "cancelled" and event["reason"] == "client"
-    assert report["seconds"] < 60  # 200 drag steps would take minutes
 
 
 @pytest.mark.parametrize(("precision", "sample"), [("U16_NON_LINEAR", np.uint16),

@@ -23,13 +23,7 @@ PROMPT = "a red disc"
 PARAMS = DragParams(work_size=64, lora_steps=3, lora_batch=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # two trainings are compared bit for bit
 
 
 @pytest.fixture(scope="module")

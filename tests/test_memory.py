@@ -16,6 +16,8 @@ from backend.engine.pipeline import DragEngine
 from backend.engine.types import DragRequest
 from backend.meta_tools import EmulatedAutocast, LiveBytes
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # runs are compared bit for bit
+
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
@@ -63,31 +65,50 @@ class OOMWhen:
 # --- LoRA training when memory is short --------------------------------------------------------
 
 
-def test_micro_batches_accumulate_the_batch_gradient(model):
+def test_micro_batches_accumulate_the_batch_gradient(tiny_model_dir):
+    """Gradients accumulated one image at a time equal the whole batch's, within the float noise
+    measured on the same parameters.
+
+    The exact gradient is computed in float64; the whole batch's float32 distance from it is
+    that parameter's kernel noise. Only parameters whose exact gradient stands far above that
+    noise are compared: some LoRA weights have no gradient by construction (the mid block's
+    self-attention sees one token, so its softmax is constant and ``to_q``/``to_k`` get only
+    rounding), and comparing their noise with noise decided nothing.
+    """
     from backend.engine.lora import _add_adapter, _backward
 
+    model = load_model(tiny_model_dir, device="cpu")  # its own copy: cast to float64 below
     gen = torch.Generator().manual_seed(1)
     noisy, noise = (torch.randn(4, 4, 8, 8, generator=gen) for _ in range(2))
     timesteps = torch.randint(0, 1000, (4,), generator=gen)
-    cond = model.encode_prompt("a red disc").expand(4, -1, -1)
+    with torch.no_grad():
+        cond = model.encode_prompt("a red disc").expand(4, -1, -1)
     params = _add_adapter(model, 4, seed=0)
-    try:
-        with torch.no_grad():
-            for p in params:
-                p.normal_(0, 0.1, generator=gen)  # B ≠ 0, so every LoRA weight has a gradient
-        grads = []
-        for micro in (4, 1):
-            _backward(model, noisy, noise, timesteps, cond, None, micro)
-            grads.append([p.grad.clone() for p in params])
-            for p in params:
-                p.grad = None
-    finally:
-        remove_lora(model)
-    # Equal up to the kernels' float differences between batch sizes (~1e-4 here); a missing
-    # share factor would be off by 4×, a dropped micro-batch by 25 % or more.
-    assert sum(float(g.norm()) for g in grads[0]) > 0
-    for whole, parts in zip(*grads, strict=True):
-        assert (parts - whole).norm() <= 1e-2 * whole.norm()
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1, generator=gen)  # B ≠ 0, so A's gradients are not zero either
+
+    def gradients(micro: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        model.unet.to(dtype)
+        for p in params:
+            p.data = p.data.to(dtype)
+        _backward(model, noisy.to(dtype), noise.to(dtype), timesteps, cond.to(dtype), None, micro)
+        grads = [p.grad.double() for p in params]
+        for p in params:
+            p.grad = None
+        return grads
+
+    exact = gradients(4, torch.float64)
+    whole, parts = gradients(4, torch.float32), gradients(1, torch.float32)
+    noise_of = [(w - e).norm() for w, e in zip(whole, exact, strict=True)]
+    real = [i for i, e in enumerate(exact) if e.norm() > 1000 * noise_of[i]]
+    # Most LoRA weights carry a real gradient: the comparison below is about them.
+    assert len(real) >= 0.9 * len(params), (len(real), len(params))
+    # Measured here: the one-at-a-time sums are at most ~5× further from the exact gradient than
+    # the whole batch is (other kernels, other summation order). A dropped micro-batch is off by
+    # ≥ 25 % of a gradient ≥ 1000× its noise (≥ 250× the noise); a missing share factor by 300 %.
+    for i in real:
+        assert (parts[i] - exact[i]).norm() <= 20 * noise_of[i], (i, float(exact[i].norm()))
 
 
 def test_out_of_memory_in_a_lora_step_retries_smaller_then_with_checkpointing(model, image):

@@ -127,11 +127,10 @@ def test_control_messages_are_not_stuck_behind_a_running_edit():
     with running_server(engine) as server, client_for(server) as client:
         job = submit(client)
         assert engine.step_started.wait(5)
-        t0 = time.monotonic()
         assert client.ping()["running"] == job
         assert client.hello()["queue"]["running"] == job
+        # Answered while the job runs (a 20 s job), not queued behind it: no wall clock needed.
         assert client.attach(job)["state"] == "running"
-        assert time.monotonic() - t0 < 2.0  # a job takes 10 s
         assert client.cancel(job) == "cancelling"
         assert collect(client, job)[-1].type == "cancelled"
 
@@ -143,10 +142,8 @@ def test_cancel_running_job_within_one_step():
         events = client.events(job)
         while next(events).type != "progress":
             pass
-        t0 = time.monotonic()
         assert client.cancel(job) == "cancelling"
         rest = list(events)
-        assert time.monotonic() - t0 < 2.0  # the job had 1000 steps left
         assert client.cancel(job) == "cancelled"  # over: its state is reported
     assert rest[-1].type == "cancelled" and rest[-1]["reason"] == "client"
     assert engine.steps_after_cancel[0] <= 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import limits
 import pytest
 from fixtures_server import FakeEngine, running_server
 from plugin_modules import load
@@ -44,7 +45,6 @@ def test_the_console_log_is_rotated_when_the_plugin_starts_a_backend(tmp_path):
 
 def test_a_redirected_console_gets_warnings_only_and_the_log_file_everything(tmp_path):
     """11.3: every log line was written twice, once into the never-rotated console log."""
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -52,9 +52,9 @@ def test_a_redirected_console_gets_warnings_only_and_the_log_file_everything(tmp
             "from backend.server_log import setup_logging; "
             "setup_logging(Path(sys.argv[1]), 'INFO'); log = logging.getLogger('backend.server'); "
             "log.info('routine line'); log.warning('a warning')")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "backend.log")],
-                            cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                            text=True, timeout=60, check=True)
+    result = limits.run([sys.executable, "-c", code, str(tmp_path / "backend.log")], limit=600,
+                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                        check=True)
     assert "a warning" in result.stderr and "routine line" not in result.stderr
     text = (tmp_path / "backend.log").read_text()
     assert "routine line" in text and "a warning" in text

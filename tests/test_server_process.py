@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import limits
 import numpy as np
 import pytest
 from fixtures_server import FakeEngine, client_for, running_server
@@ -28,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_SERVER = Path(__file__).with_name("fixtures_server.py")
 
 
-def start(args: list[str], timeout: float = 60) -> tuple[subprocess.Popen, str]:
-    """Start a backend process and wait for its READY line; return (process, endpoint)."""
+def start(args: list[str], timeout: float = 600) -> tuple[subprocess.Popen, str]:
+    """Start a backend process and wait for its READY line; return (process, endpoint).
+    ``timeout`` is a safety net against a hung start (scaled by ``limits``)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -37,10 +39,11 @@ def start(args: list[str], timeout: float = 60) -> tuple[subprocess.Popen, str]:
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout],
                      daemon=True).start()
     try:
-        line = lines.get(timeout=timeout)
+        line = lines.get(timeout=limits.safety_net(timeout))
     except queue.Empty:
         proc.kill()
-        raise AssertionError("the backend printed no READY line") from None
+        raise AssertionError(limits.fired("the backend's READY line",
+                                          limits.safety_net(timeout))) from None
     parts = line.split(maxsplit=3)  # READY endpoint connection-file [(note)]
     assert len(parts) >= 3 and parts[0] == "READY", line
     assert len(parts) == 3 or parts[3].startswith("("), line
@@ -120,7 +123,7 @@ def test_real_cli_serves_a_drag_job_with_the_tiny_model(tmp_path, tiny_model_dir
     conn, log_file = tmp_path / "backend.json", tmp_path / "backend.log"
     proc, endpoint = start(["-m", "backend", "serve", "--model", str(tiny_model_dir), "--device",
                             "cpu", "--bind", "tcp://127.0.0.1:0", "--connection-file", str(conn),
-                            "--log-file", str(log_file)], timeout=300)
+                            "--log-file", str(log_file)], timeout=1800)
     try:
         assert endpoint.startswith("tcp://127.0.0.1:")
         if os.name == "posix":
@@ -135,7 +138,7 @@ def test_real_cli_serves_a_drag_job_with_the_tiny_model(tmp_path, tiny_model_dir
                                 params={"work_size": 64, "lora_steps": 0,
                                         "n_inference_steps": 4, "drag_steps": 2},
                                 prompt="a red disc", seed=1)
-            events = list(client.events(job, timeout=600))
+            events = list(client.events(job, timeout=limits.safety_net(1800)))
         types = [e.type for e in events]
         assert types[:2] == ["queued", "started"] and types[-1] == "finished"
         phases = [e["phase"] for e in events if e.type == "progress"]
@@ -160,7 +163,7 @@ def test_missing_model_keeps_serving_with_a_clear_error(tmp_path):
     conn = tmp_path / "backend.json"
     proc, _ = start(["-m", "backend", "serve", "--model", str(tmp_path / "no-such-model"),
                      "--device", "cpu", "--bind", "tcp://127.0.0.1:0", "--connection-file",
-                     str(conn), "--log-file", str(tmp_path / "log")], timeout=300)
+                     str(conn), "--log-file", str(tmp_path / "log")], timeout=1800)
     try:
         with Client.from_connection_file(conn, timeout=5.0) as client:
             model = client.hello()["model"]
@@ -303,7 +306,7 @@ def test_a_live_plugin_on_a_busy_machine_keeps_its_job(tmp_path):
         with running_server(FakeEngine(), connection_file=conn) as server:
             steps = int(3 * server.client_ttl / 0.1)
             proc, _ = plugin_process(conn, f"steps={steps} delay=0.05", ui_seconds=0.5)
-            outcome = proc.communicate(timeout=120)[0].strip()
+            outcome = proc.communicate(timeout=limits.safety_net(600))[0].strip()
     finally:
         for hog in hogs:
             hog.kill()

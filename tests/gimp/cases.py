@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import harness
+import limits
 import numpy as np
 import xdisplay
 
@@ -27,7 +28,8 @@ def backend_result(conn: Path, job_id: str):
 
     with Client.from_connection_file(conn, timeout=10) as client:
         client.attach(job_id)
-        return [e for e in client.events(job_id, timeout=60) if e.terminal][-1]
+        events = client.events(job_id, timeout=limits.safety_net(600))
+        return [e for e in events if e.terminal][-1]
 
 
 def run_case(gimp: harness.GimpChroot, name: str, conn: Path | None, *,

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import limits
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 BUILD_SCRIPT = HERE / "build_chroot.sh"
@@ -142,14 +144,17 @@ class GimpChroot:
         return ["chroot", str(self.chroot), "/usr/bin/env", "-i", *self.env(env), *args,
                 "--quit"]
 
-    def run(self, batch: list[str], *, timeout: float = 300, gui: bool = False,
+    def run(self, batch: list[str], *, timeout: float = 1200, gui: bool = False,
             env: dict[str, str] | None = None) -> GimpRun:
-        started = time.monotonic()
+        """Run GIMP in batch mode; ``timeout`` is a safety net against a hang (scaled by
+        ``limits``), not a speed check: its firing is reported in the run's stderr."""
+        started, seconds = time.monotonic(), limits.safety_net(timeout)
         try:
             result = subprocess.run(self.command(batch, gui=gui, env=env), capture_output=True,
-                                    text=True, timeout=timeout)
+                                    text=True, timeout=seconds)
         except subprocess.TimeoutExpired as exc:
-            return GimpRun(124, _text(exc.stdout), _text(exc.stderr) + "\n[timed out]",
+            return GimpRun(124, _text(exc.stdout),
+                           _text(exc.stderr) + "\n" + limits.fired("GIMP to finish", seconds),
                            time.monotonic() - started)
         return GimpRun(result.returncode, result.stdout, result.stderr,
                        time.monotonic() - started)

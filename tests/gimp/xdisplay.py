@@ -14,16 +14,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import limits
+
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
              interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
+    """The first true value of ``predicate``; ``timeout`` is a hang guard (scaled by
+    ``limits``), not a speed check."""
+    seconds = limits.safety_net(timeout)
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+    raise AssertionError(limits.fired(what, seconds))
 
 
 def read_json(path: Path) -> Any:
