@@ -62,25 +62,32 @@ FILLED = {'concave': ('5f621f6738aa8cb9', 191),
  'self-crossing': ('1d76f4a07c876b41', 146),
  'triangle': ('4cf6fa4f356d5b5f', 134)}
 # cv2.drawContours(canvas, [polygon], -1, 1, thickness)
-THICK = {('concave', 2): ('5863bef9689c9d67', 237),
+THICK = {('concave', 1): ('23449c950b80ea9c', 70),
+ ('concave', 2): ('5863bef9689c9d67', 237),
  ('concave', 3): ('fe76968f3c1f24d7', 323),
  ('concave', 5): ('b62c08ed4ad09c49', 415),
+ ('off-canvas', 1): ('a6c295e73f92a5a8', 25),
  ('off-canvas', 2): ('3d58069ca29d9fc6', 100),
  ('off-canvas', 3): ('e0a44baa0c3a23b3', 156),
  ('off-canvas', 5): ('12406aa9f93f35ef', 221),
+ ('point', 1): ('009bc8eee6de7f6c', 1),
  ('point', 2): ('0db16176ac893f0c', 5),
  ('point', 3): ('f008d14b5efb99ca', 13),
  ('point', 5): ('a7f874052cdee3e9', 29),
+ ('segment', 1): ('bfa2cb6babd7ca52', 3),
  ('segment', 2): ('3b9492355f64d833', 10),
  ('segment', 3): ('c77a5815fd423e18', 26),
  ('segment', 5): ('f80e354f7fdb0c1d', 46),
+ ('self-crossing', 1): ('eade90f762329a5a', 62),
  ('self-crossing', 2): ('b6ffa040ef7deaa9', 204),
  ('self-crossing', 3): ('457bc9eeef1c31cf', 294),
  ('self-crossing', 5): ('020383607e0b533d', 371),
+ ('triangle', 1): ('a5bb5d9c3021e13e', 42),
  ('triangle', 2): ('04e9ffd3a7310696', 139),
  ('triangle', 3): ('c736fb1ebb949b97', 204),
  ('triangle', 5): ('97d3031451ef9640', 295)}
-# the official bi_warp(mask, [h1, t1, h2, t2, …], 5): its source and target points,
+
+# the official bi_warp(mask, [h1, t1, h2, t2, …], kernel): its source and target points,
 # their count, the inpainting mask and its pixels, the first three pairs
 WARPS = {'one-pair-translation': {'n': 249,
                           'source': '5dc6a5bba83c1a21',
@@ -119,6 +126,19 @@ WARPS = {'one-pair-translation': {'n': 249,
                         'inpaint': '14fed6581b5452f1',
                         'inpaint_px': 1441,
                         'first': [[[0, 0], [1, 0], [2, 0]], [[4, 2], [5, 2], [6, 2]]]},
+ 'two-regions-kernel-1': {'n': 379,
+                          'source': '9949f4d3d38075b2',
+                          'target': '63240cc46ee62bef',
+                          'inpaint': 'd4e54a7eba8e92df',
+                          'inpaint_px': 346,
+                          'first': [[[48, 19], [49, 19], [47, 20]],
+                                    [[50, 23], [51, 23], [49, 24]]]},
+ 'ring-pull-kernel-0': {'n': 697,
+                        'source': '2c156886158df4b1',
+                        'target': '0fe2be107e232a47',
+                        'inpaint': 'bebb7fb7140d36d9',
+                        'inpaint_px': 95,
+                        'first': [[[30, 12], [31, 12], [32, 12]], [[30, 5], [31, 5], [32, 5]]]},
  'big-512': {'n': 23236,
              'source': '725cd31a079587be',
              'target': 'f678afd599a8708d',
@@ -184,8 +204,8 @@ def _cases():
 
 @pytest.mark.parametrize("name", list(WARPS))
 def test_warp_equals_the_official_bi_warp(name):
-    mask, handles, targets = _cases()[name]
-    warp = bi_warp(mask, handles, targets, kernel=5)
+    mask, handles, targets, kernel = _cases()[name]
+    warp = bi_warp(mask, handles, targets, kernel=kernel)
     expected = WARPS[name]
     assert len(warp.source) == expected["n"]
     assert [warp.source[:3].tolist(), warp.target[:3].tolist()] == expected["first"]
@@ -197,7 +217,7 @@ def test_warp_equals_the_official_bi_warp(name):
 
 
 def test_every_target_pixel_is_written_once_and_the_moved_region_has_no_holes():
-    mask, handles, targets = wc.warp_cases()["two-pairs-stretch"]
+    mask, handles, targets, _ = wc.warp_cases()["two-pairs-stretch"]
     warp = bi_warp(mask, handles, targets)
     flat = warp.target[:, 1] * mask.shape[1] + warp.target[:, 0]
     assert len(np.unique(flat)) == len(flat)
@@ -207,7 +227,7 @@ def test_every_target_pixel_is_written_once_and_the_moved_region_has_no_holes():
 
 
 def test_apply_copies_pixels_bit_for_bit_in_any_dtype():
-    mask, handles, targets = wc.warp_cases()["one-pair-translation"]
+    mask, handles, targets, _ = wc.warp_cases()["one-pair-translation"]
     warp = bi_warp(mask, handles, targets)
     rng = np.random.default_rng(0)
     for image in (rng.integers(0, 65536, (*mask.shape, 4), dtype=np.uint16),

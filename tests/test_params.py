@@ -46,9 +46,24 @@ def test_every_preset_has_a_one_line_description():
 def test_spec_table_is_plain_data():
     table = spec_table()
     assert table["work_size"] == {"type": "int", "min": 64, "max": 2048, "step": 64,
-                                  "help": SPECS["work_size"].help}
+                                  "help": SPECS["work_size"].help,
+                                  "methods": ["dragdiffusion", "gooddrag", "inpaint4drag"]}
     assert table["reference_attention"]["type"] == "bool"
     assert "min" not in table["reference_attention"]
+    # which algorithms read a knob (the dialog greys out the rest)
+    assert table["drag_steps"]["methods"] == ["dragdiffusion"]
+    assert table["lora_steps"]["methods"] == ["dragdiffusion", "gooddrag"]
+    assert table["inpaint_steps"]["methods"] == ["inpaint4drag"]
+
+
+def test_inpaint4drag_is_the_official_app_s_settings():
+    algorithm, params = resolve("inpaint4drag")
+    assert algorithm == "inpaint4drag"
+    assert (params.inpaint_steps, params.inpaint_strength, params.inpaint_kernel) == (8, 1.0, 5)
+    assert params.feather == 0  # the official pastes the inpainted area back hard
+    # work: its inpainting steps on the working canvas, nothing else
+    assert estimated_work("inpaint4drag", params) == 8
+    assert estimated_work("inpaint4drag", params, (512, 1024)) == 16
 
 
 def test_work_estimate_matches_the_official_pass_counts():

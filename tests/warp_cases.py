@@ -64,10 +64,10 @@ POLYGONS = {
 POLYGON_CANVAS = (22, 24)  # H, W
 
 
-def warp_cases() -> dict[str, tuple[np.ndarray, list, list]]:
-    """name → (region mask, handles, targets) as integer pixel indices (x, y)."""
+def warp_cases() -> dict[str, tuple[np.ndarray, list, list, int]]:
+    """name → (region mask, handles, targets, kernel), points as integer pixel indices (x, y)."""
     s = (48, 64)
-    return {
+    cases = {
         "one-pair-translation": (disc(s, 20, 22, 9), [(20, 22)], [(33, 27)]),
         "two-pairs-stretch": (box(s, 10, 12, 30, 30), [(12, 14), (28, 28)], [(8, 10), (40, 35)]),
         "two-regions": (disc(s, 14, 14, 7) | star(s, 45, 30, 12),
@@ -76,15 +76,19 @@ def warp_cases() -> dict[str, tuple[np.ndarray, list, list]]:
         "partly-off-canvas": (disc(s, 8, 40, 8), [(8, 40)], [(1, 46)]),
         "checker-many-holes": (checker(s, 4), [(1, 1), (30, 20)], [(5, 3), (34, 23)]),
     }
+    out = {name: (*case, 5) for name, case in cases.items()}
+    out["two-regions-kernel-1"] = (*cases["two-regions"], 1)
+    out["ring-pull-kernel-0"] = (*cases["ring-pull"], 0)
+    return out
 
 
-def big_case() -> tuple[np.ndarray, list, list]:
+def big_case() -> tuple[np.ndarray, list, list, int]:
     """A 512×512 drag of the size the official UI works at: two regions, four pairs."""
     s = (512, 512)
     mask = star(s, 180.5, 200.25, 90) | disc(s, 390, 380, 55)
     handles = [(180, 200), (215, 190), (175, 212), (390, 380)]
     targets = [(215, 230), (280, 190), (150, 300), (350, 420)]
-    return mask, handles, targets
+    return mask, handles, targets, 5
 
 
 def digest(array: np.ndarray) -> str:

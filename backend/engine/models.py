@@ -238,8 +238,9 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or flag in ("1", "true", "yes", "on")
 
 
-def _from_hub(repo_id: str, what: str) -> Path:
-    """The local snapshot folder of a Hugging Face repo, downloading it if allowed."""
+def _from_hub(repo_id: str, what: str, patterns: list[str] | None = None) -> Path:
+    """The local snapshot folder of a Hugging Face repo, downloading it (the files matching
+    ``patterns``, by default a plain model's or a VAE's) if allowed."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError
 
@@ -259,7 +260,7 @@ def _from_hub(repo_id: str, what: str) -> Path:
     )
     if _hub_offline():
         raise ModelNotFound(f"{tried}, and downloading is off (HF_HUB_OFFLINE is set); {_fix_hint(what)}")
-    patterns = _MODEL_FILES if what == "model" else _VAE_FILES
+    patterns = patterns or (_MODEL_FILES if what == "model" else _VAE_FILES)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:
@@ -434,37 +435,46 @@ def _config_dir(metadata: dict[str, str], config: str | os.PathLike | None) -> I
 def _load_single_file(
     path: Path, dtype: torch.dtype, config: str | os.PathLike | None
 ) -> dict[str, Any]:
+    state_dict, metadata = read_checkpoint(path)
+    with _config_dir(metadata, config) as cfg:
+        parts = _load_single_file_parts(state_dict, cfg, dtype, path)
+    return {**parts, "files": [("single file", path)]}
+
+
+def _load_single_file_parts(state_dict: dict[str, torch.Tensor], cfg: Path,
+                            dtype: torch.dtype, path: Path,
+                            in_channels: int | None = None) -> dict[str, Any]:
+    """UNet, VAE, text encoder, tokenizer and DDIM scheduler of an original-layout SD1.5
+    checkpoint, the architecture from ``cfg`` (``in_channels`` overrides the UNet's: 9 for an
+    inpainting checkpoint)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel
 
-    state_dict, metadata = read_checkpoint(path)
-    with _config_dir(metadata, config) as cfg:
-        try:
-            unet = UNet2DConditionModel.from_single_file(
-                state_dict, config=str(cfg), subfolder="unet", torch_dtype=dtype,
-                local_files_only=True,
-            )
-            vae = AutoencoderKL.from_single_file(
-                state_dict, config=str(cfg), subfolder="vae", torch_dtype=dtype,
-                local_files_only=True,
-            )
-            text_encoder = create_diffusers_clip_model_from_ldm(
-                CLIPTextModel, state_dict, config=str(cfg), subfolder="text_encoder",
-                torch_dtype=dtype, local_files_only=True,
-            )
-            tokenizer = _load_tokenizer(cfg)
-            scheduler = _ddim_scheduler(cfg)
-        except Exception as exc:
-            if is_oom(exc) or isinstance(exc, EngineError):
-                raise
-            raise _single_file_error(path, exc) from exc
+    unet_overrides = {} if in_channels is None else {"in_channels": in_channels}
+    try:
+        unet = UNet2DConditionModel.from_single_file(
+            state_dict, config=str(cfg), subfolder="unet", torch_dtype=dtype,
+            local_files_only=True, **unet_overrides,
+        )
+        vae = AutoencoderKL.from_single_file(
+            state_dict, config=str(cfg), subfolder="vae", torch_dtype=dtype,
+            local_files_only=True,
+        )
+        text_encoder = create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, state_dict, config=str(cfg), subfolder="text_encoder",
+            torch_dtype=dtype, local_files_only=True,
+        )
+        tokenizer = _load_tokenizer(cfg)
+        scheduler = _ddim_scheduler(cfg)
+    except Exception as exc:
+        if is_oom(exc) or isinstance(exc, EngineError):
+            raise
+        raise _single_file_error(path, exc) from exc
     for name, module in (("UNet", unet), ("VAE", vae), ("text encoder", text_encoder)):
         _check_complete(module, name, path)
-    return dict(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler=scheduler, files=[("single file", path)],
-    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                scheduler=scheduler)
 
 
 def _single_file_error(path: Path, exc: Exception) -> EngineError:

@@ -1,7 +1,8 @@
 """Method defaults and named presets.
 
 Defaults follow the official code's current settings (DragDiffusion @ebe659a, GoodDrag
-@fc01bc1); ``dragdiffusion-paper`` reproduces the first published DragDiffusion settings.
+@fc01bc1, Inpaint4Drag @126ac0c); ``dragdiffusion-paper`` reproduces the first published
+DragDiffusion settings.
 Every field can be overridden per request; ``SPECS`` says what each knob accepts (type,
 range, dialog step, help line), and ``resolve`` checks every override against it.
 """
@@ -16,7 +17,12 @@ from typing import Any
 
 from backend.engine.errors import InvalidInput
 
-METHODS = ("dragdiffusion", "gooddrag")
+METHODS = ("dragdiffusion", "gooddrag", "inpaint4drag")
+# Methods that optimise a latent of a plain text-to-image model (SD1.5); inpaint4drag warps
+# pixels and inpaints (engine/inpaint4drag.py) and reads the mask as the region that moves.
+LATENT_METHODS = ("dragdiffusion", "gooddrag")
+# The method a client preselects (the server sends it in hello as ``default_method``).
+DEFAULT_METHOD = "inpaint4drag"
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,12 @@ class DragParams:
     # Blend at the selection's edge, inside it: working-resolution pixels, scaled to the full
     # image (3 px of a 512-px edit are 23 px of a 4000-px image). Outside the mask: the input.
     feather: int = 3
+    # Inpaint4Drag: the inpainting mask's dilation and outline width (pixels of the official
+    # 512-px canvas, scaled to the layer; odd, as the official), the inpainter's steps and
+    # strength (LCM: 8 steps, strength 1.0; SDXL inpainting runs 0.99, its model default).
+    inpaint_kernel: int = 5
+    inpaint_steps: int = 8
+    inpaint_strength: float = 1.0
 
     def replace(self, **overrides: Any) -> DragParams:
         return dataclasses.replace(self, **overrides)
@@ -100,11 +112,15 @@ PRESETS: dict[str, DragParams] = {
         drag_steps=40,
         latent_lr=0.02,
     ),
+    # Inpaint4Drag (official app): warp at the layer's resolution, inpaint the revealed area in
+    # 8 LCM steps at strength 1.0, pasted back hard (no feather) as the official composite.
+    "inpaint4drag": DragParams(lora_steps=0, feather=0),
 }
 
 # Which algorithm each preset runs.
 PRESET_METHOD = {"dragdiffusion": "dragdiffusion", "gooddrag": "gooddrag",
-                 "dragdiffusion-paper": "dragdiffusion", "fast": "dragdiffusion"}
+                 "dragdiffusion-paper": "dragdiffusion", "fast": "dragdiffusion",
+                 "inpaint4drag": "inpaint4drag"}
 
 # One line per method or preset: what it does and when to pick it (the dialog shows it).
 DESCRIPTIONS = {
@@ -116,6 +132,10 @@ DESCRIPTIONS = {
                            "LoRA, 40 drag steps, no reference attention); for comparisons.",
     "fast": "DragDiffusion with a short LoRA, 25 DDIM steps and fewer, larger drag steps: about "
             "a quarter of the work, measured to keep the edit on the toy model.",
+    "inpaint4drag": "Inpaint4Drag: the selection is the region that moves; its pixels are "
+                    "warped along the drags at once, then the area left behind is inpainted in "
+                    "a few steps. Seconds instead of minutes; the moved content keeps every "
+                    "pixel.",
 }
 
 
@@ -211,10 +231,35 @@ SPECS: dict[str, ParamSpec] = {
     "ref_start_layer": _int(0, 16, 1, "first transformer block (of 16) that uses reference "
                             "attention"),
     "ref_start_step": _int(0, 1000, 1, "first denoising step that uses reference attention"),
-    "feather": _int(0, 64, 1, "width in pixels of the blend at the selection's edge"),
+    "feather": _int(0, 64, 1, "width in pixels of the blend at the selection's edge "
+                    "(Inpaint4Drag: at the inpainted area's edge)"),
+    "inpaint_kernel": _int(0, 25, 1, "Inpaint4Drag: how far the inpainted area reaches around "
+                           "the revealed pixels and the moved region's outline, in pixels of a "
+                           "512-px image (scaled to the layer, made odd; 0: only the revealed "
+                           "pixels)"),
+    "inpaint_steps": _int(1, 50, 1, "Inpaint4Drag: inpainting steps (8 with an LCM inpainting "
+                          "model, as the official; more for the demo model's filler)"),
+    "inpaint_strength": _float(0.05, 1.0, 0.01, "Inpaint4Drag: how much of the revealed area's "
+                               "old content is replaced (1.0: all of it; SDXL inpainting uses "
+                               "0.99)"),
 }
 assert {f.name: f.type for f in dataclasses.fields(DragParams)} == {
     name: spec.kind for name, spec in SPECS.items()}, "SPECS must describe every DragParams field"
+
+# The algorithms that read each knob (a dialog greys out the others); a knob not listed here is
+# read by every algorithm.
+_GOODDRAG_ONLY = ("drag_end_step", "track_per_denoise", "max_drag_per_track", "r1", "r2",
+                  "beta", "max_track_no_change", "drag_loss_threshold")
+USED_BY: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("lora_steps", "lora_lr", "lora_rank", "lora_batch", "n_inference_steps",
+                     "inversion_strength", "latent_lr", "lam", "feature_block",
+                     "reach_threshold", "reference_attention", "ref_start_layer",
+                     "ref_start_step"), LATENT_METHODS),
+    **dict.fromkeys(("drag_steps", "r_m", "r_p"), ("dragdiffusion",)),
+    **dict.fromkeys(_GOODDRAG_ONLY, ("gooddrag",)),
+    **dict.fromkeys(("inpaint_kernel", "inpaint_steps", "inpaint_strength"), ("inpaint4drag",)),
+}
+assert set(USED_BY) <= set(SPECS)
 
 # The most work one edit may ask for, in UNet forward-pass equivalents at 512×512 (a
 # backward pass counts as one more): about 40 times a default DragDiffusion edit (~900).
@@ -227,6 +272,8 @@ def estimated_work(algorithm: str, p: DragParams,
     on a ``work`` = (w, h) canvas, or on a square one of side ``work_size``."""
     w, h = work if work is not None else (p.work_size, p.work_size)
     scale = w * h / 512**2
+    if algorithm == "inpaint4drag":  # the inpainter's steps on the crop at the working size
+        return p.inpaint_steps * scale
     steps = p.n_inference_steps * p.inversion_strength
     lora = 2 * p.lora_steps * p.lora_batch * scale
     passes = steps  # inversion (no classifier-free guidance, as both official codes)
@@ -324,8 +371,10 @@ def defaults_table(model_params: dict[str, Any] | None = None) -> dict[str, dict
 
 
 def spec_table() -> dict[str, dict[str, Any]]:
-    """Every knob's type, range, dialog step and help line (msgpack/JSON-safe)."""
-    return {name: spec.as_dict() for name, spec in SPECS.items()}
+    """Every knob's type, range, dialog step, help line and the algorithms that read it
+    (msgpack/JSON-safe)."""
+    return {name: {**spec.as_dict(), "methods": list(USED_BY.get(name, METHODS))}
+            for name, spec in SPECS.items()}
 
 
 def method_descriptions() -> dict[str, str]:

@@ -1,7 +1,9 @@
 """DragEngine: one drag edit from input pixels to output pixels, top to bottom.
 
-prepare inputs → encode prompt and image → identity LoRA → DDIM inversion → drag
-(DragDiffusion or GoodDrag) → denoise → decode → back to full resolution and composite.
+DragDiffusion and GoodDrag: prepare inputs → encode prompt and image → identity LoRA → DDIM
+inversion → drag → denoise → decode → back to full resolution and composite.
+Inpaint4Drag (``engine.inpaint4drag``): warp the region at full resolution → inpaint what it
+left behind with the inpainting model, or with the plain model's blended-latent filler.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from backend.engine import dragdiffusion, gooddrag, imageops
+from backend.engine import dragdiffusion, gooddrag, imageops, inpaint4drag
 from backend.engine.context import DragContext
 from backend.engine.devices import (
     autocast,
@@ -24,13 +26,16 @@ from backend.engine.devices import (
     reset_peak_memory,
 )
 from backend.engine.diffusion import Schedule, UNetRunner, compiled_unet_forward, run_inversion
-from backend.engine.errors import EngineError, OutOfMemory
+from backend.engine.errors import EngineError, InvalidInput, OutOfMemory
+from backend.engine.fillers import BlendedLatentFiller, Filler
 from backend.engine.lora import LoraCache, prepare_lora
 from backend.engine.lora_merge import MergedLora
 from backend.engine.memory import free_memory, oom_message
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from backend.engine.params import (
-    METHODS,
+    DEFAULT_METHOD,
+    LATENT_METHODS,
+    PRESET_METHOD,
     PRESETS,
     DragParams,
     check_canvas,
@@ -42,7 +47,7 @@ from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressF
 from backend.engine.work import WorkCounter, official_defaults, official_work
 
 ALGORITHMS = {"dragdiffusion": dragdiffusion.run, "gooddrag": gooddrag.run}
-assert set(ALGORITHMS) == set(METHODS)
+assert set(ALGORITHMS) == set(LATENT_METHODS)
 
 # Approximate RGB of an SD1.5 latent (scaled by the VAE factor): cheap previews without the VAE.
 LATENT_TO_RGB = torch.tensor(device="cpu", data=[
@@ -84,28 +89,47 @@ def latent_preview(latent: torch.Tensor,
 
 
 class DragEngine:
-    """Holds a loaded model and runs drag edits on it (one at a time)."""
+    """Holds the loaded models and runs drag edits on them (one at a time).
 
-    def __init__(self, model: LoadedModel, lora_cache: LoraCache | None = None, *,
+    ``model`` is a plain text-to-image model (SD1.5 or the demo model) for every method;
+    ``inpainter`` an optional inpainting model for Inpaint4Drag. Either may be missing: without
+    an inpainter Inpaint4Drag fills with the plain model's blended-latent filler; without a
+    plain model only Inpaint4Drag runs.
+    """
+
+    def __init__(self, model: LoadedModel | None, lora_cache: LoraCache | None = None, *,
                  redrag: RedragCache | None = None, reuse: bool = True,
-                 compile_unet: bool | str = False) -> None:
+                 compile_unet: bool | str = False, inpainter=None) -> None:
         """``reuse`` false turns off the re-drag cache and keeps no LoRA merged between edits
         (each edit then inverts again and merges its LoRA from the disk cache).
         ``compile_unet`` runs the UNet through ``torch.compile`` (True: inductor, or a backend
-        name)."""
+        name). ``inpainter`` is an ``inpaint_models.InpaintModel``."""
+        if model is None and inpainter is None:
+            raise EngineError("no model to serve: give a plain model, an inpainting model or both")
         self.model = model
+        self.inpainter = inpainter
         self.unet_forward = None
         if compile_unet:
             self.unet_forward = compiled_unet_forward(
                 compile_unet if isinstance(compile_unet, str) else "inductor")
         try:  # a model's own defaults must be valid knobs (checked once, at load)
-            resolve(METHODS[0], self.model_params)
+            resolve(DEFAULT_METHOD, self.model_params)
         except EngineError as exc:
-            raise EngineError(f"the preset.json of {model.source} is not valid: {exc}") from None
+            source = model.source if model is not None else inpainter.source
+            raise EngineError(f"the preset.json of {source} is not valid: {exc}") from None
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache()
         self.redrag = (redrag if redrag is not None else RedragCache()) if reuse else None
         self.keep_lora = reuse
-        self.merged_lora = MergedLora(model)
+        self.merged_lora = MergedLora(model) if model is not None else None
+        self.filler: Filler = self._make_filler()
+
+    def _make_filler(self) -> Filler:
+        """What fills Inpaint4Drag's holes: the inpainting model, else the plain model."""
+        if self.inpainter is not None:
+            from backend.engine.inpaint_models import InpaintModelFiller
+
+            return InpaintModelFiller(self.inpainter)
+        return BlendedLatentFiller(self.model)
 
     @classmethod
     def load(
@@ -117,27 +141,55 @@ class DragEngine:
         lora_cache_dir: str | None = None,
         reuse: bool = True,
         compile_unet: bool | str = False,
+        inpaint_model: str | None = None,
+        lcm_lora: str | None = None,
+        tiny_vae: str | None = None,
     ) -> DragEngine:
-        loaded = load_model(model, vae=vae, device=device, dtype=dtype)
+        """``model`` None serves only the inpainting model ``inpaint_model`` (with the optional
+        ``lcm_lora`` fused and ``tiny_vae`` as its VAE)."""
+        loaded = load_model(model, vae=vae, device=device, dtype=dtype) if model else None
+        inpainter = None
+        if inpaint_model:
+            from backend.engine.inpaint_models import load_inpaint_model
+
+            inpainter = load_inpaint_model(inpaint_model, lcm_lora=lcm_lora, tiny_vae=tiny_vae,
+                                           device=device, dtype=dtype)
         return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None, reuse=reuse,
-                   compile_unet=compile_unet)
+                   compile_unet=compile_unet, inpainter=inpainter)
 
     @property
     def model_params(self) -> dict:
-        """The loaded model's own parameter defaults (its ``preset.json``; usually none)."""
-        return self.model.preset.get("params", {})
+        """The loaded models' own parameter defaults (a plain model's ``preset.json``, the
+        inpainting model's, e.g. SDXL's strength; usually none)."""
+        params = {}
+        for m in (self.model, self.inpainter):
+            if m is not None:
+                params.update(m.preset.get("params", {}))
+        return params
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods and presets these models can run."""
+        if self.model is not None:
+            return list(PRESETS)
+        return [name for name in PRESETS if PRESET_METHOD[name] not in LATENT_METHODS]
 
     def info(self) -> dict:
-        m = self.model
+        m = self.model if self.model is not None else self.inpainter
+        dtype = m.dtype if self.model is not None else m.precision.weights
         return {
             "model": m.name,
             "model_source": str(m.source),
+            "inpaint_model": self.inpainter.describe() if self.inpainter is not None else None,
+            "filler": self.filler.name,
             "device": str(m.device),
-            "dtype": str(m.dtype).removeprefix("torch."),
+            "dtype": str(dtype).removeprefix("torch."),
             "precision": m.precision.name,
             "memory": memory_info(m.device),
-            "methods": list(PRESETS),
-            "defaults": defaults_table(self.model_params),
+            "methods": self.methods,
+            "default_method": DEFAULT_METHOD,
+            "defaults": {name: table for name, table in
+                         defaults_table(self.model_params).items() if name in self.methods},
         }
 
     # -- the edit -------------------------------------------------------------------------
@@ -156,6 +208,11 @@ class DragEngine:
         """
         imageops.validate_request(request.image, request.handles, request.targets, request.mask)
         algorithm, params = resolve(request.method, {**self.model_params, **request.params})
+        if request.method not in self.methods:
+            raise InvalidInput(
+                f"{request.method} needs a plain Stable Diffusion 1.5 model, and this backend "
+                "serves only the inpainting model: choose inpaint4drag, or restart the backend "
+                "with --model")
         height, width = request.image.shape[:2]
         check_canvas(algorithm, params, imageops.working_size(width, height, params.work_size,
                                                               params.work_max_side))
@@ -167,6 +224,8 @@ class DragEngine:
                 progress(name, step, total)
 
         try:
+            if algorithm == "inpaint4drag":
+                return self._run_inpaint4drag(request, params, tracked, cancel, preview)
             return self._run(request, algorithm, params, tracked, cancel, preview)
         except EngineError:
             raise
@@ -176,7 +235,36 @@ class DragEngine:
                 raise OutOfMemory(oom_message(phase[0])) from exc
             raise
         finally:
-            self.model.unet.zero_grad(set_to_none=True)
+            if self.model is not None:
+                self.model.unet.zero_grad(set_to_none=True)
+
+    def _run_inpaint4drag(self, request: DragRequest, params: DragParams,
+                          progress: ProgressFn | None, cancel: CancelToken | None,
+                          preview: PreviewFn | None) -> DragResult:
+        """Warp at full resolution, inpaint with ``self.filler`` (``engine.inpaint4drag``)."""
+        device = (self.inpainter or self.model).device
+        reset_peak_memory(device)
+        torch.manual_seed(request.seed)
+
+        def report(phase: str, step: int, total: int) -> None:
+            if cancel is not None:
+                cancel.check()
+            if progress is not None:
+                progress(phase, step, total)
+
+        show = None
+        if preview is not None:
+            rgb_map = self.model.preset.get("latent_to_rgb") if self.inpainter is None else None
+            matrix = torch.tensor(rgb_map, dtype=torch.float32) if rgb_map is not None else None
+            show = lambda step, latent: preview("denoise", step, latent_preview(latent, matrix))  # noqa: E731
+        scale = (self.inpainter or self.model).vae_scale_factor
+        start = time.perf_counter()
+        result = inpaint4drag.run(request, params, self.filler, report, show, vae_scale=scale)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        result.timings["total"] = round(time.perf_counter() - start, 4)
+        result.stats["memory"] = memory_info(device)
+        return result
 
     def _run(self, request: DragRequest, algorithm: str, params: DragParams,
              progress: ProgressFn | None, cancel: CancelToken | None,
@@ -375,5 +463,5 @@ class DragEngine:
     def _free_memory(self) -> None:
         if self.redrag is not None:
             self.redrag.clear()
-        free_memory(self.model.device)
+        free_memory((self.model or self.inpainter).device)
 

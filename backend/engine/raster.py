@@ -508,8 +508,9 @@ def _disc_offsets(radius: int) -> tuple[np.ndarray, np.ndarray]:
 
 def draw_closed_polyline(shape: tuple[int, int], points: np.ndarray,
                          thickness: int) -> np.ndarray:
-    """``cv2.drawContours(…, [points], -1, 1, thickness)`` for thickness ≥ 2 on an H×W bool
-    canvas: every segment (closing one included) as a quadrilateral of half-width
+    """``cv2.drawContours(…, [points], -1, 1, thickness)`` on an H×W bool canvas. Thickness 1:
+    every segment (closing one included) as an 8-connected line. Thicker: every segment as a
+    quadrilateral of half-width
     (thickness + thickness mod 2) / 2 in 16.16 fixed point (OpenCV's ``ThickLine``: outline by
     ``Line2``, inside by ``FillConvexPoly``), and a filled disc of radius
     ⌊(thickness + 1) / 2⌋ at the end of each segment."""
@@ -523,6 +524,9 @@ def _draw_closed_polyline(shape: tuple[int, int], points: np.ndarray,
     canvas = np.zeros(shape, bool)
     pts = np.asarray(points, np.int64).reshape(-1, 2)
     if len(pts) == 0:
+        return canvas
+    if thickness <= 1:
+        _paint(canvas, *lines((w, h), pts, np.roll(pts, -1, axis=0)))
         return canvas
     half = thickness << (XY_SHIFT - 1)
     widen = (thickness & 1) * XY_ONE * 0.5

@@ -34,7 +34,8 @@ from backend.engine.errors import InvalidInput
 EPS = 1e-6  # added to distances before inverting them (official)
 NEIGHBOURS = 4  # control points that weigh in each pixel's move (official)
 MAX_REFERENCES = 100  # more control points than this are subsampled (official)
-KERNEL = 5  # official dilation size and outline thickness of the inpainting mask
+KERNEL = 5  # official dilation size and outline thickness of the inpainting mask …
+CANVAS = 512  # … on the official app's canvas (its long side)
 CHUNK = 1 << 16  # rows of the distance matrix computed at once (bounds memory)
 
 
