@@ -234,3 +234,19 @@ def test_a_small_gpu_starts_the_lora_two_images_at_a_time(monkeypatch):
                             lambda _d, total=total: SimpleNamespace(total_memory=total))
         assert initial_hints(gpu) == expected
     assert initial_hints(torch.device("cpu")) == MemoryHints()
+
+
+@pytest.mark.parametrize("layout,unet_params", [("sd15", 859_535_364), ("sdxl", 2_567_478_084)])
+def test_an_inpainting_model_s_memory_is_its_unet_and_tiny_vae_plus_one_pass(layout,
+                                                                             unet_params):
+    """The shipped configs give the real architectures (SD1.5-inpainting's and SDXL-inpainting's
+    9-channel UNets, TAESD's 2.4 M parameters); the estimate counts their fp16 bytes as the
+    resident weights and adds one inpainting pass at the size asked for."""
+    from backend.memory_estimate import inpaint_peak, inpainter_on_meta
+
+    unet, vae = inpainter_on_meta(layout, "fp16")
+    assert sum(p.numel() for p in unet.parameters()) == unet_params
+    assert sum(p.numel() for p in vae.parameters()) == 2_445_063
+    small, large = inpaint_peak(layout, "fp16", 128), inpaint_peak(layout, "fp16", 256)
+    assert small["weights_gb"] == round((unet_params + 2_445_063) * 2 / 1e9, 3)
+    assert small["weights_gb"] < small["peak_gb"] < large["peak_gb"]

@@ -33,7 +33,7 @@ from backend.engine.fillers import Filler, FillRequest, smooth_fill
 from backend.engine.params import DragParams
 from backend.engine.types import DragRequest, DragResult, ProgressFn
 from backend.engine.warp import CANVAS, WarpMap, bi_warp, odd_kernel, pixel_index
-from backend.engine.work import WorkCounter
+from backend.engine.work import WorkCounter, inpaint_passes
 
 NO_SELECTION = ("Inpaint4Drag needs a selection: select the region that moves (the object to "
                 "drag), then run it again")
@@ -185,7 +185,8 @@ def run(request: DragRequest, params: DragParams, filler: Filler,
         timings["paste"] = round(time.perf_counter() - start, 4)
         stats.update(crop=list(crop.box), work_size=list(crop.work))
     stats["work"] = {"fe": dict(work.fe), "total": work.total,
-                     "official_total": params.inpaint_steps}
+                     "official_total": inpaint_passes(params.inpaint_steps,
+                                                      params.inpaint_strength)}
     warnings = list(layer.warp.warnings)
     return DragResult(image=image, handles=[(float(x), float(y)) for x, y in request.targets],
                       timings=timings, stats=stats, warnings=warnings)

@@ -12,7 +12,9 @@ Optionally an LCM-LoRA fused into the UNet (a folder, file or id that
 ``load_lora_weights`` reads) and a tiny autoencoder (``AutoencoderTiny``, e.g. TAESD) in place of
 the VAE. Then, as the official ``setup_pipeline``: ``LCMScheduler`` from the model's scheduler
 config, the empty prompt's embeddings computed once, no safety checker, guidance 1 (no
-classifier-free guidance), 8 steps, strength 1.0 (0.99 for SDXL, this model's default).
+classifier-free guidance), 8 steps, strength 1.0 (0.99 for SDXL, this model's default). Unlike
+the official code the text encoders are freed once the empty prompt is encoded (nothing else is
+ever encoded): 0.25 GB less for SD1.5, 1.6 GB for SDXL, in fp16.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from backend.engine.devices import OOM_ADVICE, Precision, is_oom, resolve_precision
 from backend.engine.errors import EngineError, ModelNotFound, OutOfMemory
 from backend.engine.fillers import FillRequest, PreviewFn, StepFn
-from backend.engine.work import WorkCounter
+from backend.engine.work import WorkCounter, inpaint_passes
 
 SDXL_STRENGTH = 0.99  # the official strength for the SDXL inpainting model
 _PIPELINES = {"sd15": "StableDiffusionInpaintPipeline",
@@ -117,9 +119,10 @@ def _load_pipeline(kind: str, path: Path, dtype: torch.dtype):
 
     if kind == "folder":
         layout = layout_of(path)
+        no_checker = {"safety_checker": None, "requires_safety_checker": False}
         pipe = _pipeline_class(layout).from_pretrained(
-            path, torch_dtype=dtype, local_files_only=True, safety_checker=None,
-            requires_safety_checker=False, variant=models._variant(path / "unet"))
+            path, torch_dtype=dtype, local_files_only=True, variant=models._variant(path / "unet"),
+            **(no_checker if layout == "sd15" else {}))
         return layout, pipe
     from diffusers import StableDiffusionInpaintPipeline
 
@@ -167,17 +170,26 @@ def load_inpaint_model(model: str | os.PathLike, *, lcm_lora: str | None = None,
                        getattr(pipe, "text_encoder_2", None)):
             if module is not None:
                 module.requires_grad_(False).eval()
+        loaded = InpaintModel(name=str(model), source=str(path), layout=layout, pipe=pipe,
+                              device=dev, precision=precision, lcm_lora=lcm_lora,
+                              tiny_vae=tiny_vae)
+        if layout == "sdxl":
+            loaded.preset = {"params": {"inpaint_strength": SDXL_STRENGTH}}
+        loaded.prompt_embeds = empty_prompt_embeds(loaded)
+        drop_text_encoders(pipe)
     except Exception as exc:
         if is_oom(exc):
             raise OutOfMemory(f"not enough memory to load {model}: {OOM_ADVICE}") from exc
         raise
-    loaded = InpaintModel(name=str(model), source=str(path), layout=layout, pipe=pipe,
-                          device=dev, precision=precision, lcm_lora=lcm_lora,
-                          tiny_vae=tiny_vae)
-    if layout == "sdxl":
-        loaded.preset = {"params": {"inpaint_strength": SDXL_STRENGTH}}
-    loaded.prompt_embeds = empty_prompt_embeds(loaded)
     return loaded
+
+
+def drop_text_encoders(pipe) -> None:
+    """Free the text encoders once the empty prompt is encoded: every edit reuses its
+    embeddings (SDXL's two encoders hold 817 M parameters, 1.6 GB in fp16)."""
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            setattr(pipe, name, None)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -249,8 +261,7 @@ class InpaintModelFiller:
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
         image = ((request.pixels + 1) / 2).clamp(0, 1)
 
-        # As the pipeline's get_timesteps: strength s runs int(steps · s) of the steps.
-        total = max(1, min(int(request.steps * request.strength), request.steps))
+        total = inpaint_passes(request.steps, request.strength)
 
         def on_step(pipe, i: int, t, tensors: dict) -> dict:
             work.forward(1, phase="denoise")

@@ -121,15 +121,20 @@ class DragEngine:
         self.redrag = (redrag if redrag is not None else RedragCache()) if reuse else None
         self.keep_lora = reuse
         self.merged_lora = MergedLora(model) if model is not None else None
-        self.filler: Filler = self._make_filler()
+        self._filler: Filler | None = None
 
-    def _make_filler(self) -> Filler:
-        """What fills Inpaint4Drag's holes: the inpainting model, else the plain model."""
-        if self.inpainter is not None:
-            from backend.engine.inpaint_models import InpaintModelFiller
+    @property
+    def filler(self) -> Filler:
+        """What fills Inpaint4Drag's holes: the inpainting model, else the plain model (made on
+        first use, then kept with its empty-prompt embedding)."""
+        if self._filler is None:
+            if self.inpainter is not None:
+                from backend.engine.inpaint_models import InpaintModelFiller
 
-            return InpaintModelFiller(self.inpainter)
-        return BlendedLatentFiller(self.model)
+                self._filler = InpaintModelFiller(self.inpainter)
+            else:
+                self._filler = BlendedLatentFiller(self.model)
+        return self._filler
 
     @classmethod
     def load(

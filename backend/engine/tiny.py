@@ -133,3 +133,127 @@ def make_tiny_model(directory: str | Path, seed: int = 0, single_file: bool = Fa
     if not single_file:
         return directory
     return save_single_file(pipe, directory / "tiny-sd.safetensors")
+
+
+# --- inpainting models (Inpaint4Drag) --------------------------------------------------------
+
+# SDXL's layout with small channels, as diffusers' own SDXL-inpainting tests build it: two
+# stages, linear attention projections, the "text_time" added embedding (pooled text of the
+# second encoder + six size/crop ids of 8 dims each: 32 + 6·8 = 80), two 32-wide text encoders
+# whose hidden states concatenate to the 64-wide cross-attention.
+TINY_SDXL_UNET = dict(
+    sample_size=32,
+    in_channels=9,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    transformer_layers_per_block=(1, 2),
+    projection_class_embeddings_input_dim=80,
+    cross_attention_dim=64,
+    norm_num_groups=32,
+)
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=256,
+        scaling_factor=0.18215)
+
+
+def _tiny_tokenizer(tmp_dir: Path | None = None):
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as tok_dir:
+        write_tokenizer_files(Path(tok_dir))
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer.model_max_length = 77  # the pipelines pad prompts to it (saved with the folder)
+    return tokenizer
+
+
+def build_tiny_inpaint_pipeline(layout: str = "sd15", seed: int = 0):
+    """A tiny random inpainting pipeline of the SD1.5-inpainting (``sd15``: SD1.5's tiny layout
+    with a 9-channel UNet) or SDXL-inpainting (``sdxl``) layout."""
+    from diffusers import (
+        DDIMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionXLInpaintPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    scheduler = DDIMScheduler(**SD15_SCHEDULER)
+    tokenizer = _tiny_tokenizer()
+    if layout == "sd15":
+        return StableDiffusionInpaintPipeline(
+            vae=_tiny_vae(), text_encoder=build_text_encoder(tokenizer), tokenizer=tokenizer,
+            unet=UNet2DConditionModel(**{**TINY_UNET, "in_channels": 9}), scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if layout != "sdxl":
+        raise ValueError(f"unknown layout {layout!r}")
+    tokenizer_2 = _tiny_tokenizer()
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=77,
+                            vocab_size=len(tokenizer_2), projection_dim=32,
+                            bos_token_id=tokenizer_2.bos_token_id,
+                            eos_token_id=tokenizer_2.eos_token_id,
+                            pad_token_id=tokenizer_2.pad_token_id)
+    return StableDiffusionXLInpaintPipeline(
+        vae=_tiny_vae(), text_encoder=build_text_encoder(tokenizer), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(config), tokenizer_2=tokenizer_2,
+        unet=UNet2DConditionModel(**TINY_SDXL_UNET), scheduler=scheduler,
+        requires_aesthetics_score=False, force_zeros_for_empty_prompt=True)
+
+
+def make_tiny_inpaint_model(directory: str | Path, layout: str = "sd15", seed: int = 0,
+                            single_file: bool = False) -> Path:
+    """Save a tiny inpainting pipeline as a diffusers folder (and, for ``sd15``, also as one
+    original-layout ``.safetensors``). Returns what ``load_inpaint_model`` accepts."""
+    directory = Path(directory)
+    pipe = build_tiny_inpaint_pipeline(layout, seed)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    if not single_file:
+        return directory
+    if layout != "sd15":
+        raise ValueError("single files are written for the sd15 layout only")
+    return save_single_file(pipe, directory / "tiny-sd-inpainting.safetensors")
+
+
+def make_tiny_lcm_lora(directory: str | Path, layout: str = "sd15", seed: int = 0,
+                       rank: int = 4) -> Path:
+    """A random LoRA on the attention projections of a tiny inpainting UNet (``layout``),
+    saved as diffusers saves an LCM-LoRA (``pytorch_lora_weights.safetensors``)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = build_tiny_inpaint_pipeline(layout, seed)
+    torch.manual_seed(seed + 1)
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = get_peft_model_state_dict(pipe.unet)
+    saver = StableDiffusionXLPipeline if layout == "sdxl" else StableDiffusionPipeline
+    saver.save_lora_weights(str(directory), unet_lora_layers=layers, safe_serialization=True)
+    return Path(directory)
+
+
+def make_tiny_taesd(directory: str | Path, seed: int = 0) -> Path:
+    """A tiny random ``AutoencoderTiny`` (TAESD's architecture: 8× down, 4 latent channels)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(encoder_block_out_channels=(16, 16, 16, 16),
+                          decoder_block_out_channels=(16, 16, 16, 16),
+                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+    vae.save_pretrained(directory, safe_serialization=True)
+    return Path(directory)
