@@ -21,13 +21,22 @@ from typing import Any
 from backend import __version__
 from backend.engine.errors import EngineError
 from backend.engine.interface import Engine
-from backend.engine.params import defaults_table, method_descriptions, resolve, spec_table
+from backend.engine.params import (
+    DEFAULT_METHOD,
+    defaults_table,
+    method_descriptions,
+    resolve,
+    spec_table,
+)
 from backend.server_engine import (
     ACCEPTED_DTYPES,
     EngineWorker,
     Fallback,
     ModelLoaded,
+    WarpFn,
+    load_preview_warp,
     plain,
+    run_warp,
 )
 from backend.server_jobs import FairQueue, Job, JobTable, Terminal
 from backend.server_log import RefusalLog, log_job, printable
@@ -71,7 +80,8 @@ class Server:
                  keep_bytes: int = 2**30, keep_seconds: float = 3600.0,
                  shutdown_grace: float = 30.0, refusal_log_interval: float = 60.0,
                  fallback: Fallback | None = None,
-                 on_ready: Callable[[Server], None] | None = None) -> None:
+                 on_ready: Callable[[Server], None] | None = None,
+                 warp: WarpFn | None = None) -> None:
         self.model_name = model_name
         self.device = device
         self.connection_file = Path(connection_file) if connection_file else None
@@ -100,6 +110,7 @@ class Server:
         self._next_housekeeping = 0.0
         self._refusals = RefusalLog(refusal_log_interval)
         self._denied_seen = 0  # the gate's count of refused logins, as last logged
+        self._warp = warp  # Inpaint4Drag's warp for previews (loaded on the first request)
 
     @property
     def bind(self) -> str:
@@ -221,6 +232,13 @@ class Server:
             except Exception:
                 log.exception("engine.info() failed")
         running = self._jobs.running
+        methods = defaults_table()
+        if isinstance(info.get("methods"), list):  # what the loaded models can run
+            methods = {name: table for name, table in methods.items()
+                       if name in info["methods"]}
+        default = str(info.get("default_method", DEFAULT_METHOD))
+        if default not in methods:
+            default = next(iter(methods))
         self._reply(identity, message, wire.HELLO_REPLY, {
             "protocol_version": wire.PROTOCOL_VERSION,
             "backend_version": __version__,
@@ -228,10 +246,11 @@ class Server:
             "device": str(info.get("device", self.device)),
             "memory": plain(info.get("memory", {})),
             "model": self._model_description(info),
-            "methods": plain(defaults_table()),
+            "methods": plain(methods),
             "parameters": spec_table(),
-            "descriptions": method_descriptions(),
-            "default_method": "dragdiffusion",
+            "descriptions": {name: text for name, text in method_descriptions().items()
+                             if name in methods},
+            "default_method": default,
             "limits": self.limits.as_dict(),
             "dtypes": list(ACCEPTED_DTYPES),
             "client_ttl": self.client_ttl,
@@ -246,6 +265,9 @@ class Server:
     def _model_description(self, info: dict[str, Any]) -> dict[str, Any]:
         model: dict[str, Any] = {"name": str(info.get("model", self.model_name)),
                                  "state": self._model_state, "error": self._model_error}
+        for key in ("inpaint_model", "filler"):  # what Inpaint4Drag runs (1.1)
+            if info.get(key):
+                model[key] = str(info[key])
         if self._demo is not None and self._fallback is not None:
             model.update(demo=True, requested=self.model_name, why=self._demo,
                          hint=self._fallback.hint)
@@ -295,6 +317,22 @@ class Server:
             "job_id": job_id, "state": "queued", "position": None, "duplicate": False})
         self._update_positions()
         self._dispatch()
+
+    def _on_warp(self, message: Message, identity: bytes) -> None:
+        """Inpaint4Drag's warp alone, answered at once from the socket thread (no model, no
+        queue; ``limits.max_warp_pixels`` bounds its time)."""
+        content = message.content
+        wire.check_warp(content, [len(b) for b in message.buffers], self.limits,
+                        ACCEPTED_DTYPES)
+        try:
+            resolve("inpaint4drag", content["params"])
+            if self._warp is None:
+                self._warp = load_preview_warp()
+            reply, buffers = run_warp(self._warp, content, message.buffers)
+        except EngineError as exc:
+            raise ProtocolError(wire.INVALID_INPUT, str(exc)) from None
+        self._send(identity, wire.WARP_REPLY, reply, parent=message.header,
+                   buffers=buffers)
 
     def _check_model(self) -> None:
         if self._model_state == "missing":

@@ -30,8 +30,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", default=None,
                        help="SD1.5 model: Hugging Face id, diffusers folder or single file "
                        "(default: the engine's default, stable-diffusion-v1-5; when that is "
-                       "not on this machine, the small demo model backend/toy/model)")
+                       "not on this machine, the small demo model backend/toy/model); 'none' "
+                       "with --inpaint-model serves only Inpaint4Drag")
     serve.add_argument("--vae", default=None, help="optional replacement VAE")
+    serve.add_argument("--inpaint-model", default=None,
+                       help="inpainting model for Inpaint4Drag (9-channel UNet: e.g. "
+                       "stable-diffusion-v1-5/stable-diffusion-inpainting or "
+                       "diffusers/stable-diffusion-xl-1.0-inpainting-0.1; folder, file or id); "
+                       "without it Inpaint4Drag fills with the plain model")
+    serve.add_argument("--lcm-lora", default=None,
+                       help="LCM-LoRA fused into the inpainting model (e.g. "
+                       "latent-consistency/lcm-lora-sdv1-5), as the official setup")
+    serve.add_argument("--tiny-vae", default=None,
+                       help="tiny autoencoder for the inpainting model (e.g. madebyollin/taesd)")
     serve.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto")
     serve.add_argument("--dtype", default=None,
                        help="precision: auto (default), fp16, bf16, fp32, fp16-mixed, bf16-mixed")
@@ -92,16 +103,22 @@ def run_serve(args: argparse.Namespace) -> int:
         model = DEFAULT_MODEL
     else:
         model = args.model
+    if model.lower() == "none" and not args.inpaint_model:
+        log.error("--model none needs --inpaint-model (something to serve)")
+        return 2
+    plain_model = None if model.lower() == "none" else model
+    inpainting = dict(inpaint_model=args.inpaint_model, lcm_lora=args.lcm_lora,
+                      tiny_vae=args.tiny_vae)
 
     def load_engine():  # runs in the server's worker thread
         from backend.engine.pipeline import DragEngine
-        return DragEngine.load(model, vae=args.vae, device=device, dtype=args.dtype,
-                               compile_unet=args.compile)
+        return DragEngine.load(plain_model, vae=args.vae, device=device, dtype=args.dtype,
+                               compile_unet=args.compile, **inpainting)
 
     def load_demo():  # the same, when the default model is missing
         from backend.engine.pipeline import DragEngine
         from backend.toy.train import DEFAULT_MODEL_DIR
-        return DragEngine.load(str(DEFAULT_MODEL_DIR), device=device)
+        return DragEngine.load(str(DEFAULT_MODEL_DIR), device=device, **inpainting)
 
     def ready(server: Server) -> None:
         note = f" ({server.demo_notice})" if server.demo_notice else ""

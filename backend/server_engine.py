@@ -91,6 +91,36 @@ def plain(value: Any, depth: int = 0) -> Any:
     return str(value)
 
 
+WarpFn = Callable[..., tuple[np.ndarray, np.ndarray, dict]]
+
+
+def load_preview_warp() -> WarpFn:
+    """The engine's warp alone (Inpaint4Drag), for ``warp`` requests: it needs no model."""
+    from backend.engine.inpaint4drag import preview_warp
+
+    return preview_warp
+
+
+def run_warp(warp: WarpFn, content: dict[str, Any],
+             buffers: list[Any]) -> tuple[dict[str, Any], list[memoryview]]:
+    """A checked ``warp`` request (PROTOCOL.md, 1.1) → the ``warp_reply`` content and buffers.
+    Raises ``EngineError`` for what the engine refuses (a handle off the region…)."""
+    dtype = NUMPY_DTYPES[content["dtype"]]
+    h, w, c = content["height"], content["width"], content["channels"]
+    image = np.frombuffer(buffers[0], dtype).reshape(h, w, c)
+    mask = np.frombuffer(buffers[1], np.uint8).reshape(h, w)
+    warped, hole, figures = warp(image, mask, [(x, y) for x, y in content["handles"]],
+                                 [(x, y) for x, y in content["targets"]],
+                                 dict(content["params"]), overlay=content["overlay"])
+    reply = {"width": w, "height": h, "channels": c, "dtype": content["dtype"],
+             "moved_pixels": int(figures["moved_pixels"]),
+             "inpaint_pixels": int(figures["inpaint_pixels"]),
+             "seconds": float(figures["seconds"]),
+             "warnings": [str(text) for text in figures["warnings"]]}
+    return reply, [_frame(np.ascontiguousarray(warped, dtype=dtype)),
+                   _frame(np.ascontiguousarray(hole, dtype=np.uint8))]
+
+
 def _frame(pixels: np.ndarray) -> memoryview:
     """A C-contiguous array as a byte buffer to send as it is (no copy of the image)."""
     return memoryview(pixels).cast("B")

@@ -14,6 +14,7 @@ from protocol.client import (
     IncompatibleVersion,
     JobFailed,
     JobTimeout,
+    WarpResult,
     WrongKey,
 )
 from protocol.connection import (
@@ -39,6 +40,7 @@ __all__ = [
     "Limits",
     "ProtocolError",
     "UnsafeConnectionFile",
+    "WarpResult",
     "WrongKey",
     "default_connection_file",
     "read_connection_file",

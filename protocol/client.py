@@ -116,6 +116,20 @@ class Event:
         return self.content[name]
 
 
+@dataclass
+class WarpResult:
+    """A ``warp_reply``: the warped pixels (the request's geometry and pixel type; with
+    ``overlay`` the inpainting mask painted as the official grid) and the inpainting mask
+    (``width × height`` bytes, 255 inside), both without a copy of the received frames."""
+
+    content: dict[str, Any]
+    image: memoryview
+    mask: memoryview
+
+    def __getitem__(self, name: str) -> Any:
+        return self.content[name]
+
+
 # memoryview formats of numpy/array buffers -> the wire's pixel type
 _FORMAT_DTYPES = {"B": "u8", "b": "u8", "c": "u8", "H": "u16", "<H": "u16", "=H": "u16",
                   "f": "f32", "<f": "f32", "=f": "f32"}
@@ -236,6 +250,38 @@ class Client:
         self._request(wire.SUBMIT, content, job_id=job_id, buffers=buffers,
                       timeout=self.timeout + size / 10e6)  # allow ~10 MB/s uploads
         return job_id
+
+    def warp(self, image: Buffer | Any, width: int, height: int, channels: int,
+             handles: Sequence[tuple[float, float]], targets: Sequence[tuple[float, float]],
+             mask: Buffer | Any, *, params: dict[str, Any] | None = None,
+             overlay: bool = False, dtype: str | None = None) -> WarpResult:
+        """Inpaint4Drag's warp alone (protocol 1.1), for a live preview: no model runs and no
+        job is queued, the backend answers at once. ``mask`` is the region that moves
+        (``width × height`` bytes); the backend caps the pixels at ``limits.max_warp_pixels``,
+        so send a scaled-down layer (points scaled with it)."""
+        if self.server_info is None:
+            self.hello()
+        dtype = dtype or _pixel_dtype(image)
+        buffers = [_as_bytes(image), _as_bytes(mask)]
+        content = {
+            "width": int(width), "height": int(height), "channels": int(channels),
+            "dtype": dtype, "handles": [[float(x), float(y)] for x, y in handles],
+            "targets": [[float(x), float(y)] for x, y in targets],
+            "params": dict(params or {}), "overlay": bool(overlay),
+        }
+        info = self.server_info or {}
+        limits = wire.Limits(**{k: v for k, v in info.get("limits", {}).items()
+                                if k in wire.Limits.__dataclass_fields__})
+        try:
+            wire.check_warp(content, [b.nbytes for b in buffers], limits,
+                            info.get("dtypes", tuple(wire.PIXEL_DTYPES)))
+        except ProtocolError as exc:
+            raise JobFailed(exc.message, exc.code, exc.detail) from None
+        size = sum(b.nbytes for b in buffers)
+        reply = self._request(wire.WARP, content, buffers=buffers,
+                              timeout=self.timeout + size / 10e6)
+        return WarpResult(reply.content, memoryview(reply.buffers[0]).cast("B"),
+                          memoryview(reply.buffers[1]).cast("B"))
 
     def events(self, job_id: str, timeout: float | None = None) -> Iterator[Event]:
         """Yield the job's events until a terminal one (``finished`` or ``cancelled``).

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
 DELIMITER = b"<DRAG|MSG>"
 SIGNATURE_SCHEME = "hmac-sha256"
 _SIGNATURE_PREFIX = b"DRAG1"
@@ -39,13 +39,14 @@ ATTACH, ATTACH_REPLY = "attach", "attach_reply"
 CANCEL, CANCEL_REPLY = "cancel", "cancel_reply"
 PING, PONG = "ping", "pong"
 SHUTDOWN, SHUTDOWN_REPLY = "shutdown", "shutdown_reply"
+WARP, WARP_REPLY = "warp", "warp_reply"  # 1.1: Inpaint4Drag's warp alone, for previews
 ERROR = "error"
 QUEUED, STARTED, PROGRESS, PREVIEW = "queued", "started", "progress", "preview"
 FINISHED, CANCELLED = "finished", "cancelled"
 
-REQUESTS = (HELLO, SUBMIT, ATTACH, CANCEL, PING, SHUTDOWN)
+REQUESTS = (HELLO, SUBMIT, ATTACH, CANCEL, PING, SHUTDOWN, WARP)
 REPLY_TO = {HELLO: HELLO_REPLY, SUBMIT: SUBMIT_REPLY, ATTACH: ATTACH_REPLY,
-            CANCEL: CANCEL_REPLY, PING: PONG, SHUTDOWN: SHUTDOWN_REPLY}
+            CANCEL: CANCEL_REPLY, PING: PONG, SHUTDOWN: SHUTDOWN_REPLY, WARP: WARP_REPLY}
 EVENTS = (QUEUED, STARTED, PROGRESS, PREVIEW, FINISHED, CANCELLED, ERROR)
 TERMINAL_EVENTS = (FINISHED, CANCELLED, ERROR)
 
@@ -106,6 +107,7 @@ class Limits:
     max_prompt_chars: int = 1000
     max_queue: int = 32
     max_field_bytes: int = 2**20
+    max_warp_pixels: int = 2**22  # largest width × height of a warp request (4 Mpx, 1.1)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -419,10 +421,18 @@ SCHEMAS: dict[str, dict[str, tuple[str, Any]]] = {
                "channels": ("int", _R), "handles": ("points", _R), "timings": ("map", {}),
                "stats": ("map", {}), "dtype": ("str", "u8"), "warnings": ("strs", [])},
     CANCELLED: {"job_id": ("job", _R), "reason": ("str", _R)},
+    WARP: {"width": ("int", _R), "height": ("int", _R), "channels": ("int", _R),
+           "dtype": ("str", "u8"), "handles": ("points", _R), "targets": ("points", _R),
+           "params": ("map", {}), "overlay": ("bool", False)},
+    WARP_REPLY: {"width": ("int", _R), "height": ("int", _R), "channels": ("int", _R),
+                 "dtype": ("str", "u8"), "moved_pixels": ("int", 0),
+                 "inpaint_pixels": ("int", 0), "seconds": ("num", 0.0),
+                 "warnings": ("strs", [])},
 }
 
 # How many buffers each message type carries (default: none).
-_BUFFERS = {SUBMIT: (1, 2), PREVIEW: (1, 1), FINISHED: (1, 1)}
+_BUFFERS = {SUBMIT: (1, 2), PREVIEW: (1, 1), FINISHED: (1, 1), WARP: (2, 2),
+            WARP_REPLY: (2, 2)}
 
 
 def check_content(message: Message) -> dict[str, Any]:
@@ -463,6 +473,32 @@ def check_submit(content: dict[str, Any], buffer_sizes: Sequence[int],
                  limits: Limits, dtypes: Sequence[str] = tuple(PIXEL_DTYPES)) -> None:
     """Check a submit's values against ``limits`` and the pixel types the server accepts
     (section 3; ``hello_reply.dtypes``); raise ``invalid_input``."""
+    _check_image(content, buffer_sizes, limits, dtypes)
+    if len(content["prompt"]) > limits.max_prompt_chars:
+        raise ProtocolError(INVALID_INPUT,
+                            f"prompt is longer than {limits.max_prompt_chars} characters")
+    if not 0 <= content["seed"] < MAX_SEED:
+        raise ProtocolError(INVALID_INPUT, "seed must be between 0 and 2**63 - 1")
+    if len(content["method"]) > 64 or len(content["params"]) > 64:
+        raise ProtocolError(INVALID_INPUT, "method name or parameter list too long")
+
+
+def check_warp(content: dict[str, Any], buffer_sizes: Sequence[int], limits: Limits,
+               dtypes: Sequence[str] = tuple(PIXEL_DTYPES)) -> None:
+    """Check a warp request (section 4, 1.1): a submit's image, mask and point checks, always
+    with a mask, and at most ``limits.max_warp_pixels`` pixels; raise ``invalid_input``."""
+    w, h = content["width"], content["height"]
+    if w * h > limits.max_warp_pixels:
+        raise ProtocolError(INVALID_INPUT, f"a warp preview of {w}×{h} pixels exceeds the "
+                            f"limit of {limits.max_warp_pixels}; send the layer scaled down")
+    _check_image({**content, "has_mask": True}, buffer_sizes, limits, dtypes)
+    if len(content["params"]) > 64:
+        raise ProtocolError(INVALID_INPUT, "parameter list too long")
+
+
+def _check_image(content: dict[str, Any], buffer_sizes: Sequence[int], limits: Limits,
+                 dtypes: Sequence[str]) -> None:
+    """The geometry, pixel type, buffers and points of a submit or warp."""
     def invalid(message: str) -> ProtocolError:
         return ProtocolError(INVALID_INPUT, message)
 
@@ -500,9 +536,3 @@ def check_submit(content: dict[str, Any], buffer_sizes: Sequence[int],
     for x, y in handles + targets:
         if not (0 <= x <= w and 0 <= y <= h):
             raise invalid(f"point ({x:g}, {y:g}) lies outside the {w}×{h} image")
-    if len(content["prompt"]) > limits.max_prompt_chars:
-        raise invalid(f"prompt is longer than {limits.max_prompt_chars} characters")
-    if not 0 <= content["seed"] < MAX_SEED:
-        raise invalid("seed must be between 0 and 2**63 - 1")
-    if len(content["method"]) > 64 or len(content["params"]) > 64:
-        raise invalid("method name or parameter list too long")

@@ -59,6 +59,12 @@ SAMPLES: dict[str, tuple[dict, list[bytes]]] = {
                      "dtype": "u8", "warnings": ["a handle lies outside the selection"]},
                     [PIXELS]),
     wire.CANCELLED: ({"job_id": JOB, "reason": "client"}, []),
+    wire.WARP: ({"width": 4, "height": 2, "channels": 3, "dtype": "u8",
+                 "handles": [[1.5, 1.5]], "targets": [[3.5, 1.5]],
+                 "params": {"inpaint_kernel": 3}, "overlay": True}, [PIXELS, bytes(8)]),
+    wire.WARP_REPLY: ({"width": 4, "height": 2, "channels": 3, "dtype": "u8",
+                       "moved_pixels": 2, "inpaint_pixels": 3, "seconds": 0.004,
+                       "warnings": []}, [PIXELS, bytes(8)]),
 }
 
 
@@ -170,7 +176,7 @@ def test_version_mismatch_names_both_versions():
     with pytest.raises(ProtocolError) as err:
         receiver.parse(sender.serialize(wire.HELLO, {})[1])
     assert err.value.code == wire.INCOMPATIBLE_VERSION
-    assert "2.3" in err.value.message and "1.0" in err.value.message
+    assert "2.3" in err.value.message and wire.PROTOCOL_VERSION in err.value.message
     sender.version = "1.9"  # same major: compatible
     receiver.parse(sender.serialize(wire.HELLO, {})[1])
 
@@ -302,6 +308,32 @@ def test_check_submit_pixel_limit():
     wire.check_submit(_submit(), [24], Limits())
     with pytest.raises(ProtocolError, match="pixels"):
         wire.check_submit(_submit(), [24], Limits(max_pixels=7))
+
+
+def _warp(**changes):
+    content = {"width": 4, "height": 2, "channels": 3, "dtype": "u8", "handles": [[1, 1]],
+               "targets": [[3, 1]], "params": {}, "overlay": False}
+    content.update(changes)
+    return content
+
+
+def test_check_warp_needs_a_mask_and_caps_the_pixels():
+    wire.check_warp(_warp(), [24, 8], Limits())
+    with pytest.raises(ProtocolError, match="mask") as err:
+        wire.check_warp(_warp(), [24], Limits())  # the mask is the region that moves
+    assert err.value.code == wire.INVALID_INPUT
+    with pytest.raises(ProtocolError, match="scaled down") as err:
+        wire.check_warp(_warp(), [24, 8], Limits(max_warp_pixels=7))
+    assert err.value.code == wire.INVALID_INPUT
+    with pytest.raises(ProtocolError, match="outside"):
+        wire.check_warp(_warp(handles=[[5, 1]]), [24, 8], Limits())
+
+
+def test_a_1_0_peer_and_a_1_1_peer_understand_each_other():
+    sender, receiver = pair()
+    sender.version = "1.0"
+    message = receiver.parse(sender.serialize(wire.HELLO, {})[1])
+    assert wire.check_content(message) == {"client": ""}
 
 
 def test_connection_file_round_trip_and_permissions(tmp_path):

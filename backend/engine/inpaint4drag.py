@@ -190,3 +190,31 @@ def run(request: DragRequest, params: DragParams, filler: Filler,
     warnings = list(layer.warp.warnings)
     return DragResult(image=image, handles=[(float(x), float(y)) for x, y in request.targets],
                       timings=timings, stats=stats, warnings=warnings)
+
+
+def preview_warp(image: np.ndarray, mask: np.ndarray, handles: list[tuple[float, float]],
+                 targets: list[tuple[float, float]], overrides: dict | None = None,
+                 overlay: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The warp alone, for a live preview (the protocol's ``warp``): (the warped image in the
+    input's dtype, the inpainting mask as H×W uint8 0/255, figures). With ``overlay`` the
+    inpainting mask is painted into the image as the official preview's grid (opaque).
+    Raises ``InvalidInput`` for what an edit would refuse."""
+    from backend.engine.params import resolve
+
+    imageops.validate_request(image, handles, targets, mask)
+    _, params = resolve("inpaint4drag", overrides or {})
+    layer = warp_layer(image, mask, handles, targets, params)
+    out = layer.image
+    if overlay and layer.hole.any():
+        top = imageops.PIXEL_SCALE[out.dtype]
+        colour = 3 if out.shape[2] >= 3 else 1
+        pattern = np.full(layer.hole.shape, top, np.float32)
+        pattern[::GRID] = 0
+        pattern[:, ::GRID] = 0
+        out = out.copy()
+        out[layer.hole, :colour] = pattern[layer.hole][:, None].astype(out.dtype)
+        if out.shape[2] in (2, 4):
+            out[layer.hole, -1] = np.array(top).astype(out.dtype)
+    figures = {"moved_pixels": len(layer.warp.target), "inpaint_pixels": int(layer.hole.sum()),
+               "seconds": round(layer.seconds, 4), "warnings": list(layer.warp.warnings)}
+    return out, layer.hole.astype(np.uint8) * 255, figures
