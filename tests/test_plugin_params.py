@@ -143,4 +143,21 @@ def test_algorithm_of_each_method(table):
     assert table.algorithm("dragdiffusion-paper") == "dragdiffusion"
     assert table.algorithm("gooddrag") == "gooddrag"
     only = {k.prop: k.only for k in par.KNOBS if k.only}
-    assert only == {"drag-steps": "dragdiffusion"}  # GoodDrag counts its steps differently
+    assert only == {"drag-steps": "dragdiffusion",  # GoodDrag counts its steps differently
+                    "inpaint-steps": "inpaint4drag", "inpaint-kernel": "inpaint4drag"}
+
+
+def test_the_backend_says_which_knobs_each_method_uses(table):
+    """hello's parameter table (1.1) greys out what the chosen method does not read."""
+    knob = par.KNOB_BY_PROP
+    assert table.uses(knob["lora-steps"], "gooddrag")
+    assert not table.uses(knob["lora-steps"], "inpaint4drag")
+    assert not table.uses(knob["inversion-strength"], "inpaint4drag")
+    assert table.uses(knob["work-size"], "inpaint4drag")
+    assert table.uses(knob["inpaint-steps"], "inpaint4drag")
+    assert not table.uses(knob["inpaint-steps"], "fast")
+    assert table.default("inpaint4drag", "inpaint_steps") == 8
+    # a 1.0 backend sends no lists: the knob's own ``only`` decides
+    old = par.ParamTable.parse({"methods": table.methods}, "old backend")
+    assert old.uses(knob["lora-steps"], "inpaint4drag")
+    assert not old.uses(knob["inpaint-steps"], "dragdiffusion")

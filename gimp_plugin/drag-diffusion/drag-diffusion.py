@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""GIMP 3 plug-in: drag editing (DragDiffusion / GoodDrag) through the Drag Diffusion backend.
+"""GIMP 3 plug-in: drag editing (Inpaint4Drag / DragDiffusion / GoodDrag) through the Drag
+Diffusion backend.
 
-Filters › Generic › Drag Diffusion… reads the selected layer, the selection (what may change)
-and a path whose anchors come in handle→target pairs, sends them to the backend, and adds the
-result as a new layer above the source layer in one undo step. Also callable through the PDB
-as ``python-fu-drag-diffusion``. All GIMP calls happen on the plug-in's main thread, in this
-file (image in, layer out) and dragdiff_ui.py (windows); the pure logic lives in
-dragdiff_geometry (paths, selection), dragdiff_params (settings), dragdiff_progress (times)
-and dragdiff_layer (pixel formats, changed pixels, naming); the backend conversation in
-dragdiff_backend.
+Filters › Generic › Drag Diffusion… reads the selected layer, the selection (for Inpaint4Drag
+the region that moves; for DragDiffusion and GoodDrag the area that may change) and a path whose
+anchors come in handle→target pairs, sends them to the backend, and adds the result as a new
+layer above the source layer in one undo step. For Inpaint4Drag the dialog shows the warp live
+before OK. Also callable through the PDB as ``python-fu-drag-diffusion``. All GIMP calls happen
+on the plug-in's main thread, in this file (image in, layer out) and dragdiff_ui.py (windows);
+the pure logic lives in dragdiff_geometry (paths, selection), dragdiff_params (settings),
+dragdiff_progress (times), dragdiff_preview (the warp preview) and dragdiff_layer (pixel
+formats, changed pixels, naming); the backend conversation in dragdiff_backend.
 """
 
 from __future__ import annotations
@@ -33,15 +35,17 @@ import dragdiff_backend as backend  # noqa: E402
 import dragdiff_geometry as geo  # noqa: E402
 import dragdiff_layer as lay  # noqa: E402
 import dragdiff_params as par  # noqa: E402
+import dragdiff_preview as pre  # noqa: E402
 import dragdiff_progress as prog  # noqa: E402
 from gi.repository import Gegl, Gimp, Gio, GLib, GObject  # noqa: E402
 
 PROC_NAME = "python-fu-drag-diffusion"
 HELP_DOMAIN = "org.gimp-drag-diffusion"
 RW = GObject.ParamFlags.READWRITE
-METHOD_LABELS = {"dragdiffusion": "DragDiffusion", "gooddrag": "GoodDrag",
-                 "dragdiffusion-paper": "DragDiffusion (paper settings)", "fast": "Fast"}
-FALLBACK_METHODS = ("dragdiffusion", "gooddrag", "dragdiffusion-paper")
+METHOD_LABELS = {"inpaint4drag": "Inpaint4Drag (instant)", "dragdiffusion": "DragDiffusion",
+                 "gooddrag": "GoodDrag", "dragdiffusion-paper": "DragDiffusion (paper settings)",
+                 "fast": "Fast"}
+FALLBACK_METHODS = ("inpaint4drag", "dragdiffusion", "gooddrag", "dragdiffusion-paper")
 
 
 def state_file() -> Path:
@@ -50,16 +54,17 @@ def state_file() -> Path:
 
 
 class Inputs:
-    """What is read from the image for one run (layer coordinates throughout)."""
+    """What is read from the image for one run (layer coordinates throughout). ``moves``: the
+    selection is the region that moves (Inpaint4Drag), not the area that may change."""
 
-    def __init__(self, image: Gimp.Image, layer: Gimp.Layer) -> None:
+    def __init__(self, image: Gimp.Image, layer: Gimp.Layer, moves: bool = False) -> None:
         self.layer = layer
         self.width, self.height = layer.get_width(), layer.get_height()
         _, ox, oy = layer.get_offsets()
         self.offsets = (ox, oy)
         self.precision = image.get_precision().value_nick
         self.handles, self.targets = read_drags(image, self.offsets, self.width, self.height)
-        self.mask = read_mask(image, geo.Rect(ox, oy, self.width, self.height))
+        self.mask = read_mask(image, geo.Rect(ox, oy, self.width, self.height), moves)
 
     def read_pixels(self, dtypes: list[str]) -> tuple[lay.PixelFormat, bytes]:
         """The layer's pixels in the best format the backend accepts for its precision."""
@@ -83,18 +88,58 @@ def read_drags(image: Gimp.Image, offsets: tuple[int, int], width: int,
     return handles, targets
 
 
-def read_mask(image: Gimp.Image, layer_rect: geo.Rect) -> bytes | None:
-    """The selection over the layer as width×height u8 bytes; None = everything may change."""
+def read_mask(image: Gimp.Image, layer_rect: geo.Rect, moves: bool = False) -> bytes | None:
+    """The selection over the layer as width×height u8 bytes; None = everything may change
+    (never with ``moves``: then the selection is the region that moves)."""
     _, non_empty, x1, y1, x2, y2 = Gimp.Selection.bounds(image)
     bounds = geo.Rect(x1, y1, x2 - x1, y2 - y1) if non_empty else None
-    region = geo.selection_region(bounds, layer_rect)
+    region = geo.selection_region(bounds, layer_rect, moves)
     if region is None:
         return None
     pixels = image.get_selection().get_buffer().get(
         Gegl.Rectangle.new(region.x, region.y, region.width, region.height), 1.0, "Y u8",
         Gegl.AbyssPolicy.NONE)
     local = region.translate(-layer_rect.x, -layer_rect.y)
-    return geo.mask_or_none(geo.place_mask(pixels, local, layer_rect.width, layer_rect.height))
+    return geo.mask_or_none(geo.place_mask(pixels, local, layer_rect.width, layer_rect.height),
+                            moves)
+
+
+class PreviewReader:
+    """Reads the live warp preview's inputs, scaled to ``pre.PREVIEW_SIDE``: the layer's pixels
+    once (they do not change while its dialog is open), the selection and the drags at every
+    look (they may)."""
+
+    def __init__(self, image: Gimp.Image, layer: Gimp.Drawable) -> None:
+        self.image, self.layer = image, layer
+        self.width, self.height = layer.get_width(), layer.get_height()
+        self.scale = pre.preview_scale(self.width, self.height)
+        self.size = pre.scaled_size(self.width, self.height, self.scale)
+        self._pixels: tuple[bytes, int] | None = None
+
+    def pixels(self) -> tuple[bytes, int]:
+        if self._pixels is None:
+            alpha = self.layer.has_alpha()
+            fmt = "R'G'B'A u8" if alpha else "R'G'B' u8"
+            data = self.layer.get_buffer().get(Gegl.Rectangle.new(0, 0, *self.size),
+                                               self.scale, fmt, Gegl.AbyssPolicy.CLAMP)
+            self._pixels = (bytes(data), 4 if alpha else 3)
+        return self._pixels
+
+    def __call__(self) -> pre.PreviewInputs:
+        _, ox, oy = self.layer.get_offsets()
+        handles, targets = read_drags(self.image, (ox, oy), self.width, self.height)
+        w, h = self.size
+        _, non_empty, *_bounds = Gimp.Selection.bounds(self.image)
+        mask = None
+        if non_empty:
+            data = bytes(self.image.get_selection().get_buffer().get(
+                Gegl.Rectangle.new(round(ox * self.scale), round(oy * self.scale), w, h),
+                self.scale, "Y u8", Gegl.AbyssPolicy.NONE))
+            mask = data if any(data) else None
+        pixels, channels = self.pixels()
+        return pre.PreviewInputs(
+            pixels, w, h, channels, mask, pre.scale_points(handles, self.scale, w, h),
+            pre.scale_points(targets, self.scale, w, h))
 
 
 def insert_result(image: Gimp.Image, inputs: Inputs, fmt: lay.PixelFormat, sent: bytes,
@@ -198,8 +243,9 @@ def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
     if not isinstance(layer, Gimp.Layer):
         raise geo.InputError("Select exactly one layer (not a mask or channel) in the "
                              "Layers dialog.")
-    inputs = Inputs(image, layer)
     method = config.get_property("method")
+    algorithm = table.algorithm(method) if table else method
+    inputs = Inputs(image, layer, moves=pre.region_moves(algorithm))
     params = par.overrides(table, method, knob_values(config), text(config, "advanced"))
     session = backend.open_session(text(config, "backend"),
                                    float(config.get_property("timeout")), feedback)
@@ -207,7 +253,7 @@ def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
         par.write_state(state_path, hello=session.info)
         if session.demo_model:
             feedback.notice(backend.demo_notice(session.info))
-        if session.device.startswith("cpu"):
+        if session.device.startswith("cpu") and not pre.region_moves(algorithm):
             feedback.notice("The backend runs on the CPU: this takes a while.")
         fmt, pixels = inputs.read_pixels(session.dtypes)
         job = backend.JobSpec(
@@ -256,14 +302,15 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
     interactive = run_mode == Gimp.RunMode.INTERACTIVE
     state_path = state_file()
     install = backend.InstallInfo.load()
-    hello = None
+    hello = link = None
     if interactive:
         gi.require_version("GimpUi", "3.0")
         import dragdiff_ui as ui
         from gi.repository import GimpUi
 
         GimpUi.init(PROC_NAME)
-        hello = backend.quick_hello(text(config, "backend"))
+        link = backend.PreviewLink(text(config, "backend"))  # kept for the warp preview
+        hello = link.info
         if hello:
             par.write_state(state_path, hello=hello)
     state = par.read_state(state_path)
@@ -272,9 +319,13 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
         size = (drawables[0].get_width(), drawables[0].get_height()) if drawables else (1, 1)
         manual = (install.start_command() or ".venv/bin/python -m backend serve in the Drag "
                   "Diffusion folder") if install.why_not_startable() else None
+        reader = PreviewReader(image, drawables[0]) if len(drawables) == 1 else None
         dialog = ui.SettingsDialog(procedure, config, ui.DialogContext(
-            table, state.get("hello"), hello is not None, size, state_path, state, manual))
-        if not dialog.run():
+            table, state.get("hello"), hello is not None, size, state_path, state, manual,
+            link=link, read_preview=reader))
+        ok = dialog.run()
+        link.close()
+        if not ok:
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     feedback = ui.ProgressWindow(StatusBar()) if interactive else StatusBar()
     try:
@@ -329,9 +380,11 @@ class DragDiffusion(Gimp.PlugIn):
             "Move image content along drags with a diffusion model",
             "Draw a path whose anchors come in pairs — handle (the point to move), then its "
             "target — either one two-anchor stroke per drag or handle, target, handle, target "
-            "in one stroke. Optionally select the area that may change. The result is added "
-            "as a new layer above the selected layer; one Undo removes it. From scripts, a "
-            "numeric setting at -1 uses the chosen method's default.", name)
+            "in one stroke. With Inpaint4Drag, select the region that moves (the object); the "
+            "dialog previews the warp, OK inpaints what it leaves behind. With DragDiffusion "
+            "or GoodDrag, optionally select the area that may change. The result is added as a "
+            "new layer above the selected layer; one Undo removes it. From scripts, a numeric "
+            "setting at -1 uses the chosen method's default.", name)
         p.set_attribution("GIMP Drag Diffusion contributors", "GPL-3.0-or-later", "2025")
 
         methods = Gimp.Choice.new()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dragdiff_preview as pre
 import dragdiff_progress as prog
 from dragdiff_geometry import Point
 
@@ -267,20 +268,47 @@ def _wait(seconds: float, feedback: Feedback) -> None:
         time.sleep(min(0.05, max(0.0, end - time.monotonic())))
 
 
-def quick_hello(setting: str, timeout: float = 1.0) -> dict[str, Any] | None:
-    """The running backend's ``hello`` reply if one answers within ``timeout`` (for the
-    dialog: defaults, device, model), else None. Never starts a backend."""
-    try:
-        install = InstallInfo.load()
-        client = try_connect(connection_file(setting, install), timeout)
-    except BackendError:
-        return None
-    if client is None:
-        return None
-    try:
-        return dict(client.server_info or {})
-    finally:
-        client.close()
+class PreviewLink:
+    """A connection to a running backend kept while the settings dialog is open: its hello (for
+    the dialog's defaults) and the live warp preview. Never starts a backend; when none answers
+    within ``timeout`` it stays unconnected (``info`` None)."""
+
+    def __init__(self, setting: str, timeout: float = 1.0) -> None:
+        self.client: Any = None
+        try:
+            self.client = try_connect(connection_file(setting, InstallInfo.load()), timeout)
+        except BackendError:
+            self.client = None
+        self.info: dict[str, Any] | None = (dict(self.client.server_info or {})
+                                            if self.client is not None else None)
+
+    @property
+    def can_warp(self) -> bool:
+        return self.client is not None and pre.supports_warp(self.info)
+
+    def warp(self, inputs: pre.PreviewInputs,
+             params: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        """The warped layer with the inpainting grid (8-bit, the inputs' channels) and the
+        reply's figures. Raises ``BackendError`` with a line for the dialog."""
+        protocol = _import_protocol()
+        if inputs.mask is None:
+            raise BackendError(pre.NO_SELECTION)
+        try:
+            reply = self.client.warp(inputs.pixels, inputs.width, inputs.height,
+                                     inputs.channels, inputs.handles, inputs.targets,
+                                     inputs.mask, params=pre.warp_params(params),
+                                     overlay=True, dtype="u8")
+        except protocol.BackendUnavailable as exc:
+            self.close()
+            raise BackendError(f"The backend stopped answering: {exc.message}") from None
+        except protocol.BackendError as exc:
+            raise BackendError(exc.message) from None
+        return bytes(reply.image), dict(reply.content)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
 
 def is_demo_model(info: dict[str, Any]) -> bool:

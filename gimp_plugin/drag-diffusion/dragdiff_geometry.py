@@ -134,21 +134,29 @@ def check_inside(handles: Sequence[Point], targets: Sequence[Point],
 
 # --- selection → mask ---------------------------------------------------------------------------
 
-def selection_region(bounds: Rect | None, layer: Rect) -> Rect | None:
+SELECT_MOVING = ("With Inpaint4Drag the selection is the region that moves: select the object "
+                 "you drag (its handles must lie inside it)")
+
+
+def selection_region(bounds: Rect | None, layer: Rect, moves: bool = False) -> Rect | None:
     """Part of the selection's bounding box (image coordinates) that lies on the layer.
 
-    ``bounds`` is None when there is no selection (everything may change): returns None.
+    ``bounds`` is None when there is no selection: returns None (everything may change; with
+    ``moves``, the selection being the region that moves, that is an ``InputError``).
     Raises ``InputError`` when the selection misses the layer entirely.
     """
     if bounds is None or bounds.empty:
+        if moves:
+            raise InputError(f"Nothing is selected. {SELECT_MOVING}.")
         return None
     region = bounds.intersect(layer)
     if region.empty:
+        what = (SELECT_MOVING + " on this layer." if moves else
+                "Select the area that may change on this layer, or Select › None to let the "
+                "whole layer change.")
         raise InputError(
             f"The selection ({bounds.width}×{bounds.height} at {bounds.x},{bounds.y}) does not "
-            f"touch the layer ({layer.width}×{layer.height} at {layer.x},{layer.y}). Select "
-            "the area that may change on this layer, or Select › None to let the whole layer "
-            "change.")
+            f"touch the layer ({layer.width}×{layer.height} at {layer.x},{layer.y}). {what}")
     return region
 
 
@@ -169,12 +177,17 @@ def place_mask(region_pixels: bytes, region: Rect, width: int, height: int) -> b
     return bytes(mask)
 
 
-def mask_or_none(mask: bytes) -> bytes | None:
-    """The mask to send: None when the whole layer is fully selected (everything may change).
+def mask_or_none(mask: bytes, moves: bool = False) -> bytes | None:
+    """The mask to send: None when the whole layer is fully selected (everything may change);
+    with ``moves`` (the selection is the region that moves) always the mask.
 
     Raises ``InputError`` when nothing on the layer is selected.
     """
     if not any(mask):
+        if moves:
+            raise InputError(f"The selection is empty on this layer. {SELECT_MOVING}.")
         raise InputError("The selection is empty on this layer (fully unselected); select the "
                          "area that may change, or Select › None to let the whole layer change.")
+    if moves:
+        return mask
     return None if mask.count(255) == len(mask) else mask

@@ -46,6 +46,9 @@ KNOBS = (
     Knob("lam", "lam", "Mask-keepin_g weight (λ)", False, 100.0, advanced=True),
     Knob("n-inference-steps", "n_inference_steps", "Di_ffusion steps", True, 1000,
          advanced=True),
+    Knob("inpaint-steps", "inpaint_steps", "Inpaint ste_ps", True, 50, only="inpaint4drag"),
+    Knob("inpaint-kernel", "inpaint_kernel", "Inpaint _margin (px at 512)", True, 25,
+         advanced=True, only="inpaint4drag"),
 )
 KNOB_BY_PROP = {k.prop: k for k in KNOBS}
 
@@ -58,6 +61,7 @@ class Spec:
     maximum: float | None = None
     step: float | None = None
     help: str = ""
+    methods: tuple[str, ...] | None = None  # the algorithms that read it (protocol 1.1)
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> Spec:
@@ -67,7 +71,9 @@ class Spec:
                 return float(value)
             return None
 
-        return cls(number("min"), number("max"), number("step"), str(data.get("help") or ""))
+        methods = data.get("methods")
+        return cls(number("min"), number("max"), number("step"), str(data.get("help") or ""),
+                   tuple(str(m) for m in methods) if isinstance(methods, list) else None)
 
 
 @dataclass
@@ -100,7 +106,9 @@ class ParamTable:
         return {"methods": self.methods, "default_method": self.default_method,
                 "descriptions": self.descriptions,
                 "parameters": {k: {"min": s.minimum, "max": s.maximum, "step": s.step,
-                                   "help": s.help} for k, s in self.specs.items()}}
+                                   "help": s.help,
+                                   **({"methods": list(s.methods)} if s.methods else {})}
+                               for k, s in self.specs.items()}}
 
     def default(self, method: str, param: str) -> float | None:
         value = self.methods.get(method, {}).get(param)
@@ -112,6 +120,15 @@ class ParamTable:
 
     def algorithm(self, method: str) -> str:
         return str(self.methods.get(method, {}).get("method") or method)
+
+    def uses(self, knob: Knob, method: str) -> bool:
+        """Whether ``method``'s algorithm reads ``knob`` (the backend's spec says, else the
+        knob's own ``only``); the dialog greys out the others."""
+        algorithm = self.algorithm(method)
+        spec = self.specs.get(knob.param)
+        if spec is not None and spec.methods is not None:
+            return algorithm in spec.methods
+        return knob.only is None or knob.only == algorithm
 
     def describe(self, method: str) -> str:
         return self.descriptions.get(method, "")

@@ -32,7 +32,11 @@ FIRST_GUESS = {"cpu": 21.0, "cuda": 0.4, "mps": 3.0}
 
 def plan_steps(params: Mapping[str, Any]) -> dict[str, int]:
     """Steps each phase will take at most for resolved method parameters (drags may stop
-    early; a cached LoRA skips its phase)."""
+    early; a cached LoRA skips its phase). Inpaint4Drag: the warp (``load``), its inpainting
+    steps (``denoise``), the paste (``decode``)."""
+    if params.get("method") == "inpaint4drag":
+        return {"load": 1, "denoise": max(1, int(params.get("inpaint_steps", 8))),
+                "decode": 1}
     n = max(1, min(int(params.get("n_inference_steps", 50)),
                    round(params.get("n_inference_steps", 50)
                          * params.get("inversion_strength", 0.7))))

@@ -8,6 +8,7 @@ estimates, times) lives in the pure modules dragdiff_params and dragdiff_progres
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import dragdiff_backend as backend
 import dragdiff_layer as lay
 import dragdiff_params as par
+import dragdiff_preview as pre
 import dragdiff_progress as prog
 import gi
 
@@ -41,6 +43,10 @@ class DialogContext:
     state_path: Path
     state: dict[str, Any] = field(default_factory=dict)
     start_command: str | None = None  # how to start the backend when the plug-in can't
+    # The live warp preview (Inpaint4Drag): the backend link and what reads the scaled inputs
+    # (raises an InputError-like exception with a line for the user).
+    link: backend.PreviewLink | None = None
+    read_preview: Callable[[], pre.PreviewInputs] | None = None
 
 
 class SettingsDialog:
@@ -75,6 +81,7 @@ class SettingsDialog:
         self.dialog.fill_box("advanced-box", list(ADVANCED))
         self.dialog.fill_expander("advanced-expander", "advanced-title", False, "advanced-box")
         self.dialog.fill(list(MAIN))
+        self.preview = WarpPreview(self) if context.read_preview is not None else None
         self._update()
 
     def _label(self, name: str) -> Gtk.Label:
@@ -122,8 +129,8 @@ class SettingsDialog:
             return
         table, info = self.table, self.context.info or {}
         for knob in par.KNOBS:  # a knob the chosen algorithm does not use is greyed out
-            if knob.only and knob.prop in self.widgets and table is not None:
-                self.widgets[knob.prop].set_sensitive(table.algorithm(self.method) == knob.only)
+            if knob.prop in self.widgets and table is not None:
+                self.widgets[knob.prop].set_sensitive(table.uses(knob, self.method))
         self.method_help.set_text(table.describe(self.method) if table else "")
         self.method_help.set_visible(bool(self.method_help.get_text()))
         self.estimate.set_text(self._estimate_text(table, info))
@@ -142,6 +149,8 @@ class SettingsDialog:
                            "install.json has no table): settings at -1 use them.")
         self.notice.set_text("\n".join(notices))
         self.notice.set_visible(bool(notices))
+        if getattr(self, "preview", None) is not None:
+            self.preview.look()
 
     def _estimate_text(self, table: par.ParamTable | None, info: dict[str, Any]) -> str:
         if table is None or not info.get("device"):
@@ -167,12 +176,97 @@ class SettingsDialog:
         """Show the dialog; remember what it holds until an edit with it succeeds (GIMP keeps
         only a successful run's values, so a Cancel would lose what was typed)."""
         ok = bool(self.dialog.run())
+        if self.preview is not None:
+            self.preview.stop()
         self.config.disconnect(self._notify)
         typed = snapshot(self.config)
         typed.update(par.stored_values(self.table, self.method, knob_values(self.config)))
         par.write_state(self.context.state_path, typed=typed)
         self.dialog.destroy()
         return ok
+
+
+class WarpPreview:
+    """The dialog's live Inpaint4Drag preview: the warped layer with the area to inpaint as a
+    grid, shown when the dialog opens and again whenever the drags, the selection or the
+    settings change (looked for every ``pre.POLL_MS``)."""
+
+    def __init__(self, owner: SettingsDialog) -> None:
+        self.owner = owner
+        self.state = pre.PreviewState()
+        self.picture = Gtk.Image()
+        self.picture.set_size_request(PREVIEW_BOX, PREVIEW_BOX)
+        self.caption = Gtk.Label(xalign=0.0)
+        self.caption.set_line_wrap(True)
+        self.caption.set_max_width_chars(56)
+        self.caption.get_style_context().add_class("dim-label")
+        box = owner.dialog.get_content_area()
+        box.pack_start(self.picture, False, False, 0)
+        box.pack_start(self.caption, False, False, 0)
+        self.picture.show()
+        self.caption.show()
+        self._timer = GLib.timeout_add(pre.POLL_MS, self._tick)
+        GLib.idle_add(self._first)  # within a second of opening: as soon as it is drawn
+
+    def _first(self) -> bool:
+        self.look()
+        return False
+
+    def _tick(self) -> bool:
+        self.look()
+        return self._timer is not None
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            GLib.source_remove(self._timer)
+            self._timer = None
+        link = self.owner.context.link
+        if link is not None:
+            link.close()
+
+    def _say(self, text: str, clear: bool = True) -> None:
+        if clear:
+            self.picture.clear()
+            self.state.forget()
+        self.caption.set_text(text)
+
+    def look(self) -> None:
+        """Ask for a new warp when what it depends on changed."""
+        owner, context = self.owner, self.owner.context
+        table = owner.table
+        algorithm = table.algorithm(owner.method) if table else owner.method
+        if not pre.region_moves(algorithm):
+            self._say(pre.NOT_INPAINT4DRAG)
+            return
+        link = context.link
+        if link is None or link.client is None:
+            self._say(pre.NO_BACKEND)
+            return
+        if not link.can_warp:
+            self._say(pre.OLD_BACKEND)
+            return
+        try:
+            inputs = context.read_preview()
+            params = par.overrides(table, owner.method, knob_values(owner.config),
+                                   text(owner.config, "advanced"))
+        except Exception as exc:  # an InputError or ParamsError: its text is for the user
+            self._say(str(exc))
+            return
+        if not self.state.changed(inputs.key(), owner.method, params):
+            return
+        try:
+            pixels, figures = link.warp(inputs, params)
+        except backend.BackendError as exc:
+            self._say(str(exc))
+            return
+        rgb = lay.preview_rgb(pixels, inputs.width, inputs.height, inputs.channels)
+        pixbuf = GdkPixbuf.Pixbuf.new_from_bytes(
+            GLib.Bytes.new(rgb), GdkPixbuf.Colorspace.RGB, False, 8, inputs.width,
+            inputs.height, inputs.width * 3)
+        shown = lay.fit(inputs.width, inputs.height, PREVIEW_BOX)
+        self.picture.set_from_pixbuf(pixbuf.scale_simple(*shown, GdkPixbuf.InterpType.BILINEAR))
+        scale = inputs.width / max(1, owner.context.layer_size[0])
+        self.caption.set_text(pre.caption(figures, scale))
 
 
 # --- config helpers -------------------------------------------------------------------------------
