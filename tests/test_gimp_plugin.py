@@ -490,3 +490,30 @@ def test_vendored_pyzmq_and_msgpack(gimp, backend):
     finally:
         harness.install_plugin(gimp, "--vendor", "never")
     assert not (gimp.plugin_dir / "drag-diffusion" / "vendor").exists()
+
+
+def test_inpaint4drag_moves_the_selected_region_bit_for_bit(gimp, backend):
+    """The selection is the region that moves: its pixels land at the drag's target as they
+    were (at 64 px the official 5-px margin is 1 px: only the moved outline is repainted), the
+    area it left is inpainted, everything else is the source."""
+    x, y, w, h = 10, 10, 14, 12
+    report, out = run_case(gimp, "inpaint4drag", backend, selection=[x, y, w, h],
+                           paths=[[[[15.5, 15.5], [35.5, 20.5]]]],
+                           args={"method": "inpaint4drag", "inpaint-steps": 2})
+    source, result = check_new_layer(report, out, backend, [64, 48], [0, 0])
+    assert report["info"]["method"] == "inpaint4drag" and report["info"]["masked"] is True
+    inner = source[y + 1:y + h - 1, x + 1:x + w - 1]
+    assert np.array_equal(result[y + 6:y + h + 4, x + 21:x + w + 19], inner)
+    touched = np.zeros((48, 64), bool)
+    touched[y:y + h, x:x + w] = True  # what it left (and may inpaint)
+    touched[y + 5:y + h + 5, x + 20:x + w + 20] = True  # where it went
+    assert np.array_equal(result[~touched], source[~touched])
+    assert not np.array_equal(result[y:y + h, x:x + 20], source[y:y + h, x:x + 20])
+
+
+def test_inpaint4drag_without_a_selection_asks_for_the_region_that_moves(gimp, backend):
+    report, _ = run_case(gimp, "inpaint4drag-no-selection", backend,
+                         paths=[[[[15.5, 15.5], [35.5, 20.5]]]],
+                         args={"method": "inpaint4drag"})
+    assert report["status"] == "execution-error"
+    assert "region that moves" in report["error"]
