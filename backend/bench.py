@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="tiny", help="tiny (default), sd15-random, or a model "
                    "folder/file/Hugging Face id")
-    p.add_argument("--method", default="all", help="dragdiffusion, gooddrag, a preset, a "
-                   "comma-separated list of them, or all (the two methods)")
+    p.add_argument("--method", default="all", help="inpaint4drag, dragdiffusion, gooddrag, a "
+                   "preset, a comma-separated list of them, or all (the three methods)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
     p.add_argument("--dtype", default=None, help="precision: auto (default), fp16, bf16, fp32, "
@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finish", metavar="WxH", help="instead: time the full-resolution finish "
                    "alone at this size (e.g. 4000x3000) with a 36 %%-area elliptical mask, "
                    "against the same blend computed over the whole image")
+    p.add_argument("--warp", type=int, metavar="SIDE", help="instead: time Inpaint4Drag's warp "
+                   "alone on a SIDE×SIDE image (e.g. 512) for a few region sizes and drags "
+                   "(best and median of --repeat)")
+    p.add_argument("--repeat", type=int, default=7, help="runs per --warp case (default 7)")
     p.set_defaults(func=run_bench)
 
 
@@ -71,6 +75,51 @@ def synthetic_case(size: int) -> tuple[np.ndarray, np.ndarray, list, list]:
     handle = (size * 0.4, size * 0.5)
     target = (size * 0.525, size * 0.5)
     return image.astype(np.uint8), mask, [handle], [target]
+
+
+def bench_warp(side: int, repeat: int = 7) -> list[dict]:
+    """Milliseconds of ``warp.bi_warp`` (Inpaint4Drag's warp, the live preview's work) on a
+    ``side``² canvas: a disc of ~8 % of the area dragged by one pair and by three, and a blob of
+    ~24 % by two (best and median of ``repeat``, after one warm-up)."""
+    import torch
+
+    from backend.engine.warp import bi_warp
+
+    yy, xx = np.mgrid[0:side, 0:side]
+    s = side / 512
+    disc = (xx - 200 * s) ** 2 + (yy - 250 * s) ** 2 < (80 * s) ** 2
+    blob = (xx - 256 * s) ** 2 + 1.3 * (yy - 256 * s) ** 2 < (150 * s) ** 2
+
+    def pts(points: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        return [(round(x * s), round(y * s)) for x, y in points]
+
+    cases = {
+        "disc, 1 pair": (disc, pts([(200, 250)]), pts([(260, 240)])),
+        "disc, 3 pairs": (disc, pts([(200, 250), (150, 250), (220, 300)]),
+                          pts([(260, 240), (150, 230), (240, 330)])),
+        "blob, 2 pairs": (blob, pts([(256, 256), (200, 200)]), pts([(300, 280), (230, 190)])),
+    }
+    rows = []
+    for name, (mask, handles, targets) in cases.items():
+        bi_warp(mask, handles, targets)
+        times = []
+        for _ in range(max(1, repeat)):
+            t0 = time.perf_counter()
+            bi_warp(mask, handles, targets)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        rows.append({"warp": f"{side}x{side}", "case": name, "region_px": int(mask.sum()),
+                     "best_ms": round(times[0] * 1000, 1),
+                     "median_ms": round(times[len(times) // 2] * 1000, 1),
+                     "torch_threads": torch.get_num_threads()})
+    return rows
+
+
+def disc_mask(size: int) -> np.ndarray:
+    """The synthetic case's disc, the region that moves for Inpaint4Drag."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    disc = (xx - size * 0.4) ** 2 + (yy - size * 0.5) ** 2 < (size * 0.12) ** 2
+    return disc.astype(np.uint8) * 255
 
 
 def build_engine(args: argparse.Namespace):
@@ -150,6 +199,10 @@ def bench_finish(width: int, height: int, dtype: str = "uint8", area: float = 0.
 def run_bench(args: argparse.Namespace) -> int:
     import torch
 
+    if args.warp:
+        for row in bench_warp(args.warp, args.repeat):
+            print(json.dumps(row), flush=True)
+        return 0
     if args.finish:
         try:
             width, height = (int(v) for v in args.finish.lower().split("x"))
@@ -171,7 +224,8 @@ def run_bench(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    methods = ["dragdiffusion", "gooddrag"] if args.method == "all" else args.method.split(",")
+    methods = (["inpaint4drag", "dragdiffusion", "gooddrag"] if args.method == "all"
+               else args.method.split(","))
     if any(m not in PRESETS for m in methods):
         print(f"error: unknown method {args.method!r}; use all or a comma-separated list of "
               f"{', '.join(PRESETS)}", file=sys.stderr)
@@ -201,9 +255,12 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def bench_method(engine, method: str, args: argparse.Namespace, overrides: dict) -> list[dict]:
     """A first edit of the synthetic image, then ``args.redrags`` drags to other targets."""
+    from backend.engine.params import PRESET_METHOD
     from backend.engine.types import DragRequest
 
     image, mask, handles, targets = synthetic_case(args.size)
+    if PRESET_METHOD.get(method) == "inpaint4drag":  # its mask is the region that moves
+        mask = disc_mask(args.size)
     rows = []
     for run in range(1 + max(0, args.redrags)):
         request = DragRequest(image=image, handles=handles,

@@ -333,6 +333,9 @@ class Server:
             raise ProtocolError(wire.INVALID_INPUT, str(exc)) from None
         self._send(identity, wire.WARP_REPLY, reply, parent=message.header,
                    buffers=buffers)
+        log.info("warp %dx%d from %s: %d px move, %d px to inpaint, %.3f s", reply["width"],
+                 reply["height"], printable(message.session, 8), reply["moved_pixels"],
+                 reply["inpaint_pixels"], reply["seconds"])
 
     def _check_model(self) -> None:
         if self._model_state == "missing":

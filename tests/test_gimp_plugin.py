@@ -442,6 +442,21 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
         assert typed["method"] == "dragdiffusion" and typed["seed"] == 42
         assert all(typed[k.prop] == -1 for k in params_module().KNOBS), typed
 
+        # 4b. Inpaint4Drag: the dialog shows the warp before OK (protocol 1.1's warp request;
+        #     the selection rectangle is the region that moves); Cancel adds nothing.
+        log_mark = len(backend_log(backend))
+        dialog = xvfb.wait_window("^Drag Diffusion$")
+        time.sleep(1.5)
+        xvfb.keys(dialog, "alt+m", "Up")  # the remembered DragDiffusion → Inpaint4Drag (first)
+        time.sleep(2)
+        xvfb.screenshot(ARTIFACTS / "plugin-dialog-inpaint4drag.png", dialog)
+        xdisplay.wait_for(lambda: re.search(r"warp 128x128 from \S+: [1-9][0-9]* px move",
+                                            backend_log(backend)[log_mark:]), 30,
+                          "the dialog's warp preview")
+        xvfb.keys(dialog, "Escape")
+        run5 = step("run5")
+        assert run5["status"] == "cancel" and run5["layers"] == original, run5
+
         # 5. A quick edit, then the undo history holds exactly one step: the edit.
         applied = step("applied", 240)
         assert applied["status"] == "success", (applied, log.read_text()[-3000:])

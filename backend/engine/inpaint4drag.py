@@ -33,7 +33,7 @@ from backend.engine.fillers import Filler, FillRequest, smooth_fill
 from backend.engine.params import DragParams
 from backend.engine.types import DragRequest, DragResult, ProgressFn
 from backend.engine.warp import CANVAS, WarpMap, bi_warp, odd_kernel, pixel_index
-from backend.engine.work import WorkCounter, inpaint_passes
+from backend.engine.work import WorkCounter, inpaint_passes, official_defaults
 
 NO_SELECTION = ("Inpaint4Drag needs a selection: select the region that moves (the object to "
                 "drag), then run it again")
@@ -138,6 +138,19 @@ def plan_crop(hole: np.ndarray, work_size: int, max_side: int = 0, multiple: int
     return Crop((x0, y0, x1, y1), (snap(x1 - x0), snap(y1 - y0)))
 
 
+def work_stats(work: WorkCounter, params: DragParams) -> dict:
+    """UNet forward-equivalents of this edit next to the official app's for the same steps
+    and strength, and at its defaults (the shape of the other methods' ``stats["work"]``); the
+    VAE runs once each way (not UNet work)."""
+    passes = inpaint_passes(params.inpaint_steps, params.inpaint_strength)
+    defaults = sum(official_defaults("inpaint4drag").values())
+    return {"fe": dict(work.fe), "total": work.total, "truncated": 0,
+            "official_fe": {"denoise": passes}, "official_total": passes,
+            "ratio": round(work.total / passes, 4), "official_defaults_total": defaults,
+            "ratio_to_official_defaults": round(work.total / defaults, 4),
+            "vae": {"encode": 1 if work.total else 0, "decode": 1 if work.total else 0}}
+
+
 def _hole_at(hole: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The hole resized to (w, h): a working pixel is in it when any layer pixel under it is."""
     if (hole.shape[1], hole.shape[0]) == size:
@@ -184,9 +197,8 @@ def run(request: DragRequest, params: DragParams, filler: Filler,
             image[crop.rows(), crop.cols()], filled, box_hole.astype(np.uint8) * 255, feather)
         timings["paste"] = round(time.perf_counter() - start, 4)
         stats.update(crop=list(crop.box), work_size=list(crop.work))
-    stats["work"] = {"fe": dict(work.fe), "total": work.total,
-                     "official_total": inpaint_passes(params.inpaint_steps,
-                                                      params.inpaint_strength)}
+    stats["work"] = work_stats(work, params)
+    stats["unet_passes"] = work.total
     warnings = list(layer.warp.warnings)
     return DragResult(image=image, handles=[(float(x), float(y)) for x, y in request.targets],
                       timings=timings, stats=stats, warnings=warnings)

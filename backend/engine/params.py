@@ -82,6 +82,9 @@ class DragParams:
 
 
 PRESETS: dict[str, DragParams] = {
+    # Inpaint4Drag (official app): warp at the layer's resolution, inpaint the revealed area in
+    # 8 LCM steps at strength 1.0, pasted back hard (no feather) as the official composite.
+    "inpaint4drag": DragParams(lora_steps=0, feather=0),
     "dragdiffusion": DragParams(),
     "gooddrag": DragParams(
         lora_steps=70,
@@ -112,9 +115,6 @@ PRESETS: dict[str, DragParams] = {
         drag_steps=40,
         latent_lr=0.02,
     ),
-    # Inpaint4Drag (official app): warp at the layer's resolution, inpaint the revealed area in
-    # 8 LCM steps at strength 1.0, pasted back hard (no feather) as the official composite.
-    "inpaint4drag": DragParams(lora_steps=0, feather=0),
 }
 
 # Which algorithm each preset runs.

@@ -49,6 +49,9 @@ class WorkCounter:
         return sum(self.fe.values())
 
 
+OFFICIAL_INPAINT_STEPS = 8  # Inpaint4Drag's app (ui_utils.inpaint; its evaluation script: 4)
+
+
 def inpaint_passes(steps: int, strength: float) -> int:
     """UNet passes of one Inpaint4Drag inpaint: diffusers' inpainting pipelines keep
     ``int(steps · strength)`` of the scheduler's steps (the official app: 8 at strength 1.0, 7
@@ -100,7 +103,10 @@ def official_defaults(method: str, lora_trained: bool = True) -> dict[str, int]:
 
     DragDiffusion: 906 FE per first edit (LoRA 640 of them), 266 per re-drag. GoodDrag: 1,102
     and 542 (70 LoRA steps, strength 0.75 → 38 steps, 7 dragged timesteps × 30 Adam steps).
+    Inpaint4Drag: 8 (its LCM steps; plus one VAE encode and one decode, not UNet work).
     """
+    if method == "inpaint4drag":
+        return {"denoise": OFFICIAL_INPAINT_STEPS}
     if method == "dragdiffusion":
         return official_work(method, lora_steps=80, lora_batch=4, n_actual=35, drag_steps=80,
                              lora_trained=lora_trained)

@@ -3,11 +3,16 @@
 Three case sets: ``shapes`` (procedural scenes, the correct result rendered exactly, handle error
 from re-rendered hypotheses: ``metrics``), ``stereo`` (the motorcycle stereo pair) and ``paste``
 (an object moved over a photograph; both ``photo_cases``, handle error by patch matching). Every
-case runs through the no-op and cut-and-paste baselines and the chosen engine methods or presets
-(default: both methods and the ``fast`` preset, each with its own defaults and the model's
-``preset.json``); the command prints a summary and per-case tables and writes ``table.md``,
-``results.json`` and one ``grid-<set>.png`` per set (input with mask and arrows / correct /
-each result) to ``--out``.
+case runs through the baselines (no-op, cut-and-paste, Inpaint4Drag's warp alone and the warp
+with a model-free smooth fill) and the chosen engine methods or presets (default: the three
+methods and the ``fast`` preset, each with its own defaults and the model's ``preset.json``);
+the command prints a summary and per-case tables and writes ``table.md``, ``results.json`` and
+one ``grid-<set>.png`` per set (input with mask and arrows / correct / each result) to ``--out``.
+
+Masks: a case's ``mask`` is the region that may change (DragDiffusion, GoodDrag, the PSNR
+inside/outside split for every method); Inpaint4Drag is given the region that moves instead, the
+case's ``region`` from its ground truth (a shape's own pixels, the pasted object, the stereo
+surface at the handle's depth).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from backend.engine.errors import InvalidInput
-from backend.engine.params import PRESETS, parse_assignments, resolve
+from backend.engine.params import PRESET_METHOD, PRESETS, parse_assignments, resolve
 from backend.toy import metrics, photo_cases
 from backend.toy.photo_cases import PhotoCase
 from backend.toy.shapes import DragCase, make_cases
@@ -34,7 +39,32 @@ Case = DragCase | PhotoCase
 
 
 def default_methods() -> list[str]:
-    return ["dragdiffusion", "gooddrag", *(["fast"] if "fast" in PRESETS else [])]
+    return ["inpaint4drag", "dragdiffusion", "gooddrag", *(["fast"] if "fast" in PRESETS else [])]
+
+
+def warp_only(case: Case) -> np.ndarray:
+    """Inpaint4Drag's warp alone: the region's pixels moved, what it left not yet filled."""
+    from backend.engine.inpaint4drag import warp_layer
+
+    _, params = resolve("inpaint4drag")
+    return warp_layer(case.image, case.region, list(case.handles), list(case.targets),
+                      params).image
+
+
+def warp_smooth(case: Case) -> np.ndarray:
+    """The warp with the inpainting mask filled by a smooth extension of its surroundings (no
+    model): what a filler must beat."""
+    from backend.engine.fillers import smooth_fill
+    from backend.engine.inpaint4drag import warp_layer
+
+    _, params = resolve("inpaint4drag")
+    layer = warp_layer(case.image, case.region, list(case.handles), list(case.targets),
+                       params)
+    filled = smooth_fill(layer.image.astype(np.float32), layer.hole)
+    return np.clip(np.rint(filled), 0, 255).astype(np.uint8)
+
+
+WARP_BASELINES = {"warp-only": warp_only, "warp+smooth-fill": warp_smooth}
 
 
 def make_case_sets(names: list[str], n_shapes: int = 6, n_photo: int = 4,
@@ -56,22 +86,30 @@ def score(case: Case, image: np.ndarray) -> dict[str, float]:
 
 def baseline(name: str) -> Callable[[Case], np.ndarray]:
     def run(case: Case) -> np.ndarray:
+        if name in WARP_BASELINES:
+            return WARP_BASELINES[name](case)
         table = photo_cases.BASELINES if isinstance(case, PhotoCase) else metrics.BASELINES
         return table[name](case)
 
     return run
 
 
+BASELINE_NAMES = (*metrics.BASELINES, *WARP_BASELINES)
+
+
 def engine_runner(engine, method: str, params: dict, seed: int = 0) -> Callable:
     """A function case → (output image, extra) running ``method`` on ``engine``."""
     from backend.engine.types import DragRequest
 
+    moves = PRESET_METHOD.get(method) == "inpaint4drag"  # the mask is the region that moves
+
     def run(case: Case) -> tuple[np.ndarray, dict]:
         request = DragRequest(image=case.image, handles=list(case.handles),
-                              targets=list(case.targets), mask=case.mask, method=method,
+                              targets=list(case.targets),
+                              mask=case.region if moves else case.mask, method=method,
                               prompt=case.prompt, seed=seed, params=dict(params))
         result = engine.run(request)
-        stats = {k: v for k, v in result.stats.items() if isinstance(v, (int, float))}
+        stats = {k: v for k, v in result.stats.items() if isinstance(v, (int, float, str))}
         stats["fe"] = result.stats["work"]["total"]  # UNet forward-equivalents (engine.work)
         return result.image, {"tracked": result.handles, "timings": result.timings,
                               "stats": stats}
@@ -107,6 +145,7 @@ def summary(rows: list[dict]) -> dict:
         "psnr_out": float(np.mean([metrics.capped(r["psnr_out"]) for r in rows])),
         "exact_outside": all(math.isinf(r["psnr_out"]) for r in rows),
         "seconds": float(np.mean([r["seconds"] for r in rows])),
+        "fe": float(np.mean([r.get("stats", {}).get("fe", 0) for r in rows])),
     }
 
 
@@ -116,14 +155,16 @@ def _fmt(v: float) -> str:
 
 def summary_table(results: dict[str, dict[str, list[dict]]]) -> str:
     """Markdown: one row per set and method (means over the set's cases)."""
-    lines = ["| set | method | handle error px | PSNR in mask dB | outside mask | s / case |",
-             "|---|---|---:|---:|---|---:|"]
+    lines = ["| set | method | handle error px | PSNR in mask dB | outside mask | UNet FE / case "
+             "| s / case |",
+             "|---|---|---:|---:|---|---:|---:|"]
     for set_name, by_method in results.items():
         for method, rows in by_method.items():
             s = summary(rows)
             outside = "exact" if s["exact_outside"] else f"{s['psnr_out']:.1f} dB"
             lines.append(f"| {set_name} | {method} | {s['handle_error']:.2f} | "
-                         f"{s['psnr_in']:.1f} | {outside} | {s['seconds']:.1f} |")
+                         f"{s['psnr_in']:.1f} | {outside} | {s['fe']:.0f} | "
+                         f"{s['seconds']:.2f} |")
     return "\n".join(lines)
 
 
@@ -195,7 +236,7 @@ def run_bench(case_sets: dict[str, list[Case]], methods: list[str], model: str |
     """results[set][method] = rows: baselines (unless turned off) and the engine ``methods``."""
     results: dict[str, dict[str, list[dict]]] = {name: {} for name in case_sets}
     for set_name, cases in case_sets.items():
-        for name in metrics.BASELINES if baselines else ():
+        for name in BASELINE_NAMES if baselines else ():
             results[set_name][name] = evaluate(cases, baseline(name))
     if methods:
         from backend.engine.pipeline import DragEngine
@@ -228,7 +269,7 @@ def checked_params(methods: list[str], items: list[str], lora_steps: int | None)
 
 def main(args: argparse.Namespace) -> int:
     methods = default_methods() if args.method == "all" else args.method.split(",")
-    methods = [m for m in methods if m not in (*metrics.BASELINES, "", "none")]
+    methods = [m for m in methods if m not in (*BASELINE_NAMES, "", "none")]
     params = checked_params(methods, args.param, args.lora_steps)
     sets = args.sets.split(",")
     unknown = set(sets) - set(CASE_SETS)

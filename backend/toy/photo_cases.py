@@ -28,6 +28,7 @@ from backend.toy.metrics import psnr
 
 WORK = 256  # long side of the case images (the toy model's working size)
 PATCH = 7  # patch radius for matching (15×15 px)
+REGION_RADIUS = 14  # a stereo case's moving region: the surface this close to the handle
 
 
 @dataclass
@@ -40,6 +41,8 @@ class PhotoCase:
     handles: list[tuple[float, float]]
     targets: list[tuple[float, float]]
     prompt: str = "a photo"
+    # The region that moves (Inpaint4Drag's selection), from the ground truth, uint8 0/255.
+    region: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------- case generation
@@ -111,10 +114,14 @@ def stereo_cases(n: int = 4, work: int = WORK) -> list[PhotoCase]:
         handle = (x + 0.5, y + 0.5)
         target = (x + 0.5 - float(D[y, x]), y + 0.5)
         mask = _segment_mask(L.shape[:2], [(handle, target)], 20)
+        # What moves with the handle: the nearby surface at its depth (disparity within 1 px).
+        near = _segment_mask(L.shape[:2], [(handle, handle)], REGION_RADIUS)
+        surface = near & known & (np.abs(D - D[y, x]) <= 1.0)
         cases.append(PhotoCase(
             name=f"stereo-{len(cases):02d}", image=L, correct=R,
             mask=(mask * 255).astype(np.uint8), valid=mask & seen,
-            handles=[handle], targets=[target], prompt="a photo of a motorcycle"))
+            handles=[handle], targets=[target], prompt="a photo of a motorcycle",
+            region=surface.astype(np.uint8) * 255))
     return cases
 
 
@@ -160,10 +167,11 @@ def paste_cases(n: int = 4, seed: int = 0, work: int = WORK) -> list[PhotoCase]:
             moved = obj.translated(t * d[0], t * d[1])
             mask |= shapes.shape_layer(moved, (0, 0, w, h), 2)[1] > 0
         mask = shapes.dilate(mask, 6)
+        region = shapes.shape_layer(obj, (0, 0, w, h))[1] > 0  # the pasted object
         cases.append(PhotoCase(
             name=f"paste-{i:02d}-{kind}", image=before, correct=after,
             mask=(mask * 255).astype(np.uint8), valid=mask.copy(), handles=[c],
-            targets=[target], prompt="a photo"))
+            targets=[target], prompt="a photo", region=region.astype(np.uint8) * 255))
     return cases
 
 

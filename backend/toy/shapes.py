@@ -344,6 +344,15 @@ class DragCase:
     def prompt(self) -> str:
         return self.before.caption()
 
+    @property
+    def region(self) -> np.ndarray:
+        """The region that moves (Inpaint4Drag's selection), from the ground truth: every pixel
+        a dragged shape covers at all, as uint8 0/255."""
+        moving = np.zeros(self.image.shape[:2], bool)
+        for index in {m.shape for m in self.motions}:
+            moving |= coverage(self.before, index) > 0
+        return moving.astype(np.uint8) * 255
+
 
 def apply_motion(shape: Shape, motion: Motion, handle, point) -> Shape:
     """``shape`` with its handle moved to ``point`` (translation or vertex move)."""

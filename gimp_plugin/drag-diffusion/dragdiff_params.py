@@ -46,8 +46,8 @@ KNOBS = (
     Knob("lam", "lam", "Mask-keepin_g weight (λ)", False, 100.0, advanced=True),
     Knob("n-inference-steps", "n_inference_steps", "Di_ffusion steps", True, 1000,
          advanced=True),
-    Knob("inpaint-steps", "inpaint_steps", "Inpaint ste_ps", True, 50, only="inpaint4drag"),
-    Knob("inpaint-kernel", "inpaint_kernel", "Inpaint _margin (px at 512)", True, 25,
+    Knob("inpaint-steps", "inpaint_steps", "Inpaint step_s", True, 50, only="inpaint4drag"),
+    Knob("inpaint-kernel", "inpaint_kernel", "Inpaint ma_rgin (px at 512)", True, 25,
          advanced=True, only="inpaint4drag"),
 )
 KNOB_BY_PROP = {k.prop: k for k in KNOBS}
