@@ -225,8 +225,6 @@ class WarpPreview:
             link.close()
 
     def _say(self, text: str, clear: bool = True) -> None:
-        import sys
-        print("DEBUG preview:", text, file=sys.stderr, flush=True)
         if clear:
             self.picture.clear()
             self.state.forget()
