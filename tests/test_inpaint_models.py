@@ -115,3 +115,32 @@ def test_a_missing_inpainting_model_or_tiny_vae_says_what_to_pass(files, tmp_pat
         load_inpaint_model(str(tmp_path / "nothing-here"), device="cpu")
     with pytest.raises(ModelNotFound, match="madebyollin/taesd"):
         load_inpaint_model(str(files["sd15"]), tiny_vae=str(tmp_path), device="cpu")
+
+
+def test_hugging_face_ids_come_from_the_cache_offline(files, tmp_path, monkeypatch):
+    """The inpainting model, its LCM-LoRA and the tiny VAE given as ids, found in the local
+    Hugging Face cache with downloading off; a missing one names the option and an example."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    for repo_id, source in (("someone/tiny-inpainting", files["sd15"]),
+                            ("someone/tiny-lcm-lora", files["sd15-lora"]),
+                            ("someone/tiny-taesd", files["taesd"])):
+        repo = tmp_path / ("models--" + repo_id.replace("/", "--"))
+        shutil.copytree(source, repo / "snapshots" / ("0" * 40))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0" * 40)
+    model = load_inpaint_model("someone/tiny-inpainting", lcm_lora="someone/tiny-lcm-lora",
+                               tiny_vae="someone/tiny-taesd", device="cpu")
+    local = load_inpaint_model(str(files["sd15"]), lcm_lora=str(files["sd15-lora"]),
+                               device="cpu")
+    for name, weight in local.pipe.unet.state_dict().items():
+        assert torch.equal(model.pipe.unet.state_dict()[name], weight), name
+    with pytest.raises(ModelNotFound, match="--lcm-lora") as err:
+        load_inpaint_model("someone/tiny-inpainting", lcm_lora="someone/missing", device="cpu")
+    assert "latent-consistency/lcm-lora-sdv1-5" in str(err.value)
+    with pytest.raises(ModelNotFound, match="--inpaint-model"):
+        load_inpaint_model("someone/missing-inpainting", device="cpu")

@@ -87,7 +87,7 @@ def _locate(name: str) -> tuple[str, Path]:
     if models._looks_like_path(name):
         raise ModelNotFound(f"the inpainting model {name} was not found: no such folder or "
                             "file")
-    return "folder", models._from_hub(name, "model", patterns=_FILES)
+    return "folder", models._from_hub(name, "inpainting model", patterns=_FILES)
 
 
 def layout_of(folder: Path) -> str:
@@ -198,27 +198,26 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _fuse_lora(pipe, lora: str) -> None:
-    """Load an LoRA (e.g. LCM-LoRA) into the pipeline and fuse it into the weights."""
+    """Load a LoRA (e.g. LCM-LoRA: a file, a folder or a Hugging Face id, found as models
+    are) into the pipeline and fuse it into the weights."""
+    from backend.engine import models
+
     path = Path(lora).expanduser()
+    if not path.exists():
+        if models._looks_like_path(lora):
+            raise ModelNotFound(f"the LoRA {lora} was not found: no such folder or file")
+        path = models._from_hub(lora, "LoRA", patterns=["*.safetensors", "*.json"])
     try:
         if path.is_file():
             pipe.load_lora_weights(str(path.parent), weight_name=path.name)
-        elif path.is_dir():
-            pipe.load_lora_weights(str(path))
         else:
-            pipe.load_lora_weights(lora, local_files_only=_offline())
+            pipe.load_lora_weights(str(path))
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
     except Exception as exc:
         raise EngineError(f"could not load the LoRA {lora} ({_first_line(exc)}); pass an "
                           "LCM-LoRA folder, .safetensors file or Hugging Face id made for this "
                           "model family (latent-consistency/lcm-lora-sdv1-5 or -sdxl)") from exc
-
-
-def _offline() -> bool:
-    from backend.engine import models
-
-    return models._hub_offline()
 
 
 def _locate_vae(name: str) -> Path:
@@ -231,7 +230,7 @@ def _locate_vae(name: str) -> Path:
     if path.exists() or models._looks_like_path(name):
         raise ModelNotFound(f"the tiny VAE {name} is not a diffusers AutoencoderTiny folder "
                             "(with config.json); pass e.g. madebyollin/taesd")
-    return models._from_hub(name, "VAE", patterns=["config.json", "*.safetensors"])
+    return models._from_hub(name, "tiny VAE", patterns=["config.json", "*.safetensors"])
 
 
 def empty_prompt_embeds(model: InpaintModel) -> dict[str, torch.Tensor]:

@@ -183,9 +183,18 @@ def load_model(
 # Finding the model
 
 
+# What a missing model is called in messages → the serve option that takes it and an example.
+_HINTS = {
+    "model": ("--model", DEFAULT_MODEL),
+    "VAE": ("--vae", "stabilityai/sd-vae-ft-mse"),
+    "inpainting model": ("--inpaint-model", "stable-diffusion-v1-5/stable-diffusion-inpainting"),
+    "LoRA": ("--lcm-lora", "latent-consistency/lcm-lora-sdv1-5"),
+    "tiny VAE": ("--tiny-vae", "madebyollin/taesd"),
+}
+
+
 def _fix_hint(what: str) -> str:
-    flag = "--model" if what == "model" else "--vae"
-    example = DEFAULT_MODEL if what == "model" else "stabilityai/sd-vae-ft-mse"
+    flag, example = _HINTS.get(what, _HINTS["VAE"])
     return (
         f"pass {flag} /path/to/a-diffusers-folder-or-file.safetensors, or run "
         f"`huggingface-cli download {example}` on a machine with network access and use "
