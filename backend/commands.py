@@ -29,13 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "drag",
         help="drag image content from handle points to target points",
         description="Edit one image: move the content at each handle point to its target point "
-        "with DragDiffusion or GoodDrag. Only the region given by --mask may change.",
+        "with Inpaint4Drag, DragDiffusion or GoodDrag. With Inpaint4Drag --mask is the region "
+        "that moves (required); with the others only the region given by --mask may change.",
     )
     p.add_argument("--image", help="input image (PNG, JPEG, …; gray/RGB, with "
                    "or without alpha)")
     p.add_argument("--points", help=POINTS_HELP)
-    p.add_argument("--mask", help="editable region: an image of the same size, white = may "
-                   "change; default: the whole image may change")
+    p.add_argument("--mask", help="an image of the same size: for inpaint4drag white = the "
+                   "region that moves (required); for the others white = may change (default: "
+                   "the whole image may change)")
     p.add_argument("--out", help="where to write the result (PNG keeps alpha)")
     p.add_argument("--method", default="dragdiffusion", choices=list(PRESETS),
                    help="algorithm or preset (default: %(default)s)")
@@ -44,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="SD1.5-family model: diffusers folder, "
                    "single .safetensors/.ckpt file or Hugging Face id (default: SD 1.5)")
     p.add_argument("--vae", default=None, help="separate VAE (folder, file or Hugging Face id)")
+    p.add_argument("--inpaint-model", default=None, help="inpainting model for inpaint4drag "
+                   "(9-channel UNet; folder, file or id); without it the plain model fills")
+    p.add_argument("--lcm-lora", default=None, help="LCM-LoRA fused into the inpainting model")
+    p.add_argument("--tiny-vae", default=None, help="tiny VAE for the inpainting model (TAESD)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default=None, help="precision: auto (default), fp16, bf16, fp32, "
                    "fp16-mixed or bf16-mixed (fp32 weights under autocast)")
@@ -187,8 +193,15 @@ def _drag(args: argparse.Namespace) -> int:
     if not Path(args.out).resolve().parent.is_dir():
         raise UsageError(f"--out: folder {Path(args.out).parent} does not exist")
     try:
-        resolve(args.method, overrides)
+        algorithm, _ = resolve(args.method, overrides)
         validate_request(image, handles, targets, mask)
+        if algorithm == "inpaint4drag":  # its warp needs no model: check the points first
+            from backend.engine.inpaint4drag import preview_warp
+
+            if mask is None:
+                from backend.engine.inpaint4drag import NO_SELECTION
+                raise UsageError(f"--mask: {NO_SELECTION}")
+            preview_warp(image, mask, handles, targets, overrides)
     except EngineError as exc:
         raise UsageError(str(exc)) from None
 
@@ -200,8 +213,12 @@ def _drag(args: argparse.Namespace) -> int:
 
     try:
         print(f"loading {args.model or DEFAULT_MODEL} …", file=sys.stderr)
-        engine = DragEngine.load(args.model or DEFAULT_MODEL, vae=args.vae, device=args.device,
-                                 dtype=args.dtype, lora_cache_dir=args.lora_cache)
+        model = args.model or DEFAULT_MODEL
+        engine = DragEngine.load(None if model.lower() == "none" else model, vae=args.vae,
+                                 device=args.device, dtype=args.dtype,
+                                 lora_cache_dir=args.lora_cache,
+                                 inpaint_model=args.inpaint_model, lcm_lora=args.lcm_lora,
+                                 tiny_vae=args.tiny_vae)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -52,6 +52,12 @@ def files(tmp_path_factory):
          "unknown parameter 'drag_stepz'"),
         (["--image", "{d}/in.png", "--points", "1,1:5,5", "--model", "{d}/no-model"],
          "was not found"),
+        # Inpaint4Drag: the mask is the region that moves, checked before any model loads
+        (["--image", "{d}/in.png", "--points", "1,1:5,5", "--method", "inpaint4drag",
+          "--model", "{d}/no-model"], "select the region that moves"),
+        (["--image", "{d}/in.png", "--points", "1,1:5,5", "--method", "inpaint4drag",
+          "--mask", "{d}/mask.png", "--model", "{d}/no-model"],
+         "handle 1 at pixel (1, 1) is not on the selection"),
     ],
 )
 def test_bad_input_exits_non_zero_with_a_clear_message(files, args, message):
@@ -103,6 +109,18 @@ def test_drag_writes_a_full_resolution_result(files, tiny_model_dir):
     np.testing.assert_array_equal(edited[outside], original[outside])
     assert summary["unet_passes"] > 0 and len(summary["handles"]) == 1
     assert "drag" in result.stderr  # the progress bar showed the phases
+
+
+def test_drag_with_inpaint4drag_moves_the_region_and_names_its_filler(files, tiny_model_dir):
+    out = files / "moved.png"
+    result = backend("drag", "--image", str(files / "in.png"), "--points", "20,25:40,25",
+                     "--mask", str(files / "mask.png"), "--method", "inpaint4drag",
+                     "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out),
+                     "--json", "--set", "work_size=64", "--set", "inpaint_steps=2")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["unet_passes"] == 2 and summary["handles"] == [[40.0, 25.0]]
+    assert np.asarray(Image.open(out)).shape == (50, 75, 4)
 
 
 @pytest.mark.slow

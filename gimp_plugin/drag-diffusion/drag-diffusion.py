@@ -285,7 +285,7 @@ def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
             "masked": inputs.mask is not None, "timings": result.timings,
             "warnings": result.warnings, "precision": inputs.precision, "dtype": fmt.dtype,
             "format": fmt.babl, "previews": result.previews, "demo_model": session.demo_model,
-            "changed_rows": rows,
+            "changed_rows": rows, "filler": result.stats.get("filler"),
             "path": path.get_name() if path else None, "job_id": result.job_id,
             "pyzmq": getattr(sys.modules.get("zmq"), "__file__", None)}
 
