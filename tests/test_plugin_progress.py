@@ -132,3 +132,11 @@ def test_advice_before_a_long_or_cpu_run():
 def test_time_formats(seconds, clock_text, words):
     assert prog.clock_time(seconds) == clock_text
     assert prog.duration_words(seconds) == words
+
+
+def test_inpaint4drag_plans_its_few_steps_and_gives_no_speed_advice():
+    plan = prog.plan_steps({"method": "inpaint4drag", "inpaint_steps": 8, "lora_steps": 80})
+    assert plan == {"load": 1, "denoise": 8, "decode": 1}
+    text = prog.inpaint_advice(None, "cpu")
+    assert "CPU" in text and "Faster" not in text and "LoRA" not in text
+    assert prog.inpaint_advice(12.0, "cuda:0") == "Estimated time: about 10 seconds on CUDA (from earlier edits)."

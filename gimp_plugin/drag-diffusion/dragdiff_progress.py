@@ -211,3 +211,13 @@ def advice(seconds: float | None, device: str, work_size: float, measured: bool,
     if fast_preset:
         faster.append("the 'fast' method")
     return f"{head} Faster: {', '.join(faster[:-1])} or {faster[-1]}.".strip()
+
+
+def inpaint_advice(seconds: float | None, device: str) -> str:
+    """The dialog's line for Inpaint4Drag: few model steps, so no advice on making it faster."""
+    on = (device.split(":")[0] or "?").upper()
+    if seconds is None:
+        return (f"Inpaint4Drag on the {on}: the warp is shown below at once; OK inpaints in a "
+                "few model steps (seconds with the demo model or on a GPU, up to about a "
+                "minute with Stable Diffusion on a CPU).")
+    return f"Estimated time: {duration_words(seconds)} on {on} (from earlier edits)."

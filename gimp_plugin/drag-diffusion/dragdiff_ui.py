@@ -169,6 +169,8 @@ class SettingsDialog:
         mpx = prog.working_megapixels(*self.context.layer_size, resolved.get("work_size", 512),
                                       resolved.get("work_max_side", 0))
         seconds = prog.estimate_seconds(prog.plan_steps(resolved), mpx, speed)
+        if pre.region_moves(table.algorithm(self.method)):
+            return prog.inpaint_advice(seconds if measured is not None else None, device)
         return prog.advice(seconds, device, resolved.get("work_size", 512),
                            measured is not None, "fast" in table.methods)
 
