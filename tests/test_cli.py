@@ -88,7 +88,8 @@ def test_list_params_shows_each_knobs_default_range_and_meaning():
     from backend.engine.params import PRESETS  # one value per method, in the presets' order
     per_method = " / ".join(str(p.lora_steps) for p in PRESETS.values())
     assert f"lora_steps = {per_method}  (int 0..2000)" in lines
-    assert per_method.startswith("80 / 70 / 200")  # the official codes' and the paper's
+    # Inpaint4Drag (first: the default) has no LoRA; then the official codes' and the paper's
+    assert per_method.startswith("0 / 80 / 70 / 200")
     as_json = json.loads(backend("drag", "--list-params", "--json").stdout)
     assert as_json["defaults"]["gooddrag"]["work_size"] == 512
     assert "help" in as_json["specs"]["work_max_side"]

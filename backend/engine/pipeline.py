@@ -260,7 +260,8 @@ class DragEngine:
         show = None
         if preview is not None:
             rgb_map = self.model.preset.get("latent_to_rgb") if self.inpainter is None else None
-            matrix = torch.tensor(rgb_map, dtype=torch.float32) if rgb_map is not None else None
+            matrix = (torch.tensor(rgb_map, dtype=torch.float32, device="cpu")
+                      if rgb_map is not None else None)
             show = lambda step, latent: preview("denoise", step, latent_preview(latent, matrix))  # noqa: E731
         scale = (self.inpainter or self.model).vae_scale_factor
         start = time.perf_counter()

@@ -89,7 +89,7 @@ def interpolate(points: torch.Tensor, references: torch.Tensor,
     if len(references) == 1:
         return points + vectors
     if len(references) > MAX_REFERENCES:
-        picked = torch.linspace(0, len(references) - 1, MAX_REFERENCES).long()
+        picked = torch.linspace(0, len(references) - 1, MAX_REFERENCES, device="cpu").long()
         references, vectors = references[picked], vectors[picked]
     k = min(NEIGHBOURS, len(references))
     moved = []
@@ -124,8 +124,8 @@ def bi_warp(region_mask: np.ndarray, handles: list[tuple[int, int]],
     height, width = region_mask.shape
     shape = (height, width)
     kernel = odd_kernel(kernel)
-    sources_all = torch.tensor(handles, dtype=torch.float32).reshape(-1, 2)
-    targets_all = torch.tensor(targets, dtype=torch.float32).reshape(-1, 2)
+    sources_all = torch.tensor(handles, dtype=torch.float32, device="cpu").reshape(-1, 2)
+    targets_all = torch.tensor(targets, dtype=torch.float32, device="cpu").reshape(-1, 2)
     found = raster.external_contours(region_mask > 0)
     region_of = [-1] * len(handles)
     for index, (_contour, filled) in enumerate(found):
