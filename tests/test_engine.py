@@ -9,6 +9,8 @@ from backend.engine.errors import Cancelled, InvalidInput
 from backend.engine.pipeline import DragEngine
 from backend.engine.types import CancelToken, DragRequest
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # same seed, same pixels: bit for bit
+
 FAST = {"work_size": 64, "lora_steps": 2, "lora_batch": 1, "n_inference_steps": 10,
         "drag_steps": 4, "drag_end_step": 2, "track_per_denoise": 2}
 

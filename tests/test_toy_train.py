@@ -8,6 +8,8 @@ import torch
 
 from backend.toy.train import TrainConfig, Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # runs compared bit for bit
+
 # Small batches at a small size: the architecture is the shipped one, the steps are cheap.
 CFG = TrainConfig(vae_steps=4, vae_batch=2, vae_crop=16, unet_steps=4, unet_batch=4,
                   unet_size=32, warmup=2)

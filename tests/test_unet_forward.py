@@ -14,6 +14,8 @@ from backend.engine.pipeline import DragEngine
 from backend.engine.tiny import build_tiny_pipeline
 from backend.engine.types import DragRequest
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # runs compared bit for bit
+
 
 @pytest.fixture(scope="module")
 def unet():
