@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.toy.train import TrainConfig, Trainer
+from backend.demo.train import TrainConfig, Trainer
 
 # Small batches at a small size: the architecture is the shipped one, the steps are cheap.
 CFG = TrainConfig(vae_steps=4, vae_batch=2, vae_crop=16, unet_steps=4, unet_batch=4,
