@@ -11,13 +11,13 @@ import importlib
 import sys
 
 COMMAND_MODULES = (
-    "backend.server_cli",  # serve, keygen
+    "backend.server.cli",  # serve, keygen
     "backend.commands",  # drag, make-tiny-model
-    "backend.bench",  # bench
-    "backend.precision_bench",  # precision
-    "backend.memory_estimate",  # memory
-    "backend.gpu_check",  # gpu-check
-    "backend.toy.cli",  # toy train, bench-quality
+    "backend.tools.bench",  # bench
+    "backend.tools.precision_bench",  # precision
+    "backend.tools.memory_estimate",  # memory
+    "backend.tools.gpu_check",  # gpu-check
+    "backend.demo.cli",  # toy train, bench-quality
 )
 
 

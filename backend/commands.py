@@ -244,7 +244,7 @@ def _drag(args: argparse.Namespace) -> int:
 
 
 def run_make_tiny_model(args: argparse.Namespace) -> int:
-    from backend.engine.tiny import make_tiny_model
+    from backend.engine.random_tiny import make_tiny_model
 
     path = make_tiny_model(args.directory, seed=args.seed, single_file=args.single_file)
     print(path)

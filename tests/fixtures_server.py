@@ -23,7 +23,7 @@ if __name__ == "__main__":  # make the repository importable when run as a scrip
 from backend.engine.errors import OutOfMemory
 from backend.engine.interface import Engine, PreviewFn
 from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
-from backend.server import Server
+from backend.server.server import Server
 from protocol import wire
 from protocol.client import Client
 

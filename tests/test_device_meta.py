@@ -174,7 +174,7 @@ def test_drag_loops_run_on_the_device(unet, cond, method):
 @pytest.fixture(scope="module")
 def meta_model():
     """The whole SD1.5 model (UNet, VAE, text encoder, tokenizer, scheduler) on meta."""
-    from backend.engine.sd15_random import random_sd15
+    from backend.engine.random_sd15 import random_sd15
 
     return random_sd15("meta")
 

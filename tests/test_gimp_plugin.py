@@ -78,7 +78,7 @@ def gimp(chroot: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from backend.engine.tiny import make_tiny_model
+    from backend.engine.random_tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
 

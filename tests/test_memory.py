@@ -14,7 +14,7 @@ from backend.engine.memory import MemoryHints
 from backend.engine.models import load_model
 from backend.engine.pipeline import DragEngine
 from backend.engine.types import DragRequest
-from backend.meta_tools import EmulatedAutocast, LiveBytes
+from backend.tools.meta_device import EmulatedAutocast, LiveBytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # runs are compared bit for bit
 
@@ -150,7 +150,7 @@ PHASES = ["load", "lora", "inversion", "drag", "denoise", "decode"]
 
 @pytest.fixture(scope="module")
 def request_():
-    from backend.bench import synthetic_case
+    from backend.tools.bench import synthetic_case
 
     image, mask, handles, targets = synthetic_case(64)
     return DragRequest(image=image, handles=handles, targets=targets, mask=mask,

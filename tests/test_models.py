@@ -12,8 +12,8 @@ from backend.engine.checkpoint import save_single_file
 from backend.engine.devices import autocast, is_oom, memory_info, resolve_device
 from backend.engine.errors import EngineError, InvalidInput, ModelNotFound
 from backend.engine.models import load_model
+from backend.engine.random_tiny import build_tiny_pipeline, make_tiny_model
 from backend.engine.sd15 import SD15_CONFIG_DIR, sd15_tokenizer
-from backend.engine.tiny import build_tiny_pipeline, make_tiny_model
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:

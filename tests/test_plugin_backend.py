@@ -57,7 +57,7 @@ def test_not_running_says_how_to_start(tmp_path):
 
 @pytest.mark.slow
 def test_connect_starts_the_backend_detached(tmp_path, monkeypatch):
-    from backend.engine.tiny import make_tiny_model
+    from backend.engine.random_tiny import make_tiny_model
 
     model = make_tiny_model(tmp_path / "model")
     conn = tmp_path / "run" / "backend.json"
@@ -204,7 +204,7 @@ def test_a_wider_dtype_is_sent_only_when_the_backend_accepts_it():
 def test_demo_model_notice_uses_the_backends_hint():
     plain = {"model": {"name": "sd15", "state": "ready"}}
     assert not db.is_demo_model(plain)
-    demo = {"model": {"name": "backend/toy/model", "demo": True,
+    demo = {"model": {"name": "backend/demo/model", "demo": True,
                       "hint": "To edit photos, put Stable Diffusion 1.5 where the backend "
                               "finds it."}}
     assert db.is_demo_model(demo)

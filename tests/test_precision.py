@@ -91,7 +91,7 @@ def test_the_scaled_optimiser_step_skips_a_step_with_overflowing_gradients():
 
 @pytest.fixture(scope="module")
 def case():
-    from backend.bench import synthetic_case
+    from backend.tools.bench import synthetic_case
 
     return synthetic_case(64)
 

@@ -13,7 +13,7 @@ from fixtures_server import FakeEngine, RawPeer, client_for, image, running_serv
 from backend.engine.errors import ModelNotFound
 from backend.engine.params import method_descriptions, spec_table
 from backend.engine.types import DragResult
-from backend.server import FairQueue, Job, Server, ServerError
+from backend.server.server import FairQueue, Job, Server, ServerError
 from protocol import connection, wire
 from protocol.client import (
     BackendUnavailable,
@@ -495,13 +495,13 @@ def test_an_ipv6_loopback_bind_serves():
 
 def test_a_missing_default_model_falls_back_to_the_demo_model_and_says_so():
     """12.8: the first run on a fresh machine serves the shipped demo model instead of none."""
-    from backend.server import Fallback
+    from backend.server.server import Fallback
 
     def missing():
         raise ModelNotFound("model stable-diffusion-v1-5 was not found in the cache")
 
     demo = FakeEngine()
-    fallback = Fallback("backend/toy/model", lambda: demo, "get SD1.5 like this")
+    fallback = Fallback("backend/demo/model", lambda: demo, "get SD1.5 like this")
     with running_server(load=missing, fallback=fallback) as server, \
             client_for(server) as client:
         model = client.hello()["model"]
@@ -510,14 +510,14 @@ def test_a_missing_default_model_falls_back_to_the_demo_model_and_says_so():
     assert model["state"] == "ready" and model["demo"] is True and model["error"] is None
     assert model["requested"] == "fake-model" and "not found in the cache" in model["why"]
     assert model["hint"] == "get SD1.5 like this"
-    assert "demo model backend/toy/model" in notice and "simple shapes" in notice
+    assert "demo model backend/demo/model" in notice and "simple shapes" in notice
     assert len(demo.runs) == 1
 
 
 def test_an_available_model_is_served_as_today_with_a_fallback_configured():
-    from backend.server import Fallback
+    from backend.server.server import Fallback
 
-    fallback = Fallback("backend/toy/model", lambda: FakeEngine(), "hint")
+    fallback = Fallback("backend/demo/model", lambda: FakeEngine(), "hint")
     with running_server(FakeEngine(), fallback=fallback) as server, \
             client_for(server) as client:
         model = client.hello()["model"]

@@ -40,7 +40,7 @@ def test_the_quick_start_command_is_the_one_tested():
 
 @pytest.mark.slow
 def test_the_first_command_serves_the_demo_model_and_edits(tmp_path):
-    from backend.toy.shapes import make_cases
+    from backend.demo.shapes import make_cases
 
     home = tmp_path / "home"
     home.mkdir()
@@ -60,7 +60,7 @@ def test_the_first_command_serves_the_demo_model_and_edits(tmp_path):
         endpoint, conn = ready.split()[1:3]
         assert endpoint.startswith("tcp://127.0.0.1:")
         assert Path(conn) == home / ".config" / "gimp-drag-diffusion" / "backend.json"
-        assert "(serving the demo model backend/toy/model, fit for simple shapes only" in ready
+        assert "(serving the demo model backend/demo/model, fit for simple shapes only" in ready
         assert "--model" in ready
         case = make_cases(1, seed=0)[0]
         with Client.from_connection_file(conn, timeout=10.0) as client:

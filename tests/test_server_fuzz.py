@@ -431,7 +431,7 @@ def test_client_strings_cannot_forge_log_lines():
     import io
     import logging
 
-    from backend.server_log import OneLineFormatter
+    from backend.server.log import OneLineFormatter
 
     out = io.StringIO()
     handler = logging.StreamHandler(out)

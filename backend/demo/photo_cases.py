@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backend.toy import photos, shapes
-from backend.toy.metrics import psnr
+from backend.demo import photos, shapes
+from backend.demo.metrics import psnr
 
 WORK = 256  # long side of the case images (the toy model's working size)
 PATCH = 7  # patch radius for matching (15×15 px)

@@ -63,11 +63,11 @@ def load_branch(model: str, device: str, branch: str, tiny_dir: Path):
     from backend.engine.models import load_model
 
     if model == "sd15-random":
-        from backend.engine.sd15_random import random_sd15
+        from backend.engine.random_sd15 import random_sd15
 
         loaded = random_sd15(device, "fp32")
     else:
-        source = {"toy": str(Path(__file__).parent / "toy" / "model"), "tiny": str(tiny_dir)}
+        source = {"toy": str(Path(__file__).parent.parent / "demo" / "model"), "tiny": str(tiny_dir)}
         loaded = load_model(source.get(model, model), device=device, dtype="fp32")
     loaded.cast(PRECISIONS[branch])
     return loaded
@@ -75,12 +75,12 @@ def load_branch(model: str, device: str, branch: str, tiny_dir: Path):
 
 def _cases(args: argparse.Namespace) -> list[dict]:
     if args.model == "toy":
-        from backend.toy.shapes import make_cases
+        from backend.demo.shapes import make_cases
 
         return [{"name": c.name, "image": c.image, "mask": c.mask, "handles": list(c.handles),
                  "targets": list(c.targets), "prompt": c.prompt, "case": c}
                 for c in make_cases(args.cases)]
-    from backend.bench import synthetic_case
+    from backend.tools.bench import synthetic_case
 
     image, mask, handles, targets = synthetic_case(args.size)
     return [{"name": "disc", "image": image, "mask": mask, "handles": handles,
@@ -100,7 +100,7 @@ def run_branch(engine, cases: list[dict], method: str, params: dict) -> list[dic
                "image": result.image, "handles": result.handles,
                "drag_steps": result.stats.get("drag_steps", 0)}
         if c["case"] is not None:
-            from backend.toy.metrics import score
+            from backend.demo.metrics import score
 
             row["handle_error"] = score(c["case"], result.image).handle_error
         out.append(row)
@@ -174,7 +174,7 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="precision-bench-") as tmp:
         tiny_dir = Path(tmp) / "tiny"
         if args.model == "tiny":
-            from backend.engine.tiny import make_tiny_model
+            from backend.engine.random_tiny import make_tiny_model
 
             make_tiny_model(tiny_dir)
         print(f"model {args.model}, device {args.device}, {len(cases)} case(s), "

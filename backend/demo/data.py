@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from backend.toy import photos, shapes
+from backend.demo import photos, shapes
 
 # Hue band (degrees) never used for a shape or background colour in training.
 HELD_OUT_HUES = (265.0, 325.0)

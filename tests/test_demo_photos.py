@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from backend.toy import data, photo_cases, photos
+from backend.demo import data, photo_cases, photos
 
 
 def test_photos_come_from_the_installed_wheel_and_the_split_is_disjoint():

@@ -9,7 +9,7 @@ from diffusers import UNet2DConditionModel
 from backend.engine.attention import ReferenceAttnProcessor, reference_attention
 from backend.engine.diffusion import UNetRunner, resolve_feature_block
 from backend.engine.params import PRESETS
-from backend.engine.tiny import build_tiny_pipeline
+from backend.engine.random_tiny import build_tiny_pipeline
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from backend.demo import data
+from backend.demo.metrics import psnr
 from backend.engine.diffusion import Schedule, UNetRunner, denoise, run_inversion
-from backend.toy import data
-from backend.toy.metrics import psnr
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import zmq
 
-from backend.server_auth import ZapGate
+from backend.server.auth import ZapGate
 from protocol import connection, wire
 from protocol.client import BackendError, Client
 from protocol.curve import load_keypair

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.toy.train import TrainConfig, Trainer
+from backend.demo.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # runs compared bit for bit
 

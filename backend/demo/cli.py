@@ -16,7 +16,7 @@ def _threads(n: int) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from backend.toy.train import TrainConfig, train
+    from backend.demo.train import TrainConfig, train
 
     _threads(args.threads)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -28,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from backend.toy.train import TrainConfig, Trainer
+    from backend.demo.train import TrainConfig, Trainer
 
     trainer = Trainer(TrainConfig(), Path(args.work_dir), "cpu")
     if not trainer.load():
@@ -40,8 +40,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from backend.demo import evaluate
     from backend.engine.pipeline import DragEngine
-    from backend.toy import evaluate
 
     _threads(args.threads)
     engine = DragEngine.load(args.model, device=args.device)
@@ -54,15 +54,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from backend.toy.bench_quality import main
+    from backend.demo.bench_quality import main
 
     _threads(args.threads)
     return main(args)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from backend.toy.bench_quality import CASE_SETS
-    from backend.toy.train import DEFAULT_MODEL_DIR, DEFAULT_WORK_DIR, TrainConfig
+    from backend.demo.bench_quality import CASE_SETS
+    from backend.demo.train import DEFAULT_MODEL_DIR, DEFAULT_WORK_DIR, TrainConfig
 
     toy = subparsers.add_parser("toy", help="the trained toy model: train, export, eval")
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")

@@ -1,4 +1,4 @@
-"""Drag-quality metrics and baselines (backend/toy/metrics.py)."""
+"""Drag-quality metrics and baselines (backend/demo/metrics.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from backend.toy import metrics, shapes
-from backend.toy.shapes import Scene, apply_motion, render
+from backend.demo import metrics, shapes
+from backend.demo.shapes import Scene, apply_motion, render
 
 CASES = shapes.make_cases(6, seed=0)
 

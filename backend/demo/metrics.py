@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backend.toy.shapes import (
+from backend.demo.shapes import (
     DragCase,
     Scene,
     apply_motion,

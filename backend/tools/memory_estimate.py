@@ -1,9 +1,9 @@
 """``python -m backend memory``: peak tensor memory per phase of one edit, estimated without a GPU.
 
 Runs a whole edit of the full SD1.5 architecture on PyTorch's ``meta`` device (shapes, no data)
-and counts the bytes of every live tensor storage (``meta_tools.LiveBytes``): weights, LoRA and
+and counts the bytes of every live tensor storage (``meta_device.LiveBytes``): weights, LoRA and
 optimiser state, activations autograd saves, gradients, the drag's feature maps. Autocast's
-casts are emulated (``meta_tools.EmulatedAutocast``) and attention runs as the GPU's
+casts are emulated (``meta_device.EmulatedAutocast``) and attention runs as the GPU's
 memory-efficient kernel. Not counted: the CUDA context (~0.3–0.5 GB outside PyTorch's figures),
 kernel workspaces and the caching allocator's rounding, which on a GPU add roughly 10–20 % to
 ``torch.cuda.max_memory_allocated``. Gradient checkpointing cannot be estimated this way (its
@@ -48,9 +48,9 @@ def estimate(method: str, precision: str, size: int, overrides: dict,
     from backend.engine.lora import LoraCache
     from backend.engine.memory import MemoryHints
     from backend.engine.pipeline import DragEngine
-    from backend.engine.sd15_random import random_sd15
+    from backend.engine.random_sd15 import random_sd15
     from backend.engine.types import DragRequest
-    from backend.meta_tools import EmulatedAutocast, LiveBytes, MetaRun
+    from backend.tools.meta_device import EmulatedAutocast, LiveBytes, MetaRun
 
     prec = PRECISIONS[precision]
     model = random_sd15("meta", precision)

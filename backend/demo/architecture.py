@@ -3,7 +3,7 @@
 ``AutoencoderKL`` (4× downsampling, 8 latent channels, no attention, so fully convolutional),
 ``UNet2DConditionModel`` shaped like SD1.5's (four levels, cross-attention on the two middle
 levels, ``up_blocks[2]`` the first decoder block at full latent resolution: the feature block
-both drag methods supervise) and the tiny CLIP text encoder of ``engine/tiny.py``.
+both drag methods supervise) and the tiny CLIP text encoder of ``engine/random_tiny.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from backend.engine.tiny import build_text_encoder, write_tokenizer_files
+from backend.engine.random_tiny import build_text_encoder, write_tokenizer_files
 
 LATENT_CHANNELS = 8
 

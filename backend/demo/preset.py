@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from backend.demo import data
 from backend.engine.params import DragParams
-from backend.toy import data
 
 FILENAME = "preset.json"
 WORK_SIZE = 128

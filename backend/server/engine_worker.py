@@ -23,7 +23,7 @@ from backend.engine.errors import Cancelled, EngineError, ModelNotFound
 from backend.engine.interface import Engine, PreviewFn
 from backend.engine.oom import OOM_ADVICE, is_oom
 from backend.engine.types import DragRequest, ProgressFn
-from backend.server_jobs import Job
+from backend.server.jobs import Job
 from protocol import wire
 
 log = logging.getLogger("backend.server")

@@ -100,14 +100,14 @@ class PhaseClock:
 
 def build_model(args: argparse.Namespace, tmp: Path):
     if args.model == "sd15-random":
-        from backend.engine.sd15_random import random_sd15
+        from backend.engine.random_sd15 import random_sd15
 
         return random_sd15(args.device, args.dtype)
     from backend.engine.models import load_model
 
     source = args.model
     if args.model == "tiny":
-        from backend.engine.tiny import make_tiny_model
+        from backend.engine.random_tiny import make_tiny_model
 
         source = str(make_tiny_model(tmp / "tiny"))
     return load_model(source, device=args.device, dtype=args.dtype)
@@ -115,8 +115,8 @@ def build_model(args: argparse.Namespace, tmp: Path):
 
 def check_edit(engine, method: str, size: int, params: dict) -> dict:
     """One edit with a phase clock; the figures and the two correctness checks."""
-    from backend.bench import synthetic_case
     from backend.engine.types import DragRequest
+    from backend.tools.bench import synthetic_case
 
     image, mask, handles, targets = synthetic_case(size)
     clock = PhaseClock(engine.model.device)

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from backend.demo import metrics, photo_cases
+from backend.demo.photo_cases import PhotoCase
+from backend.demo.shapes import DragCase, make_cases
 from backend.engine.errors import InvalidInput
 from backend.engine.params import PRESETS, parse_assignments, resolve
-from backend.toy import metrics, photo_cases
-from backend.toy.photo_cases import PhotoCase
-from backend.toy.shapes import DragCase, make_cases
 
 CASE_SETS = ("shapes", "stereo", "paste")
 Case = DragCase | PhotoCase

@@ -13,7 +13,7 @@ of the seed and the step, so a run reproduces from its seed:
 
 ``export`` writes a diffusers ``StableDiffusionPipeline`` folder (safetensors, fp16 weights to
 keep the repository small; the loader casts them to the run dtype) that loads through the same
-code as SD1.5, plus the model's own drag preset (``preset.json``, see ``backend/toy/preset.py``).
+code as SD1.5, plus the model's own drag preset (``preset.json``, see ``backend/demo/preset.py``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from backend.engine.sd15 import SD15_SCHEDULER
-from backend.toy import data
-from backend.toy.architecture import (
+from backend.demo import data
+from backend.demo.architecture import (
     add_reference_channels,
     build_text_encoder,
     build_tokenizer,
@@ -39,6 +38,7 @@ from backend.toy.architecture import (
     build_vae,
     encode_prompts,
 )
+from backend.engine.sd15 import SD15_SCHEDULER
 
 DEFAULT_WORK_DIR = Path(".cache/toy-train")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"
@@ -243,8 +243,8 @@ class Trainer:
     @torch.no_grad()
     def held_out_psnr(self) -> dict[str, float]:
         """VAE (EMA) round-trip PSNR on the held-out photographs and unseen-colour scenes."""
-        from backend.toy.evaluate import evaluation_sets
-        from backend.toy.metrics import psnr
+        from backend.demo.evaluate import evaluation_sets
+        from backend.demo.metrics import psnr
 
         out = {}
         for name, img in evaluation_sets().items():
@@ -338,7 +338,7 @@ class Trainer:
 
     def export(self, out_dir: Path) -> Path:
         """Write the diffusers folder (fp16 UNet/VAE weights) and the model's drag preset."""
-        from backend.toy import preset
+        from backend.demo import preset
 
         out_dir.mkdir(parents=True, exist_ok=True)
         pipe = self.pipeline()

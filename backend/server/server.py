@@ -1,7 +1,7 @@
 """The persistent backend server: request handlers and scheduling around one engine thread.
 
-Four parts, one file each: ``server_transport`` (the ROUTER socket, CURVE, the connection
-file), ``server_jobs`` (job table, fair queue, result retention), ``server_engine`` (the worker
+Four parts, one file each: ``transport`` (the ROUTER socket, CURVE, the connection
+file), ``jobs`` (job table, fair queue, result retention), ``engine_worker`` (the worker
 thread that runs the ``Engine`` and rate-limits its events), and this module, which answers the
 requests and moves jobs from the queue to the engine. Only the socket thread (``serve_forever``)
 touches the socket and the job table, so hello, ping, cancel and shutdown are answered while an
@@ -22,16 +22,16 @@ from backend import __version__
 from backend.engine.errors import EngineError
 from backend.engine.interface import Engine
 from backend.engine.params import defaults_table, method_descriptions, resolve, spec_table
-from backend.server_engine import (
+from backend.server.engine_worker import (
     ACCEPTED_DTYPES,
     EngineWorker,
     Fallback,
     ModelLoaded,
     plain,
 )
-from backend.server_jobs import FairQueue, Job, JobTable, Terminal
-from backend.server_log import RefusalLog, log_job, printable
-from backend.server_transport import (
+from backend.server.jobs import FairQueue, Job, JobTable, Terminal
+from backend.server.log import RefusalLog, log_job, printable
+from backend.server.transport import (
     DEFAULT_BIND,
     CurveServer,
     Inbound,

@@ -1,4 +1,4 @@
-"""The shipped toy model (backend/toy/model): loads like SD1.5, reconstructs what it never saw,
+"""The shipped toy model (backend/demo/model): loads like SD1.5, reconstructs what it never saw,
 and drags.
 
 Reconstruction is measured on images held out of training: a photograph (the Middlebury
@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.toy import data, evaluate, metrics
-from backend.toy.bench_quality import engine_runner, make_case_sets, summary
-from backend.toy.bench_quality import evaluate as bench_evaluate
-from backend.toy.metrics import psnr
-from backend.toy.train import DEFAULT_MODEL_DIR
+from backend.demo import data, evaluate, metrics
+from backend.demo.bench_quality import engine_runner, make_case_sets, summary
+from backend.demo.bench_quality import evaluate as bench_evaluate
+from backend.demo.metrics import psnr
+from backend.demo.train import DEFAULT_MODEL_DIR
 
 # Measured on the shipped weights (see the README, "Edit quality"), minus a margin: VAE round
 # trip 25.4 dB on the motorcycle, 43.4 / 39.7 dB on the two unseen-colour scenes; inversion +

@@ -12,14 +12,14 @@ from protocol.wire import Limits
 
 log = logging.getLogger("backend.server")
 
-DEMO_NAME = "backend/toy/model"
+DEMO_NAME = "backend/demo/model"
 DEMO_HINT = ("to edit photos, put Stable Diffusion 1.5 where the backend finds it (the Hugging "
              "Face cache, see the README, section 'Models') or start the backend with --model "
              "PATH (an SD1.5 diffusers folder or .safetensors/.ckpt file)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from backend.server import DEFAULT_BIND
+    from backend.server.server import DEFAULT_BIND
 
     conn = default_connection_file()
     serve = subparsers.add_parser(
@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", default=None,
                        help="SD1.5 model: Hugging Face id, diffusers folder or single file "
                        "(default: the engine's default, stable-diffusion-v1-5; when that is "
-                       "not on this machine, the small demo model backend/toy/model)")
+                       "not on this machine, the small demo model backend/demo/model)")
     serve.add_argument("--vae", default=None, help="optional replacement VAE")
     serve.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto")
     serve.add_argument("--dtype", default=None,
@@ -75,8 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from backend.server import CurveServer, Fallback, Server, ServerError
-    from backend.server_log import setup_logging
+    from backend.server.log import setup_logging
+    from backend.server.server import CurveServer, Fallback, Server, ServerError
 
     conn = args.connection_file or default_connection_file()
     setup_logging(args.log_file or conn.with_name("backend.log"), args.log_level)
@@ -99,8 +99,8 @@ def run_serve(args: argparse.Namespace) -> int:
                                compile_unet=args.compile)
 
     def load_demo():  # the same, when the default model is missing
+        from backend.demo.train import DEFAULT_MODEL_DIR
         from backend.engine.pipeline import DragEngine
-        from backend.toy.train import DEFAULT_MODEL_DIR
         return DragEngine.load(str(DEFAULT_MODEL_DIR), device=device)
 
     def ready(server: Server) -> None:

@@ -1,4 +1,4 @@
-"""The procedural scenes and ground-truth drag cases (backend/toy/shapes.py)."""
+"""The procedural scenes and ground-truth drag cases (backend/demo/shapes.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from backend.toy import shapes
+from backend.demo import shapes
 
 
 def test_random_scenes_are_deterministic():

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from backend.server_jobs import Job
+from backend.server.jobs import Job
 from protocol import wire
 
 log = logging.getLogger("backend.server")

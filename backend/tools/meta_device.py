@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ENGINE_DIR = str(Path(__file__).resolve().parent / "engine")
+ENGINE_DIR = str(Path(__file__).resolve().parent.parent / "engine")
 
 FACTORIES = {
     torch.arange, torch.empty, torch.eye, torch.full, torch.linspace, torch.ones, torch.rand,

@@ -78,7 +78,7 @@ def build_engine(args: argparse.Namespace):
 
     cache = tempfile.mkdtemp(prefix="drag-bench-lora-")
     if args.model == "tiny":
-        from backend.engine.tiny import make_tiny_model
+        from backend.engine.random_tiny import make_tiny_model
 
         folder = make_tiny_model(Path(tempfile.mkdtemp(prefix="drag-bench-tiny-")) / "model")
         return DragEngine.load(str(folder), device=args.device, dtype=args.dtype,
@@ -93,7 +93,7 @@ def build_engine(args: argparse.Namespace):
 
 def sd15_random(device: str | None, dtype: str | None):
     """The SD1.5 architecture (860 M-parameter UNet) with random weights, from the shipped configs."""
-    from backend.engine.sd15_random import random_sd15
+    from backend.engine.random_sd15 import random_sd15
 
     return random_sd15(device, dtype)
 
