@@ -98,6 +98,33 @@ def backend(gimp: harness.GimpChroot, tiny_model: Path):
         yield conn
 
 
+def test_blocked_modules_are_unimportable_in_the_plugin_python_only(gimp):
+    """The stdlib tier's mechanism, in this tier's Python: with the blocker's user base, a
+    script named like the plug-in can't import zmq, msgpack or numpy (as in GIMP's Python on
+    Windows/macOS) but still imports gi; any other script imports them all."""
+    probe = gimp.work / "blocker-probe"
+    base = probe / "user-base"
+    harness.block_modules(base, gimp.python, ("zmq", "msgpack", "numpy"))
+    code = ("import importlib, json, sys\nout = {}\n"
+            "for name in ('zmq', 'msgpack', 'numpy', 'gi'):\n"
+            "    try:\n        importlib.import_module(name)\n        out[name] = 'ok'\n"
+            "    except ImportError as exc:\n        out[name] = type(exc).__name__\n"
+            "print(json.dumps(out))\n")
+    seen = {}
+    for script in (harness.PLUGIN_SCRIPT, "other.py"):
+        (probe / script).write_text(code)
+        result = subprocess.run(
+            ["chroot", str(gimp.chroot), "/usr/bin/env", "-i",
+             *gimp.env({"PYTHONUSERBASE": gimp.inside(base)}), "python3",
+             gimp.inside(probe / script)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        seen[script] = json.loads(result.stdout)
+    assert seen[harness.PLUGIN_SCRIPT] == {"zmq": "ModuleNotFoundError",
+                                           "msgpack": "ModuleNotFoundError",
+                                           "numpy": "ModuleNotFoundError", "gi": "ok"}
+    assert seen["other.py"] == {"zmq": "ok", "msgpack": "ok", "numpy": "ok", "gi": "ok"}
+
+
 def test_plugin_is_registered_and_odd_anchor_count_is_an_error(gimp):
     report, _ = run_case(gimp, "odd", None,
                          paths=[[[[10, 10], [20, 10]], [[30, 30], [35, 30], [40, 30]]]])
@@ -489,6 +516,8 @@ def test_vendored_pyzmq_and_msgpack(gimp, backend):
     """install.py --vendor always: wheels for GIMP's Python (3.13 in GIMP 3.0.4's Debian, 3.14
     in 3.2's) beside the plug-in win over the chroot's python3-zmq; re-running install.py
     upgrades in place."""
+    if gimp.tier.blocked:
+        pytest.skip("this tier's plug-in Python loads no compiled package, vendored or not")
     linux = [f"manylinux{tag}_x86_64" for tag in ("2014", "_2_17", "_2_28")]
     try:
         harness.install_plugin(gimp, "--vendor", "always", "--vendor-python-version",
