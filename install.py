@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
+from urllib.parse import quote
 
 REPO = Path(__file__).resolve().parent
 PLUGIN_NAME = "drag-diffusion"
@@ -516,7 +517,7 @@ def service_unit(repo: str, python: str, args: tuple = BACKEND_ARGS) -> str:
         "# Written by Drag Diffusion's install.py; install.py --uninstall removes it.",
         "[Unit]",
         "Description=Drag Diffusion backend for GIMP (DragDiffusion/GoodDrag edits)",
-        f"Documentation=file://{repo.replace('%', '%%')}/docs/platforms.md",
+        "Documentation=file://" + quote(f"{repo}/docs/platforms.md").replace("%", "%%"),
         "",
         "[Service]",
         "Type=simple",
@@ -581,10 +582,9 @@ def systemctl_user_usable() -> str | None:
     return None
 
 
-def install_service(unit_dir: Path, repo: str, python: str) -> str | None:
+def install_service(unit: Path, repo: str, python: str) -> str | None:
     """Write the unit and enable it now; None when it runs, else why it doesn't."""
-    unit_dir.mkdir(parents=True, exist_ok=True)
-    unit = unit_dir / SERVICE_NAME
+    unit.parent.mkdir(parents=True, exist_ok=True)
     unit.write_text(service_unit(repo, python))
     log(f"wrote {unit}")
     why = systemctl_user_usable()
@@ -620,7 +620,7 @@ class Outcome:
     targets: list[Target]
     commands: list[tuple[str, str]]
     torch: str | None = None  # "2.13.0+cu128 (CUDA 12.8 build)"; None with --no-venv
-    service: bool = False  # the unit was written
+    service: str | None = None  # the unit file written, if any
     service_problem: str | None = None  # why it does not run (None: enabled and started)
     notes: list[str] = field(default_factory=list)
 
@@ -643,15 +643,18 @@ def closing_text(o: Outcome) -> str:
             f"    stop:   systemctl --user stop {SERVICE_NAME}",
             f"    never start at login: systemctl --user disable --now {SERVICE_NAME}"]
     elif o.service:
-        lines.append(f"The service was written but is not running ({o.service_problem}).")
+        lines += [f"The backend's user service is written ({o.service}) but not enabled: "
+                  f"{o.service_problem}. In a desktop session, enable and start it with:",
+                  f"    systemctl --user enable --now {SERVICE_NAME}"]
     if flatpak and (not o.service or o.service_problem):
-        lines.append("Flatpak GIMP can't start programs outside its sandbox: start the backend "
-                     "yourself before using the filter there (command below), or run "
-                     "install.py --service where systemd --user works.")
+        lines.append("Until then Flatpak GIMP can't start the backend (it can't start programs "
+                     "outside its sandbox): start it yourself before using the filter there "
+                     "(command below).")
     if native and not (o.service and not o.service_problem):
+        where = "In GIMP (not the Flatpak) the" if flatpak else "The"
         window = {"windows": ", without a console window (pythonw.exe)"}.get(o.system, "")
-        lines.append(f"The plug-in starts the backend when it finds none running{window}; the "
-                     "backend keeps running after GIMP closes.")
+        lines.append(f"{where} plug-in starts the backend when it finds none running{window}; "
+                     "the backend keeps running after GIMP closes.")
     lines.append("To start the backend yourself (to watch its log):")
     width = max(len(shell) for shell, _ in o.commands)
     lines += [f"    {shell + ':':<{width + 1}} {command}" if len(o.commands) > 1 else
@@ -805,15 +808,15 @@ def main(argv: list[str] | None = None) -> int:
         (dest / "install.json").write_text(json.dumps(info, indent=2) + "\n")
         log(f"installed the plug-in into {dest}")
 
-    problem = None
+    unit = problem = None
     if want_service:
         log(f"setting up the backend's user service ({why_service})")
-        problem = install_service(user_unit_dir(dict(os.environ), str(Path.home())),
-                                  str(REPO), str(python))
+        unit = user_unit_dir(dict(os.environ), str(Path.home())) / SERVICE_NAME
+        problem = install_service(unit, str(REPO), str(python))
     log(f"done in {time.monotonic() - started:.0f} s")
     print()
-    print(closing_text(Outcome(here.system, targets, commands, torch_text, want_service,
-                               problem, notes)))
+    print(closing_text(Outcome(here.system, targets, commands, torch_text,
+                               str(unit) if unit else None, problem, notes)))
     return 0
 
 

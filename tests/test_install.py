@@ -251,6 +251,8 @@ def test_the_unit_runs_the_backend_from_login_and_restarts_it_on_failure():
     assert 'ExecStart="/home/ann/drag diffusion/.venv/bin/python" -m backend serve' in lines
     assert "WorkingDirectory=/home/ann/drag diffusion" in lines
     assert "Restart=on-failure" in lines and "WantedBy=default.target" in lines
+    # One URL (space-separated list): the space is %20, written %%20 for systemd.
+    assert "Documentation=file:///home/ann/drag%%20diffusion/docs/platforms.md" in lines
     # systemd expands %-specifiers and $VARIABLES in ExecStart: escaped.
     odd = install.service_unit("/x/100%", "/x/100%/$HOME/python")
     assert 'ExecStart="/x/100%%/$$HOME/python" -m backend serve' in odd.splitlines()
@@ -277,6 +279,7 @@ def test_systemd_accepts_the_generated_unit(tmp_path):
     unit.write_text(install.service_unit(str(repo), str(python)))
     verified = _systemd_verify(unit, tmp_path)
     assert verified.returncode == 0, verified.stderr
+    assert "Invalid" not in verified.stderr, verified.stderr  # e.g. a URL with a space
     unit.write_text(unit.read_text().replace(f'"{python}"', str(python)))
     assert _systemd_verify(unit, tmp_path).returncode != 0
 
@@ -329,16 +332,19 @@ def test_the_closing_text_says_what_happens_on_each_platform():
     assert "The plug-in starts the backend when it finds none running; the backend keeps " \
         "running after GIMP closes." in linux
     assert "    cd /repo && /repo/.venv/bin/python -m backend serve" in linux
-    service = _outcome("linux", ["linux", "flatpak"], service=True)
+    service = _outcome("linux", ["linux", "flatpak"], service="/u/gimp-drag-diffusion.service")
     assert "runs as a systemd user service (gimp-drag-diffusion.service): started now and " \
         "at every login" in service
     assert "systemctl --user disable --now gimp-drag-diffusion.service" in service
     assert "The plug-in starts the backend" not in service  # the service runs it for both
-    broken = _outcome("linux", ["flatpak"], service=True,
+    broken = _outcome("linux", ["linux", "flatpak"], service="/u/gimp-drag-diffusion.service",
                       service_problem="systemctl --user: Failed to connect to bus")
-    assert "not running (systemctl --user: Failed to connect to bus)" in broken
-    assert "Flatpak GIMP can't start programs outside its sandbox: start the backend " \
-        "yourself" in broken
+    assert "The backend's user service is written (/u/gimp-drag-diffusion.service) but not " \
+        "enabled: systemctl --user: Failed to connect to bus." in broken
+    assert "    systemctl --user enable --now gimp-drag-diffusion.service" in broken
+    assert "Until then Flatpak GIMP can't start the backend (it can't start programs outside " \
+        "its sandbox): start it yourself" in broken
+    assert "In GIMP (not the Flatpak) the plug-in starts the backend" in broken
 
 
 # --- the installer run for real (Linux) -----------------------------------------------------
@@ -409,10 +415,9 @@ def test_without_a_user_manager_the_closing_text_says_to_start_it_by_hand(fake_h
     (tmp_path / "broken").touch()
     done = _install(env)
     assert done.returncode == 0, done.stderr
-    assert "not running (systemctl --user: Failed to connect to bus: No medium found)" \
+    assert "but not enabled: systemctl --user: Failed to connect to bus: No medium found." \
         in done.stdout
-    assert "Flatpak GIMP can't start programs outside its sandbox: start the backend " \
-        "yourself" in done.stdout
+    assert "Until then Flatpak GIMP can't start the backend" in done.stdout
     assert calls.read_text().splitlines() == ["--user show-environment"]  # nothing enabled
 
 
