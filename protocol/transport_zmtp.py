@@ -28,6 +28,9 @@ MAX_QUEUED = 1000  # messages waiting for a connection (libzmq's ZMQ_SNDHWM)
 WRITE_SECONDS = 10.0  # a peer that takes no bytes for this long is gone
 WRITE_RATE = 5e6  # … and this many bytes per second more for a large message
 PEER_TYPES = (b"ROUTER", b"DEALER")  # the socket types a DEALER may talk to (RFC 28)
+# Connection states: not connected, waiting for the backend's greeting, for WELCOME (after
+# our HELLO), for READY (after our INITIATE), and open for messages.
+CLOSED, GREETING, WELCOME, READY, OPEN = "closed", "greeting", "welcome", "ready", "open"
 
 
 class Disconnected(Exception):
@@ -65,7 +68,12 @@ def connect_socket(endpoint: str, timeout: float) -> socket.socket:
 
 
 class ZmtpDealer:
-    """A DEALER connected to one ROUTER, in pure Python (see the module's docstring)."""
+    """A DEALER connected to one ROUTER, in pure Python (see the module's docstring).
+
+    The handshake advances inside ``recv`` as the backend's bytes arrive, so no call waits
+    past its own timeout for it; one that takes longer than ``handshake_timeout`` in all is
+    dropped and tried again.
+    """
 
     name = ZMTP
 
@@ -78,6 +86,10 @@ class ZmtpDealer:
         self.handshake_timeout = handshake_timeout
         self._hello = zmtp.plain_hello(username, password)
         self._sock: socket.socket | None = None
+        self._state = CLOSED
+        self._greeting = bytearray(zmtp.GREETING_SIZE)  # the backend's, as it arrives
+        self._greeting_got = 0
+        self._handshake_deadline = 0.0
         self._parser: zmtp.FrameParser | None = None
         self._queue: deque[list[Buffer]] = deque()  # messages waiting for a connection
         self._inbox: deque[list[Buffer]] = deque()  # complete messages not yet returned
@@ -94,8 +106,8 @@ class ZmtpDealer:
             log.debug("send queue full; a message was not sent")
             return
         self._queue.append(list(frames))
-        if self._sock is None:
-            self._connect(time.monotonic() + self.handshake_timeout)
+        if self._sock is None and time.monotonic() >= self._next_attempt:
+            self._connect()
         self._flush()
 
     def recv(self, timeout: float) -> list[Buffer] | None:
@@ -113,95 +125,106 @@ class ZmtpDealer:
             if self._sock is None:
                 if now < self._next_attempt:
                     time.sleep(min(self._next_attempt, deadline) - now)
-                    continue
-                self._connect(min(deadline, now + self.handshake_timeout))
-                self._flush()
+                else:
+                    self._connect()
                 continue
-            self._read(deadline)
+            if self._state != OPEN and now >= self._handshake_deadline:
+                self._drop(f"no handshake within {self.handshake_timeout:g} s")
+                continue
+            self._read(deadline if self._state == OPEN
+                       else min(deadline, self._handshake_deadline))
 
     def close(self) -> None:
         self._drop("closed")
         self._queue.clear()
         self._closed = True
 
-    # --- connection ---------------------------------------------------------------------------
-    def _connect(self, deadline: float) -> None:
-        """Connect and log in within ``deadline``; on failure, retry after ``RECONNECT``."""
+    # --- connection and handshake ---------------------------------------------------------------
+    def _connect(self) -> None:
+        """Connect and send our greeting; on failure, try again after ``RECONNECT``."""
         self._next_attempt = time.monotonic() + RECONNECT
-        sock = None
         try:
-            sock = connect_socket(self.endpoint, max(0.001, deadline - time.monotonic()))
-            self._handshake(sock, deadline)
-        except LoginRefused as exc:
-            self._refused = str(exc)
-        except (OSError, ValueError, zmtp.ZmtpError, Disconnected) as exc:
-            log.debug("no ZMTP connection to %s: %s", self.endpoint, exc)
-        else:
-            sock.settimeout(None)
-            self._sock, sock = sock, None
-            self._parser = zmtp.FrameParser(self.max_frame)
-            self._partial, self._partial_count = [], 0
-        finally:
-            if sock is not None:
-                sock.close()
+            sock = connect_socket(self.endpoint, self.handshake_timeout)
+        except (OSError, ValueError) as exc:
+            log.debug("cannot connect to %s: %s", self.endpoint, exc)
+            return
+        self._sock, self._state = sock, GREETING
+        self._greeting_got = 0
+        self._handshake_deadline = time.monotonic() + self.handshake_timeout
+        self._parser = zmtp.FrameParser(self.max_frame)
+        self._partial, self._partial_count = [], 0
+        self._write([zmtp.greeting(zmtp.PLAIN, as_server=False)])
 
-    def _handshake(self, sock: socket.socket, deadline: float) -> None:
-        """Greetings, then PLAIN: HELLO → WELCOME, INITIATE (our metadata) → READY."""
-        _write(sock, [zmtp.greeting(zmtp.PLAIN, as_server=False)], deadline)
-        peer = zmtp.parse_greeting(_read_exact(sock, zmtp.GREETING_SIZE, deadline))
+    def _greeted(self) -> None:
+        """The backend's greeting is complete: check it, then log in (HELLO)."""
+        try:
+            peer = zmtp.parse_greeting(bytes(self._greeting))
+        except zmtp.ZmtpError as exc:
+            self._drop(str(exc))
+            return
         if peer.mechanism != zmtp.PLAIN:  # (libzmq leaves its as-server flag 0: not checked)
             theirs = peer.mechanism.decode("ascii", "replace")
-            raise LoginRefused(f"the backend expects the {theirs} security mechanism, not a "
-                               "PLAIN login")
-        _write(sock, [self._hello], deadline)
-        self._expect(sock, zmtp.WELCOME, deadline)
-        properties = [(zmtp.SOCKET_TYPE, b"DEALER"), (zmtp.IDENTITY, b"")]
-        _write(sock, [zmtp.command(zmtp.INITIATE, zmtp.metadata(properties))], deadline)
-        ready = zmtp.parse_metadata(self._expect(sock, zmtp.READY, deadline))
-        if ready.get(zmtp.SOCKET_TYPE.lower()) not in PEER_TYPES:
-            raise zmtp.ZmtpError(f"the peer is a {ready.get('socket-type')!r} socket, which a "
-                                 "DEALER cannot talk to")
+            self._refuse(f"the backend expects the {theirs} security mechanism, not a PLAIN "
+                         "login")
+            return
+        self._state = WELCOME
+        self._write([self._hello])
 
-    def _expect(self, sock: socket.socket, name: bytes, deadline: float) -> bytes:
-        """The data of the handshake command ``name``; an ERROR is a refused login."""
-        flags, size = _read_header(sock, deadline)
-        if not flags & zmtp.COMMAND or size > zmtp.MAX_COMMAND_BYTES:
-            raise zmtp.ZmtpError(f"expected the {name.decode()} command during the handshake")
-        got, data = zmtp.parse_command(_read_exact(sock, size, deadline))
-        if got == zmtp.ERROR:
-            raise LoginRefused(zmtp.error_reason(data) or "login refused")
-        if got != name:
-            raise zmtp.ZmtpError(f"expected {name.decode()}, got {got!r} during the handshake")
-        return data
+    def _handshake_command(self, name: bytes, data: bytes) -> None:
+        """WELCOME → send INITIATE (our metadata); READY → open; ERROR → refused."""
+        if name == zmtp.ERROR:
+            self._refuse(zmtp.error_reason(data) or "login refused")
+        elif self._state == WELCOME and name == zmtp.WELCOME:
+            self._state = READY
+            properties = [(zmtp.SOCKET_TYPE, b"DEALER"), (zmtp.IDENTITY, b"")]
+            self._write([zmtp.command(zmtp.INITIATE, zmtp.metadata(properties))])
+        elif self._state == READY and name == zmtp.READY:
+            peer_type = zmtp.parse_metadata(data).get(zmtp.SOCKET_TYPE.lower())
+            if peer_type not in PEER_TYPES:
+                self._drop(f"the peer is a {peer_type!r} socket, which a DEALER cannot talk to")
+                return
+            self._state = OPEN
+            self._flush()
+        else:
+            self._drop(f"unexpected {name!r} command during the handshake")
+
+    def _refuse(self, reason: str) -> None:
+        self._refused = reason
+        self._drop(f"login refused: {reason}")
 
     def _drop(self, why: str) -> None:
         if self._sock is not None:
             log.debug("dropping the ZMTP connection to %s: %s", self.endpoint, why)
             self._sock.close()
-        self._sock, self._parser = None, None
+        self._sock, self._parser, self._state = None, None, CLOSED
         self._partial, self._partial_count = [], 0
         self._next_attempt = time.monotonic() + RECONNECT
 
     # --- traffic ------------------------------------------------------------------------------
+    def _write(self, chunks: Sequence[bytes | memoryview]) -> None:
+        """Write all of ``chunks`` or drop the connection (a half-written frame ends it)."""
+        assert self._sock is not None
+        size = sum(memoryview(c).nbytes for c in chunks)
+        try:
+            _send_all(self._sock, chunks, time.monotonic() + WRITE_SECONDS + size / WRITE_RATE)
+        except (OSError, Disconnected) as exc:
+            self._drop(f"writing failed: {exc}")
+
     def _flush(self) -> None:
         """Write the queued messages; a message whose write fails is lost (like libzmq's)."""
-        while self._sock is not None and self._queue:
-            frames = self._queue.popleft()
-            chunks = zmtp.message_chunks(frames)
-            size = sum(memoryview(c).nbytes for c in chunks)
-            try:
-                _write(self._sock, chunks, time.monotonic() + WRITE_SECONDS + size / WRITE_RATE)
-            except (OSError, Disconnected) as exc:
-                self._drop(f"writing failed: {exc}")
+        while self._state == OPEN and self._queue:
+            self._write(zmtp.message_chunks(self._queue.popleft()))
 
     def _read(self, deadline: float) -> None:
         """Read what arrives until ``deadline`` or a complete message; keep the messages."""
-        assert self._sock is not None and self._parser is not None
-        while not self._inbox and self._sock is not None:
+        while not self._inbox and self._sock is not None and self._refused is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            buffer = self._parser.buffer()
+            assert self._parser is not None
+            greeting = self._state == GREETING
+            buffer = (memoryview(self._greeting)[self._greeting_got:] if greeting
+                      else self._parser.buffer())
             self._sock.settimeout(left)
             try:
                 count = self._sock.recv_into(buffer)
@@ -214,24 +237,33 @@ class ZmtpDealer:
                 self._drop("the backend closed the connection"
                            + (" in the middle of a frame" if self._parser.mid_frame else ""))
                 return
+            if greeting:
+                self._greeting_got += count
+                if self._greeting_got == zmtp.GREETING_SIZE:
+                    self._greeted()
+                continue
             try:
                 frames = self._parser.advance(count)
             except zmtp.ZmtpError as exc:
                 self._drop(str(exc))
                 return
             for frame in frames:
+                if self._sock is None:  # dropped by the frame before
+                    break
                 self._take(frame)
 
     def _take(self, frame: zmtp.Frame) -> None:
         if frame.is_command:
             self._command(frame.body)
-            return
-        self._partial_count += 1
-        if self._partial_count <= self.max_frames:
-            self._partial.append(frame.body)
-        if not frame.more:
-            self._inbox.append(self._partial)
-            self._partial, self._partial_count = [], 0
+        elif self._state != OPEN:
+            self._drop("a message frame arrived during the handshake")
+        else:
+            self._partial_count += 1
+            if self._partial_count <= self.max_frames:
+                self._partial.append(frame.body)
+            if not frame.more:
+                self._inbox.append(self._partial)
+                self._partial, self._partial_count = [], 0
 
     def _command(self, body: bytes | bytearray) -> None:
         try:
@@ -239,18 +271,17 @@ class ZmtpDealer:
         except zmtp.ZmtpError as exc:
             self._drop(str(exc))
             return
-        if name == zmtp.PING and self._sock is not None:
-            try:
-                _write(self._sock, [zmtp.pong_for(data)], time.monotonic() + WRITE_SECONDS)
-            except (OSError, Disconnected) as exc:
-                self._drop(f"writing failed: {exc}")
+        if self._state != OPEN:
+            self._handshake_command(name, data)
+        elif name == zmtp.PING:
+            self._write([zmtp.pong_for(data)])
         elif name == zmtp.ERROR:
             self._drop(f"the backend sent ERROR {zmtp.error_reason(data)!r}")
         # anything else (PONG, unknown commands) is ignored, as ZMTP asks
 
 
-# --- blocking reads and writes with a deadline ---------------------------------------------
-def _write(sock: socket.socket, chunks: Sequence[bytes | memoryview], deadline: float) -> None:
+# --- blocking writes with a deadline -----------------------------------------------------------
+def _send_all(sock: socket.socket, chunks: Sequence[bytes | memoryview], deadline: float) -> None:
     for chunk in chunks:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -260,29 +291,3 @@ def _write(sock: socket.socket, chunks: Sequence[bytes | memoryview], deadline: 
             sock.sendall(chunk)
         except TimeoutError:
             raise Disconnected("the peer did not take the bytes in time") from None
-
-
-def _read_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
-    data = bytearray(size)
-    view = memoryview(data)
-    got = 0
-    while got < size:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise Disconnected("the peer did not answer in time")
-        sock.settimeout(left)
-        try:
-            count = sock.recv_into(view[got:])
-        except TimeoutError:
-            raise Disconnected("the peer did not answer in time") from None
-        if count == 0:
-            raise Disconnected("the peer closed the connection")
-        got += count
-    return bytes(data)
-
-
-def _read_header(sock: socket.socket, deadline: float) -> tuple[int, int]:
-    """Flags and size of the next frame, read byte-exactly (handshake only)."""
-    flags = _read_exact(sock, 1, deadline)[0]
-    width = 8 if flags & zmtp.LONG else 1
-    return flags, int.from_bytes(_read_exact(sock, width, deadline), "big")

@@ -253,15 +253,18 @@ class FrameParser:
                 raise ZmtpError(f"the peer sent a {'command' if flags & COMMAND else 'frame'} "
                                 f"of {size} bytes; at most {limit} are accepted")
             body_start = self._start + header.size
-            held = self._end - body_start
-            if held >= size:
+            held = min(self._end - body_start, size)
+            if size >= LARGE_FRAME:  # a buffer of its own; the socket fills the rest directly
+                body = bytearray(size)
+                body[:held] = self._view[body_start:body_start + held]
+                self._start = body_start + held
+                if held < size:
+                    self._body, self._body_flags, self._filled = body, flags, held
+                    break
+                frames.append(Frame(flags, body))
+            elif held == size:
                 frames.append(Frame(flags, bytes(self._view[body_start:body_start + size])))
                 self._start = body_start + size
-                continue
-            if size >= LARGE_FRAME:  # read the rest straight into a buffer of its own
-                self._body = bytearray(size)
-                self._body[:held] = self._view[body_start:self._end]
-                self._body_flags, self._filled = flags, held
-                self._start = self._end = 0
-            break
+            else:
+                break  # wait for the rest of a small frame
         return frames
