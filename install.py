@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
@@ -28,9 +27,10 @@ PROTOCOL_SOURCE = REPO / "protocol"
 CONSTRAINTS = REPO / "requirements" / "constraints.txt"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 FLATPAK_ID = "org.gimp.GIMP"
-VENDORED = ("pyzmq", "msgpack")
 # GIMP 3 for Windows and macOS bundles its own Python; this is its version when it can't be probed.
 BUNDLED_PYTHON = "3.12"
+# The plug-in and its protocol/ package need this Python and its standard library, nothing else.
+PLUGIN_PYTHON = (3, 10)
 
 
 def log(message: str) -> None:
@@ -149,31 +149,27 @@ def find_plugin_dir() -> tuple[Path, str, list[Path]]:
     return root / "3.0" / "plug-ins", kind, []
 
 
-# --- GIMP's Python and vendored packages ---------------------------------------------------------
+# --- GIMP's Python ----------------------------------------------------------------------------------
 
 @dataclass
 class GimpPython:
     """What we know about the Python that runs GIMP's plug-ins."""
 
     description: str
-    version: str  # "3.13"
-    platforms: list[str] = field(default_factory=list)  # wheel platform tags to vendor for
-    has_packages: bool | None = None  # can it import zmq and msgpack? None = unknown
+    version: str  # "3.13"; the plug-in needs only its standard library
 
 
-PROBE = ("import sys; v = '%d.%d' % sys.version_info[:2]\n"
-         "try:\n import zmq, msgpack; ok = 1\nexcept Exception:\n ok = 0\n"
-         "print(v, ok)")
+PROBE = "import sys; print('%d.%d' % sys.version_info[:2])"
 
 
-def _probe(cmd: list[str]) -> tuple[str, bool] | None:
+def _probe(cmd: list[str]) -> str | None:
     try:
         out = subprocess.run([*cmd, "-c", PROBE], capture_output=True, text=True, timeout=60,
                              env=_clean_env())
     except (OSError, subprocess.TimeoutExpired):
         return None
-    match = re.fullmatch(r"(\d+\.\d+) ([01])", out.stdout.strip())
-    return (match.group(1), match.group(2) == "1") if match else None
+    version = out.stdout.strip()
+    return version if re.fullmatch(r"\d+\.\d+", version) else None
 
 
 def _clean_env() -> dict[str, str]:
@@ -187,55 +183,33 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def _linux_platforms(machine: str) -> list[str]:
-    return [f"manylinux{tag}_{machine}" for tag in ("2014", "_2_17", "_2_26", "_2_28")]
-
-
 def gimp_python(kind: str, override: str | None) -> GimpPython:
-    """Probe the Python that runs GIMP's plug-ins (version, has pyzmq+msgpack) for ``kind``."""
-    machine = platform.machine().lower()
-    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    """Probe the version of the Python that runs GIMP's plug-ins for ``kind``."""
     probes: list[list[str]] = []
     if kind == "windows":
-        platforms = ["win_arm64" if machine == "aarch64" else "win_amd64"]
         probes = [[str(Path(os.environ.get(v, "")) / sub / "bin" / "python.exe")]
                   for v in ("ProgramFiles", "LOCALAPPDATA") for sub in ("GIMP 3", "Programs/GIMP 3")]
     elif kind == "macos":
-        arch = "arm64" if machine == "aarch64" else "x86_64"
-        platforms = [f"macosx_{v}_{arch}" for v in ("10_9", "11_0", "12_0", "13_0", "14_0")]
-        platforms.append("macosx_10_9_universal2")
         probes = [["/Applications/GIMP.app/Contents/MacOS/python3"]]
+    elif kind == "flatpak":
+        if shutil.which("flatpak"):
+            probes = [["flatpak", "run", "--command=python3", FLATPAK_ID]]
     else:
-        platforms = _linux_platforms(machine)
-        if kind == "flatpak":
-            if shutil.which("flatpak"):
-                probes = [["flatpak", "run", "--command=python3", FLATPAK_ID]]
-        else:
-            system = shutil.which("python3", path=_clean_env().get("PATH", ""))
-            probes = [["/usr/bin/python3"]] + ([[system]] if system else [])
+        system = shutil.which("python3", path=_clean_env().get("PATH", ""))
+        probes = [["/usr/bin/python3"]] + ([[system]] if system else [])
     if override:
         probes = [[override]]
     for cmd in probes:
         if len(cmd) > 1 or Path(cmd[0]).is_file():
-            result = _probe(cmd)
-            if result:
-                return GimpPython(" ".join(cmd), result[0], platforms, result[1])
-    return GimpPython(f"GIMP's Python (not found; assuming {BUNDLED_PYTHON})", BUNDLED_PYTHON,
-                      platforms)
+            version = _probe(cmd)
+            if version:
+                return GimpPython(" ".join(cmd), version)
+    return GimpPython(f"GIMP's Python (not found; assuming {BUNDLED_PYTHON})", BUNDLED_PYTHON)
 
 
-def vendor_packages(target: Path, gimp: GimpPython, pip_python: str) -> None:
-    """Unpack pyzmq and msgpack wheels built for GIMP's Python into ``target``."""
-    if target.exists():
-        shutil.rmtree(target)
-    specs = [f"{name}=={pinned(name)}" if pinned(name) else name for name in VENDORED]
-    cmd = [pip_python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet",
-           "--target", str(target), "--only-binary=:all:", "--implementation", "cp",
-           "--python-version", gimp.version]
-    for tag in gimp.platforms:
-        cmd += ["--platform", tag]
-    run([*cmd, *specs])
-    shutil.rmtree(target / "bin", ignore_errors=True)
+def too_old(version: str) -> bool:
+    """Whether GIMP's Python ``version`` ("3.9") is older than the plug-in needs."""
+    return tuple(int(part) for part in version.split(".")[:2]) < PLUGIN_PYTHON
 
 
 # --- plug-in files --------------------------------------------------------------------------------
@@ -245,11 +219,11 @@ def copy_tree(source: Path, dest: Path) -> None:
 
 
 def install_plugin(dest: Path) -> None:
-    """Replace everything in ``dest`` except ``vendor/`` with the repo's plug-in + protocol."""
+    """Replace everything in ``dest`` with the repo's plug-in and its protocol package (pure
+    Python: no compiled package goes into GIMP's plug-in folder; a ``vendor/`` folder of
+    pyzmq/msgpack wheels left by an older release is removed with the rest)."""
     dest.mkdir(parents=True, exist_ok=True)
     for entry in dest.iterdir():
-        if entry.name == "vendor":
-            continue
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     for entry in PLUGIN_SOURCE.iterdir():
         if entry.name == "__pycache__":
@@ -321,13 +295,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gimp-plugin-dir", type=Path,
                    help="GIMP's plug-in folder (default: found automatically)")
     p.add_argument("--gimp-python",
-                   help="the Python that runs GIMP's plug-ins (to check for pyzmq/msgpack)")
-    p.add_argument("--vendor", choices=("auto", "always", "never"), default="auto",
-                   help="vendor pyzmq+msgpack into the plug-in: auto = when GIMP's Python "
-                        "lacks them")
-    p.add_argument("--vendor-python-version", help="vendor for this Python version (X.Y)")
-    p.add_argument("--vendor-platform", action="append",
-                   help="vendor for this wheel platform tag (repeatable)")
+                   help="the Python that runs GIMP's plug-ins (to check its version)")
     p.add_argument("--uninstall", action="store_true", help="remove the plug-in")
     p.add_argument("--purge", action="store_true", help="with --uninstall: delete the venv too")
     return p.parse_args(argv)
@@ -376,22 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     gimp_kind = {"custom": "macos" if sys.platform == "darwin" else
                  "windows" if sys.platform == "win32" else "linux"}.get(kind, kind)
     gimp = gimp_python(gimp_kind, args.gimp_python)
-    if args.vendor_python_version:
-        gimp.version = args.vendor_python_version
-    if args.vendor_platform:
-        gimp.platforms = args.vendor_platform
-    need_vendor = args.vendor == "always" or (args.vendor == "auto" and not gimp.has_packages)
-    vendor_dir = dest / "vendor"
-    if need_vendor:
-        pip_python = str(python) if python.exists() else sys.executable
-        log(f"vendoring {', '.join(VENDORED)} for Python {gimp.version} "
-            f"({', '.join(gimp.platforms)}) — {gimp.description}")
-        vendor_packages(vendor_dir, gimp, pip_python)
+    if too_old(gimp.version):
+        log(f"warning: GIMP's Python ({gimp.description}) is {gimp.version}; the plug-in "
+            f"needs {'.'.join(map(str, PLUGIN_PYTHON))} or newer (GIMP 3 ships one)")
     else:
-        if vendor_dir.exists():
-            shutil.rmtree(vendor_dir)
-        log("not vendoring pyzmq/msgpack (--vendor never)" if args.vendor == "never" else
-            f"GIMP's Python ({gimp.description}, {gimp.version}) already has pyzmq and msgpack")
+        log(f"GIMP's Python: {gimp.version} ({gimp.description}); the plug-in needs only its "
+            "standard library")
 
     connection_file = default_connection_file(python)
     info = {
@@ -403,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
         "connection_file": connection_file,
         "gimp_python": gimp.description,
         "gimp_python_version": gimp.version,
-        "vendored": need_vendor,
         "parameters": backend_parameters(python),
         "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

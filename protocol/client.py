@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol import connection, wire
 from protocol import transport as transport_module
+from protocol.transport_zmtp import ZmtpDealer
 from protocol.wire import Buffer, Message, ProtocolError
 
 if TYPE_CHECKING:
@@ -340,12 +341,18 @@ class Client:
     # --- internals ---------------------------------------------------------------------------
     def _open(self) -> None:
         # The server lets only holders of the key connect (PROTOCOL.md section 6).
+        login = {"username": wire.TRANSPORT_USER,
+                 "password": wire.transport_password(self._session.key)}
         try:
-            self._transport = transport_module.open_transport(
-                self.transport, self.endpoint, username=wire.TRANSPORT_USER,
-                password=wire.transport_password(self._session.key), curve=self._curve,
-                max_frame=self._max_frame, max_frames=wire.MAX_FRAMES + 1,
-                handshake_timeout=self.timeout, context=self._context)
+            if self.transport == transport_module.PYZMQ:
+                from protocol.transport_pyzmq import PyzmqDealer  # only where pyzmq loads
+
+                self._transport = PyzmqDealer(self.endpoint, **login, curve=self._curve,
+                                              max_frame=self._max_frame, context=self._context)
+            else:
+                self._transport = ZmtpDealer(self.endpoint, **login, max_frame=self._max_frame,
+                                             max_frames=wire.MAX_FRAMES + 1,
+                                             handshake_timeout=self.timeout)
         except ValueError as exc:  # an endpoint no transport can connect to
             raise ConnectionFileError(str(exc)) from None
 

@@ -8,7 +8,7 @@ implementations, and the rule that picks one (PROTOCOL.md section 1).
 
 ``auto`` (the default) takes pyzmq where it imports and the pure transport elsewhere; CURVE
 needs pyzmq. ``DRAG_DIFFUSION_TRANSPORT`` (or ``Client(transport=...)``) forces one. This
-module imports nothing outside the standard library.
+module imports nothing outside the standard library; the client opens the chosen one.
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 from protocol.wire import Buffer
-
-if TYPE_CHECKING:
-    from protocol.curve import CurveClient
 
 TRANSPORT_ENV = "DRAG_DIFFUSION_TRANSPORT"
 PYZMQ, ZMTP, AUTO = "pyzmq", "zmtp", "auto"
@@ -94,18 +91,3 @@ def choose(requested: str | None = None, *, curve: bool = False) -> str:
                                    f"Python ({problem}); unset it to use the pure-Python "
                                    "transport")
     return ZMTP
-
-
-def open_transport(name: str, endpoint: str, *, username: bytes = b"", password: bytes = b"",
-                   curve: CurveClient | None = None, max_frame: int, max_frames: int,
-                   handshake_timeout: float, context: Any = None) -> Transport:
-    """Connect a transport of ``name`` (as ``choose`` returns it) to ``endpoint``."""
-    if name == PYZMQ:
-        from protocol.transport_pyzmq import PyzmqDealer  # only where pyzmq loads
-
-        return PyzmqDealer(endpoint, username=username, password=password, curve=curve,
-                           max_frame=max_frame, context=context)
-    from protocol.transport_zmtp import ZmtpDealer
-
-    return ZmtpDealer(endpoint, username=username, password=password, max_frame=max_frame,
-                      max_frames=max_frames, handshake_timeout=handshake_timeout)
