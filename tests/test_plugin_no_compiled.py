@@ -81,3 +81,35 @@ def test_the_plugin_edits_with_no_compiled_package(tmp_path):
     assert report["outside"] == []  # nothing at all from outside stdlib + the plug-in folder
     assert bytes.fromhex(report["pixels"]) == bytes(255 - b for b in image())
     assert report["handles"] == [[4.5, 3.5]]
+
+
+_CURVE = r"""
+import pathlib, sys
+plugin, blocker, conn = sys.argv[1:4]
+sys.path.insert(0, blocker)
+import sitecustomize
+sys.path.insert(0, plugin)
+import dragdiff_backend as db
+try:
+    db.try_connect(pathlib.Path(conn), 2.0)
+except db.BackendError as exc:
+    print(exc)
+"""
+
+
+def test_a_curve_backend_without_pyzmq_is_one_line_saying_what_to_do(tmp_path):
+    """CURVE stays pyzmq-only: the plug-in says so at once instead of timing out."""
+    from protocol.connection import ConnectionInfo, write_connection_file
+
+    plugin = tmp_path / "plug-ins" / "drag-diffusion"
+    _installer().install_plugin(plugin)
+    conn = tmp_path / "remote" / "backend.json"
+    write_connection_file(conn, ConnectionInfo(
+        "tcp://gpu-host:5557", b"k" * 32, curve_server_key="x" * 40,
+        curve_client_key=str(tmp_path / "gimp.key_secret")))
+    run = limits.run([sys.executable, "-S", "-E", "-s", "-c", _CURVE, str(plugin),
+                      str(BLOCKER), str(conn)], limit=60, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (line,) = run.stdout.splitlines()
+    assert line.startswith("The plug-in can't use the connection file: the backend uses CURVE")
+    assert "pyzmq does not load in this Python" in line and "ssh -L" in line

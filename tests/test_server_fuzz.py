@@ -311,6 +311,26 @@ def test_oversized_frame_is_dropped_and_the_server_serves_on():
             assert client.ping()["queued"] == 0
 
 
+def test_an_oversized_frame_from_the_pure_transport_costs_its_connection_only():
+    """The pure-Python transport sending past ZMQ_MAXMSGSIZE (its client checks first; this
+    one does not): libzmq drops that connection, the transport reconnects and serves on."""
+    from protocol.transport_zmtp import ZmtpDealer
+
+    with running_server(FakeEngine(), limits=wire.Limits(max_frame_bytes=2**20)) as server:
+        session = wire.Session(server.key, me="test", peer="the backend")
+        bully = ZmtpDealer(server.endpoint, username=wire.TRANSPORT_USER,
+                           password=wire.transport_password(server.key), max_frame=2**20,
+                           max_frames=8, handshake_timeout=2.0)
+        try:
+            bully.send(session.serialize(wire.PING, {}, buffers=[b"x" * (2 * 2**20)])[1])
+            assert bully.recv(0.5) is None  # dropped: no answer
+            bully.send(session.serialize(wire.PING, {})[1])
+            reply = session.parse(bully.recv(5.0))
+        finally:
+            bully.close()
+        assert reply.msg_type == wire.PONG
+
+
 # A separate process, so its sending does not share this process's GIL with the server. It
 # speaks ZMTP 3.0 over a plain TCP socket: a greeting without a login (NULL mechanism), then,
 # once the server has greeted back, one message of a million empty frames (2 MB).
