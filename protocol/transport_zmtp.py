@@ -34,7 +34,7 @@ CLOSED, GREETING, WELCOME, READY, OPEN = "closed", "greeting", "welcome", "ready
 
 
 class Disconnected(Exception):
-    """The connection broke or the peer broke the protocol; it is dropped and retried."""
+    """The peer stopped taking our bytes; the connection is dropped and tried again."""
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, str, int]:
