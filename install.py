@@ -34,7 +34,6 @@ PLUGIN_SOURCE = REPO / "gimp_plugin" / PLUGIN_NAME
 PROTOCOL_SOURCE = REPO / "protocol"
 CONSTRAINTS = REPO / "requirements" / "constraints.txt"
 FLATPAK_ID = "org.gimp.GIMP"
-VENDORED = ("pyzmq", "msgpack")
 # GIMP 3 for Windows and macOS bundles its own Python; this is its version when it can't be probed.
 BUNDLED_PYTHON = "3.12"
 BACKEND_ARGS = ("-m", "backend", "serve")
@@ -45,6 +44,9 @@ NEWEST_GIMP = "3.2"  # the profile folder made when no GIMP 3 profile exists yet
 TORCH_INDEX = "https://download.pytorch.org/whl/"
 TORCH_CUDA = "cu128"  # PyTorch's CUDA 12.8 wheels (Windows and Linux, x86_64 and arm64)
 SERVICE_NAME = "gimp-drag-diffusion.service"
+
+# The plug-in and its protocol/ package need this Python and its standard library, nothing else.
+PLUGIN_PYTHON = (3, 10)
 
 
 def log(message: str) -> None:
@@ -352,31 +354,27 @@ def create_venv(venv: Path, plan: TorchPlan, dev: bool) -> tuple[Path, str]:
     return python, installed_torch(python) or "not importable"
 
 
-# --- GIMP's Python and vendored packages ---------------------------------------------------------
+# --- GIMP's Python ----------------------------------------------------------------------------------
 
 @dataclass
 class GimpPython:
     """What we know about the Python that runs GIMP's plug-ins."""
 
     description: str
-    version: str  # "3.13"
-    platforms: list[str] = field(default_factory=list)  # wheel platform tags to vendor for
-    has_packages: bool | None = None  # can it import zmq and msgpack? None = unknown
+    version: str  # "3.13"; the plug-in needs only its standard library
 
 
-PROBE = ("import sys; v = '%d.%d' % sys.version_info[:2]\n"
-         "try:\n import zmq, msgpack; ok = 1\nexcept Exception:\n ok = 0\n"
-         "print(v, ok)")
+PROBE = "import sys; print('%d.%d' % sys.version_info[:2])"
 
 
-def _probe(cmd: list[str]) -> tuple[str, bool] | None:
+def _probe(cmd: list[str]) -> str | None:
     try:
         out = subprocess.run([*cmd, "-c", PROBE], capture_output=True, text=True, timeout=60,
                              env=_clean_env())
     except (OSError, subprocess.TimeoutExpired):
         return None
-    match = re.fullmatch(r"(\d+\.\d+) ([01])", out.stdout.strip())
-    return (match.group(1), match.group(2) == "1") if match else None
+    version = out.stdout.strip()
+    return version if re.fullmatch(r"\d+\.\d+", version) else None
 
 
 def _clean_env() -> dict[str, str]:
@@ -390,55 +388,33 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def _linux_platforms(machine: str) -> list[str]:
-    return [f"manylinux{tag}_{machine}" for tag in ("2014", "_2_17", "_2_26", "_2_28")]
-
-
 def gimp_python(kind: str, override: str | None) -> GimpPython:
-    """Probe the Python that runs GIMP's plug-ins (version, has pyzmq+msgpack) for ``kind``."""
-    machine = platform_module.machine().lower()
-    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    """Probe the version of the Python that runs GIMP's plug-ins for ``kind``."""
     probes: list[list[str]] = []
     if kind == "windows":
-        platforms = ["win_arm64" if machine == "aarch64" else "win_amd64"]
         probes = [[str(Path(os.environ.get(v, "")) / sub / "bin" / "python.exe")]
                   for v in ("ProgramFiles", "LOCALAPPDATA") for sub in ("GIMP 3", "Programs/GIMP 3")]
     elif kind == "macos":
-        arch = "arm64" if machine == "aarch64" else "x86_64"
-        platforms = [f"macosx_{v}_{arch}" for v in ("10_9", "11_0", "12_0", "13_0", "14_0")]
-        platforms.append("macosx_10_9_universal2")
         probes = [["/Applications/GIMP.app/Contents/MacOS/python3"]]
+    elif kind == "flatpak":
+        if shutil.which("flatpak"):
+            probes = [["flatpak", "run", "--command=python3", FLATPAK_ID]]
     else:
-        platforms = _linux_platforms(machine)
-        if kind == "flatpak":
-            if shutil.which("flatpak"):
-                probes = [["flatpak", "run", "--command=python3", FLATPAK_ID]]
-        else:
-            system = shutil.which("python3", path=_clean_env().get("PATH", ""))
-            probes = [["/usr/bin/python3"]] + ([[system]] if system else [])
+        system = shutil.which("python3", path=_clean_env().get("PATH", ""))
+        probes = [["/usr/bin/python3"]] + ([[system]] if system else [])
     if override:
         probes = [[override]]
     for cmd in probes:
         if len(cmd) > 1 or Path(cmd[0]).is_file():
-            result = _probe(cmd)
-            if result:
-                return GimpPython(" ".join(cmd), result[0], platforms, result[1])
-    return GimpPython(f"GIMP's Python (not found; assuming {BUNDLED_PYTHON})", BUNDLED_PYTHON,
-                      platforms)
+            version = _probe(cmd)
+            if version:
+                return GimpPython(" ".join(cmd), version)
+    return GimpPython(f"GIMP's Python (not found; assuming {BUNDLED_PYTHON})", BUNDLED_PYTHON)
 
 
-def vendor_packages(target: Path, gimp: GimpPython, pip_python: str) -> None:
-    """Unpack pyzmq and msgpack wheels built for GIMP's Python into ``target``."""
-    if target.exists():
-        shutil.rmtree(target)
-    specs = [f"{name}=={pinned(name)}" if pinned(name) else name for name in VENDORED]
-    cmd = [pip_python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet",
-           "--target", str(target), "--only-binary=:all:", "--implementation", "cp",
-           "--python-version", gimp.version]
-    for tag in gimp.platforms:
-        cmd += ["--platform", tag]
-    run([*cmd, *specs])
-    shutil.rmtree(target / "bin", ignore_errors=True)
+def too_old(version: str) -> bool:
+    """Whether GIMP's Python ``version`` ("3.9") is older than the plug-in needs."""
+    return tuple(int(part) for part in version.split(".")[:2]) < PLUGIN_PYTHON
 
 
 # --- plug-in files --------------------------------------------------------------------------------
@@ -448,11 +424,11 @@ def copy_tree(source: Path, dest: Path) -> None:
 
 
 def install_plugin(dest: Path) -> None:
-    """Replace everything in ``dest`` except ``vendor/`` with the repo's plug-in + protocol."""
+    """Replace everything in ``dest`` with the repo's plug-in and its protocol package (pure
+    Python: no compiled package goes into GIMP's plug-in folder; a ``vendor/`` folder of
+    pyzmq/msgpack wheels left by an older release is removed with the rest)."""
     dest.mkdir(parents=True, exist_ok=True)
     for entry in dest.iterdir():
-        if entry.name == "vendor":
-            continue
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     for entry in PLUGIN_SOURCE.iterdir():
         if entry.name == "__pycache__":
@@ -697,13 +673,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          help="don't set up the user service")
     p.set_defaults(service="auto")
     p.add_argument("--gimp-python",
-                   help="the Python that runs GIMP's plug-ins (to check for pyzmq/msgpack)")
-    p.add_argument("--vendor", choices=("auto", "always", "never"), default="auto",
-                   help="vendor pyzmq+msgpack into the plug-in: auto = when GIMP's Python "
-                        "lacks them")
-    p.add_argument("--vendor-python-version", help="vendor for this Python version (X.Y)")
-    p.add_argument("--vendor-platform", action="append",
-                   help="vendor for this wheel platform tag (repeatable)")
+                   help="the Python that runs GIMP's plug-ins (to check its version)")
     p.add_argument("--uninstall", action="store_true", help="remove the plug-in")
     p.add_argument("--purge", action="store_true", help="with --uninstall: delete the venv too")
     return p.parse_args(argv)
@@ -724,30 +694,21 @@ def uninstall(targets: list[Target], venv: Path, purge: bool) -> None:
         log(f"removed virtual environment {venv}")
 
 
-def vendor_for(target: Target, dest: Path, args: argparse.Namespace, python: Path,
-               probed: dict) -> tuple[GimpPython, bool]:
-    """Vendor pyzmq+msgpack into ``dest`` when GIMP's Python for this target lacks them."""
+def check_gimp_python(target: Target, args: argparse.Namespace, probed: dict) -> GimpPython:
+    """Probe (once per kind) the Python that runs GIMP's plug-ins for ``target``; warn when it
+    is older than the plug-in needs. Nothing else is needed: the plug-in and its protocol/
+    package use only the standard library (no compiled package goes into GIMP)."""
     kind = target.kind if target.kind != "custom" else current_platform_system()
     if kind not in probed:
         probed[kind] = gimp_python(kind, args.gimp_python)
-    gimp = probed[kind]
-    if args.vendor_python_version:
-        gimp.version = args.vendor_python_version
-    if args.vendor_platform:
-        gimp.platforms = args.vendor_platform
-    need = args.vendor == "always" or (args.vendor == "auto" and not gimp.has_packages)
-    vendor_dir = dest / "vendor"
-    if need:
-        pip_python = str(python) if python.exists() else sys.executable
-        log(f"vendoring {', '.join(VENDORED)} for Python {gimp.version} "
-            f"({', '.join(gimp.platforms)}) — {gimp.description}")
-        vendor_packages(vendor_dir, gimp, pip_python)
-    else:
-        if vendor_dir.exists():
-            shutil.rmtree(vendor_dir)
-        log("not vendoring pyzmq/msgpack (--vendor never)" if args.vendor == "never" else
-            f"GIMP's Python ({gimp.description}, {gimp.version}) already has pyzmq and msgpack")
-    return gimp, need
+        gimp = probed[kind]
+        if too_old(gimp.version):
+            log(f"warning: GIMP's Python ({gimp.description}) is {gimp.version}; the plug-in "
+                f"needs {'.'.join(map(str, PLUGIN_PYTHON))} or newer (GIMP 3 ships one)")
+        else:
+            log(f"GIMP's Python: {gimp.version} ({gimp.description}); the plug-in needs only "
+                "its standard library")
+    return probed[kind]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -789,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         dest = Path(target.plugin_dir) / PLUGIN_NAME
         log(f"GIMP plug-in folder: {target.plugin_dir} ({_target_label(target)})")
         install_plugin(dest)
-        gimp, vendored = vendor_for(target, dest, args, python, probed)
+        gimp = check_gimp_python(target, args, probed)
         info = {
             "version": project_version(),
             "repo": str(REPO),
@@ -801,7 +762,6 @@ def main(argv: list[str] | None = None) -> int:
             "connection_file": connection_file,
             "gimp_python": gimp.description,
             "gimp_python_version": gimp.version,
-            "vendored": vendored,
             "parameters": parameters,
             "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -100,7 +100,13 @@ def running_server(engine: Any = None, *, load: Callable[[], Any] | None = None,
         assert not thread.is_alive(), "the server did not stop"
 
 
+# The client's two transports (protocol/transport.py): tests that take a ``transport``
+# parameter run once with libzmq's DEALER and once with the pure-Python ZMTP one.
+TRANSPORTS = ("pyzmq", "zmtp")
+
+
 def client_for(server: Server, **kwargs: Any) -> Client:
+    """A client of ``server``; ``transport=`` picks pyzmq or the pure-Python ZMTP one."""
     kwargs.setdefault("timeout", 2.0)
     kwargs.setdefault("retries", 1)
     return Client(server.endpoint, server.key, **kwargs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -78,7 +79,7 @@ def gimp(tier: harness.Tier, chroot: Path, tmp_path_factory: pytest.TempPathFact
     work.chmod(0o755)
     g = harness.GimpChroot(chroot, work, tier)
     g.prepare_profile()
-    harness.install_plugin(g, "--vendor", "never")  # the chroot has python3-zmq/-msgpack
+    harness.install_plugin(g)  # the chroot has python3-zmq/-msgpack: the pyzmq transport
     with harness.bind_mount(work, chroot):
         yield g
 
@@ -516,25 +517,14 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
             process.wait(10)
 
 
-def test_vendored_pyzmq_and_msgpack(gimp, backend):
-    """install.py --vendor always: wheels for GIMP's Python (3.13 in GIMP 3.0.4's Debian, 3.14
-    in 3.2's) beside the plug-in win over the chroot's python3-zmq; re-running install.py
-    upgrades in place."""
-    if gimp.tier.blocked:
-        pytest.skip("this tier's plug-in Python loads no compiled package, vendored or not")
-    linux = [f"manylinux{tag}_x86_64" for tag in ("2014", "_2_17", "_2_28")]
-    try:
-        harness.install_plugin(gimp, "--vendor", "always", "--vendor-python-version",
-                               gimp.python,
-                               *[a for tag in linux for a in ("--vendor-platform", tag)])
-        plugin = gimp.plugin_dir / "drag-diffusion"
-        assert (plugin / "vendor" / "zmq").is_dir() and (plugin / "vendor" / "msgpack").is_dir()
-        assert json.loads((plugin / "install.json").read_text())["vendored"] is True
-        assert os.access(plugin / "drag-diffusion.py", os.X_OK)
-        report, out = run_case(gimp, "vendored", backend, paths=[[[[20, 20], [26, 22]]]])
-        check_new_layer(report, out, backend, [64, 48], [0, 0])
-        assert report["info"]["pyzmq"].startswith(
-            f"{gimp.inside(gimp.plugin_dir)}/drag-diffusion/vendor/zmq/")
-    finally:
-        harness.install_plugin(gimp, "--vendor", "never")
-    assert not (gimp.plugin_dir / "drag-diffusion" / "vendor").exists()
+def test_the_plugin_needs_no_compiled_package(gimp, backend):
+    """Issue 21: with pyzmq and msgpack unimportable in GIMP's Python (as on Windows and
+    macOS; tests/no_compiled/sitecustomize.py on PYTHONPATH blocks them), the plug-in speaks
+    ZMTP in pure Python and the edit lands as usual."""
+    blocker = gimp.work / "no_compiled"
+    shutil.copytree(harness.REPO / "tests" / "no_compiled", blocker, dirs_exist_ok=True)
+    report, out = run_case(gimp, "no-compiled", backend, paths=[[[[20, 20], [26, 22]]]],
+                           env={"PYTHONPATH": gimp.inside(blocker)})
+    check_new_layer(report, out, backend, [64, 48], [0, 0])
+    assert report["info"]["transport"] == "zmtp"
+    assert report["info"]["pyzmq"] is None

@@ -371,8 +371,7 @@ def fake_home(tmp_path):
 
 
 def _install(env, *args):
-    return subprocess.run([str(VENV_PYTHON), str(REPO / "install.py"), "--no-venv",
-                           "--vendor", "never", *args], env=env, capture_output=True,
+    return subprocess.run([str(VENV_PYTHON), str(REPO / "install.py"), "--no-venv", *args], env=env, capture_output=True,
                           text=True, timeout=600)
 
 

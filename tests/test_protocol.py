@@ -125,7 +125,7 @@ def test_wrong_key_and_missing_signature_are_refused():
 
 def test_signature_is_checked_before_unpacking(monkeypatch):
     calls = []
-    monkeypatch.setattr(wire.msgpack, "unpackb", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(wire.msgpack_codec, "unpack", lambda *a, **k: calls.append(a))
     _, receiver = pair()
     bogus = [wire.DELIMITER, b"0" * 64, b"\xc1", b"\xc1", b"\xc1"]
     with pytest.raises(ProtocolError):

@@ -169,12 +169,14 @@ def connection_file(setting: str, install: InstallInfo) -> Path:
 
 
 def _import_protocol():
+    """The ``protocol`` package beside the plug-in: standard library only, so it loads in any
+    GIMP's Python (pyzmq is used only where it happens to load; see protocol/transport.py)."""
     try:
         import protocol
     except ImportError as exc:
         raise BackendError(
-            f"The plug-in can't load its network libraries ({exc}). Re-run install.py, which "
-            "puts pyzmq and msgpack where GIMP's Python finds them.") from None
+            f"The plug-in can't load its protocol package ({exc}). Re-run install.py, which "
+            "copies it beside the plug-in.") from None
     return protocol
 
 
@@ -344,6 +346,11 @@ class Session:
     @property
     def device(self) -> str:
         return str(self.info.get("device") or "")
+
+    @property
+    def transport(self) -> str:
+        """How the frames travel: ``pyzmq`` (libzmq) or ``zmtp`` (pure Python)."""
+        return str(getattr(self.client, "transport", ""))
 
     @property
     def model_name(self) -> str:

@@ -56,11 +56,10 @@ class Tier:
 TIERS = {t.name: t for t in (
     Tier("3.0", "3.0", "trixie"),
     Tier("3.2", "3.2", "forky"),
-    # GIMP's own Python on Windows/macOS: only the standard library and gi load there. Joins
-    # DEFAULT_TIERS once the plug-in needs no compiled package to reach the backend.
+    # GIMP's own Python on Windows/macOS: only the standard library and gi load there.
     Tier("3.2-stdlib", "3.2", "forky", blocked=("zmq", "msgpack", "numpy")),
 )}
-DEFAULT_TIERS = ("3.0", "3.2")
+DEFAULT_TIERS = ("3.0", "3.2", "3.2-stdlib")
 
 
 def selected_tiers() -> list[Tier]:
