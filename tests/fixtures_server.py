@@ -22,6 +22,7 @@ if __name__ == "__main__":  # make the repository importable when run as a scrip
 
 from backend.engine.errors import OutOfMemory
 from backend.engine.interface import Engine, PreviewFn
+from backend.engine.params import MethodTable
 from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
 from backend.server.server import Server
 from protocol import wire
@@ -36,7 +37,9 @@ class FakeEngine(Engine):
     token before every step, like the real engine, and records what it ran.
     """
 
-    def __init__(self, steps: int = 3, delay: float = 0.0) -> None:
+    def __init__(self, steps: int = 3, delay: float = 0.0,
+                 table: MethodTable | None = None) -> None:
+        self.table = table if table is not None else MethodTable()
         self.steps = steps
         self.delay = delay
         self.runs: list[DragRequest] = []

@@ -227,8 +227,25 @@ def test_hugging_face_ids_come_from_the_cache_offline(tmp_path, monkeypatch, tin
     message = str(info.value)
     assert models.DEFAULT_MODEL in message
     assert str(tmp_path) in message and "HF_HUB_OFFLINE" in message
-    assert f"huggingface-cli download {models.DEFAULT_MODEL}" in message and "--model" in message
+    assert f"`{models.download_command()}`" in message and "--model" in message
     assert "\n" not in message
+
+
+def test_the_download_command_in_the_hint_exists_and_takes_its_options():
+    """The hint once named huggingface-cli, which the pinned huggingface_hub no longer
+    installs: the command it names is in this venv and accepts the arguments given."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    program, verb, repo, *options = models.download_command().split(" ")
+    assert (program, verb, repo) == ("hf", "download", models.DEFAULT_MODEL)
+    hf = Path(sys.executable).parent / program
+    assert hf.is_file(), f"{program} is not in {hf.parent}"
+    usage = subprocess.run([str(hf), verb, "--help"], capture_output=True, text=True,
+                           timeout=120).stdout
+    assert "--include" in usage and options[0] == "--include"
+    assert "model_index.json" in models.download_command()
 
 
 # --- separate VAE -------------------------------------------------------------------------------

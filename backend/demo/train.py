@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from backend.demo import data
+from backend.demo import MODEL_DIR, data
 from backend.demo.architecture import (
     add_reference_channels,
     build_text_encoder,
@@ -41,7 +41,7 @@ from backend.demo.architecture import (
 from backend.engine.sd15 import SD15_SCHEDULER
 
 DEFAULT_WORK_DIR = Path(".cache/toy-train")
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"
+DEFAULT_MODEL_DIR = MODEL_DIR  # training writes the model that ships
 
 
 @dataclass

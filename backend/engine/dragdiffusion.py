@@ -58,6 +58,8 @@ def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, l
         steps_run += 1
     ctx.stats["drag_steps"] = steps_run
     ctx.stats["drag_stopped"] = steps_run < p.drag_steps
+    # why the drag ended before its last step: the tracker put every handle within reach
+    ctx.stats["drag_stop"] = "reached" if steps_run < p.drag_steps else None
     return z.detach(), handles
 
 

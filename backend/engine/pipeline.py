@@ -29,14 +29,7 @@ from backend.engine.lora import LoraCache, prepare_lora
 from backend.engine.lora_merge import MergedLora
 from backend.engine.memory import free_memory, oom_message
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
-from backend.engine.params import (
-    METHODS,
-    PRESETS,
-    DragParams,
-    check_canvas,
-    defaults_table,
-    resolve,
-)
+from backend.engine.params import METHODS, DragParams, MethodTable
 from backend.engine.redrag import RedragCache, RedragEntry, redrag_key
 from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
 from backend.engine.work import WorkCounter, official_defaults, official_work
@@ -98,8 +91,8 @@ class DragEngine:
         if compile_unet:
             self.unet_forward = compiled_unet_forward(
                 compile_unet if isinstance(compile_unet, str) else "inductor")
-        try:  # a model's own defaults must be valid knobs (checked once, at load)
-            resolve(METHODS[0], self.model_params)
+        try:  # what this engine runs: the methods' defaults with the model's own applied
+            self.table = MethodTable(model.preset.get("params", {}))
         except EngineError as exc:
             raise EngineError(f"the preset.json of {model.source} is not valid: {exc}") from None
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache()
@@ -122,11 +115,6 @@ class DragEngine:
         return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None, reuse=reuse,
                    compile_unet=compile_unet)
 
-    @property
-    def model_params(self) -> dict:
-        """The loaded model's own parameter defaults (its ``preset.json``; usually none)."""
-        return self.model.preset.get("params", {})
-
     def info(self) -> dict:
         m = self.model
         return {
@@ -136,8 +124,6 @@ class DragEngine:
             "dtype": str(m.dtype).removeprefix("torch."),
             "precision": m.precision.name,
             "memory": memory_info(m.device),
-            "methods": list(PRESETS),
-            "defaults": defaults_table(self.model_params),
         }
 
     # -- the edit -------------------------------------------------------------------------
@@ -155,10 +141,8 @@ class DragEngine:
         (latent resolution, h×w×3 uint8, colours approximated without the VAE).
         """
         imageops.validate_request(request.image, request.handles, request.targets, request.mask)
-        algorithm, params = resolve(request.method, {**self.model_params, **request.params})
         height, width = request.image.shape[:2]
-        check_canvas(algorithm, params, imageops.working_size(width, height, params.work_size,
-                                                              params.work_max_side))
+        algorithm, params = self.table.resolve(request.method, request.params, (width, height))
         phase = ["load"]  # the phase an out-of-memory error is reported in
 
         def tracked(name: str, step: int, total: int) -> None:

@@ -11,6 +11,10 @@ import numpy as np
 
 from backend.engine.errors import Cancelled
 
+# The method a request runs when it names none, and the one a dialog or command line offers
+# first (a server's hello announces it as ``default_method``).
+DEFAULT_METHOD = "dragdiffusion"
+
 # progress(phase, step, total): phases are "load", "lora", "inversion", "drag", "denoise",
 # "decode".
 ProgressFn = Callable[[str, int, int], None]
@@ -39,7 +43,7 @@ class DragRequest:
     handles: list[ImagePoint]
     targets: list[ImagePoint]
     mask: np.ndarray | None = None
-    method: str = "dragdiffusion"
+    method: str = DEFAULT_METHOD
     prompt: str = ""
     seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)
