@@ -1,4 +1,4 @@
-"""Command-line edits: ``drag`` (one edit with a progress bar) and ``make-tiny-model``.
+"""Command-line edits: ``drag`` (one edit with a progress bar) and ``make-random-tiny-model``.
 
 Images keep their precision: 8-bit gray or colour (with or without alpha), 16-bit gray and
 32-bit float gray are read and written as they are. PIL, the image library, has no mode for
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.engine.errors import InvalidInput
-from backend.engine.params import PRESETS, parse_assignments
+from backend.cli import UsageError, parse_overrides
+from backend.engine.params import PRESETS
 from backend.engine.types import DEFAULT_METHOD
 
 POINTS_HELP = (
@@ -26,10 +26,6 @@ POINTS_HELP = (
     "(x to the right, y down, origin at the top-left corner of the image; the centre of pixel "
     "column i is x = i+0.5, so to point at pixel (120, 80) give 120.5,80.5)"
 )
-
-
-class UsageError(Exception):
-    """Bad command-line input; the message is printed as is."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,8 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_drag)
 
     t = sub.add_parser(
-        "make-tiny-model",
-        help="write a tiny random-weight SD-architecture model (for tests)",
+        "make-random-tiny-model", aliases=["make-tiny-model"],
+        help="write a tiny random-weight model in SD1.5's layout (for tests; not the demo "
+        "model)",
         description="Write a tiny Stable-Diffusion-architecture pipeline with random weights "
         "in diffusers format (and optionally as one .safetensors file). Nothing is downloaded.",
     )
@@ -99,14 +96,6 @@ def parse_points(text: str) -> tuple[list[tuple[float, float]], list[tuple[float
     if not handles:
         raise UsageError("--points: give at least one pair, e.g. --points '120,80:160,80'")
     return handles, targets
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``--set KEY=VALUE`` items → knob values (``params.parse_assignments``)."""
-    try:
-        return parse_assignments(items, "--set")
-    except InvalidInput as exc:
-        raise UsageError(str(exc)) from None
 
 
 # Full-precision PIL modes: 16-bit gray, and 32-bit float gray.
@@ -242,13 +231,8 @@ def format_params(model: str, defaults: dict[str, dict], specs: dict[str, dict])
 # -- commands ---------------------------------------------------------------------------------
 
 def run_drag(args: argparse.Namespace) -> int:
-    try:
-        if args.list_params:
-            return _list_params(args)
-        return _drag(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """A ``UsageError`` is printed by ``backend.cli.main`` as one line (exit status 2)."""
+    return _list_params(args) if args.list_params else _drag(args)
 
 
 def _list_params(args: argparse.Namespace) -> int:

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backend.demo import MODEL_DIR as DEMO_MODEL_DIR
 from backend.engine.errors import ModelNotFound
 
 if TYPE_CHECKING:
     from backend.engine.params import MethodTable
 
+# The trained demo model that ships with the project (a diffusers folder with its preset.json).
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo" / "model"
 DEMO_NAME = "backend/demo/model"
 DEMO_HINT = ("to edit photos, put Stable Diffusion 1.5 where the backend finds it (the Hugging "
              "Face cache, see the README, section 'Models') or give --model PATH (an SD1.5 "

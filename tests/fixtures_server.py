@@ -21,9 +21,9 @@ if __name__ == "__main__":  # make the repository importable when run as a scrip
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.engine.errors import OutOfMemory
-from backend.engine.interface import Engine, PreviewFn
+from backend.engine.interface import Engine
 from backend.engine.params import MethodTable
-from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
+from backend.engine.types import CancelToken, DragRequest, DragResult, PreviewFn, ProgressFn
 from backend.server.server import Server
 from protocol import wire
 from protocol.client import Client

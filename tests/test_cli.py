@@ -1,4 +1,4 @@
-"""The command line as a user runs it: `python -m backend drag|bench|make-tiny-model`."""
+"""The command line as a user runs it: `python -m backend drag|bench|make-random-tiny-model`."""
 
 from __future__ import annotations
 
@@ -222,7 +222,7 @@ def test_drag_writes_a_full_resolution_result(files, tiny_model_dir):
 
 @pytest.mark.slow
 def test_bench_prints_phase_times_passes_and_memory():
-    result = backend("bench", "--model", "tiny", "--size", "64", "--quick", "--device", "cpu",
+    result = backend("bench", "--model", "random-tiny", "--size", "64", "--quick", "--device", "cpu",
                      "--method", "gooddrag")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -239,9 +239,23 @@ def test_bench_prints_phase_times_passes_and_memory():
     assert summary["runs"] == 2 and "redrag_over_first_fe" in summary["ratios"]["gooddrag"]
 
 
-def test_make_tiny_model_writes_a_loadable_single_file(tmp_path):
-    result = backend("make-tiny-model", str(tmp_path / "tiny"), "--single-file")
+def test_make_random_tiny_model_writes_a_loadable_single_file(tmp_path):
+    result = backend("make-random-tiny-model", str(tmp_path / "tiny"), "--single-file")
     assert result.returncode == 0, result.stderr
     path = Path(result.stdout.strip().splitlines()[-1])
     assert path.suffix == ".safetensors" and path.is_file()
     assert (tmp_path / "tiny" / "model_index.json").is_file()
+
+
+def test_the_old_command_and_model_names_still_work():
+    """make-tiny-model, toy, --model tiny/toy: the names before the random test model and the
+    trained demo model were told apart."""
+    from backend.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["make-tiny-model", "x"]).func.__name__ == "run_make_tiny_model"
+    assert parser.parse_args(["toy", "eval"]).func.__name__ == "_cmd_eval"
+    assert parser.parse_args(["demo", "eval"]).func.__name__ == "_cmd_eval"
+    assert parser.parse_args(["bench", "--model", "tiny"]).model == "random-tiny"
+    assert parser.parse_args(["precision", "--model", "toy"]).model == "demo"
+    assert parser.parse_args(["gpu-check", "--model", "/a/path"]).model == "/a/path"

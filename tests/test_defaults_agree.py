@@ -14,8 +14,8 @@ import pytest
 from fixtures_server import client_for, running_server
 from plugin_modules import load
 
-from backend.demo import MODEL_DIR as DEMO_MODEL_DIR
 from backend.engine.pipeline import DragEngine
+from backend.model_choice import DEMO_MODEL_DIR
 
 par = load("dragdiff_params")
 

@@ -14,7 +14,9 @@ from fixtures_server import FakeEngine, RawPeer, client_for, image, running_serv
 from backend.engine.errors import ModelNotFound
 from backend.engine.params import MethodTable, method_descriptions, spec_table
 from backend.engine.types import DEFAULT_METHOD, DragResult
-from backend.server.server import FairQueue, Job, Server, ServerError
+from backend.server.jobs import FairQueue, Job
+from backend.server.server import Server
+from backend.server.transport import ServerError
 from protocol import connection, wire
 from protocol.client import (
     BackendUnavailable,
@@ -601,7 +603,7 @@ def test_an_ipv6_loopback_bind_serves():
 
 def test_a_missing_default_model_falls_back_to_the_demo_model_and_says_so():
     """12.8: the first run on a fresh machine serves the shipped demo model instead of none."""
-    from backend.server.server import Fallback
+    from backend.model_choice import Fallback
 
     def missing():
         raise ModelNotFound("model stable-diffusion-v1-5 was not found in the cache")
@@ -621,7 +623,7 @@ def test_a_missing_default_model_falls_back_to_the_demo_model_and_says_so():
 
 
 def test_an_available_model_is_served_as_today_with_a_fallback_configured():
-    from backend.server.server import Fallback
+    from backend.model_choice import Fallback
 
     fallback = Fallback("backend/demo/model", lambda: FakeEngine(), "hint")
     with running_server(FakeEngine(), fallback=fallback) as server, \

@@ -12,7 +12,7 @@ import math
 import torch
 
 from backend.engine.attention import reference_attention
-from backend.engine.context import DragContext
+from backend.engine.context import DragContext, DragRun
 from backend.engine.diffusion import ddim_step, denoise, on_grid, predicted_x0
 from backend.engine.motion import (
     all_reached,
@@ -148,12 +148,10 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[Grid
             z_edit = ddim_step(schedule, z_edit, eps, t)
         z_orig = latents0[i]
         i += 1
-    ctx.stats["drag_steps"] = tracker.adam_steps
-    ctx.stats["dragged_timesteps"] = i
-    ctx.stats["drag_stopped"] = n_drag > 0 and not dragging
     if tracker.stop is None and i < n_drag:  # the no-change limit, between two timesteps
         tracker.stop = "no_change"
-    ctx.stats["drag_stop"] = tracker.stop
+    ctx.drag = DragRun(tracker.adam_steps, stopped_inside=n_drag > 0 and not dragging,
+                       stop=tracker.stop, timesteps=i)
     return _denoise_rest(ctx, z_orig, z_edit, timesteps[i:], total), tracker.handles
 
 

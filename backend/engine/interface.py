@@ -6,16 +6,10 @@ so the server can be typed against it without loading the engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol
 
-import numpy as np
-
 from backend.engine.params import MethodTable
-from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
-
-# preview(phase, step, rgb): a rough h×w×3 uint8 picture of the edit while it forms.
-PreviewFn = Callable[[str, int, np.ndarray], None]
+from backend.engine.types import CancelToken, DragRequest, DragResult, PreviewFn, ProgressFn
 
 
 class Engine(Protocol):

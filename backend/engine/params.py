@@ -122,7 +122,7 @@ DESCRIPTIONS = {
     "dragdiffusion-paper": "DragDiffusion with the paper's first published settings (longer "
                            "LoRA, 40 drag steps, no reference attention); for comparisons.",
     "fast": "DragDiffusion with a short LoRA, 25 DDIM steps and fewer, larger drag steps: about "
-            "a quarter of the work, measured to keep the edit on the toy model.",
+            "a quarter of the work, measured to keep the edit on the demo model.",
 }
 
 
@@ -229,10 +229,10 @@ MAX_WORK = 40_000
 
 
 def estimated_work(algorithm: str, p: DragParams,
-                   work: tuple[float, float] | None = None) -> float:
+                   canvas: tuple[float, float] | None = None) -> float:
     """UNet forward-pass equivalents at 512² an edit with these settings needs, roughly:
     on a ``work`` = (w, h) canvas, or on a square one of side ``work_size``."""
-    w, h = work if work is not None else (p.work_size, p.work_size)
+    w, h = canvas if canvas is not None else (p.work_size, p.work_size)
     scale = w * h / 512**2
     steps = p.n_inference_steps * p.inversion_strength
     lora = 2 * p.lora_steps * p.lora_batch * scale
@@ -245,21 +245,21 @@ def estimated_work(algorithm: str, p: DragParams,
     return lora + (passes + drag) * scale
 
 
-def check_canvas(algorithm: str, p: DragParams, work: tuple[int, int]) -> None:
+def check_canvas(algorithm: str, p: DragParams, canvas: tuple[int, int]) -> None:
     """Refuse an edit whose working canvas (a tall or wide image: the width is ``work_size``,
     the height follows the aspect ratio) asks for more than ``MAX_WORK``, naming the cap that
     fits."""
-    need = estimated_work(algorithm, p, work)
+    need = estimated_work(algorithm, p, canvas)
     if need <= MAX_WORK:
         return
-    long, short = max(work), min(work)
+    long, short = max(canvas), min(canvas)
     fits = int(long * math.sqrt(MAX_WORK / need)) // 8 * 8
     # the capped short side is rounded to a multiple of 8: allow for it rounding up
     while fits > 8 and estimated_work(algorithm, p, (fits, short * fits / long + 8)) > MAX_WORK:
         fits -= 8
     fits = min(fits, int(SPECS["work_max_side"].high))  # a value the knob takes
     raise InvalidInput(
-        f"this image's working canvas is {work[0]}×{work[1]}, which asks for about {need:,.0f} "
+        f"this image's working canvas is {canvas[0]}×{canvas[1]}, which asks for about {need:,.0f} "
         f"UNet passes, more than the limit of {MAX_WORK:,}; cap its long side with "
         f"work_max_side (at most {fits}) or crop the image")
 
@@ -294,10 +294,10 @@ def resolve(method: str, overrides: Mapping[str, Any] | None = None) -> tuple[st
     clean = checked_knobs(overrides, method)
     algorithm = PRESET_METHOD[method]
     params = PRESETS[method].replace(**clean)
-    work = estimated_work(algorithm, params)
-    if work > MAX_WORK:
+    need = estimated_work(algorithm, params)
+    if need > MAX_WORK:
         raise InvalidInput(
-            f"these settings ask for about {work:,.0f} UNet passes, more than the limit of "
+            f"these settings ask for about {need:,.0f} UNet passes, more than the limit of "
             f"{MAX_WORK:,} (the {method} defaults need about "
             f"{estimated_work(algorithm, PRESETS[method]):,.0f}); lower work_size, lora_steps, "
             "lora_batch, drag_steps or (GoodDrag) track_per_denoise × max_drag_per_track")

@@ -18,6 +18,8 @@ DEFAULT_METHOD = "dragdiffusion"
 # progress(phase, step, total): phases are "load", "lora", "inversion", "drag", "denoise",
 # "decode".
 ProgressFn = Callable[[str, int, int], None]
+# preview(phase, step, rgb): a rough h×w×3 uint8 picture of the edit while it forms.
+PreviewFn = Callable[[str, int, np.ndarray], None]
 
 # Two coordinate systems, two names (docs/algorithms.md §1, Coordinates):
 ImagePoint = tuple[float, float]  # (x, y) continuous image pixels, as GIMP path anchors

@@ -14,7 +14,7 @@ log = logging.getLogger("backend.server")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from backend.server.server import DEFAULT_BIND
+    from backend.server.transport import DEFAULT_BIND
 
     conn = default_connection_file()
     serve = subparsers.add_parser(
@@ -72,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from backend.model_choice import demo_fallback, expected_table
     from backend.server.log import setup_logging
-    from backend.server.server import CurveServer, Server, ServerError
+    from backend.server.server import Server
+    from backend.server.transport import CurveServer, ServerError
 
     conn = args.connection_file or default_connection_file()
     setup_logging(args.log_file or conn.with_name("backend.log"), args.log_level)

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from backend.engine.errors import Cancelled, EngineError, ModelNotFound
-from backend.engine.interface import Engine, PreviewFn
+from backend.engine.interface import Engine
 from backend.engine.oom import OOM_ADVICE, is_oom
-from backend.engine.types import DragRequest, ProgressFn
+from backend.engine.types import DragRequest, PreviewFn, ProgressFn
 from backend.model_choice import Fallback, load_or_demo
 from backend.server.jobs import Job
 from protocol import wire

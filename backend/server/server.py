@@ -24,13 +24,12 @@ from backend.engine.interface import Engine
 from backend.engine.params import MethodTable
 from backend.model_choice import Fallback
 from backend.server.engine_worker import ACCEPTED_DTYPES, EngineWorker, ModelLoaded, plain
-from backend.server.jobs import FairQueue, Job, JobTable, Terminal
+from backend.server.jobs import Job, JobTable, Terminal
 from backend.server.log import RefusalLog, log_job, printable
 from backend.server.transport import (
     DEFAULT_BIND,
     CurveServer,
     Inbound,
-    ServerError,
     Transport,
     refuse_if_running,
     remove_connection_file,
@@ -38,16 +37,6 @@ from backend.server.transport import (
 )
 from protocol import wire
 from protocol.wire import Limits, Message, ProtocolError
-
-__all__ = [
-    "DEFAULT_BIND",
-    "CurveServer",
-    "FairQueue",
-    "Fallback",
-    "Job",
-    "Server",
-    "ServerError",
-]
 
 log = logging.getLogger("backend.server")
 
