@@ -467,11 +467,11 @@ def default_connection_file(python: Path) -> str:
 
 
 def backend_parameters(python: Path) -> dict:
-    """The backend's method defaults (and parameter specs), as its hello reply carries them, for
-    the plug-in's dialog before it reaches a backend; {} if the backend can't be imported."""
-    code = ("import json; from backend.engine import params as p; "
-            "print(json.dumps({'methods': p.defaults_table(), 'parameters': p.spec_table(), "
-            "'descriptions': p.method_descriptions(), 'default_method': 'dragdiffusion'}))")
+    """The table of the model ``serve`` will load by default (SD1.5, or the demo model where
+    it is missing), as its hello reply carries it, for the plug-in's dialog before it reaches a
+    backend; {} if the backend can't be imported."""
+    code = ("import json; from backend.model_choice import expected_table; "
+            "print(json.dumps(expected_table(None).as_hello()))")
     out = _backend_python_prints(python, code)
     return json.loads(out) if out is not None else {}
 

@@ -143,13 +143,13 @@ def test_plugin_is_registered_and_odd_anchor_count_is_an_error(gimp):
 def test_installed_plugin_carries_the_backends_table_and_its_help(gimp):
     """install.py records the backend's defaults/specs/descriptions for the dialog and the
     Method menu; the help page is installed where the plug-in's help domain points."""
-    from backend.engine.params import defaults_table, method_descriptions, spec_table
+    from backend.engine.params import method_descriptions
+    from backend.model_choice import expected_table
 
     folder = gimp.plugin_dir / "drag-diffusion"
     recorded = json.loads((folder / "install.json").read_text())["parameters"]
-    assert recorded["methods"] == json.loads(json.dumps(defaults_table()))
-    assert recorded["parameters"] == json.loads(json.dumps(spec_table()))
-    assert recorded["descriptions"] == method_descriptions()
+    # the table serve announces for its default model (here the demo model: no SD1.5)
+    assert recorded == json.loads(json.dumps(expected_table(None).as_hello()))
     assert (folder / "help" / "en" / "index.html").is_file()
     assert 'ref="index.html"' in (folder / "help" / "en" / "gimp-help.xml").read_text()
     report, _ = run_case(gimp, "registered", None)

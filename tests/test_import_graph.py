@@ -1,4 +1,5 @@
-"""The project's import graph has no cycle (function-level imports count too)."""
+"""The project's import graph: no cycle, and every part imports only what it may (function-level
+imports count too). The parts are those of docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -61,6 +62,67 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 path.append(child)
                 stack.append((child, iter(sorted(graph[child]))))
     return None
+
+
+# The engine's face for the server: what a server may know of the engine (not its insides).
+ENGINE_INTERFACE = ("backend.engine.interface", "backend.engine.errors", "backend.engine.oom",
+                    "backend.engine.types", "backend.engine.params")
+# Each part (a module-name prefix; the longest that matches a module is its part) and what it
+# may import besides its own modules. Nothing imports the server, the tools or the command line
+# but themselves and the entry point.
+RULES: dict[str, tuple[str, ...]] = {
+    "protocol": (),  # the contract, shared with the plug-in: nothing of the backend
+    "backend.engine": (),  # pure torch/numpy: no server, tools, demo, command line
+    "backend.demo": ("backend.engine", "backend.model_choice"),  # the demo model, its benchmark
+    "backend.model_choice": ("backend.engine",),  # which model is served
+    "backend.server": ("protocol", "backend.model_choice", "backend", *ENGINE_INTERFACE),
+    "backend.server.cli": ("protocol", "backend.server", "backend.model_choice",
+                           "backend.engine"),  # serve's glue: it loads the engine
+    "backend.commands": ("backend.engine", "backend.model_choice", "backend.cli",
+                         "backend.cli_progress"),
+    "backend.cli_progress": (),
+    "backend.cli": ("backend.engine",),  # the entry point (its commands load by name)
+    "backend.__main__": ("backend.cli",),
+    "backend.tools": ("backend.engine", "backend.demo", "backend.model_choice", "backend.cli"),
+}
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def part_of(module: str) -> str | None:
+    parts = [p for p in RULES if _under(module, p)]
+    return max(parts, key=len) if parts else None
+
+
+def forbidden_imports(graph: dict[str, set[str]]) -> list[str]:
+    """``importer -> imported`` for every import its part may not make."""
+    bad = []
+    for module, deps in sorted(graph.items()):
+        part = part_of(module)
+        if part is None:
+            if module != "backend":  # the package face only hands names on
+                bad.append(f"{module}: in no part of RULES")
+            continue
+        for dep in sorted(deps):
+            own = part_of(dep) == part
+            allowed = any(dep == p or (p != "backend" and _under(dep, p)) for p in RULES[part])
+            if not (own or allowed):
+                bad.append(f"{module} -> {dep}")
+    return bad
+
+
+def test_the_rules_catch_a_forbidden_import():
+    graph = {"backend.engine.pipeline": {"backend.server.jobs"},
+             "backend.server.server": {"backend.engine.models", "backend.engine.params"},
+             "backend.tools.bench": {"backend.engine.pipeline"}}
+    assert forbidden_imports(graph) == ["backend.engine.pipeline -> backend.server.jobs",
+                                        "backend.server.server -> backend.engine.models"]
+
+
+def test_every_part_imports_only_what_it_may():
+    assert forbidden_imports(import_graph()) == []
 
 
 def test_cycle_finder_finds_a_cycle():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
@@ -19,9 +20,11 @@ from fixtures_server import (
 )
 
 from backend.engine.errors import ModelNotFound
-from backend.engine.params import method_descriptions, spec_table
-from backend.engine.types import DragResult
-from backend.server.server import FairQueue, Job, Server, ServerError
+from backend.engine.params import MethodTable, method_descriptions, spec_table
+from backend.engine.types import DEFAULT_METHOD, DragResult
+from backend.server.jobs import FairQueue, Job
+from backend.server.server import Server
+from backend.server.transport import ServerError
 from protocol import connection, wire
 from protocol.client import (
     BackendUnavailable,
@@ -58,6 +61,111 @@ def test_hello_carries_the_parameter_table_and_method_descriptions():
     assert info["parameters"]["latent_lr"]["min"] > 0 and info["parameters"]["latent_lr"]["help"]
     assert info["descriptions"] == method_descriptions()
     assert set(info["descriptions"]) == set(info["methods"])
+
+
+def test_hello_announces_the_engines_own_table():
+    """The defaults hello sends are the loaded engine's (its model's preset applied), not the
+    bare presets (issue 28: the demo model ran at 128 while hello said 512)."""
+    own = MethodTable({"work_size": 128, "reach_threshold": 0.5})
+    with running_server(FakeEngine(table=own)) as server, client_for(server) as client:
+        info = client.hello()
+    assert {k: info[k] for k in own.as_hello()} == own.as_hello()
+    assert info["methods"]["gooddrag"]["work_size"] == 128
+    assert info["default_method"] == DEFAULT_METHOD
+
+
+def test_a_submit_the_engine_would_refuse_on_its_canvas_is_refused_before_queueing():
+    """1:100 at the default working width asks for ~100 default edits of work: refused in
+    the submit's reply, naming the cap that fits; nothing queued, nothing run."""
+    engine = FakeEngine()
+    with running_server(engine) as server, client_for(server) as client:
+        width, height = 40, 4000
+        with pytest.raises(JobFailed) as err:
+            submit(client, image=image(width, height), width=width, height=height,
+                   handles=[(5, 5)], targets=[(9, 9)])
+        assert err.value.code == wire.INVALID_INPUT and "work_max_side" in str(err.value)
+        assert client.ping()["queued"] == 0
+        # the same image with the long side capped as the message says is accepted and runs
+        fits = int(re.search(r"at most (\d+)", str(err.value)).group(1))
+        job = submit(client, image=image(width, height), width=width, height=height,
+                     handles=[(5, 5)], targets=[(9, 9)], params={"work_max_side": fits})
+        assert collect(client, job)[-1].type == "finished"
+    assert len(engine.runs) == 1
+
+
+def test_the_engines_table_decides_what_fits():
+    """The demo model's working width (128) makes the same tall image fit."""
+    engine = FakeEngine(table=MethodTable({"work_size": 128}))
+    with running_server(engine) as server, client_for(server) as client:
+        width, height = 40, 2000  # 512 wide: 512×25600, too much; 128 wide: 128×6400, fine
+        job = submit(client, image=image(width, height), width=width, height=height,
+                     handles=[(5, 5)], targets=[(9, 9)])
+        assert collect(client, job)[-1].type == "finished"
+        with pytest.raises(JobFailed) as err:  # asked for 512 explicitly: refused
+            submit(client, image=image(width, height), width=width, height=height,
+                   handles=[(5, 5)], targets=[(9, 9)], params={"work_size": 512})
+        assert err.value.code == wire.INVALID_INPUT
+
+
+def test_while_the_model_loads_the_announced_table_is_sent_and_checked():
+    gate = threading.Event()
+    engine = FakeEngine(table=MethodTable({"work_size": 128}))
+
+    def load():
+        gate.wait(10)
+        return engine
+
+    announced = MethodTable({"work_size": 128})
+    server = Server(load, model_name="slow", bind="tcp://127.0.0.1:0", table=announced)
+    server.start()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with client_for(server) as client:
+            info = client.hello()
+            assert info["model"]["state"] == "loading"
+            assert info["methods"]["dragdiffusion"]["work_size"] == 128
+            with pytest.raises(JobFailed) as err:
+                submit(client, image=image(40, 2000), width=40, height=2000,
+                       params={"work_size": 512})
+            assert err.value.code == wire.INVALID_INPUT
+            job = submit(client, image=image(40, 2000), width=40, height=2000)
+            gate.set()
+            assert collect(client, job)[-1].type == "finished"
+    finally:
+        server.stop()
+        thread.join(10)
+
+
+def test_queued_jobs_are_checked_again_when_the_loaded_model_differs():
+    """Announced 128 wide, but the model that loaded runs 512 wide (a fallback that went
+    another way): a queued edit that no longer fits ends with invalid_input, not a run."""
+    gate = threading.Event()
+    engine = FakeEngine()  # the bare presets: 512 wide
+
+    def load():
+        gate.wait(10)
+        return engine
+
+    server = Server(load, model_name="slow", bind="tcp://127.0.0.1:0",
+                    table=MethodTable({"work_size": 128}))
+    server.start()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with client_for(server) as client:
+            tall = submit(client, image=image(40, 2000), width=40, height=2000)
+            small = submit(client)
+            gate.set()
+            with pytest.raises(JobFailed) as err:
+                collect(client, tall)
+            assert err.value.code == wire.INVALID_INPUT
+            assert collect(client, small)[-1].type == "finished"
+            assert client.hello()["methods"]["dragdiffusion"]["work_size"] == 512
+    finally:
+        server.stop()
+        thread.join(10)
+    assert len(engine.runs) == 1
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -530,7 +638,7 @@ def test_an_ipv6_loopback_bind_serves(transport):
 
 def test_a_missing_default_model_falls_back_to_the_demo_model_and_says_so():
     """12.8: the first run on a fresh machine serves the shipped demo model instead of none."""
-    from backend.server.server import Fallback
+    from backend.model_choice import Fallback
 
     def missing():
         raise ModelNotFound("model stable-diffusion-v1-5 was not found in the cache")
@@ -550,7 +658,7 @@ def test_a_missing_default_model_falls_back_to_the_demo_model_and_says_so():
 
 
 def test_an_available_model_is_served_as_today_with_a_fallback_configured():
-    from backend.server.server import Fallback
+    from backend.model_choice import Fallback
 
     fallback = Fallback("backend/demo/model", lambda: FakeEngine(), "hint")
     with running_server(FakeEngine(), fallback=fallback) as server, \

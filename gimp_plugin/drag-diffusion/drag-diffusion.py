@@ -185,7 +185,7 @@ def make_tracker(table: par.ParamTable | None, method: str, params: dict, inputs
         prog.plan_steps(resolved), sequential=resolved.get("method") != "gooddrag",
         drag_end_step=resolved.get("drag_end_step"), speed=speed,
         megapixels=prog.working_megapixels(inputs.width, inputs.height,
-                                           resolved.get("work_size", 512),
+                                           par.working_width(resolved),
                                            resolved.get("work_max_side", 0)))
 
 
@@ -198,7 +198,7 @@ def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
                              "Layers dialog.")
     inputs = Inputs(image, layer)
     method = config.get_property("method")
-    params = par.overrides(table, method, knob_values(config), text(config, "advanced"))
+    params = par.overrides(knob_values(config), text(config, "advanced"))
     session = backend.open_session(text(config, "backend"),
                                    float(config.get_property("timeout")), feedback)
     try:
