@@ -12,7 +12,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The tiny random SD model saved once per session as a diffusers folder."""
-    from backend.engine.tiny import make_tiny_model
+    from backend.engine.random_tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-sd")
 

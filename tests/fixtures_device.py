@@ -1,10 +1,10 @@
-"""Helpers for the device tests (the meta-device tools themselves are ``backend.meta_tools``)."""
+"""Helpers for the device tests (the meta-device tools themselves are ``backend.tools.meta_device``)."""
 
 from __future__ import annotations
 
 import torch
 
-from backend.meta_tools import FACTORIES, MetaRun
+from backend.tools.meta_device import FACTORIES, MetaRun
 
 __all__ = ["FACTORIES", "MetaRun", "sd15_unet"]
 

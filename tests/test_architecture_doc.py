@@ -20,11 +20,11 @@ def test_every_module_the_page_names_exists():
 
 
 def test_every_server_and_protocol_module_is_placed():
-    modules = [*(ROOT / "backend").glob("server*.py"), *(ROOT / "protocol").glob("*.py")]
+    modules = [*(ROOT / "backend" / "server").glob("*.py"), *(ROOT / "protocol").glob("*.py")]
     for path in modules:
         if path.name != "__init__.py":
             assert path.name in DOC, path.name
     block = README.split("## Architecture", 1)[1].split("\n## ", 1)[0]
     assert "docs/architecture.md" in block
-    for name in ("server_transport", "server_jobs", "server_engine", "interface.py"):
+    for name in ("transport.py", "jobs.py", "engine_worker.py", "interface.py"):
         assert name in block, name

@@ -19,8 +19,8 @@ from backend.engine.diffusion import (
     run_inversion,
 )
 from backend.engine.errors import InvalidInput
+from backend.engine.random_tiny import build_tiny_pipeline
 from backend.engine.sd15 import SD15_SCHEDULER
-from backend.engine.tiny import build_tiny_pipeline
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,

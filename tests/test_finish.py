@@ -150,7 +150,7 @@ def test_feather_weights_are_exact_at_both_ends():
 
 
 def test_the_finish_benchmark_prints_both_timings():
-    from backend.bench import bench_finish
+    from backend.tools.bench import bench_finish
 
     row = bench_finish(400, 300, "uint16", repeat=1)
     assert row["finish"] == "400x300" and row["working"] == [512, 384]

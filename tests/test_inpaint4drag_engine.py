@@ -11,11 +11,10 @@ import warp_cases as wc
 
 from backend.engine.errors import Cancelled, InvalidInput
 from backend.engine.inpaint4drag import grid_overlay, kernel_for, plan_crop, warp_layer
-from backend.engine.params import resolve
 from backend.engine.pipeline import DragEngine
 from backend.engine.types import CancelToken, DragRequest
 from backend.engine.warp import bi_warp
-from backend.toy.train import DEFAULT_MODEL_DIR
+from backend.model_choice import DEMO_MODEL_DIR
 
 FAST = {"work_size": 64, "inpaint_steps": 3}
 
@@ -47,7 +46,7 @@ def test_moved_pixels_are_the_input_s_and_the_rest_is_exact_outside_the_hole(eng
     events = []
     result = engine.run(request, progress=lambda *e: events.append(e))
     assert result.image.shape == image.shape and result.image.dtype == image.dtype
-    _, params = resolve("inpaint4drag", {**engine.model_params, **FAST})
+    _, params = engine.table.resolve("inpaint4drag", FAST)
     layer = warp_layer(image, request.mask, request.handles, request.targets, params)
     outside = ~layer.hole
     np.testing.assert_array_equal(result.image[outside], layer.image[outside])
@@ -127,10 +126,10 @@ def test_preview_overlay_paints_the_official_grid():
 def test_the_demo_model_moves_a_shape_and_fills_behind_it(one_thread):
     """The shipped demo model with its preset: a disc dragged 20 px lands within 1 px of its
     target, and what it leaves behind is background again (measured 0.2 px, 34 dB)."""
-    from backend.toy import metrics
-    from backend.toy.shapes import coverage, make_cases
+    from backend.demo import metrics
+    from backend.demo.shapes import coverage, make_cases
 
-    engine = DragEngine.load(str(DEFAULT_MODEL_DIR), device="cpu")
+    engine = DragEngine.load(str(DEMO_MODEL_DIR), device="cpu")
     case = make_cases(2, seed=0)[1]  # translate-large
     region = coverage(case.before, case.motions[0].shape) > 0
     result = engine.run(DragRequest(image=case.image, handles=case.handles,

@@ -11,7 +11,7 @@ import torch
 from backend.engine.errors import EngineError, InvalidInput, ModelNotFound
 from backend.engine.inpaint_models import load_inpaint_model
 from backend.engine.pipeline import DragEngine
-from backend.engine.tiny import (
+from backend.engine.random_tiny import (
     make_tiny_inpaint_model,
     make_tiny_lcm_lora,
     make_tiny_model,
@@ -73,8 +73,8 @@ def test_inpaint4drag_runs_on_the_inpainting_model_alone(files, layout, passes):
     model = load_inpaint_model(str(files[layout]), lcm_lora=str(files[f"{layout}-lora"]),
                                tiny_vae=str(files["taesd"]), device="cpu")
     engine = DragEngine(None, inpainter=model)
-    assert engine.methods == ["inpaint4drag"]
-    assert engine.info()["default_method"] == "inpaint4drag"
+    assert engine.table.names == ["inpaint4drag"]
+    assert engine.table.default_method == "inpaint4drag"
     request = drag()
     result = engine.run(request)
     # 4 LCM steps; SDXL's strength 0.99 (its model default) keeps int(4 · 0.99) = 3 of them
@@ -97,7 +97,7 @@ def test_a_single_file_inpainting_checkpoint_loads_through_the_same_path(files):
 def test_beside_a_plain_model_the_inpainting_model_fills_and_the_others_still_run(files):
     engine = DragEngine.load(str(files["plain"]), device="cpu",
                              inpaint_model=str(files["sd15"]))
-    assert "inpaint4drag" in engine.methods and "dragdiffusion" in engine.methods
+    assert "inpaint4drag" in engine.table.names and "dragdiffusion" in engine.table.names
     result = engine.run(drag())
     assert "SD1.5 inpainting" in result.stats["filler"]
     other = engine.run(drag(method="dragdiffusion", params={

@@ -14,7 +14,7 @@ from backend.engine.memory import MemoryHints
 from backend.engine.models import load_model
 from backend.engine.pipeline import DragEngine
 from backend.engine.types import DragRequest
-from backend.meta_tools import EmulatedAutocast, LiveBytes
+from backend.tools.meta_device import EmulatedAutocast, LiveBytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # runs are compared bit for bit
 
@@ -150,7 +150,7 @@ PHASES = ["load", "lora", "inversion", "drag", "denoise", "decode"]
 
 @pytest.fixture(scope="module")
 def request_():
-    from backend.bench import synthetic_case
+    from backend.tools.bench import synthetic_case
 
     image, mask, handles, targets = synthetic_case(64)
     return DragRequest(image=image, handles=handles, targets=targets, mask=mask,
@@ -242,7 +242,7 @@ def test_an_inpainting_model_s_memory_is_its_unet_and_tiny_vae_plus_one_pass(lay
     """The shipped configs give the real architectures (SD1.5-inpainting's and SDXL-inpainting's
     9-channel UNets, TAESD's 2.4 M parameters); the estimate counts their fp16 bytes as the
     resident weights and adds one inpainting pass at the size asked for."""
-    from backend.memory_estimate import inpaint_peak, inpainter_on_meta
+    from backend.tools.memory_estimate import inpaint_peak, inpainter_on_meta
 
     unet, vae = inpainter_on_meta(layout, "fp16")
     assert sum(p.numel() for p in unet.parameters()) == unet_params

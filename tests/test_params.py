@@ -16,6 +16,7 @@ from backend.engine.params import (
     PRESETS,
     SPECS,
     DragParams,
+    MethodTable,
     check_canvas,
     estimated_work,
     method_descriptions,
@@ -23,6 +24,7 @@ from backend.engine.params import (
     resolve,
     spec_table,
 )
+from backend.engine.types import DEFAULT_METHOD
 
 
 def test_every_knob_has_a_spec_and_every_preset_fits_it():
@@ -156,6 +158,42 @@ def test_a_tall_canvas_counts_its_height_and_names_the_cap_that_fits():
     with pytest.raises(InvalidInput, match=r"51200.*work_max_side \(at most (\d+)\)") as exc:
         check_canvas("dragdiffusion", p, working_size(60, 6000))
     fits = int(re.search(r"at most (\d+)", str(exc.value)).group(1))
+    # the cap named is one the knob takes (it once named 34,000, beyond work_max_side's 4096)
+    assert fits == SPECS["work_max_side"].high
     capped = p.replace(work_max_side=fits)
     check_canvas("dragdiffusion", capped, working_size(60, 6000, 512, fits))
-    assert estimated_work("dragdiffusion", capped, working_size(60, 6000, 512, fits)) > 0.5 * MAX_WORK
+    MethodTable().resolve("dragdiffusion", {"work_max_side": fits}, (60, 6000))
+
+
+def test_heavy_settings_name_a_cap_that_is_not_needlessly_small():
+    p = PRESETS["dragdiffusion"].replace(lora_steps=400, lora_batch=8)
+    with pytest.raises(InvalidInput, match=r"at most (\d+)") as exc:
+        check_canvas("dragdiffusion", p, working_size(512, 4096))
+    fits = int(re.search(r"at most (\d+)", str(exc.value)).group(1))
+    assert fits < SPECS["work_max_side"].high
+    capped = p.replace(work_max_side=fits)
+    check_canvas("dragdiffusion", capped, working_size(512, 4096, 512, fits))
+    assert estimated_work("dragdiffusion", capped, working_size(512, 4096, 512, fits)) > 0.5 * MAX_WORK
+
+
+def test_the_method_table_applies_the_models_defaults_and_checks_the_canvas():
+    """One table: the model's own defaults under every preset, a request's values over them,
+    the canvas checked on the request's image."""
+    demo = MethodTable({"work_size": 128, "reach_threshold": 0.5})
+    assert demo.methods()["gooddrag"]["work_size"] == 128
+    assert demo.methods()["gooddrag"]["lora_steps"] == PRESETS["gooddrag"].lora_steps
+    assert demo.resolve("gooddrag")[1] == PRESETS["gooddrag"].replace(work_size=128,
+                                                                      reach_threshold=0.5)
+    assert demo.resolve("gooddrag", {"work-size": 512})[1].work_size == 512
+    hello = demo.as_hello()
+    assert hello["default_method"] == DEFAULT_METHOD in hello["methods"]
+    assert hello["parameters"] == spec_table() and hello["descriptions"] == method_descriptions()
+    # 60×3000 is 128×6400 on the demo model (fine) and 512×25600 on SD1.5 (too much)
+    demo.resolve("dragdiffusion", {}, (60, 3000))
+    with pytest.raises(InvalidInput, match="work_max_side"):
+        MethodTable().resolve("dragdiffusion", {}, (60, 3000))
+    with pytest.raises(InvalidInput, match="unknown parameter 'no_such'"):
+        MethodTable({"no_such": 1})
+    with pytest.raises(InvalidInput, match="'work_size' must be"):
+        MethodTable({"work_size": 1})
+    assert MethodTable({"work_size": 128.0}).model_params == {"work_size": 128}  # typed

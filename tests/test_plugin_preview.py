@@ -11,6 +11,7 @@ from fixtures_server import FakeEngine, running_server
 from plugin_modules import load
 
 from backend.engine.inpaint4drag import preview_warp
+from backend.engine.types import DEFAULT_METHOD
 from protocol import connection
 
 pre = load("dragdiff_preview")
@@ -76,7 +77,7 @@ def backend_link(tmp_path, monkeypatch):
 
 
 def test_the_plug_in_s_link_gets_the_engine_s_warp(backend_link):
-    assert backend_link.can_warp and backend_link.info["default_method"] == "inpaint4drag"
+    assert backend_link.can_warp and backend_link.info["default_method"] == DEFAULT_METHOD
     rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     mask = (wc.disc((48, 64), 20, 22, 9) * 255).astype(np.uint8)
     inputs = pre.PreviewInputs(rgb.tobytes(), 64, 48, 3, mask.tobytes(), [(20.5, 22.5)],

@@ -40,7 +40,7 @@ def test_the_quick_start_command_is_the_one_tested():
 
 @pytest.mark.slow
 def test_the_first_command_serves_the_demo_model_and_edits(tmp_path):
-    from backend.toy.shapes import make_cases
+    from backend.demo.shapes import make_cases
 
     home = tmp_path / "home"
     home.mkdir()
@@ -60,7 +60,7 @@ def test_the_first_command_serves_the_demo_model_and_edits(tmp_path):
         endpoint, conn = ready.split()[1:3]
         assert endpoint.startswith("tcp://127.0.0.1:")
         assert Path(conn) == home / ".config" / "gimp-drag-diffusion" / "backend.json"
-        assert "(serving the demo model backend/toy/model, fit for simple shapes only" in ready
+        assert "(serving the demo model backend/demo/model, fit for simple shapes only" in ready
         assert "--model" in ready
         case = make_cases(1, seed=0)[0]
         with Client.from_connection_file(conn, timeout=10.0) as client:
@@ -83,4 +83,5 @@ def test_the_first_command_serves_the_demo_model_and_edits(tmp_path):
     outside = case.mask == 0
     assert np.array_equal(result[outside], case.image[outside])  # only the selection changed
     assert not np.array_equal(result, case.image)
-    assert (home / ".config" / "GIMP" / "3.0" / "plug-ins" / "drag-diffusion").is_dir()
+    # No GIMP profile in the fresh HOME: the newest GIMP's folder (3.2) gets the plug-in.
+    assert (home / ".config" / "GIMP" / "3.2" / "plug-ins" / "drag-diffusion").is_dir()

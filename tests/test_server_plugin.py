@@ -49,7 +49,7 @@ def test_a_redirected_console_gets_warnings_only_and_the_log_file_everything(tmp
     from pathlib import Path
 
     code = ("import logging, sys; from pathlib import Path; "
-            "from backend.server_log import setup_logging; "
+            "from backend.server.log import setup_logging; "
             "setup_logging(Path(sys.argv[1]), 'INFO'); log = logging.getLogger('backend.server'); "
             "log.info('routine line'); log.warning('a warning')")
     result = limits.run([sys.executable, "-c", code, str(tmp_path / "backend.log")], limit=600,

@@ -10,7 +10,8 @@ import warp_cases as wc
 from fixtures_server import FakeEngine, RawPeer, client_for, running_server, submit
 
 from backend.engine.inpaint4drag import preview_warp
-from backend.engine.params import DEFAULT_METHOD
+from backend.engine.params import MethodTable, served_algorithms
+from backend.engine.types import DEFAULT_METHOD
 from protocol import wire
 from protocol.client import JobFailed
 
@@ -33,12 +34,18 @@ def test_hello_announces_inpaint4drag_as_the_engine_s_default():
 
 
 class InpaintOnlyEngine(FakeEngine):
+    """An engine with only an inpainting model: its table runs Inpaint4Drag alone."""
+
+    def __init__(self) -> None:
+        super().__init__(table=MethodTable(algorithms=served_algorithms(plain_model=False)))
+
     def info(self):
-        return {**super().info(), "methods": ["inpaint4drag"], "default_method": "inpaint4drag",
-                "inpaint_model": "tiny (SD1.5 inpainting)", "filler": "tiny (SD1.5 inpainting)"}
+        return {**super().info(), "inpaint_model": "tiny (SD1.5 inpainting)",
+                "filler": "tiny (SD1.5 inpainting)"}
 
 
 def test_hello_lists_only_what_the_loaded_models_run():
+    """Announced while loading: every method; once loaded, the engine's own table."""
     with running_server(InpaintOnlyEngine()) as server, client_for(server) as client:
         info = client.hello()
     assert list(info["methods"]) == ["inpaint4drag"] == list(info["descriptions"])

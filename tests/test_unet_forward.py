@@ -11,8 +11,10 @@ from backend.engine.diffusion import UNetRunner, unet_forward
 from backend.engine.lora import LoraCache
 from backend.engine.models import load_model
 from backend.engine.pipeline import DragEngine
-from backend.engine.tiny import build_tiny_pipeline
+from backend.engine.random_tiny import build_tiny_pipeline
 from backend.engine.types import DragRequest
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # runs compared bit for bit
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def test_torch_compile_traces_the_forward_as_one_graph(unet):
 
 @pytest.mark.slow  # a few minutes of tracing on a CPU: one graph per phase variant
 def test_a_compiled_engine_gives_the_same_edit(tiny_model_dir, tmp_path):
-    from backend.bench import synthetic_case
+    from backend.tools.bench import synthetic_case
 
     model = load_model(tiny_model_dir, device="cpu")
     image, mask, handles, targets = synthetic_case(64)

@@ -32,7 +32,7 @@ def test_official_defaults_follow_from_the_presets(method, strength, n_actual):
     """The same numbers from our presets (which are the official defaults) and the schedule."""
     from diffusers import DDIMScheduler
 
-    from backend.engine.tiny import SD15_SCHEDULER
+    from backend.engine.random_tiny import SD15_SCHEDULER
 
     p = PRESETS[method]
     assert p.inversion_strength == strength
@@ -73,7 +73,7 @@ def test_the_fast_preset_is_a_quarter_of_the_official_work():
     from diffusers import DDIMScheduler
 
     from backend.engine.params import resolve
-    from backend.engine.tiny import SD15_SCHEDULER
+    from backend.engine.random_tiny import SD15_SCHEDULER
 
     algorithm, p = resolve("fast")
     assert algorithm == "dragdiffusion"

@@ -5,6 +5,10 @@ Defaults follow the official code's current settings (DragDiffusion @ebe659a, Go
 DragDiffusion settings.
 Every field can be overridden per request; ``SPECS`` says what each knob accepts (type,
 range, dialog step, help line), and ``resolve`` checks every override against it.
+
+``MethodTable`` is the one table of what an engine runs: these presets with the served model's
+own defaults (its ``preset.json``) applied. A server's ``hello`` sends it, the plug-in shows
+and estimates with it, install.py records it, and every request is checked against it.
 """
 
 from __future__ import annotations
@@ -12,17 +16,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from backend.engine.errors import InvalidInput
+from backend.engine.imageops import working_size
+from backend.engine.types import DEFAULT_METHOD
 
 METHODS = ("dragdiffusion", "gooddrag", "inpaint4drag")
 # Methods that optimise a latent of a plain text-to-image model (SD1.5); inpaint4drag warps
 # pixels and inpaints (engine/inpaint4drag.py) and reads the mask as the region that moves.
 LATENT_METHODS = ("dragdiffusion", "gooddrag")
-# The method a client preselects (the server sends it in hello as ``default_method``).
-DEFAULT_METHOD = "inpaint4drag"
 
 
 @dataclass(frozen=True)
@@ -103,8 +108,8 @@ PRESETS: dict[str, DragParams] = {
         drag_steps=40,
         reference_attention=False,
     ),
-    # DragDiffusion at about a quarter of the work (README, "Speed"): a quarter of the LoRA
-    # samples (20 steps × batch 2) at 4× its learning rate, 25 DDIM steps (18 inverted: t* is
+    # DragDiffusion at about a quarter of the work (README, "Speed"): an eighth of the LoRA
+    # samples (20 steps × batch 2 = 40 against 80 × 4 = 320) at 4× its learning rate, 25 DDIM steps (18 inverted: t* is
     # still 681), at most 40 drag steps at twice the step. ≤ 215 UNet forward-equivalents
     # per first edit instead of 906, ≤ 116 per re-drag instead of 266.
     "fast": DragParams(
@@ -131,7 +136,7 @@ DESCRIPTIONS = {
     "dragdiffusion-paper": "DragDiffusion with the paper's first published settings (longer "
                            "LoRA, 40 drag steps, no reference attention); for comparisons.",
     "fast": "DragDiffusion with a short LoRA, 25 DDIM steps and fewer, larger drag steps: about "
-            "a quarter of the work, measured to keep the edit on the toy model.",
+            "a quarter of the work, measured to keep the edit on the demo model.",
     "inpaint4drag": "Inpaint4Drag: the selection is the region that moves; its pixels are "
                     "warped along the drags at once, then the area left behind is inpainted in "
                     "a few steps. Seconds instead of minutes; the moved content keeps every "
@@ -267,10 +272,10 @@ MAX_WORK = 40_000
 
 
 def estimated_work(algorithm: str, p: DragParams,
-                   work: tuple[float, float] | None = None) -> float:
+                   canvas: tuple[float, float] | None = None) -> float:
     """UNet forward-pass equivalents at 512² an edit with these settings needs, roughly:
     on a ``work`` = (w, h) canvas, or on a square one of side ``work_size``."""
-    w, h = work if work is not None else (p.work_size, p.work_size)
+    w, h = canvas if canvas is not None else (p.work_size, p.work_size)
     scale = w * h / 512**2
     if algorithm == "inpaint4drag":  # the inpainter's steps on the crop at the working size
         return p.inpaint_steps * scale
@@ -285,32 +290,28 @@ def estimated_work(algorithm: str, p: DragParams,
     return lora + (passes + drag) * scale
 
 
-def check_canvas(algorithm: str, p: DragParams, work: tuple[int, int]) -> None:
+def check_canvas(algorithm: str, p: DragParams, canvas: tuple[int, int]) -> None:
     """Refuse an edit whose working canvas (a tall or wide image: the width is ``work_size``,
     the height follows the aspect ratio) asks for more than ``MAX_WORK``, naming the cap that
     fits."""
-    need = estimated_work(algorithm, p, work)
+    need = estimated_work(algorithm, p, canvas)
     if need <= MAX_WORK:
         return
-    long, short = max(work), min(work)
+    long, short = max(canvas), min(canvas)
     fits = int(long * math.sqrt(MAX_WORK / need)) // 8 * 8
     # the capped short side is rounded to a multiple of 8: allow for it rounding up
     while fits > 8 and estimated_work(algorithm, p, (fits, short * fits / long + 8)) > MAX_WORK:
         fits -= 8
+    fits = min(fits, int(SPECS["work_max_side"].high))  # a value the knob takes
     raise InvalidInput(
-        f"this image's working canvas is {work[0]}×{work[1]}, which asks for about {need:,.0f} "
+        f"this image's working canvas is {canvas[0]}×{canvas[1]}, which asks for about {need:,.0f} "
         f"UNet passes, more than the limit of {MAX_WORK:,}; cap its long side with "
         f"work_max_side (at most {fits}) or crop the image")
 
 
-def resolve(method: str, overrides: dict[str, Any] | None = None) -> tuple[str, DragParams]:
-    """Return (algorithm, params) for a method or preset name plus overrides.
-
-    Raises ``InvalidInput`` naming the problem: an unknown method or knob, a value of the wrong
-    type, outside its range (``SPECS``) or not finite, or settings that ask for too much work.
-    """
-    if not isinstance(method, str) or method not in PRESETS:
-        raise InvalidInput(f"unknown method {method!r:.40}; choose one of: {', '.join(PRESETS)}")
+def checked_knobs(overrides: Mapping[str, Any] | None, method: str = "") -> dict[str, Any]:
+    """``overrides`` with each knob's name and value checked against ``SPECS`` (``-`` in a name
+    read as ``_``); ``InvalidInput`` names an unknown knob or a value its knob does not take."""
     clean: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
         if not isinstance(key, str):
@@ -318,15 +319,30 @@ def resolve(method: str, overrides: dict[str, Any] | None = None) -> tuple[str, 
         name = key.replace("-", "_")
         spec = SPECS.get(name)
         if spec is None:
-            raise InvalidInput(f"unknown parameter {name!r:.40} for method {method!r}; known: "
+            where = f" for method {method!r}" if method else ""
+            raise InvalidInput(f"unknown parameter {name!r:.40}{where}; known: "
                                f"{', '.join(SPECS)}")
         clean[name] = spec.check(name, value)
+    return clean
+
+
+def resolve(method: str, overrides: Mapping[str, Any] | None = None) -> tuple[str, DragParams]:
+    """Return (algorithm, params) for a method or preset name plus overrides, on a model without
+    defaults of its own (``MethodTable.resolve`` is the engine's, with its model's and the
+    image's).
+
+    Raises ``InvalidInput`` naming the problem: an unknown method or knob, a value of the wrong
+    type, outside its range (``SPECS``) or not finite, or settings that ask for too much work.
+    """
+    if not isinstance(method, str) or method not in PRESETS:
+        raise InvalidInput(f"unknown method {method!r:.40}; choose one of: {', '.join(PRESETS)}")
+    clean = checked_knobs(overrides, method)
     algorithm = PRESET_METHOD[method]
     params = PRESETS[method].replace(**clean)
-    work = estimated_work(algorithm, params)
-    if work > MAX_WORK:
+    need = estimated_work(algorithm, params)
+    if need > MAX_WORK:
         raise InvalidInput(
-            f"these settings ask for about {work:,.0f} UNet passes, more than the limit of "
+            f"these settings ask for about {need:,.0f} UNet passes, more than the limit of "
             f"{MAX_WORK:,} (the {method} defaults need about "
             f"{estimated_work(algorithm, PRESETS[method]):,.0f}); lower work_size, lora_steps, "
             "lora_batch, drag_steps or (GoodDrag) track_per_denoise × max_drag_per_track")
@@ -363,13 +379,6 @@ def parse_assignments(items: list[str], option: str = "--set") -> dict[str, Any]
     return out
 
 
-def defaults_table(model_params: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Every preset's full parameter set (for the protocol's hello reply and --help), with a
-    loaded model's own defaults (``model_params``, from its ``preset.json``) applied."""
-    return {name: {"method": PRESET_METHOD[name], **p.replace(**(model_params or {})).as_dict()}
-            for name, p in PRESETS.items()}
-
-
 def spec_table() -> dict[str, dict[str, Any]]:
     """Every knob's type, range, dialog step, help line and the algorithms that read it
     (msgpack/JSON-safe)."""
@@ -380,3 +389,94 @@ def spec_table() -> dict[str, dict[str, Any]]:
 def method_descriptions() -> dict[str, str]:
     """One line per method or preset (empty for a preset nobody described yet)."""
     return {name: DESCRIPTIONS.get(name, "") for name in PRESETS}
+
+
+def served_algorithms(plain_model: bool) -> tuple[str, ...]:
+    """The algorithms a backend runs: all of them with a plain text-to-image model (SD1.5 or the
+    demo model; Inpaint4Drag then fills with it when no inpainting model is given), only those
+    that need none (Inpaint4Drag, on its inpainting model) without."""
+    if plain_model:
+        return METHODS
+    return tuple(name for name in METHODS if name not in LATENT_METHODS)
+
+
+@dataclass(frozen=True)
+class MethodTable:
+    """What an engine runs: the methods and presets of the ``algorithms`` its models run, every
+    one's parameters with the served model's own defaults (``model_params``, the ``params`` of
+    its ``preset.json``) applied, and the method a client preselects (``default_method``).
+
+    The one table of defaults: ``as_hello`` is what a server announces and install.py records
+    (the plug-in shows and estimates with it), and ``resolve`` checks a request against it, on
+    the request's own image, and gives the parameters the engine runs. A request that leaves a
+    knob out gets the value this table shows for it.
+    """
+
+    model_params: Mapping[str, Any] = field(default_factory=dict)
+    algorithms: tuple[str, ...] = METHODS
+
+    def __post_init__(self) -> None:
+        algorithms = tuple(self.algorithms)
+        if not algorithms or not set(algorithms) <= set(METHODS):
+            raise ValueError(f"algorithms must be some of {METHODS}, not {algorithms!r}")
+        object.__setattr__(self, "algorithms", algorithms)
+        # The model's own defaults must be valid knobs for every algorithm, checked once here
+        # (InvalidInput).
+        clean = checked_knobs(self.model_params)
+        for algorithm in algorithms:
+            resolve(algorithm, clean)
+        object.__setattr__(self, "model_params", clean)
+
+    @property
+    def names(self) -> list[str]:
+        """The methods and presets these models run, in ``PRESETS`` order."""
+        return [name for name in PRESETS if PRESET_METHOD[name] in self.algorithms]
+
+    @property
+    def default_method(self) -> str:
+        """The engine's ``DEFAULT_METHOD`` when these models run it, else the first of
+        ``METHODS`` they run: the one decision of what a request that names no method runs and
+        what a dialog or command line preselects."""
+        if PRESET_METHOD[DEFAULT_METHOD] in self.algorithms:
+            return DEFAULT_METHOD
+        return next(name for name in METHODS if name in self.algorithms)
+
+    def params(self, method: str) -> DragParams:
+        """A method's or preset's defaults on this model (``KeyError`` for an unknown name)."""
+        return PRESETS[method].replace(**self.model_params)
+
+    def methods(self) -> dict[str, dict[str, Any]]:
+        """Every method or preset these models run → ``{method: its algorithm, knob: default,
+        …}``."""
+        return {name: {"method": PRESET_METHOD[name], **self.params(name).as_dict()}
+                for name in self.names}
+
+    def as_hello(self) -> dict[str, Any]:
+        """The table as a ``hello`` reply carries it (msgpack/JSON-safe)."""
+        descriptions = method_descriptions()
+        return {"methods": self.methods(), "parameters": spec_table(),
+                "descriptions": {name: descriptions[name] for name in self.names},
+                "default_method": self.default_method}
+
+    def resolve(self, method: str, overrides: Mapping[str, Any] | None = None,
+                size: tuple[int, int] | None = None) -> tuple[str, DragParams]:
+        """(algorithm, params) the engine runs for ``method`` with ``overrides`` on a
+        ``size`` = (width, height) image: the method must be one these models run; knobs left
+        out take this table's values; each given one is checked against ``SPECS``; the
+        settings must fit ``MAX_WORK`` on that image's working canvas (a tall or wide image
+        counts its whole height or width). Raises ``InvalidInput`` naming the problem."""
+        algorithm, params = resolve(method, {**self.model_params, **checked_knobs(overrides,
+                                                                                  method)})
+        if algorithm not in self.algorithms:
+            raise InvalidInput(self._not_served(method, algorithm))
+        if size is not None:
+            check_canvas(algorithm, params, working_size(*size, params.work_size,
+                                                         params.work_max_side))
+        return algorithm, params
+
+    def _not_served(self, method: str, algorithm: str) -> str:
+        choose = f"choose {' or '.join(self.names)}"
+        if algorithm in LATENT_METHODS:
+            return (f"{method} needs a plain Stable Diffusion 1.5 model, and this backend serves "
+                    f"only the inpainting model: {choose}, or restart the backend with --model")
+        return f"this backend does not run {method}: {choose}"

@@ -37,7 +37,7 @@ def toy_scene(gimp: harness.GimpChroot) -> dict:
     swept area and the drag."""
     from PIL import Image
 
-    from backend.toy.shapes import make_cases
+    from backend.demo.shapes import make_cases
 
     case = make_cases(1, seed=2, size=128)[0]
     path = gimp.work / "gui-scene.png"

@@ -1,0 +1,1 @@
+"""The persistent backend server: transport, login, jobs, the engine thread, logs, commands."""

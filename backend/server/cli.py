@@ -1,0 +1,142 @@
+"""``python -m backend serve`` and ``python -m backend keygen``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+
+from protocol.connection import default_connection_file
+from protocol.wire import Limits
+
+log = logging.getLogger("backend.server")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from backend.server.transport import DEFAULT_BIND
+
+    conn = default_connection_file()
+    serve = subparsers.add_parser(
+        "serve", help="run the persistent backend that the GIMP plug-in talks to",
+        description="Load the model once and serve drag edits over ZeroMQ (protocol/PROTOCOL.md). "
+        "Prints 'READY <endpoint> <connection-file>' once the model is loaded (followed by a "
+        "note in parentheses when it serves the demo model).")
+    serve.add_argument("--model", default=None,
+                       help="SD1.5 model: Hugging Face id, diffusers folder or single file "
+                       "(default: the engine's default, stable-diffusion-v1-5; when that is "
+                       "not on this machine, the small demo model backend/demo/model); 'none' "
+                       "with --inpaint-model serves only Inpaint4Drag")
+    serve.add_argument("--vae", default=None, help="optional replacement VAE")
+    serve.add_argument("--inpaint-model", default=None,
+                       help="inpainting model for Inpaint4Drag (9-channel UNet: e.g. "
+                       "stable-diffusion-v1-5/stable-diffusion-inpainting or "
+                       "diffusers/stable-diffusion-xl-1.0-inpainting-0.1; folder, file or id); "
+                       "without it Inpaint4Drag fills with the plain model")
+    serve.add_argument("--lcm-lora", default=None,
+                       help="LCM-LoRA fused into the inpainting model (e.g. "
+                       "latent-consistency/lcm-lora-sdv1-5), as the official setup")
+    serve.add_argument("--tiny-vae", default=None,
+                       help="tiny autoencoder for the inpainting model (e.g. madebyollin/taesd)")
+    serve.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto")
+    serve.add_argument("--dtype", default=None,
+                       help="precision: auto (default), fp16, bf16, fp32, fp16-mixed, bf16-mixed")
+    serve.add_argument("--compile", action="store_true",
+                       help="run the UNet through torch.compile (slower first edit)")
+    serve.add_argument("--bind", default=DEFAULT_BIND,
+                       help="ZeroMQ endpoint (default %(default)s; port 0 = any free port)")
+    serve.add_argument("--connection-file", type=Path, default=None,
+                       help=f"where to write endpoint and key (default {conn}, or "
+                       "$DRAG_DIFFUSION_CONNECTION_FILE)")
+    serve.add_argument("--log-file", type=Path, default=None,
+                       help="log file (default: backend.log beside the connection file)")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    serve.add_argument("--curve", action="store_true",
+                       help="encrypt with CURVE and accept only allow-listed client keys "
+                       "(required for a non-loopback --bind)")
+    serve.add_argument("--server-key", type=Path, default=None,
+                       help="server secret key file (default: curve/server.key_secret beside "
+                       "the connection file; create with 'keygen')")
+    serve.add_argument("--allow-keys", type=Path, default=None,
+                       help="folder of allowed client public keys *.key (default: "
+                       "curve/allowed beside the connection file)")
+    serve.add_argument("--max-side", type=int, default=Limits.max_side)
+    serve.add_argument("--max-pixels", type=int, default=Limits.max_pixels)
+    serve.add_argument("--max-frame-mb", type=int, default=Limits.max_frame_bytes // 2**20,
+                       help="largest inbound frame in MiB (ZMQ_MAXMSGSIZE)")
+    serve.add_argument("--max-queue", type=int, default=Limits.max_queue)
+    serve.add_argument("--client-ttl", type=float, default=6.0,
+                       help="cancel the jobs of a client silent for this many seconds")
+    serve.set_defaults(func=run_serve)
+
+    keygen = subparsers.add_parser(
+        "keygen", help="write a CURVE key pair for a backend on another machine",
+        description="Writes NAME.key (public) and NAME.key_secret (private, 0600) and prints "
+        "the public key. Run it for the server (name 'server') and for each client; copy each "
+        "client's NAME.key into the server's allow-list folder.")
+    keygen.add_argument("--dir", type=Path, default=None,
+                        help="output folder (default: curve/ beside the connection file)")
+    keygen.add_argument("--name", default="server", help="key name (default %(default)s)")
+    keygen.set_defaults(func=run_keygen)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from backend.model_choice import demo_fallback, expected_table, plain_model
+    from backend.server.log import setup_logging
+    from backend.server.server import Server
+    from backend.server.transport import CurveServer, ServerError
+
+    conn = args.connection_file or default_connection_file()
+    setup_logging(args.log_file or conn.with_name("backend.log"), args.log_level)
+    curve = None
+    if args.curve:
+        curve = CurveServer(args.server_key or conn.parent / "curve" / "server.key_secret",
+                            args.allow_keys or conn.parent / "curve" / "allowed")
+    limits = Limits(max_side=args.max_side, max_pixels=args.max_pixels,
+                    max_frame_bytes=args.max_frame_mb * 2**20, max_queue=args.max_queue)
+    device = None if args.device == "auto" else args.device
+    plain = plain_model(args.model)
+    if plain is None and not args.inpaint_model:
+        log.error("--model none needs --inpaint-model (something to serve)")
+        return 2
+    model = plain or args.inpaint_model
+    inpainting = dict(inpaint_model=args.inpaint_model, lcm_lora=args.lcm_lora,
+                      tiny_vae=args.tiny_vae)
+
+    def load_engine():  # runs in the server's worker thread
+        from backend.engine.pipeline import DragEngine
+        return DragEngine.load(plain, vae=args.vae, device=device, dtype=args.dtype,
+                               compile_unet=args.compile, **inpainting)
+
+    def load_demo(path: str):  # when the default model is missing
+        from backend.engine.pipeline import DragEngine
+        return DragEngine.load(path, device=device, **inpainting)
+
+    def ready(server: Server) -> None:
+        note = f" ({server.demo_notice})" if server.demo_notice else ""
+        print(f"READY {server.endpoint} {conn}{note}", flush=True)
+
+    server = Server(load_engine, model_name=model, device=args.device, bind=args.bind,
+                    connection_file=conn, limits=limits, curve=curve,
+                    client_ttl=args.client_ttl, fallback=demo_fallback(args.model, load_demo),
+                    table=expected_table(args.model), on_ready=ready)
+    try:
+        server.start()
+    except ServerError as exc:
+        log.error("%s", exc)
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.stop("signal"))
+    server.serve_forever()
+    return 0
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    from protocol.curve import generate_keypair, load_keypair
+
+    directory = args.dir or default_connection_file().parent / "curve"
+    public, secret = generate_keypair(directory, args.name)
+    print(f"public key file: {public}")
+    print(f"secret key file: {secret} (keep it private)")
+    print(f"public key: {load_keypair(secret)[0].decode('ascii')}")
+    return 0

@@ -1,0 +1,492 @@
+"""The persistent backend server: request handlers and scheduling around one engine thread.
+
+Four parts, one file each: ``transport`` (the ROUTER socket, CURVE, the connection
+file), ``jobs`` (job table, fair queue, result retention), ``engine_worker`` (the worker
+thread that runs the ``Engine`` and rate-limits its events), and this module, which answers the
+requests and moves jobs from the queue to the engine. Only the socket thread (``serve_forever``)
+touches the socket and the job table, so hello, ping, cancel and shutdown are answered while an
+edit runs. The wire format is ``protocol/PROTOCOL.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from backend import __version__
+from backend.engine.errors import EngineError
+from backend.engine.interface import Engine, WarpFn, load_preview_warp
+from backend.engine.params import MethodTable
+from backend.model_choice import Fallback
+from backend.server.engine_worker import (
+    ACCEPTED_DTYPES,
+    EngineWorker,
+    ModelLoaded,
+    plain,
+    run_warp,
+)
+from backend.server.jobs import Job, JobTable, Terminal
+from backend.server.log import RefusalLog, log_job, printable
+from backend.server.transport import (
+    DEFAULT_BIND,
+    CurveServer,
+    Inbound,
+    Transport,
+    refuse_if_running,
+    remove_connection_file,
+    write_connection_file,
+)
+from protocol import wire
+from protocol.wire import Limits, Message, ProtocolError
+
+log = logging.getLogger("backend.server")
+
+
+class Server:
+    """Serves drag edits from any number of clients with one engine.
+
+    ``load_engine`` is called once in the worker thread and returns an ``Engine``. ``table``
+    is what that engine will run (``model_choice.expected_table``): announced and checked
+    against while the model loads; once loaded, the engine's own ``table`` replaces it.
+    """
+
+    def __init__(self, load_engine: Callable[[], Engine], *, model_name: str,
+                 device: str = "auto", bind: str = DEFAULT_BIND,
+                 connection_file: Path | None = None, limits: Limits | None = None,
+                 curve: CurveServer | None = None, client_ttl: float = 6.0,
+                 replay_window: float = 300.0, keep_results: int = 32,
+                 keep_bytes: int = 2**30, keep_seconds: float = 3600.0,
+                 shutdown_grace: float = 30.0, refusal_log_interval: float = 60.0,
+                 fallback: Fallback | None = None, table: MethodTable | None = None,
+                 on_ready: Callable[[Server], None] | None = None,
+                 warp: WarpFn | None = None) -> None:
+        self.model_name = model_name
+        self.device = device
+        self.connection_file = Path(connection_file) if connection_file else None
+        self.limits = limits or Limits()
+        self.curve = curve
+        self.client_ttl = client_ttl
+        self.shutdown_grace = shutdown_grace
+        self.on_ready = on_ready
+        self.key = secrets.token_bytes(32)
+        self.ready = threading.Event()  # set once the model has loaded or failed to
+        self._session = wire.Session(self.key, me="this backend", peer="the plug-in",
+                                     replay=wire.ReplayGuard(replay_window),
+                                     max_field_bytes=self.limits.max_field_bytes)
+        self._transport = Transport(bind, self.key, self.limits, curve)
+        self._fallback = fallback
+        self._demo: str | None = None  # why the fallback (demo) model is served, if it is
+        self._worker = EngineWorker(load_engine, self._transport.wake, fallback)
+        self._engine: Engine | None = None
+        self._engine_info: dict[str, Any] = {}
+        self._table = table if table is not None else MethodTable()
+        self._model_state, self._model_error = "loading", None
+        self._jobs = JobTable(keep_results, keep_bytes, keep_seconds)
+        self._routes: dict[str, bytes] = {}  # session -> current ZeroMQ identity
+        self._last_seen: dict[str, float] = {}
+        self._stop_reason: str | None = None
+        self._stop_deadline: float | None = None
+        self._next_housekeeping = 0.0
+        self._refusals = RefusalLog(refusal_log_interval)
+        self._denied_seen = 0  # the gate's count of refused logins, as last logged
+        self._warp = warp  # Inpaint4Drag's warp for previews (loaded on the first request)
+
+    @property
+    def bind(self) -> str:
+        return self._transport.bind
+
+    @property
+    def endpoint(self) -> str:
+        return self._transport.endpoint
+
+    @property
+    def demo_notice(self) -> str | None:
+        """One line for the user when the demo model is served instead of the configured one."""
+        if self._demo is None or self._fallback is None:
+            return None
+        return self._fallback.notice()
+
+    # --- life cycle -------------------------------------------------------------------------
+    def start(self) -> str:
+        """Bind, write the connection file, start loading the model; return the endpoint."""
+        try:
+            refuse_if_running(self.connection_file, self._transport.context)
+            self._transport.open()
+            if self.connection_file is not None:
+                write_connection_file(self.connection_file, self.endpoint, self.key,
+                                      self._transport.server_public_key())
+        except BaseException:
+            self._transport.close(term=True)
+            raise
+        log.info("listening on %s (connection file %s)", self.endpoint, self.connection_file)
+        self._worker.start()
+        return self.endpoint
+
+    def stop(self, reason: str = "shutdown") -> None:
+        """Ask ``serve_forever`` to cancel all jobs and return (thread- and signal-safe)."""
+        self._stop_reason = self._stop_reason or reason
+        self._transport.wake()
+
+    def serve_forever(self) -> None:
+        """Serve until ``stop`` or a ``shutdown`` message; then clean up."""
+        try:
+            while True:
+                self._transport.poll(100)
+                for inbound in self._transport.receive():
+                    self._receive(inbound)
+                self._collect_worker_events()
+                now = time.monotonic()
+                if now >= self._next_housekeeping:
+                    self._housekeeping(now)
+                    self._next_housekeeping = now + 0.25
+                if self._stop_reason and self._stop_deadline is None:
+                    self._begin_shutdown(self._stop_reason)
+                if self._stop_deadline is not None:
+                    if self._jobs.running is None and self._worker.idle():
+                        break  # every job has ended and its last event is out
+                    if now > self._stop_deadline:
+                        log.warning("the engine did not stop within %.0f s; exiting anyway",
+                                    self.shutdown_grace)
+                        break
+        finally:
+            self._log_refusals(time.monotonic(), force=True)
+            if self.connection_file is not None:
+                remove_connection_file(self.connection_file, self.endpoint)
+            self._worker.join(2.0)  # it ends after its last job (or keeps loading a model)
+            self._transport.close(term=not self._worker.is_alive())
+            log.info("stopped")
+
+    def _begin_shutdown(self, reason: str) -> list[str]:
+        log.info("shutting down (%s)", reason)
+        self._stop_reason = self._stop_reason or reason
+        self._stop_deadline = time.monotonic() + self.shutdown_grace
+        cancelled = [job.job_id for job in self._jobs.queue.order()]
+        for job in self._jobs.queue.order():
+            self._end(job, wire.CANCELLED, {"job_id": job.job_id, "reason": "shutdown"})
+        running = self._jobs.running
+        if running is not None:
+            cancelled.append(running.job_id)
+            running.cancel_reason = "shutdown"
+            running.cancel.cancel()
+        self._worker.stop()
+        return cancelled
+
+    # --- inbound ------------------------------------------------------------------------------
+    def _receive(self, inbound: Inbound) -> None:
+        identity = inbound.identity
+        message: Message | None = None
+        try:
+            if inbound.count > wire.MAX_FRAMES:
+                raise wire.too_many_frames(inbound.count)
+            message = self._session.parse(inbound.frames)
+            wire.check_content(message)
+            if message.msg_type not in wire.REQUESTS:
+                raise ProtocolError(wire.UNKNOWN_MESSAGE_TYPE,
+                                    f"{message.msg_type!r} is not a request")
+        except ProtocolError as exc:
+            parent = message.header if message else exc.header
+            self._refusals.refused(identity.hex()[:8], exc.code, exc.message, exc.detail)
+            self._send(identity, wire.ERROR, exc.content(), parent=parent,
+                       job_id=(parent or {}).get("job_id"))
+            return
+        self._routes[message.session] = identity
+        self._last_seen[message.session] = time.monotonic()
+        handler = getattr(self, f"_on_{message.msg_type}")
+        try:
+            handler(message, identity)
+        except ProtocolError as exc:
+            self._reply(identity, message, wire.ERROR, exc.content())
+        except Exception as exc:
+            log.exception("internal error handling %s", message.msg_type)
+            self._reply(identity, message, wire.ERROR, {
+                "code": wire.INTERNAL_ERROR, "message": "internal error in the backend; see "
+                "its log file", "detail": f"{type(exc).__name__}: {exc}"})
+
+    def _on_hello(self, message: Message, identity: bytes) -> None:
+        info = self._engine_info
+        if self._engine is not None:
+            try:
+                info = self._engine.info()
+            except Exception:
+                log.exception("engine.info() failed")
+        running = self._jobs.running
+        self._reply(identity, message, wire.HELLO_REPLY, {
+            "protocol_version": wire.PROTOCOL_VERSION,
+            "backend_version": __version__,
+            "server_session": self._session.session_id,
+            "device": str(info.get("device", self.device)),
+            "memory": plain(info.get("memory", {})),
+            "model": self._model_description(info),
+            # methods (those the models run), parameters, descriptions, default_method
+            **self._table.as_hello(),
+            "limits": self.limits.as_dict(),
+            "dtypes": list(ACCEPTED_DTYPES),
+            "client_ttl": self.client_ttl,
+            "queue": {"queued": len(self._jobs.queue),
+                      "running": running.job_id if running else None},
+            "security": {"signature_scheme": wire.SIGNATURE_SCHEME,
+                         "curve": self.curve is not None},
+        })
+        log.info("hello from %s (%s)", printable(message.session, 8),
+                 printable(message.content["client"], 80))
+
+    def _model_description(self, info: dict[str, Any]) -> dict[str, Any]:
+        model: dict[str, Any] = {"name": str(info.get("model", self.model_name)),
+                                 "state": self._model_state, "error": self._model_error}
+        for key in ("inpaint_model", "filler"):  # what Inpaint4Drag runs (1.1)
+            if info.get(key):
+                model[key] = str(info[key])
+        if self._demo is not None and self._fallback is not None:
+            model.update(demo=True, requested=self.model_name, why=self._demo,
+                         hint=self._fallback.hint)
+        return model
+
+    def _on_ping(self, message: Message, identity: bytes) -> None:
+        running = self._jobs.running
+        self._reply(identity, message, wire.PONG, {
+            "server_session": self._session.session_id, "time": time.time(),
+            "queued": len(self._jobs.queue),
+            "running": running.job_id if running else None})
+
+    def _on_submit(self, message: Message, identity: bytes) -> None:
+        content = message.content
+        job_id = content["job_id"]
+        job = self._jobs.get(job_id)
+        if job is not None:
+            if job.fingerprint != message.fingerprint:
+                raise ProtocolError(wire.JOB_ID_CONFLICT, f"job id {job_id} is already used by "
+                                    "a different edit; use a new job id")
+            job.route = message.session
+            self._reply(identity, message, wire.SUBMIT_REPLY, {
+                "job_id": job_id, "state": job.state, "position": job.position,
+                "duplicate": True})
+            self._resend_terminal(job)
+            return
+        if self._jobs.expired(job_id):
+            raise ProtocolError(wire.RESULT_EXPIRED, f"job {job_id} already ran and its result "
+                                "is no longer kept; submit it with a new job id to run it again")
+        if self._stop_reason:
+            raise ProtocolError(wire.SHUTTING_DOWN, "the backend is shutting down; start it "
+                                "again and resubmit")
+        wire.check_submit(content, [len(b) for b in message.buffers], self.limits,
+                          ACCEPTED_DTYPES)
+        self._check_params(content)
+        self._check_model()
+        if len(self._jobs.queue) >= self.limits.max_queue:
+            raise ProtocolError(wire.QUEUE_FULL, f"the backend already has "
+                                f"{self.limits.max_queue} edits waiting; try again later")
+        job = Job(job_id, message.session, message.session, message.header, message.fingerprint,
+                  content, message.buffers)
+        self._jobs.add(job)
+        self._reply(identity, message, wire.SUBMIT_REPLY, {
+            "job_id": job_id, "state": "queued", "position": None, "duplicate": False})
+        self._update_positions()
+        self._dispatch()
+
+    def _check_params(self, request: dict[str, Any]) -> None:
+        """The request's method and knobs, on its image, against what the engine runs."""
+        try:
+            self._table.resolve(request["method"], request["params"],
+                                (request["width"], request["height"]))
+        except EngineError as exc:
+            raise ProtocolError(wire.INVALID_INPUT, str(exc)) from None
+
+    def _on_warp(self, message: Message, identity: bytes) -> None:
+        """Inpaint4Drag's warp alone, answered at once from the socket thread (no model, no
+        queue; ``limits.max_warp_pixels`` bounds its time). Its knobs are checked against the
+        engine's table, and those left out take the table's values, as an edit's."""
+        content = message.content
+        wire.check_warp(content, [len(b) for b in message.buffers], self.limits,
+                        ACCEPTED_DTYPES)
+        try:
+            _, params = self._table.resolve("inpaint4drag", content["params"])
+            if self._warp is None:
+                self._warp = load_preview_warp()
+            reply, buffers = run_warp(self._warp, {**content, "params": params.as_dict()},
+                                      message.buffers)
+        except EngineError as exc:
+            raise ProtocolError(wire.INVALID_INPUT, str(exc)) from None
+        self._send(identity, wire.WARP_REPLY, reply, parent=message.header,
+                   buffers=buffers)
+        log.info("warp %dx%d from %s: %d px move, %d px to inpaint, %.3f s", reply["width"],
+                 reply["height"], printable(message.session, 8), reply["moved_pixels"],
+                 reply["inpaint_pixels"], reply["seconds"])
+
+    def _check_model(self) -> None:
+        if self._model_state == "missing":
+            raise ProtocolError(wire.MODEL_NOT_FOUND, f"the backend has no model: "
+                                f"{self._model_error}")
+        if self._model_state == "error":
+            raise ProtocolError(wire.ENGINE_ERROR, f"the model failed to load: "
+                                f"{self._model_error}; see the backend log")
+
+    def _on_attach(self, message: Message, identity: bytes) -> None:
+        job = self._job(message.content["job_id"])
+        job.route = message.session
+        self._reply(identity, message, wire.ATTACH_REPLY, {
+            "job_id": job.job_id, "state": job.state, "position": job.position})
+        self._resend_terminal(job)
+
+    def _on_cancel(self, message: Message, identity: bytes) -> None:
+        job = self._job(message.content["job_id"])
+        if job.state == "queued":
+            self._reply(identity, message, wire.CANCEL_REPLY,
+                        {"job_id": job.job_id, "state": "cancelled"})
+            self._end(job, wire.CANCELLED, {"job_id": job.job_id, "reason": "client"})
+            self._update_positions()
+        elif job.state == "running":
+            job.cancel_reason = "client"
+            job.cancel.cancel()
+            self._reply(identity, message, wire.CANCEL_REPLY,
+                        {"job_id": job.job_id, "state": "cancelling"})
+        else:
+            self._reply(identity, message, wire.CANCEL_REPLY,
+                        {"job_id": job.job_id, "state": job.state})
+
+    def _on_shutdown(self, message: Message, identity: bytes) -> None:
+        cancelled = [] if self._stop_deadline else self._begin_shutdown("shutdown request")
+        self._reply(identity, message, wire.SHUTDOWN_REPLY, {"cancelled": cancelled})
+
+    def _job(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise ProtocolError(wire.UNKNOWN_JOB, f"unknown job {job_id}: the backend may have "
+                                "restarted or dropped its result; submit the edit again")
+        return job
+
+    # --- outbound -----------------------------------------------------------------------------
+    def _send(self, identity: bytes, msg_type: str, content: dict[str, Any], *,
+              parent: dict[str, Any] | None = None, job_id: str | None = None,
+              buffers: list[Any] | tuple = ()) -> None:
+        _, frames = self._session.serialize(msg_type, content, parent=parent, job_id=job_id,
+                                            buffers=buffers)
+        self._transport.send(identity, frames, msg_type)
+
+    def _reply(self, identity: bytes, request: Message, msg_type: str,
+               content: dict[str, Any]) -> None:
+        self._send(identity, msg_type, content, parent=request.header, job_id=request.job_id)
+
+    def _emit(self, job: Job, msg_type: str, content: dict[str, Any],
+              buffers: list[Any] | tuple = ()) -> None:
+        identity = self._routes.get(job.route)
+        if identity is not None:
+            self._send(identity, msg_type, content, parent=job.parent, job_id=job.job_id,
+                       buffers=buffers)
+
+    def _resend_terminal(self, job: Job) -> None:
+        if job.terminal is not None:
+            t = job.terminal
+            self._emit(job, t.msg_type, t.content, t.buffers)
+
+    def _update_positions(self) -> None:
+        for position, job in enumerate(self._jobs.queue.order(), 1):
+            if job.position != position:
+                job.position = position
+                self._emit(job, wire.QUEUED, {"job_id": job.job_id, "position": position})
+
+    # --- scheduling ---------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        if (self._jobs.running is not None or self._model_state != "ready"
+                or self._stop_reason):
+            return
+        job = self._jobs.start_next()
+        if job is None:
+            return
+        self._emit(job, wire.STARTED, {"job_id": job.job_id})
+        self._worker.run(job)
+        self._update_positions()
+
+    def _end(self, job: Job, msg_type: str, content: dict[str, Any],
+             buffers: list[Any] | tuple = ()) -> None:
+        """Record a job's terminal event, send it, log the job, keep the result a while."""
+        self._jobs.finish(job, Terminal(msg_type, content, list(buffers)))
+        self._emit(job, msg_type, content, buffers)
+        log_job(job)
+
+    def _housekeeping(self, now: float) -> None:
+        """Cancel the jobs of clients that went silent; forget idle sessions; expire results."""
+        active = self._jobs.active()
+        for job in active:
+            if now - self._last_seen.get(job.route, now) <= self.client_ttl:
+                continue
+            if job.cancel.cancelled:  # already asked to stop; it ends at its next step
+                continue
+            log.info("client %s silent for %g s; cancelling job %s",
+                     printable(job.route, 8), self.client_ttl, job.job_id)
+            if job.state == "queued":
+                self._end(job, wire.CANCELLED, {"job_id": job.job_id, "reason": "client_gone"})
+                self._update_positions()
+            else:
+                job.cancel_reason = "client_gone"
+                job.cancel.cancel()
+        busy = {job.route for job in active}
+        for session, seen in list(self._last_seen.items()):
+            if session not in busy and now - seen > max(3 * self.client_ttl, 300.0):
+                del self._last_seen[session]
+                self._routes.pop(session, None)
+        self._jobs.trim()
+        self._log_refusals(now)
+
+    def _take_table(self, table: MethodTable) -> None:
+        """The loaded engine's own table replaces the announced one; the jobs queued against
+        the announced one are checked again when they differ (a download that failed, say)."""
+        if table == self._table:
+            return
+        log.warning("the model's defaults differ from those announced while it loaded "
+                    "(%s, not %s); checking the queued edits again", dict(table.model_params),
+                    dict(self._table.model_params))
+        self._table = table
+        for job in self._jobs.queue.order():
+            try:
+                self._check_params(job.request)
+            except ProtocolError as exc:
+                self._end(job, wire.ERROR, {"job_id": job.job_id, **exc.content()})
+
+    def _log_refusals(self, now: float, force: bool = False) -> None:
+        gate = self._transport.gate
+        if gate is not None and gate.denied != self._denied_seen:
+            self._refusals.handshakes_refused(gate.denied - self._denied_seen)
+            self._denied_seen = gate.denied
+        self._refusals.flush(now, force)
+
+    # --- events from the engine thread --------------------------------------------------------
+    def _collect_worker_events(self) -> None:
+        for event in self._worker.events():
+            if isinstance(event, ModelLoaded):
+                self._model_loaded(event)
+            elif event.terminal:
+                self._end(event.job, event.msg_type, event.content, event.buffers)
+                self._dispatch()
+            else:
+                self._emit(event.job, event.msg_type, event.content, event.buffers)
+
+    def _model_loaded(self, event: ModelLoaded) -> None:
+        self._model_state, self._model_error = event.state, event.error
+        self._engine, self._demo = event.engine, event.demo
+        if event.engine is not None:
+            try:
+                self._engine_info = event.engine.info()
+            except Exception:
+                log.exception("engine.info() failed")
+            self._take_table(event.engine.table)
+            log.info("model %s ready on %s", self._engine_info.get("model", self.model_name),
+                     self._engine_info.get("device", self.device))
+            if self.demo_notice:
+                log.warning("%s; %s", self._demo, self.demo_notice)
+        else:
+            log.error("model %s not available: %s", self.model_name, event.error)
+            for job in self._jobs.queue.order():
+                try:
+                    self._check_model()
+                except ProtocolError as exc:
+                    self._end(job, wire.ERROR, {"job_id": job.job_id, **exc.content()})
+        self.ready.set()
+        if self.on_ready is not None:
+            self.on_ready(self)
+        self._dispatch()
+        self._update_positions()

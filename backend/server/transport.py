@@ -1,0 +1,249 @@
+"""The server's sockets: the ROUTER endpoint (loopback or CURVE), its wake-up pair, and the
+connection file that tells clients where it is and which key signs the messages.
+
+Only the socket thread uses a ``Transport``, except ``wake``, which any thread may call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import re
+import socket as pysocket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from backend.server.auth import ZapGate
+from protocol import connection, wire
+from protocol.client import BackendError, Client
+from protocol.curve import load_keypair
+from protocol.wire import Buffer, Limits
+
+log = logging.getLogger("backend.server")
+
+DEFAULT_BIND = "tcp://127.0.0.1:5557"
+RECEIVE_BATCH = 64  # messages read per loop turn, so worker events are not starved
+
+
+class ServerError(Exception):
+    """The server cannot start; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class CurveServer:
+    """``--curve``: the server's secret key file and the folder of allowed client ``*.key``."""
+
+    secret_key_file: Path
+    allow_dir: Path
+
+
+def is_local(endpoint: str) -> bool:
+    """Whether ``endpoint`` is reachable from this machine only."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    match = re.fullmatch(r"tcp://(.+):([0-9]+|\*)", endpoint)
+    if not match:
+        return False
+    host = match.group(1).strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A received message: the sender's routing identity, its first frames (from the
+    delimiter on) and how many frames it had after the identity."""
+
+    identity: bytes
+    frames: list[Buffer]
+    count: int
+
+
+class Transport:
+    """One ROUTER socket bound to ``bind``, plus a socket pair that wakes its poller."""
+
+    def __init__(self, bind: str, key: bytes, limits: Limits,
+                 curve: CurveServer | None = None) -> None:
+        self.bind = bind
+        self.limits = limits
+        self.curve = curve
+        self.endpoint = ""
+        self.context = zmq.Context()
+        self._key = key
+        self._socket: zmq.Socket | None = None
+        self.gate: ZapGate | None = None
+        self._wake_r, self._wake_w = pysocket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._poller = zmq.Poller()
+
+    def open(self) -> str:
+        """Create and bind the socket; return the endpoint clients connect to."""
+        if self.curve is None and not is_local(self.bind):
+            raise ServerError(f"refusing to bind {self.bind} without encryption: it is "
+                              "reachable from other machines; add --curve (see the README, "
+                              "'Remote or secured backend') or bind tcp://127.0.0.1")
+        sock = self._socket = self.context.socket(zmq.ROUTER)
+        sock.ipv6 = wire.needs_ipv6(self.bind)
+        sock.linger = 2000
+        sock.router_mandatory = 1
+        sock.maxmsgsize = self.limits.max_frame_bytes
+        if self.curve is not None:
+            self._setup_curve(sock)
+        else:  # only holders of the connection file's key complete the handshake
+            self.gate = ZapGate(self.context, password=wire.transport_password(self._key))
+            self.gate.start()
+            sock.plain_server = True
+        self.endpoint = self._bind(sock)
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        return self.endpoint
+
+    def _setup_curve(self, sock: zmq.Socket) -> None:
+        assert self.curve is not None
+        if not zmq.has("curve"):
+            raise ServerError("this libzmq has no CURVE support; reinstall pyzmq")
+        try:
+            public, secret = load_keypair(self.curve.secret_key_file)
+        except ValueError as exc:
+            raise ServerError(f"{exc}; create it with: python -m backend keygen") from None
+        if not self.curve.allow_dir.is_dir():
+            raise ServerError(f"the allow-list folder {self.curve.allow_dir} does not exist; put "
+                              "the clients' public .key files there")
+        self.gate = ZapGate(self.context, allow_dir=self.curve.allow_dir)
+        self.gate.start()
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+
+    def _bind(self, sock: zmq.Socket) -> str:
+        endpoint = re.sub(r":0$", ":*", self.bind)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EADDRINUSE and self.bind == DEFAULT_BIND:
+                log.warning("%s is in use; binding a free port instead", self.bind)
+                sock.bind("tcp://127.0.0.1:*")
+            else:
+                raise ServerError(f"cannot bind {self.bind}: {exc.strerror}; choose another "
+                                  "--bind (tcp://127.0.0.1:0 picks a free port)") from None
+        bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # A wildcard address is not connectable; advertise this host's name instead.
+        return re.sub(r"^tcp://(0\.0\.0\.0|\[::\]|\*):", f"tcp://{pysocket.gethostname()}:",
+                      bound)
+
+    def server_public_key(self) -> str | None:
+        """The CURVE public key clients need (None without CURVE)."""
+        if self.curve is None:
+            return None
+        return load_keypair(self.curve.secret_key_file)[0].decode("ascii")
+
+    # --- the loop -----------------------------------------------------------------------------
+    def poll(self, timeout_ms: int) -> None:
+        """Wait until a message or a wake-up arrives, or ``timeout_ms`` passes."""
+        ready = dict(self._poller.poll(timeout_ms))
+        if self._wake_r.fileno() in ready:
+            with contextlib.suppress(OSError):
+                while self._wake_r.recv(4096):
+                    pass
+
+    def receive(self) -> Iterator[Inbound]:
+        """The waiting messages, at most ``RECEIVE_BATCH`` of them (never blocks).
+
+        At most ``wire.MAX_FRAMES`` frames of a message are kept; the rest are read and
+        dropped one by one as they are read (``Inbound.count`` says how many there were), so
+        a message of a million empty frames costs no memory per frame.
+        """
+        sock = self._socket
+        assert sock is not None
+        for _ in range(RECEIVE_BATCH):
+            if not sock.poll(0, zmq.POLLIN):
+                return
+            identity = sock.recv(zmq.NOBLOCK)
+            frames: list[Buffer] = []
+            count = 0
+            while sock.getsockopt(zmq.RCVMORE):
+                count += 1
+                if count > wire.MAX_FRAMES:
+                    sock.recv(zmq.NOBLOCK)  # drop: the message is refused anyway
+                else:
+                    frames.append(sock.recv(zmq.NOBLOCK, copy=False).buffer)
+            yield Inbound(identity, frames, count)
+
+    def send(self, identity: bytes, frames: Sequence[Buffer], what: str) -> None:
+        """Send without blocking; a client that is gone or not reading loses the message."""
+        assert self._socket is not None
+        try:
+            self._socket.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            log.debug("dropped %s for %s: %s", what, identity.hex()[:8], exc.strerror)
+
+    def wake(self) -> None:
+        """Make ``poll`` return now (thread- and signal-safe)."""
+        with contextlib.suppress(OSError):  # buffer full (already awake) or closed
+            self._wake_w.send(b"!")
+
+    def close(self, term: bool) -> None:
+        """Close the sockets (queued messages still go out within the linger time); ``term``
+        also ends the ZeroMQ context (only when no other thread uses it)."""
+        if self._socket is not None:
+            self._socket.close()
+        if self.gate is not None:
+            self.gate.stop()
+        self._wake_r.close()
+        self._wake_w.close()
+        if term:
+            self.context.term()
+
+
+# --- the connection file ----------------------------------------------------------------------
+def refuse_if_running(path: Path | None, context: zmq.Context) -> None:
+    """Raise ``ServerError`` when ``path`` names a backend that still answers a ping."""
+    if path is None or not path.exists():
+        return
+    try:
+        info = connection.read_connection_file(path)
+    except (OSError, ValueError):
+        return
+    try:
+        with Client(info.endpoint, info.key, timeout=0.5, retries=0, context=context) as probe:
+            probe.ping()
+    except BackendError:
+        return  # stale file from a backend that is gone
+    raise ServerError(f"a backend is already running at {info.endpoint} (pid {info.pid}, "
+                      f"connection file {path}); stop it first or give another "
+                      "--connection-file")
+
+
+def write_connection_file(path: Path, endpoint: str, key: bytes,
+                          curve_server_key: str | None) -> None:
+    try:
+        connection.write_connection_file(path, connection.ConnectionInfo(
+            endpoint=endpoint, key=key, pid=os.getpid(), curve_server_key=curve_server_key))
+    except connection.UnsafeConnectionFile as exc:
+        raise ServerError(str(exc)) from None
+    except OSError as exc:
+        raise ServerError(f"cannot write the connection file {path}: {exc}; give a "
+                          "writable --connection-file") from None
+
+
+def remove_connection_file(path: Path, endpoint: str) -> None:
+    """Remove ``path`` if it still describes this process's ``endpoint``."""
+    try:
+        info = connection.read_connection_file(path)
+        if info.pid == os.getpid() and info.endpoint == endpoint:
+            path.unlink()
+    except (OSError, ValueError):
+        pass

@@ -1,0 +1,1 @@
+"""Measuring tools: speed and precision benchmarks, the accelerator check, memory estimates."""
