@@ -44,8 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the whole image may change)")
     p.add_argument("--out", help="where to write the result, in the input's precision (PNG "
                    "keeps alpha and 16 bits; 32-bit float needs TIFF)")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(PRESETS),
-                   help="algorithm or preset (default: %(default)s)")
+    p.add_argument("--method", default=None, choices=list(PRESETS),
+                   help=f"algorithm or preset (default: the engine's, {DEFAULT_METHOD}, where "
+                   "the models loaded run it; else the first method they run)")
     p.add_argument("--prompt", default="", help="text describing the image (optional)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--model", default=None, help="SD1.5-family model: diffusers folder, "
@@ -260,6 +261,15 @@ def _list_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_method(model: str | None) -> str:
+    """The method an edit runs without ``--method``: the engine's table decides for the models
+    ``--model`` loads (``MethodTable.default_method``), before any of them loads."""
+    from backend.engine.params import MethodTable
+    from backend.model_choice import expected_algorithms
+
+    return MethodTable(algorithms=expected_algorithms(model)).default_method
+
+
 def _load_engine(args: argparse.Namespace):
     """The engine for ``--model``; without it SD1.5, or the demo model where SD1.5 is missing
     (the same decision as ``serve``: ``model_choice``), said on stderr."""
@@ -286,11 +296,15 @@ def _drag(args: argparse.Namespace) -> int:
     # method's parameters are checked by the engine, with its model's defaults.
     from backend.engine.errors import EngineError
     from backend.engine.imageops import validate_request
+    from backend.model_choice import serves_plain_model
 
     missing = [f"--{n}" for n in ("image", "points", "out") if not getattr(args, n)]
     if missing:
         raise UsageError(f"missing {', '.join(missing)} (see --help)")
+    if not serves_plain_model(args.model) and not args.inpaint_model:
+        raise UsageError("--model none needs --inpaint-model (the model Inpaint4Drag runs on)")
     handles, targets = parse_points(args.points)
+    method = args.method or default_method(args.model)
     overrides = parse_overrides(args.overrides)
     image = read_image(args.image)
     size = (image.shape[1], image.shape[0])
@@ -299,7 +313,7 @@ def _drag(args: argparse.Namespace) -> int:
         raise UsageError(f"--out: folder {Path(args.out).parent} does not exist")
     check_writable(args.out, image.dtype, image.shape[2])
     try:
-        algorithm = PRESET_METHOD[args.method]
+        algorithm = PRESET_METHOD[method]
         validate_request(image, handles, targets, mask)
         if algorithm == "inpaint4drag":  # its warp needs no model: check the points first
             from backend.engine.inpaint4drag import preview_warp
@@ -325,7 +339,7 @@ def _drag(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     bars = PhaseBars(sys.stderr)
     request = DragRequest(image=image, handles=handles, targets=targets, mask=mask,
-                          method=args.method, prompt=args.prompt, seed=args.seed,
+                          method=method, prompt=args.prompt, seed=args.seed,
                           params=overrides)
     try:
         result = engine.run(request, progress=bars, cancel=cancel)

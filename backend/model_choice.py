@@ -51,7 +51,21 @@ def plain_model(requested: str | None) -> str | None:
 
     if requested is None:
         return DEFAULT_MODEL
-    return None if requested.strip().lower() == NO_PLAIN_MODEL else requested
+    return requested if serves_plain_model(requested) else None
+
+
+def serves_plain_model(requested: str | None) -> bool:
+    """Whether ``--model requested`` loads a plain model (all but ``--model none``)."""
+    return requested is None or requested.strip().lower() != NO_PLAIN_MODEL
+
+
+def expected_algorithms(requested: str | None) -> tuple[str, ...]:
+    """The algorithms loading ``--model requested`` will run (``params.served_algorithms``):
+    all of them with a plain model, Inpaint4Drag alone for ``--model none``. Torch-free, for a
+    command's defaults before anything loads."""
+    from backend.engine.params import served_algorithms
+
+    return served_algorithms(plain_model=serves_plain_model(requested))
 
 
 def demo_fallback(requested: str | None, load: Callable[[str], Any]) -> Fallback | None:
@@ -96,10 +110,10 @@ def expected_model(requested: str | None) -> tuple[str, MethodTable]:
     """
     from backend.engine.errors import EngineError
     from backend.engine.models import DEFAULT_MODEL, hub_offline, locate, read_preset
-    from backend.engine.params import MethodTable, served_algorithms
+    from backend.engine.params import MethodTable
 
-    if plain_model(requested) is None:  # only the inpainting model: Inpaint4Drag alone
-        return NO_PLAIN_MODEL, MethodTable(algorithms=served_algorithms(plain_model=False))
+    if not serves_plain_model(requested):  # only the inpainting model: Inpaint4Drag alone
+        return NO_PLAIN_MODEL, MethodTable(algorithms=expected_algorithms(requested))
     name = requested or DEFAULT_MODEL
     try:
         kind, path = locate(name, download=False)

@@ -232,15 +232,17 @@ class Client:
     def submit(self, image: Buffer | Any, width: int, height: int, channels: int,
                handles: Sequence[tuple[float, float]], targets: Sequence[tuple[float, float]],
                *, job_id: str | None = None, mask: Buffer | Any | None = None,
-               method: str = "dragdiffusion", params: dict[str, Any] | None = None,
+               method: str | None = None, params: dict[str, Any] | None = None,
                prompt: str = "", seed: int = 0, preview: bool = False,
                dtype: str | None = None) -> str:
         """Queue a drag edit and return its job id at once; then iterate ``events(job_id)``.
 
         ``image`` is ``width × height × channels`` samples (any C-contiguous buffer, e.g. a
         numpy array) of ``dtype`` ``u8``, ``u16`` or ``f32`` (default: from the buffer's
-        format); ``mask`` is ``width × height`` bytes, >0 where the image may change.
-        Re-submitting with the same ``job_id`` never runs the edit twice.
+        format); ``mask`` is ``width × height`` bytes, >0 where the image may change (for
+        Inpaint4Drag: on the region that moves). ``method`` None runs the backend's default
+        (its hello's ``default_method``). Re-submitting with the same ``job_id`` never runs
+        the edit twice.
         """
         if self.server_info is None:
             self.hello()  # its limits are checked below, before anything large is sent
@@ -252,7 +254,8 @@ class Client:
             "channels": int(channels), "dtype": dtype, "has_mask": mask is not None,
             "handles": [[float(x), float(y)] for x, y in handles],
             "targets": [[float(x), float(y)] for x, y in targets],
-            "method": method, "params": dict(params or {}), "prompt": prompt,
+            "method": method or str((self.server_info or {}).get("default_method", "")),
+            "params": dict(params or {}), "prompt": prompt,
             "seed": int(seed), "preview": bool(preview),
         }
         limits = wire.Limits(**{k: v for k, v in (self.server_info or {}).get("limits", {}).items()

@@ -14,8 +14,10 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--set", "work_size=64", "--set", "lora_steps=0", "--set", "n_inference_steps=6",
-        "--set", "drag_steps=3"]
+# DragDiffusion at a few steps, named: the default method, Inpaint4Drag, reads --mask as the
+# region that moves.
+FAST = ["--method", "dragdiffusion", "--set", "work_size=64", "--set", "lora_steps=0",
+        "--set", "n_inference_steps=6", "--set", "drag_steps=3"]
 
 
 def backend(*args: str) -> subprocess.CompletedProcess:
@@ -50,8 +52,14 @@ def files(tmp_path_factory):
          "invalid choice"),
         (["--image", "{d}/in.png", "--points", "1,1:5,5", "--set", "drag_stepz=3"],
          "unknown parameter 'drag_stepz'"),
+        (["--image", "{d}/in.png", "--points", "1,1:5,5", "--method", "dragdiffusion",
+          "--model", "{d}/no-model"], "was not found"),
+        # without --method the engine's default, Inpaint4Drag, which needs the region first
         (["--image", "{d}/in.png", "--points", "1,1:5,5", "--model", "{d}/no-model"],
-         "was not found"),
+         "select the region that moves"),
+        # --model none serves only an inpainting model: Inpaint4Drag, which needs one
+        (["--image", "{d}/in.png", "--points", "20,25:40,25", "--mask", "{d}/mask.png",
+          "--model", "none"], "--model none needs --inpaint-model"),
         # Inpaint4Drag: the mask is the region that moves, checked before any model loads
         (["--image", "{d}/in.png", "--points", "1,1:5,5", "--method", "inpaint4drag",
           "--model", "{d}/no-model"], "select the region that moves"),

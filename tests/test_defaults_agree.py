@@ -22,6 +22,9 @@ par = load("dragdiff_params")
 # Typed by the "user" to keep a real edit short; the working size stays the shown default.
 QUICK = {"lora-steps": 0, "drag-steps": 2, "n-inference-steps": 4}
 SIZE = 64  # the layer: a square, so the working canvas is work_size × work_size
+# The edits below run DragDiffusion, whose run the spy sees and whose result reports its working
+# canvas (the default method, Inpaint4Drag, warps at the layer's size and needs a region).
+LATENT = "dragdiffusion"
 
 
 @pytest.fixture(scope="module", params=["demo", "sd15-layout"])
@@ -79,7 +82,7 @@ def test_every_shown_default_is_what_the_engine_runs(backend):
 def test_an_edit_runs_at_the_values_the_dialog_showed(backend):
     _, _, client, ran = backend
     table = dialog(client)
-    method = table.default_method
+    method = LATENT  # the spy watches the latent methods' run
     values = par.shown_values(table, method, {k.prop: par.DEFAULT for k in par.KNOBS}) | QUICK
     done = edit(client, method, par.overrides(values, ""))
     params = ran[-1]
@@ -96,7 +99,7 @@ def test_choosing_512_on_the_demo_model_runs_at_512(backend):
     model's dialog, it is sent and runs, although the model's own default is 128."""
     _, _, client, ran = backend
     table = dialog(client)
-    method = table.default_method
+    method = LATENT
     values = par.shown_values(table, method, {k.prop: par.DEFAULT for k in par.KNOBS}) | QUICK
     assert values["work-size"] == 128
     values["work-size"] = 512

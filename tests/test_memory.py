@@ -154,6 +154,7 @@ def request_():
 
     image, mask, handles, targets = synthetic_case(64)
     return DragRequest(image=image, handles=handles, targets=targets, mask=mask,
+                       method="dragdiffusion",
                        params={"work_size": 64, "lora_steps": 2, "n_inference_steps": 6,
                                "drag_steps": 3})
 

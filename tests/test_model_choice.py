@@ -9,12 +9,16 @@ import pytest
 
 from backend.engine.errors import ModelNotFound
 from backend.engine.models import DEFAULT_MODEL
+from backend.engine.types import DEFAULT_METHOD
 from backend.model_choice import (
     DEMO_MODEL_DIR,
     DEMO_NAME,
+    NO_PLAIN_MODEL,
     demo_fallback,
+    expected_algorithms,
     expected_model,
     load_or_demo,
+    plain_model,
 )
 
 
@@ -68,3 +72,15 @@ def test_the_expected_model_and_its_table_are_read_without_loading(tiny_model_di
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # SD1.5 may be downloaded: it has no preset
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     assert expected_model(None) == (DEFAULT_MODEL, expected_model(str(tiny_model_dir))[1])
+
+
+def test_model_none_serves_only_inpaint4drag_and_its_table_says_so():
+    """``--model none`` (with ``--inpaint-model``): no plain model, so the announced table
+    runs Inpaint4Drag alone and offers it first; any other model runs every method."""
+    assert plain_model(None) == DEFAULT_MODEL and plain_model("my/model") == "my/model"
+    assert plain_model("none") is None and plain_model(" None ") is None
+    assert expected_algorithms("none") == ("inpaint4drag",)
+    assert "dragdiffusion" in expected_algorithms(None) and "gooddrag" in expected_algorithms("x")
+    name, table = expected_model("none")
+    assert name == NO_PLAIN_MODEL and list(table.methods()) == ["inpaint4drag"]
+    assert table.default_method == "inpaint4drag" == DEFAULT_METHOD

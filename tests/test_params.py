@@ -22,6 +22,7 @@ from backend.engine.params import (
     method_descriptions,
     parse_assignments,
     resolve,
+    served_algorithms,
     spec_table,
 )
 from backend.engine.types import DEFAULT_METHOD
@@ -141,6 +142,7 @@ def test_a_diverged_edit_fails_instead_of_returning_black(tiny_model_dir, monkey
     engine = pipeline.DragEngine.load(str(tiny_model_dir), device="cpu")
     image = np.full((32, 32, 3), 200, np.uint8)
     request = DragRequest(image=image, handles=[(8.0, 8.0)], targets=[(12.0, 8.0)],
+                          method="dragdiffusion",
                           params={"work_size": 64, "lora_steps": 0, "n_inference_steps": 4,
                                   "drag_steps": 1})
     with pytest.raises(EngineError, match="lower latent_lr") as err:
@@ -197,3 +199,37 @@ def test_the_method_table_applies_the_models_defaults_and_checks_the_canvas():
     with pytest.raises(InvalidInput, match="'work_size' must be"):
         MethodTable({"work_size": 1})
     assert MethodTable({"work_size": 128.0}).model_params == {"work_size": 128}  # typed
+
+
+def test_the_table_decides_the_default_method_from_what_the_models_run():
+    """One decision: the engine's DEFAULT_METHOD (Inpaint4Drag) where the served models run it,
+    else the first method they run; a request that names none runs it, and a method the models
+    cannot run is refused naming those they can."""
+    assert DEFAULT_METHOD == "inpaint4drag"
+    full = MethodTable()
+    assert full.default_method == DEFAULT_METHOD and full.resolve("")[0] == "inpaint4drag"
+    assert full.names == list(PRESETS)
+    inpainting_only = MethodTable(algorithms=served_algorithms(plain_model=False))
+    assert inpainting_only.names == ["inpaint4drag"] == list(inpainting_only.methods())
+    assert inpainting_only.as_hello()["default_method"] == "inpaint4drag"
+    assert list(inpainting_only.as_hello()["descriptions"]) == ["inpaint4drag"]
+    with pytest.raises(InvalidInput, match="serves only the inpainting model: choose "
+                                           "inpaint4drag"):
+        inpainting_only.resolve("gooddrag")
+    latent_only = MethodTable(algorithms=("dragdiffusion", "gooddrag"))  # no Inpaint4Drag
+    assert latent_only.default_method == "dragdiffusion" == latent_only.resolve("")[0]
+    assert latent_only.as_hello()["default_method"] in latent_only.as_hello()["methods"]
+    assert "inpaint4drag" not in latent_only.names
+    with pytest.raises(InvalidInput, match="does not run inpaint4drag: choose dragdiffusion"):
+        latent_only.resolve("inpaint4drag")
+    with pytest.raises(ValueError, match="algorithms must be"):
+        MethodTable(algorithms=())
+
+
+def test_the_models_own_defaults_are_checked_for_every_method_they_run():
+    """A preset.json whose values fit Inpaint4Drag's work but not DragDiffusion's is refused
+    at load, not at the first DragDiffusion edit."""
+    heavy = {"lora_steps": 2000, "lora_batch": 16}
+    with pytest.raises(InvalidInput, match="UNet passes"):
+        MethodTable(heavy)
+    assert MethodTable(heavy, served_algorithms(plain_model=False)).model_params == heavy

@@ -80,6 +80,22 @@ def test_warp_with_overlay_paints_the_grid_and_keeps_the_rest():
     np.testing.assert_array_equal(got[~hole], plain[~hole])
 
 
+def test_warp_knobs_left_out_take_the_engine_s_table_values():
+    """As for an edit, a knob the request leaves out runs at the table's value: here a model
+    whose preset.json widens the inpainting margin."""
+    pixels, mask = layer(channels=3, dtype=np.uint8)
+    wide = MethodTable({"inpaint_kernel": 15})
+    with running_server(FakeEngine(table=wide), table=wide) as server, \
+            client_for(server) as client:
+        reply = client.warp(pixels, 64, 48, 3, [(20.5, 22.5)], [(40.5, 30.5)], mask)
+    _, hole, _ = preview_warp(pixels, mask, [(20.5, 22.5)], [(40.5, 30.5)],
+                              {"inpaint_kernel": 15})
+    _, narrow, _ = preview_warp(pixels, mask, [(20.5, 22.5)], [(40.5, 30.5)])
+    got = np.frombuffer(reply.mask, np.uint8).reshape(48, 64)
+    np.testing.assert_array_equal(got, hole)
+    assert (got > 0).sum() > (narrow > 0).sum()
+
+
 @pytest.mark.parametrize("change,match", [
     ({"handles": [(2.5, 2.5)]}, "not on the selection"),
     ({"params": {"inpaint_kernel": 99}}, "inpaint_kernel"),

@@ -460,11 +460,13 @@ class MethodTable:
 
     def resolve(self, method: str, overrides: Mapping[str, Any] | None = None,
                 size: tuple[int, int] | None = None) -> tuple[str, DragParams]:
-        """(algorithm, params) the engine runs for ``method`` with ``overrides`` on a
-        ``size`` = (width, height) image: the method must be one these models run; knobs left
+        """(algorithm, params) the engine runs for ``method`` (empty: ``default_method``) with
+        ``overrides`` on a ``size`` = (width, height) image: the method must be one these models
+        run; knobs left
         out take this table's values; each given one is checked against ``SPECS``; the
         settings must fit ``MAX_WORK`` on that image's working canvas (a tall or wide image
         counts its whole height or width). Raises ``InvalidInput`` naming the problem."""
+        method = method or self.default_method
         algorithm, params = resolve(method, {**self.model_params, **checked_knobs(overrides,
                                                                                   method)})
         if algorithm not in self.algorithms:

@@ -12,8 +12,11 @@ import numpy as np
 from backend.engine.errors import Cancelled
 
 # The method a request runs when it names none, and the one a dialog or command line offers
-# first (a server's hello announces it as ``default_method``).
-DEFAULT_METHOD = "dragdiffusion"
+# first (a server's hello announces it as ``default_method``): Inpaint4Drag, seconds instead of
+# minutes and the closest to the target on every benchmark set (docs/algorithms.md section 6).
+# Served models that cannot run it (``params.MethodTable.default_method``, the one place that
+# decides) fall back to the first method they run.
+DEFAULT_METHOD = "inpaint4drag"
 
 # progress(phase, step, total): phases are "load", "lora", "inversion", "drag", "denoise",
 # "decode".
@@ -37,7 +40,10 @@ class DragRequest:
     (0, 0) is the top-left corner of the top-left pixel, pixel i spans [i, i + 1) and its
     centre is i + 0.5. The engine converts them once to the official codes' pixel index
     (x − 0.5) and grid cell (docs/algorithms.md §1, Coordinates).
-    ``mask`` is H×W uint8, >0 where the image may change; ``None`` means everything may change.
+    ``mask`` is H×W uint8, >0 where the image may change; ``None`` means everything may change
+    (for Inpaint4Drag: >0 on the region that moves, required).
+    ``method`` names a method or preset; empty: the engine's default (its table's
+    ``default_method``, ``DEFAULT_METHOD`` where the served models run it).
     ``params`` overrides the method's defaults (see ``backend.engine.params``).
     """
 
@@ -45,7 +51,7 @@ class DragRequest:
     handles: list[ImagePoint]
     targets: list[ImagePoint]
     mask: np.ndarray | None = None
-    method: str = DEFAULT_METHOD
+    method: str = ""
     prompt: str = ""
     seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)

@@ -43,6 +43,10 @@ RW = GObject.ParamFlags.READWRITE
 METHOD_LABELS = {"inpaint4drag": "Inpaint4Drag (instant)", "dragdiffusion": "DragDiffusion",
                  "gooddrag": "GoodDrag", "dragdiffusion-paper": "DragDiffusion (paper settings)",
                  "fast": "Fast"}
+# The method choice when no backend's table is known (no backend answered, no hello kept in the
+# state file, no install.json): the plug-in has nobody to ask. The first is preselected, as the
+# engine's default method (backend/engine/types.py); any table replaces the list and its
+# default_method the choice.
 FALLBACK_METHODS = ("inpaint4drag", "dragdiffusion", "gooddrag", "dragdiffusion-paper")
 
 
