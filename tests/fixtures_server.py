@@ -121,9 +121,10 @@ def image(width: int = 8, height: int = 6, channels: int = 3) -> bytes:
 
 
 def submit(client: Client, **kwargs: Any) -> str:
-    """Submit a small valid job; keyword arguments override."""
+    """Submit a small valid DragDiffusion job (its work is what the canvas checks count);
+    keyword arguments override."""
     args: dict[str, Any] = {"image": image(), "width": 8, "height": 6, "channels": 3,
-                            "handles": [(1, 1)], "targets": [(4, 3)]}
+                            "handles": [(1, 1)], "targets": [(4, 3)], "method": "dragdiffusion"}
     args.update(kwargs)
     return client.submit(**args)
 

@@ -110,8 +110,8 @@ def test_drag_prints_the_engines_warnings_once(tmp_path, tiny_model_dir):
     Image.fromarray(mask).save(tmp_path / "mask.png")
     result = limits.run(
         [sys.executable, "-m", "backend", "drag", "--image", str(tmp_path / "in.png"),
-         "--points", "20,20:24,22", "--mask", str(tmp_path / "mask.png"), "--model",
-         str(tiny_model_dir), "--device", "cpu", "--out", str(tmp_path / "out.png"), "--json",
+         "--points", "20,20:24,22", "--mask", str(tmp_path / "mask.png"), "--method",
+         "dragdiffusion", "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(tmp_path / "out.png"), "--json",
          "--set", "work_size=64", "--set", "lora_steps=0", "--set", "n_inference_steps=4",
          "--set", "drag_steps=2"],
         limit=1800, capture_output=True, text=True, cwd=REPO,

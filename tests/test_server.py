@@ -74,6 +74,19 @@ def test_hello_announces_the_engines_own_table():
     assert info["default_method"] == DEFAULT_METHOD
 
 
+def test_a_submit_without_a_method_runs_the_backends_default():
+    """Client.submit names no method of its own: it sends hello's default_method, which the
+    engine's table chose (Inpaint4Drag, or the first method an engine without it runs)."""
+    for table, expected in ((MethodTable(), DEFAULT_METHOD),
+                            (MethodTable(algorithms=("dragdiffusion", "gooddrag")),
+                             "dragdiffusion")):
+        engine = FakeEngine(table=table)
+        with running_server(engine, table=table) as server, client_for(server) as client:
+            job = client.submit(image(), 8, 6, 3, [(1, 1)], [(4, 3)])
+            assert collect(client, job)[-1].type == "finished"
+        assert engine.runs[-1].method == expected
+
+
 def test_a_submit_the_engine_would_refuse_on_its_canvas_is_refused_before_queueing():
     """1:100 at the default working width asks for ~100 default edits of work: refused in
     the submit's reply, naming the cap that fits; nothing queued, nothing run."""

@@ -66,9 +66,9 @@ def test_the_first_command_serves_the_demo_model_and_edits(tmp_path):
         with Client.from_connection_file(conn, timeout=10.0) as client:
             model = client.hello()["model"]
             job = client.submit(case.image, 128, 128, 3, case.handles, case.targets,
-                                mask=case.mask, params={"work_size": 128, "lora_steps": 0,
-                                                        "n_inference_steps": 20,
-                                                        "drag_steps": 20})
+                                mask=case.mask, method="dragdiffusion",
+                                params={"work_size": 128, "lora_steps": 0,
+                                        "n_inference_steps": 20, "drag_steps": 20})
             done = list(client.events(job, timeout=900))[-1]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
