@@ -144,6 +144,7 @@ def test_installed_plugin_carries_the_backends_table_and_its_help(gimp):
     """install.py records the backend's defaults/specs/descriptions for the dialog and the
     Method menu; the help page is installed where the plug-in's help domain points."""
     from backend.engine.params import method_descriptions
+    from backend.engine.types import DEFAULT_METHOD
     from backend.model_choice import expected_table
 
     folder = gimp.plugin_dir / "drag-diffusion"
@@ -154,6 +155,8 @@ def test_installed_plugin_carries_the_backends_table_and_its_help(gimp):
     assert 'ref="index.html"' in (folder / "help" / "en" / "gimp-help.xml").read_text()
     report, _ = run_case(gimp, "registered", None)
     assert report["methods"] == method_descriptions()  # every preset, each with its line
+    # the Method menu's default is the engine's default method, recorded by install.py
+    assert report["default_method"] == recorded["default_method"] == DEFAULT_METHOD
 
 
 def test_no_path_and_selection_off_the_layer_are_errors(gimp):
@@ -484,7 +487,8 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
         time.sleep(1)
         assert log.read_text().count("has 3 anchors") == 1, log.read_text()[-3000:]
         typed = xdisplay.read_json(settings)["typed"]
-        assert typed["method"] == "dragdiffusion" and typed["seed"] == 42
+        # the factory method is the engine's default (install.json's table): Inpaint4Drag
+        assert typed["method"] == "inpaint4drag" and typed["seed"] == 42
         assert all(typed[k.prop] == -1 for k in params_module().KNOBS), typed
 
         # 4b. Inpaint4Drag: the dialog shows the warp before OK (protocol 1.1's warp request;
@@ -492,7 +496,7 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
         log_mark = len(backend_log(backend))
         dialog = xvfb.wait_window("^Drag Diffusion$")
         time.sleep(1.5)
-        xvfb.keys(dialog, "alt+m", "Up")  # the remembered DragDiffusion → Inpaint4Drag (first)
+        xvfb.keys(dialog, "alt+m", "Up")  # stays on Inpaint4Drag (first; remembered from 4)
         time.sleep(2)
         xvfb.screenshot(ARTIFACTS / "plugin-dialog-inpaint4drag.png", dialog)
         xdisplay.wait_for(lambda: re.search(r"warp 128x128 from \S+: [1-9][0-9]* px move",

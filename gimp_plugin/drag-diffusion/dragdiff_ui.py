@@ -248,8 +248,7 @@ class WarpPreview:
             return
         try:
             inputs = context.read_preview()
-            params = par.overrides(table, owner.method, knob_values(owner.config),
-                                   text(owner.config, "advanced"))
+            params = par.overrides(knob_values(owner.config), text(owner.config, "advanced"))
         except Exception as exc:  # an InputError or ParamsError: its text is for the user
             self._say(str(exc))
             return

@@ -16,10 +16,11 @@ import limits
 import numpy as np
 import xdisplay
 
-# Small enough for the tiny model on a busy CPU. The default feather (3 px) lies inside the
-# selection, so pixels outside it must stay exactly unchanged.
-FAST = {"work-size": 64, "lora-steps": 0, "drag-steps": 2, "n-inference-steps": 4,
-        "advanced": json.dumps({"lam": 0.1}), "timeout": 60}
+# DragDiffusion, small enough for the tiny model on a busy CPU. The default feather (3 px) lies
+# inside the selection, so pixels outside it must stay exactly unchanged. Named: the default
+# method, Inpaint4Drag, reads the selection as the region that moves.
+FAST = {"method": "dragdiffusion", "work-size": 64, "lora-steps": 0, "drag-steps": 2,
+        "n-inference-steps": 4, "advanced": json.dumps({"lam": 0.1}), "timeout": 60}
 
 
 def backend_result(conn: Path, job_id: str):

@@ -113,6 +113,7 @@ pdb = Gimp.get_pdb()
 procedure = pdb.lookup_procedure("python-fu-drag-diffusion")
 assert procedure is not None, "python-fu-drag-diffusion is not registered"
 config = procedure.create_config()
+default_method = config.get_property("method")  # the PDB's default, before the case's args
 config.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
 config.set_property("image", image)
 config.set_core_object_array("drawables", [source])
@@ -143,6 +144,7 @@ report = {
     "precision": image.get_precision().value_nick,
     "menu_paths": procedure.get_menu_paths(),
     "methods": {nick: choice.get_help(nick) for nick in choice.list_nicks()},
+    "default_method": default_method,
     "image_types": procedure.get_image_types(),
     "gimp_version": Gimp.version(),
     "python_version": ".".join(str(v) for v in sys.version_info[:3]),

@@ -12,7 +12,9 @@ import numpy as np
 # The GUI edits a picture of shapes with the project's trained toy model, so the preview and
 # the result show a shape moving (random weights only make noise). Toy settings as the
 # README's quality table: no LoRA, a larger latent step, GoodDrag's radii scaled to its grid.
-TOY = {"work-size": 128, "lora-steps": 0, "drag-steps": 40, "n-inference-steps": 10,
+# DragDiffusion named (the default method is Inpaint4Drag).
+TOY = {"method": "dragdiffusion", "work-size": 128, "lora-steps": 0, "drag-steps": 40,
+       "n-inference-steps": 10,
        "latent-lr": 0.1, "timeout": 120, "advanced": json.dumps({"r1": 1, "r2": 3, "beta": 1})}
 # The first interactive run: DragDiffusion's dialog with a knob at its default, switched to
 # GoodDrag by keyboard; a GoodDrag job long enough to watch its previews, then cancelled. The
