@@ -467,6 +467,10 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
         # on a loaded CPU one step of this job takes ~10 s.
         gone = time.monotonic() - clicked
         print(f"[gui] status-bar Cancel -> backend job cancelled in {gone:.1f} s")
+        # Marked before step 4: after its factory reset the dialogs open on Inpaint4Drag, and
+        # step 4b's dialog asks for its warp as soon as it opens (step 4's own dialog cannot:
+        # its path is the bad one), maybe before the host reaches 4b.
+        warp_mark = len(backend_log(backend))
         # 4. An error is shown once (GIMP's own error box), not twice.
         #    Before that, Reset › Reset to Factory Defaults: each knob shows its method's
         #    default again (the factory value -1 is never shown or clamped to a range end).
@@ -493,14 +497,13 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
 
         # 4b. Inpaint4Drag: the dialog shows the warp before OK (protocol 1.1's warp request;
         #     the selection rectangle is the region that moves); Cancel adds nothing.
-        log_mark = len(backend_log(backend))
         dialog = xvfb.wait_window("^Drag Diffusion$")
         time.sleep(1.5)
         xvfb.keys(dialog, "alt+m", "Up")  # stays on Inpaint4Drag (first; remembered from 4)
         time.sleep(2)
         xvfb.screenshot(ARTIFACTS / "plugin-dialog-inpaint4drag.png", dialog)
         xdisplay.wait_for(lambda: re.search(r"warp 128x128 from \S+: [1-9][0-9]* px move",
-                                            backend_log(backend)[log_mark:]), 30,
+                                            backend_log(backend)[warp_mark:]), 30,
                           "the dialog's warp preview")
         xvfb.keys(dialog, "Escape")
         run5 = step("run5")
