@@ -457,3 +457,44 @@ def test_client_strings_cannot_forge_log_lines():
     assert "gimp\\n2030-01-01 INFO backend.server: job x finished\\u2028" in hello
     assert not [line for line in lines if line.startswith("2030")]
     assert all(line.startswith(("INFO", "WARNING", "ERROR", "DEBUG")) for line in lines)
+
+
+# Characters that reorder or hide the text around them: the bidi embeddings and overrides
+# (U+202A–E) and isolates (U+2066–9), the Arabic letter mark, zero-width characters and marks,
+# the byte-order mark, a tag character, and a Hangul filler (a letter that draws nothing).
+REORDER_OR_HIDE = ("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u061c\u200b\u200e"
+                   "\u200f\u2060\ufeff\U000e0041\u3164\u00ad")
+
+
+def test_log_lines_escape_every_character_that_reorders_or_hides_text():
+    """N7: bidi controls reached the log as they were, so a client name could make a log
+    viewer show a line in another order than it was written ("job x finished" reversed…)."""
+    import io
+    import logging
+
+    from backend.server.log import OneLineFormatter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(OneLineFormatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("backend.server")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel("INFO")
+    try:
+        with running_server(FakeEngine()) as server:
+            with client_for(server, name=f"gimp {REORDER_OR_HIDE} end") as client:
+                client.hello()
+            try:
+                raise ValueError(f"bad field {REORDER_OR_HIDE}")
+            except ValueError:
+                logger.exception("a traceback quoting a client's text")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    text = out.getvalue()
+    shown = [c for c in REORDER_OR_HIDE if c in text]
+    assert not shown, [f"U+{ord(c):04X}" for c in shown]
+    (hello,) = [line for line in text.splitlines() if line.startswith("INFO hello from")]
+    assert "gimp \\u202a\\u202b\\u202c\\u202d\\u202e\\u2066" in hello and hello.endswith("end)")
+    assert "\\U000e0041\\u3164\\xad end" in hello
