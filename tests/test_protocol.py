@@ -323,6 +323,7 @@ def test_connection_file_errors(tmp_path):
         connection.read_connection_file(tmp_path / "none.json")
     damaged = tmp_path / "bad.json"
     damaged.write_text('{"endpoint": "tcp://x:1", "key": "zz"}')
+    damaged.chmod(0o600)
     with pytest.raises(ValueError, match="damaged"):
         connection.read_connection_file(damaged)
 
@@ -383,6 +384,28 @@ def test_a_connection_file_others_could_swap_is_refused(tmp_path, monkeypatch, w
     message = str(err.value)
     assert str(path) in message and ("another user" in message or "writable by other" in message)
     assert "chmod 700" in message
+
+
+@posix_only
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_connection_file_others_can_read_is_refused_not_tightened(tmp_path, mode):
+    """N8: a copy made world-readable (0644, as ``cp`` makes it under the usual umask) was used
+    silently, its key readable by every local user. It is refused, not quietly made 0600: a key
+    others could read must be taken as known, and the user must hear of it."""
+    from protocol.client import Client, ConnectionFileError
+
+    path = tmp_path / "conf" / "backend.json"
+    connection.write_connection_file(path, connection.ConnectionInfo("tcp://127.0.0.1:1",
+                                                                     b"k" * 32))
+    os.chmod(path, mode)
+    with pytest.raises(ConnectionFileError) as err:
+        Client.from_connection_file(path)
+    message = err.value.message
+    assert f"readable by other users (mode {mode:o})" in message and str(path) in message
+    assert f"chmod 600 {path}" in message and "restart the backend" in message
+    assert stat.S_IMODE(path.stat().st_mode) == mode  # left as it was
+    os.chmod(path, 0o600)
+    assert connection.read_connection_file(path).key == b"k" * 32
 
 
 @posix_only

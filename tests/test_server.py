@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 import time
 
@@ -427,6 +429,22 @@ def test_connection_file_lifecycle(tmp_path):
     assert not path.exists()
     with pytest.raises(BackendUnavailable, match="python -m backend serve"):
         Client.from_connection_file(path)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+def test_a_stale_connection_file_others_can_read_is_replaced_with_a_notice(tmp_path, caplog):
+    """N8: the server took a world-readable file (0644) over without a word. It replaces it
+    with a private one (0600, a new key) and says why in its log."""
+    path = tmp_path / "backend.json"
+    connection.write_connection_file(path, connection.ConnectionInfo("tcp://127.0.0.1:9",
+                                                                     b"k" * 32))
+    os.chmod(path, 0o644)
+    caplog.set_level("WARNING", logger="backend.server")
+    with running_server(FakeEngine(), connection_file=path) as server:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert connection.read_connection_file(path).key == server.key != b"k" * 32
+    (notice,) = [r.getMessage() for r in caplog.records if "readable by other" in r.getMessage()]
+    assert str(path) in notice and "mode 644" in notice and "mode 600, a new key" in notice
 
 
 def test_shutdown_cancels_everything_and_stops():

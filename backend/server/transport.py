@@ -210,18 +210,32 @@ class Transport:
 
 # --- the connection file ----------------------------------------------------------------------
 def refuse_if_running(path: Path | None, context: zmq.Context) -> None:
-    """Raise ``ServerError`` when ``path`` names a backend that still answers a ping."""
+    """Raise ``ServerError`` when ``path`` names a backend that still answers a ping.
+
+    A file others could have swapped (another user's, or writable by others) is not followed:
+    it is replaced. One of the user's own that others may read is followed for the ping only;
+    if nobody answers it is replaced too. The log says so either way (the new file is 0600 with
+    a new key: the old key is worth nothing from then on).
+    """
     if path is None or not path.exists():
         return
     try:
-        info = connection.read_connection_file(path)
+        swappable = connection.why_unsafe(path, secret=False)
+        if swappable:
+            log.warning("%s; replacing it", swappable)
+            return
+        readable = connection.why_unsafe(path)
+        info = connection.read_connection_file(path, private=False)
     except (OSError, ValueError):
         return
     try:
         with Client(info.endpoint, info.key, timeout=0.5, retries=0, context=context) as probe:
             probe.ping()
-    except BackendError:
-        return  # stale file from a backend that is gone
+    except BackendError:  # stale file from a backend that is gone
+        if readable:
+            log.warning("%s; replacing it with a private connection file (mode 600, a new "
+                        "key)", readable)
+        return
     raise ServerError(f"a backend is already running at {info.endpoint} (pid {info.pid}, "
                       f"connection file {path}); stop it first or give another "
                       "--connection-file")
