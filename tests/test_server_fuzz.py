@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import msgpack
@@ -498,3 +499,31 @@ def test_log_lines_escape_every_character_that_reorders_or_hides_text():
     (hello,) = [line for line in text.splitlines() if line.startswith("INFO hello from")]
     assert "gimp \\u202a\\u202b\\u202c\\u202d\\u202e\\u2066" in hello and hello.endswith("end)")
     assert "\\U000e0041\\u3164\\xad end" in hello
+
+
+def test_a_key_holder_dating_messages_ahead_cannot_lock_other_clients_out():
+    """N2: one key holder's pings dated now + 290 s, more of them than the replay guard keeps,
+    made every honest message ``replayed`` for ~5 minutes. Now such messages are refused (at
+    most 10 s ahead), and an eviction raises only the sender's own session's floor."""
+    capacity = 500
+    with running_server(FakeEngine(), replay_capacity=capacity) as server, \
+            client_for(server) as honest:
+        honest.ping()
+        bully = RawPeer(server)
+        refused = Counter()
+        for ahead in (290.0, 9.0):  # as far as the window allowed, then as far as allowed now
+            for _ in range(capacity + 100):
+                header = bully.session.header(wire.PING)
+                header["time"] += ahead
+                h, p, c = msgpack.packb(header), msgpack.packb({}), msgpack.packb({})
+                bully.send([wire.DELIMITER, wire.signature(server.key, h, p, c)[0], h, p, c])
+            for _ in range(capacity + 100):
+                reply = bully.recv(10.0)
+                assert reply is not None
+                refused[(ahead, reply.content.get("code"))] += 1
+        pongs = [honest.ping()["queued"] for _ in range(20)]  # JobFailed(replayed) before
+        bully.close()
+    print(f"\nreplies to the key holder's pings: {dict(refused)}; honest pings after: "
+          f"{len(pongs)} pongs")
+    assert refused == {(290.0, wire.REPLAYED): capacity + 100, (9.0, None): capacity + 100}
+    assert pongs == [0] * 20

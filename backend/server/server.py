@@ -67,7 +67,8 @@ class Server:
                  device: str = "auto", bind: str = DEFAULT_BIND,
                  connection_file: Path | None = None, limits: Limits | None = None,
                  curve: CurveServer | None = None, client_ttl: float = 6.0,
-                 replay_window: float = 300.0, keep_results: int = 32,
+                 replay_window: float = 300.0, replay_capacity: int = 65536,
+                 keep_results: int = 32,
                  keep_bytes: int = 2**30, keep_seconds: float = 3600.0,
                  shutdown_grace: float = 30.0, refusal_log_interval: float = 60.0,
                  fallback: Fallback | None = None,
@@ -83,7 +84,8 @@ class Server:
         self.key = secrets.token_bytes(32)
         self.ready = threading.Event()  # set once the model has loaded or failed to
         self._session = wire.Session(self.key, me="this backend", peer="the plug-in",
-                                     replay=wire.ReplayGuard(replay_window),
+                                     replay=wire.ReplayGuard(replay_window,
+                                                             replay_capacity),
                                      max_field_bytes=self.limits.max_field_bytes)
         self._transport = Transport(bind, self.key, self.limits, curve)
         self._fallback = fallback
