@@ -15,6 +15,7 @@ from fixtures_server import FakeEngine, RawPeer, client_for, image, running_serv
 from backend.engine.errors import ModelNotFound
 from backend.engine.params import method_descriptions, spec_table
 from backend.engine.types import DragResult
+from backend.server.jobs import JobTable, RanIds, Terminal
 from backend.server.server import FairQueue, Job, Server, ServerError
 from protocol import connection, wire
 from protocol.client import (
@@ -198,6 +199,107 @@ def test_expired_result_is_never_run_again():
             client.attach("one")
         assert err.value.code == wire.UNKNOWN_JOB and "submit the edit again" in err.value.message
     assert len(engine.runs) == 2
+
+
+def test_each_client_keeps_its_results_during_another_clients_cancel_storm():
+    """N3: retention was global (32 jobs): a burst of cancelled jobs from one client evicted
+    everybody's results, and 8 of 8 clients got ``unknown_job`` re-attaching a job that had
+    just finished. Retention is per session now."""
+    engine = FakeEngine(steps=2, delay=0.01)
+    finished = threading.Semaphore(0)
+    storm_done = threading.Event()
+    outcome: dict[int, str] = {}
+
+    def storm(server: Server) -> None:
+        for _ in range(8):  # the honest jobs are over: their results are kept
+            assert finished.acquire(timeout=120)
+        with client_for(server) as bully:
+            blocker = submit(bully, prompt="steps=100000 delay=0.01")  # keeps the others queued
+            for n in range(200):
+                bully.cancel(submit(bully, seed=n))
+            bully.cancel(blocker)
+        storm_done.set()
+
+    def honest(server: Server, n: int) -> None:
+        with client_for(server, timeout=10) as client:
+            job = submit(client, seed=1000 + n)
+            first = collect(client, job)[-1]
+            finished.release()
+            assert storm_done.wait(120)
+            try:
+                again = collect(client, job)  # attach: the terminal event is sent again
+                outcome[n] = "same" if again[-1].image == first.image else "different"
+            except JobFailed as exc:
+                outcome[n] = exc.code
+
+    with running_server(engine) as server:
+        threads = [threading.Thread(target=storm, args=(server,))]
+        threads += [threading.Thread(target=honest, args=(server, n)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+    print(f"\nre-attached after a 200-job cancel storm: {outcome}")
+    assert outcome == dict.fromkeys(range(8), "same")
+
+
+def test_a_job_id_is_remembered_past_ten_thousand_newer_jobs():
+    """N4: only the last 10,000 expired ids were remembered: a re-sent submit after 10,040
+    newer jobs ran again."""
+    table = JobTable()
+    cancelled = Terminal(wire.CANCELLED, {"reason": "client"}, [])
+
+    def run(job_id: str, session: str) -> None:
+        job = Job(job_id, session, session, {}, b"", {}, [])
+        table.add(job)
+        table.finish(job, cancelled)
+
+    run("first", "honest")
+    for n in range(10_040):
+        run(f"newer{n}", f"storm{n % 50}")
+    assert table.get("first") is not None  # its session's result is still kept
+    for n in range(40):
+        run(f"own{n}", "honest")  # its own later jobs push it out
+    assert table.get("first") is None and table.expired("first")
+    assert not table.expired("never-seen")
+
+
+def test_memory_caps_take_from_the_session_that_holds_the_most():
+    table = JobTable(keep_bytes=1000, keep_records=30)
+
+    def run(job_id: str, session: str, size: int) -> None:
+        job = Job(job_id, session, session, {}, b"", {}, [])
+        table.add(job)
+        table.finish(job, Terminal(wire.FINISHED, {}, [bytes(size)]))
+
+    run("mine", "honest", 100)
+    for n in range(30):
+        run(f"big{n}", "bully", 200)  # 6,000 bytes asked: 900 of them can stay
+    assert table.get("mine") is not None
+    assert [n for n in range(30) if table.get(f"big{n}")] == [26, 27, 28, 29]
+    for n in range(40):
+        run(f"small{n}", "bully", 0)  # more jobs than keep_records
+    assert table.get("mine") is not None and table._records == 30
+
+
+def test_remembered_job_ids_last_their_stated_time_in_bounded_memory():
+    now = [0.0]
+    ids = RanIds(seconds=100.0, limit=2400)
+    ids.add("early", now[0])
+    for n in range(10_000):  # a flood: bounded to the limit plus one bucket
+        now[0] += 0.001
+        ids.add(f"flood{n}", now[0])
+        assert ids._count <= 2400 + 100
+    assert "flood9999" in ids and "early" not in ids  # the oldest went first
+    now[0] += 50
+    ids.add("kept", now[0])
+    now[0] += 99
+    ids.add("later", now[0])
+    assert "kept" in ids and "flood9999" in ids  # kept at least 100 s, a bucket more at most
+    now[0] += 3
+    ids.add("last", now[0])
+    assert "flood9999" not in ids  # all of its bucket is over 100 s old
+    assert "kept" in ids and "later" in ids and "last" in ids
 
 
 def test_two_concurrent_clients_both_get_results():
