@@ -156,6 +156,7 @@ class Client:
         self._done: deque[str] = deque(maxlen=256)  # jobs whose terminal event was consumed
         self._beats: deque[str] = deque(maxlen=64)  # msg ids of heartbeat attaches
         self._bad_signatures = 0
+        self._refused: str | None = None  # why the backend refused our login, until it answers
         self._last_sent = 0.0
         self._unanswered_since: float | None = None  # first send since we last heard
         self._reopened = False  # the socket was recreated during this silence
@@ -271,7 +272,7 @@ class Client:
                                  "it keeps running on the backend (cancel it or wait longer)")
             silent = self._silent(now)
             if silent >= self.liveness:
-                raise BackendUnavailable(self._silence_message(job_id))
+                raise self._unavailable(job_id)
             if silent >= self.liveness / 2 and not self._reopened:
                 self._reopen()  # lazy pirate: the connection itself may be broken
                 self._reopened = True
@@ -336,8 +337,10 @@ class Client:
         else:  # the server lets only holders of the key connect (PROTOCOL.md section 6)
             socket.plain_username = wire.TRANSPORT_USER
             socket.plain_password = wire.transport_password(self._session.key)
-        # The handshake's outcome: a refused login means a backend with another key.
-        self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        # The handshake's outcome: a refused login means a backend with another key; a
+        # mechanism mismatch, a backend with CURVE on where we have it off, or the reverse.
+        self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         socket.connect(self.endpoint)
         self._socket = socket
         self._poller = zmq.Poller()
@@ -375,8 +378,14 @@ class Client:
             left = deadline - time.monotonic()
             ready = dict(self._poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
             if self._monitor in ready:
-                recv_monitor_message(self._monitor)
-                raise WrongKey(self._wrong_key_message())
+                refusal = self._refusal(recv_monitor_message(self._monitor))
+                if refusal is not None:
+                    self._refused = refusal
+                    # Nothing was lost: the next request starts its own wait (an earlier
+                    # silence would read as "stopped answering" at once).
+                    self._unanswered_since, self._reopened = None, False
+                    raise WrongKey(refusal)
+                continue
             if self._socket not in ready:
                 return None
             frames = self._socket.recv_multipart(copy=False)
@@ -393,6 +402,7 @@ class Client:
                           exc.detail)
                 continue
             self._unanswered_since, self._reopened = None, False
+            self._refused = None
             return message
 
     def _stash(self, message: Message) -> None:
@@ -424,7 +434,31 @@ class Client:
                     return message
             log.debug("no reply to %s within %.1f s (attempt %d of %d)", msg_type, timeout,
                       attempt + 1, attempts)
-        raise BackendUnavailable(self._silence_message(lost_job))
+        raise self._unavailable(lost_job)
+
+    def _refusal(self, event: dict[str, Any]) -> str | None:
+        """What a failed handshake means for the user, or None for an event to ignore."""
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return self._wrong_key_message()
+        if event["value"] != zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return None
+        if self._curve is None:
+            return (f"the backend at {self.endpoint} uses CURVE encryption, but this client "
+                    "connected without it: its connection file has no \"curve_server_key\" "
+                    "(a copy from before the backend used --curve?); use the connection file "
+                    "the backend wrote at its last start and add \"curve_client_key\" (see the "
+                    "README, 'Remote or secured backend')")
+        return (f"the backend at {self.endpoint} does not use CURVE encryption, but this client "
+                "was set up for it (its connection file names a \"curve_server_key\"): that "
+                "file is out of date; use the connection file the backend wrote at its last "
+                "start")
+
+    def _unavailable(self, lost_job: str | None) -> BackendUnavailable:
+        """The error for a silent backend: the refusal if one was seen and nothing verified
+        came since (a backend that refuses our login is there, not gone), else the silence."""
+        if self._refused is not None:
+            return WrongKey(self._refused)
+        return BackendUnavailable(self._silence_message(lost_job))
 
     def _wrong_key_message(self) -> str:
         if self._curve is not None:
@@ -442,9 +476,9 @@ class Client:
                     "signature check: the connection file is out of date; restart the backend "
                     "and try again")
         what = (f"the backend at {self.endpoint} stopped answering while job {lost_job} was "
-                f"running (silent for {total:.0f} s); it may have crashed — see its log, then "
+                f"running (silent for {total:g} s); it may have crashed — see its log, then "
                 f"{START_HINT}" if lost_job else
-                f"no backend answered at {self.endpoint} within {total:.0f} s — {START_HINT}")
+                f"no backend answered at {self.endpoint} within {total:g} s — {START_HINT}")
         if self._curve is not None:
             what += "; with CURVE, also check that this client's public key is in the " \
                     "backend's --allow-keys folder"

@@ -23,6 +23,7 @@ from protocol.client import (
     Client,
     IncompatibleVersion,
     JobFailed,
+    WrongKey,
 )
 
 
@@ -516,6 +517,21 @@ def test_wrong_key_says_the_connection_file_is_stale():
           Client(server.endpoint, b"x" * 32, timeout=0.5, retries=0) as client,
           pytest.raises(BackendUnavailable, match="connection file is out of date")):
         client.ping()
+
+
+def test_after_a_wrong_key_the_same_client_keeps_saying_so():
+    """N9: after ``WrongKey``, the same client object's next wait reported that the backend
+    "stopped answering", at once (the unanswered login still counted as silence)."""
+    with (running_server(FakeEngine()) as server,
+          Client(server.endpoint, b"x" * 32, timeout=1.0, retries=1) as client):
+        with pytest.raises(WrongKey):
+            client.ping()
+        time.sleep(2.5)  # longer than the client's liveness (2 s)
+        for again in (lambda: list(client.events("job1")), client.ping):
+            with pytest.raises(WrongKey) as err:
+                again()
+            assert "with another key" in str(err.value)
+            assert "stopped answering" not in str(err.value)
 
 
 def test_connection_file_lifecycle(tmp_path):

@@ -22,7 +22,7 @@ from fixtures_server import FakeEngine, client_for, running_server
 from backend.server import cli as server_cli
 from backend.server.server import CurveServer
 from protocol import connection, wire
-from protocol.client import BackendUnavailable, Client, JobFailed, JobTimeout
+from protocol.client import BackendUnavailable, Client, JobFailed, JobTimeout, WrongKey
 from protocol.curve import CurveClient, generate_keypair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,6 +219,29 @@ def test_curve_allows_listed_clients_only(tmp_path):
             curve_client_key=str(good_secret)))
         with Client.from_connection_file(conn, timeout=2.0) as client:
             assert client.ping()["queued"] == 0
+
+
+def test_a_curve_mismatch_is_named_not_taken_for_a_missing_backend(tmp_path):
+    """N9: a plain client of a CURVE backend was told that no backend answered and to start
+    one; a CURVE client of a plain backend likewise."""
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    allowed.mkdir()
+    _, server_secret = generate_keypair(keys, "server")
+    client_public, client_secret = generate_keypair(keys, "client")
+    (allowed / "client.key").write_bytes(client_public.read_bytes())
+    curve = CurveServer(server_secret, allowed)
+    with running_server(FakeEngine(), curve=curve) as server:
+        curve_client = CurveClient.from_files(server._transport.server_public_key(),
+                                              client_secret)
+        with client_for(server, timeout=0.5, retries=0) as plain, \
+                pytest.raises(WrongKey, match="uses CURVE encryption, but this client") as err:
+            plain.ping()
+        assert "no backend answered" not in str(err.value)
+        assert "curve_server_key" in str(err.value)
+    with running_server(FakeEngine()) as server, \
+            client_for(server, curve=curve_client, timeout=0.5, retries=0) as client, \
+            pytest.raises(WrongKey, match="does not use CURVE encryption"):
+        client.ping()
 
 
 def test_a_killed_backend_is_reported_within_10_s_whatever_the_job_timeout(tmp_path):
