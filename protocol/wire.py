@@ -346,9 +346,10 @@ class Session:
                        fingerprint)
 
 
-def too_many_frames(count: int) -> ProtocolError:
-    return ProtocolError(BAD_MESSAGE, f"too many frames ({count}); at most {MAX_FRAMES} are "
-                         "allowed")
+def too_many_frames(count: int | None) -> ProtocolError:
+    """``count`` frames (None: more than ``MAX_FRAMES``, how many more unknown)."""
+    return ProtocolError(BAD_MESSAGE, f"too many frames ({count or f'over {MAX_FRAMES}'}); at "
+                         f"most {MAX_FRAMES} are allowed")
 
 
 def _check_header(header: dict[str, Any]) -> None:

@@ -189,7 +189,7 @@ class Server:
         identity = inbound.identity
         message: Message | None = None
         try:
-            if inbound.count > wire.MAX_FRAMES:
+            if inbound.count is None or inbound.count > wire.MAX_FRAMES:
                 raise wire.too_many_frames(inbound.count)
             message = self._session.parse(inbound.frames)
             wire.check_content(message)
