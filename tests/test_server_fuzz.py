@@ -582,3 +582,53 @@ def test_a_key_holder_dating_messages_ahead_cannot_lock_other_clients_out():
           f"{len(pongs)} pongs")
     assert refused == {(290.0, wire.REPLAYED): capacity + 100, (9.0, None): capacity + 100}
     assert pongs == [0] * 20
+
+
+def test_a_heartbeat_waiting_behind_other_clients_messages_still_counts():
+    """N10: a client heart-beating every second had its running job cancelled as "client gone"
+    during another client's burst. The TTL was checked against the messages read so far, after
+    each batch of 64: when the loop had been busy for longer than the TTL and more than 64
+    messages of other connections came first in the socket's round robin, the client's
+    heartbeat sat there unread, and its job was cancelled. Here one loop turn is held for
+    2.5 s (the TTL is 1 s) while 100 other connections and then the client send a message
+    each (with the old check: cancelled, reason client_gone)."""
+    engine = FakeEngine(steps=100_000, delay=0.01)
+    with running_server(engine, client_ttl=1.0) as server:
+        honest, staller = RawPeer(server), RawPeer(server)
+        others = [RawPeer(server) for _ in range(100)]
+        for peer in others:  # all connected and idle
+            peer.request(wire.PING, {})
+        content = {"job_id": "mine", "width": 8, "height": 6, "channels": 3,
+                   "handles": [[1, 1]], "targets": [[2, 2]], "method": "dragdiffusion"}
+        assert honest.request(wire.SUBMIT, content, job_id="mine",
+                              buffers=[image()]).msg_type == wire.SUBMIT_REPLY
+        assert engine.step_started.wait(10)
+        original = server._on_hello
+
+        def slow_hello(message, identity):  # one long loop turn, as a busy machine makes
+            if message.content["client"] == "stall":
+                time.sleep(2.5)
+            original(message, identity)
+
+        server._on_hello = slow_hello
+
+        def heartbeat() -> None:
+            honest.send(honest.frames(wire.ATTACH, {"job_id": "mine"}, job_id="mine"))
+
+        heartbeat()
+        time.sleep(0.1)
+        staller.send(staller.frames(wire.HELLO, {"client": "stall"}))
+        staller.send(staller.frames(wire.PING, {}))  # its connection stays first to be read
+        time.sleep(0.3)
+        for peer in others:
+            peer.send(peer.frames(wire.PING, {}))
+        time.sleep(0.3)
+        heartbeat()  # 0.7 s after the last one: well inside the TTL, but behind 100 others
+        for _ in range(12):  # through the stall and after it, every 0.25 s
+            time.sleep(0.25)
+            heartbeat()
+        job = server._jobs.get("mine")
+        state, reason = job.state, job.cancel_reason if job.cancel.cancelled else None
+        for peer in [honest, staller, *others]:
+            peer.close()
+    assert (state, reason) == ("running", None)

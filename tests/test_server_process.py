@@ -233,13 +233,13 @@ def test_a_curve_mismatch_is_named_not_taken_for_a_missing_backend(tmp_path):
     with running_server(FakeEngine(), curve=curve) as server:
         curve_client = CurveClient.from_files(server._transport.server_public_key(),
                                               client_secret)
-        with client_for(server, timeout=0.5, retries=0) as plain, \
+        with client_for(server, timeout=5.0, retries=0) as plain, \
                 pytest.raises(WrongKey, match="uses CURVE encryption, but this client") as err:
             plain.ping()
         assert "no backend answered" not in str(err.value)
         assert "curve_server_key" in str(err.value)
     with running_server(FakeEngine()) as server, \
-            client_for(server, curve=curve_client, timeout=0.5, retries=0) as client, \
+            client_for(server, curve=curve_client, timeout=5.0, retries=0) as client, \
             pytest.raises(WrongKey, match="does not use CURVE encryption"):
         client.ping()
 

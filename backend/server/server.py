@@ -390,10 +390,17 @@ class Server:
         log_job(job)
 
     def _housekeeping(self, now: float) -> None:
-        """Cancel the jobs of clients that went silent; forget idle sessions; expire results."""
+        """Cancel the jobs of clients that went silent; forget idle sessions; expire results.
+
+        A client's silence is measured up to the last moment every message waiting in the
+        socket had been read (``drained_at``), not up to now: after a long loop turn, or while
+        other clients' messages queue up, its heartbeat may be waiting in the socket unread,
+        and it must not be taken for gone for that (N10).
+        """
         active = self._jobs.active()
+        heard_up_to = min(now, self._transport.drained_at)
         for job in active:
-            if now - self._last_seen.get(job.route, now) <= self.client_ttl:
+            if heard_up_to - self._last_seen.get(job.route, now) <= self.client_ttl:
                 continue
             if job.cancel.cancelled:  # already asked to stop; it ends at its next step
                 continue
