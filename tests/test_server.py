@@ -432,6 +432,25 @@ def test_invalid_submits_are_refused(kwargs, code):
     assert reply.msg_type == wire.ERROR and reply.content["code"] == code
 
 
+def test_a_tall_strip_is_refused_before_any_work():
+    """N1: an 8×8192 image at work_size 64 (a 64×65,536 canvas) was accepted: the server
+    checked the settings on a square canvas, the engine checked the real one only when the
+    job's turn came, and counted its passes by area. It ran 9 min 42 s, every other client's
+    job waited behind it, and ``shutdown`` could not stop it."""
+    engine = FakeEngine()
+    with running_server(engine) as server, client_for(server) as client:
+        t0 = time.monotonic()
+        with pytest.raises(JobFailed) as err:
+            submit(client, image=image(8, 8192), width=8, height=8192, handles=[(4, 100)],
+                   targets=[(4, 120)], params={"work_size": 64})
+        refused_in = time.monotonic() - t0
+        assert client.ping()["queued"] == 0
+    print(f"\n8×8192 at work_size 64: refused in {refused_in * 1000:.0f} ms: "
+          f"{err.value.message}")
+    assert err.value.code == wire.INVALID_INPUT and not engine.runs
+    assert "64×65536" in err.value.message and "work_max_side (at most" in err.value.message
+
+
 def test_queue_full_and_unknown_job():
     engine = FakeEngine(steps=1000, delay=0.02)
     limits = wire.Limits(max_queue=2)

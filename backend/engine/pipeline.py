@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from backend.engine import dragdiffusion, gooddrag, imageops
+from backend.engine.cancel import cancellable
 from backend.engine.context import DragContext
 from backend.engine.devices import (
     autocast,
@@ -166,8 +167,11 @@ class DragEngine:
             if progress is not None:
                 progress(name, step, total)
 
+        # A compiled forward cannot run Python between blocks: it keeps the per-step checks.
+        within = cancel if self.unet_forward is None else None
         try:
-            return self._run(request, algorithm, params, tracked, cancel, preview)
+            with cancellable(within, self.model.unet, self.model.vae):
+                return self._run(request, algorithm, params, tracked, cancel, preview)
         except EngineError:
             raise
         except Exception as exc:

@@ -20,8 +20,15 @@ from typing import Any
 
 from backend import __version__
 from backend.engine.errors import EngineError
+from backend.engine.imageops import working_size
 from backend.engine.interface import Engine
-from backend.engine.params import defaults_table, method_descriptions, resolve, spec_table
+from backend.engine.params import (
+    check_canvas,
+    defaults_table,
+    method_descriptions,
+    resolve,
+    spec_table,
+)
 from backend.server.engine_worker import (
     ACCEPTED_DTYPES,
     EngineWorker,
@@ -282,10 +289,7 @@ class Server:
                                 "again and resubmit")
         wire.check_submit(content, [len(b) for b in message.buffers], self.limits,
                           ACCEPTED_DTYPES)
-        try:
-            resolve(content["method"], content["params"])
-        except EngineError as exc:
-            raise ProtocolError(wire.INVALID_INPUT, str(exc)) from None
+        self._check_cost(content)
         self._check_model()
         if len(self._jobs.queue) >= self.limits.max_queue:
             raise ProtocolError(wire.QUEUE_FULL, f"the backend already has "
@@ -297,6 +301,19 @@ class Server:
             "job_id": job_id, "state": "queued", "position": None, "duplicate": False})
         self._update_positions()
         self._dispatch()
+
+    def _check_cost(self, content: dict[str, Any]) -> None:
+        """Refuse, before the job is accepted, settings or a working canvas the engine would
+        refuse only when the job's turn comes: the same ``resolve`` and ``check_canvas`` (work
+        and memory, from the real working canvas) as ``DragEngine.run``, with the loaded
+        model's own defaults when it has them."""
+        model_params = getattr(self._engine, "model_params", None) or {}
+        try:
+            algorithm, params = resolve(content["method"], {**model_params, **content["params"]})
+            check_canvas(algorithm, params, working_size(
+                content["width"], content["height"], params.work_size, params.work_max_side))
+        except EngineError as exc:
+            raise ProtocolError(wire.INVALID_INPUT, str(exc)) from None
 
     def _check_model(self) -> None:
         if self._model_state == "missing":
