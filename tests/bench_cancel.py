@@ -1,6 +1,7 @@
 """How long a cancel takes to stop an edit inside a long phase, on the CPU (issue 22, N1/N5).
 
     OMP_NUM_THREADS=2 .venv/bin/python tests/bench_cancel.py [SIDE] [PHASE...]
+    OMP_NUM_THREADS=2 .venv/bin/python tests/bench_cancel.py attention [TOKENS]
 
 SD1.5 with random weights (its real cost) in single precision on the CPU, a SIDE×SIDE working
 canvas (default 512). For each phase (default: lora inversion drag denoise decode) an edit
@@ -8,6 +9,11 @@ runs in a thread; one second into the phase's second step (the first, for a one-
 it is cancelled, and the figures are the time from the cancel to the ``Cancelled`` exception,
 and how long that phase's first step took: what a cancel used to wait at most, when it was
 seen only at the next step.
+
+``attention`` times one self-attention call of SD1.5's top level (8 heads × 40 channels) over
+TOKENS tokens (default 65,536: the 64×65,536 strip of issue 22) whole, then sliced inside
+``cancellable`` with a cancel one second in (a canvas that large is past the memory limit of
+a whole edit here; this is its longest single kernel).
 """
 
 from __future__ import annotations
@@ -70,7 +76,41 @@ def measure(engine: DragEngine, side: int, phase: str) -> tuple[float, float]:
     return outcome.get("stopped", float("nan")) - asked, step
 
 
+def attention(tokens: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from backend.engine import cancel as cancel_module
+
+    q, k, v = (torch.randn(1, 8, tokens, 40) for _ in range(3))
+    t0 = time.monotonic()
+    cancel_module._sdpa(q, k, v)
+    whole = time.monotonic() - t0
+    cancel = CancelToken()
+    outcome: dict[str, float] = {}
+
+    def run() -> None:
+        try:
+            with cancel_module.cancellable(cancel):
+                F.scaled_dot_product_attention(q, k, v)
+        except Cancelled:
+            outcome["stopped"] = time.monotonic()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(WAIT)
+    asked = time.monotonic()
+    cancel.cancel()
+    worker.join()
+    rows = max(256, cancel_module.ATTENTION_PAIRS // tokens // 256 * 256)
+    print(f"attention over {tokens:,} tokens: {whole:.1f} s as one call; in slices of {rows} "
+          f"queries a cancel took effect in {outcome['stopped'] - asked:.2f} s", flush=True)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["attention"]:
+        attention(int(sys.argv[2]) if len(sys.argv) > 2 else 65536)
+        return
     side = int(sys.argv[1]) if len(sys.argv) > 1 else 512
     phases = sys.argv[2:] or PHASES
     with tempfile.TemporaryDirectory() as tmp:

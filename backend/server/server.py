@@ -419,7 +419,7 @@ class Server:
         for job in active:
             if heard_up_to - self._last_seen.get(job.route, now) <= self.client_ttl:
                 continue
-            if job.cancel.cancelled:  # already asked to stop; it ends at its next step
+            if job.cancel.cancelled:  # already asked to stop; it ends within one model block
                 continue
             log.info("client %s silent for %g s; cancelling job %s",
                      printable(job.route, 8), self.client_ttl, job.job_id)
