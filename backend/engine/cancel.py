@@ -50,6 +50,8 @@ ATTENTION_PAIRS = 2**26
 
 _active = threading.local()  # the token of the edit this thread runs, if any
 _sdpa = F.scaled_dot_product_attention  # torch's own
+_installed = {"edits": 0}  # edits inside ``cancellable`` now, all threads together
+_install_lock = threading.Lock()
 
 
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -93,9 +95,10 @@ def cancellable(cancel: CancelToken | None, *models: torch.nn.Module) -> Iterato
             output.register_hook(on_gradient)
 
     handles = []
-    # Installed once for the process; it slices only on a thread inside ``cancellable``.
-    F.scaled_dot_product_attention = _attention
-    _active.cancel = cancel
+    with _install_lock:  # torch's function is replaced while any edit is inside
+        _installed["edits"] += 1
+        F.scaled_dot_product_attention = _attention
+    _active.cancel = cancel  # ...and slices only on the threads of those edits
     try:
         for model in models:
             for block in blocks(model):
@@ -106,3 +109,7 @@ def cancellable(cancel: CancelToken | None, *models: torch.nn.Module) -> Iterato
         _active.cancel = None
         for handle in handles:
             handle.remove()
+        with _install_lock:
+            _installed["edits"] -= 1
+            if not _installed["edits"]:
+                F.scaled_dot_product_attention = _sdpa
