@@ -2,6 +2,8 @@
 
 Each module below defines ``register(subparsers)``, which adds its sub-commands with
 ``set_defaults(func=...)``. Modules import torch and diffusers lazily so that ``--help`` is quick.
+A command refuses bad input by raising ``UsageError``: ``main`` prints it as one ``error:`` line
+(exit status 2). ``parse_overrides`` reads the ``--set KEY=VALUE`` options every command shares.
 """
 
 from __future__ import annotations
@@ -10,15 +12,30 @@ import argparse
 import importlib
 import sys
 
+from backend.engine.errors import InvalidInput
+from backend.engine.params import parse_assignments
+
 COMMAND_MODULES = (
     "backend.server.cli",  # serve, keygen
-    "backend.commands",  # drag, make-tiny-model
+    "backend.commands",  # drag, make-random-tiny-model
     "backend.tools.bench",  # bench
     "backend.tools.precision_bench",  # precision
     "backend.tools.memory_estimate",  # memory
     "backend.tools.gpu_check",  # gpu-check
-    "backend.demo.cli",  # toy train, bench-quality
+    "backend.demo.cli",  # demo train|export|eval, bench-quality
 )
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message is printed as is."""
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items → knob values (``params.parse_assignments``)."""
+    try:
+        return parse_assignments(items, "--set")
+    except InvalidInput as exc:
+        raise UsageError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except UsageError as exc:  # bad command-line input: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,6 +1,8 @@
 """The wire protocol between the GIMP plug-in and the backend (see PROTOCOL.md).
 
-Pure Python; needs only pyzmq and msgpack, so it imports in GIMP's own Python.
+Standard library only, so it imports in any GIMP's Python (3.10+): the client speaks ZeroMQ's
+wire protocol in pure Python where pyzmq can't load (``transport.py``); msgpack is the small
+subset in ``msgpack_codec.py``. Only ``transport_pyzmq`` and ``curve`` import pyzmq, lazily.
 """
 
 from __future__ import annotations

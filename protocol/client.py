@@ -5,6 +5,9 @@ silence the socket is closed and recreated and the request is sent again, at mos
 ``retries`` more times; then ``BackendUnavailable`` is raised. Re-sending is safe because
 all requests are idempotent (a submit carries the client's job id). Not thread-safe: use one
 client per thread.
+
+The frames travel through a ``transport.Transport``: pyzmq's DEALER where pyzmq loads, else
+the pure-Python ZMTP one (``transport.choose``); this module needs the standard library only.
 """
 
 from __future__ import annotations
@@ -18,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import zmq
-from zmq.utils.monitor import recv_monitor_message
-
 from protocol import connection, wire
+from protocol import transport as transport_module
+from protocol.transport_zmtp import ZmtpDealer
 from protocol.wire import Buffer, Message, ProtocolError
 
 if TYPE_CHECKING:
@@ -137,11 +139,15 @@ def _pixel_dtype(data: Any) -> str:
 
 
 class Client:
-    """Connects to one backend. ``key`` is the HMAC key (bytes, or hex as in the file)."""
+    """Connects to one backend. ``key`` is the HMAC key (bytes, or hex as in the file).
+
+    ``transport``: ``pyzmq``, ``zmtp`` or ``auto`` (default: ``$DRAG_DIFFUSION_TRANSPORT``,
+    else auto; see ``transport.choose``); ``context`` is a ZeroMQ context for pyzmq.
+    """
 
     def __init__(self, endpoint: str, key: bytes | str, *, timeout: float = 3.0,
                  retries: int = 2, curve: CurveClient | None = None,
-                 context: zmq.Context | None = None,
+                 context: Any = None, transport: str | None = None,
                  name: str = "drag-diffusion-client", liveness: float | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
@@ -149,7 +155,13 @@ class Client:
         self.name = name
         self.server_info: dict[str, Any] | None = None
         self._curve = curve
-        self._context = context or zmq.Context.instance()
+        self._context = context
+        try:
+            self.transport = transport_module.choose(transport, curve=curve is not None)
+        except transport_module.TransportUnavailable as exc:
+            raise ConnectionFileError(str(exc)) from None
+        # The largest frame taken from the backend: the default limit until its hello says.
+        self._max_frame = wire.Limits.max_frame_bytes
         key = bytes.fromhex(key) if isinstance(key, str) else key
         self._session = wire.Session(key, me="this plug-in", peer="the backend")
         self._pending: dict[str, deque[Event]] = {}
@@ -162,8 +174,7 @@ class Client:
         self._reopened = False  # the socket was recreated during this silence
         self.liveness = liveness or min(timeout * (retries + 1), LIVENESS)
         self._heartbeat = max(0.05, min(HEARTBEAT, timeout / 3, self.liveness / 4))
-        self._socket: zmq.Socket | None = None
-        self._monitor: zmq.Socket | None = None
+        self._transport: transport_module.Transport | None = None
         self._open()
 
     @classmethod
@@ -177,6 +188,10 @@ class Client:
             raise BackendUnavailable(str(exc)) from None
         curve = None
         if info.curve_server_key:
+            try:  # before the key files: CURVE needs pyzmq, and says what to do without it
+                transport_module.choose(kwargs.get("transport"), curve=True)
+            except transport_module.TransportUnavailable as exc:
+                raise ConnectionFileError(str(exc)) from None
             if not info.curve_client_key:
                 raise ConnectionFileError(
                     "the backend uses CURVE encryption: add \"curve_client_key\": "
@@ -196,6 +211,7 @@ class Client:
         wire.check_version(reply.content["protocol_version"], self._session.version,
                            "the backend", "this plug-in")
         self.server_info = reply.content
+        self._take_larger_frames(reply.content.get("limits"))
         # Ping often enough that the backend never takes us for gone.
         self._heartbeat = min(self._heartbeat, reply.content["client_ttl"] / 4)
         return reply.content
@@ -310,13 +326,9 @@ class Client:
         return self._request(wire.SHUTDOWN, {}).content["cancelled"]
 
     def close(self) -> None:
-        if self._socket is not None:
-            self._socket.disable_monitor()
-            self._socket.close(linger=0)
-            self._socket = None
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-            self._monitor = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
 
     def __enter__(self) -> Client:
         return self
@@ -325,27 +337,33 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Client({self.endpoint!r})"
+        return f"Client({self.endpoint!r}, transport={self.transport!r})"
 
     # --- internals ---------------------------------------------------------------------------
     def _open(self) -> None:
-        socket = self._context.socket(zmq.DEALER)
-        socket.linger = 0
-        socket.ipv6 = wire.needs_ipv6(self.endpoint)
-        if self._curve is not None:
-            self._curve.apply(socket)
-        else:  # the server lets only holders of the key connect (PROTOCOL.md section 6)
-            socket.plain_username = wire.TRANSPORT_USER
-            socket.plain_password = wire.transport_password(self._session.key)
-        # The handshake's outcome: a refused login means a backend with another key; a
-        # mechanism mismatch, a backend with CURVE on where we have it off, or the reverse.
-        self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                                                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-        socket.connect(self.endpoint)
-        self._socket = socket
-        self._poller = zmq.Poller()
-        self._poller.register(socket, zmq.POLLIN)
-        self._poller.register(self._monitor, zmq.POLLIN)
+        # The server lets only holders of the key connect (PROTOCOL.md section 6).
+        login = {"username": wire.TRANSPORT_USER,
+                 "password": wire.transport_password(self._session.key)}
+        try:
+            if self.transport == transport_module.PYZMQ:
+                from protocol.transport_pyzmq import PyzmqDealer  # only where pyzmq loads
+
+                self._transport = PyzmqDealer(self.endpoint, **login, curve=self._curve,
+                                              max_frame=self._max_frame, context=self._context)
+            else:
+                self._transport = ZmtpDealer(self.endpoint, **login, max_frame=self._max_frame,
+                                             max_frames=wire.MAX_FRAMES + 1,
+                                             handshake_timeout=self.timeout)
+        except ValueError as exc:  # an endpoint no transport can connect to
+            raise ConnectionFileError(str(exc)) from None
+
+    def _take_larger_frames(self, limits: Any) -> None:
+        """Accept frames as large as the backend accepts (its results are that large)."""
+        announced = limits.get("max_frame_bytes") if isinstance(limits, dict) else None
+        if isinstance(announced, int) and announced > self._max_frame:
+            self._max_frame = announced
+            if self._transport is not None:
+                self._transport.max_frame = announced
 
     def _reopen(self) -> None:
         """Lazy pirate: a silent socket may hold a broken connection; start afresh."""
@@ -354,13 +372,10 @@ class Client:
 
     def _send(self, msg_type: str, content: dict[str, Any], job_id: str | None = None,
               buffers: Sequence[Buffer] = ()) -> dict[str, Any]:
-        assert self._socket is not None, "client is closed"
+        assert self._transport is not None, "client is closed"
         header, frames = self._session.serialize(msg_type, content, job_id=job_id,
                                                  buffers=buffers)
-        try:
-            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            log.debug("send queue full; %s not sent", msg_type)
+        self._transport.send(frames)
         self._last_sent = time.monotonic()
         if self._unanswered_since is None:
             self._unanswered_since = self._last_sent
@@ -372,26 +387,17 @@ class Client:
 
     def _recv(self, timeout: float) -> Message | None:
         """The next valid message within ``timeout`` seconds, or None."""
-        assert self._socket is not None, "client is closed"
+        assert self._transport is not None, "client is closed"
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            ready = dict(self._poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
-            if self._monitor in ready:
-                refusal = self._refusal(recv_monitor_message(self._monitor))
-                if refusal is not None:
-                    self._refused = refusal
-                    # Nothing was lost: the next request starts its own wait (an earlier
-                    # silence would read as "stopped answering" at once).
-                    self._unanswered_since, self._reopened = None, False
-                    raise WrongKey(refusal)
-                continue
-            if self._socket not in ready:
-                return None
-            frames = self._socket.recv_multipart(copy=False)
             try:
-                message = self._session.parse(
-                    [f.bytes if i < 5 else f.buffer for i, f in enumerate(frames)])
+                frames = self._transport.recv(deadline - time.monotonic())
+            except transport_module.LoginRefused as exc:
+                raise self._refusal(exc) from None
+            if frames is None:
+                return None
+            try:
+                message = self._session.parse(frames)
                 wire.check_content(message)
             except ProtocolError as exc:
                 if exc.code == wire.INCOMPATIBLE_VERSION:
@@ -436,18 +442,29 @@ class Client:
                       attempt + 1, attempts)
         raise self._unavailable(lost_job)
 
-    def _refusal(self, event: dict[str, Any]) -> str | None:
-        """What a failed handshake means for the user, or None for an event to ignore."""
-        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            return self._wrong_key_message()
-        if event["value"] != zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-            return None
+    def _refusal(self, refused: transport_module.LoginRefused) -> WrongKey:
+        """The error for a handshake the backend refused (kept until it answers: see
+        ``_unavailable``): our key refused, or another security mechanism than ours."""
+        if isinstance(refused, transport_module.MechanismMismatch):
+            self._refused = self._mismatch_message()
+        else:
+            self._refused = self._wrong_key_message()
+        # Nothing was lost: the next request starts its own wait (an earlier silence would
+        # read as "stopped answering" at once).
+        self._unanswered_since, self._reopened = None, False
+        return WrongKey(self._refused)
+
+    def _mismatch_message(self) -> str:
+        """A backend with CURVE on where this client has it off, or the reverse (the pyzmq
+        transport's monitor and the pure one's greeting both show it)."""
         if self._curve is None:
+            needs = ("" if self.transport == transport_module.PYZMQ else
+                     "; CURVE needs the pyzmq transport, which this Python does not use")
             return (f"the backend at {self.endpoint} uses CURVE encryption, but this client "
                     "connected without it: its connection file has no \"curve_server_key\" "
                     "(a copy from before the backend used --curve?); use the connection file "
                     "the backend wrote at its last start and add \"curve_client_key\" (see the "
-                    "README, 'Remote or secured backend')")
+                    f"README, 'Remote or secured backend'){needs}")
         return (f"the backend at {self.endpoint} does not use CURVE encryption, but this client "
                 "was set up for it (its connection file names a \"curve_server_key\"): that "
                 "file is out of date; use the connection file the backend wrote at its last "

@@ -1,9 +1,10 @@
 """The wire protocol of ``PROTOCOL.md``: envelope, signing, replay guard, codec, validation.
 
-Pure Python + msgpack; no ZeroMQ here, so both sides (and tests) can build and parse frames
-without sockets. Section numbers refer to ``PROTOCOL.md``. Over 450 lines on purpose: it is the
-one module that implements that document (sections 1–5), kept whole beside it so the two can
-be read side by side; only the connection file (section 7) lives apart, in ``connection.py``.
+Standard library only (msgpack through ``msgpack_codec``); no ZeroMQ here, so both sides (and
+tests) can build and parse frames without sockets. Section numbers refer to ``PROTOCOL.md``.
+Over 450 lines on purpose: it is the one module that implements that document (sections 1–5),
+kept whole beside it so the two can be read side by side; only the connection file (section 7)
+lives apart, in ``connection.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import msgpack
+from protocol import msgpack_codec
 
 PROTOCOL_VERSION = "1.0"
 DELIMITER = b"<DRAG|MSG>"
@@ -45,8 +46,6 @@ QUEUED, STARTED, PROGRESS, PREVIEW = "queued", "started", "progress", "preview"
 FINISHED, CANCELLED = "finished", "cancelled"
 
 REQUESTS = (HELLO, SUBMIT, ATTACH, CANCEL, PING, SHUTDOWN)
-REPLY_TO = {HELLO: HELLO_REPLY, SUBMIT: SUBMIT_REPLY, ATTACH: ATTACH_REPLY,
-            CANCEL: CANCEL_REPLY, PING: PONG, SHUTDOWN: SHUTDOWN_REPLY}
 EVENTS = (QUEUED, STARTED, PROGRESS, PREVIEW, FINISHED, CANCELLED, ERROR)
 TERMINAL_EVENTS = (FINISHED, CANCELLED, ERROR)
 
@@ -255,21 +254,13 @@ class ReplayGuard:
 
 # --- the codec --------------------------------------------------------------------------------
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def _refuse_ext(code: int, data: bytes) -> Any:
-    raise ValueError(f"msgpack extension type {code} is not allowed")
+    return msgpack_codec.pack(obj)
 
 
 def _unpack(frame: Buffer, what: str) -> dict[str, Any]:
     try:
-        obj = msgpack.unpackb(
-            frame, raw=False, strict_map_key=True, use_list=True, max_ext_len=0,
-            ext_hook=_refuse_ext,  # max_ext_len=0 alone lets a zero-length ext through
-            max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
-        )
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        obj = msgpack_codec.unpack(frame, max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN)
+    except msgpack_codec.DecodeError as exc:
         raise ProtocolError(BAD_MESSAGE, f"the {what} frame is not valid msgpack",
                             f"{type(exc).__name__}: {exc}") from None
     if not isinstance(obj, dict):

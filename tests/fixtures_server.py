@@ -21,8 +21,9 @@ if __name__ == "__main__":  # make the repository importable when run as a scrip
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.engine.errors import OutOfMemory
-from backend.engine.interface import Engine, PreviewFn
-from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
+from backend.engine.interface import Engine
+from backend.engine.params import MethodTable
+from backend.engine.types import CancelToken, DragRequest, DragResult, PreviewFn, ProgressFn
 from backend.server.server import Server
 from protocol import wire
 from protocol.client import Client
@@ -36,7 +37,9 @@ class FakeEngine(Engine):
     token before every step, like the real engine, and records what it ran.
     """
 
-    def __init__(self, steps: int = 3, delay: float = 0.0) -> None:
+    def __init__(self, steps: int = 3, delay: float = 0.0,
+                 table: MethodTable | None = None) -> None:
+        self.table = table if table is not None else MethodTable()
         self.steps = steps
         self.delay = delay
         self.runs: list[DragRequest] = []
@@ -100,7 +103,13 @@ def running_server(engine: Any = None, *, load: Callable[[], Any] | None = None,
         assert not thread.is_alive(), "the server did not stop"
 
 
+# The client's two transports (protocol/transport.py): tests that take a ``transport``
+# parameter run once with libzmq's DEALER and once with the pure-Python ZMTP one.
+TRANSPORTS = ("pyzmq", "zmtp")
+
+
 def client_for(server: Server, **kwargs: Any) -> Client:
+    """A client of ``server``; ``transport=`` picks pyzmq or the pure-Python ZMTP one."""
     kwargs.setdefault("timeout", 2.0)
     kwargs.setdefault("retries", 1)
     return Client(server.endpoint, server.key, **kwargs)

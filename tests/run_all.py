@@ -7,8 +7,9 @@
    pytest/hypothesis/ruff) and installs the plug-in into a throw-away GIMP plug-in folder
    (so the installer itself is exercised without touching your GIMP profile);
 2. ruff lints the tree;
-3. pytest runs all tiers: unit, slow end-to-end, the real GIMP 3.0.4 tier (it builds and caches a
-   Debian 13 chroot under .cache/, which needs root) and the GUI tier under Xvfb.
+3. pytest runs all tiers: unit, slow end-to-end, the real GIMP 3.0.4 and 3.2.6 tiers (they build
+   and cache a Debian 13 and a Debian forky chroot under .cache/, which needs root) and the GUI
+   tier under Xvfb in each.
 
 Exits non-zero on any failure, including "no tests collected".
 """

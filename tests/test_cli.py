@@ -1,4 +1,4 @@
-"""The command line as a user runs it: `python -m backend drag|bench|make-tiny-model`."""
+"""The command line as a user runs it: `python -m backend drag|bench|make-random-tiny-model`."""
 
 from __future__ import annotations
 
@@ -71,10 +71,11 @@ def test_help_explains_every_option():
         assert option in result.stdout
 
 
-def test_list_params_shows_each_knobs_default_range_and_meaning():
-    result = backend("drag", "--list-params")
-    assert result.returncode == 0
+def test_list_params_shows_each_knobs_default_range_and_meaning(tiny_model_dir):
+    result = backend("drag", "--list-params", "--model", str(tiny_model_dir))
+    assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"defaults on {tiny_model_dir}, per method: dragdiffusion")
     assert "work_size = 512  (int 64..2048)" in lines
     assert "work_max_side = 0  (int 0..4096)" in lines
     meaning = lines[lines.index("work_max_side = 0  (int 0..4096)") + 1]
@@ -83,9 +84,123 @@ def test_list_params_shows_each_knobs_default_range_and_meaning():
     per_method = " / ".join(str(p.lora_steps) for p in PRESETS.values())
     assert f"lora_steps = {per_method}  (int 0..2000)" in lines
     assert per_method.startswith("80 / 70 / 200")  # the official codes' and the paper's
-    as_json = json.loads(backend("drag", "--list-params", "--json").stdout)
+    as_json = json.loads(backend("drag", "--list-params", "--json", "--model",
+                                 str(tiny_model_dir)).stdout)
     assert as_json["defaults"]["gooddrag"]["work_size"] == 512
     assert "help" in as_json["specs"]["work_max_side"]
+
+
+def test_list_params_without_sd15_shows_the_demo_models_defaults():
+    """No SD1.5 here and no downloads: the command would load the demo model, so it lists
+    the demo model's defaults (its preset.json: 128 px wide), naming it."""
+    result = backend("drag", "--list-params", "--json")
+    assert result.returncode == 0, result.stderr
+    listed = json.loads(result.stdout)
+    assert listed["model"] == "backend/demo/model"
+    assert listed["defaults"]["dragdiffusion"]["work_size"] == 128
+    assert listed["defaults"]["dragdiffusion"]["reach_threshold"] == 0.5
+
+
+def png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG written byte by byte (PIL cannot write 16-bit colour)."""
+    import struct
+    import zlib
+
+    h, w = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[channels], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize(("name", "out", "message"), [
+    ("rgb16.png", "out.png", "16 bits per channel in colour"),
+    ("rgba16.png", "out.png", "16 bits per channel in colour"),
+    ("gray16.png", "out.jpg", "JPEG cannot hold the result's 16-bit gray pixels"),
+    ("grayf.tif", "out.png", "PNG cannot hold the result's 32-bit float gray pixels"),
+    ("in.png", "out.jpg", "JPEG cannot hold the result's 8-bit RGBA pixels"),
+    ("in.png", "out.xyz", "unknown image extension .xyz"),
+])
+def test_precision_the_command_cannot_keep_is_refused_before_any_work(files, name, out,
+                                                                      message):
+    """16-bit colour (PIL would read 8 bits) and an --out format that cannot hold the input's
+    pixels are refused at once, saying why, before a model loads."""
+    rng = np.random.default_rng(1)
+    png16(files / "rgb16.png", rng.integers(0, 65536, (50, 75, 3)))
+    png16(files / "rgba16.png", rng.integers(0, 65536, (50, 75, 4)))
+    Image.fromarray(rng.integers(0, 65536, (50, 75)).astype(np.uint16)).save(
+        files / "gray16.png")
+    Image.fromarray(rng.random((50, 75), np.float32)).save(files / "grayf.tif")
+    result = backend("drag", "--image", str(files / name), "--points", "1,1:5,5",
+                     "--out", str(files / out))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "loading" not in result.stderr  # refused before any model
+    assert not (files / out).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gray16", "grayf"])
+def test_16_bit_and_float_gray_are_kept_in_their_precision(tmp_path, tiny_model_dir, kind):
+    """As the GIMP path: the result has the input's dtype, and outside the mask its bits."""
+    rng = np.random.default_rng(2)
+    if kind == "gray16":
+        pixels = rng.integers(0, 65536, (40, 56)).astype(np.uint16)
+        src, out = tmp_path / "in.png", tmp_path / "out.png"
+    else:
+        pixels = rng.random((40, 56), np.float32) * 1.5  # float may exceed 1
+        src, out = tmp_path / "in.tif", tmp_path / "out.tif"
+    Image.fromarray(pixels).save(src)
+    mask = np.zeros((40, 56), np.uint8)
+    mask[5:35, 5:50] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    result = backend("drag", "--image", str(src), "--points", "20,20:30,20", "--mask",
+                     str(tmp_path / "mask.png"), "--model", str(tiny_model_dir), "--device",
+                     "cpu", "--out", str(out), *FAST)
+    assert result.returncode == 0, result.stderr
+    edited = np.asarray(Image.open(out))
+    assert edited.dtype == pixels.dtype and edited.shape == pixels.shape
+    np.testing.assert_array_equal(edited[mask == 0], pixels[mask == 0])
+    assert not np.array_equal(edited, pixels)  # the selection was edited
+
+
+@pytest.mark.slow
+def test_without_sd15_drag_uses_the_demo_model_and_says_so(files):
+    """A fresh machine (no SD1.5, no downloads): drag serves the demo model, as serve does."""
+    out = files / "demo-out.png"
+    result = backend("drag", "--image", str(files / "in.png"), "--points", "20,25:40,25",
+                     "--device", "cpu", "--out", str(out), "--json", *FAST)
+    assert result.returncode == 0, result.stderr
+    assert "using the demo model backend/demo/model, fit for simple shapes only" in \
+        result.stderr
+    assert "stable-diffusion-v1-5" in result.stderr and "hf download" in result.stderr
+    assert out.is_file()
+
+
+@pytest.mark.slow
+def test_an_early_stop_is_shown_and_the_final_line_names_the_tracker(files, tiny_model_dir):
+    """reach_threshold 64 grid px: the tracker finds every handle in reach at once, so the
+    drag stops at its first step. Its bar stays where it stopped (not 100 %), a line says why,
+    and the final line reports the tracker's positions as the tracker's."""
+    out = files / "early.png"
+    result = backend("drag", "--image", str(files / "in.png"), "--points", "20,25:40,25",
+                     "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out),
+                     *FAST, "--set", "reach_threshold=64")
+    assert result.returncode == 0, result.stderr
+    drag = [line.split("\r")[-1] for line in result.stderr.splitlines()
+            if line.split("\r")[-1].startswith("drag:")]
+    assert drag and "100%" not in drag[-1] and "1/3" in drag[-1], drag
+    assert "drag stopped early (at step 1, after 0 optimisation steps): the tracker put " \
+        "every handle within reach" in result.stderr
+    final = result.stdout.strip().splitlines()[-1]
+    assert final.startswith(f"wrote {out}; the tracker's final handle positions [[")
+    assert "not a measurement" in final and "ended at" not in final
 
 
 @pytest.mark.slow
@@ -101,13 +216,13 @@ def test_drag_writes_a_full_resolution_result(files, tiny_model_dir):
     assert edited.shape == original.shape == (50, 75, 4)
     outside = np.asarray(Image.open(files / "mask.png")) == 0
     np.testing.assert_array_equal(edited[outside], original[outside])
-    assert summary["unet_passes"] > 0 and len(summary["handles"]) == 1
+    assert summary["unet_passes"] > 0 and len(summary["tracked_handles"]) == 1
     assert "drag" in result.stderr  # the progress bar showed the phases
 
 
 @pytest.mark.slow
 def test_bench_prints_phase_times_passes_and_memory():
-    result = backend("bench", "--model", "tiny", "--size", "64", "--quick", "--device", "cpu",
+    result = backend("bench", "--model", "random-tiny", "--size", "64", "--quick", "--device", "cpu",
                      "--method", "gooddrag")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -124,9 +239,23 @@ def test_bench_prints_phase_times_passes_and_memory():
     assert summary["runs"] == 2 and "redrag_over_first_fe" in summary["ratios"]["gooddrag"]
 
 
-def test_make_tiny_model_writes_a_loadable_single_file(tmp_path):
-    result = backend("make-tiny-model", str(tmp_path / "tiny"), "--single-file")
+def test_make_random_tiny_model_writes_a_loadable_single_file(tmp_path):
+    result = backend("make-random-tiny-model", str(tmp_path / "tiny"), "--single-file")
     assert result.returncode == 0, result.stderr
     path = Path(result.stdout.strip().splitlines()[-1])
     assert path.suffix == ".safetensors" and path.is_file()
     assert (tmp_path / "tiny" / "model_index.json").is_file()
+
+
+def test_the_old_command_and_model_names_still_work():
+    """make-tiny-model, toy, --model tiny/toy: the names before the random test model and the
+    trained demo model were told apart."""
+    from backend.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["make-tiny-model", "x"]).func.__name__ == "run_make_tiny_model"
+    assert parser.parse_args(["toy", "eval"]).func.__name__ == "_cmd_eval"
+    assert parser.parse_args(["demo", "eval"]).func.__name__ == "_cmd_eval"
+    assert parser.parse_args(["bench", "--model", "tiny"]).model == "random-tiny"
+    assert parser.parse_args(["precision", "--model", "toy"]).model == "demo"
+    assert parser.parse_args(["gpu-check", "--model", "/a/path"]).model == "/a/path"

@@ -16,7 +16,7 @@ import pytest
 import tqdm.std
 from PIL import Image
 
-from backend.cli_progress import PhaseBars
+from backend.cli_progress import PhaseBars, early_stop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,6 +71,32 @@ def test_eta_while_a_phase_runs(monkeypatch):
     assert re.search(r"5/20 \[00:05<00:15, +1\.00step/s\]", current), current
     bars.close(done=False)  # cancelled: the bar stays where it was
     assert "5/20" in out.getvalue().split("\r")[-1]
+
+
+def test_a_phase_that_stops_early_is_left_where_it_stopped(monkeypatch):
+    """Issue 28: an early stop jumped to 100 %. A phase counts the steps that ran: its last
+    started step, and none after."""
+    clock = Clock()
+    monkeypatch.setattr(tqdm.std, "time", clock)
+    out = io.StringIO()
+    bars = PhaseBars(out, dynamic_ncols=False, ncols=100, mininterval=0)
+    for step in range(4):  # 4 of 10 drag steps start; then the tracker ends the drag
+        bars("drag", step, 10)
+        clock.now += 1.0
+    drive(bars, clock, "denoise", 3, 0.5)
+    bars.close()
+    drag, denoise = final_lines(out.getvalue())
+    assert drag.startswith("drag:  40%") and "4/10" in drag, drag
+    assert denoise.startswith("denoise: 100%") and "3/3" in denoise, denoise
+
+
+def test_the_early_stop_line_says_why():
+    assert early_stop({"drag_stop": None, "drag_steps": 80}) is None
+    assert early_stop({}) is None
+    line = early_stop({"drag_stop": "reached", "drag_steps": 23})
+    assert line == ("drag stopped early (at step 24, after 23 optimisation steps): the tracker "
+                    "put every handle within reach of its target (reach_threshold)")
+    assert "no handle move" in early_stop({"drag_stop": "no_change", "drag_steps": 5})
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ def test_shipped_model_is_small_and_sd_shaped(engine):
     assert up == ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
     assert m.encode_prompt("a red disc").shape == (1, 77, 32)
     # its own preset: the working size it was trained for, a preview map for its 8 channels
-    assert engine.model_params == {"work_size": 128, "reach_threshold": 0.5}
+    assert engine.table.model_params == {"work_size": 128, "reach_threshold": 0.5}
     assert np.asarray(m.preset["latent_to_rgb"]).shape == (m.vae.config.latent_channels, 3)
 
 

@@ -34,8 +34,8 @@ def _request(**params) -> DragRequest:
 
 def test_preset_params_become_the_models_defaults(model_with_preset, tiny_model_dir):
     engine = DragEngine.load(str(model_with_preset), device="cpu")
-    assert engine.model_params["work_size"] == 64
-    assert engine.info()["defaults"]["gooddrag"]["work_size"] == 64
+    assert engine.table.model_params["work_size"] == 64
+    assert engine.table.methods()["gooddrag"]["work_size"] == 64
     result = engine.run(_request())
     assert result.stats["work_size"] == [64, 64]
     # the request's own value wins over the model's default
@@ -43,7 +43,7 @@ def test_preset_params_become_the_models_defaults(model_with_preset, tiny_model_
     # a model without the file keeps the method defaults
     plain = DragEngine.load(str(tiny_model_dir), device="cpu")
     assert plain.model.preset == {}
-    assert plain.info()["defaults"]["dragdiffusion"]["work_size"] == 512
+    assert plain.table.methods()["dragdiffusion"]["work_size"] == 512
     assert plain.model.fingerprint != engine.model.fingerprint
 
 

@@ -164,7 +164,7 @@ def test_drag_loops_run_on_the_device(unet, cond, method):
         z, handles = {"dragdiffusion": dragdiffusion.run, "gooddrag": gooddrag.run}[method](
             ctx, meta(1, 4, 64, 64))
     assert z.device == META and z.shape == (1, 4, 64, 64) and len(handles) == 2
-    assert ctx.stats["drag_steps"] >= 1
+    assert ctx.drag.steps >= 1
     assert not run.factories_without_device
 
 
@@ -247,7 +247,7 @@ def test_gooddrag_reads_the_loss_back_only_when_a_threshold_needs_it(unet, cond,
     ctx.handles, ctx.targets = [(100.0, 100.0)], [(100.0, 140.0)]
     with MetaRun() as run:
         gooddrag.run(ctx, meta(1, 4, 64, 64))
-    adam_steps = ctx.stats["drag_steps"]
+    adam_steps = ctx.drag.steps
     assert adam_steps >= 2
     assert run.reads_in("gooddrag.py") == (adam_steps if threshold else 0)
 
@@ -284,7 +284,7 @@ def test_dragdiffusion_reads_back_only_the_tracked_handles(unet, cond):
     ctx = _context(unet, cond, "dragdiffusion", n_inference_steps=8, drag_steps=4)
     with MetaRun() as run:
         dragdiffusion.drag_latent(ctx, meta(1, 4, 64, 64))
-    steps = ctx.stats["drag_steps"]
+    steps = ctx.drag.steps
     assert steps >= 2
     assert run.reads_in("dragdiffusion.py") == 0
     assert run.reads_in("motion.py") == steps - 1  # one tracking per step after the first

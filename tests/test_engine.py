@@ -189,3 +189,20 @@ def test_previews_show_the_denoising_edit(engine, method):
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
     rgb = frames[-1][2]
     assert rgb.dtype == np.uint8 and rgb.shape == (5, 8, 3)  # latent size of a 64×40 working image
+
+
+@pytest.mark.parametrize("method", ["dragdiffusion", "gooddrag"])
+def test_the_result_says_why_the_drag_ended_early(engine, method):
+    """``stats["drag_stop"]``: "reached" when the tracker found every handle in reach (here at
+    once: 64 grid px), "no_change" when GoodDrag's tracker saw nothing move, None when every
+    step ran (what the command line's early-stop line reads)."""
+    fast = {**FAST, "lora_steps": 0}
+    reached = engine.run(make_request(method, params={**fast, "reach_threshold": 64}))
+    assert reached.stats["drag_stop"] == "reached" and reached.stats["drag_steps"] == 0
+    full = engine.run(make_request(method, params={**fast, "reach_threshold": 0}))
+    assert full.stats["drag_stop"] is None
+    if method == "gooddrag":  # one tracking without movement is enough to stop
+        still = engine.run(make_request(method, params={**fast, "reach_threshold": 0,
+                                                        "max_track_no_change": 1,
+                                                        "r2": 0}))
+        assert still.stats["drag_stop"] == "no_change"

@@ -191,7 +191,7 @@ def test_the_blend_width_follows_the_working_to_full_scale(engine):
 
     _, params = resolve("dragdiffusion", request.params)
     prep = engine.prepare(request, params)
-    assert prep.work == (64, 48)
+    assert prep.working_size == (64, 48)
     row = engine.finish(prep, np.ones((48, 64, 3), np.float32), params)[120, :, 0].astype(int)
     assert (row[:160] == 0).all() and (row[175:] == 255).all()
     assert 0 < row[160] < 30 and 100 < row[167] < 155  # half way at half the width

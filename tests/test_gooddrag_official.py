@@ -65,7 +65,7 @@ def test_no_change_limit_at_a_timesteps_last_tracking_stops_before_the_next_time
     gooddrag.run(ctx, z_star)
     drag_forwards = [c[1] for c in runner.calls if c[0] == "features" and c[3]]
     assert drag_forwards == [ts[0], ts[0]]  # 2 Adam steps at the first timestep only
-    assert ctx.stats["dragged_timesteps"] == 1 and ctx.stats["drag_steps"] == 2
+    assert ctx.drag.timesteps == 1 and ctx.drag.steps == 2
     denoise = [(t, batch, ref) for kind, t, batch, grad, ref in runner.calls if kind == "eps"]
     assert denoise[0] == (ts[0], 1, False)  # the dragged timestep: edited branch alone
     assert denoise[1:] == [(t, 2, True) for t in ts[1:]]  # reference attention from ts[1]
@@ -78,7 +78,7 @@ def test_no_change_limit_mid_timestep_stops_at_once(monkeypatch):
     gooddrag.run(ctx, torch.zeros(1, 4, 2, 2))
     drag_forwards = [c[1] for c in runner.calls if c[0] == "features" and c[3]]
     assert drag_forwards == [ts[0]] * 3  # 2 Adam steps, then the forward that sees the limit
-    assert ctx.stats["dragged_timesteps"] == 1 and ctx.stats["drag_steps"] == 2
+    assert ctx.drag.timesteps == 1 and ctx.drag.steps == 2
 
 
 def official_style_loss(feat, feat_orig, handle, start, target, r=4, beta=4.0):

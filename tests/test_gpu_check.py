@@ -11,7 +11,7 @@ from backend.cli import main
 
 def test_gpu_check_runs_both_methods_and_checks_them(tmp_path, capsys):
     out = tmp_path / "check.json"
-    code = main(["gpu-check", "--device", "cpu", "--model", "tiny", "--size", "64", "--quick",
+    code = main(["gpu-check", "--device", "cpu", "--model", "random-tiny", "--size", "64", "--quick",
                  "--json", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -35,7 +35,7 @@ def test_gpu_check_fails_when_a_pixel_outside_the_mask_changes(tmp_path, monkeyp
         return image
 
     monkeypatch.setattr(DragEngine, "finish", broken)
-    code = main(["gpu-check", "--device", "cpu", "--model", "tiny", "--size", "64", "--quick",
+    code = main(["gpu-check", "--device", "cpu", "--model", "random-tiny", "--size", "64", "--quick",
                  "--method", "dragdiffusion"])
     assert code == 1 and "FAILED" in capsys.readouterr().out
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
 from backend.engine.errors import Cancelled
 from backend.engine.lora import (
     LoraCache,
+    PreparedLora,
     default_cache_dir,
-    lora_applied,
     prepare_lora,
     remove_lora,
     train_lora,
@@ -24,6 +26,17 @@ PARAMS = DragParams(work_size=64, lora_steps=3, lora_batch=2)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # two trainings are compared bit for bit
+
+
+@contextmanager
+def lora_for_one_edit(model, image, prompt, params, cache, **kwargs):
+    """``prepare_lora`` for a ``with`` block, then the base weights back (as an engine without
+    reuse leaves the UNet after an edit, also after an error or a cancellation)."""
+    merged = MergedLora(model)
+    try:
+        yield prepare_lora(model, image, prompt, params, cache, merged=merged, **kwargs)
+    finally:
+        merged.restore()
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +110,9 @@ def test_cache_hit_skips_training_and_matches(model, image, probe, trained, tmp_
     run, base_output = probe
     cache = LoraCache(tmp_path)
     first_calls, second_calls = [], []
-    with lora_applied(model, image, PROMPT, PARAMS, cache, method="dragdiffusion",
+    with lora_for_one_edit(model, image, PROMPT, PARAMS, cache, method="dragdiffusion",
                       progress=lambda *a: first_calls.append(a)) as info:
-        assert info["lora"] and not info["cached"]
+        assert info.trained and info.key is not None
         first = run()
     assert len(first_calls) == PARAMS.lora_steps + 1
     # Seeded training repeats: same weights as the fixture's run. The edit runs with the LoRA
@@ -107,9 +120,9 @@ def test_cache_hit_skips_training_and_matches(model, image, probe, trained, tmp_
     torch.testing.assert_close(first, trained[1], rtol=0, atol=1e-5)
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
 
-    with lora_applied(model, image, PROMPT, PARAMS, cache, method="dragdiffusion",
+    with lora_for_one_edit(model, image, PROMPT, PARAMS, cache, method="dragdiffusion",
                       progress=lambda *a: second_calls.append(a)) as info:
-        assert info["cached"]
+        assert not info.trained and not info.resident  # from the disk cache
         assert torch.equal(run(), first)
     assert second_calls == [("lora", PARAMS.lora_steps, PARAMS.lora_steps)]
     assert torch.equal(run(), base_output)
@@ -117,7 +130,10 @@ def test_cache_hit_skips_training_and_matches(model, image, probe, trained, tmp_
     merged = MergedLora(model)
     other = prepare_lora(model, image, "a blue square", PARAMS.replace(lora_steps=1), cache,
                          method="dragdiffusion", merged=merged)
-    assert not other["cached"] and other["key"] != info["key"] and merged.key == other["key"]
+    assert other.trained and other.key != info.key and merged.key == other.key
+    again = prepare_lora(model, image, "a blue square", PARAMS.replace(lora_steps=1), cache,
+                         method="dragdiffusion", merged=merged)
+    assert again == PreparedLora(other.key, trained=False, resident=True)
     merged.restore()
     assert torch.equal(run(), base_output)
 
@@ -152,9 +168,9 @@ def test_gooddrag_crops_and_a_different_seed_give_other_weights(model, image, tr
 
 def test_no_lora_steps_means_no_adapter(model, image, probe, tmp_path):
     run, base_output = probe
-    with lora_applied(model, image, PROMPT, PARAMS.replace(lora_steps=0), LoraCache(tmp_path),
+    with lora_for_one_edit(model, image, PROMPT, PARAMS.replace(lora_steps=0), LoraCache(tmp_path),
                       method="gooddrag") as info:
-        assert info == {"lora": False, "cached": False, "resident": False, "key": None}
+        assert info == PreparedLora(key=None, trained=False, resident=False)
         assert not getattr(model.unet, "peft_config", None)
         assert torch.equal(run(), base_output)
     assert not any(tmp_path.iterdir())
@@ -168,7 +184,7 @@ def test_cancel_during_training_restores_the_base_unet(model, image, probe):
         if step == 1:
             token.cancel()
 
-    with pytest.raises(Cancelled), lora_applied(model, image, PROMPT, PARAMS, None,
+    with pytest.raises(Cancelled), lora_for_one_edit(model, image, PROMPT, PARAMS, None,
                                                 method="dragdiffusion", progress=progress,
                                                 cancel=token):
         pass

@@ -9,7 +9,7 @@ import torch
 
 from backend.engine import models
 from backend.engine.checkpoint import save_single_file
-from backend.engine.devices import autocast, is_oom, memory_info, resolve_device
+from backend.engine.devices import autocast, is_oom, memory_info, resolve_precision
 from backend.engine.errors import EngineError, InvalidInput, ModelNotFound
 from backend.engine.models import load_model
 from backend.engine.random_tiny import build_tiny_pipeline, make_tiny_model
@@ -43,17 +43,21 @@ def tiny_file(tiny_pipe, tmp_path_factory):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only expectations")
 def test_auto_device_on_a_cpu_machine_is_cpu_fp32():
-    assert resolve_device() == (torch.device("cpu"), torch.float32)
-    assert resolve_device("auto", "auto") == (torch.device("cpu"), torch.float32)
-    assert resolve_device("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
+    def device_and_weights(*args):
+        device, precision = resolve_precision(*args)
+        return device, precision.weights
+
+    assert device_and_weights() == (torch.device("cpu"), torch.float32)
+    assert device_and_weights("auto", "auto") == (torch.device("cpu"), torch.float32)
+    assert device_and_weights("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
     with pytest.raises(InvalidInput, match="--device cpu"):
-        resolve_device("cuda")
+        resolve_precision("cuda")
     with pytest.raises(InvalidInput, match="fp32"):
-        resolve_device("cpu", "fp16")
+        resolve_precision("cpu", "fp16")
     with pytest.raises(InvalidInput, match="unknown device"):
-        resolve_device("tpu")
+        resolve_precision("tpu")
     with pytest.raises(InvalidInput, match="unknown dtype"):
-        resolve_device("cpu", "int8")
+        resolve_precision("cpu", "int8")
 
 
 def test_out_of_memory_is_recognised():
@@ -227,8 +231,25 @@ def test_hugging_face_ids_come_from_the_cache_offline(tmp_path, monkeypatch, tin
     message = str(info.value)
     assert models.DEFAULT_MODEL in message
     assert str(tmp_path) in message and "HF_HUB_OFFLINE" in message
-    assert f"huggingface-cli download {models.DEFAULT_MODEL}" in message and "--model" in message
+    assert f"`{models.download_command()}`" in message and "--model" in message
     assert "\n" not in message
+
+
+def test_the_download_command_in_the_hint_exists_and_takes_its_options():
+    """The hint once named huggingface-cli, which the pinned huggingface_hub no longer
+    installs: the command it names is in this venv and accepts the arguments given."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    program, verb, repo, *options = models.download_command().split(" ")
+    assert (program, verb, repo) == ("hf", "download", models.DEFAULT_MODEL)
+    hf = Path(sys.executable).parent / program
+    assert hf.is_file(), f"{program} is not in {hf.parent}"
+    usage = subprocess.run([str(hf), verb, "--help"], capture_output=True, text=True,
+                           timeout=120).stdout
+    assert "--include" in usage and options[0] == "--include"
+    assert "model_index.json" in models.download_command()
 
 
 # --- separate VAE -------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from backend.engine.params import (
     PRESETS,
     SPECS,
     DragParams,
+    MethodTable,
     check_canvas,
     estimated_memory,
     estimated_work,
@@ -26,6 +27,7 @@ from backend.engine.params import (
     resolve,
     spec_table,
 )
+from backend.engine.types import DEFAULT_METHOD
 
 
 def test_every_knob_has_a_spec_and_every_preset_fits_it():
@@ -145,9 +147,11 @@ def test_a_tall_canvas_counts_its_height_and_names_the_cap_that_fits():
     with pytest.raises(InvalidInput, match=r"51200.*work_max_side \(at most (\d+)\)") as exc:
         check_canvas("dragdiffusion", p, working_size(60, 6000))
     fits = int(re.search(r"at most (\d+)", str(exc.value)).group(1))
+    # the cap named is one the knob takes (it once named 34,000, beyond work_max_side's 4096)
+    assert fits == SPECS["work_max_side"].high
     capped = p.replace(work_max_side=fits)
     check_canvas("dragdiffusion", capped, working_size(60, 6000, 512, fits))
-    assert estimated_work("dragdiffusion", capped, working_size(60, 6000, 512, fits)) > 0.5 * MAX_WORK
+    MethodTable().resolve("dragdiffusion", {"work_max_side": fits}, (60, 6000))
 
 
 def test_a_pass_costs_attentions_square_of_the_tokens():
@@ -184,4 +188,41 @@ def test_a_canvas_that_needs_more_memory_than_the_limit_is_refused():
     fits = int(re.search(r"at most (\d+)", str(exc.value)).group(1))
     check_canvas("dragdiffusion", p.replace(work_max_side=fits),
                  working_size(1000, 4000, 2048, fits))
-    assert estimated_memory(working_size(1000, 4000, 2048, fits)) > 0.9 * MAX_MEMORY
+    # the cap named is the knob's largest value: with any cap it takes, the largest working
+    # canvas (2048 wide, 4096 tall) needs about 64 GB, under the limit
+    assert fits == SPECS["work_max_side"].high
+    assert estimated_memory((2048, 4096)) < MAX_MEMORY
+
+
+def test_heavy_settings_name_a_cap_that_is_not_needlessly_small():
+    p = PRESETS["dragdiffusion"].replace(lora_steps=400, lora_batch=8)
+    with pytest.raises(InvalidInput, match=r"at most (\d+)") as exc:
+        check_canvas("dragdiffusion", p, working_size(512, 4096))
+    fits = int(re.search(r"at most (\d+)", str(exc.value)).group(1))
+    assert fits < SPECS["work_max_side"].high
+    capped = p.replace(work_max_side=fits)
+    check_canvas("dragdiffusion", capped, working_size(512, 4096, 512, fits))
+    assert estimated_work("dragdiffusion", capped, working_size(512, 4096, 512, fits)) > 0.5 * MAX_WORK
+
+
+def test_the_method_table_applies_the_models_defaults_and_checks_the_canvas():
+    """One table: the model's own defaults under every preset, a request's values over them,
+    the canvas checked on the request's image."""
+    demo = MethodTable({"work_size": 128, "reach_threshold": 0.5})
+    assert demo.methods()["gooddrag"]["work_size"] == 128
+    assert demo.methods()["gooddrag"]["lora_steps"] == PRESETS["gooddrag"].lora_steps
+    assert demo.resolve("gooddrag")[1] == PRESETS["gooddrag"].replace(work_size=128,
+                                                                      reach_threshold=0.5)
+    assert demo.resolve("gooddrag", {"work-size": 512})[1].work_size == 512
+    hello = demo.as_hello()
+    assert hello["default_method"] == DEFAULT_METHOD in hello["methods"]
+    assert hello["parameters"] == spec_table() and hello["descriptions"] == method_descriptions()
+    # 60×3000 is 128×6400 on the demo model (fine) and 512×25600 on SD1.5 (too much)
+    demo.resolve("dragdiffusion", {}, (60, 3000))
+    with pytest.raises(InvalidInput, match="work_max_side"):
+        MethodTable().resolve("dragdiffusion", {}, (60, 3000))
+    with pytest.raises(InvalidInput, match="unknown parameter 'no_such'"):
+        MethodTable({"no_such": 1})
+    with pytest.raises(InvalidInput, match="'work_size' must be"):
+        MethodTable({"work_size": 1})
+    assert MethodTable({"work_size": 128.0}).model_params == {"work_size": 128}  # typed

@@ -35,6 +35,54 @@ def test_install_info_round_trip(tmp_path):
     assert db.InstallInfo.load(tmp_path / "missing").start_command() is None
 
 
+def test_the_start_command_is_the_one_install_py_printed(tmp_path):
+    """install.json carries the commands install.py printed (PowerShell and cmd on Windows) and
+    the user service when it set one up; the plug-in's "not running" line uses them."""
+    windows = {"PowerShell": "Set-Location -LiteralPath 'C:\\r'; & 'C:\\r\\py.exe' -m backend serve",
+               "cmd": 'cd /d "C:\\r" && "C:\\r\\py.exe" -m backend serve'}
+    (tmp_path / "install.json").write_text(json.dumps({
+        "backend_python": "C:\\r\\py.exe", "repo": "C:\\r", "start_commands": windows}))
+    info = db.InstallInfo.load(tmp_path)
+    assert info.start_command() == (f"PowerShell: {windows['PowerShell']}\n"
+                                    f"    cmd: {windows['cmd']}")
+    message = db.not_running_message(tmp_path / "b.json", info, "some reason")
+    assert f"Start it in a terminal with:\n    PowerShell: {windows['PowerShell']}" in message
+    service = db.InstallInfo(backend_python="/v/python", repo="/r",
+                             start_commands={"shell": "cd /r && /v/python -m backend serve"},
+                             service="gimp-drag-diffusion.service")
+    assert service.start_command() == "systemctl --user restart gimp-drag-diffusion.service"
+
+
+def test_the_detached_start_on_posix_gets_its_own_session():
+    assert db.detached_launch("/v/bin/python", "posix") == ("/v/bin/python",
+                                                           {"start_new_session": True})
+
+
+def test_the_detached_start_on_windows_opens_no_console_window():
+    """A venv's python.exe redirector started DETACHED_PROCESS gives the real interpreter a
+    new visible console whose closing kills the backend: pythonw.exe beside it instead, with
+    CREATE_NO_WINDOW (and never DETACHED_PROCESS, which would override it)."""
+    venv = "C:\\Users\\ann\\drag\\.venv\\Scripts"
+    beside = {f"{venv}\\pythonw.exe"}
+    program, kwargs = db.detached_launch(f"{venv}\\python.exe", "nt", beside.__contains__)
+    assert program == f"{venv}\\pythonw.exe"
+    assert kwargs == {"creationflags": db.CREATE_NEW_PROCESS_GROUP | db.CREATE_NO_WINDOW}
+    assert not kwargs["creationflags"] & db.DETACHED_PROCESS
+    # No pythonw.exe beside it (some other Python): python.exe, still without a window.
+    program, kwargs = db.detached_launch(f"{venv}\\python.exe", "nt", set().__contains__)
+    assert program == f"{venv}\\python.exe"
+    assert kwargs["creationflags"] & db.CREATE_NO_WINDOW
+
+
+@pytest.mark.skipif(os.name != "nt", reason="Windows' own flag values")
+def test_the_windows_flags_are_windows_own():
+    import subprocess
+
+    assert db.CREATE_NO_WINDOW == subprocess.CREATE_NO_WINDOW
+    assert db.CREATE_NEW_PROCESS_GROUP == subprocess.CREATE_NEW_PROCESS_GROUP
+    assert db.DETACHED_PROCESS == subprocess.DETACHED_PROCESS
+
+
 def test_connection_file_precedence(tmp_path, monkeypatch):
     install = db.InstallInfo(connection_file=str(tmp_path / "recorded.json"))
     monkeypatch.delenv("DRAG_DIFFUSION_CONNECTION_FILE", raising=False)

@@ -8,16 +8,15 @@ import json
 import pytest
 from plugin_modules import load
 
-from backend.engine.params import PRESETS, defaults_table, method_descriptions, spec_table
+from backend.engine.params import PRESETS, MethodTable
 
 par = load("dragdiff_params")
 DEFAULT = par.DEFAULT
 
 
 def hello_table() -> dict:
-    """The parameter part of the backend's hello reply, as the server builds it."""
-    return {"methods": defaults_table(), "default_method": "dragdiffusion",
-            "parameters": spec_table(), "descriptions": method_descriptions()}
+    """The parameter part of the backend's hello reply, as the engine builds it."""
+    return MethodTable().as_hello()
 
 
 @pytest.fixture
@@ -80,25 +79,38 @@ def test_knobs_follow_the_method_unless_typed(table):
     assert back["lora-steps"] == PRESETS["dragdiffusion-paper"].lora_steps
 
 
-def test_only_values_that_differ_from_the_default_are_sent(table):
+def test_every_shown_value_is_sent_defaults_included(table):
+    """A value equal to the shown default is sent, so it runs even when the backend's own
+    default differs from the table the dialog had (issue 28: 512 on the demo model)."""
     shown = par.shown_values(table, "gooddrag", {k.prop: DEFAULT for k in par.KNOBS})
-    assert par.overrides(table, "gooddrag", shown, "") == {}
+    sent = par.overrides(shown, "")
+    assert sent == {k.param: getattr(PRESETS["gooddrag"], k.param) for k in par.KNOBS}
     shown["lora-steps"] = 3
     shown["lam"] = 0.5
-    sent = par.overrides(table, "gooddrag", shown, json.dumps({"r-m": 2, "feather": 4}))
-    assert sent == {"lora_steps": 3, "lam": 0.5, "r_m": 2, "feather": 4}
-    assert isinstance(sent["lora_steps"], int)
+    sent = par.overrides(shown, json.dumps({"r-m": 2, "feather": 4}))
+    assert sent["lora_steps"] == 3 and sent["lam"] == 0.5 and sent["work_size"] == 512
+    assert sent["r_m"] == 2 and sent["feather"] == 4
+    assert isinstance(sent["lora_steps"], int) and isinstance(sent["work_size"], int)
 
 
-def test_without_a_table_every_set_knob_is_sent():
+def test_a_knob_left_at_minus_one_is_left_to_the_backend():
     values = {k.prop: DEFAULT for k in par.KNOBS} | {"drag-steps": 5.0, "lam": 0.0}
-    assert par.overrides(None, "dragdiffusion", values, "") == {"drag_steps": 5, "lam": 0.0}
+    assert par.overrides(values, "") == {"drag_steps": 5, "lam": 0.0}
+
+
+def test_the_default_method_and_working_width_come_from_the_table(table):
+    assert table.default_method == MethodTable().as_hello()["default_method"]
+    first = {"methods": {"gooddrag": {"method": "gooddrag", "work_size": 128}}}
+    assert par.ParamTable.parse(first, "install.json").default_method == "gooddrag"
+    assert par.working_width(table.resolved("gooddrag", {})) == 512
+    assert par.working_width(par.ParamTable.parse(first, "x").resolved("gooddrag", {})) == 128
+    assert par.working_width({}) == par.OFFICIAL_WORK_SIZE  # no table: the official width
 
 
 @pytest.mark.parametrize("advanced", ["{not json", "[1, 2]"])
 def test_bad_advanced_json_is_an_actionable_error(advanced):
     with pytest.raises(par.ParamsError, match="advanced settings"):
-        par.overrides(None, "dragdiffusion", {}, advanced)
+        par.overrides({}, advanced)
 
 
 def test_remembered_values_keep_defaults_symbolic(table):
@@ -131,12 +143,6 @@ def test_state_file_round_trip(tmp_path):
     assert par.read_state(path) == {"typed": {"seed": 3}, "hello": {"device": "cpu"}}
     path.write_text("{broken")
     assert par.read_state(path) == {}
-
-
-def test_record_round_trip(table):
-    again = par.ParamTable.parse(table.as_record(), "cache")
-    assert again.methods == table.methods and again.specs == table.specs
-    assert again.descriptions == table.descriptions
 
 
 def test_algorithm_of_each_method(table):

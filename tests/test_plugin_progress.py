@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from plugin_modules import load
 
-from backend.engine.params import defaults_table
+from backend.engine.params import MethodTable
 
 prog = load("dragdiff_progress")
 
@@ -26,7 +26,7 @@ def run_phase(tracker, clock, phase, total, seconds_per_step, steps=None):
 
 
 def test_plan_follows_the_methods_parameters():
-    table = defaults_table()
+    table = MethodTable().methods()
     dd = prog.plan_steps(table["dragdiffusion"])
     assert dd == {"load": 1, "lora": 80, "inversion": 35, "drag": 80, "denoise": 35, "decode": 1}
     gd = prog.plan_steps(table["gooddrag"])

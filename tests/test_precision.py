@@ -145,10 +145,10 @@ def test_precision_bench_on_the_toy_model_compares_branches_with_fp32(tmp_path, 
     sizes = []  # (the bench's work_size override, the model's preset) per edit
     run = DragEngine.run
     monkeypatch.setattr(DragEngine, "run", lambda self, request, *a, **k: sizes.append(
-        (request.params.get("work_size"), self.model_params.get("work_size")))
+        (request.params.get("work_size"), self.table.model_params.get("work_size")))
         or run(self, request, *a, **k))
     out = tmp_path / "rows.json"
-    assert main(["precision", "--model", "toy", "--method", "dragdiffusion", "--cases", "1",
+    assert main(["precision", "--model", "demo", "--method", "dragdiffusion", "--cases", "1",
                  "--branches", "bf16", "--lora-steps", "0", "--set", "n_inference_steps=10",
                  "--set", "drag_steps=3", "--json", str(out)]) == 0
     fp32, bf16 = json.loads(out.read_text())

@@ -17,13 +17,13 @@ from pathlib import Path
 import limits
 import numpy as np
 import pytest
-from fixtures_server import FakeEngine, client_for, running_server
+from fixtures_server import TRANSPORTS, FakeEngine, client_for, running_server
 
 from backend.server import cli as server_cli
-from backend.server.server import CurveServer
+from backend.server.transport import CurveServer
 from protocol import connection, wire
 from protocol.client import BackendUnavailable, Client, JobFailed, JobTimeout, WrongKey
-from protocol.curve import CurveClient, generate_keypair
+from protocol.curve import CurveClient, generate_keypair, load_keypair
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_SERVER = Path(__file__).with_name("fixtures_server.py")
@@ -64,12 +64,14 @@ def poll_until_end(client: Client, job: str, events: list | None = None) -> list
     return events
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("style", ["iterate", "short polls"])
-def test_killed_backend_raises_within_the_timeout_and_a_restart_serves(tmp_path, style):
+def test_killed_backend_raises_within_the_timeout_and_a_restart_serves(tmp_path, style,
+                                                                       transport):
     conn = tmp_path / "backend.json"
     proc, endpoint = start([str(FAKE_SERVER), str(conn)])
     try:
-        client = Client.from_connection_file(conn, timeout=1.0, retries=1)
+        client = Client.from_connection_file(conn, timeout=1.0, retries=1, transport=transport)
         assert client.endpoint == endpoint
         job = client.submit(bytes(48), 4, 4, 3, [(1, 1)], [(2, 2)])
         events = client.events(job)
@@ -89,7 +91,7 @@ def test_killed_backend_raises_within_the_timeout_and_a_restart_serves(tmp_path,
     assert conn.exists()  # a killed backend leaves a stale file; the next one replaces it
     proc, _ = start([str(FAKE_SERVER), str(conn)])
     try:
-        with Client.from_connection_file(conn, timeout=2.0) as client:
+        with Client.from_connection_file(conn, timeout=2.0, transport=transport) as client:
             assert client.hello()["model"]["state"] == "ready"
             job = client.submit(bytes(48), 4, 4, 3, [(1, 1)], [(2, 2)],
                                 prompt="steps=1 delay=0")
@@ -221,35 +223,48 @@ def test_curve_allows_listed_clients_only(tmp_path):
             assert client.ping()["queued"] == 0
 
 
-def test_a_curve_mismatch_is_named_not_taken_for_a_missing_backend(tmp_path):
-    """N9: a plain client of a CURVE backend was told that no backend answered and to start
-    one; a CURVE client of a plain backend likewise."""
+def _curve_server_and_client(tmp_path):
     keys, allowed = tmp_path / "keys", tmp_path / "allowed"
     allowed.mkdir()
     _, server_secret = generate_keypair(keys, "server")
     client_public, client_secret = generate_keypair(keys, "client")
     (allowed / "client.key").write_bytes(client_public.read_bytes())
-    curve = CurveServer(server_secret, allowed)
-    with running_server(FakeEngine(), curve=curve) as server:
-        curve_client = CurveClient.from_files(server._transport.server_public_key(),
-                                              client_secret)
-        with client_for(server, timeout=5.0, retries=0) as plain, \
-                pytest.raises(WrongKey, match="uses CURVE encryption, but this client") as err:
-            plain.ping()
-        assert "no backend answered" not in str(err.value)
-        assert "curve_server_key" in str(err.value)
+    return (CurveServer(server_secret, allowed),
+            CurveClient.from_files(load_keypair(server_secret)[0], client_secret))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_plain_client_of_a_curve_backend_is_told_of_the_mismatch(tmp_path, transport):
+    """N9: a plain client of a CURVE backend was told that no backend answered and to start
+    one. libzmq's monitor reports the mechanism mismatch (pyzmq); the pure transport reads
+    CURVE in the backend's greeting: the same message on both."""
+    curve, _ = _curve_server_and_client(tmp_path)
+    with running_server(FakeEngine(), curve=curve) as server, \
+            client_for(server, timeout=5.0, retries=0, transport=transport) as plain, \
+            pytest.raises(WrongKey, match="uses CURVE encryption, but this client") as err:
+        plain.ping()
+    assert "no backend answered" not in str(err.value)
+    assert "curve_server_key" in str(err.value)
+    assert ("needs the pyzmq transport" in str(err.value)) == (transport == "zmtp")
+
+
+def test_a_curve_client_of_a_plain_backend_is_told_of_the_mismatch(tmp_path):
+    """N9, the reverse (CURVE needs pyzmq: one transport)."""
+    _, curve_client = _curve_server_and_client(tmp_path)
     with running_server(FakeEngine()) as server, \
             client_for(server, curve=curve_client, timeout=5.0, retries=0) as client, \
             pytest.raises(WrongKey, match="does not use CURVE encryption"):
         client.ping()
 
 
-def test_a_killed_backend_is_reported_within_10_s_whatever_the_job_timeout(tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_killed_backend_is_reported_within_10_s_whatever_the_job_timeout(tmp_path, transport):
     """11.6: after kill -9 the client used to wait its whole timeout × (retries + 1)."""
     conn = tmp_path / "backend.json"
     proc, _ = start([str(FAKE_SERVER), str(conn)])
     try:
-        client = Client.from_connection_file(conn, timeout=130.0, retries=2)
+        client = Client.from_connection_file(conn, timeout=130.0, retries=2,
+                                             transport=transport)
         job = client.submit(bytes(48), 4, 4, 3, [(1, 1)], [(2, 2)])
         waiting = poll_until_progress(client, job)
         proc.kill()
@@ -261,7 +276,8 @@ def test_a_killed_backend_is_reported_within_10_s_whatever_the_job_timeout(tmp_p
         client.close()
     finally:
         proc.kill()
-    print(f"\nkilled backend reported after {elapsed:.1f} s (client timeout 130 s)")
+    print(f"\nkilled backend reported after {elapsed:.1f} s (client timeout 130 s, "
+          f"{transport})")
     assert elapsed < 10.0 and job in str(err.value)
 
 
@@ -274,9 +290,10 @@ def poll_until_progress(client: Client, job: str) -> list:
 
 
 _PLUGIN = """
-import sys, time
+import os, sys, time
 from protocol.client import Client, JobTimeout
 client = Client.from_connection_file(sys.argv[1], timeout=5.0)
+assert os.environ["DRAG_DIFFUSION_TRANSPORT"] in ("auto", client.transport), client.transport
 client.hello()
 job = client.submit(bytes(48), 4, 4, 3, [(1, 1)], [(2, 2)], prompt=sys.argv[2])
 print(job, flush=True)
@@ -292,19 +309,23 @@ while True:  # the plug-in's loop: short waits between UI updates
 """
 
 
-def plugin_process(conn: Path, prompt: str, ui_seconds: float = 0.0) -> tuple:
+def plugin_process(conn: Path, prompt: str, ui_seconds: float = 0.0,
+                   transport: str = "auto") -> tuple:
+    env = {**os.environ, "DRAG_DIFFUSION_TRANSPORT": transport}
     proc = subprocess.Popen([sys.executable, "-c", _PLUGIN, str(conn), prompt,
-                             str(ui_seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                             str(ui_seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env=env)
     return proc, proc.stdout.readline().strip()
 
 
-def test_a_killed_plugin_has_its_job_cancelled_within_10_s(tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_killed_plugin_has_its_job_cancelled_within_10_s(tmp_path, transport):
     """11.7: the backend cancelled a dead plug-in's job only after its 60 s client TTL."""
     conn = tmp_path / "backend.json"
     engine = FakeEngine(steps=1000, delay=0.05)
     with running_server(engine, connection_file=conn) as server, \
             client_for(server) as observer:
-        proc, job = plugin_process(conn, "")
+        proc, job = plugin_process(conn, "", transport=transport)
         assert engine.step_started.wait(30)
         proc.kill()
         proc.wait(10)
@@ -319,16 +340,18 @@ def test_a_killed_plugin_has_its_job_cancelled_within_10_s(tmp_path):
     assert elapsed < 10.0
 
 
-def test_a_live_plugin_on_a_busy_machine_keeps_its_job(tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_live_plugin_on_a_busy_machine_keeps_its_job(tmp_path, transport):
     """11.7: a short TTL must not cancel a live, slow client: 3 TTLs of work, every core busy,
-    and the client pausing 0.5 s between its polls."""
+    and the client pausing 0.5 s between its polls (its heartbeats keep the job alive)."""
     conn = tmp_path / "backend.json"
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
             for _ in range(os.cpu_count() or 2)]
     try:
         with running_server(FakeEngine(), connection_file=conn) as server:
             steps = int(3 * server.client_ttl / 0.1)
-            proc, _ = plugin_process(conn, f"steps={steps} delay=0.05", ui_seconds=0.5)
+            proc, _ = plugin_process(conn, f"steps={steps} delay=0.05", ui_seconds=0.5,
+                                     transport=transport)
             outcome = proc.communicate(timeout=limits.safety_net(600))[0].strip()
     finally:
         for hog in hogs:

@@ -1,4 +1,4 @@
-"""The toy model's architecture: Stable Diffusion's component classes at a small size.
+"""The demo model's architecture: Stable Diffusion's component classes at a small size.
 
 ``AutoencoderKL`` (4× downsampling, 8 latent channels, no attention, so fully convolutional),
 ``UNet2DConditionModel`` shaped like SD1.5's (four levels, cross-attention on the two middle

@@ -1,4 +1,5 @@
-"""Sub-commands: ``toy train``, ``toy export``, ``toy eval`` and ``bench-quality``."""
+"""Sub-commands: ``demo train``, ``demo export``, ``demo eval`` and ``bench-quality`` (``toy``
+is the old name of ``demo``, still accepted)."""
 
 from __future__ import annotations
 
@@ -64,10 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from backend.demo.bench_quality import CASE_SETS
     from backend.demo.train import DEFAULT_MODEL_DIR, DEFAULT_WORK_DIR, TrainConfig
 
-    toy = subparsers.add_parser("toy", help="the trained toy model: train, export, eval")
-    toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
+    demo = subparsers.add_parser("demo", aliases=["toy"],
+                                 help="the trained demo model (backend/demo/model): train, "
+                                 "export, eval")
+    demo_sub = demo.add_subparsers(dest="demo_command", metavar="DEMO_COMMAND")
 
-    tr = toy_sub.add_parser("train", help="train (or --resume) the toy model")
+    tr = demo_sub.add_parser("train", help="train (or --resume) the demo model")
     tr.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR),
                     help="checkpoints and latent cache (default: %(default)s)")
     tr.add_argument("--out", default=str(DEFAULT_MODEL_DIR),
@@ -82,12 +85,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"default {f.default}")
     tr.set_defaults(func=_cmd_train)
 
-    ex = toy_sub.add_parser("export", help="export the latest checkpoint as a diffusers folder")
+    ex = demo_sub.add_parser("export", help="export the latest checkpoint as a diffusers folder")
     ex.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR))
     ex.add_argument("--out", default=str(DEFAULT_MODEL_DIR))
     ex.set_defaults(func=_cmd_export)
 
-    ev = toy_sub.add_parser("eval", help="reconstruction PSNR on held-out photographs and "
+    ev = demo_sub.add_parser("eval", help="reconstruction PSNR on held-out photographs and "
                             "unseen colours: VAE round trip, DDIM inversion + denoise")
     ev.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     ev.add_argument("--device", default="cpu")

@@ -1,4 +1,4 @@
-"""Training and evaluation images for the toy model: photo crops and shapes in random colours.
+"""Training and evaluation images for the demo model: photo crops and shapes in random colours.
 
 A training image is one of: a crop of a training photograph at a random scale; a procedural
 shape scene in random colours (flat, gradient or textured background, optionally upsampled so

@@ -1,6 +1,6 @@
 """Drag cases on real photographs whose correct result is known, and their scores.
 
-Two kinds, both on photographs held out of the toy model's training:
+Two kinds, both on photographs held out of the demo model's training:
 
 * ``stereo``: the Middlebury motorcycle pair. Handles are textured points of the left view; each
   target is its handle displaced by the ground-truth disparity (a left pixel at column x shows
@@ -26,7 +26,7 @@ import numpy as np
 from backend.demo import photos, shapes
 from backend.demo.metrics import psnr
 
-WORK = 256  # long side of the case images (the toy model's working size)
+CASE_SIDE = 256  # long side of the case images, in pixels
 PATCH = 7  # patch radius for matching (15×15 px)
 
 
@@ -71,15 +71,15 @@ def _cornerness(img: np.ndarray) -> np.ndarray:
     return (a + c) / 2 - np.sqrt(((a - c) / 2) ** 2 + b * b)
 
 
-def stereo_cases(n: int = 4, work: int = WORK) -> list[PhotoCase]:
-    """``n`` one-handle cases on the motorcycle pair at long side ``work``."""
+def stereo_cases(n: int = 4, side: int = CASE_SIDE) -> list[PhotoCase]:
+    """``n`` one-handle cases on the motorcycle pair at long side ``side``."""
     left, right, disp = photos.stereo_pair()
     h0, w0 = left.shape[:2]
-    s = work / max(h0, w0)
+    s = side / max(h0, w0)
     size = (round(w0 * s) // 8 * 8, round(h0 * s) // 8 * 8)
     sx, sy = size[0] / w0, size[1] / h0
     L, R = photos.resize(left, size), photos.resize(right, size)
-    # disparity at the working size: nearest sample at each pixel centre, scaled
+    # disparity at the case size: nearest sample at each pixel centre, scaled
     ys = np.minimum(((np.arange(size[1]) + 0.5) / sy).astype(int), h0 - 1)
     xs = np.minimum(((np.arange(size[0]) + 0.5) / sx).astype(int), w0 - 1)
     D = disp[np.ix_(ys, xs)] * sx
@@ -127,10 +127,10 @@ def _composite(bg: np.ndarray, tex: np.ndarray, shape: shapes.Shape,
     return shapes.quantize(bg * (1 - cov) + shifted * cov)
 
 
-def paste_cases(n: int = 4, seed: int = 0, work: int = WORK) -> list[PhotoCase]:
+def paste_cases(n: int = 4, seed: int = 0, side: int = CASE_SIDE) -> list[PhotoCase]:
     """``n`` cases: a photo-textured shape moved over a held-out background photograph."""
     rng = np.random.default_rng(seed)
-    backgrounds = [photos.fit_long_side(photos.load(k), work) for k in ("chelsea",
+    backgrounds = [photos.fit_long_side(photos.load(k), side) for k in ("chelsea",
                                                                           "motorcycle_right")]
     textures = [photos.load(k) for k in ("chelsea", "motorcycle_left")]
     cases = []

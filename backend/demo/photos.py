@@ -1,4 +1,4 @@
-"""Real photographs for training and evaluating the toy model, read from scikit-image's wheel.
+"""Real photographs for training and evaluating the demo model, read from scikit-image's wheel.
 
 Nothing is downloaded: only images that ship inside the installed ``scikit-image`` package are
 used (scikit-image is a development/training dependency, see ``requirements/dev.txt``).
@@ -31,7 +31,7 @@ def _require_skimage():
         import skimage.data
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError(
-            "the toy model's photographs come from scikit-image's wheel; install the "
+            "the demo model's photographs come from scikit-image's wheel; install the "
             "development requirements: pip install -c requirements/constraints.txt scikit-image"
         ) from exc
     return skimage.data

@@ -1,8 +1,8 @@
-"""The toy model's own drag preset, written into its model folder as ``preset.json``.
+"""The demo model's own drag preset, written into its model folder as ``preset.json``.
 
 SD1.5's defaults are sized for a 512 px working resolution that this small model on a CPU does
 not need; the knobs below are the ones measured to work on it (see ``docs/algorithms.md``,
-"The toy model's preset"). The engine applies ``params`` when this model is loaded; a request's
+"The demo model's preset"). The engine applies ``params`` when this model is loaded; a request's
 own parameters still override them. ``latent_to_rgb`` is the least-squares linear map from this
 VAE's scaled latents to RGB, for the engine's cheap live previews (SD1.5's map assumes its
 4-channel latent).

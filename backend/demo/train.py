@@ -1,4 +1,4 @@
-"""Train the toy Stable-Diffusion-architecture model on photo crops and random-colour shapes.
+"""Train the demo Stable-Diffusion-architecture model on photo crops and random-colour shapes.
 
 Two stages, each resumable from the checkpoint in ``--work-dir``; every batch is a pure function
 of the seed and the step, so a run reproduces from its seed:
@@ -39,9 +39,10 @@ from backend.demo.architecture import (
     encode_prompts,
 )
 from backend.engine.sd15 import SD15_SCHEDULER
+from backend.model_choice import DEMO_MODEL_DIR
 
 DEFAULT_WORK_DIR = Path(".cache/toy-train")
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"
+DEFAULT_MODEL_DIR = DEMO_MODEL_DIR  # training writes the model that ships
 
 
 @dataclass

@@ -15,6 +15,26 @@ from backend.engine.types import GridPoint, ProgressFn
 
 
 @dataclass
+class DragRun:
+    """What a drag loop ran: the pipeline's work accounting and the result's stats read it."""
+
+    steps: int = 0  # optimisation (Adam) steps that ran
+    # it ended inside a drag step, after that step's forward pass (the official codes count one
+    # more forward then: engine.work)
+    stopped_inside: bool = False
+    stop: str | None = None  # why it ended before its last step: "reached" or "no_change"
+    timesteps: int | None = None  # GoodDrag: the denoising steps it dragged at
+
+    def as_stats(self) -> dict[str, Any]:
+        """The result's ``stats`` fields (msgpack/JSON-safe)."""
+        stats = {"drag_steps": self.steps, "drag_stopped": self.stopped_inside,
+                 "drag_stop": self.stop}
+        if self.timesteps is not None:
+            stats["dragged_timesteps"] = self.timesteps
+        return stats
+
+
+@dataclass
 class DragContext:
     runner: UNetRunner
     schedule: Schedule
@@ -28,7 +48,7 @@ class DragContext:
     scaler: torch.amp.GradScaler | None = None
     # preview(phase, step, x0): the edited branch's predicted clean latent, for live previews.
     preview: Callable[[str, int, torch.Tensor], None] | None = None
-    stats: dict = field(default_factory=dict)
+    drag: DragRun = field(default_factory=DragRun)  # what the drag loop ran, filled by it
     warnings: list[str] = field(default_factory=list)  # for the user (DragResult.warnings)
     # Values derived from z_t* alone, kept for a re-drag of the same image (engine.redrag).
     memo: dict | None = None

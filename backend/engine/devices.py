@@ -135,14 +135,6 @@ def resolve_precision(
     return dev, chosen
 
 
-def resolve_device(
-    device: str | None = None, dtype: str | None = None
-) -> tuple[torch.device, torch.dtype]:
-    """``resolve_precision``, giving the weights' dtype."""
-    dev, precision = resolve_precision(device, dtype)
-    return dev, precision.weights
-
-
 def memory_info(device: torch.device | str) -> dict[str, int]:
     """Memory figures in bytes: free/total/peak for CUDA, allocated for MPS, RSS for the CPU."""
     device = torch.device(device)

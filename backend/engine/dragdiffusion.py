@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from backend.engine.attention import reference_attention
-from backend.engine.context import DragContext
+from backend.engine.context import DragContext, DragRun
 from backend.engine.diffusion import ddim_step, denoise
 from backend.engine.motion import (
     all_reached,
@@ -56,8 +56,8 @@ def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, l
                                                          ctx.keep)
         ctx.optimiser_step(loss, optimiser)
         steps_run += 1
-    ctx.stats["drag_steps"] = steps_run
-    ctx.stats["drag_stopped"] = steps_run < p.drag_steps
+    early = steps_run < p.drag_steps  # the tracker put every handle within reach
+    ctx.drag = DragRun(steps_run, stopped_inside=early, stop="reached" if early else None)
     return z.detach(), handles
 
 

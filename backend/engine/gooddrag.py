@@ -12,7 +12,7 @@ import math
 import torch
 
 from backend.engine.attention import reference_attention
-from backend.engine.context import DragContext
+from backend.engine.context import DragContext, DragRun
 from backend.engine.diffusion import ddim_step, denoise, on_grid, predicted_x0
 from backend.engine.motion import (
     all_reached,
@@ -49,6 +49,7 @@ class _Tracker:
         self.handles = list(handles)
         self.no_change = 0
         self.adam_steps = 0
+        self.stop: str | None = None  # why dragging ended early: "reached" or "no_change"
 
     def track(self, feat0: torch.Tensor, feat: torch.Tensor, radius: int, count: bool) -> None:
         new = track_points(feat0, feat, self.handles, self.init, radius)
@@ -81,8 +82,10 @@ def drag_at_timestep(
                 tracker.track(feat0, feat, p.r2, count=False)
                 first = False
             if all_reached(tracker.handles, ctx.targets, p.reach_threshold):
+                tracker.stop = "reached"
                 return z.detach(), False
             if tracker.no_change >= p.max_track_no_change:
+                tracker.stop = "no_change"
                 return z.detach(), False
             drag_loss = gooddrag_motion_loss(feat, feat0, tracker.handles, tracker.init,
                                              ctx.targets, p.r1, p.beta, p.reach_threshold)
@@ -145,9 +148,10 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[Grid
             z_edit = ddim_step(schedule, z_edit, eps, t)
         z_orig = latents0[i]
         i += 1
-    ctx.stats["drag_steps"] = tracker.adam_steps
-    ctx.stats["dragged_timesteps"] = i
-    ctx.stats["drag_stopped"] = n_drag > 0 and not dragging
+    if tracker.stop is None and i < n_drag:  # the no-change limit, between two timesteps
+        tracker.stop = "no_change"
+    ctx.drag = DragRun(tracker.adam_steps, stopped_inside=n_drag > 0 and not dragging,
+                       stop=tracker.stop, timesteps=i)
     return _denoise_rest(ctx, z_orig, z_edit, timesteps[i:], total), tracker.handles
 
 

@@ -19,18 +19,18 @@ PIXEL_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0,
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def working_size(width: int, height: int, work_width: int = 512, max_side: int = 0,
+def working_size(width: int, height: int, working_width: int = 512, max_side: int = 0,
                  multiple: int = 8) -> tuple[int, int]:
     """(w, h) the engine edits at, both multiples of ``multiple``.
 
-    As both official codes (their UIs' ``store_img``): width ``work_width`` and height
-    ``int(work_width · height / width)``, then rounded down to a multiple of 8, which is the
+    As both official codes (their UIs' ``store_img``): width ``working_width`` and height
+    ``int(working_width · height / width)``, then rounded down to a multiple of 8, which is the
     size their VAE's latent covers (a 512×682 image has an 85-row latent, 680 pixels). With
     ``max_side`` > 0 and a longer side than that, the long side is fitted to ``max_side``
     instead (aspect kept, rounded to a multiple of 8), for GPUs with little memory.
     """
-    w = max(multiple, work_width // multiple * multiple)
-    h = max(multiple, int(work_width * height / width) // multiple * multiple)
+    w = max(multiple, working_width // multiple * multiple)
+    h = max(multiple, int(working_width * height / width) // multiple * multiple)
     if max_side <= 0 or max(w, h) <= max_side:
         return w, h
     scale = max_side / max(width, height)
@@ -160,7 +160,7 @@ def resize_mask_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]] > 0
 
 
-def to_grid(points: list[ImagePoint], image_size: tuple[int, int], work_size: tuple[int, int],
+def to_grid(points: list[ImagePoint], image_size: tuple[int, int], working: tuple[int, int],
             grid: tuple[int, int]) -> list[GridPoint]:
     """Continuous image (x, y) → (row, col) cell of the supervision grid, as the official codes
     round a click (docs/algorithms.md §1, Coordinates).
@@ -170,7 +170,7 @@ def to_grid(points: list[ImagePoint], image_size: tuple[int, int], work_size: tu
     official ``round(index / size · grid)`` (float32, half to even, as ``torch.round``), i.e.
     ``round(i / 2)``. Unlike the official code, cells are clamped into the grid.
     """
-    (width, height), (w, h), (rows, cols) = image_size, work_size, grid
+    (width, height), (w, h), (rows, cols) = image_size, working, grid
 
     def cell(v: float, scale: float, size: int, n: int) -> float:
         index = v * scale - 0.5
@@ -179,11 +179,11 @@ def to_grid(points: list[ImagePoint], image_size: tuple[int, int], work_size: tu
     return [(cell(y, h / height, h, rows), cell(x, w / width, w, cols)) for x, y in points]
 
 
-def from_grid(points: list[GridPoint], image_size: tuple[int, int], work_size: tuple[int, int],
+def from_grid(points: list[GridPoint], image_size: tuple[int, int], working: tuple[int, int],
               grid: tuple[int, int]) -> list[ImagePoint]:
     """(row, col) on the grid → continuous image (x, y): the centre of the official pixel index
     ``col · w / cols`` (GoodDrag's ``get_original_points``) scaled back to the full image."""
-    (width, height), (w, h), (rows, cols) = image_size, work_size, grid
+    (width, height), (w, h), (rows, cols) = image_size, working, grid
     return [((c * w / cols + 0.5) * width / w, (r * h / rows + 0.5) * height / h)
             for r, c in points]
 

@@ -6,19 +6,18 @@ so the server can be typed against it without loading the engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol
 
-import numpy as np
-
-from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
-
-# preview(phase, step, rgb): a rough h×w×3 uint8 picture of the edit while it forms.
-PreviewFn = Callable[[str, int, np.ndarray], None]
+from backend.engine.params import MethodTable
+from backend.engine.types import CancelToken, DragRequest, DragResult, PreviewFn, ProgressFn
 
 
 class Engine(Protocol):
     """A loaded model that runs drag edits, one at a time."""
+
+    # What it runs: every method's defaults with this model's own applied; what a server
+    # announces, and what a request is checked against before it is accepted.
+    table: MethodTable
 
     def info(self) -> dict[str, Any]:
         """``model``, ``device``, ``memory`` (bytes) and whatever else describes the engine."""

@@ -18,8 +18,8 @@ Training data, per method:
 Training uses a peft adapter inside the attention ``Linear`` layers. For the edit itself the
 trained weights are merged into those layers (``lora_merge.MergedLora``), so any attention
 processor that calls ``attn.to_q(...)`` includes them at no extra cost per forward, and they stay
-merged between edits with the same LoRA key. ``lora_applied`` does one edit's worth: train (or
-load from the cache), merge, and restore the exact base weights afterwards.
+merged between edits with the same LoRA key. ``prepare_lora`` does one edit's worth: train (or
+load from the cache) and merge; ``MergedLora.restore`` puts the exact base weights back.
 
 (Near 470 lines: training, its cache key and the cache are one unit; the key must name
 exactly what the training reads.)
@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -385,6 +384,15 @@ class LoraCache:
 # One edit's LoRA
 
 
+@dataclass(frozen=True)
+class PreparedLora:
+    """The LoRA an edit runs with (``prepare_lora``)."""
+
+    key: str | None = None  # its cache key; None: no LoRA (lora_steps 0)
+    trained: bool = False  # trained for this edit (else cached, already merged, or none)
+    resident: bool = False  # already merged by the previous edit with the same key
+
+
 def prepare_lora(
     model: LoadedModel,
     image: torch.Tensor,
@@ -397,19 +405,18 @@ def prepare_lora(
     seed: int = 0,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
-) -> dict:
+) -> PreparedLora:
     """Make the LoRA for this image and prompt the one merged into the UNet.
 
     Kept as is when ``merged`` already holds it (``resident``), else loaded from ``cache`` or
     trained. ``method`` is "dragdiffusion" or "gooddrag" (their crop schemes). With
-    ``params.lora_steps == 0`` the base weights are restored. Returns ``{"lora": bool,
-    "cached": bool, "resident": bool, "key": str | None}``; ``cached`` is true whenever no
-    training ran. ``merged.restore()`` undoes it, or use ``lora_applied``.
+    ``params.lora_steps == 0`` the base weights are restored (no key). ``merged.restore()``
+    undoes it.
     """
     if params.lora_steps == 0:
         remove_lora(model)
         merged.restore()
-        return {"lora": False, "cached": False, "resident": False, "key": None}
+        return PreparedLora()
     settings = dict(
         rank=params.lora_rank,
         lr=params.lora_lr,
@@ -419,8 +426,8 @@ def prepare_lora(
         seed=seed,
     )
     key = lora_cache_key(model, image, prompt, **settings)
-    done = {"lora": True, "cached": True, "resident": merged.key == key, "key": key}
-    if merged.key != key:
+    resident = merged.key == key
+    if not resident:
         merged.restore()
         state = cache.get(key) if cache is not None else None
         if state is None or not _merge_cached(merged, key, state):
@@ -430,10 +437,10 @@ def prepare_lora(
             if cache is not None:
                 cache.put(key, state,
                           {"model": model.name, "prompt": prompt, "method": method, **settings})
-            return {**done, "cached": False}
+            return PreparedLora(key, trained=True)
     if progress is not None:
         progress("lora", params.lora_steps, params.lora_steps)
-    return done
+    return PreparedLora(key, resident=resident)
 
 
 def _merge_cached(merged: MergedLora, key: str, state: dict[str, torch.Tensor]) -> bool:
@@ -443,29 +450,3 @@ def _merge_cached(merged: MergedLora, key: str, state: dict[str, torch.Tensor]) 
         logger.warning("cached LoRA %s does not fit the model; training again", key[:12])
         return False
     return True
-
-
-@contextmanager
-def lora_applied(
-    model: LoadedModel,
-    image: torch.Tensor,
-    prompt: str,
-    params: DragParams,
-    cache: LoraCache | None = None,
-    *,
-    method: str,
-    seed: int = 0,
-    progress: ProgressFn | None = None,
-    cancel: CancelToken | None = None,
-) -> Iterator[dict]:
-    """``prepare_lora`` for the duration of a ``with`` block; the UNet's base weights are
-    restored exactly on exit, also after an error or a cancellation."""
-    merged = MergedLora(model)
-    try:
-        yield prepare_lora(
-            model, image, prompt, params, cache,
-            method=method, merged=merged, seed=seed, progress=progress, cancel=cancel,
-        )
-    finally:
-        remove_lora(model)
-        merged.restore()

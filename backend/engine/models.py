@@ -145,7 +145,7 @@ def load_model(
     report = progress or (lambda phase, step, total: None)
     report("load", 0, 3)
     try:
-        kind, path = _locate(str(model), what="model")
+        kind, path = locate(str(model), what="model")
         if kind == "file":
             parts = _load_single_file(path, dt, config)
         else:
@@ -153,7 +153,7 @@ def load_model(
         report("load", 1, 3)
         fingerprint_files = parts.pop("files")
         if vae is not None:
-            vae_kind, vae_path = _locate(str(vae), what="VAE")
+            vae_kind, vae_path = locate(str(vae), what="VAE")
             parts["vae"], vae_files = _load_vae(vae_kind, vae_path, dt, config)
             fingerprint_files += [(f"vae override {label}", f) for label, f in vae_files]
         report("load", 2, 3)
@@ -183,13 +183,21 @@ def load_model(
 # Finding the model
 
 
+def download_command(repo_id: str = DEFAULT_MODEL, what: str = "model") -> str:
+    """The shell command that puts into the Hugging Face cache just the files the engine loads.
+    ``hf`` is huggingface_hub's command line (this project's venv has it: ``.venv/bin/hf``)."""
+    patterns = _MODEL_FILES if what == "model" else _VAE_FILES
+    return f"hf download {repo_id} " + " ".join(f'--include "{p}"' for p in patterns)
+
+
 def _fix_hint(what: str) -> str:
     flag = "--model" if what == "model" else "--vae"
     example = DEFAULT_MODEL if what == "model" else "stabilityai/sd-vae-ft-mse"
     return (
         f"pass {flag} /path/to/a-diffusers-folder-or-file.safetensors, or run "
-        f"`huggingface-cli download {example}` on a machine with network access and use "
-        "that Hugging Face cache here (set HF_HOME to it)"
+        f"`{download_command(example, what)}` (hf: huggingface_hub's command line, in this "
+        "project's .venv/bin) on a machine with network access and use that Hugging Face cache "
+        "here (set HF_HOME to it)"
     )
 
 
@@ -203,8 +211,10 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _locate(name: str, what: str) -> tuple[str, Path]:
-    """Return ("folder" | "file", path) for a local path or a Hugging Face id."""
+def locate(name: str, what: str = "model", download: bool = True) -> tuple[str, Path]:
+    """Return ("folder" | "file", path) for a local path or a Hugging Face id, without reading
+    any weights. A Hugging Face id missing from the local cache is downloaded when ``download``
+    and the hub allow it; else ``ModelNotFound`` says what was tried and how to fix it."""
     path = Path(name).expanduser()
     if path.is_dir():
         if (path / "model_index.json").is_file() or (what == "VAE" and (path / "config.json").is_file()):
@@ -222,7 +232,7 @@ def _locate(name: str, what: str) -> tuple[str, Path]:
         )
     if _looks_like_path(name):
         raise ModelNotFound(f"the {what} {name} was not found: no such folder or file; {_fix_hint(what)}")
-    return "folder", _from_hub(name, what)
+    return "folder", _from_hub(name, what, download)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -231,14 +241,15 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """Downloading from the Hugging Face hub is switched off (``HF_HUB_OFFLINE``)."""
     from huggingface_hub import constants
 
     flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
     return bool(constants.HF_HUB_OFFLINE) or flag in ("1", "true", "yes", "on")
 
 
-def _from_hub(repo_id: str, what: str) -> Path:
+def _from_hub(repo_id: str, what: str, download: bool = True) -> Path:
     """The local snapshot folder of a Hugging Face repo, downloading it if allowed."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError
@@ -257,7 +268,9 @@ def _from_hub(repo_id: str, what: str) -> Path:
         f"the {what} {repo_id!r} was not found: it is not a folder or file here and not in "
         f"the Hugging Face cache at {cache}"
     )
-    if _hub_offline():
+    if not download:
+        raise ModelNotFound(f"{tried}; {_fix_hint(what)}")
+    if hub_offline():
         raise ModelNotFound(f"{tried}, and downloading is off (HF_HUB_OFFLINE is set); {_fix_hint(what)}")
     patterns = _MODEL_FILES if what == "model" else _VAE_FILES
     try:

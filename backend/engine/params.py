@@ -4,6 +4,10 @@ Defaults follow the official code's current settings (DragDiffusion @ebe659a, Go
 @fc01bc1); ``dragdiffusion-paper`` reproduces the first published DragDiffusion settings.
 Every field can be overridden per request; ``SPECS`` says what each knob accepts (type,
 range, dialog step, help line), and ``resolve`` checks every override against it.
+
+``MethodTable`` is the one table of what an engine runs: these presets with the served model's
+own defaults (its ``preset.json``) applied. A server's ``hello`` sends it, the plug-in shows
+and estimates with it, install.py records it, and every request is checked against it.
 """
 
 from __future__ import annotations
@@ -11,10 +15,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from backend.engine.errors import InvalidInput
+from backend.engine.imageops import working_size
+from backend.engine.types import DEFAULT_METHOD
 
 METHODS = ("dragdiffusion", "gooddrag")
 
@@ -88,8 +95,8 @@ PRESETS: dict[str, DragParams] = {
         drag_steps=40,
         reference_attention=False,
     ),
-    # DragDiffusion at about a quarter of the work (README, "Speed"): a quarter of the LoRA
-    # samples (20 steps × batch 2) at 4× its learning rate, 25 DDIM steps (18 inverted: t* is
+    # DragDiffusion at about a quarter of the work (README, "Speed"): an eighth of the LoRA
+    # samples (20 steps × batch 2 = 40 against 80 × 4 = 320) at 4× its learning rate, 25 DDIM steps (18 inverted: t* is
     # still 681), at most 40 drag steps at twice the step. ≤ 215 UNet forward-equivalents
     # per first edit instead of 906, ≤ 116 per re-drag instead of 266.
     "fast": DragParams(
@@ -115,7 +122,7 @@ DESCRIPTIONS = {
     "dragdiffusion-paper": "DragDiffusion with the paper's first published settings (longer "
                            "LoRA, 40 drag steps, no reference attention); for comparisons.",
     "fast": "DragDiffusion with a short LoRA, 25 DDIM steps and fewer, larger drag steps: about "
-            "a quarter of the work, measured to keep the edit on the toy model.",
+            "a quarter of the work, measured to keep the edit on the demo model.",
 }
 
 
@@ -240,23 +247,23 @@ MAX_MEMORY = 80e9
 MEMORY_FIXED, MEMORY_PER_CANVAS = 2.3e9, 1.92e9
 
 
-def _relative_area(work: tuple[float, float]) -> float:
-    return work[0] * work[1] / 512**2
+def _relative_area(canvas: tuple[float, float]) -> float:
+    return canvas[0] * canvas[1] / 512**2
 
 
-def pass_cost(work: tuple[float, float], attention_share: float = ATTENTION_SHARE) -> float:
-    """One pass over a ``work`` = (w, h) canvas, in passes at 512² (see ``ATTENTION_SHARE``)."""
-    r = _relative_area(work)
+def pass_cost(canvas: tuple[float, float], attention_share: float = ATTENTION_SHARE) -> float:
+    """One pass over a ``canvas`` = (w, h), in passes at 512² (see ``ATTENTION_SHARE``)."""
+    r = _relative_area(canvas)
     return (1 - attention_share) * r + attention_share * r * r
 
 
 def estimated_work(algorithm: str, p: DragParams,
-                   work: tuple[float, float] | None = None) -> float:
+                   canvas: tuple[float, float] | None = None) -> float:
     """UNet forward-pass equivalents at 512² an edit with these settings needs, roughly (the
-    VAE's encode and decode included): on a ``work`` = (w, h) canvas, or on a square one of
-    side ``work_size``. A pass over a larger canvas costs more than its area says: attention
-    grows with the square of the tokens (``pass_cost``)."""
-    work = work if work is not None else (p.work_size, p.work_size)
+    VAE's encode and decode included): on a ``canvas`` = (w, h) working canvas, or on a square
+    one of side ``work_size``. A pass over a larger canvas costs more than its area says:
+    attention grows with the square of the tokens (``pass_cost``)."""
+    canvas = canvas if canvas is not None else (p.work_size, p.work_size)
     steps = p.n_inference_steps * p.inversion_strength
     lora = 2 * p.lora_steps * p.lora_batch
     passes = steps  # inversion (no classifier-free guidance, as both official codes)
@@ -265,60 +272,56 @@ def estimated_work(algorithm: str, p: DragParams,
         drag = 2 * min(p.drag_end_step, steps) * p.track_per_denoise * p.max_drag_per_track
     else:
         drag = 2 * p.drag_steps
-    vae = VAE_PASSES * pass_cost(work, VAE_ATTENTION_SHARE)
-    return (lora + passes + drag) * pass_cost(work) + vae
+    vae = VAE_PASSES * pass_cost(canvas, VAE_ATTENTION_SHARE)
+    return (lora + passes + drag) * pass_cost(canvas) + vae
 
 
-def estimated_memory(work: tuple[float, float]) -> float:
-    """Bytes an edit needs at its peak on a ``work`` = (w, h) canvas, SD1.5 in half precision
+def estimated_memory(canvas: tuple[float, float]) -> float:
+    """Bytes an edit needs at its peak on a ``canvas`` = (w, h) working canvas, SD1.5 in half precision
     (see ``MAX_MEMORY``): the same for every method and setting, as the peak is one image's
     forward and backward pass."""
-    return MEMORY_FIXED + MEMORY_PER_CANVAS * _relative_area(work)
+    return MEMORY_FIXED + MEMORY_PER_CANVAS * _relative_area(canvas)
 
 
-def _fits(algorithm: str, p: DragParams, work: tuple[float, float]) -> bool:
-    return (estimated_memory(work) <= MAX_MEMORY
-            and estimated_work(algorithm, p, work) <= MAX_WORK)
+def _fits(algorithm: str, p: DragParams, canvas: tuple[float, float]) -> bool:
+    return (estimated_memory(canvas) <= MAX_MEMORY
+            and estimated_work(algorithm, p, canvas) <= MAX_WORK)
 
 
-def check_canvas(algorithm: str, p: DragParams, work: tuple[int, int]) -> None:
+def check_canvas(algorithm: str, p: DragParams, canvas: tuple[int, int]) -> None:
     """Refuse an edit whose working canvas (a tall or wide image: the width is ``work_size``,
     the height follows the aspect ratio) needs more memory than ``MAX_MEMORY`` or asks for more
-    work than ``MAX_WORK``, naming the cap on its long side that fits; the server runs this
-    before it accepts a job."""
-    if _fits(algorithm, p, work):
+    work than ``MAX_WORK``, naming the cap on its long side that fits (a value ``work_max_side``
+    takes); the server runs this, through ``MethodTable.resolve``, before it accepts a job."""
+    if _fits(algorithm, p, canvas):
         return
-    long, short = max(work), min(work)
+    long, short = max(canvas), min(canvas)
 
     def capped(side: int) -> tuple[float, float]:
         # the capped short side is rounded to a multiple of 8: allow for it rounding up
         return side, short * side / long + 8
 
-    low, high = 0, long // 8  # the largest multiple of 8 that fits: binary search
+    # the largest multiple of 8 that fits and that the knob takes: binary search
+    low, high = 0, min(long, int(SPECS["work_max_side"].high)) // 8
     while low < high:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if _fits(algorithm, p, capped(8 * mid)) else (low, mid - 1)
     fix = (f"cap its long side with work_max_side (at most {8 * low})" if low
            else "lower the settings")
-    memory, need = estimated_memory(work), estimated_work(algorithm, p, work)
+    memory, need = estimated_memory(canvas), estimated_work(algorithm, p, canvas)
     if memory > MAX_MEMORY:
         raise InvalidInput(
-            f"this image's working canvas is {work[0]}×{work[1]}, which needs about "
+            f"this image's working canvas is {canvas[0]}×{canvas[1]}, which needs about "
             f"{memory / 1e9:,.0f} GB of memory at its peak, more than the limit of "
             f"{MAX_MEMORY / 1e9:,.0f} GB; {fix} or crop the image")
     raise InvalidInput(
-        f"this image's working canvas is {work[0]}×{work[1]}, which asks for about {need:,.0f} "
-        f"UNet passes, more than the limit of {MAX_WORK:,}; {fix} or crop the image")
+        f"this image's working canvas is {canvas[0]}×{canvas[1]}, which asks for about "
+        f"{need:,.0f} UNet passes, more than the limit of {MAX_WORK:,}; {fix} or crop the image")
 
 
-def resolve(method: str, overrides: dict[str, Any] | None = None) -> tuple[str, DragParams]:
-    """Return (algorithm, params) for a method or preset name plus overrides.
-
-    Raises ``InvalidInput`` naming the problem: an unknown method or knob, a value of the wrong
-    type, outside its range (``SPECS``) or not finite, or settings that ask for too much work.
-    """
-    if not isinstance(method, str) or method not in PRESETS:
-        raise InvalidInput(f"unknown method {method!r:.40}; choose one of: {', '.join(PRESETS)}")
+def checked_knobs(overrides: Mapping[str, Any] | None, method: str = "") -> dict[str, Any]:
+    """``overrides`` with each knob's name and value checked against ``SPECS`` (``-`` in a name
+    read as ``_``); ``InvalidInput`` names an unknown knob or a value its knob does not take."""
     clean: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
         if not isinstance(key, str):
@@ -326,15 +329,30 @@ def resolve(method: str, overrides: dict[str, Any] | None = None) -> tuple[str, 
         name = key.replace("-", "_")
         spec = SPECS.get(name)
         if spec is None:
-            raise InvalidInput(f"unknown parameter {name!r:.40} for method {method!r}; known: "
+            where = f" for method {method!r}" if method else ""
+            raise InvalidInput(f"unknown parameter {name!r:.40}{where}; known: "
                                f"{', '.join(SPECS)}")
         clean[name] = spec.check(name, value)
+    return clean
+
+
+def resolve(method: str, overrides: Mapping[str, Any] | None = None) -> tuple[str, DragParams]:
+    """Return (algorithm, params) for a method or preset name plus overrides, on a model without
+    defaults of its own (``MethodTable.resolve`` is the engine's, with its model's and the
+    image's).
+
+    Raises ``InvalidInput`` naming the problem: an unknown method or knob, a value of the wrong
+    type, outside its range (``SPECS``) or not finite, or settings that ask for too much work.
+    """
+    if not isinstance(method, str) or method not in PRESETS:
+        raise InvalidInput(f"unknown method {method!r:.40}; choose one of: {', '.join(PRESETS)}")
+    clean = checked_knobs(overrides, method)
     algorithm = PRESET_METHOD[method]
     params = PRESETS[method].replace(**clean)
-    work = estimated_work(algorithm, params)
-    if work > MAX_WORK:
+    need = estimated_work(algorithm, params)
+    if need > MAX_WORK:
         raise InvalidInput(
-            f"these settings ask for about {work:,.0f} UNet passes, more than the limit of "
+            f"these settings ask for about {need:,.0f} UNet passes, more than the limit of "
             f"{MAX_WORK:,} (the {method} defaults need about "
             f"{estimated_work(algorithm, PRESETS[method]):,.0f}); lower work_size, lora_steps, "
             "lora_batch, drag_steps or (GoodDrag) track_per_denoise × max_drag_per_track")
@@ -371,13 +389,6 @@ def parse_assignments(items: list[str], option: str = "--set") -> dict[str, Any]
     return out
 
 
-def defaults_table(model_params: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Every preset's full parameter set (for the protocol's hello reply and --help), with a
-    loaded model's own defaults (``model_params``, from its ``preset.json``) applied."""
-    return {name: {"method": PRESET_METHOD[name], **p.replace(**(model_params or {})).as_dict()}
-            for name, p in PRESETS.items()}
-
-
 def spec_table() -> dict[str, dict[str, Any]]:
     """Every knob's type, range, dialog step and help line (msgpack/JSON-safe)."""
     return {name: spec.as_dict() for name, spec in SPECS.items()}
@@ -386,3 +397,51 @@ def spec_table() -> dict[str, dict[str, Any]]:
 def method_descriptions() -> dict[str, str]:
     """One line per method or preset (empty for a preset nobody described yet)."""
     return {name: DESCRIPTIONS.get(name, "") for name in PRESETS}
+
+
+@dataclass(frozen=True)
+class MethodTable:
+    """What an engine runs: every method's and preset's parameters with the served model's own
+    defaults (``model_params``, the ``params`` of its ``preset.json``) applied.
+
+    The one table of defaults: ``as_hello`` is what a server announces and install.py records
+    (the plug-in shows and estimates with it), and ``resolve`` checks a request against it, on
+    the request's own image, and gives the parameters the engine runs. A request that leaves a
+    knob out gets the value this table shows for it.
+    """
+
+    model_params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The model's own defaults must be valid knobs, checked once here (InvalidInput).
+        clean = checked_knobs(self.model_params)
+        resolve(DEFAULT_METHOD, clean)
+        object.__setattr__(self, "model_params", clean)
+
+    def params(self, method: str) -> DragParams:
+        """A method's or preset's defaults on this model (``KeyError`` for an unknown name)."""
+        return PRESETS[method].replace(**self.model_params)
+
+    def methods(self) -> dict[str, dict[str, Any]]:
+        """Every method or preset → ``{method: its algorithm, knob: default, …}``."""
+        return {name: {"method": PRESET_METHOD[name], **self.params(name).as_dict()}
+                for name in PRESETS}
+
+    def as_hello(self) -> dict[str, Any]:
+        """The table as a ``hello`` reply carries it (msgpack/JSON-safe)."""
+        return {"methods": self.methods(), "parameters": spec_table(),
+                "descriptions": method_descriptions(), "default_method": DEFAULT_METHOD}
+
+    def resolve(self, method: str, overrides: Mapping[str, Any] | None = None,
+                size: tuple[int, int] | None = None) -> tuple[str, DragParams]:
+        """(algorithm, params) the engine runs for ``method`` with ``overrides`` on a
+        ``size`` = (width, height) image: knobs left out take this table's values; each given
+        one is checked against ``SPECS``; the settings must fit ``MAX_WORK`` on that image's
+        working canvas (a tall or wide image counts its whole height or width). Raises
+        ``InvalidInput`` naming the problem."""
+        algorithm, params = resolve(method, {**self.model_params, **checked_knobs(overrides,
+                                                                                  method)})
+        if size is not None:
+            check_canvas(algorithm, params, working_size(*size, params.work_size,
+                                                         params.work_max_side))
+        return algorithm, params

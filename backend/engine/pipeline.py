@@ -7,7 +7,6 @@ prepare inputs → encode prompt and image → identity LoRA → DDIM inversion 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ import torch
 
 from backend.engine import dragdiffusion, gooddrag, imageops
 from backend.engine.cancel import cancellable
-from backend.engine.context import DragContext
+from backend.engine.context import DragContext, DragRun
 from backend.engine.devices import (
     autocast,
     grad_scaler,
@@ -26,20 +25,13 @@ from backend.engine.devices import (
 )
 from backend.engine.diffusion import Schedule, UNetRunner, compiled_unet_forward, run_inversion
 from backend.engine.errors import EngineError, OutOfMemory
-from backend.engine.lora import LoraCache, prepare_lora
+from backend.engine.lora import LoraCache, PreparedLora, prepare_lora
 from backend.engine.lora_merge import MergedLora
 from backend.engine.memory import free_memory, oom_message
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
-from backend.engine.params import (
-    METHODS,
-    PRESETS,
-    DragParams,
-    check_canvas,
-    defaults_table,
-    resolve,
-)
+from backend.engine.params import METHODS, DragParams, MethodTable
 from backend.engine.redrag import RedragCache, RedragEntry, redrag_key
-from backend.engine.types import CancelToken, DragRequest, DragResult, ProgressFn
+from backend.engine.types import CancelToken, DragRequest, DragResult, PreviewFn, ProgressFn
 from backend.engine.work import WorkCounter, official_defaults, official_work
 
 ALGORITHMS = {"dragdiffusion": dragdiffusion.run, "gooddrag": gooddrag.run}
@@ -52,7 +44,6 @@ LATENT_TO_RGB = torch.tensor(device="cpu", data=[
     [-0.2829, 0.1762, 0.2721],
     [-0.2120, -0.2616, -0.7177],
 ])
-PreviewFn = Callable[[str, int, np.ndarray], None]
 
 SELECTION_TOO_SMALL = (
     "The selection is smaller than the model's 8-pixel cell (about {cell:.3g} image pixels at "
@@ -67,11 +58,11 @@ class _Prepared:
     """The request at working resolution."""
 
     size: tuple[int, int]  # full (W, H)
-    work: tuple[int, int]  # working (w, h)
+    working_size: tuple[int, int]  # the size the model edits at (w, h)
     image: np.ndarray  # the input pixels (H×W×C, uint8, uint16 or float32)
     pixels: torch.Tensor  # [1, 3, h, w] in [-1, 1]
     mask_full: np.ndarray | None  # H×W uint8, >0 editable
-    mask_work: np.ndarray | None  # h×w bool
+    mask_working: np.ndarray | None  # h×w bool, at the working size
 
 
 def latent_preview(latent: torch.Tensor,
@@ -99,8 +90,8 @@ class DragEngine:
         if compile_unet:
             self.unet_forward = compiled_unet_forward(
                 compile_unet if isinstance(compile_unet, str) else "inductor")
-        try:  # a model's own defaults must be valid knobs (checked once, at load)
-            resolve(METHODS[0], self.model_params)
+        try:  # what this engine runs: the methods' defaults with the model's own applied
+            self.table = MethodTable(model.preset.get("params", {}))
         except EngineError as exc:
             raise EngineError(f"the preset.json of {model.source} is not valid: {exc}") from None
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache()
@@ -123,11 +114,6 @@ class DragEngine:
         return cls(loaded, LoraCache(lora_cache_dir) if lora_cache_dir else None, reuse=reuse,
                    compile_unet=compile_unet)
 
-    @property
-    def model_params(self) -> dict:
-        """The loaded model's own parameter defaults (its ``preset.json``; usually none)."""
-        return self.model.preset.get("params", {})
-
     def info(self) -> dict:
         m = self.model
         return {
@@ -137,8 +123,6 @@ class DragEngine:
             "dtype": str(m.dtype).removeprefix("torch."),
             "precision": m.precision.name,
             "memory": memory_info(m.device),
-            "methods": list(PRESETS),
-            "defaults": defaults_table(self.model_params),
         }
 
     # -- the edit -------------------------------------------------------------------------
@@ -156,10 +140,8 @@ class DragEngine:
         (latent resolution, h×w×3 uint8, colours approximated without the VAE).
         """
         imageops.validate_request(request.image, request.handles, request.targets, request.mask)
-        algorithm, params = resolve(request.method, {**self.model_params, **request.params})
         height, width = request.image.shape[:2]
-        check_canvas(algorithm, params, imageops.working_size(width, height, params.work_size,
-                                                              params.work_max_side))
+        algorithm, params = self.table.resolve(request.method, request.params, (width, height))
         phase = ["load"]  # the phase an out-of-memory error is reported in
 
         def tracked(name: str, step: int, total: int) -> None:
@@ -202,14 +184,14 @@ class DragEngine:
             cond = model.encode_prompt(request.prompt)
 
         work = WorkCounter()
-        lora = {"lora": False, "cached": False, "key": None}
+        lora = PreparedLora()
         try:
             if params.lora_steps > 0:
                 with self._timed(timings, "lora"):
                     lora = prepare_lora(model, prep.pixels, request.prompt, params, self.lora_cache,
                                         method=algorithm, merged=self.merged_lora,
                                         seed=request.seed, progress=report, cancel=cancel)
-                if not lora["cached"]:
+                if lora.trained:
                     work.add("lora", 2 * params.lora_steps * params.lora_batch)
             else:
                 self.merged_lora.restore()
@@ -219,7 +201,7 @@ class DragEngine:
             schedule = Schedule.from_scheduler(model.scheduler, params.n_inference_steps,
                                                params.inversion_strength)
             with self._timed(timings, "inversion"):
-                entry = self.invert(prep, request.prompt, lora["key"], params, runner, schedule,
+                entry = self.invert(prep, request.prompt, lora.key, params, runner, schedule,
                                     report)
             ctx = self.drag_context(prep, params, runner, schedule, request, report)
             ctx.memo = entry.memo
@@ -245,16 +227,15 @@ class DragEngine:
             report("decode", 0, 1)
             image = self.finish(prep, self.decode_latents(z_edit), params)
         stats = {
-            **ctx.stats,
+            **ctx.drag.as_stats(),
             "unet_passes": runner.passes,
-            "work": self.work_stats(algorithm, params, schedule, work, ctx.stats,
-                                    lora["lora"] and not lora["cached"]),
-            "reused": {"lora": bool(lora.get("resident")), "inversion": entry.reused},
-            "work_size": list(prep.work),
+            "work": self.work_stats(algorithm, params, schedule, work, ctx.drag, lora.trained),
+            "reused": {"lora": lora.resident, "inversion": entry.reused},
+            "work_size": list(prep.working_size),
             "t_star": schedule.t_star,
             "memory": memory_info(model.device),
         }
-        final = imageops.from_grid(handles, prep.size, prep.work, ctx.grid)
+        final = imageops.from_grid(handles, prep.size, prep.working_size, ctx.grid)
         return DragResult(image=image, handles=final, timings=timings, stats=stats,
                           warnings=list(ctx.warnings))
 
@@ -263,25 +244,25 @@ class DragEngine:
     def prepare(self, request: DragRequest, params: DragParams) -> _Prepared:
         """Split channels, resize the image and mask to the working resolution."""
         height, width = request.image.shape[:2]
-        work = imageops.working_size(width, height, params.work_size, params.work_max_side)
+        working = imageops.working_size(width, height, params.work_size, params.work_max_side)
         color, _alpha = imageops.split_channels(request.image)
-        pixels = torch.from_numpy(imageops.model_rgb(color, work)).permute(2, 0, 1)[None]
+        pixels = torch.from_numpy(imageops.model_rgb(color, working)).permute(2, 0, 1)[None]
         mask = request.mask
         if mask is not None and mask.ndim == 3:
             mask = mask[..., 0]
-        mask_work = imageops.resize_mask_nearest(mask, work) if mask is not None else None
-        return _Prepared((width, height), work, request.image, pixels, mask, mask_work)
+        mask_working = imageops.resize_mask_nearest(mask, working) if mask is not None else None
+        return _Prepared((width, height), working, request.image, pixels, mask, mask_working)
 
     def drag_context(self, prep: _Prepared, params: DragParams, runner: UNetRunner,
                      schedule: Schedule, request: DragRequest, report: ProgressFn) -> DragContext:
         """Points on the supervision grid and the keep-mask at latent resolution."""
-        w, h = prep.work
+        w, h = prep.working_size
         grid = (h // 2, w // 2)
         keep, warnings = None, []
-        if prep.mask_work is not None:
+        if prep.mask_working is not None:
             # As both official codes: mask → nearest to the grid → nearest to the latent size,
             # with F.interpolate's sampling (imageops.nearest_indices).
-            sup = imageops.resize_mask_nearest(prep.mask_work, (grid[1], grid[0]))
+            sup = imageops.resize_mask_nearest(prep.mask_working, (grid[1], grid[0]))
             vsf = self.model.vae_scale_factor
             lat = imageops.resize_mask_nearest(sup, (w // vsf, h // vsf))
             if lat.any():
@@ -294,8 +275,8 @@ class DragEngine:
             schedule=schedule,
             params=params,
             grid=grid,
-            handles=imageops.to_grid(request.handles, prep.size, prep.work, grid),
-            targets=imageops.to_grid(request.targets, prep.size, prep.work, grid),
+            handles=imageops.to_grid(request.handles, prep.size, prep.working_size, grid),
+            targets=imageops.to_grid(request.targets, prep.size, prep.working_size, grid),
             keep=keep,
             warnings=warnings,
             progress=report,
@@ -334,25 +315,25 @@ class DragEngine:
         image = (image.float().clamp(-1, 1) + 1) / 2
         return image[0].permute(1, 2, 0).cpu().numpy()
 
-    def finish(self, prep: _Prepared, edited_work: np.ndarray, params: DragParams) -> np.ndarray:
+    def finish(self, prep: _Prepared, edited: np.ndarray, params: DragParams) -> np.ndarray:
         """Back to full resolution over the mask's bounding box only: the rest of the result is
         the input's bytes, and so is everything outside the (feathered) mask, in its own dtype.
 
         The blend is ``params.feather`` working pixels wide, scaled to the full image.
         """
-        scale = max(prep.size[0] / prep.work[0], prep.size[1] / prep.work[1])
+        scale = max(prep.size[0] / prep.working_size[0], prep.size[1] / prep.working_size[1])
         feather = imageops.feather_width(params.feather, scale)
-        return imageops.paste_edit(prep.image, edited_work, prep.mask_full, feather)
+        return imageops.paste_edit(prep.image, edited, prep.mask_full, feather)
 
     @staticmethod
     def work_stats(algorithm: str, params: DragParams, schedule: Schedule, work: WorkCounter,
-                   run_stats: dict, lora_trained: bool) -> dict:
+                   drag: DragRun, lora_trained: bool) -> dict:
         """Our forward-equivalents per phase next to the official code's for the same settings
         and drag steps, and the official count at its defaults (see ``engine.work``)."""
         official = official_work(
             algorithm, lora_steps=params.lora_steps, lora_batch=params.lora_batch,
-            n_actual=schedule.n_actual, drag_steps=run_stats.get("drag_steps", 0),
-            stopped_early=bool(run_stats.get("drag_stopped")),
+            n_actual=schedule.n_actual, drag_steps=drag.steps,
+            stopped_early=drag.stopped_inside,
             drag_end_step=params.drag_end_step, lora_trained=lora_trained,
         )
         defaults = sum(official_defaults(algorithm, lora_trained).values())

@@ -60,7 +60,7 @@ def redrag_key(model, pixels: torch.Tensor, prompt: str, lora_key: str | None, p
         "lora": lora_key,
         "steps": params.n_inference_steps,
         "strength": repr(float(params.inversion_strength)),
-        "work": list(pixels.shape),
+        "working_size": list(pixels.shape),
         "feature_block": params.feature_block,
     }, sort_keys=True)
     digest = hashlib.sha256(header.encode())

@@ -11,9 +11,15 @@ import numpy as np
 
 from backend.engine.errors import Cancelled
 
+# The method a request runs when it names none, and the one a dialog or command line offers
+# first (a server's hello announces it as ``default_method``).
+DEFAULT_METHOD = "dragdiffusion"
+
 # progress(phase, step, total): phases are "load", "lora", "inversion", "drag", "denoise",
 # "decode".
 ProgressFn = Callable[[str, int, int], None]
+# preview(phase, step, rgb): a rough h×w×3 uint8 picture of the edit while it forms.
+PreviewFn = Callable[[str, int, np.ndarray], None]
 
 # Two coordinate systems, two names (docs/algorithms.md §1, Coordinates):
 ImagePoint = tuple[float, float]  # (x, y) continuous image pixels, as GIMP path anchors
@@ -39,7 +45,7 @@ class DragRequest:
     handles: list[ImagePoint]
     targets: list[ImagePoint]
     mask: np.ndarray | None = None
-    method: str = "dragdiffusion"
+    method: str = DEFAULT_METHOD
     prompt: str = ""
     seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)

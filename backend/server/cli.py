@@ -12,14 +12,9 @@ from protocol.wire import Limits
 
 log = logging.getLogger("backend.server")
 
-DEMO_NAME = "backend/demo/model"
-DEMO_HINT = ("to edit photos, put Stable Diffusion 1.5 where the backend finds it (the Hugging "
-             "Face cache, see the README, section 'Models') or start the backend with --model "
-             "PATH (an SD1.5 diffusers folder or .safetensors/.ckpt file)")
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from backend.server.server import DEFAULT_BIND
+    from backend.server.transport import DEFAULT_BIND
 
     conn = default_connection_file()
     serve = subparsers.add_parser(
@@ -75,8 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from backend.model_choice import demo_fallback, expected_table
     from backend.server.log import setup_logging
-    from backend.server.server import CurveServer, Fallback, Server, ServerError
+    from backend.server.server import Server
+    from backend.server.transport import CurveServer, ServerError
 
     conn = args.connection_file or default_connection_file()
     setup_logging(args.log_file or conn.with_name("backend.log"), args.log_level)
@@ -98,21 +95,18 @@ def run_serve(args: argparse.Namespace) -> int:
         return DragEngine.load(model, vae=args.vae, device=device, dtype=args.dtype,
                                compile_unet=args.compile)
 
-    def load_demo():  # the same, when the default model is missing
-        from backend.demo.train import DEFAULT_MODEL_DIR
+    def load_demo(path: str):  # when the default model is missing
         from backend.engine.pipeline import DragEngine
-        return DragEngine.load(str(DEFAULT_MODEL_DIR), device=device)
+        return DragEngine.load(path, device=device)
 
     def ready(server: Server) -> None:
         note = f" ({server.demo_notice})" if server.demo_notice else ""
         print(f"READY {server.endpoint} {conn}{note}", flush=True)
 
-    # Only the default model falls back to the demo: an explicit --model that is missing is
-    # an error to fix.
-    fallback = None if args.model is not None else Fallback(DEMO_NAME, load_demo, DEMO_HINT)
     server = Server(load_engine, model_name=model, device=args.device, bind=args.bind,
                     connection_file=conn, limits=limits, curve=curve,
-                    client_ttl=args.client_ttl, fallback=fallback, on_ready=ready)
+                    client_ttl=args.client_ttl, fallback=demo_fallback(args.model, load_demo),
+                    table=expected_table(args.model), on_ready=ready)
     try:
         server.start()
     except ServerError as exc:

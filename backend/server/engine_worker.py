@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from backend.engine.errors import Cancelled, EngineError, ModelNotFound
-from backend.engine.interface import Engine, PreviewFn
+from backend.engine.interface import Engine
 from backend.engine.oom import OOM_ADVICE, is_oom
-from backend.engine.types import DragRequest, ProgressFn
+from backend.engine.types import DragRequest, PreviewFn, ProgressFn
+from backend.model_choice import Fallback, load_or_demo
 from backend.server.jobs import Job
 from protocol import wire
 
@@ -33,16 +34,6 @@ NUMPY_DTYPES = {"u8": np.dtype(np.uint8), "u16": np.dtype("<u2"), "f32": np.dtyp
 ACCEPTED_DTYPES = tuple(NUMPY_DTYPES)
 PROGRESS_INTERVAL = 0.05  # seconds between progress events of one job (phase changes always)
 PREVIEW_INTERVAL = 0.5
-
-
-@dataclass(frozen=True)
-class Fallback:
-    """What to serve when the configured model is missing: the demo model that ships with the
-    project. ``hint`` tells the user how to get the real one."""
-
-    name: str
-    load: Callable[[], Engine]
-    hint: str
 
 
 @dataclass(frozen=True)
@@ -146,32 +137,16 @@ class EngineWorker:
     def _work(self) -> None:
         engine = None
         try:
-            engine = self._load_engine()
-            self._post(ModelLoaded("ready", None, engine))
+            engine, demo = load_or_demo(self._load_engine, self._fallback)
+            self._post(ModelLoaded("ready", None, engine, demo=demo))
         except ModelNotFound as exc:
-            if self._fallback is None:
-                self._post(ModelLoaded("missing", str(exc), None))
-            else:
-                engine = self._load_fallback(str(exc))
+            self._post(ModelLoaded("missing", str(exc), None))
         except Exception as exc:
             log.exception("loading the model failed")
             self._post(ModelLoaded("error", f"{type(exc).__name__}: {exc}", None))
         while (job := self._inbox.get()) is not None:
             assert engine is not None
             self._post(self._run(engine, job))
-
-    def _load_fallback(self, why: str) -> Engine | None:
-        assert self._fallback is not None
-        log.warning("%s; serving %s instead", why, self._fallback.name)
-        try:
-            engine = self._fallback.load()
-        except Exception as exc:
-            log.exception("loading %s failed too", self._fallback.name)
-            self._post(ModelLoaded("missing", f"{why}; and {self._fallback.name} failed to "
-                                   f"load: {type(exc).__name__}: {exc}", None))
-            return None
-        self._post(ModelLoaded("ready", None, engine, demo=why))
-        return engine
 
     def _run(self, engine: Engine, job: Job) -> JobMessage:
         r = job.request

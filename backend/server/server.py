@@ -20,29 +20,16 @@ from typing import Any
 
 from backend import __version__
 from backend.engine.errors import EngineError
-from backend.engine.imageops import working_size
 from backend.engine.interface import Engine
-from backend.engine.params import (
-    check_canvas,
-    defaults_table,
-    method_descriptions,
-    resolve,
-    spec_table,
-)
-from backend.server.engine_worker import (
-    ACCEPTED_DTYPES,
-    EngineWorker,
-    Fallback,
-    ModelLoaded,
-    plain,
-)
-from backend.server.jobs import FairQueue, Job, JobTable, Terminal
+from backend.engine.params import MethodTable
+from backend.model_choice import Fallback
+from backend.server.engine_worker import ACCEPTED_DTYPES, EngineWorker, ModelLoaded, plain
+from backend.server.jobs import Job, JobTable, Terminal
 from backend.server.log import RefusalLog, log_job, printable
 from backend.server.transport import (
     DEFAULT_BIND,
     CurveServer,
     Inbound,
-    ServerError,
     Transport,
     refuse_if_running,
     remove_connection_file,
@@ -51,23 +38,15 @@ from backend.server.transport import (
 from protocol import wire
 from protocol.wire import Limits, Message, ProtocolError
 
-__all__ = [
-    "DEFAULT_BIND",
-    "CurveServer",
-    "FairQueue",
-    "Fallback",
-    "Job",
-    "Server",
-    "ServerError",
-]
-
 log = logging.getLogger("backend.server")
 
 
 class Server:
     """Serves drag edits from any number of clients with one engine.
 
-    ``load_engine`` is called once in the worker thread and returns an ``Engine``.
+    ``load_engine`` is called once in the worker thread and returns an ``Engine``. ``table``
+    is what that engine will run (``model_choice.expected_table``): announced and checked
+    against while the model loads; once loaded, the engine's own ``table`` replaces it.
     """
 
     def __init__(self, load_engine: Callable[[], Engine], *, model_name: str,
@@ -78,7 +57,7 @@ class Server:
                  keep_results: int = 32,
                  keep_bytes: int = 2**30, keep_seconds: float = 3600.0,
                  shutdown_grace: float = 30.0, refusal_log_interval: float = 60.0,
-                 fallback: Fallback | None = None,
+                 fallback: Fallback | None = None, table: MethodTable | None = None,
                  on_ready: Callable[[Server], None] | None = None) -> None:
         self.model_name = model_name
         self.device = device
@@ -100,6 +79,7 @@ class Server:
         self._worker = EngineWorker(load_engine, self._transport.wake, fallback)
         self._engine: Engine | None = None
         self._engine_info: dict[str, Any] = {}
+        self._table = table if table is not None else MethodTable()
         self._model_state, self._model_error = "loading", None
         self._jobs = JobTable(keep_results, keep_bytes, keep_seconds)
         self._routes: dict[str, bytes] = {}  # session -> current ZeroMQ identity
@@ -123,8 +103,7 @@ class Server:
         """One line for the user when the demo model is served instead of the configured one."""
         if self._demo is None or self._fallback is None:
             return None
-        return (f"serving the demo model {self._fallback.name}, fit for simple shapes only: "
-                f"{self._fallback.hint}")
+        return self._fallback.notice()
 
     # --- life cycle -------------------------------------------------------------------------
     def start(self) -> str:
@@ -237,10 +216,7 @@ class Server:
             "device": str(info.get("device", self.device)),
             "memory": plain(info.get("memory", {})),
             "model": self._model_description(info),
-            "methods": plain(defaults_table()),
-            "parameters": spec_table(),
-            "descriptions": method_descriptions(),
-            "default_method": "dragdiffusion",
+            **self._table.as_hello(),  # methods, parameters, descriptions, default_method
             "limits": self.limits.as_dict(),
             "dtypes": list(ACCEPTED_DTYPES),
             "client_ttl": self.client_ttl,
@@ -289,7 +265,7 @@ class Server:
                                 "again and resubmit")
         wire.check_submit(content, [len(b) for b in message.buffers], self.limits,
                           ACCEPTED_DTYPES)
-        self._check_cost(content)
+        self._check_request(content)
         self._check_model()
         if len(self._jobs.queue) >= self.limits.max_queue:
             raise ProtocolError(wire.QUEUE_FULL, f"the backend already has "
@@ -302,16 +278,16 @@ class Server:
         self._update_positions()
         self._dispatch()
 
-    def _check_cost(self, content: dict[str, Any]) -> None:
-        """Refuse, before the job is accepted, settings or a working canvas the engine would
-        refuse only when the job's turn comes: the same ``resolve`` and ``check_canvas`` (work
-        and memory, from the real working canvas) as ``DragEngine.run``, with the loaded
-        model's own defaults when it has them."""
-        model_params = getattr(self._engine, "model_params", None) or {}
+    def _check_request(self, request: dict[str, Any]) -> None:
+        """The one check before a job is accepted: the request's method and knobs against what
+        the engine runs (``self._table``: the presets with the model's own defaults), and the
+        cost of those settings on the request's real working canvas, attention's square of the
+        tokens included, and the memory it needs (``params.check_canvas``). The engine runs the
+        same ``MethodTable.resolve`` when the job's turn comes; a refusal here is the submit's
+        reply, the job is never queued."""
         try:
-            algorithm, params = resolve(content["method"], {**model_params, **content["params"]})
-            check_canvas(algorithm, params, working_size(
-                content["width"], content["height"], params.work_size, params.work_max_side))
+            self._table.resolve(request["method"], request["params"],
+                                (request["width"], request["height"]))
         except EngineError as exc:
             raise ProtocolError(wire.INVALID_INPUT, str(exc)) from None
 
@@ -437,6 +413,21 @@ class Server:
         self._jobs.trim()
         self._log_refusals(now)
 
+    def _take_table(self, table: MethodTable) -> None:
+        """The loaded engine's own table replaces the announced one; the jobs queued against
+        the announced one are checked again when they differ (a download that failed, say)."""
+        if table == self._table:
+            return
+        log.warning("the model's defaults differ from those announced while it loaded "
+                    "(%s, not %s); checking the queued edits again", dict(table.model_params),
+                    dict(self._table.model_params))
+        self._table = table
+        for job in self._jobs.queue.order():
+            try:
+                self._check_request(job.request)
+            except ProtocolError as exc:
+                self._end(job, wire.ERROR, {"job_id": job.job_id, **exc.content()})
+
     def _log_refusals(self, now: float, force: bool = False) -> None:
         gate = self._transport.gate
         if gate is not None and gate.denied != self._denied_seen:
@@ -463,10 +454,11 @@ class Server:
                 self._engine_info = event.engine.info()
             except Exception:
                 log.exception("engine.info() failed")
+            self._take_table(event.engine.table)
             log.info("model %s ready on %s", self._engine_info.get("model", self.model_name),
                      self._engine_info.get("device", self.device))
             if self.demo_notice:
-                log.warning("%s", self.demo_notice)
+                log.warning("%s; %s", self._demo, self.demo_notice)
         else:
             log.error("model %s not available: %s", self.model_name, event.error)
             for job in self._jobs.queue.order():

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.cli import UsageError
+from backend.tools.options import add_model_option, add_run_options, model_source, run_options
+
 QUICK = {"lora_steps": 5, "n_inference_steps": 10, "drag_steps": 5, "drag_end_step": 2,
          "track_per_denoise": 2}
 
@@ -31,17 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="tiny", help="tiny (default), sd15-random, or a model "
-                   "folder/file/Hugging Face id")
-    p.add_argument("--method", default="all", help="dragdiffusion, gooddrag, a preset, a "
-                   "comma-separated list of them, or all (the two methods)")
+    add_model_option(p, "random-tiny")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
     p.add_argument("--dtype", default=None, help="precision: auto (default), fp16, bf16, fp32, "
                    "fp16-mixed, bf16-mixed")
-    p.add_argument("--quick", action="store_true",
-                   help=f"reduced step counts for slow machines: {QUICK}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_run_options(p, QUICK)
     p.add_argument("--redrags", type=int, default=1, help="drags of the same image to new "
                    "targets after the first edit, per method (default 1)")
     p.add_argument("--baseline", action="store_true", help="first run every method without "
@@ -77,25 +75,13 @@ def build_engine(args: argparse.Namespace):
     from backend.engine.pipeline import DragEngine
 
     cache = tempfile.mkdtemp(prefix="drag-bench-lora-")
-    if args.model == "tiny":
-        from backend.engine.random_tiny import make_tiny_model
-
-        folder = make_tiny_model(Path(tempfile.mkdtemp(prefix="drag-bench-tiny-")) / "model")
-        return DragEngine.load(str(folder), device=args.device, dtype=args.dtype,
-                               lora_cache_dir=cache)
-    if args.model == "sd15-random":
+    source = model_source(args.model, Path(tempfile.mkdtemp(prefix="drag-bench-model-")))
+    if source is None:  # SD1.5's architecture (860 M-parameter UNet) with random weights
         from backend.engine.lora import LoraCache
+        from backend.engine.random_sd15 import random_sd15
 
-        return DragEngine(sd15_random(args.device, args.dtype), LoraCache(cache))
-    return DragEngine.load(args.model, device=args.device, dtype=args.dtype,
-                           lora_cache_dir=cache)
-
-
-def sd15_random(device: str | None, dtype: str | None):
-    """The SD1.5 architecture (860 M-parameter UNet) with random weights, from the shipped configs."""
-    from backend.engine.random_sd15 import random_sd15
-
-    return random_sd15(device, dtype)
+        return DragEngine(random_sd15(args.device, args.dtype), LoraCache(cache))
+    return DragEngine.load(source, device=args.device, dtype=args.dtype, lora_cache_dir=cache)
 
 
 def bench_finish(width: int, height: int, dtype: str = "uint8", area: float = 0.36,
@@ -117,9 +103,9 @@ def bench_finish(width: int, height: int, dtype: str = "uint8", area: float = 0.
     s = (area / (np.pi / 4)) ** 0.5
     mask = (((xx + 0.5 - width / 2) / (width * s / 2)) ** 2
             + ((yy + 0.5 - height / 2) / (height * s / 2)) ** 2 < 1).astype(np.uint8) * 255
-    work = imageops.working_size(width, height, 512)
-    edited = rng.random((work[1], work[0], 3), dtype=np.float32)
-    feather = imageops.feather_width(3, width / work[0])
+    working = imageops.working_size(width, height, 512)
+    edited = rng.random((working[1], working[0], 3), dtype=np.float32)
+    feather = imageops.feather_width(3, width / working[0])
 
     def whole() -> np.ndarray:
         if kind == np.uint8:
@@ -139,7 +125,7 @@ def bench_finish(width: int, height: int, dtype: str = "uint8", area: float = 0.
             times[name].append(time.perf_counter() - t0)
     rows, cols = imageops.mask_box(mask)
     box, full = min(times["box"]), min(times["whole"])
-    return {"finish": f"{width}x{height}", "dtype": dtype, "working": list(work),
+    return {"finish": f"{width}x{height}", "dtype": dtype, "working": list(working),
             "feather_px": feather, "mask_area": round(float((mask > 0).mean()), 3),
             "box_area": round((rows.stop - rows.start) * (cols.stop - cols.start)
                               / (width * height), 3),
@@ -154,28 +140,16 @@ def run_bench(args: argparse.Namespace) -> int:
         try:
             width, height = (int(v) for v in args.finish.lower().split("x"))
         except ValueError:
-            print(f"error: --finish wants WIDTHxHEIGHT, got {args.finish!r}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--finish wants WIDTHxHEIGHT, got {args.finish!r}") from None
         for dtype in ("uint8", "uint16", "float32"):
             print(json.dumps(bench_finish(width, height, dtype)), flush=True)
         return 0
 
-    from backend.commands import UsageError, parse_overrides
     from backend.engine.errors import EngineError
     from backend.engine.lora import LoraCache
-    from backend.engine.params import PRESETS
     from backend.engine.pipeline import DragEngine
 
-    try:
-        overrides = {**(QUICK if args.quick else {}), **parse_overrides(args.overrides)}
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    methods = ["dragdiffusion", "gooddrag"] if args.method == "all" else args.method.split(",")
-    if any(m not in PRESETS for m in methods):
-        print(f"error: unknown method {args.method!r}; use all or a comma-separated list of "
-              f"{', '.join(PRESETS)}", file=sys.stderr)
-        return 2
+    options = run_options(args, QUICK)
     start = time.perf_counter()
     try:
         engine = build_engine(args)
@@ -188,9 +162,9 @@ def run_bench(args: argparse.Namespace) -> int:
         cold = LoraCache(tempfile.mkdtemp(prefix="drag-bench-lora-"))
         engines.insert(0, DragEngine(engine.model, cold, reuse=False))
     rows = []
-    for method in methods:
+    for method in options.methods:
         for eng in engines:
-            rows += bench_method(eng, method, args, overrides)
+            rows += bench_method(eng, method, args, options.overrides)
             eng.merged_lora.restore()  # the engines share the model's weights
     summary = {"model_load_s": round(load_s, 2), "torch": torch.__version__,
                "python": platform.python_version(), "runs": len(rows),

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.tools.options import add_model_option, add_run_options, model_source, run_options
+
 QUICK = {"lora_steps": 2, "n_inference_steps": 8, "drag_steps": 3, "drag_end_step": 2,
          "track_per_denoise": 1}
 
@@ -30,12 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="auto (default), cuda, cuda:N, mps, cpu")
     p.add_argument("--dtype", default=None, help="auto (default) or a precision name")
-    p.add_argument("--model", default="sd15-random",
-                   help="sd15-random (default), tiny, or a model folder/file")
-    p.add_argument("--method", default="all", help="dragdiffusion, gooddrag or all")
+    add_model_option(p, "sd15-random")
     p.add_argument("--size", type=int, default=512, help="square image side (default 512)")
-    p.add_argument("--quick", action="store_true", help=f"few steps (for CPUs): {QUICK}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_run_options(p, QUICK)
     p.add_argument("--max-memory-gb", type=float, default=None,
                    help="cap PyTorch's CUDA allocations (e.g. 8) to prove the edit fits")
     p.add_argument("--compile", action="store_true",
@@ -99,17 +98,13 @@ class PhaseClock:
 
 
 def build_model(args: argparse.Namespace, tmp: Path):
-    if args.model == "sd15-random":
+    source = model_source(args.model, tmp)
+    if source is None:
         from backend.engine.random_sd15 import random_sd15
 
         return random_sd15(args.device, args.dtype)
     from backend.engine.models import load_model
 
-    source = args.model
-    if args.model == "tiny":
-        from backend.engine.random_tiny import make_tiny_model
-
-        source = str(make_tiny_model(tmp / "tiny"))
     return load_model(source, device=args.device, dtype=args.dtype)
 
 
@@ -167,16 +162,11 @@ def format_row(row: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from backend.commands import UsageError, parse_overrides
     from backend.engine.errors import EngineError
     from backend.engine.lora import LoraCache
 
-    try:
-        params = {**(QUICK if args.quick else {}), **parse_overrides(args.overrides)}
-    except UsageError as exc:
-        print(f"error: {exc}")
-        return 2
-    methods = ["dragdiffusion", "gooddrag"] if args.method == "all" else [args.method]
+    options = run_options(args, QUICK)
+    methods, params = options.methods, options.overrides
     report: dict = {"params": params, "size": args.size, "runs": []}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         start = time.perf_counter()

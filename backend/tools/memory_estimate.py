@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from backend.cli import UsageError
+from backend.tools.options import add_run_options, run_options
+
 if TYPE_CHECKING:
     from backend.engine.memory import MemoryHints
 
@@ -31,9 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("memory", help="estimate peak memory per phase on the meta device",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--precision", default="fp16", help="a devices.PRECISIONS name (default fp16)")
-    p.add_argument("--method", default="all", help="dragdiffusion, gooddrag or all")
     p.add_argument("--size", type=int, default=512, help="square image side (default 512)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_run_options(p)
     p.add_argument("--lora-micro-batch", type=int, default=None,
                    help="as after an out-of-memory fallback: LoRA images per pass")
     p.add_argument("--json", action="store_true", help="one JSON line per method")
@@ -82,22 +84,15 @@ def estimate(method: str, precision: str, size: int, overrides: dict,
 
 
 def main(args: argparse.Namespace) -> int:
-    from backend.commands import UsageError, parse_overrides
     from backend.engine.devices import PRECISIONS
     from backend.engine.memory import MemoryHints
 
-    try:
-        overrides = parse_overrides(args.overrides)
-    except UsageError as exc:
-        print(f"error: {exc}")
-        return 2
+    options = run_options(args)
     if args.precision not in PRECISIONS:
-        print(f"error: unknown precision {args.precision!r}; use {', '.join(PRECISIONS)}")
-        return 2
-    methods = ["dragdiffusion", "gooddrag"] if args.method == "all" else [args.method]
-    for method in methods:
+        raise UsageError(f"unknown precision {args.precision!r}; use {', '.join(PRECISIONS)}")
+    for method in options.methods:
         hints = MemoryHints(lora_micro_batch=args.lora_micro_batch)
-        row = estimate(method, args.precision, args.size, overrides, hints)
+        row = estimate(method, args.precision, args.size, options.overrides, hints)
         if args.json:
             print(json.dumps(row), flush=True)
         else:

@@ -3,11 +3,11 @@
 Runs the same edits (same image, points, seed, LoRA draws) once per precision branch
 (``devices.PRECISIONS``) and prints, per method and branch, the difference from the fp32 run:
 the drag's stop step, where the tracked handles ended, the edited latent (relative L2) and the
-decoded image (PSNR), plus the handle error against the known correct result on the toy model.
+decoded image (PSNR), plus the handle error against the known correct result on the demo model.
 
-Models: ``toy`` (the trained demo model with its own ``preset.json``, the default: its drags move
-content, so the figures mean something), ``tiny`` (random weights), ``sd15-random`` (the full
-architecture, for a GPU), or a model path. Every branch starts from freshly loaded fp32 weights.
+Models: ``demo`` (the trained demo model with its own ``preset.json``, the default: its drags
+move content, so the figures mean something), ``random-tiny`` (random weights), ``sd15-random``
+(the full architecture, for a GPU), or a model path. Every branch starts from freshly loaded fp32 weights.
 On the CPU the fp16 branches are emulated (fp16 weights and CPU autocast with a CPU GradScaler):
 the roundings are the GPU's formats, the kernels and their accumulation order are the CPU's.
 """
@@ -23,21 +23,23 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.cli import UsageError
+from backend.tools.options import add_model_option, add_run_options, model_source, run_options
+
 BRANCHES = ("fp32", "fp16", "bf16", "fp16-mixed", "bf16-mixed")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("precision", help="how far each precision moves a drag from fp32",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="toy", help="toy (default), tiny, sd15-random or a path")
+    add_model_option(p, "demo")
     p.add_argument("--device", default="cpu", help="cpu (default, fp16 emulated), cuda, mps")
-    p.add_argument("--method", default="all", help="dragdiffusion, gooddrag or all")
     p.add_argument("--branches", default=",".join(BRANCHES),
                    help="comma-separated precisions (default: all; fp32 always runs first)")
-    p.add_argument("--cases", type=int, default=3, help="toy cases (default 3)")
-    p.add_argument("--size", type=int, default=128, help="image side for non-toy models")
+    p.add_argument("--cases", type=int, default=3, help="demo model shape cases (default 3)")
+    p.add_argument("--size", type=int, default=128, help="image side for other models")
     p.add_argument("--lora-steps", type=int, default=20, help="LoRA steps per edit (default 20)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_run_options(p)
     p.add_argument("--json", help="also write the raw figures to this file")
     p.set_defaults(func=main)
 
@@ -57,24 +59,24 @@ def _engine_class():
     return Capturing
 
 
-def load_branch(model: str, device: str, branch: str, tiny_dir: Path):
-    """The model with fresh fp32 weights, cast to ``branch`` (emulation allowed on the CPU)."""
+def load_branch(source: str | None, device: str, branch: str):
+    """The model (``options.model_source``) with fresh fp32 weights, cast to ``branch``
+    (emulation allowed on the CPU)."""
     from backend.engine.devices import PRECISIONS
     from backend.engine.models import load_model
 
-    if model == "sd15-random":
+    if source is None:
         from backend.engine.random_sd15 import random_sd15
 
         loaded = random_sd15(device, "fp32")
     else:
-        source = {"toy": str(Path(__file__).parent.parent / "demo" / "model"), "tiny": str(tiny_dir)}
-        loaded = load_model(source.get(model, model), device=device, dtype="fp32")
+        loaded = load_model(source, device=device, dtype="fp32")
     loaded.cast(PRECISIONS[branch])
     return loaded
 
 
 def _cases(args: argparse.Namespace) -> list[dict]:
-    if args.model == "toy":
+    if args.model == "demo":
         from backend.demo.shapes import make_cases
 
         return [{"name": c.name, "image": c.image, "mask": c.mask, "handles": list(c.handles),
@@ -153,40 +155,30 @@ HEADER = ("| method | precision | stop steps | mean abs. stop-step diff | max ha
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from backend.commands import UsageError, parse_overrides
     from backend.engine.lora import LoraCache
 
-    try:
-        overrides = parse_overrides(args.overrides)
-    except UsageError as exc:
-        print(f"error: {exc}")
-        return 2
+    options = run_options(args)
+    overrides = options.overrides
     branches = ["fp32"] + [b for b in args.branches.split(",") if b and b != "fp32"]
     unknown = [b for b in branches if b not in BRANCHES]
     if unknown:
-        print(f"error: unknown precision {unknown[0]!r}; use {', '.join(BRANCHES)}")
-        return 2
-    methods = ["dragdiffusion", "gooddrag"] if args.method == "all" else [args.method]
+        raise UsageError(f"unknown precision {unknown[0]!r}; use {', '.join(BRANCHES)}")
     torch.manual_seed(0)
     cases = _cases(args)
     engine_cls = _engine_class()
     rows = []
     with tempfile.TemporaryDirectory(prefix="precision-bench-") as tmp:
-        tiny_dir = Path(tmp) / "tiny"
-        if args.model == "tiny":
-            from backend.engine.random_tiny import make_tiny_model
-
-            make_tiny_model(tiny_dir)
+        source = model_source(args.model, Path(tmp))
         print(f"model {args.model}, device {args.device}, {len(cases)} case(s), "
               f"LoRA {args.lora_steps} steps; differences from fp32 on the same inputs\n")
         print(HEADER, flush=True)
-        for method in methods:
-            # the toy model's own preset.json sets its working size; others run at --size
-            size = {} if args.model == "toy" else {"work_size": args.size}
+        for method in options.methods:
+            # the demo model's own preset.json sets its working size; others run at --size
+            size = {} if args.model == "demo" else {"work_size": args.size}
             params = {**size, "lora_steps": args.lora_steps, **overrides}
             ref = None
             for branch in branches:
-                model = load_branch(args.model, args.device, branch, tiny_dir)
+                model = load_branch(source, args.device, branch)
                 engine = engine_cls(model, LoraCache(Path(tmp) / f"lora-{branch}"))
                 runs = run_branch(engine, cases, method, params)
                 ref = runs if ref is None else ref

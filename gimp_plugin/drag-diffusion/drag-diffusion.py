@@ -20,10 +20,8 @@ import traceback
 from pathlib import Path
 
 HERE = os.path.dirname(os.path.realpath(__file__))
-VENDOR = os.path.join(HERE, "vendor")  # pyzmq + msgpack wheels for GIMP's Python (install.py)
-for _path in (VENDOR, HERE):
-    if os.path.isdir(_path) and _path not in sys.path:
-        sys.path.insert(0, _path)
+if HERE not in sys.path:  # the plug-in's modules and its protocol/ package (standard library only)
+    sys.path.insert(0, HERE)
 
 import gi  # noqa: E402
 
@@ -187,7 +185,7 @@ def make_tracker(table: par.ParamTable | None, method: str, params: dict, inputs
         prog.plan_steps(resolved), sequential=resolved.get("method") != "gooddrag",
         drag_end_step=resolved.get("drag_end_step"), speed=speed,
         megapixels=prog.working_megapixels(inputs.width, inputs.height,
-                                           resolved.get("work_size", 512),
+                                           par.working_width(resolved),
                                            resolved.get("work_max_side", 0)))
 
 
@@ -200,7 +198,7 @@ def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
                              "Layers dialog.")
     inputs = Inputs(image, layer)
     method = config.get_property("method")
-    params = par.overrides(table, method, knob_values(config), text(config, "advanced"))
+    params = par.overrides(knob_values(config), text(config, "advanced"))
     session = backend.open_session(text(config, "backend"),
                                    float(config.get_property("timeout")), feedback)
     try:
@@ -241,6 +239,7 @@ def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
             "format": fmt.babl, "previews": result.previews, "demo_model": session.demo_model,
             "changed_rows": rows,
             "path": path.get_name() if path else None, "job_id": result.job_id,
+            "transport": session.transport,
             "pyzmq": getattr(sys.modules.get("zmq"), "__file__", None)}
 
 

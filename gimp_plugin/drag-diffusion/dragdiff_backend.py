@@ -8,6 +8,7 @@ reached only through the ``protocol`` package installed beside the plug-in.
 from __future__ import annotations
 
 import json
+import ntpath
 import os
 import subprocess
 import time
@@ -24,6 +25,10 @@ HERE = Path(__file__).resolve().parent
 CANCEL_AFTER_ENV = "DRAG_DIFFUSION_CANCEL_AFTER_PROGRESS"
 POLL_SECONDS = 0.2  # longest the UI goes unpumped while waiting for the backend
 CONSOLE_LOG_BYTES = 2**20  # backend-console.log is rotated when a start finds it larger
+# Windows process creation flags (winbase.h; subprocess has them only on Windows).
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+DETACHED_PROCESS = 0x00000008
+CREATE_NO_WINDOW = 0x08000000
 # Variables from GIMP's environment that must not leak into the backend's Python.
 _STRIP_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONEXECUTABLE",
               "PYTHONNOUSERSITE", "VIRTUAL_ENV", "GI_TYPELIB_PATH", "LD_LIBRARY_PATH",
@@ -100,6 +105,9 @@ class InstallInfo:
     repo: str | None = None
     connection_file: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)  # the backend's table, recorded
+    # The commands install.py printed, by shell ("shell"; Windows: "PowerShell", "cmd").
+    start_commands: dict[str, str] = field(default_factory=dict)
+    service: str | None = None  # the systemd user unit that runs the backend, if set up
 
     @classmethod
     def load(cls, folder: Path = HERE) -> InstallInfo:
@@ -110,9 +118,20 @@ class InstallInfo:
         return cls(backend_python=data.get("backend_python"),
                    backend_args=list(data.get("backend_args") or ["-m", "backend", "serve"]),
                    repo=data.get("repo"), connection_file=data.get("connection_file"),
-                   parameters=dict(data.get("parameters") or {}))
+                   parameters=dict(data.get("parameters") or {}),
+                   start_commands=dict(data.get("start_commands") or {}),
+                   service=data.get("service"))
 
     def start_command(self) -> str | None:
+        """How the user starts the backend: the user service when install.py set one up,
+        else the commands it printed (one per shell on Windows)."""
+        if self.service:
+            return f"systemctl --user restart {self.service}"
+        if len(self.start_commands) > 1:
+            return "\n    ".join(f"{shell}: {command}"
+                                  for shell, command in self.start_commands.items())
+        if self.start_commands:
+            return next(iter(self.start_commands.values()))
         if not self.backend_python or not self.repo:
             return None
         return f"cd {_quote(self.repo)} && {_quote(self.backend_python)} " \
@@ -150,12 +169,14 @@ def connection_file(setting: str, install: InstallInfo) -> Path:
 
 
 def _import_protocol():
+    """The ``protocol`` package beside the plug-in: standard library only, so it loads in any
+    GIMP's Python (pyzmq is used only where it happens to load; see protocol/transport.py)."""
     try:
         import protocol
     except ImportError as exc:
         raise BackendError(
-            f"The plug-in can't load its network libraries ({exc}). Re-run install.py, which "
-            "puts pyzmq and msgpack where GIMP's Python finds them.") from None
+            f"The plug-in can't load its protocol package ({exc}). Re-run install.py, which "
+            "copies it beside the plug-in.") from None
     return protocol
 
 
@@ -204,20 +225,36 @@ def not_running_message(path: Path, install: InstallInfo, reason: str | None) ->
     return "\n".join(lines)
 
 
+def detached_launch(python: str, os_name: str = os.name,
+                    is_file=os.path.isfile) -> tuple[str, dict[str, Any]]:
+    """The program that runs the backend's Python without GIMP, and how to start it.
+
+    POSIX: its own session, so closing GIMP (or its terminal) sends it no signal. Windows:
+    GIMP starts plug-ins with no console and no job object, so the plug-in's children outlive
+    it; but a venv's ``python.exe`` is a redirector that starts the real interpreter as its own
+    child, and started with DETACHED_PROCESS that child opens a new console window
+    (python/cpython#85785) whose closing kills the backend. ``pythonw.exe`` beside it is the
+    same interpreter without a console; CREATE_NO_WINDOW (never with DETACHED_PROCESS, which
+    overrides it) keeps a ``python.exe`` without a ``pythonw.exe`` beside it windowless."""
+    if os_name != "nt":
+        return python, {"start_new_session": True}
+    folder, name = ntpath.split(python)
+    windowless = ntpath.join(folder, "pythonw.exe")
+    if name.lower() == "python.exe" and is_file(windowless):
+        python = windowless
+    return python, {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW}
+
+
 def start_backend(install: InstallInfo, log_path: Path) -> subprocess.Popen:
-    """Start ``<backend python> -m backend serve`` detached from GIMP (own session, clean env)."""
+    """Start ``<backend python> -m backend serve`` detached from GIMP (``detached_launch``),
+    with a clean environment and its output in ``log_path``."""
     env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if log_path.exists() and log_path.stat().st_size > CONSOLE_LOG_BYTES:
         log_path.replace(log_path.with_name(log_path.name + ".1"))  # keep one old console log
-    kwargs: dict[str, Any] = {}
-    if os.name == "nt":
-        kwargs["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP
-                                   | subprocess.DETACHED_PROCESS | subprocess.CREATE_NO_WINDOW)
-    else:
-        kwargs["start_new_session"] = True
+    program, kwargs = detached_launch(install.backend_python)
     with open(log_path, "ab") as log:
-        return subprocess.Popen([install.backend_python, *install.backend_args],
+        return subprocess.Popen([program, *install.backend_args],
                                 cwd=install.repo, env=env, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, close_fds=True, **kwargs)
 
@@ -309,6 +346,11 @@ class Session:
     @property
     def device(self) -> str:
         return str(self.info.get("device") or "")
+
+    @property
+    def transport(self) -> str:
+        """How the frames travel: ``pyzmq`` (libzmq) or ``zmtp`` (pure Python)."""
+        return str(getattr(self.client, "transport", ""))
 
     @property
     def model_name(self) -> str:

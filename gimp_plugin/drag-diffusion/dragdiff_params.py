@@ -4,8 +4,9 @@ overrides sent to the backend.
 The plug-in keeps no copy of the backend's defaults. They come, newest first, from the
 backend's ``hello`` reply, from the copy of the last ``hello`` kept in the plug-in's state
 file, or from the table install.py recorded in install.json. A knob at -1 (the PDB value for
-"the method's default") shows that method's real default in the dialog; a knob left at its
-default is not sent, so the backend applies its own. No gi here: tested outside GIMP.
+"the method's default") shows that method's real default in the dialog. Every value the dialog
+shows is sent, so the edit runs at the values the user saw, defaults included; only a knob left
+at -1 (a script's call) is left to the backend. No gi here: tested outside GIMP.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT = -1  # PDB value of a knob meaning "the chosen method's default"
+# The working width of both official codes: the estimate's width when no backend's table is
+# known (a table's own value wins; the demo model's is 128).
+OFFICIAL_WORK_SIZE = 512
 
 
 class ParamsError(ValueError):
@@ -77,7 +81,7 @@ class ParamTable:
     methods: dict[str, dict[str, Any]]
     specs: dict[str, Spec] = field(default_factory=dict)
     descriptions: dict[str, str] = field(default_factory=dict)
-    default_method: str = "dragdiffusion"
+    default_method: str = ""  # the backend's; else the table's first method
     source: str = ""
 
     @classmethod
@@ -92,15 +96,8 @@ class ParamTable:
             methods={str(k): dict(v) for k, v in methods.items() if isinstance(v, Mapping)},
             specs={str(k): Spec.parse(v) for k, v in specs.items() if isinstance(v, Mapping)},
             descriptions={str(k): str(v) for k, v in descriptions.items()},
-            default_method=str(data.get("default_method") or "dragdiffusion"),
+            default_method=str(data.get("default_method") or next(iter(methods))),
             source=source)
-
-    def as_record(self) -> dict[str, Any]:
-        """The fields ``parse`` reads, for the state file."""
-        return {"methods": self.methods, "default_method": self.default_method,
-                "descriptions": self.descriptions,
-                "parameters": {k: {"min": s.minimum, "max": s.maximum, "step": s.step,
-                                   "help": s.help} for k, s in self.specs.items()}}
 
     def default(self, method: str, param: str) -> float | None:
         value = self.methods.get(method, {}).get(param)
@@ -123,6 +120,13 @@ class ParamTable:
         upper = min(knob.pdb_max, spec.maximum if spec.maximum is not None else knob.pdb_max)
         step = spec.step or (1.0 if knob.is_int else _float_step(self.methods, knob.param))
         return lower, max(lower, upper), step
+
+
+def working_width(resolved: Mapping[str, Any]) -> float:
+    """The working width of an edit with these parameters (``ParamTable.resolved``, or the
+    bare overrides when no table is known)."""
+    value = resolved.get("work_size")
+    return float(value) if isinstance(value, (int, float)) else float(OFFICIAL_WORK_SIZE)
 
 
 def _float_step(methods: Mapping[str, Mapping[str, Any]], param: str) -> float:
@@ -184,17 +188,15 @@ def stored_values(table: ParamTable | None, method: str,
     return out
 
 
-def overrides(table: ParamTable | None, method: str, values: Mapping[str, float],
-              advanced: str) -> dict[str, Any]:
-    """The parameters to send: knobs that differ from the method's default, then the
-    ``advanced`` JSON object (any other engine parameter) merged over them."""
+def overrides(values: Mapping[str, float], advanced: str) -> dict[str, Any]:
+    """The parameters to send: every knob that holds a value (the dialog shows each method's
+    default as a value, so a value equal to the default is sent and runs as shown; -1 leaves
+    the knob to the backend), then the ``advanced`` JSON object (any other engine parameter)
+    merged over them."""
     params: dict[str, Any] = {}
     for knob in KNOBS:
         value = values.get(knob.prop, DEFAULT)
-        if value < 0:
-            continue
-        default = table.default(method, knob.param) if table else None
-        if default is None or not _same(value, default):
+        if value >= 0:
             params[knob.param] = round(value) if knob.is_int else float(value)
     params.update(parse_advanced(advanced))
     return params

@@ -147,8 +147,7 @@ class SettingsDialog:
         if table is None or not info.get("device"):
             return ""
         try:
-            sent = par.overrides(table, self.method, knob_values(self.config),
-                                 text(self.config, "advanced"))
+            sent = par.overrides(knob_values(self.config), text(self.config, "advanced"))
         except par.ParamsError:
             sent = {}
         resolved = table.resolved(self.method, sent)
@@ -157,10 +156,10 @@ class SettingsDialog:
         measured = (self.context.state.get("speeds") or {}).get(prog.speed_key(device, model))
         speed = measured if measured is not None else (
             None if backend.is_demo_model(info) else prog.first_guess(device))
-        mpx = prog.working_megapixels(*self.context.layer_size, resolved.get("work_size", 512),
+        mpx = prog.working_megapixels(*self.context.layer_size, par.working_width(resolved),
                                       resolved.get("work_max_side", 0))
         seconds = prog.estimate_seconds(prog.plan_steps(resolved), mpx, speed)
-        return prog.advice(seconds, device, resolved.get("work_size", 512),
+        return prog.advice(seconds, device, par.working_width(resolved),
                            measured is not None, "fast" in table.methods)
 
     def run(self) -> bool:

@@ -7,6 +7,7 @@
 # A Python error here makes gimp-console exit with 64.
 import json
 import os
+import sys
 import time
 
 from gi.repository import Babl, Gegl, Gimp
@@ -143,6 +144,8 @@ report = {
     "menu_paths": procedure.get_menu_paths(),
     "methods": {nick: choice.get_help(nick) for nick in choice.list_nicks()},
     "image_types": procedure.get_image_types(),
+    "gimp_version": Gimp.version(),
+    "python_version": ".".join(str(v) for v in sys.version_info[:3]),
 }
 if status == Gimp.PDBStatusType.SUCCESS:
     new_layer = result.index(1)

@@ -1,9 +1,14 @@
-"""Host side of the real-GIMP tests: the cached Debian 13 chroot, bind mounts, running GIMP.
+"""Host side of the real-GIMP tests: the cached Debian chroots, bind mounts, running GIMP.
 
-GIMP 3.0.4 runs inside a Debian 13 chroot (built once by build_chroot.sh, cached by the
-script's hash). Only one host folder (the test's work folder) is bind-mounted, at /mnt/test.
+Each tier is a real GIMP from Debian's packages in a chroot (built once by build_chroot.sh,
+cached by the script's hash and the suite): GIMP 3.0.4 in Debian 13 (trixie), GIMP 3.2.x in
+Debian forky. Only one host folder (the test's work folder) is bind-mounted, at /mnt/test.
 The chroot shares the host's network namespace, so the plug-in reaches a backend on the
 host's 127.0.0.1, and the host's abstract X11 socket (for the GUI test under Xvfb).
+
+A tier can also take compiled packages away from the plug-in's Python (``Tier.blocked``), as
+GIMP's bundled Python on Windows and macOS can't load pip's zmq/msgpack/numpy: see
+``block_modules``.
 """
 
 from __future__ import annotations
@@ -28,17 +33,53 @@ BUILD_SCRIPT = HERE / "build_chroot.sh"
 MOUNT_POINT = "/mnt/test"
 
 
+TIERS_ENV = "DRAG_GIMP_TIERS"
+PLUGIN_SCRIPT = "drag-diffusion.py"  # the plug-in's main file: blocking applies to it only
+
+
 class Unavailable(Exception):
     """The GIMP tier can't run on this machine (not root, no network for the build, …)."""
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One real GIMP the plug-in tests run in."""
+
+    name: str  # test id: "3.0", "3.2", "3.2-stdlib"
+    gimp: str  # GIMP's series: binaries gimp-<gimp>, profile folder GIMP/<gimp>
+    suite: str  # Debian suite that ships it (build_chroot.sh's SUITE)
+    # Top-level modules the plug-in's Python can't import (the Windows/macOS condition).
+    blocked: tuple[str, ...] = ()
+
+
+# Every tier the harness knows; DEFAULT_TIERS run unless $DRAG_GIMP_TIERS names others.
+TIERS = {t.name: t for t in (
+    Tier("3.0", "3.0", "trixie"),
+    Tier("3.2", "3.2", "forky"),
+    # GIMP's own Python on Windows/macOS: only the standard library and gi load there.
+    Tier("3.2-stdlib", "3.2", "forky", blocked=("zmq", "msgpack", "numpy")),
+)}
+DEFAULT_TIERS = ("3.0", "3.2", "3.2-stdlib")
+
+
+def selected_tiers() -> list[Tier]:
+    """The tiers to run: ``$DRAG_GIMP_TIERS`` (comma-separated names), else DEFAULT_TIERS."""
+    names = [n.strip() for n in os.environ.get(TIERS_ENV, "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in TIERS]
+    if unknown:
+        raise ValueError(f"${TIERS_ENV}: unknown GIMP tier {', '.join(unknown)} "
+                         f"(known: {', '.join(TIERS)})")
+    return [TIERS[n] for n in names or DEFAULT_TIERS]
 
 
 def chroot_cache_root() -> Path:
     return Path(os.environ.get("DRAG_GIMP_CHROOT") or REPO / ".cache" / "gimp-chroot")
 
 
-def chroot_path() -> Path:
-    """The chroot for the current build script (its hash is the cache key); build if needed."""
-    key = hashlib.sha256(BUILD_SCRIPT.read_bytes()).hexdigest()[:12]
+def chroot_path(suite: str = "trixie") -> Path:
+    """The chroot of ``suite`` for the current build script (the suite and the script's hash
+    are the cache key); built if needed."""
+    key = f"{suite}-{hashlib.sha256(BUILD_SCRIPT.read_bytes()).hexdigest()[:12]}"
     root = chroot_cache_root()
     path = root / key
     if (path / ".versions").exists():
@@ -54,13 +95,24 @@ def chroot_path() -> Path:
         log = root / "logs" / f"build-{key}.log"
         started = time.monotonic()
         with open(log, "w") as out:
-            result = subprocess.run(["sh", str(BUILD_SCRIPT), str(path)], stdout=out,
+            result = subprocess.run(["sh", str(BUILD_SCRIPT), str(path), suite], stdout=out,
                                     stderr=subprocess.STDOUT, timeout=1800)
         if result.returncode != 0:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
             raise Unavailable(f"building the GIMP chroot failed (see {log}):\n{tail}")
         print(f"built the GIMP chroot {path} in {time.monotonic() - started:.0f} s")
     return path
+
+
+def chroot_versions(chroot: Path) -> dict[str, str]:
+    """Debian package versions in the chroot (``gimp``, ``python3``), from its build."""
+    pairs = (line.split("\t") for line in (chroot / ".versions").read_text().splitlines())
+    return {name: version for name, version in pairs}
+
+
+def chroot_python(chroot: Path) -> str:
+    """The chroot's Python version, e.g. "3.14" (what GIMP's plug-ins run with)."""
+    return os.readlink(chroot / "usr" / "bin" / "python3").removeprefix("python")
 
 
 def _mounted(target: Path) -> bool:
@@ -99,15 +151,17 @@ class GimpRun:
 class GimpChroot:
     """Runs GIMP in the chroot with a profile inside the mounted work folder."""
 
-    def __init__(self, chroot: Path, work: Path) -> None:
+    def __init__(self, chroot: Path, work: Path, tier: Tier = TIERS["3.0"]) -> None:
         self.chroot = chroot
         self.work = work  # host path of /mnt/test
+        self.tier = tier
         self.home = work / "home"
+        self.python = chroot_python(chroot)
 
     @property
     def profile(self) -> Path:
-        """Host path of GIMP's profile folder ($XDG_CONFIG_HOME/GIMP/3.0)."""
-        return self.home / ".config" / "GIMP" / "3.0"
+        """Host path of GIMP's profile folder ($XDG_CONFIG_HOME/GIMP/3.x)."""
+        return self.home / ".config" / "GIMP" / self.tier.gimp
 
     @property
     def plugin_dir(self) -> Path:
@@ -117,6 +171,11 @@ class GimpChroot:
         """The chroot's path for a host path under the work folder."""
         return f"{MOUNT_POINT}/{host_path.resolve().relative_to(self.work.resolve())}"
 
+    @property
+    def user_base(self) -> Path:
+        """Host path of the plug-in Python's user base ($PYTHONUSERBASE): block_modules."""
+        return self.work / "python-user-base"
+
     def prepare_profile(self) -> None:
         self.profile.mkdir(parents=True, exist_ok=True)
         (self.home / "runtime").mkdir(mode=0o700, exist_ok=True)
@@ -124,20 +183,31 @@ class GimpChroot:
         if not gimprc.exists():  # GIMP rewrites it on exit; keep its version afterwards
             gimprc.write_text("(show-welcome-dialog no)\n(check-updates no)\n"
                               "(save-session-info no)\n(help-browser web-browser)\n")
+        if self.tier.blocked:
+            block_modules(self.user_base, self.python, self.tier.blocked)
 
     def env(self, extra: dict[str, str] | None = None) -> list[str]:
         home = self.inside(self.home)
         base = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home,
                 "XDG_CONFIG_HOME": f"{home}/.config", "XDG_CACHE_HOME": f"{home}/.cache",
                 "XDG_DATA_HOME": f"{home}/.local/share", "XDG_RUNTIME_DIR": f"{home}/runtime",
-                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **(extra or {})}
+                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+                # GTK in forky loads icons through glycin, which runs each image loader in a
+                # bwrap sandbox; bwrap needs /proc and user namespaces, which neither the
+                # chroot nor a CI container has, and GIMP 3.2's GUI aborts on the first icon.
+                # glycin's own switch runs the loaders unsandboxed (trixie has no glycin).
+                "GLYCIN_DISABLE_SANDBOX": "i-know-the-risks"}
+        if self.tier.blocked:
+            base["PYTHONUSERBASE"] = self.inside(self.user_base)
+        base.update(extra or {})
         return [f"{k}={v}" for k, v in base.items()]
 
     def command(self, batch: list[str], *, gui: bool = False,
                 env: dict[str, str] | None = None) -> list[str]:
         # In the GUI, messages go to stderr (the test counts them) instead of message boxes.
-        program = ["gimp-3.0", "-n", "-s", "--console-messages"] if gui else \
-            ["gimp-console-3.0", "-i", "-n"]
+        series = self.tier.gimp
+        program = [f"gimp-{series}", "-n", "-s", "--console-messages"] if gui else \
+            [f"gimp-console-{series}", "-i", "-n"]
         args = [*program, "--batch-interpreter", "python-fu-eval"]
         for code in batch:
             args += ["-b", code]
@@ -172,6 +242,46 @@ class GimpChroot:
                                 for k, v in variables.items())
         return (f"import json; {assignments}; "
                 f"exec(compile(open('{MOUNT_POINT}/{name}').read(), '{name}', 'exec'))")
+
+
+# Imported at the start of every Python in the chroot that runs with PYTHONUSERBASE set to
+# the blocking user base (a .pth line); it blocks only in the plug-in's own process.
+BLOCKER = '''"""Makes some top-level modules unimportable in GIMP's plug-in (test harness)."""
+import importlib.abc
+import os
+import sys
+
+BLOCKED = {blocked!r}
+
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(
+                f"No module named {{name!r}} (blocked by the test harness: GIMP's bundled "
+                "Python on Windows and macOS can't load this compiled package)", name=name)
+        return None
+
+
+if os.path.basename(sys.argv[0] if sys.argv else "") == {script!r}:
+    sys.meta_path.insert(0, Blocked())
+'''
+
+
+def block_modules(user_base: Path, python: str, modules: tuple[str, ...]) -> None:
+    """Make ``modules`` unimportable in the plug-in's Python (GIMP starts it by its shebang).
+
+    Python reads the ``.pth`` files of its user site folder ($PYTHONUSERBASE/lib/pythonX.Y/
+    site-packages) at startup and runs their ``import`` lines; the blocker module it imports
+    puts a finder in front of every other that refuses ``modules`` (ModuleNotFoundError, as
+    if they were not installed) when the process is the plug-in's (``sys.argv[0]``). Other
+    Pythons in the chroot (GIMP's batch interpreter running the test's code) are untouched.
+    """
+    site = user_base / "lib" / f"python{python}" / "site-packages"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "drag_test_blocker.py").write_text(
+        BLOCKER.format(blocked=tuple(sorted(modules)), script=PLUGIN_SCRIPT))
+    (site / "drag-test-blocker.pth").write_text("import drag_test_blocker\n")
 
 
 def _text(data: bytes | str | None) -> str:

@@ -51,7 +51,7 @@ class Display:
         found = self.xdotool("search", "--onlyvisible", "--name", name).split()
         return found[-1] if found else None
 
-    def wait_window(self, name: str, timeout: float = 60) -> str:
+    def wait_window(self, name: str, timeout: float = 300) -> str:
         return wait_for(lambda: self.find(name), timeout, f"a window named {name!r}")
 
     def gone(self, window: str) -> bool:
