@@ -182,6 +182,7 @@ class Client:
         self._done: deque[str] = deque(maxlen=256)  # jobs whose terminal event was consumed
         self._beats: deque[str] = deque(maxlen=64)  # msg ids of heartbeat attaches
         self._bad_signatures = 0
+        self._refused: str | None = None  # why the backend refused our login, until it answers
         self._last_sent = 0.0
         self._unanswered_since: float | None = None  # first send since we last heard
         self._reopened = False  # the socket was recreated during this silence
@@ -336,7 +337,7 @@ class Client:
                                  "it keeps running on the backend (cancel it or wait longer)")
             silent = self._silent(now)
             if silent >= self.liveness:
-                raise BackendUnavailable(self._silence_message(job_id))
+                raise self._unavailable(job_id)
             if silent >= self.liveness / 2 and not self._reopened:
                 self._reopen()  # lazy pirate: the connection itself may be broken
                 self._reopened = True
@@ -440,8 +441,8 @@ class Client:
         while True:
             try:
                 frames = self._transport.recv(deadline - time.monotonic())
-            except transport_module.LoginRefused:
-                raise WrongKey(self._wrong_key_message()) from None
+            except transport_module.LoginRefused as exc:
+                raise self._refusal(exc) from None
             if frames is None:
                 return None
             try:
@@ -456,6 +457,7 @@ class Client:
                           exc.detail)
                 continue
             self._unanswered_since, self._reopened = None, False
+            self._refused = None
             return message
 
     def _stash(self, message: Message) -> None:
@@ -487,7 +489,42 @@ class Client:
                     return message
             log.debug("no reply to %s within %.1f s (attempt %d of %d)", msg_type, timeout,
                       attempt + 1, attempts)
-        raise BackendUnavailable(self._silence_message(lost_job))
+        raise self._unavailable(lost_job)
+
+    def _refusal(self, refused: transport_module.LoginRefused) -> WrongKey:
+        """The error for a handshake the backend refused (kept until it answers: see
+        ``_unavailable``): our key refused, or another security mechanism than ours."""
+        if isinstance(refused, transport_module.MechanismMismatch):
+            self._refused = self._mismatch_message()
+        else:
+            self._refused = self._wrong_key_message()
+        # Nothing was lost: the next request starts its own wait (an earlier silence would
+        # read as "stopped answering" at once).
+        self._unanswered_since, self._reopened = None, False
+        return WrongKey(self._refused)
+
+    def _mismatch_message(self) -> str:
+        """A backend with CURVE on where this client has it off, or the reverse (the pyzmq
+        transport's monitor and the pure one's greeting both show it)."""
+        if self._curve is None:
+            needs = ("" if self.transport == transport_module.PYZMQ else
+                     "; CURVE needs the pyzmq transport, which this Python does not use")
+            return (f"the backend at {self.endpoint} uses CURVE encryption, but this client "
+                    "connected without it: its connection file has no \"curve_server_key\" "
+                    "(a copy from before the backend used --curve?); use the connection file "
+                    "the backend wrote at its last start and add \"curve_client_key\" (see the "
+                    f"README, 'Remote or secured backend'){needs}")
+        return (f"the backend at {self.endpoint} does not use CURVE encryption, but this client "
+                "was set up for it (its connection file names a \"curve_server_key\"): that "
+                "file is out of date; use the connection file the backend wrote at its last "
+                "start")
+
+    def _unavailable(self, lost_job: str | None) -> BackendUnavailable:
+        """The error for a silent backend: the refusal if one was seen and nothing verified
+        came since (a backend that refuses our login is there, not gone), else the silence."""
+        if self._refused is not None:
+            return WrongKey(self._refused)
+        return BackendUnavailable(self._silence_message(lost_job))
 
     def _wrong_key_message(self) -> str:
         if self._curve is not None:
@@ -505,9 +542,9 @@ class Client:
                     "signature check: the connection file is out of date; restart the backend "
                     "and try again")
         what = (f"the backend at {self.endpoint} stopped answering while job {lost_job} was "
-                f"running (silent for {total:.0f} s); it may have crashed — see its log, then "
+                f"running (silent for {total:g} s); it may have crashed — see its log, then "
                 f"{START_HINT}" if lost_job else
-                f"no backend answered at {self.endpoint} within {total:.0f} s — {START_HINT}")
+                f"no backend answered at {self.endpoint} within {total:g} s — {START_HINT}")
         if self._curve is not None:
             what += "; with CURVE, also check that this client's public key is in the " \
                     "backend's --allow-keys folder"

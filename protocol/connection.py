@@ -3,8 +3,10 @@ signs its messages, readable by its user only.
 
 On POSIX the file and its folder must belong to the user and must not be writable by anybody
 else: otherwise another local user could swap the file and point the plug-in at an endpoint
-and key of their own. ``read_connection_file`` refuses such a file, saying why;
-``write_connection_file`` creates the folder 0700 and tightens one the user owns.
+and key of their own. Nobody else may read the file either: its key lets a program send the
+backend work and sign messages as the user. ``read_connection_file`` refuses such a file,
+saying why (it is not tightened silently: a key others could read must be taken as known);
+``write_connection_file`` writes 0600, creates the folder 0700 and tightens one the user owns.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class UnsafeConnectionFile(ValueError):
     """The connection file or its folder could have been swapped by another user."""
 
 
-def _unsafe(path: Path, what: str, st: os.stat_result) -> str | None:
+def _unsafe(path: Path, what: str, st: os.stat_result, secret: bool) -> str | None:
     """Why ``path`` (a file or folder) is not safe to trust, or None."""
     if st.st_uid != os.getuid():
         return (f"the {what} {path} belongs to another user (uid {st.st_uid}), who could "
@@ -67,21 +69,35 @@ def _unsafe(path: Path, what: str, st: os.stat_result) -> str | None:
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return (f"the {what} {path} is writable by other users (mode "
                 f"{stat.S_IMODE(st.st_mode):o}), who could swap the connection file")
+    if secret and what == "connection file" and st.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        return (f"the {what} {path} is readable by other users (mode "
+                f"{stat.S_IMODE(st.st_mode):o}), who could read its key and sign messages as "
+                "you (if it is your local backend's own file, restart the backend too: that "
+                "gives a new key)")
+    return None
+
+
+def why_unsafe(path: Path, *, secret: bool = True) -> str | None:
+    """Why the connection file ``path`` must not be trusted, or None: it or its folder belongs
+    to another user or others may write to it, or (``secret``) others may read the file's key.
+    POSIX only; elsewhere the folder's ACLs are left to the system."""
+    if os.name != "posix":
+        return None
+    for target, what in ((path.parent, "folder"), (path, "connection file")):
+        why = _unsafe(target, what, target.stat(), secret)
+        if why:
+            return why
     return None
 
 
 def check_private(path: Path) -> None:
-    """Raise ``UnsafeConnectionFile`` unless ``path`` and its folder are the user's own and
-    writable by the user only (POSIX; elsewhere the folder's ACLs are left to the system)."""
-    if os.name != "posix":
-        return
-    for target, what in ((path.parent, "folder"), (path, "connection file")):
-        why = _unsafe(target, what, target.stat())
-        if why:
-            raise UnsafeConnectionFile(
-                f"refusing to use the backend connection file {path}: {why}; make it yours "
-                f"and private (chmod 700 {path.parent}; chmod 600 {path}) or give another "
-                f"connection file (${CONNECTION_ENV})")
+    """Raise ``UnsafeConnectionFile`` saying why, and how to fix it, if ``why_unsafe``."""
+    why = why_unsafe(path)
+    if why:
+        raise UnsafeConnectionFile(
+            f"refusing to use the backend connection file {path}: {why}; make it yours "
+            f"and private (chmod 700 {path.parent}; chmod 600 {path}) or give another "
+            f"connection file (${CONNECTION_ENV})")
 
 
 def _private_folder(folder: Path) -> None:
@@ -116,12 +132,15 @@ def write_connection_file(path: Path, info: ConnectionInfo) -> None:
     os.replace(tmp, path)
 
 
-def read_connection_file(path: Path | str | None = None) -> ConnectionInfo:
+def read_connection_file(path: Path | str | None = None, *,
+                         private: bool = True) -> ConnectionInfo:
     """Read a connection file; raise ``FileNotFoundError``, ``UnsafeConnectionFile`` (see
-    ``check_private``) or ``ValueError`` with a clear message."""
+    ``check_private``; ``private=False`` skips that check, for a server that only pings the
+    backend a file names before replacing it) or ``ValueError`` with a clear message."""
     path = Path(path) if path else default_connection_file()
     try:
-        check_private(path)
+        if private:
+            check_private(path)
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnsafeConnectionFile:
         raise

@@ -29,6 +29,16 @@ class LoginRefused(Exception):
     """The backend refused our login (its ZAP handler said no): a backend with another key."""
 
 
+class MechanismMismatch(LoginRefused):
+    """The backend speaks another security mechanism than ours: CURVE where we log in with
+    PLAIN, or the reverse (a connection file from before or after the backend's ``--curve``).
+    ``theirs`` names its mechanism where the handshake shows it (``CURVE``), else is empty."""
+
+    def __init__(self, message: str, theirs: str = "") -> None:
+        super().__init__(message)
+        self.theirs = theirs
+
+
 class TransportUnavailable(ValueError):
     """The transport asked for (or needed) cannot run in this Python; the message says why
     and what to do instead."""
@@ -45,7 +55,8 @@ class Transport(Protocol):
 
     def recv(self, timeout: float) -> list[Buffer] | None:
         """The next message's frames within ``timeout`` seconds, else None. Raises
-        ``LoginRefused`` when the backend refused our login."""
+        ``LoginRefused`` when the backend refused our login, ``MechanismMismatch`` (one kind
+        of it) when the backend speaks another security mechanism."""
 
     def close(self) -> None:
         """Drop the connection and anything not yet sent."""

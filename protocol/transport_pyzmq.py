@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -11,7 +12,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from protocol import wire
-from protocol.transport import PYZMQ, LoginRefused
+from protocol.transport import PYZMQ, LoginRefused, MechanismMismatch
 from protocol.wire import Buffer
 
 if TYPE_CHECKING:
@@ -39,8 +40,10 @@ class PyzmqDealer:
         else:
             socket.plain_username = username
             socket.plain_password = password
-        # The handshake's outcome: a refused login means a backend with another key.
-        self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        # The handshake's outcome: a refused login means a backend with another key; a
+        # mechanism mismatch, a backend with CURVE on where we have it off, or the reverse.
+        self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         try:
             socket.connect(endpoint)
         except zmq.ZMQError as exc:
@@ -61,14 +64,28 @@ class PyzmqDealer:
 
     def recv(self, timeout: float) -> list[Buffer] | None:
         assert self._socket is not None, "transport is closed"
-        ready = dict(self._poller.poll(max(1, int(timeout * 1000)))) if timeout > 0 else {}
-        if self._monitor in ready:
-            recv_monitor_message(self._monitor)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            ready = dict(self._poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
+            if self._monitor in ready:
+                self._handshake_failed(recv_monitor_message(self._monitor))
+                continue  # a failure that says nothing about the backend: wait on
+            if self._socket not in ready:
+                return None
+            frames = self._socket.recv_multipart(copy=False)
+            return [f.bytes if i < HEADER_FRAMES else f.buffer for i, f in enumerate(frames)]
+
+    @staticmethod
+    def _handshake_failed(event: dict) -> None:
+        """Raise what a failed handshake means: a refused login, or a backend that speaks
+        another security mechanism (libzmq's monitor says which failure, not whose
+        mechanism). Other protocol failures (a broken connection, say) are retried by
+        libzmq and raise nothing."""
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             raise LoginRefused("the backend refused the login")
-        if self._socket not in ready:
-            return None
-        frames = self._socket.recv_multipart(copy=False)
-        return [f.bytes if i < HEADER_FRAMES else f.buffer for i, f in enumerate(frames)]
+        if event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            raise MechanismMismatch("the backend speaks another security mechanism")
 
     def close(self) -> None:
         if self._socket is not None:

@@ -4,7 +4,8 @@ Unix) socket, with the PLAIN login, for Pythons where pyzmq can't load (``transp
 It behaves like libzmq's DEALER where the client relies on it: ``send`` never waits for the
 backend (a message waits in a queue until a connection is up), a lost connection is retried
 every ``RECONNECT`` seconds, and a login the backend refuses (its ZAP handler answers the
-HELLO with an ERROR command) is reported as ``LoginRefused``. Large frames are written from
+HELLO with an ERROR command) is reported as ``LoginRefused``, a backend whose greeting names
+another security mechanism (CURVE) as ``MechanismMismatch``. Large frames are written from
 the caller's buffers and read into one preallocated ``bytearray`` each: no copy of the
 pixels on the way, whatever their size.
 """
@@ -18,7 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from protocol import zmtp
-from protocol.transport import ZMTP, LoginRefused
+from protocol.transport import ZMTP, LoginRefused, MechanismMismatch
 from protocol.wire import Buffer
 
 log = logging.getLogger("protocol.client")
@@ -85,6 +86,7 @@ class ZmtpDealer:
         self.max_frames = max_frames  # frames kept of one message; the rest are dropped
         self.handshake_timeout = handshake_timeout
         self._hello = zmtp.plain_hello(username, password)
+        self._greeting_ours = zmtp.greeting(zmtp.PLAIN, as_server=False)
         self._sock: socket.socket | None = None
         self._state = CLOSED
         self._greeting = bytearray(zmtp.GREETING_SIZE)  # the backend's, as it arrives
@@ -96,7 +98,7 @@ class ZmtpDealer:
         self._partial: list[Buffer] = []  # frames of the message being received
         self._partial_count = 0
         self._next_attempt = 0.0
-        self._refused: str | None = None
+        self._refused: LoginRefused | None = None  # raised by the next recv
         self._closed = False
 
     # --- the interface --------------------------------------------------------------------------
@@ -117,8 +119,8 @@ class ZmtpDealer:
             if self._inbox:
                 return self._inbox.popleft()
             if self._refused is not None:
-                reason, self._refused = self._refused, None
-                raise LoginRefused(reason)
+                refusal, self._refused = self._refused, None
+                raise refusal
             now = time.monotonic()
             if now >= deadline:
                 return None
@@ -153,10 +155,12 @@ class ZmtpDealer:
         self._handshake_deadline = time.monotonic() + self.handshake_timeout
         self._parser = zmtp.FrameParser(self.max_frame)
         self._partial, self._partial_count = [], 0
-        self._write([zmtp.greeting(zmtp.PLAIN, as_server=False)])
+        self._write([self._greeting_ours[:zmtp.GREETING_HEAD]])  # the rest in _greeted
 
     def _greeted(self) -> None:
-        """The backend's greeting is complete: check it, then log in (HELLO)."""
+        """The backend's greeting is complete: check it, then send the rest of ours and log
+        in (HELLO). A backend that names another mechanism (CURVE) is ``MechanismMismatch``:
+        it is seen here because ours waited (``zmtp.GREETING_HEAD``)."""
         try:
             peer = zmtp.parse_greeting(bytes(self._greeting))
         except zmtp.ZmtpError as exc:
@@ -164,16 +168,16 @@ class ZmtpDealer:
             return
         if peer.mechanism != zmtp.PLAIN:  # (libzmq leaves its as-server flag 0: not checked)
             theirs = peer.mechanism.decode("ascii", "replace")
-            self._refuse(f"the backend expects the {theirs} security mechanism, not a PLAIN "
-                         "login")
+            self._refuse(MechanismMismatch(f"the backend expects the {theirs} security "
+                                           "mechanism, not a PLAIN login", theirs))
             return
         self._state = WELCOME
-        self._write([self._hello])
+        self._write([self._greeting_ours[zmtp.GREETING_HEAD:], self._hello])
 
     def _handshake_command(self, name: bytes, data: bytes) -> None:
         """WELCOME → send INITIATE (our metadata); READY → open; ERROR → refused."""
         if name == zmtp.ERROR:
-            self._refuse(zmtp.error_reason(data) or "login refused")
+            self._refuse(LoginRefused(zmtp.error_reason(data) or "login refused"))
         elif self._state == WELCOME and name == zmtp.WELCOME:
             self._state = READY
             properties = [(zmtp.SOCKET_TYPE, b"DEALER"), (zmtp.IDENTITY, b"")]
@@ -188,9 +192,9 @@ class ZmtpDealer:
         else:
             self._drop(f"unexpected {name!r} command during the handshake")
 
-    def _refuse(self, reason: str) -> None:
-        self._refused = reason
-        self._drop(f"login refused: {reason}")
+    def _refuse(self, refusal: LoginRefused) -> None:
+        self._refused = refusal
+        self._drop(f"login refused: {refusal}")
 
     def _drop(self, why: str) -> None:
         if self._sock is not None:

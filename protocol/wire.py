@@ -17,6 +17,7 @@ import re
 import struct
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -198,38 +199,59 @@ def signature(key: bytes, header: Buffer, parent: Buffer, content: Buffer,
 
 
 class ReplayGuard:
-    """Refuses signatures seen before and messages whose time is outside ``window`` seconds.
+    """Refuses a signature seen before, and a message dated more than ``window`` seconds before
+    this machine's clock or more than ``future`` seconds after it (section 2, step 4).
 
-    Memory is bounded by ``capacity``: when an entry must be evicted before its time has
-    left the window, every message not newer than it is refused from then on.
+    It remembers every signature whose time is inside the window, up to ``capacity`` of them.
+    When it must forget one early (more than ``capacity`` messages in the window), it keeps the
+    forgotten time as a floor for that message's session only, and refuses that session's
+    messages not newer than its floor. A sender can therefore raise only its own session's
+    floor, never another's, and no further ahead than ``future`` seconds past the clock: no
+    sender can make the guard refuse another session's messages. A floor is dropped once its
+    time has left the window (the window refuses those messages then). At most ``capacity``
+    floors are kept; past that (more than ``capacity`` sessions each with a signature forgotten
+    early, within one window) the least recently raised floor is dropped.
     """
 
     def __init__(self, window: float = 300.0, capacity: int = 65536,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, future: float = 10.0) -> None:
         self.window = window
+        self.future = min(future, window)
         self.capacity = capacity
         self._clock = clock
         self._seen: set[bytes] = set()
-        self._heap: list[tuple[float, bytes]] = []
-        self._floor = -math.inf
+        self._heap: list[tuple[float, bytes, str]] = []
+        self._floors: OrderedDict[str, float] = OrderedDict()  # session -> floor
 
-    def check(self, sig: bytes, sent: float) -> None:
+    def check(self, sig: bytes, sent: float, session: str = "") -> None:
         now = self._clock()
-        if abs(now - sent) > self.window:
+        if sent < now - self.window or sent > now + self.future:
+            ahead = sent > now
             raise ProtocolError(
                 REPLAYED, "message time is too far from this machine's clock",
-                f"sent {sent:.3f}, now {now:.3f}, window {self.window:g} s; synchronise the clocks",
+                f"sent {sent:.3f}, now {now:.3f}: {abs(sent - now):.1f} s "
+                f"{'ahead' if ahead else 'behind'}, at most "
+                f"{self.future if ahead else self.window:g} s allowed; synchronise the clocks",
             )
-        if sig in self._seen or sent <= self._floor:
+        if sig in self._seen or sent <= self._floors.get(session, -math.inf):
             raise ProtocolError(REPLAYED, "message refused: it was already received (replay)")
         self._seen.add(sig)
-        heapq.heappush(self._heap, (sent, sig))
-        while self._heap and (self._heap[0][0] < now - self.window
-                              or len(self._seen) > self.capacity):
-            old_time, old_sig = heapq.heappop(self._heap)
+        heapq.heappush(self._heap, (sent, sig, session))
+        self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        """Drop signatures that left the window, then the oldest beyond ``capacity`` (raising
+        their sessions' floors), then floors that left the window or exceed ``capacity``."""
+        oldest = now - self.window
+        while self._heap and (self._heap[0][0] < oldest or len(self._seen) > self.capacity):
+            old_time, old_sig, old_session = heapq.heappop(self._heap)
             self._seen.discard(old_sig)
-            if old_time >= now - self.window:
-                self._floor = max(self._floor, old_time)
+            if old_time >= oldest:
+                floor = max(self._floors.pop(old_session, -math.inf), old_time)
+                self._floors[old_session] = floor  # most recently raised last
+        while self._floors and (len(self._floors) > self.capacity
+                                or next(iter(self._floors.values())) < oldest):
+            self._floors.popitem(last=False)
 
 
 # --- the codec --------------------------------------------------------------------------------
@@ -305,7 +327,7 @@ class Session:
         header = _unpack(h, "header")
         _check_header(header)
         try:
-            self.replay.check(sig, header["time"])
+            self.replay.check(sig, header["time"], header["session"])
             check_version(header["version"], self.version, self.peer, self.me)
             parent = _unpack(p, "parent")
             content = _unpack(c, "content")
@@ -317,9 +339,10 @@ class Session:
                        fingerprint)
 
 
-def too_many_frames(count: int) -> ProtocolError:
-    return ProtocolError(BAD_MESSAGE, f"too many frames ({count}); at most {MAX_FRAMES} are "
-                         "allowed")
+def too_many_frames(count: int | None) -> ProtocolError:
+    """``count`` frames (None: more than ``MAX_FRAMES``, how many more unknown)."""
+    return ProtocolError(BAD_MESSAGE, f"too many frames ({count or f'over {MAX_FRAMES}'}); at "
+                         f"most {MAX_FRAMES} are allowed")
 
 
 def _check_header(header: dict[str, Any]) -> None:

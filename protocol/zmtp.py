@@ -27,6 +27,12 @@ MORE, LONG, COMMAND = 0x01, 0x02, 0x04
 SIGNATURE = b"\xff" + bytes(7) + b"\x01\x7f"
 VERSION = (3, 1)
 GREETING_SIZE = 64
+# The signature and version: what a peer may send before it has read the other's greeting.
+# libzmq sends the rest of its own greeting (its mechanism) once it has read these bytes of
+# ours, but a peer whose whole greeting came at once, naming a mechanism it does not speak,
+# is dropped before libzmq has written its mechanism: a client sends the rest of its greeting
+# only after reading the backend's, so that the backend's mechanism always arrives.
+GREETING_HEAD = len(SIGNATURE) + len(VERSION)
 PLAIN, NULL, CURVE = b"PLAIN", b"NULL", b"CURVE"
 # Commands: what a DEALER may meet, and what this module builds.
 HELLO, WELCOME, INITIATE, READY, ERROR = b"HELLO", b"WELCOME", b"INITIATE", b"READY", b"ERROR"

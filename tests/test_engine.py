@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from backend.engine.cancel import blocks
 from backend.engine.errors import Cancelled, InvalidInput
 from backend.engine.pipeline import DragEngine
 from backend.engine.types import CancelToken, DragRequest
@@ -91,6 +93,69 @@ def test_cancel_stops_within_one_step(engine, method):
     assert seen[-1] == ("drag", 1)  # nothing ran after the step that saw the cancel
     # The engine is usable afterwards (no LoRA or attention processor left behind).
     engine.run(make_request(method, params={**FAST, "lora_steps": 0}))
+
+
+class BlockWatch:
+    """Counts the UNet and VAE blocks that run (forward) and whose gradients are computed
+    (backward) once a cancel was asked; it asks for the cancel itself at the ``at``-th block of
+    ``phase`` (forward, or backward: when that block's output gradient is computed)."""
+
+    def __init__(self, engine, cancel: CancelToken, phase: str, at: int, backward: bool):
+        self.cancel, self.phase, self.at, self.backward = cancel, phase, at, backward
+        self.current, self.seen, self.after = None, 0, 0
+        modules = [*blocks(engine.model.unet), *blocks(engine.model.vae)]
+        self.handles = [m.register_forward_pre_hook(self.before) for m in modules]
+        self.handles += [m.register_forward_hook(self.ran) for m in modules]
+
+    def progress(self, phase, step, total):
+        self.current = phase
+
+    def _tick(self) -> None:
+        if self.current == self.phase and not self.cancel.cancelled:
+            self.seen += 1
+            if self.seen == self.at:
+                self.cancel.cancel()
+
+    def before(self, module, args):
+        if not self.backward:
+            self._tick()
+
+    def ran(self, module, args, output):
+        self.after += self.cancel.cancelled  # a block that ran to its end after the cancel
+        if self.backward and isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(self.gradient)
+
+    def gradient(self, grad):
+        self.after += self.cancel.cancelled
+        self._tick()
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize(("method", "phase", "backward"), [
+    ("dragdiffusion", "lora", True), ("dragdiffusion", "inversion", False),
+    ("dragdiffusion", "drag", False), ("dragdiffusion", "drag", True),
+    ("gooddrag", "drag", True), ("gooddrag", "denoise", False),
+    ("dragdiffusion", "decode", False),
+])
+def test_a_cancel_stops_a_pass_within_one_block(engine, method, phase, backward):
+    """N1/N5: the cancel was seen only at the next step, after the whole UNet pass (and its
+    backward) had run: up to a minute on a CPU at 512², hours on a large canvas. Now no block
+    of the UNet or the VAE runs, forward or backward, after the one that saw the cancel."""
+    cancel = CancelToken()
+    watch = BlockWatch(engine, cancel, phase, at=5, backward=backward)
+    params = {**FAST, "lora_steps": 2 if phase == "lora" else 0}
+    try:
+        with pytest.raises(Cancelled):
+            engine.run(make_request(method, params=params, prompt=f"a {phase} {backward}"),
+                       progress=watch.progress, cancel=cancel)  # (no re-drag cache hit)
+    finally:
+        watch.remove()
+    assert cancel.cancelled and watch.current == phase
+    assert watch.after == 0  # the old engine finished the pass: dozens of blocks
+    engine.run(make_request(method, params={**FAST, "lora_steps": 0}))  # usable afterwards
 
 
 def test_no_mask_lets_everything_change_and_gray_stays_gray(engine):

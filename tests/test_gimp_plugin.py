@@ -239,6 +239,7 @@ def test_grayscale_with_alpha_and_offsets(gimp, backend):
 def test_backend_not_running_is_a_clean_error_within_the_timeout(gimp):
     dead = gimp.work / "dead-backend.json"
     dead.write_text(json.dumps({"endpoint": "tcp://127.0.0.1:9", "key": "00" * 32}))
+    dead.chmod(0o600)  # a connection file others can read is refused
     report, _ = run_case(gimp, "not-running", None, paths=[[[[12, 12], [18, 14]]]],
                          args={"backend": gimp.inside(dead), "timeout": 4})
     assert report["status"] == "execution-error"
@@ -370,6 +371,7 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
     env = {"DISPLAY": xvfb.name, "DRAG_DIFFUSION_CONNECTION_FILE": gimp.inside(backend)}
     dead = gimp.work / "gui-dead-backend.json"
     dead.write_text(json.dumps({"endpoint": "tcp://127.0.0.1:9", "key": "00" * 32}))
+    dead.chmod(0o600)  # a connection file others can read is refused
     process = gimp.popen([gimp.script("gimp_gui.py", STATE=gimp.inside(state), ARGS=args,
                                       FIRST=first, SCENE=scene, DEAD=gimp.inside(dead))],
                          gui=True, env=env, log=log)

@@ -11,16 +11,21 @@ import pytest
 from backend.engine.errors import InvalidInput
 from backend.engine.imageops import working_size
 from backend.engine.params import (
+    MAX_MEMORY,
     MAX_WORK,
     PRESET_METHOD,
     PRESETS,
     SPECS,
+    VAE_ATTENTION_SHARE,
+    VAE_PASSES,
     DragParams,
     MethodTable,
     check_canvas,
+    estimated_memory,
     estimated_work,
     method_descriptions,
     parse_assignments,
+    pass_cost,
     resolve,
     served_algorithms,
     spec_table,
@@ -64,9 +69,13 @@ def test_inpaint4drag_is_the_official_app_s_settings():
     assert algorithm == "inpaint4drag"
     assert (params.inpaint_steps, params.inpaint_strength, params.inpaint_kernel) == (8, 1.0, 5)
     assert params.feather == 0  # the official pastes the inpainted area back hard
-    # work: its inpainting steps on the working canvas, nothing else
-    assert estimated_work("inpaint4drag", params) == 8
-    assert estimated_work("inpaint4drag", params, (512, 1024)) == 16
+    # work: its inpainting steps and the VAE's encode and decode on the working canvas
+    assert estimated_work("inpaint4drag", params) == pytest.approx(8 + VAE_PASSES)
+    # twice the area costs more than twice the passes: attention's square of the tokens
+    tall = estimated_work("inpaint4drag", params, (512, 1024))
+    assert tall == pytest.approx(8 * pass_cost((512, 1024))
+                                 + VAE_PASSES * pass_cost((512, 1024), VAE_ATTENTION_SHARE))
+    assert tall > 2 * (8 + VAE_PASSES)
 
 
 def test_work_estimate_matches_the_official_pass_counts():
@@ -154,7 +163,8 @@ def test_a_tall_canvas_counts_its_height_and_names_the_cap_that_fits():
     p = PRESETS["dragdiffusion"]
     square = estimated_work("dragdiffusion", p)
     assert estimated_work("dragdiffusion", p, (512, 512)) == pytest.approx(square)
-    assert estimated_work("dragdiffusion", p, (512, 2048)) == pytest.approx(4 * square)
+    # four times the area, more than four times the work (attention: see the next test)
+    assert estimated_work("dragdiffusion", p, (512, 2048)) == pytest.approx(5.82 * square, 0.01)
     check_canvas("dragdiffusion", p, working_size(3000, 4000))  # a portrait photo: fine
     # a 1:100 strip: 512 wide and 51,200 tall at the default width, ~90,000 UNet passes
     with pytest.raises(InvalidInput, match=r"51200.*work_max_side \(at most (\d+)\)") as exc:
@@ -165,6 +175,46 @@ def test_a_tall_canvas_counts_its_height_and_names_the_cap_that_fits():
     capped = p.replace(work_max_side=fits)
     check_canvas("dragdiffusion", capped, working_size(60, 6000, 512, fits))
     MethodTable().resolve("dragdiffusion", {"work_max_side": fits}, (60, 6000))
+
+
+def test_a_pass_costs_attentions_square_of_the_tokens():
+    """N1: the estimate counted a pass in proportion to the canvas's area, but attention grows
+    with the square of the token count: an 8×8192 image at work_size 64 (a 64×65,536 canvas,
+    65,536 latent tokens) was accepted and ran 9 min 42 s without finishing."""
+    # SD1.5's FLOP counts (meta device): 803, 4,674 and 42,206 GFLOP at latents of 64², 128²
+    # and 8×8192; the model's pass costs agree within 1 %.
+    assert pass_cost((512, 512)) == pytest.approx(1.0)
+    assert pass_cost((1024, 1024)) == pytest.approx(4674 / 803.3, 0.01)
+    assert pass_cost((64, 65536)) == pytest.approx(42206 / 803.3, 0.01)
+    assert pass_cost((65536, 64)) == pass_cost((1024, 4096))  # tokens count, not the shape
+    p = PRESETS["dragdiffusion"].replace(work_size=64)
+    strip = working_size(8, 8192, 64)
+    assert strip == (64, 65536)
+    need = estimated_work("dragdiffusion", p, strip)
+    assert need > MAX_WORK > 16 * estimated_work("dragdiffusion", p, (512, 512))  # area alone
+    with pytest.raises(InvalidInput, match=r"64×65536.*UNet passes.*work_max_side \(at most"):
+        check_canvas("dragdiffusion", p, strip)
+
+
+def test_a_canvas_that_needs_more_memory_than_the_limit_is_refused():
+    """N1: a cap on memory as well as work. Few steps on a huge canvas ask for little work but
+    need all the memory of one pass over it."""
+    p = PRESETS["dragdiffusion"].replace(work_size=2048, lora_steps=0, n_inference_steps=2,
+                                        inversion_strength=0.05, drag_steps=0)
+    tall = working_size(1000, 4000, 2048)  # 2048×8192
+    assert estimated_work("dragdiffusion", p, tall) < MAX_WORK
+    assert estimated_memory(tall) == pytest.approx(125e9, 0.01)
+    assert estimated_memory((512, 512)) == pytest.approx(4.2e9, 0.02)  # as measured
+    assert estimated_memory((1024, 1024)) == pytest.approx(9.9e9, 0.02)
+    with pytest.raises(InvalidInput, match=r"2048×8192.*125 GB.*80 GB.*at most (\d+)") as exc:
+        check_canvas("dragdiffusion", p, tall)
+    fits = int(re.search(r"at most (\d+)", str(exc.value)).group(1))
+    check_canvas("dragdiffusion", p.replace(work_max_side=fits),
+                 working_size(1000, 4000, 2048, fits))
+    # the cap named is the knob's largest value: with any cap it takes, the largest working
+    # canvas (2048 wide, 4096 tall) needs about 64 GB, under the limit
+    assert fits == SPECS["work_max_side"].high
+    assert estimated_memory((2048, 4096)) < MAX_MEMORY
 
 
 def test_heavy_settings_name_a_cap_that_is_not_needlessly_small():

@@ -171,6 +171,37 @@ def test_replay_guard_stays_bounded_and_safe():
     guard.check(b"new", 999.0)
 
 
+def test_one_sender_cannot_move_the_replay_guard_ahead_of_the_clock():
+    """N2: 65,600 pings dated now + 290 s (inside the 300 s window) pushed the guard's floor
+    290 s ahead, and every other sender's messages were ``replayed`` for ~5 minutes."""
+    now = [1000.0]
+    guard = wire.ReplayGuard(window=300, capacity=100, clock=lambda: now[0])
+    for i in range(150):  # far in the future: refused, so nothing is remembered
+        with pytest.raises(ProtocolError, match="clock") as err:
+            guard.check(b"ahead%d" % i, now[0] + 290, "attacker")
+        assert "290.0 s ahead, at most 10 s allowed" in err.value.detail
+    refused = 0
+    for i in range(150):  # as far ahead as allowed, more than the capacity, from many sessions
+        for sig, session in ((b"near%d" % i, "attacker"), (b"fill%d" % i, f"sybil{i}")):
+            try:
+                guard.check(sig, now[0] + 9.5, session)
+            except ProtocolError:  # under its own floor: the attacker locks itself out only
+                refused += session == "attacker"
+    assert refused > 0 and len(guard._seen) <= 100 and len(guard._floors) <= 100
+    for i in range(1000):  # every other session is served throughout
+        now[0] += 0.01
+        guard.check(b"honest%d" % i, now[0], "honest")
+    # The guarantee holds: what was received is refused again, evicted or not...
+    with pytest.raises(ProtocolError, match="already received"):
+        guard.check(b"near0", 1009.5, "attacker")
+    with pytest.raises(ProtocolError, match="already received"):
+        guard.check(b"honest999", now[0], "honest")
+    # ...and a floor lasts only while its time is inside the window.
+    now[0] = 1000.0 + 9.5 + 300.1
+    guard.check(b"later", now[0], "honest")
+    assert list(guard._floors) == []
+
+
 def test_version_mismatch_names_both_versions():
     sender, receiver = pair()
     sender.version = "2.3"
@@ -356,6 +387,7 @@ def test_connection_file_errors(tmp_path):
         connection.read_connection_file(tmp_path / "none.json")
     damaged = tmp_path / "bad.json"
     damaged.write_text('{"endpoint": "tcp://x:1", "key": "zz"}')
+    damaged.chmod(0o600)
     with pytest.raises(ValueError, match="damaged"):
         connection.read_connection_file(damaged)
 
@@ -416,6 +448,28 @@ def test_a_connection_file_others_could_swap_is_refused(tmp_path, monkeypatch, w
     message = str(err.value)
     assert str(path) in message and ("another user" in message or "writable by other" in message)
     assert "chmod 700" in message
+
+
+@posix_only
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_connection_file_others_can_read_is_refused_not_tightened(tmp_path, mode):
+    """N8: a copy made world-readable (0644, as ``cp`` makes it under the usual umask) was used
+    silently, its key readable by every local user. It is refused, not quietly made 0600: a key
+    others could read must be taken as known, and the user must hear of it."""
+    from protocol.client import Client, ConnectionFileError
+
+    path = tmp_path / "conf" / "backend.json"
+    connection.write_connection_file(path, connection.ConnectionInfo("tcp://127.0.0.1:1",
+                                                                     b"k" * 32))
+    os.chmod(path, mode)
+    with pytest.raises(ConnectionFileError) as err:
+        Client.from_connection_file(path)
+    message = err.value.message
+    assert f"readable by other users (mode {mode:o})" in message and str(path) in message
+    assert f"chmod 600 {path}" in message and "restart the backend" in message
+    assert stat.S_IMODE(path.stat().st_mode) == mode  # left as it was
+    os.chmod(path, 0o600)
+    assert connection.read_connection_file(path).key == b"k" * 32
 
 
 @posix_only

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 import threading
 import time
 
@@ -22,7 +24,7 @@ from fixtures_server import (
 from backend.engine.errors import ModelNotFound
 from backend.engine.params import MethodTable, method_descriptions, spec_table
 from backend.engine.types import DEFAULT_METHOD, DragResult
-from backend.server.jobs import FairQueue, Job
+from backend.server.jobs import FairQueue, Job, JobTable, RanIds, Terminal
 from backend.server.server import Server
 from backend.server.transport import ServerError
 from protocol import connection, wire
@@ -179,6 +181,38 @@ def test_queued_jobs_are_checked_again_when_the_loaded_model_differs():
         server.stop()
         thread.join(10)
     assert len(engine.runs) == 1
+
+
+def test_a_queued_job_is_checked_again_with_attentions_cost():
+    """The re-check of queued jobs is the same one check as a submit's, the cost counted with
+    attention's square of the tokens (N1): announced with work_max_side 4096, the 8×8192 strip
+    at work_size 64 is an 8×4096 canvas and is queued; the model that loaded has no cap, so it
+    is 64×65,536 (65,536 tokens), which its area alone would let through (~16 edits' work)."""
+    gate = threading.Event()
+    engine = FakeEngine()  # no cap of its own
+
+    def load():
+        gate.wait(10)
+        return engine
+
+    server = Server(load, model_name="slow", bind="tcp://127.0.0.1:0",
+                    table=MethodTable({"work_max_side": 4096}))
+    server.start()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with client_for(server) as client:
+            strip = submit(client, image=image(8, 8192), width=8, height=8192,
+                           handles=[(4, 100)], targets=[(4, 120)], params={"work_size": 64})
+            gate.set()
+            with pytest.raises(JobFailed) as err:
+                collect(client, strip)
+            assert err.value.code == wire.INVALID_INPUT
+            assert "64×65536" in err.value.message and "UNet passes" in err.value.message
+    finally:
+        server.stop()
+        thread.join(10)
+    assert not engine.runs
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -338,6 +372,107 @@ def test_expired_result_is_never_run_again():
     assert len(engine.runs) == 2
 
 
+def test_each_client_keeps_its_results_during_another_clients_cancel_storm():
+    """N3: retention was global (32 jobs): a burst of cancelled jobs from one client evicted
+    everybody's results, and 8 of 8 clients got ``unknown_job`` re-attaching a job that had
+    just finished. Retention is per session now."""
+    engine = FakeEngine(steps=2, delay=0.01)
+    finished = threading.Semaphore(0)
+    storm_done = threading.Event()
+    outcome: dict[int, str] = {}
+
+    def storm(server: Server) -> None:
+        for _ in range(8):  # the honest jobs are over: their results are kept
+            assert finished.acquire(timeout=120)
+        with client_for(server) as bully:
+            blocker = submit(bully, prompt="steps=100000 delay=0.01")  # keeps the others queued
+            for n in range(200):
+                bully.cancel(submit(bully, seed=n))
+            bully.cancel(blocker)
+        storm_done.set()
+
+    def honest(server: Server, n: int) -> None:
+        with client_for(server, timeout=10) as client:
+            job = submit(client, seed=1000 + n)
+            first = collect(client, job)[-1]
+            finished.release()
+            assert storm_done.wait(120)
+            try:
+                again = collect(client, job)  # attach: the terminal event is sent again
+                outcome[n] = "same" if again[-1].image == first.image else "different"
+            except JobFailed as exc:
+                outcome[n] = exc.code
+
+    with running_server(engine) as server:
+        threads = [threading.Thread(target=storm, args=(server,))]
+        threads += [threading.Thread(target=honest, args=(server, n)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+    print(f"\nre-attached after a 200-job cancel storm: {outcome}")
+    assert outcome == dict.fromkeys(range(8), "same")
+
+
+def test_a_job_id_is_remembered_past_ten_thousand_newer_jobs():
+    """N4: only the last 10,000 expired ids were remembered: a re-sent submit after 10,040
+    newer jobs ran again."""
+    table = JobTable()
+    cancelled = Terminal(wire.CANCELLED, {"reason": "client"}, [])
+
+    def run(job_id: str, session: str) -> None:
+        job = Job(job_id, session, session, {}, b"", {}, [])
+        table.add(job)
+        table.finish(job, cancelled)
+
+    run("first", "honest")
+    for n in range(10_040):
+        run(f"newer{n}", f"storm{n % 50}")
+    assert table.get("first") is not None  # its session's result is still kept
+    for n in range(40):
+        run(f"own{n}", "honest")  # its own later jobs push it out
+    assert table.get("first") is None and table.expired("first")
+    assert not table.expired("never-seen")
+
+
+def test_memory_caps_take_from_the_session_that_holds_the_most():
+    table = JobTable(keep_bytes=1000, keep_records=30)
+
+    def run(job_id: str, session: str, size: int) -> None:
+        job = Job(job_id, session, session, {}, b"", {}, [])
+        table.add(job)
+        table.finish(job, Terminal(wire.FINISHED, {}, [bytes(size)]))
+
+    run("mine", "honest", 100)
+    for n in range(30):
+        run(f"big{n}", "bully", 200)  # 6,000 bytes asked: 900 of them can stay
+    assert table.get("mine") is not None
+    assert [n for n in range(30) if table.get(f"big{n}")] == [26, 27, 28, 29]
+    for n in range(40):
+        run(f"small{n}", "bully", 0)  # more jobs than keep_records
+    assert table.get("mine") is not None and table._records == 30
+
+
+def test_remembered_job_ids_last_their_stated_time_in_bounded_memory():
+    now = [0.0]
+    ids = RanIds(seconds=100.0, limit=2400)
+    ids.add("early", now[0])
+    for n in range(10_000):  # a flood: bounded to the limit plus one bucket
+        now[0] += 0.001
+        ids.add(f"flood{n}", now[0])
+        assert ids._count <= 2400 + 100
+    assert "flood9999" in ids and "early" not in ids  # the oldest went first
+    now[0] += 50
+    ids.add("kept", now[0])
+    now[0] += 99
+    ids.add("later", now[0])
+    assert "kept" in ids and "flood9999" in ids  # kept at least 100 s, a bucket more at most
+    now[0] += 3
+    ids.add("last", now[0])
+    assert "flood9999" not in ids  # all of its bucket is over 100 s old
+    assert "kept" in ids and "later" in ids and "last" in ids
+
+
 def test_two_concurrent_clients_both_get_results():
     """One client on each transport, at the same time, on the same backend."""
     engine = FakeEngine(steps=3, delay=0.01)
@@ -468,6 +603,25 @@ def test_invalid_submits_are_refused(kwargs, code):
     assert reply.msg_type == wire.ERROR and reply.content["code"] == code
 
 
+def test_a_tall_strip_is_refused_before_any_work():
+    """N1: an 8×8192 image at work_size 64 (a 64×65,536 canvas) was accepted: the server
+    checked the settings on a square canvas, the engine checked the real one only when the
+    job's turn came, and counted its passes by area. It ran 9 min 42 s, every other client's
+    job waited behind it, and ``shutdown`` could not stop it."""
+    engine = FakeEngine()
+    with running_server(engine) as server, client_for(server) as client:
+        t0 = time.monotonic()
+        with pytest.raises(JobFailed) as err:
+            submit(client, image=image(8, 8192), width=8, height=8192, handles=[(4, 100)],
+                   targets=[(4, 120)], params={"work_size": 64})
+        refused_in = time.monotonic() - t0
+        assert client.ping()["queued"] == 0
+    print(f"\n8×8192 at work_size 64: refused in {refused_in * 1000:.0f} ms: "
+          f"{err.value.message}")
+    assert err.value.code == wire.INVALID_INPUT and not engine.runs
+    assert "64×65536" in err.value.message and "work_max_side (at most" in err.value.message
+
+
 def test_queue_full_and_unknown_job():
     engine = FakeEngine(steps=1000, delay=0.02)
     limits = wire.Limits(max_queue=2)
@@ -564,6 +718,23 @@ def test_wrong_key_says_the_connection_file_is_stale(transport):
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_after_a_wrong_key_the_same_client_keeps_saying_so(transport):
+    """N9: after ``WrongKey``, the same client object's next wait reported that the backend
+    "stopped answering", at once (the unanswered login still counted as silence)."""
+    with (running_server(FakeEngine()) as server,
+          Client(server.endpoint, b"x" * 32, timeout=1.0, retries=1,
+                 transport=transport) as client):
+        with pytest.raises(WrongKey):
+            client.ping()
+        time.sleep(2.5)  # longer than the client's liveness (2 s)
+        for again in (lambda: list(client.events("job1")), client.ping):
+            with pytest.raises(WrongKey) as err:
+                again()
+            assert "with another key" in str(err.value)
+            assert "stopped answering" not in str(err.value)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_connection_file_lifecycle(tmp_path, transport):
     path = tmp_path / "backend.json"
     with running_server(FakeEngine(), connection_file=path) as server:
@@ -578,6 +749,22 @@ def test_connection_file_lifecycle(tmp_path, transport):
     assert not path.exists()
     with pytest.raises(BackendUnavailable, match="python -m backend serve"):
         Client.from_connection_file(path)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+def test_a_stale_connection_file_others_can_read_is_replaced_with_a_notice(tmp_path, caplog):
+    """N8: the server took a world-readable file (0644) over without a word. It replaces it
+    with a private one (0600, a new key) and says why in its log."""
+    path = tmp_path / "backend.json"
+    connection.write_connection_file(path, connection.ConnectionInfo("tcp://127.0.0.1:9",
+                                                                     b"k" * 32))
+    os.chmod(path, 0o644)
+    caplog.set_level("WARNING", logger="backend.server")
+    with running_server(FakeEngine(), connection_file=path) as server:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert connection.read_connection_file(path).key == server.key != b"k" * 32
+    (notice,) = [r.getMessage() for r in caplog.records if "readable by other" in r.getMessage()]
+    assert str(path) in notice and "mode 644" in notice and "mode 600, a new key" in notice
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

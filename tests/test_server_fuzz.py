@@ -11,8 +11,10 @@ import contextlib
 import math
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import msgpack
@@ -29,10 +31,12 @@ from fixtures_server import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from limits import fired, safety_net
 
 from backend.engine.errors import InvalidInput
 from backend.engine.params import SPECS, resolve
 from protocol import wire
+from protocol.client import LIVENESS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = 200
@@ -424,6 +428,58 @@ def test_a_key_holders_many_frames_are_dropped_while_read():
     assert peak < 10 * 2**20  # reading them into a list took ~60 MiB
 
 
+# A key holder in its own process (so its sending does not share the server's GIL): it logs in
+# with the key and sends ``count`` messages of ``frames`` empty frames each.
+_KEY_HOLDER_FLOOD = """
+import sys, time
+import zmq
+from protocol import wire
+endpoint, key, frames, count = sys.argv[1], bytes.fromhex(sys.argv[2]), *map(int, sys.argv[3:])
+sock = zmq.Context.instance().socket(zmq.DEALER)
+sock.plain_username, sock.plain_password = wire.TRANSPORT_USER, wire.transport_password(key)
+sock.connect(endpoint)
+message = [b""] * frames
+print("sending", flush=True)
+for _ in range(count):
+    sock.send_multipart(message)
+print("sent", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_key_holders_multi_million_frame_messages_do_not_stall_other_clients():
+    """N6: a key holder's message of a million empty frames stalled the server loop 17–19 s
+    (dropped one Python call per frame): another client's ping waited 10.4 s, past the 6 s
+    after which a plug-in reports the backend gone. The rest of such a message is dropped
+    inside libzmq now; the other clients' messages wait for that only."""
+    frames, count = 3 * 10**6, 2
+    with running_server(FakeEngine()) as server, client_for(server, timeout=30.0) as client:
+        client.ping()
+        flood = subprocess.Popen([sys.executable, "-c", _KEY_HOLDER_FLOOD, server.endpoint,
+                                  server.key.hex(), str(frames), str(count)],
+                                 cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        sent = threading.Event()
+        threading.Thread(target=lambda: flood.stdout.readline() and flood.stdout.readline()
+                         and sent.set(), daemon=True).start()
+        times = []
+        try:
+            limit = time.monotonic() + safety_net(120)
+            while not sent.is_set():
+                assert time.monotonic() < limit, fired("the key holder's messages", 120)
+                times += ping_times(client, 0.5)
+            times += ping_times(client, 3.0)  # the server reads the last one meanwhile
+        finally:
+            flood.kill()
+            flood.wait()
+        refusals = server._refusals._logged + sum(server._refusals._suppressed.values())
+    times.sort()
+    print(f"\nping while a key holder sends {count} messages of {frames:,} empty frames: "
+          f"{len(times)} pings, median {times[len(times) // 2] * 1000:.1f} ms, max "
+          f"{times[-1] * 1000:.0f} ms; {refusals} of them refused")
+    assert refusals == count
+    assert times[-1] < LIVENESS / 3  # was 10.4 s for one 10**6: the plug-in gave up
+
+
 def test_still_serves_a_real_job_afterwards(server):
     with client_for(server) as client:
         events = list(client.events(submit(client), timeout=30))
@@ -490,6 +546,125 @@ def test_client_strings_cannot_forge_log_lines():
     assert "gimp\\n2030-01-01 INFO backend.server: job x finished\\u2028" in hello
     assert not [line for line in lines if line.startswith("2030")]
     assert all(line.startswith(("INFO", "WARNING", "ERROR", "DEBUG")) for line in lines)
+
+
+# Characters that reorder or hide the text around them: the bidi embeddings and overrides
+# (U+202A–E) and isolates (U+2066–9), the Arabic letter mark, zero-width characters and marks,
+# the byte-order mark, a tag character, and a Hangul filler (a letter that draws nothing).
+REORDER_OR_HIDE = ("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u061c\u200b\u200e"
+                   "\u200f\u2060\ufeff\U000e0041\u3164\u00ad")
+
+
+def test_log_lines_escape_every_character_that_reorders_or_hides_text():
+    """N7: bidi controls reached the log as they were, so a client name could make a log
+    viewer show a line in another order than it was written ("job x finished" reversed…)."""
+    import io
+    import logging
+
+    from backend.server.log import OneLineFormatter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(OneLineFormatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("backend.server")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel("INFO")
+    try:
+        with running_server(FakeEngine()) as server:
+            with client_for(server, name=f"gimp {REORDER_OR_HIDE} end") as client:
+                client.hello()
+            try:
+                raise ValueError(f"bad field {REORDER_OR_HIDE}")
+            except ValueError:
+                logger.exception("a traceback quoting a client's text")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    text = out.getvalue()
+    shown = [c for c in REORDER_OR_HIDE if c in text]
+    assert not shown, [f"U+{ord(c):04X}" for c in shown]
+    (hello,) = [line for line in text.splitlines() if line.startswith("INFO hello from")]
+    assert "gimp \\u202a\\u202b\\u202c\\u202d\\u202e\\u2066" in hello and hello.endswith("end)")
+    assert "\\U000e0041\\u3164\\xad end" in hello
+
+
+def test_a_key_holder_dating_messages_ahead_cannot_lock_other_clients_out():
+    """N2: one key holder's pings dated now + 290 s, more of them than the replay guard keeps,
+    made every honest message ``replayed`` for ~5 minutes. Now such messages are refused (at
+    most 10 s ahead), and an eviction raises only the sender's own session's floor."""
+    capacity = 500
+    with running_server(FakeEngine(), replay_capacity=capacity) as server, \
+            client_for(server) as honest:
+        honest.ping()
+        bully = RawPeer(server)
+        refused = Counter()
+        for ahead in (290.0, 9.0):  # as far as the window allowed, then as far as allowed now
+            for _ in range(capacity + 100):
+                header = bully.session.header(wire.PING)
+                header["time"] += ahead
+                h, p, c = msgpack.packb(header), msgpack.packb({}), msgpack.packb({})
+                bully.send([wire.DELIMITER, wire.signature(server.key, h, p, c)[0], h, p, c])
+            for _ in range(capacity + 100):
+                reply = bully.recv(10.0)
+                assert reply is not None
+                refused[(ahead, reply.content.get("code"))] += 1
+        pongs = [honest.ping()["queued"] for _ in range(20)]  # JobFailed(replayed) before
+        bully.close()
+    print(f"\nreplies to the key holder's pings: {dict(refused)}; honest pings after: "
+          f"{len(pongs)} pongs")
+    assert refused == {(290.0, wire.REPLAYED): capacity + 100, (9.0, None): capacity + 100}
+    assert pongs == [0] * 20
+
+
+def test_a_heartbeat_waiting_behind_other_clients_messages_still_counts():
+    """N10: a client heart-beating every second had its running job cancelled as "client gone"
+    during another client's burst. The TTL was checked against the messages read so far, after
+    each batch of 64: when the loop had been busy for longer than the TTL and more than 64
+    messages of other connections came first in the socket's round robin, the client's
+    heartbeat sat there unread, and its job was cancelled. Here one loop turn is held for
+    2.5 s (the TTL is 1 s) while 100 other connections and then the client send a message
+    each (with the old check: cancelled, reason client_gone)."""
+    engine = FakeEngine(steps=100_000, delay=0.01)
+    with running_server(engine, client_ttl=1.0) as server:
+        honest, staller = RawPeer(server), RawPeer(server)
+        others = [RawPeer(server) for _ in range(100)]
+        for peer in others:  # all connected and idle
+            peer.request(wire.PING, {})
+        content = {"job_id": "mine", "width": 8, "height": 6, "channels": 3,
+                   "handles": [[1, 1]], "targets": [[2, 2]], "method": "dragdiffusion"}
+        assert honest.request(wire.SUBMIT, content, job_id="mine",
+                              buffers=[image()]).msg_type == wire.SUBMIT_REPLY
+        assert engine.step_started.wait(10)
+        original = server._on_hello
+
+        def slow_hello(message, identity):  # one long loop turn, as a busy machine makes
+            if message.content["client"] == "stall":
+                time.sleep(2.5)
+            original(message, identity)
+
+        server._on_hello = slow_hello
+
+        def heartbeat() -> None:
+            honest.send(honest.frames(wire.ATTACH, {"job_id": "mine"}, job_id="mine"))
+
+        heartbeat()
+        time.sleep(0.1)
+        staller.send(staller.frames(wire.HELLO, {"client": "stall"}))
+        staller.send(staller.frames(wire.PING, {}))  # its connection stays first to be read
+        time.sleep(0.3)
+        for peer in others:
+            peer.send(peer.frames(wire.PING, {}))
+        time.sleep(0.3)
+        heartbeat()  # 0.7 s after the last one: well inside the TTL, but behind 100 others
+        for _ in range(12):  # through the stall and after it, every 0.25 s
+            time.sleep(0.25)
+            heartbeat()
+        job = server._jobs.get("mine")
+        state, reason = job.state, job.cancel_reason if job.cancel.cancelled else None
+        for peer in [honest, staller, *others]:
+            peer.close()
+    assert (state, reason) == ("running", None)
 
 
 def _zmtp_login(endpoint: str, key: bytes):

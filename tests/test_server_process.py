@@ -22,8 +22,8 @@ from fixtures_server import TRANSPORTS, FakeEngine, client_for, running_server
 from backend.server import cli as server_cli
 from backend.server.transport import CurveServer
 from protocol import connection, wire
-from protocol.client import BackendUnavailable, Client, JobFailed, JobTimeout
-from protocol.curve import CurveClient, generate_keypair
+from protocol.client import BackendUnavailable, Client, JobFailed, JobTimeout, WrongKey
+from protocol.curve import CurveClient, generate_keypair, load_keypair
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_SERVER = Path(__file__).with_name("fixtures_server.py")
@@ -221,6 +221,40 @@ def test_curve_allows_listed_clients_only(tmp_path):
             curve_client_key=str(good_secret)))
         with Client.from_connection_file(conn, timeout=2.0) as client:
             assert client.ping()["queued"] == 0
+
+
+def _curve_server_and_client(tmp_path):
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    allowed.mkdir()
+    _, server_secret = generate_keypair(keys, "server")
+    client_public, client_secret = generate_keypair(keys, "client")
+    (allowed / "client.key").write_bytes(client_public.read_bytes())
+    return (CurveServer(server_secret, allowed),
+            CurveClient.from_files(load_keypair(server_secret)[0], client_secret))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_plain_client_of_a_curve_backend_is_told_of_the_mismatch(tmp_path, transport):
+    """N9: a plain client of a CURVE backend was told that no backend answered and to start
+    one. libzmq's monitor reports the mechanism mismatch (pyzmq); the pure transport reads
+    CURVE in the backend's greeting: the same message on both."""
+    curve, _ = _curve_server_and_client(tmp_path)
+    with running_server(FakeEngine(), curve=curve) as server, \
+            client_for(server, timeout=5.0, retries=0, transport=transport) as plain, \
+            pytest.raises(WrongKey, match="uses CURVE encryption, but this client") as err:
+        plain.ping()
+    assert "no backend answered" not in str(err.value)
+    assert "curve_server_key" in str(err.value)
+    assert ("needs the pyzmq transport" in str(err.value)) == (transport == "zmtp")
+
+
+def test_a_curve_client_of_a_plain_backend_is_told_of_the_mismatch(tmp_path):
+    """N9, the reverse (CURVE needs pyzmq: one transport)."""
+    _, curve_client = _curve_server_and_client(tmp_path)
+    with running_server(FakeEngine()) as server, \
+            client_for(server, curve=curve_client, timeout=5.0, retries=0) as client, \
+            pytest.raises(WrongKey, match="does not use CURVE encryption"):
+        client.ping()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

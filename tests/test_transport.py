@@ -196,6 +196,38 @@ def test_a_refused_login_is_reported(refusal):
         peer.close()
 
 
+def test_a_backend_of_another_mechanism_is_a_mismatch_seen_in_its_greeting():
+    """N9 on the pure transport: a backend with CURVE on is told apart from a refused key and
+    from silence. The client's greeting waits after the version for the backend's: libzmq
+    drops a peer whose whole greeting names another mechanism before it writes its own
+    mechanism, so a whole greeting at once would only ever see the connection close."""
+    peer = ScriptedPeer()
+
+    def curve_backend(conn: socket.socket) -> None:
+        head = read_exact(conn, zmtp.GREETING_HEAD)
+        conn.settimeout(0.3)
+        try:
+            early = conn.recv(64)  # nothing more comes before our greeting
+        except TimeoutError:
+            early = b""
+        conn.settimeout(5)
+        peer.seen.append({"head": head, "early": early})
+        conn.sendall(zmtp.greeting(zmtp.CURVE, as_server=True))
+        until_closed(conn)
+
+    peer.start(curve_backend)
+    client = dealer(peer.endpoint)
+    try:
+        client.send([b"hello"])
+        with pytest.raises(transport.MechanismMismatch, match="CURVE") as err:
+            client.recv(3.0)
+    finally:
+        client.close()
+        peer.close()
+    assert err.value.theirs == "CURVE" and isinstance(err.value, transport.LoginRefused)
+    assert peer.seen == [{"head": zmtp.greeting(zmtp.PLAIN, False)[:12], "early": b""}]
+
+
 def test_messages_wait_for_a_backend_that_starts_later():
     """Like libzmq's DEALER: sent before anybody listens, delivered once somebody does."""
     probe = socket.create_server(("127.0.0.1", 0))

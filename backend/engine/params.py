@@ -270,43 +270,99 @@ assert set(USED_BY) <= set(SPECS)
 # backward pass counts as one more): about 40 times a default DragDiffusion edit (~900).
 MAX_WORK = 40_000
 
+# What one UNet pass costs on a working canvas of r = w·h / 512², in passes at 512²: SD1.5 does
+# 803 GFLOP at 512² and 4,674 at 1024² (torch's FLOP counter on the meta device), of which the
+# self-attention's query-key and attention-value products, 122 GFLOP at 512², grow with the
+# square of the token count, the rest with the count: 0.848·r + 0.152·r². A 64×65,536 strip
+# (r = 16) costs 52 passes at 512² per pass, not 16.
+ATTENTION_SHARE = 0.152
+# The VAE's encode and decode of one edit: 1,117 + 2,515 GFLOP at 512², 4.5 UNet passes; the
+# attention of their mid blocks is 1.9 % of it (69 GFLOP at 512²), quadratic likewise.
+VAE_PASSES, VAE_ATTENTION_SHARE = 4.52, 0.019
+
+# The most memory one edit may need at its peak, estimated for SD1.5 in half precision: the
+# memory of the largest single GPU. ``python -m backend memory`` (LoRA one image at a time, as
+# the engine falls back to) measures 2.79, 4.20 and 9.81 GB at working canvases of 256², 512²
+# and 1024² (GoodDrag 9.96): 2.3 GB (the weights and what every edit keeps) plus 1.92 GB per
+# 512² of canvas, all of it the drag's forward and backward (attention runs memory-efficient,
+# linear in the tokens). A CPU, in single precision, needs about twice as much.
+MAX_MEMORY = 80e9
+MEMORY_FIXED, MEMORY_PER_CANVAS = 2.3e9, 1.92e9
+
+
+def _relative_area(canvas: tuple[float, float]) -> float:
+    return canvas[0] * canvas[1] / 512**2
+
+
+def pass_cost(canvas: tuple[float, float], attention_share: float = ATTENTION_SHARE) -> float:
+    """One pass over a ``canvas`` = (w, h), in passes at 512² (see ``ATTENTION_SHARE``)."""
+    r = _relative_area(canvas)
+    return (1 - attention_share) * r + attention_share * r * r
+
 
 def estimated_work(algorithm: str, p: DragParams,
                    canvas: tuple[float, float] | None = None) -> float:
-    """UNet forward-pass equivalents at 512² an edit with these settings needs, roughly:
-    on a ``work`` = (w, h) canvas, or on a square one of side ``work_size``."""
-    w, h = canvas if canvas is not None else (p.work_size, p.work_size)
-    scale = w * h / 512**2
+    """UNet forward-pass equivalents at 512² an edit with these settings needs, roughly (the
+    VAE's encode and decode included): on a ``canvas`` = (w, h) working canvas, or on a square
+    one of side ``work_size``. A pass over a larger canvas costs more than its area says:
+    attention grows with the square of the tokens (``pass_cost``)."""
+    canvas = canvas if canvas is not None else (p.work_size, p.work_size)
     if algorithm == "inpaint4drag":  # the inpainter's steps on the crop at the working size
-        return p.inpaint_steps * scale
+        return (p.inpaint_steps * pass_cost(canvas)
+                + VAE_PASSES * pass_cost(canvas, VAE_ATTENTION_SHARE))
     steps = p.n_inference_steps * p.inversion_strength
-    lora = 2 * p.lora_steps * p.lora_batch * scale
+    lora = 2 * p.lora_steps * p.lora_batch
     passes = steps  # inversion (no classifier-free guidance, as both official codes)
     passes += steps * (2 if p.reference_attention else 1)  # denoising
     if algorithm == "gooddrag":
         drag = 2 * min(p.drag_end_step, steps) * p.track_per_denoise * p.max_drag_per_track
     else:
         drag = 2 * p.drag_steps
-    return lora + (passes + drag) * scale
+    vae = VAE_PASSES * pass_cost(canvas, VAE_ATTENTION_SHARE)
+    return (lora + passes + drag) * pass_cost(canvas) + vae
+
+
+def estimated_memory(canvas: tuple[float, float]) -> float:
+    """Bytes an edit needs at its peak on a ``canvas`` = (w, h) working canvas, SD1.5 in half precision
+    (see ``MAX_MEMORY``): the same for every method and setting, as the peak is one image's
+    forward and backward pass."""
+    return MEMORY_FIXED + MEMORY_PER_CANVAS * _relative_area(canvas)
+
+
+def _fits(algorithm: str, p: DragParams, canvas: tuple[float, float]) -> bool:
+    return (estimated_memory(canvas) <= MAX_MEMORY
+            and estimated_work(algorithm, p, canvas) <= MAX_WORK)
 
 
 def check_canvas(algorithm: str, p: DragParams, canvas: tuple[int, int]) -> None:
     """Refuse an edit whose working canvas (a tall or wide image: the width is ``work_size``,
-    the height follows the aspect ratio) asks for more than ``MAX_WORK``, naming the cap that
-    fits."""
-    need = estimated_work(algorithm, p, canvas)
-    if need <= MAX_WORK:
+    the height follows the aspect ratio) needs more memory than ``MAX_MEMORY`` or asks for more
+    work than ``MAX_WORK``, naming the cap on its long side that fits (a value ``work_max_side``
+    takes); the server runs this, through ``MethodTable.resolve``, before it accepts a job."""
+    if _fits(algorithm, p, canvas):
         return
     long, short = max(canvas), min(canvas)
-    fits = int(long * math.sqrt(MAX_WORK / need)) // 8 * 8
-    # the capped short side is rounded to a multiple of 8: allow for it rounding up
-    while fits > 8 and estimated_work(algorithm, p, (fits, short * fits / long + 8)) > MAX_WORK:
-        fits -= 8
-    fits = min(fits, int(SPECS["work_max_side"].high))  # a value the knob takes
+
+    def capped(side: int) -> tuple[float, float]:
+        # the capped short side is rounded to a multiple of 8: allow for it rounding up
+        return side, short * side / long + 8
+
+    # the largest multiple of 8 that fits and that the knob takes: binary search
+    low, high = 0, min(long, int(SPECS["work_max_side"].high)) // 8
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if _fits(algorithm, p, capped(8 * mid)) else (low, mid - 1)
+    fix = (f"cap its long side with work_max_side (at most {8 * low})" if low
+           else "lower the settings")
+    memory, need = estimated_memory(canvas), estimated_work(algorithm, p, canvas)
+    if memory > MAX_MEMORY:
+        raise InvalidInput(
+            f"this image's working canvas is {canvas[0]}×{canvas[1]}, which needs about "
+            f"{memory / 1e9:,.0f} GB of memory at its peak, more than the limit of "
+            f"{MAX_MEMORY / 1e9:,.0f} GB; {fix} or crop the image")
     raise InvalidInput(
-        f"this image's working canvas is {canvas[0]}×{canvas[1]}, which asks for about {need:,.0f} "
-        f"UNet passes, more than the limit of {MAX_WORK:,}; cap its long side with "
-        f"work_max_side (at most {fits}) or crop the image")
+        f"this image's working canvas is {canvas[0]}×{canvas[1]}, which asks for about "
+        f"{need:,.0f} UNet passes, more than the limit of {MAX_WORK:,}; {fix} or crop the image")
 
 
 def checked_knobs(overrides: Mapping[str, Any] | None, method: str = "") -> dict[str, Any]:

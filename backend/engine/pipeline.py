@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from backend.engine import dragdiffusion, gooddrag, imageops, inpaint4drag
+from backend.engine.cancel import cancellable
 from backend.engine.context import DragContext, DragRun
 from backend.engine.devices import (
     autocast,
@@ -206,10 +207,15 @@ class DragEngine:
             if progress is not None:
                 progress(name, step, total)
 
+        # A compiled forward cannot run Python between blocks: it keeps the per-step checks.
+        within = cancel if self.unet_forward is None else None
         try:
             if algorithm == "inpaint4drag":
-                return self._run_inpaint4drag(request, params, tracked, cancel, preview)
-            return self._run(request, algorithm, params, tracked, cancel, preview)
+                modules = self._filler_modules()
+                with cancellable(within, *modules):
+                    return self._run_inpaint4drag(request, params, tracked, cancel, preview)
+            with cancellable(within, self.model.unet, self.model.vae):
+                return self._run(request, algorithm, params, tracked, cancel, preview)
         except EngineError:
             raise
         except Exception as exc:
@@ -220,6 +226,13 @@ class DragEngine:
         finally:
             if self.model is not None:
                 self.model.unet.zero_grad(set_to_none=True)
+
+    def _filler_modules(self) -> tuple[torch.nn.Module, ...]:
+        """The UNet and VAE Inpaint4Drag's filler runs: the inpainting model's, else the plain
+        model's (the cancel is checked at their blocks)."""
+        if self.inpainter is not None:
+            return self.inpainter.pipe.unet, self.inpainter.pipe.vae
+        return self.model.unet, self.model.vae
 
     def _run_inpaint4drag(self, request: DragRequest, params: DragParams,
                           progress: ProgressFn | None, cancel: CancelToken | None,

@@ -11,6 +11,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from backend.server.jobs import Job
 from protocol import wire
@@ -19,16 +20,30 @@ log = logging.getLogger("backend.server")
 
 LOG_BYTES = 5 * 2**20  # rotate backend.log at this size, keeping LOG_BACKUPS old files
 LOG_BACKUPS = 3
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Letters and marks that draw nothing (Hangul fillers, the combining grapheme joiner, Khmer's
+# invisible vowels): printable to Python, yet they can hide where one word ends.
+_INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0]")
+
+
+def _shown(char: str) -> str:
+    """``char`` as it is, or as an escape if it is a control, format or separator character
+    (``str.isprintable``: newlines, bidi controls U+202A–E and U+2066–9, zero-width characters,
+    the byte-order mark, tags, unassigned code points…) or an invisible letter."""
+    if char == " " or (char.isprintable() and not _INVISIBLE.match(char)):
+        return char
+    return char.encode("unicode_escape").decode("ascii")
 
 
 def printable(text: object, limit: int = 200) -> str:
-    """``text`` on one line: control characters (newlines too) as escapes, at most ``limit``
-    characters (for strings a client chose: names, session ids, messages)."""
+    """``text`` on one line, shown as it is: every character that could break the line, reorder
+    the text around it (bidi controls) or hide (zero-width, invisible) as an escape such as
+    ``\\u202e``, at most ``limit`` characters (for strings a client chose: names, session ids,
+    messages)."""
     text = str(text)
     cut = len(text) > limit
-    text = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"),
-                            text[:limit])
+    text = text[:limit]
+    if not text.isprintable() or _INVISIBLE.search(text):
+        text = "".join(map(_shown, text))
     return text + ("…" if cut else "")
 
 
@@ -38,6 +53,12 @@ class OneLineFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = printable(record.message, 4000)
         return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        """A traceback keeps its line breaks; anything else a client's text could bring into
+        it (an exception message quoting a field) is escaped as in the message."""
+        text = super().formatException(ei)
+        return "\n".join(printable(line, 4000) for line in text.split("\n"))
 
 
 def setup_logging(log_file: Path, level: str) -> None:

@@ -59,7 +59,8 @@ class Server:
                  device: str = "auto", bind: str = DEFAULT_BIND,
                  connection_file: Path | None = None, limits: Limits | None = None,
                  curve: CurveServer | None = None, client_ttl: float = 6.0,
-                 replay_window: float = 300.0, keep_results: int = 32,
+                 replay_window: float = 300.0, replay_capacity: int = 65536,
+                 keep_results: int = 32,
                  keep_bytes: int = 2**30, keep_seconds: float = 3600.0,
                  shutdown_grace: float = 30.0, refusal_log_interval: float = 60.0,
                  fallback: Fallback | None = None, table: MethodTable | None = None,
@@ -76,7 +77,8 @@ class Server:
         self.key = secrets.token_bytes(32)
         self.ready = threading.Event()  # set once the model has loaded or failed to
         self._session = wire.Session(self.key, me="this backend", peer="the plug-in",
-                                     replay=wire.ReplayGuard(replay_window),
+                                     replay=wire.ReplayGuard(replay_window,
+                                                             replay_capacity),
                                      max_field_bytes=self.limits.max_field_bytes)
         self._transport = Transport(bind, self.key, self.limits, curve)
         self._fallback = fallback
@@ -181,7 +183,7 @@ class Server:
         identity = inbound.identity
         message: Message | None = None
         try:
-            if inbound.count > wire.MAX_FRAMES:
+            if inbound.count is None or inbound.count > wire.MAX_FRAMES:
                 raise wire.too_many_frames(inbound.count)
             message = self._session.parse(inbound.frames)
             wire.check_content(message)
@@ -275,7 +277,7 @@ class Server:
                                 "again and resubmit")
         wire.check_submit(content, [len(b) for b in message.buffers], self.limits,
                           ACCEPTED_DTYPES)
-        self._check_params(content)
+        self._check_request(content)
         self._check_model()
         if len(self._jobs.queue) >= self.limits.max_queue:
             raise ProtocolError(wire.QUEUE_FULL, f"the backend already has "
@@ -288,8 +290,13 @@ class Server:
         self._update_positions()
         self._dispatch()
 
-    def _check_params(self, request: dict[str, Any]) -> None:
-        """The request's method and knobs, on its image, against what the engine runs."""
+    def _check_request(self, request: dict[str, Any]) -> None:
+        """The one check before a job is accepted: the request's method and knobs against what
+        the engine runs (``self._table``: the presets with the model's own defaults), and the
+        cost of those settings on the request's real working canvas, attention's square of the
+        tokens included, and the memory it needs (``params.check_canvas``). The engine runs the
+        same ``MethodTable.resolve`` when the job's turn comes; a refusal here is the submit's
+        reply, the job is never queued."""
         try:
             self._table.resolve(request["method"], request["params"],
                                 (request["width"], request["height"]))
@@ -409,12 +416,19 @@ class Server:
         log_job(job)
 
     def _housekeeping(self, now: float) -> None:
-        """Cancel the jobs of clients that went silent; forget idle sessions; expire results."""
+        """Cancel the jobs of clients that went silent; forget idle sessions; expire results.
+
+        A client's silence is measured up to the last moment every message waiting in the
+        socket had been read (``drained_at``), not up to now: after a long loop turn, or while
+        other clients' messages queue up, its heartbeat may be waiting in the socket unread,
+        and it must not be taken for gone for that (N10).
+        """
         active = self._jobs.active()
+        heard_up_to = min(now, self._transport.drained_at)
         for job in active:
-            if now - self._last_seen.get(job.route, now) <= self.client_ttl:
+            if heard_up_to - self._last_seen.get(job.route, now) <= self.client_ttl:
                 continue
-            if job.cancel.cancelled:  # already asked to stop; it ends at its next step
+            if job.cancel.cancelled:  # already asked to stop; it ends within one model block
                 continue
             log.info("client %s silent for %g s; cancelling job %s",
                      printable(job.route, 8), self.client_ttl, job.job_id)
@@ -443,7 +457,7 @@ class Server:
         self._table = table
         for job in self._jobs.queue.order():
             try:
-                self._check_params(job.request)
+                self._check_request(job.request)
             except ProtocolError as exc:
                 self._end(job, wire.ERROR, {"job_id": job.job_id, **exc.content()})
 

@@ -9,10 +9,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import itertools
 import logging
 import os
 import re
 import socket as pysocket
+import sys
+import threading
+import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +34,7 @@ log = logging.getLogger("backend.server")
 
 DEFAULT_BIND = "tcp://127.0.0.1:5557"
 RECEIVE_BATCH = 64  # messages read per loop turn, so worker events are not starved
+BACKLOG_MESSAGES = 100_000  # room for the messages that arrive while a long one is dropped
 
 
 class ServerError(Exception):
@@ -62,11 +68,12 @@ def is_local(endpoint: str) -> bool:
 @dataclass(frozen=True)
 class Inbound:
     """A received message: the sender's routing identity, its first frames (from the
-    delimiter on) and how many frames it had after the identity."""
+    delimiter on) and how many frames it had after the identity (None: more than
+    ``wire.MAX_FRAMES``, how many more not known)."""
 
     identity: bytes
     frames: list[Buffer]
-    count: int
+    count: int | None
 
 
 class Transport:
@@ -86,6 +93,9 @@ class Transport:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._poller = zmq.Poller()
+        self.drained_at = time.monotonic()
+        self._discards = itertools.count()
+        self._backlog: deque[zmq.Socket] = deque()  # read before the ROUTER (_discard_rest)
 
     def open(self) -> str:
         """Create and bind the socket; return the endpoint clients connect to."""
@@ -160,25 +170,92 @@ class Transport:
     def receive(self) -> Iterator[Inbound]:
         """The waiting messages, at most ``RECEIVE_BATCH`` of them (never blocks).
 
-        At most ``wire.MAX_FRAMES`` frames of a message are kept; the rest are read and
-        dropped one by one as they are read (``Inbound.count`` says how many there were), so
-        a message of a million empty frames costs no memory per frame.
+        At most ``wire.MAX_FRAMES`` frames of a message are read; the rest of a longer one is
+        dropped inside libzmq (``_discard_rest``), never one Python call per frame.
+        ``drained_at`` is the last time no message was left waiting: every message that arrived
+        before it has been read.
         """
-        sock = self._socket
-        assert sock is not None
+        assert self._socket is not None
         for _ in range(RECEIVE_BATCH):
-            if not sock.poll(0, zmq.POLLIN):
+            source = self._backlog[0] if self._backlog else self._socket
+            inbound = self._read(source)
+            if inbound is not None:
+                yield inbound
+            elif source is self._socket:
+                self.drained_at = time.monotonic()
                 return
-            identity = sock.recv(zmq.NOBLOCK)
-            frames: list[Buffer] = []
-            count = 0
-            while sock.getsockopt(zmq.RCVMORE):
-                count += 1
-                if count > wire.MAX_FRAMES:
-                    sock.recv(zmq.NOBLOCK)  # drop: the message is refused anyway
-                else:
-                    frames.append(sock.recv(zmq.NOBLOCK, copy=False).buffer)
-            yield Inbound(identity, frames, count)
+            else:  # a backlog is read to its end before anything newer
+                self._backlog.popleft().close(linger=0)
+
+    def _read(self, source: zmq.Socket) -> Inbound | None:
+        """The next message of ``source`` (the ROUTER or a backlog), or None."""
+        if not source.poll(0, zmq.POLLIN):
+            return None
+        identity = source.recv(zmq.NOBLOCK)
+        frames: list[Buffer] = []
+        while source.rcvmore and len(frames) < wire.MAX_FRAMES:
+            frames.append(source.recv(zmq.NOBLOCK, copy=False).buffer)
+        if not source.rcvmore:
+            return Inbound(identity, frames, len(frames))
+        return Inbound(identity, frames, self._discard_rest(source))
+
+    def _discard_rest(self, source: zmq.Socket) -> int | None:
+        """Drop the rest of the message being read from ``source`` inside libzmq; return how
+        many frames the message had after the identity (None when not known exactly).
+
+        A key holder's message of a million empty frames (2 MB) took 17–19 s to drop with one
+        Python call per frame, and every other client waited meanwhile: a ROUTER hands out one
+        whole message before the next. Here ``zmq_proxy_steerable`` moves the rest, in C, into
+        a PUSH socket with two PULL peers: ``hole``, whose pipe has room for exactly one more
+        message (two places, send HWM 1 plus receive HWM 1, one taken beforehand) and is
+        first in the PUSH's round robin, so it gets the rest of this message; and ``kept``,
+        which gets every whole message the proxy moves after it. Once the proxy's statistics
+        show it has moved something (it moves whole messages, this one first), it is told to
+        terminate; ``hole`` is closed, which drops the frames inside libzmq, and ``kept``
+        becomes a backlog that ``receive`` reads, in order, before the ROUTER.
+        """
+        name = f"inproc://drag-discard-{id(self)}-{next(self._discards)}"
+        sink = self._inproc(zmq.PUSH, f"{name}-sink", bind=True, sndhwm=1)
+        hole = self._inproc(zmq.PULL, f"{name}-sink", rcvhwm=1)
+        control = self._inproc(zmq.PAIR, f"{name}-control", bind=True)
+        steer = self._inproc(zmq.PAIR, f"{name}-control")
+        kept: zmq.Socket | None = None
+        proxy = threading.Thread(target=zmq.proxy_steerable, name="drag-discard",
+                                 args=(source, sink, None, control), daemon=True)
+        try:
+            sink.send(b"")  # takes one of the hole's two places; the round robin stays on it
+            kept = self._inproc(zmq.PULL, f"{name}-sink", rcvhwm=BACKLOG_MESSAGES)
+            proxy.start()
+            moved = 0
+            while not moved and proxy.is_alive():
+                steer.send(b"STATISTICS")  # answered between two bursts, never inside one
+                if steer.poll(1000):
+                    moved = int.from_bytes(steer.recv_multipart()[0], sys.byteorder)
+            steer.send(b"TERMINATE")
+            proxy.join()
+            if source.rcvmore:  # only if the proxy failed: drop the rest the slow way
+                log.error("dropping the rest of a long message frame by frame")
+                while source.rcvmore:
+                    source.recv()
+            self._backlog.appendleft(kept)  # older than whatever is left in ``source``
+            exact = not kept.poll(0, zmq.POLLIN)  # nothing but this message was moved
+            kept = None
+            return wire.MAX_FRAMES + moved if exact else None
+        finally:
+            for sock in (sink, hole, control, steer, kept):
+                if sock is not None:
+                    sock.close(linger=0)
+
+    def _inproc(self, kind: int, endpoint: str, *, bind: bool = False,
+                **options: int) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        for option, value in options.items():
+            setattr(sock, option, value)
+        if bind:
+            sock.bind(endpoint)
+        else:
+            sock.connect(endpoint)
+        return sock
 
     def send(self, identity: bytes, frames: Sequence[Buffer], what: str) -> None:
         """Send without blocking; a client that is gone or not reading loses the message."""
@@ -198,6 +275,8 @@ class Transport:
     def close(self, term: bool) -> None:
         """Close the sockets (queued messages still go out within the linger time); ``term``
         also ends the ZeroMQ context (only when no other thread uses it)."""
+        while self._backlog:
+            self._backlog.pop().close(linger=0)
         if self._socket is not None:
             self._socket.close()
         if self.gate is not None:
@@ -210,18 +289,32 @@ class Transport:
 
 # --- the connection file ----------------------------------------------------------------------
 def refuse_if_running(path: Path | None, context: zmq.Context) -> None:
-    """Raise ``ServerError`` when ``path`` names a backend that still answers a ping."""
+    """Raise ``ServerError`` when ``path`` names a backend that still answers a ping.
+
+    A file others could have swapped (another user's, or writable by others) is not followed:
+    it is replaced. One of the user's own that others may read is followed for the ping only;
+    if nobody answers it is replaced too. The log says so either way (the new file is 0600 with
+    a new key: the old key is worth nothing from then on).
+    """
     if path is None or not path.exists():
         return
     try:
-        info = connection.read_connection_file(path)
+        swappable = connection.why_unsafe(path, secret=False)
+        if swappable:
+            log.warning("%s; replacing it", swappable)
+            return
+        readable = connection.why_unsafe(path)
+        info = connection.read_connection_file(path, private=False)
     except (OSError, ValueError):
         return
     try:
         with Client(info.endpoint, info.key, timeout=0.5, retries=0, context=context) as probe:
             probe.ping()
-    except BackendError:
-        return  # stale file from a backend that is gone
+    except BackendError:  # stale file from a backend that is gone
+        if readable:
+            log.warning("%s; replacing it with a private connection file (mode 600, a new "
+                        "key)", readable)
+        return
     raise ServerError(f"a backend is already running at {info.endpoint} (pid {info.pid}, "
                       f"connection file {path}); stop it first or give another "
                       "--connection-file")
