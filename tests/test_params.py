@@ -11,6 +11,7 @@ import pytest
 from backend.engine.errors import InvalidInput
 from backend.engine.imageops import working_size
 from backend.engine.params import (
+    DESCRIPTIONS,
     MAX_MEMORY,
     MAX_WORK,
     PRESET_METHOD,
@@ -283,3 +284,9 @@ def test_the_models_own_defaults_are_checked_for_every_method_they_run():
     with pytest.raises(InvalidInput, match="UNet passes"):
         MethodTable(heavy)
     assert MethodTable(heavy, served_algorithms(plain_model=False)).model_params == heavy
+
+
+def test_only_the_default_methods_description_calls_itself_the_default():
+    """The dialog shows these lines; one said "the default" after the default had changed."""
+    claims = {name for name, text in DESCRIPTIONS.items() if re.search(r"\bdefault\b", text)}
+    assert claims <= {DEFAULT_METHOD}, f"{sorted(claims)} say they are the default"

@@ -130,7 +130,7 @@ PRESET_METHOD = {"dragdiffusion": "dragdiffusion", "gooddrag": "gooddrag",
 # One line per method or preset: what it does and when to pick it (the dialog shows it).
 DESCRIPTIONS = {
     "dragdiffusion": "DragDiffusion: trains a small identity LoRA, then optimises one inverted "
-                     "latent; faithful and steady, the default.",
+                     "latent; faithful to the paper and steady, about a minute per edit on a GPU.",
     "gooddrag": "GoodDrag: alternates small drags with denoising steps; keeps detail better on "
                 "long drags, takes somewhat longer.",
     "dragdiffusion-paper": "DragDiffusion with the paper's first published settings (longer "
