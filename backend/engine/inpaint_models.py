@@ -119,7 +119,8 @@ def _load_pipeline(kind: str, path: Path, dtype: torch.dtype):
 
     if kind == "folder":
         layout = layout_of(path)
-        no_checker = {"safety_checker": None, "requires_safety_checker": False}
+        no_checker = {"safety_checker": None, "feature_extractor": None,
+                      "requires_safety_checker": False}
         pipe = _pipeline_class(layout).from_pretrained(
             path, torch_dtype=dtype, local_files_only=True, variant=models._variant(path / "unet"),
             **(no_checker if layout == "sd15" else {}))
