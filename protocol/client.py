@@ -304,7 +304,7 @@ class Client:
                           memoryview(reply.buffers[1]).cast("B"))
 
     def download(self, set_name: str, *, job_id: str | None = None) -> dict[str, Any]:
-        """Ask the backend to download a model set of its catalogue (protocol 1.2) by name;
+        """Ask the backend to download a model set of its catalogue (protocol 1.3) by name;
         returns ``{job_id, state, duplicate}``. Follow it with ``events(job_id)`` (the reply's
         ``job_id``: a download of that set already running is followed instead): ``progress``
         (phase ``download``, ``verify`` or ``load``; ``step`` bytes of ``total``), then

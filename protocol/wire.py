@@ -24,7 +24,7 @@ from typing import Any
 
 from protocol import msgpack_codec
 
-PROTOCOL_VERSION = "1.2"
+PROTOCOL_VERSION = "1.3"
 DELIMITER = b"<DRAG|MSG>"
 SIGNATURE_SCHEME = "hmac-sha256"
 _SIGNATURE_PREFIX = b"DRAG1"
@@ -42,11 +42,11 @@ CANCEL, CANCEL_REPLY = "cancel", "cancel_reply"
 PING, PONG = "ping", "pong"
 SHUTDOWN, SHUTDOWN_REPLY = "shutdown", "shutdown_reply"
 WARP, WARP_REPLY = "warp", "warp_reply"  # 1.1: Inpaint4Drag's warp alone, for previews
-DOWNLOAD, DOWNLOAD_REPLY = "download", "download_reply"  # 1.2: fetch a catalogue model set
+DOWNLOAD, DOWNLOAD_REPLY = "download", "download_reply"  # 1.3: fetch a catalogue model set
 ERROR = "error"
 QUEUED, STARTED, PROGRESS, PREVIEW = "queued", "started", "progress", "preview"
 FINISHED, CANCELLED = "finished", "cancelled"
-INSTALLED = "installed"  # 1.2: a download's terminal event (its set is in place and loaded)
+INSTALLED = "installed"  # 1.3: a download's terminal event (its set is in place and loaded)
 
 REQUESTS = (HELLO, SUBMIT, ATTACH, CANCEL, PING, SHUTDOWN, WARP, DOWNLOAD)
 EVENTS = (QUEUED, STARTED, PROGRESS, PREVIEW, FINISHED, CANCELLED, ERROR, INSTALLED)
@@ -68,7 +68,7 @@ MODEL_NOT_FOUND = "model_not_found"
 OUT_OF_MEMORY = "out_of_memory"
 ENGINE_ERROR = "engine_error"
 INTERNAL_ERROR = "internal_error"
-DOWNLOAD_FAILED = "download_failed"  # 1.2
+DOWNLOAD_FAILED = "download_failed"  # 1.3
 ERROR_CODES = (BAD_MESSAGE, BAD_SIGNATURE, REPLAYED, INCOMPATIBLE_VERSION,
                UNKNOWN_MESSAGE_TYPE, INVALID_INPUT, QUEUE_FULL, UNKNOWN_JOB, JOB_ID_CONFLICT,
                RESULT_EXPIRED, SHUTTING_DOWN, MODEL_NOT_FOUND, OUT_OF_MEMORY, ENGINE_ERROR,

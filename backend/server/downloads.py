@@ -1,4 +1,4 @@
-"""Model downloads the plug-in asks for (protocol 1.2 ``download``), in their own thread.
+"""Model downloads the plug-in asks for (protocol 1.3 ``download``), in their own thread.
 
 One download runs at a time, beside the engine's thread, so edits keep running meanwhile. Like
 the engine worker it posts small events and calls ``wake``; only the socket thread reads them

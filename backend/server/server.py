@@ -3,7 +3,7 @@
 Five parts, one file each: ``transport`` (the ROUTER socket, CURVE, the connection
 file), ``jobs`` (job table, fair queue, result retention), ``engine_worker`` (the worker
 thread that runs the ``Engine`` and rate-limits its events), ``downloads`` (model downloads
-in their own thread, protocol 1.2), and this module, which answers the requests, moves jobs
+in their own thread, protocol 1.3), and this module, which answers the requests, moves jobs
 from the queue to the engine, and reloads the engine when a download brings a model it serves. Only the socket thread (``serve_forever``)
 touches the socket and the job table, so hello, ping, cancel and shutdown are answered while an
 edit runs. The wire format is ``protocol/PROTOCOL.md``.
@@ -535,7 +535,7 @@ class Server:
         self._dispatch()
         self._update_positions()
 
-    # --- model downloads (protocol 1.2) -------------------------------------------------------
+    # --- model downloads (protocol 1.3) -------------------------------------------------------
     def _on_download(self, message: Message, identity: bytes) -> None:
         """Start (or follow) the download of a catalogue set, named by the client: never a URL
         or a path."""
@@ -662,7 +662,7 @@ class Server:
         log.info("download %s of %s: %s", job.job_id, job.set, state)
 
     def _models_hello(self) -> dict[str, Any]:
-        """``hello_reply.models`` (1.2): each set's state, what it runs, whether it is served
+        """``hello_reply.models`` (1.3): each set's state, what it runs, whether it is served
         now, and a download under way; each method's sets, best first."""
         assert self._store is not None and self._downloads is not None
         serving = set(self._loaded_plan.sets) if (
