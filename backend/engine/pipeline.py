@@ -93,6 +93,18 @@ def _own_params(model: LoadedModel | None, inpainter) -> dict:
     return params
 
 
+def _reporter(progress: ProgressFn | None, cancel: CancelToken | None) -> ProgressFn:
+    """The progress callback the phases call at each step: it checks the cancel first."""
+
+    def report(phase: str, step: int, total: int) -> None:
+        if cancel is not None:
+            cancel.check()
+        if progress is not None:
+            progress(phase, step, total)
+
+    return report
+
+
 class DragEngine:
     """Holds the loaded models and runs drag edits on them (one at a time).
 
@@ -242,11 +254,7 @@ class DragEngine:
         reset_peak_memory(device)
         torch.manual_seed(request.seed)
 
-        def report(phase: str, step: int, total: int) -> None:
-            if cancel is not None:
-                cancel.check()
-            if progress is not None:
-                progress(phase, step, total)
+        report = _reporter(progress, cancel)
 
         show = None
         if preview is not None:
@@ -271,11 +279,7 @@ class DragEngine:
         reset_peak_memory(model.device)
         torch.manual_seed(request.seed)
 
-        def report(phase: str, step: int, total: int) -> None:
-            if cancel is not None:
-                cancel.check()
-            if progress is not None:
-                progress(phase, step, total)
+        report = _reporter(progress, cancel)
 
         with self._timed(timings, "load"):
             report("load", 0, 1)
