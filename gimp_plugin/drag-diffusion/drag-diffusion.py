@@ -327,6 +327,7 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
             table, state.get("hello"), hello is not None, size, state_path, state, manual,
             link=link, read_preview=reader))
         ok = dialog.run()
+        table = dialog.table  # a download in the dialog may have changed what is served
         link.close()
         if not ok:
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
