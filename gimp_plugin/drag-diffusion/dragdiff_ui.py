@@ -7,6 +7,7 @@ estimates, times) lives in the pure modules dragdiff_params and dragdiff_progres
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -212,8 +213,8 @@ class ModelsPanel:
 
     def __init__(self, owner: SettingsDialog) -> None:
         self.owner = owner
-        self.job: str | None = None
-        self.title = ""
+        self.job: str | None = None  # the download followed, its set and title
+        self.set_name = self.title = ""
         self._timer: int | None = None
         self._shown: tuple[Any, ...] | None = None
         self.box = Gtk.Box(orientation=Gtk.Orientation.VERTICAL, spacing=4)
@@ -222,7 +223,7 @@ class ModelsPanel:
         self.status = Gtk.Label(xalign=0.0)
         self.status.set_line_wrap(True)
         self.status.set_max_width_chars(56)
-        self.cancel = Gtk.Button.new_with_mnemonic("_Cancel download")
+        self.cancel = Gtk.Button.new_with_label("Cancel download")
         self.cancel.connect("clicked", lambda *_: self._cancel())
         self.box.pack_start(self.rows, False, False, 0)
         self.box.pack_start(self.bar, False, False, 0)
@@ -249,7 +250,7 @@ class ModelsPanel:
             return
         for line in models.missing_lines(self.link.info, self._algorithm()):
             if line.download_job:
-                self._follow(line.download_job, line.title)
+                self._follow(line.download_job, line.name, line.title)
                 return
 
     def look(self) -> None:
@@ -257,7 +258,9 @@ class ModelsPanel:
         info = self.owner.context.info
         if self.link is not None and self.link.info is not None:
             info = self.link.info
-        lines = models.missing_lines(info, self._algorithm())
+        lines = [dataclasses.replace(line, state="downloading") if line.name == self.set_name
+                 and self.job is not None else line
+                 for line in models.missing_lines(info, self._algorithm())]
         can = self.link is not None and self.link.can_download
         key = (tuple(lines), can, self.job)
         if key == self._shown:
@@ -282,7 +285,7 @@ class ModelsPanel:
         label.set_max_width_chars(44)
         row.pack_start(label, True, True, 0)
         if can:
-            button = Gtk.Button.new_with_mnemonic("_Download")
+            button = Gtk.Button.new_with_mnemonic("Down_load")
             button.set_name(f"download-{line.name}")
             button.set_sensitive(self.job is None)
             button.connect("clicked", lambda *_: self._download(line))
@@ -295,10 +298,10 @@ class ModelsPanel:
         except backend.BackendError as exc:
             self._say(str(exc))
             return
-        self._follow(job, line.title)
+        self._follow(job, line.name, line.title)
 
-    def _follow(self, job: str, title: str) -> None:
-        self.job, self.title = job, title
+    def _follow(self, job: str, name: str, title: str) -> None:
+        self.job, self.set_name, self.title = job, name, title
         self.bar.set_fraction(0.0)
         self.bar.set_text(f"{title}: starting…")
         self.bar.show()
