@@ -487,7 +487,7 @@ def test_install_with_models_prints_the_size_then_downloads_them(tmp_path, tiny_
     size_line = install.models_line(["sd15", "gated"], sizes)
     out = done.stdout
     assert size_line in out and out.index(size_line) < out.index("downloading the model set sd15")
-    assert "sd15 is installed" in out or "sd15: installed" in out or "verified" in out, out
+    assert "sd15: installed, " in out and "checked against the hub's checksums" in out, out
     assert ("Note: the model set gated was not downloaded (see above); run python -m backend "
             f"models get gated in {REPO} to resume it") in out
     assert "No model downloaded" not in out
