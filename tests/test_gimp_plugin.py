@@ -582,7 +582,7 @@ def test_gui_dialog_downloads_a_missing_model_and_the_backend_serves_it(gimp, xv
                                                     backend_log(conn)), 60,
                                   "the dialog to ask for the download")
                 xdisplay.wait_for(lambda: len(hub.gets(unet)) > 0, 120, "the UNet's transfer")
-                time.sleep(4)  # the bar moves
+                time.sleep(10)  # the bar moves (the backend reports every MiB: 4 s here)
                 xvfb.screenshot(ARTIFACTS / "plugin-dialog-downloading.png", dialog)
                 xdisplay.wait_for(lambda: re.search(r"download \S+ of sd15: finished",
                                                     backend_log(conn)), 600,
