@@ -3,9 +3,12 @@ else Stable Diffusion 1.5, else the demo.
 
 One decision for ``serve``, ``drag`` and install.py. A ``--model`` that is missing is an error to
 fix; ``--model none`` (with an inpainting model) serves no plain model, only Inpaint4Drag. The
-default model (SD1.5, the catalogue's ``sd15``) that is missing — not in the Hugging Face cache
-and not downloadable — is replaced by the small demo model that ships in ``backend/demo/model``,
-and the user is told so (``Fallback.notice``). Without ``--inpaint-model`` Inpaint4Drag runs on
+default model (SD1.5, the catalogue's ``sd15``) that is missing from the Hugging Face cache is
+replaced by the small demo model that ships in ``backend/demo/model``, and the user is told once
+how to get SD1.5 (``Fallback.notice``: the dialog's Download or ``python -m backend models get
+sd15``). Nothing here downloads: serving starts at once, and a download (the dialog's, through
+the backend's ``download`` request, or the command's) is one code with progress, Cancel and
+checksums, after which the backend loads the set without a restart. Without ``--inpaint-model`` Inpaint4Drag runs on
 the first installed inpainting set of the catalogue (``instant``, then ``instant-xl``: the
 model, its LCM-LoRA and tiny VAE), else fills with the plain model (``serve_plan``).
 
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backend.engine.errors import ModelNotFound
+from backend.hub.catalogue import get_hint
 
 if TYPE_CHECKING:
     from backend.engine.params import MethodTable
@@ -28,12 +32,11 @@ if TYPE_CHECKING:
 # The trained demo model that ships with the project (a diffusers folder with its preset.json).
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo" / "model"
 DEMO_NAME = "backend/demo/model"
-DEMO_HINT = ("to edit photos, get Stable Diffusion 1.5: the Download button in the plug-in's "
-             "dialog, or `python -m backend models get sd15` (docs/models.md), or give --model "
-             "PATH (an SD1.5 diffusers folder or .safetensors/.ckpt file)")
 # ``--model none``: no plain model; an inpainting model (``--inpaint-model``) serves Inpaint4Drag.
 NO_PLAIN_MODEL = "none"
 PLAIN_SET = "sd15"  # the catalogue's set of the default plain model
+DEMO_HINT = (f"to edit photos, get Stable Diffusion 1.5: {get_hint(PLAIN_SET)} (docs/models.md), "
+             "or give --model PATH (an SD1.5 diffusers folder or .safetensors/.ckpt file)")
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ def load_or_demo(load: Callable[[], Any], fallback: Fallback | None) -> tuple[An
     except ModelNotFound as exc:
         if fallback is None:
             raise
-        why = str(exc)
+        why = exc.reason  # the fallback's hint says how to get the model
     try:
         return fallback.load(), why
     except Exception as exc:
@@ -172,27 +175,27 @@ def load_or_demo(load: Callable[[], Any], fallback: Fallback | None) -> tuple[An
 def expected_model(requested: str | None) -> tuple[str, MethodTable]:
     """The model that loading ``requested`` (None: the default) will serve, and its defaults
     (``MethodTable``), read from its folder without loading it: the demo model with its own
-    when SD1.5 is missing and may not be downloaded; none of its own for SD1.5 or a file;
+    when SD1.5 is missing; none of its own for SD1.5 or a file;
     for ``--model none`` only Inpaint4Drag's (the inpainting model's own defaults, such as SDXL
     inpainting's strength, come with the loaded engine's table).
 
     A server announces the table while its model loads, install.py records it for the dialog,
     ``drag --list-params`` prints it. The loaded engine's ``table`` is the same unless loading
-    takes another turn (a download that fails), which the server then handles.
+    takes another turn (a file that fails to load), which the server then handles.
     """
     from backend.engine.errors import EngineError
-    from backend.engine.models import hub_offline, locate, read_preset
+    from backend.engine.models import locate, read_preset
     from backend.engine.params import MethodTable
 
     if not serves_plain_model(requested):  # only the inpainting model: Inpaint4Drag alone
         return NO_PLAIN_MODEL, MethodTable(algorithms=expected_algorithms(requested))
     name = requested or default_plain_model()
     try:
-        kind, path = locate(name, download=False)
+        kind, path = locate(name)
     except ModelNotFound:
-        if requested is None and hub_offline():
+        if requested is None:
             name, kind, path = DEMO_NAME, "folder", DEMO_MODEL_DIR
-        else:  # it will be downloaded (SD1.5 has no preset), or loading reports the error
+        else:  # loading reports the error
             return name, MethodTable()
     try:
         return name, MethodTable(read_preset(path).get("params", {}) if kind == "folder"

@@ -5,7 +5,10 @@ asks when ``HF_ENDPOINT`` points at it (read in its ``hf_api.model_info`` and
 ``file_download``):
 
 - ``GET /api/models/<repo>[/revision/<rev>]?blobs=True``: the commit (``sha``) and every file
-  (``siblings``) with its size, git blob id and, for weights, LFS metadata (its SHA-256);
+  (``siblings``) with its size, git blob id and, for weights, LFS metadata (its SHA-256); any
+  other API path (such as ``snapshot_download``'s ``/tree/<rev>`` listing) answers 404, not
+  the model info: given the info's JSON object, huggingface_hub read it as the tree's list and
+  failed with "string indices must be integers";
 - ``HEAD``/``GET /<repo>/resolve/<rev>/<path>``: the file, with ``X-Repo-Commit``, ``ETag``
   (the git blob id; for LFS files ``X-Linked-Etag`` = the SHA-256 and ``X-Linked-Size``),
   ``Content-Length``, and ``Range: bytes=N-`` answered ``206`` with ``Content-Range``;
@@ -125,7 +128,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _route(self, body: bool) -> None:
         url = urllib.parse.urlsplit(self.path)
         parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/")]
-        if parts[:2] == ["api", "models"] and len(parts) >= 4:
+        if parts[:2] == ["api", "models"] and (len(parts) == 4 or (len(parts) == 6 and
+                                                                   parts[4] == "revision")):
             self._model_info("/".join(parts[2:4]), body)
         elif len(parts) >= 5 and parts[2] == "resolve":
             self._resolve("/".join(parts[:2]), parts[3], "/".join(parts[4:]), body)

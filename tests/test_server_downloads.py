@@ -209,10 +209,18 @@ def test_serve_picks_up_downloaded_sets_without_a_restart(hub, tmp_path):
         line = proc.stdout.readline()  # stdout has the READY line alone (the chatter: stderr)
         assert line.startswith("READY "), line + (tmp_path / "stderr.txt").read_text()[-2000:]
         assert "serving the demo model" in line
+        assert "python -m backend models get sd15" in line  # the catalogue's one hint
         with Client.from_connection_file(conn, timeout=5.0) as client:
             info = client.hello()
             assert info["model"]["demo"] is True
             assert info["models"]["sets"]["sd15"]["state"] == "missing"
+            # Loading only looked in the cache: the hub was asked nothing, and the log says in
+            # one line why the demo model serves and how to get SD1.5 (no hf download line).
+            assert hub.requests == []
+            log = (tmp_path / "backend.log").read_text("utf-8")
+            missing = [ln for ln in log.splitlines() if "not in the Hugging Face cache" in ln]
+            assert len(missing) == 1 and "tiny/sd15" in missing[0], log[-2000:]
+            assert "models get sd15" in missing[0] and "hf download" not in log
             sd15 = follow(client, client.download("sd15")["job_id"], limit=180)
             assert sd15[-1].type == "installed" and sd15[-1].content["serving"] is True
             info = client.hello()

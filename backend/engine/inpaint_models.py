@@ -87,7 +87,7 @@ def _locate(name: str) -> tuple[str, Path]:
     if models._looks_like_path(name):
         raise ModelNotFound(f"the inpainting model {name} was not found: no such folder or "
                             "file")
-    return "folder", models._from_hub(name, "inpainting model", patterns=_FILES)
+    return "folder", models._from_cache(name, "inpainting model", patterns=_FILES)
 
 
 def layout_of(folder: Path) -> str:
@@ -207,7 +207,7 @@ def _fuse_lora(pipe, lora: str) -> None:
     if not path.exists():
         if models._looks_like_path(lora):
             raise ModelNotFound(f"the LoRA {lora} was not found: no such folder or file")
-        path = models._from_hub(lora, "LoRA", patterns=["*.safetensors", "*.json"])
+        path = models._from_cache(lora, "LoRA", patterns=["*.safetensors", "*.json"])
     try:
         if path.is_file():
             pipe.load_lora_weights(str(path.parent), weight_name=path.name)
@@ -231,7 +231,7 @@ def _locate_vae(name: str) -> Path:
     if path.exists() or models._looks_like_path(name):
         raise ModelNotFound(f"the tiny VAE {name} is not a diffusers AutoencoderTiny folder "
                             "(with config.json); pass e.g. madebyollin/taesd")
-    return models._from_hub(name, "tiny VAE", patterns=["config.json", "*.safetensors"])
+    return models._from_cache(name, "tiny VAE", patterns=["config.json", "*.safetensors"])
 
 
 def empty_prompt_embeds(model: InpaintModel) -> dict[str, torch.Tensor]:

@@ -144,6 +144,12 @@ def _piece(entry: dict[str, Any]) -> Piece:
                  approx_bytes=int(entry.get("approx_bytes", 0)))
 
 
+def get_hint(name: str) -> str:
+    """How a user gets the set ``name``: the one wording the backend's messages use."""
+    return (f"the Download button in the plug-in's dialog, or `python -m backend models get "
+            f"{name}`")
+
+
 def size_text(size: float) -> str:
     """Bytes for people, in powers of 1000 as the hub shows them: ``2.13 GB``."""
     for unit in ("B", "kB", "MB", "GB", "TB"):
