@@ -6,6 +6,7 @@ hello again so the method runs on the new set (dragdiff_backend.PreviewLink)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from fixtures_server import FakeEngine, running_server
@@ -21,6 +22,7 @@ from protocol import connection
 models = load("dragdiff_models")
 db = load("dragdiff_backend")
 
+ROOT = Path(__file__).resolve().parents[1]
 UNET = "unet/diffusion_pytorch_model.fp16.safetensors"
 
 
@@ -49,6 +51,19 @@ def test_a_method_is_offered_the_sets_better_than_its_best_installed_one():
                            "CreativeML OpenRAIL-M")
     assert models.manual_text(line).endswith("run python -m backend models get sd15 where the "
                                              "backend runs.")
+
+
+def test_the_heading_names_the_method_as_the_method_menu_does():
+    """The menu's labels come from dragdiff_params.method_label (drag-diffusion.py adds each
+    choice with it); the heading uses the same, not the internal name."""
+    params = load("dragdiff_params")
+    assert models.heading_text("dragdiffusion") == "Models for DragDiffusion"
+    assert models.heading_text("inpaint4drag") == "Models for Inpaint4Drag (instant)"
+    assert models.heading_text("dragdiffusion-paper") == \
+        f"Models for {params.method_label('dragdiffusion-paper')}"
+    assert models.heading_text("some-new-method") == "Models for some-new-method"
+    menu = (ROOT / "gimp_plugin" / "drag-diffusion" / "drag-diffusion.py").read_text("utf-8")
+    assert "par.method_label(method)" in menu and "METHOD_LABELS" not in menu
 
 
 def test_only_a_1_3_backend_that_is_online_is_asked_to_download():

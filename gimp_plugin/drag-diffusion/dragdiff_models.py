@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import dragdiff_params as par
+
 DOWNLOADS_SINCE = (1, 3)  # the protocol version that brought ``download``
 GET_COMMAND = "python -m backend models get {name}"  # where the backend runs
 
@@ -44,6 +46,11 @@ def _sets(info: Mapping[str, Any] | None) -> Mapping[str, Any]:
     models = (info or {}).get("models") or {}
     sets = models.get("sets") if isinstance(models, Mapping) else None
     return sets if isinstance(sets, Mapping) else {}
+
+
+def heading_text(method: str) -> str:
+    """The heading above the model lines: the method as the Method menu names it."""
+    return f"Models for {par.method_label(method)}"
 
 
 def can_download(info: Mapping[str, Any] | None) -> bool:

@@ -271,8 +271,8 @@ class ModelsPanel:
             child.destroy()
         if lines:
             heading = Gtk.Label(xalign=0.0)
-            heading.set_markup(f"<b>Models for {GLib.markup_escape_text(self.owner.method)}"
-                               "</b>")
+            heading.set_markup(
+                f"<b>{GLib.markup_escape_text(models.heading_text(self.owner.method))}</b>")
             self.rows.pack_start(heading, False, False, 0)
         for line in lines:
             self.rows.pack_start(self._row(line, can), False, False, 0)
