@@ -5,6 +5,7 @@ disk, no network. The hub is tests/hub_server.py; huggingface_hub talks to it th
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from limits import fired, run, safety_net
 
 from backend.engine.models import DEFAULT_MODEL
 from backend.hub.catalogue import ROLES, load_catalogue, size_text
-from backend.hub.store import Hub, HubError, Store, file_digest
+from backend.hub.store import WRITE_CHUNK, Hub, HubError, Store, file_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET = "unet/diffusion_pytorch_model.fp16.safetensors"
@@ -195,8 +196,26 @@ def test_a_dropped_connection_resumes_within_the_download(store, hub):
     result = store.get("sd15")
     assert store.installed("sd15") and not result.already
     first, second = hub.gets(UNET)
-    assert first is None and second.startswith("bytes=") and int(second[6:-1]) >= 2**20
+    # the resume starts within one write chunk of where the connection dropped
+    assert first is None and second.startswith("bytes=")
+    assert 2_500_000 - WRITE_CHUNK <= int(second[6:-1]) <= 2_500_000
     assert store.verify("sd15") == []
+
+
+def test_progress_moves_in_small_steps_on_a_slow_line(store, hub):
+    """At 1 MB/s the bar moves at least every 128 KiB (the write chunk), not in 1 MiB jumps:
+    the reports while the UNet arrives step by at most one chunk (plus what a report
+    interval of 0.1 s lets through)."""
+    hub.faults.rate[UNET] = 1_000_000
+    reports = []
+    store.get("sd15", progress=reports.append)
+    unet = [r.done for r in reports if r.file == UNET and r.phase == "download"]
+    size = len(hub.repos["tiny/sd15"].files[UNET])
+    steps = [b - a for a, b in itertools.pairwise(unet) if b > a]
+    assert WRITE_CHUNK <= 2**18 and size > 8 * WRITE_CHUNK
+    assert len(steps) >= size // (2 * WRITE_CHUNK), (len(steps), size)
+    assert max(steps) <= 2 * WRITE_CHUNK, max(steps)
+    assert any(r.rate > 0 and r.seconds_left is not None for r in reports if r.file == UNET)
 
 
 def test_a_damaged_file_is_fetched_again_once(store, hub):
