@@ -317,10 +317,12 @@ def tiny_repos(workdir: Path) -> dict[str, Repo]:
     }
 
 
-def tiny_catalogue(path: Path) -> Path:
+def tiny_catalogue(path: Path, repos: dict[str, Repo]) -> Path:
     """A catalogue override (``DRAG_DIFFUSION_CATALOGUE``): the shipped sd15 and instant sets
     with their repositories replaced by the tiny ones (the file lists stay the catalogue's),
-    and a ``gated`` set on the gated repository."""
+    and a ``gated`` set on the gated repository. Each piece's ``approx_bytes`` is the true size
+    of the tiny files the catalogue takes from ``repos`` (``tiny_repos``), so what the dialog,
+    ``models list`` and the installer announce is what the download then moves."""
     from backend.hub.catalogue import CATALOGUE_FILE
 
     shipped = json.loads(CATALOGUE_FILE.read_text("utf-8"))
@@ -333,5 +335,19 @@ def tiny_catalogue(path: Path) -> Path:
     taesd = json.loads(json.dumps(shipped["sets"]["instant"]["pieces"][2]))
     sets["gated"] = {"title": "A gated test set", "pieces": [{**taesd, "repo": "tiny/gated-taesd",
                                                              "licence": "test licence"}]}
+    for entry in sets.values():
+        for piece in entry["pieces"]:
+            piece["approx_bytes"] = _chosen_bytes(repos[piece["repo"]], piece["files"])
     path.write_text(json.dumps({"sets": sets}, indent=1), "utf-8")
     return path
+
+
+def _chosen_bytes(repo: Repo, specs: list) -> int:
+    """The bytes of the files a catalogue piece takes from ``repo`` (the store's own choice:
+    a path, every match of a glob, the first alternative there is)."""
+    from backend.hub.store import _choose
+
+    names = list(repo.files)
+    chosen = {n for spec in specs for n in _choose(tuple(spec) if isinstance(spec, list)
+                                                   else spec, names)}
+    return sum(len(repo.files[n]) for n in chosen)

@@ -559,7 +559,8 @@ def test_gui_dialog_downloads_a_missing_model_and_the_backend_serves_it(gimp, xv
     with LocalHub(tiny_repos(gimp.work / "dl-repos")) as hub:
         hub.faults.rate[unet] = 250_000  # bytes/s: a download long enough to watch
         hub_env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url,
-                   "DRAG_DIFFUSION_CATALOGUE": str(tiny_catalogue(gimp.work / "dl-cat.json"))}
+                   "DRAG_DIFFUSION_CATALOGUE": str(tiny_catalogue(gimp.work / "dl-cat.json",
+                                                                  hub.repos))}
         with serving(gimp, "dl", None, env=hub_env) as (_, conn):
             with Client.from_connection_file(conn, timeout=5) as client:
                 before = client.hello()
@@ -582,7 +583,7 @@ def test_gui_dialog_downloads_a_missing_model_and_the_backend_serves_it(gimp, xv
                                                     backend_log(conn)), 60,
                                   "the dialog to ask for the download")
                 xdisplay.wait_for(lambda: len(hub.gets(unet)) > 0, 120, "the UNet's transfer")
-                time.sleep(10)  # the bar moves (the backend reports every MiB: 4 s here)
+                time.sleep(10)  # the bar moves (a report every 128 KiB: 0.5 s here)
                 xvfb.screenshot(ARTIFACTS / "plugin-dialog-downloading.png", dialog)
                 xdisplay.wait_for(lambda: re.search(r"download \S+ of sd15: finished",
                                                     backend_log(conn)), 600,

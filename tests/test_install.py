@@ -474,7 +474,7 @@ def test_install_with_models_prints_the_size_then_downloads_them(tmp_path, tiny_
     downloaded (gated) is a note with the command that resumes it, not a failed install."""
     from hub_server import LocalHub, tiny_catalogue
 
-    catalogue = tiny_catalogue(tmp_path / "catalogue.json")
+    catalogue = tiny_catalogue(tmp_path / "catalogue.json", tiny_hub_repos)
     with LocalHub(tiny_hub_repos) as hub:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
         env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0",
@@ -492,3 +492,6 @@ def test_install_with_models_prints_the_size_then_downloads_them(tmp_path, tiny_
             f"models get gated in {REPO} to resume it") in out
     assert "No model downloaded" not in out
     assert list((tmp_path / "hf" / "hub").glob("models--tiny--sd15/snapshots/*/unet/*"))
+    # the size announced first is what arrived (the tiny catalogue carries the true sizes)
+    arrived = (tmp_path / "hf" / "hub").glob("models--tiny--sd15/snapshots/*/**/*")
+    assert sizes["sd15"][1] == sum(f.stat().st_size for f in arrived if f.is_file())

@@ -34,8 +34,8 @@ def hub(tiny_hub_repos):
 
 
 @pytest.fixture
-def catalogue_file(tmp_path):
-    return tiny_catalogue(tmp_path / "catalogue.json")
+def catalogue_file(tmp_path, tiny_hub_repos):
+    return tiny_catalogue(tmp_path / "catalogue.json", tiny_hub_repos)
 
 
 @pytest.fixture
@@ -109,7 +109,8 @@ def test_list_get_verify_remove_through_the_command(hub, tmp_path, catalogue_fil
     env = command_env(hub, tmp_path / "hf", catalogue_file)
     listed = models("list", env=env)
     assert listed.returncode == 0, listed.stderr
-    assert "sd15        not installed  about 2.13 GB" in listed.stdout
+    # the tiny catalogue's size is the true one: the list announces what get then moves
+    assert f"sd15        not installed  about {size_text(total)}" in listed.stdout
     assert "dragdiffusion nothing installed (the backend serves its demo model): python -m " \
            "backend models get sd15" in listed.stdout
 

@@ -95,7 +95,7 @@ def test_progress_reads_bytes_rate_and_time_left():
 
 @pytest.fixture
 def store(tiny_hub_repos, tmp_path, monkeypatch, online):
-    catalogue = tiny_catalogue(tmp_path / "catalogue.json")
+    catalogue = tiny_catalogue(tmp_path / "catalogue.json", tiny_hub_repos)
     monkeypatch.setenv(OVERRIDE_ENV, str(catalogue))
     with LocalHub(tiny_hub_repos) as hub:
         yield hub, Store(load_catalogue(catalogue), Hub(endpoint=hub.url,
