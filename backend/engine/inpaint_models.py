@@ -4,7 +4,7 @@ Any diffusers inpainting checkpoint with a 9-channel UNet (latent, mask, masked-
 the SD1.5-inpainting family or SDXL-inpainting, as
 
 1. a diffusers folder (``model_index.json``; the pipeline class in it picks the layout);
-2. a Hugging Face id, from the local cache (or downloaded when the network may be used);
+2. a Hugging Face id, from the local cache (loading never downloads: see ``models._from_cache``);
 3. a single ``.safetensors`` file of the SD1.5-inpainting layout (architecture from its
    embedded configs, else the shipped SD1.5 configs with a 9-channel UNet).
 
