@@ -4,6 +4,7 @@
     python3 install.py               # venv in .venv + plug-in into every GIMP 3.x profile
     python3 install.py --service     # Linux: also run the backend as a systemd user service
     python3 install.py --uninstall   # remove the plug-in (add --purge to delete the venv too)
+    python3 install.py --models sd15,instant   # also download these model sets (size first)
 
 Re-running upgrades in place. Uses only the standard library. What it decides for a platform
 (whether it can install there, which torch build, which GIMP profile folders, the start
@@ -588,6 +589,69 @@ def remove_service(unit_dir: Path) -> None:
 
 # --- what the user reads at the end ----------------------------------------------------------------
 
+# --- models -----------------------------------------------------------------------------------------
+
+CATALOGUE = REPO / "backend" / "hub" / "catalogue.json"  # the model sets (one place)
+CATALOGUE_ENV = "DRAG_DIFFUSION_CATALOGUE"  # another catalogue (backend/hub/catalogue.py)
+
+
+def catalogue_sizes(path: Path | None = None) -> dict[str, tuple[str, int]]:
+    """Each model set's title and size in bytes, from the catalogue's ``approx_bytes`` (the
+    hub's pages; a download checks the hub's exact sizes)."""
+    path = path or Path(os.environ.get(CATALOGUE_ENV) or CATALOGUE)
+    sets = json.loads(path.read_text(encoding="utf-8"))["sets"]
+    return {name: (str(entry.get("title") or name),
+                   sum(int(piece.get("approx_bytes", 0)) for piece in entry.get("pieces", [])))
+            for name, entry in sets.items()}
+
+
+def chosen_models(text: str, sizes: dict[str, tuple[str, int]]) -> list[str]:
+    """``--models``: comma-separated set names, or ``none``; an unknown name is refused in one
+    line before anything is installed."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if names in ([], ["none"]):
+        return []
+    unknown = [n for n in names if n not in sizes]
+    if unknown:
+        raise Unsupported(f"install.py: --models: unknown model set {', '.join(unknown)}; the "
+                          f"sets are {', '.join(sizes)} (comma-separated), or none")
+    return names
+
+
+def size_text(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def models_line(names: list[str], sizes: dict[str, tuple[str, int]]) -> str:
+    """The size of what --models will download, said before anything is downloaded."""
+    parts = [f"{name} ({sizes[name][0]}, {size_text(sizes[name][1])})" for name in names]
+    total = sum(sizes[name][1] for name in names)
+    return (f"models to download: {', '.join(parts)}: {size_text(total)} in all, into the "
+            "Hugging Face cache (HF_HOME), after the plug-in is installed")
+
+
+def models_offer(sizes: dict[str, tuple[str, int]]) -> str:
+    """The closing note when no model was asked for."""
+    sets = ", ".join(f"{name} ({size_text(size)})" for name, (_, size) in sizes.items())
+    return ("No model downloaded (--models): until one is there the backend serves its small "
+            "demo model. Get one with the Download button in the plug-in's dialog, or with "
+            f"python -m backend models get NAME in this folder; the sets: {sets}.")
+
+
+def download_models(python: Path, names: list[str]) -> list[str]:
+    """``python -m backend models get NAME`` for each set (its progress bar on this terminal);
+    returns a note for each that failed (the installation goes on)."""
+    problems = []
+    for name in names:
+        log(f"downloading the model set {name}")
+        result = subprocess.run([str(python), "-m", "backend", "models", "get", name],
+                                cwd=REPO)
+        if result.returncode != 0:
+            problems.append(f"the model set {name} was not downloaded (see above); run "
+                            f"python -m backend models get {name} in {REPO} to resume it")
+    return problems
+
+
 @dataclass
 class Outcome:
     """What the installation did, for the closing text."""
@@ -672,6 +736,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     service.add_argument("--no-service", dest="service", action="store_const", const="no",
                          help="don't set up the user service")
     p.set_defaults(service="auto")
+    p.add_argument("--models", default="none", metavar="SETS",
+                   help="model sets to download after installing, comma-separated (e.g. "
+                        "sd15,instant; the size is printed first), or none (the default: the "
+                        "plug-in's dialog offers them)")
     p.add_argument("--gimp-python",
                    help="the Python that runs GIMP's plug-ins (to check its version)")
     p.add_argument("--uninstall", action="store_true", help="remove the plug-in")
@@ -728,9 +796,13 @@ def main(argv: list[str] | None = None) -> int:
         check_supported(here)
         plan = torch_plan(here, args.device, pinned("torch") or "2.13.0")
         want_service, why_service = service_wanted(here, args.service, targets)
+        sizes = catalogue_sizes()
+        models = chosen_models(args.models, sizes)
     except Unsupported as exc:
         print(exc, file=sys.stderr)
         return 1
+    if models:
+        log(models_line(models, sizes))
 
     started = time.monotonic()
     torch_text = None
@@ -773,6 +845,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"setting up the backend's user service ({why_service})")
         unit = user_unit_dir(dict(os.environ), str(Path.home())) / SERVICE_NAME
         problem = install_service(unit, str(REPO), str(python))
+    if models:
+        notes += download_models(python, models)
+    else:
+        notes.append(models_offer(sizes))
     log(f"done in {time.monotonic() - started:.0f} s")
     print()
     print(closing_text(Outcome(here.system, targets, commands, torch_text,

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "backend.tools.memory_estimate",  # memory
     "backend.tools.gpu_check",  # gpu-check
     "backend.demo.cli",  # demo train|export|eval, bench-quality
+    "backend.hub.cli",  # models list|get|verify|remove
 )
 
 

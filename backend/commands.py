@@ -274,14 +274,14 @@ def _load_engine(args: argparse.Namespace):
     """The engine for ``--model``; without it SD1.5, or the demo model where SD1.5 is missing
     (the same decision as ``serve``: ``model_choice``), said on stderr."""
     from backend.engine.pipeline import DragEngine
-    from backend.model_choice import demo_fallback, load_or_demo, plain_model
+    from backend.model_choice import demo_fallback, load_or_demo, serve_plan
 
-    model = plain_model(args.model)  # None: --model none, only the inpainting model
-    inpainting = dict(inpaint_model=args.inpaint_model, lcm_lora=args.lcm_lora,
-                      tiny_vae=args.tiny_vae)
+    plan = serve_plan(args.model, args.inpaint_model, args.lcm_lora, args.tiny_vae)
+    model = plan.plain  # None: --model none, only the inpainting model
+    inpainting = plan.inpainting
     fallback = demo_fallback(args.model, lambda path: DragEngine.load(
         path, device=args.device, lora_cache_dir=args.lora_cache, **inpainting))
-    print(f"loading {model or args.inpaint_model} …", file=sys.stderr)
+    print(f"loading {plan.name} …", file=sys.stderr)
     engine, why = load_or_demo(lambda: DragEngine.load(
         model, vae=args.vae, device=args.device, dtype=args.dtype,
         lora_cache_dir=args.lora_cache, **inpainting), fallback)
@@ -296,13 +296,15 @@ def _drag(args: argparse.Namespace) -> int:
     # method's parameters are checked by the engine, with its model's defaults.
     from backend.engine.errors import EngineError
     from backend.engine.imageops import validate_request
-    from backend.model_choice import serves_plain_model
+    from backend.model_choice import serve_plan, serves_plain_model
 
     missing = [f"--{n}" for n in ("image", "points", "out") if not getattr(args, n)]
     if missing:
         raise UsageError(f"missing {', '.join(missing)} (see --help)")
-    if not serves_plain_model(args.model) and not args.inpaint_model:
-        raise UsageError("--model none needs --inpaint-model (the model Inpaint4Drag runs on)")
+    if not serves_plain_model(args.model) and not args.inpaint_model and \
+            serve_plan(args.model).inpaint_model is None:
+        raise UsageError("--model none needs --inpaint-model (the model Inpaint4Drag runs on; "
+                         "or get the instant set: python -m backend models get instant)")
     handles, targets = parse_points(args.points)
     method = args.method or default_method(args.model)
     overrides = parse_overrides(args.overrides)

@@ -303,6 +303,19 @@ class Client:
         return WarpResult(reply.content, memoryview(reply.buffers[0]).cast("B"),
                           memoryview(reply.buffers[1]).cast("B"))
 
+    def download(self, set_name: str, *, job_id: str | None = None) -> dict[str, Any]:
+        """Ask the backend to download a model set of its catalogue (protocol 1.3) by name;
+        returns ``{job_id, state, duplicate}``. Follow it with ``events(job_id)`` (the reply's
+        ``job_id``: a download of that set already running is followed instead): ``progress``
+        (phase ``download``, ``verify`` or ``load``; ``step`` bytes of ``total``), then
+        ``installed``, ``cancelled`` or an error (``JobFailed``). ``cancel(job_id)`` stops it;
+        what arrived is kept for the next try."""
+        if self.server_info is None:
+            self.hello()
+        job_id = job_id or wire.new_id()
+        return self._request(wire.DOWNLOAD, {"job_id": job_id, "set": str(set_name)},
+                             job_id=job_id).content
+
     def events(self, job_id: str, timeout: float | None = None) -> Iterator[Event]:
         """Yield the job's events until a terminal one (``finished`` or ``cancelled``).
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from protocol import msgpack_codec
 
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.3"
 DELIMITER = b"<DRAG|MSG>"
 SIGNATURE_SCHEME = "hmac-sha256"
 _SIGNATURE_PREFIX = b"DRAG1"
@@ -42,13 +42,15 @@ CANCEL, CANCEL_REPLY = "cancel", "cancel_reply"
 PING, PONG = "ping", "pong"
 SHUTDOWN, SHUTDOWN_REPLY = "shutdown", "shutdown_reply"
 WARP, WARP_REPLY = "warp", "warp_reply"  # 1.1: Inpaint4Drag's warp alone, for previews
+DOWNLOAD, DOWNLOAD_REPLY = "download", "download_reply"  # 1.3: fetch a catalogue model set
 ERROR = "error"
 QUEUED, STARTED, PROGRESS, PREVIEW = "queued", "started", "progress", "preview"
 FINISHED, CANCELLED = "finished", "cancelled"
+INSTALLED = "installed"  # 1.3: a download's terminal event (its set is in place and loaded)
 
-REQUESTS = (HELLO, SUBMIT, ATTACH, CANCEL, PING, SHUTDOWN, WARP)
-EVENTS = (QUEUED, STARTED, PROGRESS, PREVIEW, FINISHED, CANCELLED, ERROR)
-TERMINAL_EVENTS = (FINISHED, CANCELLED, ERROR)
+REQUESTS = (HELLO, SUBMIT, ATTACH, CANCEL, PING, SHUTDOWN, WARP, DOWNLOAD)
+EVENTS = (QUEUED, STARTED, PROGRESS, PREVIEW, FINISHED, CANCELLED, ERROR, INSTALLED)
+TERMINAL_EVENTS = (FINISHED, CANCELLED, ERROR, INSTALLED)
 
 # --- error codes (section 5) ---------------------------------------------------------------
 BAD_MESSAGE = "bad_message"
@@ -66,10 +68,11 @@ MODEL_NOT_FOUND = "model_not_found"
 OUT_OF_MEMORY = "out_of_memory"
 ENGINE_ERROR = "engine_error"
 INTERNAL_ERROR = "internal_error"
+DOWNLOAD_FAILED = "download_failed"  # 1.3
 ERROR_CODES = (BAD_MESSAGE, BAD_SIGNATURE, REPLAYED, INCOMPATIBLE_VERSION,
                UNKNOWN_MESSAGE_TYPE, INVALID_INPUT, QUEUE_FULL, UNKNOWN_JOB, JOB_ID_CONFLICT,
                RESULT_EXPIRED, SHUTTING_DOWN, MODEL_NOT_FOUND, OUT_OF_MEMORY, ENGINE_ERROR,
-               INTERNAL_ERROR)
+               INTERNAL_ERROR, DOWNLOAD_FAILED)
 
 # msgpack container limits for header/parent/content frames (section 2, step 3).
 MAX_MAP_LEN = 256
@@ -407,7 +410,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, Any]]] = {
                   "descriptions": ("map", {}), "default_method": ("str", _R),
                   "limits": ("map", _R), "dtypes": ("strs", ["u8"]),
                   "client_ttl": ("num", 6.0), "queue": ("map", {}),
-                  "security": ("map", {})},
+                  "security": ("map", {}), "models": ("map", {})},
     SUBMIT: {"job_id": ("job", _R), "width": ("int", _R), "height": ("int", _R),
              "channels": ("int", _R), "has_mask": ("bool", False), "handles": ("points", _R),
              "targets": ("points", _R), "method": ("str", _R), "params": ("map", {}),
@@ -442,6 +445,11 @@ SCHEMAS: dict[str, dict[str, tuple[str, Any]]] = {
                  "dtype": ("str", "u8"), "moved_pixels": ("int", 0),
                  "inpaint_pixels": ("int", 0), "seconds": ("num", 0.0),
                  "warnings": ("strs", [])},
+    DOWNLOAD: {"job_id": ("job", _R), "set": ("str", _R)},
+    DOWNLOAD_REPLY: {"job_id": ("job", _R), "state": ("str", _R), "duplicate": ("bool", False)},
+    INSTALLED: {"job_id": ("job", _R), "set": ("str", _R), "bytes": ("int", 0),
+                "fetched": ("int", 0), "seconds": ("num", 0.0), "serving": ("bool", False),
+                "methods": ("strs", [])},
 }
 
 # How many buffers each message type carries (default: none).
@@ -478,7 +486,7 @@ def check_content(message: Message) -> dict[str, Any]:
         raise ProtocolError(BAD_MESSAGE, f"{message.msg_type} must carry {low}–{high} binary "
                             f"buffers, got {len(message.buffers)}")
     if "job_id" in schema and message.job_id != content["job_id"] and (
-            message.msg_type == SUBMIT or message.msg_type in EVENTS):
+            message.msg_type in (SUBMIT, DOWNLOAD) or message.msg_type in EVENTS):
         raise ProtocolError(BAD_MESSAGE, "header job_id and content job_id differ")
     return content
 

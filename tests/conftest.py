@@ -31,3 +31,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_hub_repos(tmp_path_factory):
+    """The local hub's tiny repositories (tests/hub_server.py), built once per session."""
+    from hub_server import tiny_repos
+
+    return tiny_repos(tmp_path_factory.mktemp("hub-repos"))
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Downloads allowed in this process (conftest switches the hub off for every test)."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

@@ -541,6 +541,72 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
             process.wait(10)
 
 
+@pytest.mark.gui
+def test_gui_dialog_downloads_a_missing_model_and_the_backend_serves_it(gimp, xvfb):
+    """Issue 24: a backend without its default model set (the demo model stands in) and a
+    loopback model hub (tests/hub_server.py) to download from; DragDiffusion's dialog shows the
+    missing set as a line with a Download button; pressing it, the backend downloads (the
+    dialog shows the progress bar and Cancel), verifies and loads the set, and then serves it
+    without a restart. Screenshots: before, during and after the download."""
+    from hub_server import LocalHub, tiny_catalogue, tiny_repos
+
+    from protocol import Client
+
+    unet = "unet/diffusion_pytorch_model.fp16.safetensors"
+    state, log = gimp.work / "dl-state", gimp.work / "dl-gimp.log"
+    state.mkdir()
+    scene = toy_scene(gimp)
+    with LocalHub(tiny_repos(gimp.work / "dl-repos")) as hub:
+        hub.faults.rate[unet] = 250_000  # bytes/s: a download long enough to watch
+        hub_env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url,
+                   "DRAG_DIFFUSION_CATALOGUE": str(tiny_catalogue(gimp.work / "dl-cat.json",
+                                                                  hub.repos))}
+        with serving(gimp, "dl", None, env=hub_env) as (_, conn):
+            with Client.from_connection_file(conn, timeout=5) as client:
+                before = client.hello()
+            assert before["model"]["demo"] is True
+            assert before["models"]["sets"]["sd15"]["state"] == "missing"
+            env = {"DISPLAY": xvfb.name, "DRAG_DIFFUSION_CONNECTION_FILE": gimp.inside(conn)}
+            args = {**TOY, "prompt": scene["prompt"]}
+            process = gimp.popen([gimp.script("gimp_gui_download.py", STATE=gimp.inside(state),
+                                              ARGS=args, SCENE=scene)],
+                                 gui=True, env=env, log=log)
+            try:
+                xdisplay.wait_for(lambda: (state / "ready").exists() or
+                                  process.poll() is not None, 600, "GIMP to open the image")
+                assert process.poll() is None, log.read_text()[-3000:]
+                dialog = xvfb.wait_window("^Drag Diffusion$")
+                time.sleep(3)
+                xvfb.screenshot(ARTIFACTS / "plugin-dialog-model-missing.png", dialog)
+                xvfb.keys(dialog, "alt+l")  # the Download button of the set's line
+                xdisplay.wait_for(lambda: re.search(r"download of sd15 asked",
+                                                    backend_log(conn)), 60,
+                                  "the dialog to ask for the download")
+                xdisplay.wait_for(lambda: len(hub.gets(unet)) > 0, 120, "the UNet's transfer")
+                time.sleep(10)  # the bar moves (a report every 128 KiB: 0.5 s here)
+                xvfb.screenshot(ARTIFACTS / "plugin-dialog-downloading.png", dialog)
+                xdisplay.wait_for(lambda: re.search(r"download \S+ of sd15: finished",
+                                                    backend_log(conn)), 600,
+                                  "the download to end and the backend to load the set")
+                time.sleep(3)  # the dialog reads hello again
+                xvfb.screenshot(ARTIFACTS / "plugin-dialog-downloaded.png", dialog)
+                with Client.from_connection_file(conn, timeout=5) as client:
+                    after = client.hello()
+                assert after["models"]["sets"]["sd15"]["state"] == "installed"
+                assert after["models"]["sets"]["sd15"]["serving"] is True
+                assert after["model"]["name"] == "tiny/sd15" and "demo" not in after["model"]
+                xvfb.keys(dialog, "Escape")
+                ran = xdisplay.wait_for(lambda: xdisplay.read_json(state / "dialog"), 120,
+                                        "the dialog to close")
+                assert ran["status"] == "cancel", ran
+            finally:
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, 15)
+                    process.wait(10)
+
+
 def test_the_plugin_needs_no_compiled_package(gimp, backend):
     """Issue 21: with pyzmq and msgpack unimportable in GIMP's Python (as on Windows and
     macOS; tests/no_compiled/sitecustomize.py on PYTHONPATH blocks them), the plug-in speaks

@@ -74,16 +74,19 @@ RULES: dict[str, tuple[str, ...]] = {
     "protocol": (),  # the contract, shared with the plug-in: nothing of the backend
     "backend.engine": (),  # pure torch/numpy: no server, tools, demo, command line
     "backend.demo": ("backend.engine", "backend.model_choice"),  # the demo model, its benchmark
-    "backend.model_choice": ("backend.engine",),  # which model is served
-    "backend.server": ("protocol", "backend.model_choice", "backend", *ENGINE_INTERFACE),
+    "backend.model_choice": ("backend.engine", "backend.hub"),  # which model is served
+    "backend.server": ("protocol", "backend.model_choice", "backend", "backend.hub",
+                       *ENGINE_INTERFACE),
     "backend.server.cli": ("protocol", "backend.server", "backend.model_choice",
-                           "backend.engine"),  # serve's glue: it loads the engine
+                           "backend.engine", "backend.hub"),  # serve's glue: it loads the engine
     "backend.commands": ("backend.engine", "backend.model_choice", "backend.cli",
                          "backend.cli_progress"),
     "backend.cli_progress": (),
     "backend.cli": ("backend.engine",),  # the entry point (its commands load by name)
     "backend.__main__": ("backend.cli",),
     "backend.tools": ("backend.engine", "backend.demo", "backend.model_choice", "backend.cli"),
+    "backend.hub": (),  # the model catalogue and its downloads: huggingface_hub, no torch
+    "backend.hub.cli": ("backend.hub", "backend.cli"),  # models list|get|verify|remove
 }
 
 

@@ -434,3 +434,64 @@ def test_a_plugin_folder_given_gets_the_start_commands_and_no_service(fake_home,
     assert info["start_commands"] == {shell: command}
     recorded = load("dragdiff_backend").InstallInfo.load(folder / "drag-diffusion")
     assert recorded.start_command() == command
+
+
+# --- models -------------------------------------------------------------------------------------
+
+def test_models_are_named_from_the_catalogue_and_their_size_is_said_first():
+    sizes = install.catalogue_sizes()
+    assert list(sizes) == ["sd15", "instant", "instant-xl"]
+    assert sizes["sd15"] == ("Stable Diffusion 1.5", 2_135_000_000)
+    assert install.chosen_models("sd15, instant,sd15", sizes) == ["sd15", "instant"]
+    assert install.chosen_models("none", sizes) == install.chosen_models("", sizes) == []
+    with pytest.raises(install.Unsupported) as err:
+        install.chosen_models("sd15,sdxl", sizes)
+    assert str(err.value) == ("install.py: --models: unknown model set sdxl; the sets are sd15, "
+                              "instant, instant-xl (comma-separated), or none")
+    line = install.models_line(["sd15", "instant"], sizes)
+    total = sizes["sd15"][1] + sizes["instant"][1]
+    assert line.startswith("models to download: sd15 (Stable Diffusion 1.5, 2.1 GB), instant (")
+    assert f": {total / 1e9:.1f} GB in all, into the Hugging Face cache" in line
+    offer = install.models_offer(sizes)
+    assert "Download button in the plug-in's dialog" in offer and "sd15 (2.1 GB)" in offer
+
+
+def test_an_unknown_model_set_stops_before_anything_is_installed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(install, "current_platform", lambda: LINUX)
+    venv, plugins = tmp_path / "venv", tmp_path / "plug-ins"
+    assert install.main(["--venv", str(venv), "--gimp-plugin-dir", str(plugins), "--no-service",
+                         "--models", "sd16"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("install.py: --models: unknown model set sd16; the sets are sd15")
+    assert not venv.exists() and not plugins.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the Linux installation")
+def test_install_with_models_prints_the_size_then_downloads_them(tmp_path, tiny_hub_repos):
+    """--models against a loopback hub (tests/hub_server.py, its tiny catalogue): the size line
+    comes before the download, the set is in the cache afterwards, and a set that can't be
+    downloaded (gated) is a note with the command that resumes it, not a failed install."""
+    from hub_server import LocalHub, tiny_catalogue
+
+    catalogue = tiny_catalogue(tmp_path / "catalogue.json", tiny_hub_repos)
+    with LocalHub(tiny_hub_repos) as hub:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0",
+                   DRAG_DIFFUSION_CATALOGUE=str(catalogue), HOME=str(tmp_path / "home"),
+                   OMP_NUM_THREADS="1")
+        done = _install(env, "--venv", str(REPO / ".venv"), "--gimp-plugin-dir",
+                        str(tmp_path / "plug-ins"), "--no-service", "--models", "sd15,gated")
+    assert done.returncode == 0, done.stderr
+    sizes = install.catalogue_sizes(catalogue)
+    size_line = install.models_line(["sd15", "gated"], sizes)
+    out = done.stdout
+    assert size_line in out and out.index(size_line) < out.index("downloading the model set sd15")
+    assert "sd15: installed, " in out and "checked against the hub's checksums" in out, out
+    assert ("Note: the model set gated was not downloaded (see above); run python -m backend "
+            f"models get gated in {REPO} to resume it") in out
+    assert "No model downloaded" not in out
+    assert list((tmp_path / "hf" / "hub").glob("models--tiny--sd15/snapshots/*/unet/*"))
+    # the size announced first is what arrived (the tiny catalogue carries the true sizes)
+    arrived = (tmp_path / "hf" / "hub").glob("models--tiny--sd15/snapshots/*/**/*")
+    assert sizes["sd15"][1] == sum(f.stat().st_size for f in arrived if f.is_file())

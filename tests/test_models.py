@@ -230,9 +230,32 @@ def test_hugging_face_ids_come_from_the_cache_offline(tmp_path, monkeypatch, tin
         load_model(models.DEFAULT_MODEL)
     message = str(info.value)
     assert models.DEFAULT_MODEL in message
-    assert str(tmp_path) in message and "HF_HUB_OFFLINE" in message
+    assert str(tmp_path) in message and "never downloads" in message
     assert f"`{models.download_command()}`" in message and "--model" in message
     assert "\n" not in message
+    assert info.value.reason and info.value.fix and message == \
+        f"{info.value.reason}; {info.value.fix}"
+
+
+def test_loading_a_missing_hugging_face_id_never_downloads(tmp_path, monkeypatch, online):
+    """Even with the network allowed, loading only reads the cache: a missing id is refused
+    with the hf line for that id, and nothing is asked of the hub (HF_ENDPOINT points at a
+    port nobody listens on: a request would fail differently, after a timeout)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelNotFound) as info:
+        load_model("someone/not-cached")
+    assert "not in the Hugging Face cache" in info.value.reason
+    assert "`hf download someone/not-cached --include" in info.value.fix
+    assert not any(tmp_path.iterdir())  # no download started
 
 
 def test_the_download_command_in_the_hint_exists_and_takes_its_options():

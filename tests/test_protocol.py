@@ -32,7 +32,15 @@ SAMPLES: dict[str, tuple[dict, list[bytes]]] = {
                         "dtypes": ["u8"],
                         "client_ttl": 60.0,
                         "queue": {"queued": 0, "running": None},
-                        "security": {"signature_scheme": "hmac-sha256", "curve": False}}, []),
+                        "security": {"signature_scheme": "hmac-sha256", "curve": False},
+                        "models": {"sets": {"instant": {
+                            "title": "Instant", "summary": "", "licence": "MIT",
+                            "methods": ["inpaint4drag"], "state": "downloading",
+                            "serving": False, "bytes": 2_280_000_000,
+                            "download": {"job_id": JOB, "state": "running", "done": 5,
+                                         "total": 9}}},
+                            "methods": {"inpaint4drag": ["instant", "sd15"]},
+                            "can_download": True, "location": "/hf/hub"}}, []),
     wire.SUBMIT: ({"job_id": JOB, "width": 4, "height": 2, "channels": 3, "has_mask": True,
                    "handles": [[1.0, 1.5]], "targets": [[3, 1]], "method": "gooddrag",
                    "params": {"work_size": 64}, "prompt": "a cat", "seed": 7, "preview": False,
@@ -65,6 +73,11 @@ SAMPLES: dict[str, tuple[dict, list[bytes]]] = {
     wire.WARP_REPLY: ({"width": 4, "height": 2, "channels": 3, "dtype": "u8",
                        "moved_pixels": 2, "inpaint_pixels": 3, "seconds": 0.004,
                        "warnings": []}, [PIXELS, bytes(8)]),
+    wire.DOWNLOAD: ({"job_id": JOB, "set": "instant"}, []),
+    wire.DOWNLOAD_REPLY: ({"job_id": JOB, "state": "queued", "duplicate": False}, []),
+    wire.INSTALLED: ({"job_id": JOB, "set": "instant", "bytes": 2_280_000_000,
+                      "fetched": 2_280_000_000, "seconds": 61.5, "serving": True,
+                      "methods": ["inpaint4drag"]}, []),
 }
 
 
@@ -74,7 +87,7 @@ def pair() -> tuple[Session, Session]:
 
 def test_samples_cover_every_message_type():
     replies = {wire.HELLO_REPLY, wire.SUBMIT_REPLY, wire.ATTACH_REPLY, wire.CANCEL_REPLY,
-               wire.PONG, wire.SHUTDOWN_REPLY, wire.WARP_REPLY}
+               wire.PONG, wire.SHUTDOWN_REPLY, wire.WARP_REPLY, wire.DOWNLOAD_REPLY}
     assert set(SAMPLES) == set(wire.SCHEMAS) == {*wire.REQUESTS, *replies, *wire.EVENTS}
 
 

@@ -14,7 +14,14 @@ class InvalidInput(EngineError):
 
 
 class ModelNotFound(EngineError):
+    """A model is not here. ``reason`` says what was looked for where, ``fix`` how to get it;
+    the message is both (``reason; fix``), so a caller with a better fix can show its own."""
+
     code = "model_not_found"
+
+    def __init__(self, reason: str, fix: str = "") -> None:
+        super().__init__(f"{reason}; {fix}" if fix else reason)
+        self.reason, self.fix = reason, fix
 
 
 class OutOfMemory(EngineError):

@@ -4,7 +4,7 @@ Any diffusers inpainting checkpoint with a 9-channel UNet (latent, mask, masked-
 the SD1.5-inpainting family or SDXL-inpainting, as
 
 1. a diffusers folder (``model_index.json``; the pipeline class in it picks the layout);
-2. a Hugging Face id, from the local cache (or downloaded when the network may be used);
+2. a Hugging Face id, from the local cache (loading never downloads: see ``models._from_cache``);
 3. a single ``.safetensors`` file of the SD1.5-inpainting layout (architecture from its
    embedded configs, else the shipped SD1.5 configs with a 9-channel UNet).
 
@@ -87,7 +87,7 @@ def _locate(name: str) -> tuple[str, Path]:
     if models._looks_like_path(name):
         raise ModelNotFound(f"the inpainting model {name} was not found: no such folder or "
                             "file")
-    return "folder", models._from_hub(name, "inpainting model", patterns=_FILES)
+    return "folder", models._from_cache(name, "inpainting model", patterns=_FILES)
 
 
 def layout_of(folder: Path) -> str:
@@ -119,7 +119,8 @@ def _load_pipeline(kind: str, path: Path, dtype: torch.dtype):
 
     if kind == "folder":
         layout = layout_of(path)
-        no_checker = {"safety_checker": None, "requires_safety_checker": False}
+        no_checker = {"safety_checker": None, "feature_extractor": None,
+                      "requires_safety_checker": False}
         pipe = _pipeline_class(layout).from_pretrained(
             path, torch_dtype=dtype, local_files_only=True, variant=models._variant(path / "unet"),
             **(no_checker if layout == "sd15" else {}))
@@ -206,7 +207,7 @@ def _fuse_lora(pipe, lora: str) -> None:
     if not path.exists():
         if models._looks_like_path(lora):
             raise ModelNotFound(f"the LoRA {lora} was not found: no such folder or file")
-        path = models._from_hub(lora, "LoRA", patterns=["*.safetensors", "*.json"])
+        path = models._from_cache(lora, "LoRA", patterns=["*.safetensors", "*.json"])
     try:
         if path.is_file():
             pipe.load_lora_weights(str(path.parent), weight_name=path.name)
@@ -230,7 +231,7 @@ def _locate_vae(name: str) -> Path:
     if path.exists() or models._looks_like_path(name):
         raise ModelNotFound(f"the tiny VAE {name} is not a diffusers AutoencoderTiny folder "
                             "(with config.json); pass e.g. madebyollin/taesd")
-    return models._from_hub(name, "tiny VAE", patterns=["config.json", "*.safetensors"])
+    return models._from_cache(name, "tiny VAE", patterns=["config.json", "*.safetensors"])
 
 
 def empty_prompt_embeds(model: InpaintModel) -> dict[str, torch.Tensor]:

@@ -7,8 +7,9 @@
    torch's weights-only loader, so nothing but tensors is ever unpickled). Its architecture comes
    from the configs embedded by ``save_single_file``, else from ``config=<diffusers folder>``,
    else from the SD1.5 configs shipped in ``configs/sd15`` (no network needed);
-3. a Hugging Face id, taken from the local Hugging Face cache, or downloaded when the network
-   may be used (``HF_HUB_OFFLINE`` unset).
+3. a Hugging Face id, taken from the local Hugging Face cache. Loading never downloads: the
+   catalogue's sets come through ``backend/hub`` (the dialog's Download, ``python -m backend
+   models get``), other repositories through ``hf download`` (the error gives the line).
 
 Weights use the dtype of the precision ``devices.resolve_precision`` picks (fp16 on CUDA,
 including the VAE: SD1.5's VAE decodes fine in fp16). No safety checker and no classifier-free
@@ -202,13 +203,14 @@ def download_command(repo_id: str = DEFAULT_MODEL, what: str = "model",
     return f"hf download {repo_id} " + " ".join(f'--include "{p}"' for p in patterns)
 
 
-def _fix_hint(what: str, patterns: list[str] | None = None) -> str:
+def _fix_hint(what: str, repo_id: str | None = None, patterns: list[str] | None = None) -> str:
+    """How to give or get a missing model: its option with a path, or the ``hf download``
+    line for ``repo_id`` (by default the option's example)."""
     flag, example = _HINTS.get(what, _HINTS["VAE"])
     return (
-        f"pass {flag} /path/to/a-diffusers-folder-or-file.safetensors, or run "
-        f"`{download_command(example, what, patterns)}` (hf: huggingface_hub's command line, in this "
-        "project's .venv/bin) on a machine with network access and use that Hugging Face cache "
-        "here (set HF_HOME to it)"
+        f"pass {flag} /path/to/a-diffusers-folder-or-file.safetensors, or put it into the "
+        f"Hugging Face cache first: `{download_command(repo_id or example, what, patterns)}` "
+        "(hf: huggingface_hub's command line, in this project's .venv/bin)"
     )
 
 
@@ -222,28 +224,28 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def locate(name: str, what: str = "model", download: bool = True) -> tuple[str, Path]:
-    """Return ("folder" | "file", path) for a local path or a Hugging Face id, without reading
-    any weights. A Hugging Face id missing from the local cache is downloaded when ``download``
-    and the hub allow it; else ``ModelNotFound`` says what was tried and how to fix it."""
+def locate(name: str, what: str = "model") -> tuple[str, Path]:
+    """Return ("folder" | "file", path) for a local path or a Hugging Face id in the local
+    cache, without reading any weights; else ``ModelNotFound`` says what was tried and how to
+    fix it. Nothing is downloaded here (see ``_from_cache``)."""
     path = Path(name).expanduser()
     if path.is_dir():
         if (path / "model_index.json").is_file() or (what == "VAE" and (path / "config.json").is_file()):
             return "folder", path
         raise ModelNotFound(
             f"the folder {path} is not a diffusers {what} (it has no "
-            f"{'model_index.json' if what == 'model' else 'config.json'}); {_fix_hint(what)}"
+            f"{'model_index.json' if what == 'model' else 'config.json'})", _fix_hint(what)
         )
     if path.is_file():
         if path.suffix.lower() in CHECKPOINT_SUFFIXES:
             return "file", path
         raise ModelNotFound(
             f"{path} is not a checkpoint (expected a diffusers folder or a "
-            f"{'/'.join(CHECKPOINT_SUFFIXES)} file); {_fix_hint(what)}"
+            f"{'/'.join(CHECKPOINT_SUFFIXES)} file)", _fix_hint(what)
         )
     if _looks_like_path(name):
-        raise ModelNotFound(f"the {what} {name} was not found: no such folder or file; {_fix_hint(what)}")
-    return "folder", _from_hub(name, what, download)
+        raise ModelNotFound(f"the {what} {name} was not found: no such folder or file", _fix_hint(what))
+    return "folder", _from_cache(name, what)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -252,45 +254,30 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def hub_offline() -> bool:
-    """Downloading from the Hugging Face hub is switched off (``HF_HUB_OFFLINE``)."""
-    from huggingface_hub import constants
+def _from_cache(repo_id: str, what: str, patterns: list[str] | None = None) -> Path:
+    """The snapshot folder of a Hugging Face repository in the local cache.
 
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
-    return bool(constants.HF_HUB_OFFLINE) or flag in ("1", "true", "yes", "on")
-
-
-def _from_hub(repo_id: str, what: str, download: bool = True,
-              patterns: list[str] | None = None) -> Path:
-    """The local snapshot folder of a Hugging Face repo, downloading it (the files matching
-    ``patterns``, by default a plain model's or a VAE's) if ``download`` and the hub allow it."""
+    Loading never downloads: the catalogue's sets come through ``backend/hub`` (the dialog's
+    Download, ``python -m backend models get``: its file choice, progress, Cancel, resume and
+    checksums), any other repository through ``hf download`` (the hint gives the line, with the
+    files the engine loads: ``patterns``, by default a plain model's or a VAE's)."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError
 
-    cache = constants.HF_HUB_CACHE
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except HFValidationError:
         raise ModelNotFound(
             f"the {what} {repo_id!r} is neither an existing folder or file nor a valid "
-            f"Hugging Face id; {_fix_hint(what, patterns)}"
+            "Hugging Face id", _fix_hint(what, None, patterns)
         ) from None
     except Exception:
         pass
-    tried = (
-        f"the {what} {repo_id!r} was not found: it is not a folder or file here and not in "
-        f"the Hugging Face cache at {cache}"
+    raise ModelNotFound(
+        f"the {what} {repo_id!r} is not here: not a folder or file, and not in the Hugging "
+        f"Face cache at {constants.HF_HUB_CACHE} (the backend never downloads while loading)",
+        _fix_hint(what, repo_id, patterns),
     )
-    if not download:
-        raise ModelNotFound(f"{tried}; {_fix_hint(what, patterns)}")
-    if hub_offline():
-        raise ModelNotFound(f"{tried}, and downloading is off (HF_HUB_OFFLINE is set); {_fix_hint(what, patterns)}")
-    patterns = patterns or (_MODEL_FILES if what == "model" else _VAE_FILES)
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as exc:
-        reason = _first_line(exc)
-        raise ModelNotFound(f"{tried}, and downloading it failed ({reason}); {_fix_hint(what, patterns)}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,10 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "with --inpaint-model serves only Inpaint4Drag")
     serve.add_argument("--vae", default=None, help="optional replacement VAE")
     serve.add_argument("--inpaint-model", default=None,
-                       help="inpainting model for Inpaint4Drag (9-channel UNet: e.g. "
-                       "stable-diffusion-v1-5/stable-diffusion-inpainting or "
-                       "diffusers/stable-diffusion-xl-1.0-inpainting-0.1; folder, file or id); "
-                       "without it Inpaint4Drag fills with the plain model")
+                       help="inpainting model for Inpaint4Drag: a model set of `models list` "
+                       "(instant, instant-xl: with its LCM-LoRA and tiny VAE), or a 9-channel "
+                       "UNet's folder, file or id (e.g. stable-diffusion-v1-5/stable-diffusion-"
+                       "inpainting); 'none' for none; default: the first installed of instant "
+                       "and instant-xl, else Inpaint4Drag fills with the plain model")
     serve.add_argument("--lcm-lora", default=None,
                        help="LCM-LoRA fused into the inpainting model (e.g. "
                        "latent-consistency/lcm-lora-sdv1-5), as the official setup")
@@ -81,7 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from backend.model_choice import demo_fallback, expected_table, plain_model
+    from backend.engine.errors import ModelNotFound
+    from backend.hub.store import Store
+    from backend.model_choice import demo_fallback, expected_table, serve_plan
     from backend.server.log import setup_logging
     from backend.server.server import Server
     from backend.server.transport import CurveServer, ServerError
@@ -95,31 +98,39 @@ def run_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_side=args.max_side, max_pixels=args.max_pixels,
                     max_frame_bytes=args.max_frame_mb * 2**20, max_queue=args.max_queue)
     device = None if args.device == "auto" else args.device
-    plain = plain_model(args.model)
-    if plain is None and not args.inpaint_model:
-        log.error("--model none needs --inpaint-model (something to serve)")
+    store = Store()  # the catalogue's sets in the Hugging Face cache (downloads land there)
+
+    def plan():  # what to load, asked again after a download
+        return serve_plan(args.model, args.inpaint_model, args.lcm_lora, args.tiny_vae, store)
+
+    try:
+        first = plan()
+    except ModelNotFound as exc:
+        log.error("%s", exc)
         return 2
-    model = plain or args.inpaint_model
-    inpainting = dict(inpaint_model=args.inpaint_model, lcm_lora=args.lcm_lora,
-                      tiny_vae=args.tiny_vae)
+    if first.plain is None and first.inpaint_model is None:
+        log.error("--model none needs an inpainting model (--inpaint-model, or the instant set: "
+                  "python -m backend models get instant)")
+        return 2
 
     def load_engine():  # runs in the server's worker thread
         from backend.engine.pipeline import DragEngine
-        return DragEngine.load(plain, vae=args.vae, device=device, dtype=args.dtype,
-                               compile_unet=args.compile, **inpainting)
+        now = plan()
+        return DragEngine.load(now.plain, vae=args.vae, device=device, dtype=args.dtype,
+                               compile_unet=args.compile, **now.inpainting)
 
     def load_demo(path: str):  # when the default model is missing
         from backend.engine.pipeline import DragEngine
-        return DragEngine.load(path, device=device, **inpainting)
+        return DragEngine.load(path, device=device, **plan().inpainting)
 
     def ready(server: Server) -> None:
         note = f" ({server.demo_notice})" if server.demo_notice else ""
         print(f"READY {server.endpoint} {conn}{note}", flush=True)
 
-    server = Server(load_engine, model_name=model, device=args.device, bind=args.bind,
+    server = Server(load_engine, model_name=first.name, device=args.device, bind=args.bind,
                     connection_file=conn, limits=limits, curve=curve,
                     client_ttl=args.client_ttl, fallback=demo_fallback(args.model, load_demo),
-                    table=expected_table(args.model), on_ready=ready)
+                    table=expected_table(args.model), on_ready=ready, store=store, plan=plan)
     try:
         server.start()
     except ServerError as exc:

@@ -8,6 +8,7 @@ happened as small event objects. The socket thread collects them with ``events()
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -65,6 +66,7 @@ class JobMessage:
 
 
 WorkerEvent = ModelLoaded | JobMessage
+RELOAD = object()  # the inbox item that makes the worker load the models again
 
 
 def plain(value: Any, depth: int = 0) -> Any:
@@ -116,7 +118,7 @@ class EngineWorker:
         self._fallback = fallback
         self._wake = wake
         self._events: queue.Queue[WorkerEvent] = queue.Queue()
-        self._inbox: queue.Queue[Job | None] = queue.Queue()
+        self._inbox: queue.Queue[Job | object | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="drag-engine", daemon=True)
 
     def start(self) -> None:
@@ -137,6 +139,11 @@ class EngineWorker:
         """Let the thread end after the current job (cancel that one first)."""
         self._inbox.put(None)
 
+    def reload(self) -> None:
+        """Load the models again after the current job (a download added one): the old engine
+        is dropped first, then ``load_engine`` runs again and posts ``ModelLoaded``."""
+        self._inbox.put(RELOAD)
+
     def idle(self) -> bool:
         """No event left to collect."""
         return self._events.empty()
@@ -155,18 +162,29 @@ class EngineWorker:
         self._wake()
 
     def _work(self) -> None:
-        engine = None
+        engine = self._load()
+        while (job := self._inbox.get()) is not None:
+            if job is RELOAD:
+                engine = None  # its memory is free before the new models load
+                gc.collect()
+                engine = self._load()
+                continue
+            assert engine is not None
+            self._post(self._run(engine, job))
+
+    def _load(self) -> Engine | None:
+        """Load the engine (or the fallback) and post ``ModelLoaded``."""
         try:
             engine, demo = load_or_demo(self._load_engine, self._fallback)
-            self._post(ModelLoaded("ready", None, engine, demo=demo))
         except ModelNotFound as exc:
             self._post(ModelLoaded("missing", str(exc), None))
         except Exception as exc:
             log.exception("loading the model failed")
             self._post(ModelLoaded("error", f"{type(exc).__name__}: {exc}", None))
-        while (job := self._inbox.get()) is not None:
-            assert engine is not None
-            self._post(self._run(engine, job))
+        else:
+            self._post(ModelLoaded("ready", None, engine, demo=demo))
+            return engine
+        return None
 
     def _run(self, engine: Engine, job: Job) -> JobMessage:
         r = job.request

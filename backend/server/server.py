@@ -1,9 +1,10 @@
 """The persistent backend server: request handlers and scheduling around one engine thread.
 
-Four parts, one file each: ``transport`` (the ROUTER socket, CURVE, the connection
+Five parts, one file each: ``transport`` (the ROUTER socket, CURVE, the connection
 file), ``jobs`` (job table, fair queue, result retention), ``engine_worker`` (the worker
-thread that runs the ``Engine`` and rate-limits its events), and this module, which answers the
-requests and moves jobs from the queue to the engine. Only the socket thread (``serve_forever``)
+thread that runs the ``Engine`` and rate-limits its events), ``downloads`` (model downloads
+in their own thread, protocol 1.3), and this module, which answers the requests, moves jobs
+from the queue to the engine, and reloads the engine when a download brings a model it serves. Only the socket thread (``serve_forever``)
 touches the socket and the job table, so hello, ping, cancel and shutdown are answered while an
 edit runs. The wire format is ``protocol/PROTOCOL.md``.
 """
@@ -22,7 +23,9 @@ from backend import __version__
 from backend.engine.errors import EngineError
 from backend.engine.interface import Engine, WarpFn, load_preview_warp
 from backend.engine.params import MethodTable
-from backend.model_choice import Fallback
+from backend.hub.store import Progress, Store
+from backend.model_choice import Fallback, ServePlan
+from backend.server.downloads import DownloadJob, Downloads
 from backend.server.engine_worker import (
     ACCEPTED_DTYPES,
     EngineWorker,
@@ -53,6 +56,11 @@ class Server:
     ``load_engine`` is called once in the worker thread and returns an ``Engine``. ``table``
     is what that engine will run (``model_choice.expected_table``): announced and checked
     against while the model loads; once loaded, the engine's own ``table`` replaces it.
+
+    ``store`` (the model catalogue and where its sets go) turns on ``hello_reply.models`` and
+    ``download`` requests; ``plan`` says what ``load_engine`` would load now
+    (``model_choice.serve_plan``): when a finished download changes it, the engine is loaded
+    again and the download's ``installed`` event waits for that.
     """
 
     def __init__(self, load_engine: Callable[[], Engine], *, model_name: str,
@@ -65,7 +73,8 @@ class Server:
                  shutdown_grace: float = 30.0, refusal_log_interval: float = 60.0,
                  fallback: Fallback | None = None, table: MethodTable | None = None,
                  on_ready: Callable[[Server], None] | None = None,
-                 warp: WarpFn | None = None) -> None:
+                 warp: WarpFn | None = None, store: Store | None = None,
+                 plan: Callable[[], ServePlan] | None = None) -> None:
         self.model_name = model_name
         self.device = device
         self.connection_file = Path(connection_file) if connection_file else None
@@ -97,6 +106,11 @@ class Server:
         self._refusals = RefusalLog(refusal_log_interval)
         self._denied_seen = 0  # the gate's count of refused logins, as last logged
         self._warp = warp  # Inpaint4Drag's warp for previews (loaded on the first request)
+        self._store = store
+        self._downloads = Downloads(store, self._transport.wake) if store is not None else None
+        self._plan = plan
+        self._loaded_plan: ServePlan | None = None  # what the engine (being) loaded serves
+        self._reload_again = False  # a download ended while a reload was already under way
 
     @property
     def bind(self) -> str:
@@ -126,6 +140,7 @@ class Server:
             self._transport.close(term=True)
             raise
         log.info("listening on %s (connection file %s)", self.endpoint, self.connection_file)
+        self._loaded_plan = self._plan() if self._plan is not None else None
         self._worker.start()
         return self.endpoint
 
@@ -142,6 +157,7 @@ class Server:
                 for inbound in self._transport.receive():
                     self._receive(inbound)
                 self._collect_worker_events()
+                self._collect_download_events()
                 now = time.monotonic()
                 if now >= self._next_housekeeping:
                     self._housekeeping(now)
@@ -149,7 +165,8 @@ class Server:
                 if self._stop_reason and self._stop_deadline is None:
                     self._begin_shutdown(self._stop_reason)
                 if self._stop_deadline is not None:
-                    if self._jobs.running is None and self._worker.idle():
+                    if (self._jobs.running is None and self._worker.idle()
+                            and (self._downloads is None or self._downloads.idle())):
                         break  # every job has ended and its last event is out
                     if now > self._stop_deadline:
                         log.warning("the engine did not stop within %.0f s; exiting anyway",
@@ -175,6 +192,9 @@ class Server:
             cancelled.append(running.job_id)
             running.cancel_reason = "shutdown"
             running.cancel.cancel()
+        if self._downloads is not None:
+            cancelled += [job.job_id for job in self._downloads.active()]
+            self._downloads.stop()
         self._worker.stop()
         return cancelled
 
@@ -233,6 +253,7 @@ class Server:
                       "running": running.job_id if running else None},
             "security": {"signature_scheme": wire.SIGNATURE_SCHEME,
                          "curve": self.curve is not None},
+            **({"models": self._models_hello()} if self._store is not None else {}),
         })
         log.info("hello from %s (%s)", printable(message.session, 8),
                  printable(message.content["client"], 80))
@@ -333,15 +354,17 @@ class Server:
                                 f"{self._model_error}; see the backend log")
 
     def _on_attach(self, message: Message, identity: bytes) -> None:
-        job = self._job(message.content["job_id"])
+        job = self._any_job(message.content["job_id"])
         job.route = message.session
         self._reply(identity, message, wire.ATTACH_REPLY, {
             "job_id": job.job_id, "state": job.state, "position": job.position})
         self._resend_terminal(job)
 
     def _on_cancel(self, message: Message, identity: bytes) -> None:
-        job = self._job(message.content["job_id"])
-        if job.state == "queued":
+        job = self._any_job(message.content["job_id"])
+        if isinstance(job, DownloadJob):
+            self._cancel_download(job, message, identity)
+        elif job.state == "queued":
             self._reply(identity, message, wire.CANCEL_REPLY,
                         {"job_id": job.job_id, "state": "cancelled"})
             self._end(job, wire.CANCELLED, {"job_id": job.job_id, "reason": "client"})
@@ -358,6 +381,11 @@ class Server:
     def _on_shutdown(self, message: Message, identity: bytes) -> None:
         cancelled = [] if self._stop_deadline else self._begin_shutdown("shutdown request")
         self._reply(identity, message, wire.SHUTDOWN_REPLY, {"cancelled": cancelled})
+
+    def _any_job(self, job_id: str) -> Job | DownloadJob:
+        """An edit's job or a download's (they share ``attach`` and ``cancel``)."""
+        download = self._downloads.get(job_id) if self._downloads is not None else None
+        return download if download is not None else self._job(job_id)
 
     def _job(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
@@ -378,14 +406,14 @@ class Server:
                content: dict[str, Any]) -> None:
         self._send(identity, msg_type, content, parent=request.header, job_id=request.job_id)
 
-    def _emit(self, job: Job, msg_type: str, content: dict[str, Any],
+    def _emit(self, job: Job | DownloadJob, msg_type: str, content: dict[str, Any],
               buffers: list[Any] | tuple = ()) -> None:
         identity = self._routes.get(job.route)
         if identity is not None:
             self._send(identity, msg_type, content, parent=job.parent, job_id=job.job_id,
                        buffers=buffers)
 
-    def _resend_terminal(self, job: Job) -> None:
+    def _resend_terminal(self, job: Job | DownloadJob) -> None:
         if job.terminal is not None:
             t = job.terminal
             self._emit(job, t.msg_type, t.content, t.buffers)
@@ -480,6 +508,7 @@ class Server:
                 self._emit(event.job, event.msg_type, event.content, event.buffers)
 
     def _model_loaded(self, event: ModelLoaded) -> None:
+        first = not self.ready.is_set()
         self._model_state, self._model_error = event.state, event.error
         self._engine, self._demo = event.engine, event.demo
         if event.engine is not None:
@@ -500,7 +529,171 @@ class Server:
                 except ProtocolError as exc:
                     self._end(job, wire.ERROR, {"job_id": job.job_id, **exc.content()})
         self.ready.set()
-        if self.on_ready is not None:
+        if first and self.on_ready is not None:
             self.on_ready(self)
+        self._downloads_loaded(event)
         self._dispatch()
         self._update_positions()
+
+    # --- model downloads (protocol 1.3) -------------------------------------------------------
+    def _on_download(self, message: Message, identity: bytes) -> None:
+        """Start (or follow) the download of a catalogue set, named by the client: never a URL
+        or a path."""
+        content = message.content
+        if self._downloads is None or self._store is None:
+            raise ProtocolError(wire.INVALID_INPUT, "this backend does not download models; "
+                                "run `python -m backend models get NAME` where it runs")
+        name = content["set"]
+        if name not in self._store.catalogue.sets:
+            raise ProtocolError(wire.INVALID_INPUT, f"unknown model set {name[:64]!r}; this "
+                                f"backend offers {', '.join(self._store.catalogue.names())}")
+        job_id = content["job_id"]
+        if self._jobs.get(job_id) is not None or self._jobs.expired(job_id):
+            raise ProtocolError(wire.JOB_ID_CONFLICT, f"job id {job_id} is an edit's; use a "
+                                "new job id for the download")
+        job = self._downloads.get(job_id)
+        if job is not None:  # the same request again (a retry)
+            job.route = message.session
+            self._reply(identity, message, wire.DOWNLOAD_REPLY,
+                        {"job_id": job_id, "state": job.state, "duplicate": True})
+            self._resend_terminal(job)
+            return
+        if self._stop_reason:
+            raise ProtocolError(wire.SHUTTING_DOWN, "the backend is shutting down; start it "
+                                "again and ask again (the download resumes)")
+        same = self._downloads.active_for(name)
+        if same is not None:  # that set is already coming: follow it
+            same.route = message.session
+            self._reply(identity, message, wire.DOWNLOAD_REPLY,
+                        {"job_id": same.job_id, "state": same.state, "duplicate": True})
+            return
+        job = DownloadJob(job_id, name, message.session, message.header)
+        self._downloads.start(job)
+        self._reply(identity, message, wire.DOWNLOAD_REPLY,
+                    {"job_id": job_id, "state": job.state, "duplicate": False})
+        log.info("download of %s asked by %s (job %s)", name, printable(message.session, 8),
+                 job_id)
+
+    def _cancel_download(self, job: DownloadJob, message: Message, identity: bytes) -> None:
+        state = job.state
+        if state in ("queued", "running"):
+            self._downloads.cancel(job)  # its thread reports ``cancelled`` within one chunk
+            state = "cancelling"
+        self._reply(identity, message, wire.CANCEL_REPLY, {"job_id": job.job_id, "state": state})
+
+    def _collect_download_events(self) -> None:
+        if self._downloads is None:
+            return
+        for event in self._downloads.events():
+            job = event.job
+            if event.kind == "started":
+                job.state = "running"
+                self._emit(job, wire.STARTED, {"job_id": job.job_id})
+            elif event.kind == "progress" and event.progress is not None:
+                job.progress = event.progress
+                self._emit(job, wire.PROGRESS, _progress_content(job.job_id, event.progress))
+            elif event.kind == "done":
+                job.result = event.result
+                self._download_done(job)
+            elif event.kind == "failed":
+                self._end_download(job, wire.ERROR, {
+                    "job_id": job.job_id, "code": wire.DOWNLOAD_FAILED,
+                    "message": event.error or "the download failed", "detail": event.detail},
+                    "failed")
+            else:
+                self._end_download(job, wire.CANCELLED,
+                                   {"job_id": job.job_id, "reason": job.cancel_reason},
+                                   "cancelled")
+
+    def _download_done(self, job: DownloadJob) -> None:
+        """The set is in place: load it when the engine would now serve something else (the
+        ``installed`` event follows the load), else say so at once."""
+        if self._plan is None or self._stop_reason or self._plan() == self._loaded_plan:
+            self._installed(job)
+            return
+        job.state = "loading"
+        self._emit(job, wire.PROGRESS, {"job_id": job.job_id, "phase": "load", "step": 0,
+                                        "total": 1})
+        if self._model_state == "loading":  # a load is under way: it may predate this set
+            self._reload_again = True
+        else:
+            self._reload()
+
+    def _reload(self) -> None:
+        log.info("loading the models again for the downloaded set(s)")
+        self._model_state, self._model_error = "loading", None
+        self._engine = None
+        self._loaded_plan = self._plan() if self._plan is not None else None
+        self._worker.reload()
+
+    def _downloads_loaded(self, event: ModelLoaded) -> None:
+        """A load ended: the downloads that waited for it end with it."""
+        if self._downloads is None:
+            return
+        if self._reload_again:
+            self._reload_again = False
+            self._reload()
+            return
+        for job in [j for j in self._downloads.active() if j.state == "loading"]:
+            if event.state == "ready":
+                self._installed(job)
+            else:
+                self._end_download(job, wire.ERROR, {
+                    "job_id": job.job_id, "code": wire.MODEL_NOT_FOUND if event.state ==
+                    "missing" else wire.ENGINE_ERROR, "detail": None,
+                    "message": f"{job.set} is downloaded, but the backend could not load it: "
+                               f"{event.error}"}, "failed")
+
+    def _installed(self, job: DownloadJob) -> None:
+        assert self._store is not None
+        result, model_set = job.result, self._store.catalogue.get(job.set)
+        serving = (self._loaded_plan is not None and job.set in self._loaded_plan.sets
+                   and self._model_state == "ready")
+        self._end_download(job, wire.INSTALLED, {
+            "job_id": job.job_id, "set": job.set, "methods": list(model_set.methods),
+            "bytes": result.total if result else 0, "fetched": result.fetched if result else 0,
+            "seconds": result.seconds if result else 0.0, "serving": serving}, "finished")
+
+    def _end_download(self, job: DownloadJob, msg_type: str, content: dict[str, Any],
+                      state: str) -> None:
+        assert self._downloads is not None
+        self._downloads.finish(job, Terminal(msg_type, content, []), state)
+        self._emit(job, msg_type, content)
+        log.info("download %s of %s: %s", job.job_id, job.set, state)
+
+    def _models_hello(self) -> dict[str, Any]:
+        """``hello_reply.models`` (1.3): each set's state, what it runs, whether it is served
+        now, and a download under way; each method's sets, best first."""
+        assert self._store is not None and self._downloads is not None
+        serving = set(self._loaded_plan.sets) if (
+            self._loaded_plan is not None and self._model_state == "ready"
+            and self._demo is None) else set()
+        sets = {}
+        for name, model_set in self._store.catalogue.sets.items():
+            status = self._store.status(name)
+            entry: dict[str, Any] = {
+                "title": model_set.title, "summary": model_set.summary,
+                "licence": model_set.licence, "methods": list(model_set.methods),
+                "state": status.state, "serving": name in serving,
+                "bytes": status.bytes if status.installed else model_set.approx_bytes}
+            active = self._downloads.active_for(name)
+            if active is not None:
+                entry["state"] = "downloading"
+                entry["download"] = {"job_id": active.job_id, "state": active.state,
+                                     **({"done": active.progress.done,
+                                         "total": active.progress.total}
+                                        if active.progress else {})}
+            sets[name] = entry
+        return {"sets": sets,
+                "methods": {m: list(n) for m, n in self._store.catalogue.methods.items()},
+                "can_download": not self._store.hub.offline(),
+                "location": str(self._store.location)}
+
+
+def _progress_content(job_id: str, progress: Progress) -> dict[str, Any]:
+    """A download's ``progress`` event: ``step`` bytes of ``total``, the file, the rate and the
+    time left (None: not known yet)."""
+    left = progress.seconds_left
+    return {"job_id": job_id, "phase": progress.phase, "step": int(progress.done),
+            "total": int(progress.total), "file": progress.file, "rate": float(progress.rate),
+            "seconds_left": None if left is None else float(left)}

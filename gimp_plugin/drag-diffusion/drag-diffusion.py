@@ -40,9 +40,6 @@ from gi.repository import Gegl, Gimp, Gio, GLib, GObject  # noqa: E402
 PROC_NAME = "python-fu-drag-diffusion"
 HELP_DOMAIN = "org.gimp-drag-diffusion"
 RW = GObject.ParamFlags.READWRITE
-METHOD_LABELS = {"inpaint4drag": "Inpaint4Drag (instant)", "dragdiffusion": "DragDiffusion",
-                 "gooddrag": "GoodDrag", "dragdiffusion-paper": "DragDiffusion (paper settings)",
-                 "fast": "Fast"}
 # The method choice when no backend's table is known (no backend answered, no hello kept in the
 # state file, no install.json): the plug-in has nobody to ask. The first is preselected, as the
 # engine's default method (backend/engine/types.py); any table replaces the list and its
@@ -327,6 +324,7 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
             table, state.get("hello"), hello is not None, size, state_path, state, manual,
             link=link, read_preview=reader))
         ok = dialog.run()
+        table = dialog.table  # a download in the dialog may have changed what is served
         link.close()
         if not ok:
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
@@ -393,7 +391,7 @@ class DragDiffusion(Gimp.PlugIn):
         methods = Gimp.Choice.new()
         names = list(table.methods) if table else list(FALLBACK_METHODS)
         for number, method in enumerate(names):
-            methods.add(method, number, METHOD_LABELS.get(method, method),
+            methods.add(method, number, par.method_label(method),
                         table.describe(method) if table else "")
         default = table.default_method if table and table.default_method in names else names[0]
         p.add_choice_argument("method", "_Method", "Drag algorithm and its settings",

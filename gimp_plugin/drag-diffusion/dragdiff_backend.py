@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dragdiff_models as models
 import dragdiff_preview as pre
 import dragdiff_progress as prog
 from dragdiff_geometry import Point
@@ -341,6 +342,55 @@ class PreviewLink:
         except protocol.BackendError as exc:
             raise BackendError(exc.message) from None
         return bytes(reply.image), dict(reply.content)
+
+    # --- model downloads (protocol 1.3): the backend downloads, the dialog asks and shows ---
+    @property
+    def can_download(self) -> bool:
+        return self.client is not None and models.can_download(self.info)
+
+    def download(self, set_name: str) -> str:
+        """Ask the backend to download a catalogue set; returns the job id to follow (that of
+        a download of the set already under way, if any)."""
+        return str(self._call(lambda c: c.download(set_name))["job_id"])
+
+    def download_events(self, job_id: str, wait: float = 0.05) -> list[Any]:
+        """The download's events that arrive within ``wait`` seconds (its terminal one last).
+        A failed download raises ``BackendError`` with the backend's line."""
+        protocol = _import_protocol()
+        events = []
+        try:
+            for event in self.client.events(job_id, timeout=wait):
+                events.append(event)
+                if event.terminal:
+                    break
+        except protocol.JobTimeout:
+            pass
+        except protocol.BackendUnavailable as exc:
+            self.close()
+            raise BackendError(f"The backend stopped answering: {exc.message}") from None
+        except protocol.BackendError as exc:  # JobFailed: the download's error event
+            raise BackendError(exc.message) from None
+        return events
+
+    def cancel_download(self, job_id: str) -> None:
+        self._call(lambda c: c.cancel(job_id))
+
+    def refresh(self) -> dict[str, Any] | None:
+        """Ask ``hello`` again (after a download the backend serves other models)."""
+        self.info = dict(self._call(lambda c: c.hello()))
+        return self.info
+
+    def _call(self, request: Any) -> Any:
+        protocol = _import_protocol()
+        if self.client is None:
+            raise BackendError("The backend is not running.")
+        try:
+            return request(self.client)
+        except protocol.BackendUnavailable as exc:
+            self.close()
+            raise BackendError(f"The backend stopped answering: {exc.message}") from None
+        except protocol.BackendError as exc:
+            raise BackendError(exc.message) from None
 
     def close(self) -> None:
         if self.client is not None:

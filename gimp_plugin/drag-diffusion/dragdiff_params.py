@@ -19,6 +19,15 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT = -1  # PDB value of a knob meaning "the chosen method's default"
+# What the Method menu (and every line naming a method) calls each method; others by their name.
+METHOD_LABELS = {"inpaint4drag": "Inpaint4Drag (instant)", "dragdiffusion": "DragDiffusion",
+                 "gooddrag": "GoodDrag", "dragdiffusion-paper": "DragDiffusion (paper settings)",
+                 "fast": "Fast"}
+
+
+def method_label(method: str) -> str:
+    """The method's name for people, as the Method menu shows it."""
+    return METHOD_LABELS.get(method, method)
 # The working width of both official codes: the estimate's width when no backend's table is
 # known (a table's own value wins; the demo model's is 128).
 OFFICIAL_WORK_SIZE = 512

@@ -7,6 +7,7 @@ estimates, times) lives in the pure modules dragdiff_params and dragdiff_progres
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 
 import dragdiff_backend as backend
 import dragdiff_layer as lay
+import dragdiff_models as models
 import dragdiff_params as par
 import dragdiff_preview as pre
 import dragdiff_progress as prog
@@ -81,6 +83,7 @@ class SettingsDialog:
         self.dialog.fill_box("advanced-box", list(ADVANCED))
         self.dialog.fill_expander("advanced-expander", "advanced-title", False, "advanced-box")
         self.dialog.fill(list(MAIN))
+        self.models = ModelsPanel(self)
         self.preview = WarpPreview(self) if context.read_preview is not None else None
         self._update()
 
@@ -149,8 +152,20 @@ class SettingsDialog:
                            "install.json has no table): settings at -1 use them.")
         self.notice.set_text("\n".join(notices))
         self.notice.set_visible(bool(notices))
+        if getattr(self, "models", None) is not None:
+            self.models.look()
         if getattr(self, "preview", None) is not None:
             self.preview.look()
+
+    def take_info(self, info: dict[str, Any]) -> None:
+        """The backend's hello after a download: its models and methods as they are now (the
+        method that needed the set runs on it, no restart)."""
+        self.context.info, self.context.running = info, True
+        par.write_state(self.context.state_path, hello=info)
+        table = par.load_table(info, {}, {})
+        if table is not None:
+            self.table = self.context.table = table
+        self._update()
 
     def _estimate_text(self, table: par.ParamTable | None, info: dict[str, Any]) -> str:
         if table is None or not info.get("device"):
@@ -177,6 +192,7 @@ class SettingsDialog:
         """Show the dialog; remember what it holds until an edit with it succeeds (GIMP keeps
         only a successful run's values, so a Cancel would lose what was typed)."""
         ok = bool(self.dialog.run())
+        self.models.stop()
         if self.preview is not None:
             self.preview.stop()
         self.config.disconnect(self._notify)
@@ -185,6 +201,180 @@ class SettingsDialog:
         par.write_state(self.context.state_path, typed=typed)
         self.dialog.destroy()
         return ok
+
+
+class ModelsPanel:
+    """The dialog's model lines (protocol 1.3): each model set the chosen method could run on
+    that is not installed, with a Download button; while the backend downloads one, a progress
+    bar (bytes, rate, time left) and Cancel; when it is installed, the backend's hello again, so
+    the method runs on it at once. The backend downloads; the dialog only asks and shows."""
+
+    POLL_MS = 200  # how often a download's events are read
+
+    def __init__(self, owner: SettingsDialog) -> None:
+        self.owner = owner
+        self.job: str | None = None  # the download followed, its set and title
+        self.set_name = self.title = ""
+        self._timer: int | None = None
+        self._shown: tuple[Any, ...] | None = None
+        self.box = Gtk.Box(orientation=Gtk.Orientation.VERTICAL, spacing=4)
+        self.rows = Gtk.Box(orientation=Gtk.Orientation.VERTICAL, spacing=4)
+        self.bar = Gtk.ProgressBar(show_text=True)
+        self.status = Gtk.Label(xalign=0.0)
+        self.status.set_line_wrap(True)
+        self.status.set_max_width_chars(56)
+        self.cancel = Gtk.Button.new_with_label("Cancel download")
+        self.cancel.connect("clicked", lambda *_: self._cancel())
+        self.box.pack_start(self.rows, False, False, 0)
+        self.box.pack_start(self.bar, False, False, 0)
+        self.box.pack_start(self.status, False, False, 0)
+        self.box.pack_start(self.cancel, False, False, 0)
+        owner.dialog.get_content_area().pack_start(self.box, False, False, 0)
+        self.box.show_all()
+        self.bar.hide()
+        self.cancel.hide()
+        self.status.hide()
+        self._follow_running()
+
+    @property
+    def link(self) -> backend.PreviewLink | None:
+        return self.owner.context.link
+
+    def _algorithm(self) -> str:
+        table = self.owner.table
+        return table.algorithm(self.owner.method) if table else self.owner.method
+
+    def _follow_running(self) -> None:
+        """A download already under way (asked by an earlier dialog): show it."""
+        if self.link is None or not self.link.can_download:
+            return
+        for line in models.missing_lines(self.link.info, self._algorithm()):
+            if line.download_job:
+                self._follow(line.download_job, line.name, line.title)
+                return
+
+    def look(self) -> None:
+        """Show the lines for the chosen method (again only when they changed)."""
+        info = self.owner.context.info
+        if self.link is not None and self.link.info is not None:
+            info = self.link.info
+        lines = [dataclasses.replace(line, state="downloading") if line.name == self.set_name
+                 and self.job is not None else line
+                 for line in models.missing_lines(info, self._algorithm())]
+        can = self.link is not None and self.link.can_download
+        key = (tuple(lines), can, self.job)
+        if key == self._shown:
+            return
+        self._shown = key
+        for child in self.rows.get_children():
+            self.rows.remove(child)
+            child.destroy()
+        if lines:
+            heading = Gtk.Label(xalign=0.0)
+            heading.set_markup(
+                f"<b>{GLib.markup_escape_text(models.heading_text(self.owner.method))}</b>")
+            self.rows.pack_start(heading, False, False, 0)
+        for line in lines:
+            self.rows.pack_start(self._row(line, can), False, False, 0)
+        self.rows.show_all()
+
+    def _row(self, line: models.SetLine, can: bool) -> Gtk.Widget:
+        row = Gtk.Box(orientation=Gtk.Orientation.HORIZONTAL, spacing=8)
+        label = Gtk.Label(label=line.text() if can else models.manual_text(line), xalign=0.0)
+        label.set_line_wrap(True)
+        label.set_max_width_chars(44)
+        row.pack_start(label, True, True, 0)
+        if can:
+            button = Gtk.Button.new_with_mnemonic("Down_load")
+            button.set_name(f"download-{line.name}")
+            button.set_sensitive(self.job is None)
+            button.connect("clicked", lambda *_: self._download(line))
+            row.pack_end(button, False, False, 0)
+        return row
+
+    def _download(self, line: models.SetLine) -> None:
+        try:
+            job = self.link.download(line.name)
+        except backend.BackendError as exc:
+            self._say(str(exc))
+            return
+        self._follow(job, line.name, line.title)
+
+    def _follow(self, job: str, name: str, title: str) -> None:
+        self.job, self.set_name, self.title = job, name, title
+        self.bar.set_fraction(0.0)
+        self.bar.set_text(f"{title}: starting…")
+        self.bar.show()
+        self.cancel.set_sensitive(True)
+        self.cancel.show()
+        self._say("")
+        self.look()
+        if self._timer is None:
+            self._timer = GLib.timeout_add(self.POLL_MS, self._tick)
+
+    def _tick(self) -> bool:
+        if self.job is None or self.link is None or self.link.client is None:
+            self._timer = None
+            return False
+        try:
+            events = self.link.download_events(self.job)
+        except backend.BackendError as exc:
+            self._end(f"The download of {self.title} failed: {exc}")
+            return False
+        for event in events:
+            if event.type == "progress":
+                fraction, line = models.progress_text(event.content)
+                if fraction is None:
+                    self.bar.pulse()
+                else:
+                    self.bar.set_fraction(fraction)
+                self.bar.set_text(line)
+            elif event.type == "installed":
+                self._installed(event.content)
+                return False
+            elif event.type == "cancelled":
+                self._end(models.cancelled_text(self.title))
+                return False
+        return True
+
+    def _installed(self, content: dict[str, Any]) -> None:
+        self._end(models.installed_text(content, self.title))  # (asks hello again)
+        if self.link is not None and self.link.info is not None:
+            self.owner.take_info(dict(self.link.info))
+
+    def _cancel(self) -> None:
+        if self.job is None or self.link is None:
+            return
+        self.cancel.set_sensitive(False)
+        self.bar.set_text("Cancelling…")
+        try:
+            self.link.cancel_download(self.job)
+        except backend.BackendError as exc:
+            self._end(str(exc))
+
+    def _end(self, text: str) -> None:
+        self.job, self._timer = None, None
+        self.bar.hide()
+        self.cancel.hide()
+        self._say(text)
+        self._shown = None
+        try:
+            if self.link is not None and self.link.client is not None:
+                self.link.refresh()
+        except backend.BackendError:
+            pass
+        self.look()
+
+    def _say(self, text: str) -> None:
+        self.status.set_text(text)
+        self.status.set_visible(bool(text))
+
+    def stop(self) -> None:
+        """The dialog closes: stop reading (a download goes on in the backend; the next dialog
+        shows it again)."""
+        if self._timer is not None:
+            GLib.source_remove(self._timer)
+            self._timer = None
 
 
 class WarpPreview:

@@ -131,13 +131,15 @@ def backend_log(conn: Path) -> str:
 
 
 @contextlib.contextmanager
-def serving(gimp: harness.GimpChroot, name: str, model: Path | None, *extra: str):
+def serving(gimp: harness.GimpChroot, name: str, model: Path | None, *extra: str,
+            env: dict[str, str] | None = None):
     """``python -m backend serve`` on the host with ``model`` on the CPU, its connection file
     ``<name>.json`` and log ``<name>.log`` in the mounted work folder; yields (process, conn).
     ``model`` None: the default model, which an empty Hugging Face cache makes missing, so the
-    backend serves the demo model that ships with the project (as on a fresh machine)."""
+    backend serves the demo model that ships with the project (as on a fresh machine). ``env``:
+    more environment (e.g. a loopback model hub to download from)."""
     conn, log = gimp.work / f"{name}.json", gimp.work / f"{name}-stdout.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     if model is None:
         env["HF_HOME"] = str(gimp.work / f"{name}-empty-hf-home")
     with open(log, "w") as out:
