@@ -216,3 +216,77 @@ def test_the_redrag_key_covers_the_model_and_its_precision():
         assert redrag_key(other, pixels, "p", None, DragParams()) != key
     assert redrag_key(model, pixels, "p", "lora-key", DragParams()) != key
     assert redrag_key(model, pixels, "p", None, DragParams(drag_steps=3)) == key  # not a key part
+
+
+# --- prepare (protocol 1.2): the work before the points, ahead of the edit -----------------------
+
+def cache_keys(engine, request) -> tuple[str, str]:
+    """The LoRA and re-drag cache keys an edit of ``request`` uses."""
+    from backend.engine.lora import lora_cache_key, lora_settings
+    from backend.engine.redrag import redrag_key
+
+    algorithm, params = engine.table.resolve(request.method, request.params)
+    prep = engine.prepare(request, params)
+    lora = lora_cache_key(engine.model, prep.pixels, request.prompt,
+                          **lora_settings(params, algorithm, request.seed))
+    return lora, redrag_key(engine.model, prep.pixels, request.prompt, lora, params)
+
+
+def test_the_prepared_knobs_are_exactly_what_the_cache_keys_read(engine):
+    """params.PREPARED_KNOBS (what a submit must share with a prepare to join it) names every
+    knob that changes the LoRA or the re-drag key, and no other."""
+    from backend.engine.params import PREPARED_KNOBS, SPECS
+
+    base = make_request(params={"work_max_side": 0})
+    keys = cache_keys(engine, base)
+    other = {"work_size": 72, "work_max_side": 48, "lora_steps": 3, "lora_lr": 1e-3,
+             "lora_rank": 8, "lora_batch": 1, "n_inference_steps": 12,
+             "inversion_strength": 0.5, "feature_block": 1}
+    for name, spec in SPECS.items():
+        value = other.get(name)
+        if value is None:
+            value = (not getattr(engine.table.params("dragdiffusion"), name)
+                     if spec.kind == "bool" else spec.high)
+        changed = cache_keys(engine, make_request(params={**base.params, name: value}))
+        differs = [a != b for a, b in zip(changed, keys, strict=True)]
+        assert any(differs) == (name in PREPARED_KNOBS), name
+
+
+@pytest.mark.parametrize("method", ["dragdiffusion", "gooddrag"])
+def test_a_prepared_edit_starts_at_the_drag_and_matches_an_unprepared_one(engine, method,
+                                                                          tiny_model_dir,
+                                                                          tmp_path_factory):
+    request = make_request(method)
+    ahead = DragRequest(image=request.image, handles=[], targets=[], method=method,
+                        prompt=request.prompt, seed=request.seed, params=request.params)
+    steps: list[str] = []
+    prepared = engine.prepare_image(ahead, progress=lambda phase, step, total: steps.append(phase))
+    assert prepared.stats["work"]["fe"]["lora"] == 8 and prepared.stats["work"]["fe"]["reference"]
+    assert {"load", "lora", "inversion"} <= set(steps)
+    result = engine.run(request)
+    assert result.stats["reused"] == {"lora": True, "inversion": True}
+    fe = result.stats["work"]["fe"]
+    assert fe["lora"] == fe["inversion"] == fe["reference"] == 0 and fe["drag"] > 0
+
+    cold = DragEngine.load(str(tiny_model_dir), device="cpu",
+                           lora_cache_dir=str(tmp_path_factory.mktemp("cold")))
+    unprepared = cold.run(request)
+    np.testing.assert_array_equal(result.image, unprepared.image)
+    assert result.handles == unprepared.handles
+
+
+def test_a_prepare_without_a_mask_leaves_dragdiffusions_masked_reference_to_the_edit(engine):
+    request = make_request()
+    ahead = DragRequest(image=request.image, handles=[], targets=[], method="dragdiffusion",
+                        prompt=request.prompt, seed=request.seed, params=request.params)
+    engine.prepare_image(ahead, masked=False)
+    fe = engine.run(request).stats["work"]["fe"]
+    assert fe["lora"] == fe["inversion"] == 0 and fe["reference"] == 1  # the mask term's
+
+
+def test_an_inpaint4drag_prepare_only_builds_the_filler(engine):
+    ahead = DragRequest(image=make_request().image, handles=[], targets=[],
+                        method="inpaint4drag", params={"work_size": 64})
+    prepared = engine.prepare_image(ahead)
+    assert prepared.stats["work"]["total"] == 0 and engine._filler is not None
+    assert engine.merged_lora.key is None

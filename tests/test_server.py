@@ -871,7 +871,7 @@ def test_an_available_model_is_served_as_today_with_a_fallback_configured():
 class IdentityEngine(FakeEngine):
     """Returns its input as the result: only the transport's own copies remain."""
 
-    def run(self, request, progress=None, cancel=None, preview=None):
+    def run(self, request, progress=None, cancel=None, preview=None, preview_interval=0.0):
         return DragResult(image=request.image, handles=list(request.targets), timings={})
 
 

@@ -393,6 +393,12 @@ class PreparedLora:
     resident: bool = False  # already merged by the previous edit with the same key
 
 
+def lora_settings(params: DragParams, method: str, seed: int) -> dict:
+    """The training settings of ``train_lora`` (and of ``lora_cache_key``) for an edit."""
+    return dict(rank=params.lora_rank, lr=params.lora_lr, steps=params.lora_steps,
+                batch=params.lora_batch, fixed_crops=method == "gooddrag", seed=seed)
+
+
 def prepare_lora(
     model: LoadedModel,
     image: torch.Tensor,
@@ -417,14 +423,7 @@ def prepare_lora(
         remove_lora(model)
         merged.restore()
         return PreparedLora()
-    settings = dict(
-        rank=params.lora_rank,
-        lr=params.lora_lr,
-        steps=params.lora_steps,
-        batch=params.lora_batch,
-        fixed_crops=method == "gooddrag",
-        seed=seed,
-    )
+    settings = lora_settings(params, method, seed)
     key = lora_cache_key(model, image, prompt, **settings)
     resident = merged.key == key
     if not resident:

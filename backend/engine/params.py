@@ -266,6 +266,23 @@ USED_BY: dict[str, tuple[str, ...]] = {
 }
 assert set(USED_BY) <= set(SPECS)
 
+# The knobs the identity LoRA (``lora.lora_cache_key``) and the inverted latent
+# (``redrag.redrag_key``) are computed from, besides the image, the prompt, the seed, the
+# algorithm (its LoRA crops) and the model: two requests that agree on these share both, so a
+# submit joins a prepare that matches (protocol 1.2, ``prepare``).
+PREPARED_KNOBS = ("work_size", "work_max_side", "lora_steps", "lora_lr", "lora_rank",
+                  "lora_batch", "n_inference_steps", "inversion_strength", "feature_block")
+
+
+def prepared_settings(algorithm: str, params: DragParams) -> dict[str, Any]:
+    """What a prepare's work depends on besides the image, the prompt and the seed: for the
+    latent methods the algorithm and ``PREPARED_KNOBS``; Inpaint4Drag's prepare only warms its
+    filler, which depends on nothing of the request."""
+    if algorithm not in LATENT_METHODS:
+        return {"algorithm": algorithm}
+    return {"algorithm": algorithm, **{name: getattr(params, name) for name in PREPARED_KNOBS}}
+
+
 # The most work one edit may ask for, in UNet forward-pass equivalents at 512×512 (a
 # backward pass counts as one more): about 40 times a default DragDiffusion edit (~900).
 MAX_WORK = 40_000
