@@ -70,12 +70,36 @@ class Inputs:
 
     def read_pixels(self, dtypes: list[str]) -> tuple[lay.PixelFormat, bytes]:
         """The layer's pixels in the best format the backend accepts for its precision."""
-        fmt = lay.pixel_format(self.precision, self.layer.is_gray(), self.layer.has_alpha(),
-                               dtypes)
-        pixels = self.layer.get_buffer().get(
-            Gegl.Rectangle.new(0, 0, self.width, self.height), 1.0, fmt.babl,
-            Gegl.AbyssPolicy.NONE)
-        return fmt, pixels
+        return layer_pixels(self.layer, self.precision, dtypes)
+
+
+def layer_pixels(layer: Gimp.Layer, precision: str,
+                 dtypes: list[str]) -> tuple[lay.PixelFormat, bytes]:
+    """A layer's pixels as an edit sends them (the dialog's prepare reads the same bytes)."""
+    fmt = lay.pixel_format(precision, layer.is_gray(), layer.has_alpha(), dtypes)
+    pixels = layer.get_buffer().get(Gegl.Rectangle.new(0, 0, layer.get_width(),
+                                                       layer.get_height()),
+                                    1.0, fmt.babl, Gegl.AbyssPolicy.NONE)
+    return fmt, pixels
+
+
+def make_preparer(image: Gimp.Image, drawables: list[Gimp.Drawable],
+                  link: backend.PreviewLink) -> backend.Preparer | None:
+    """The dialog's prepare for the one selected layer, reading its pixels as the edit will."""
+    if len(drawables) != 1 or not isinstance(drawables[0], Gimp.Layer):
+        return None
+    layer = drawables[0]
+    dtypes = [str(d) for d in (link.info or {}).get("dtypes") or ["u8"]]
+
+    def read() -> tuple[str, int, bytes]:
+        fmt, pixels = layer_pixels(layer, image.get_precision().value_nick, dtypes)
+        return fmt.dtype, fmt.channels, bytes(pixels)
+
+    return backend.Preparer(link, read, layer.get_width(), layer.get_height())
+
+
+def has_selection(image: Gimp.Image) -> bool:
+    return bool(Gimp.Selection.bounds(image)[1])
 
 
 def read_drags(image: Gimp.Image, offsets: tuple[int, int], width: int,
@@ -240,8 +264,9 @@ def make_tracker(table: par.ParamTable | None, method: str, params: dict, inputs
 
 def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
          table: par.ParamTable | None, feedback: backend.Feedback, interactive: bool,
-         state_path: Path) -> dict:
-    """Read, send, wait, insert: one edit. Returns the info for the PDB caller."""
+         state_path: Path, client: object = None) -> dict:
+    """Read, send, wait, insert: one edit. Returns the info for the PDB caller. ``client``:
+    the dialog's connection, whose prepare the edit joins."""
     if not isinstance(layer, Gimp.Layer):
         raise geo.InputError("Select exactly one layer (not a mask or channel) in the "
                              "Layers dialog.")
@@ -250,7 +275,7 @@ def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
     inputs = Inputs(image, layer, moves=pre.region_moves(algorithm))
     params = par.overrides(knob_values(config), text(config, "advanced"))
     session = backend.open_session(text(config, "backend"),
-                                   float(config.get_property("timeout")), feedback)
+                                   float(config.get_property("timeout")), feedback, client)
     try:
         par.write_state(state_path, hello=session.info)
         if session.demo_model:
@@ -305,7 +330,7 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
     interactive = run_mode == Gimp.RunMode.INTERACTIVE
     state_path = state_file()
     install = backend.InstallInfo.load()
-    hello = link = None
+    hello = link = client = preparer = None
     if interactive:
         gi.require_version("GimpUi", "3.0")
         import dragdiff_ui as ui
@@ -323,19 +348,26 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
         manual = (install.start_command() or ".venv/bin/python -m backend serve in the Drag "
                   "Diffusion folder") if install.why_not_startable() else None
         reader = PreviewReader(image, drawables[0]) if len(drawables) == 1 else None
+        preparer = make_preparer(image, drawables, link)
         dialog = ui.SettingsDialog(procedure, config, ui.DialogContext(
             table, state.get("hello"), hello is not None, size, state_path, state, manual,
-            link=link, read_preview=reader))
+            link=link, read_preview=reader, preparer=preparer,
+            has_selection=lambda: has_selection(image)))
         ok = dialog.run()
-        link.close()
         if not ok:
+            if preparer is not None:
+                preparer.cancel()
+            link.close()
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+        client = link.detach()  # the edit goes on in this session: its prepare stays alive
     feedback = ui.ProgressWindow(StatusBar()) if interactive else StatusBar()
     try:
         if len(drawables) != 1:
             raise geo.InputError("Select exactly one layer (not a mask or channel) in the "
                                  "Layers dialog.")
-        info = edit(image, drawables[0], config, table, feedback, interactive, state_path)
+        info = edit(image, drawables[0], config, table, feedback, interactive, state_path,
+                    client)
+        client = None  # the edit's session closed it
     except backend.JobCancelled as exc:
         return error_return(procedure, Gimp.PDBStatusType.CANCEL, str(exc))
     except (geo.InputError, par.ParamsError, backend.BackendError) as exc:
@@ -346,6 +378,10 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
                             f"Drag Diffusion failed: {type(exc).__name__}: {exc}")
     finally:
         feedback.close()
+        if client is not None:  # the edit ended before it took the dialog's connection
+            if preparer is not None:
+                preparer.cancel(client)
+            client.close()
         if interactive:  # GIMP keeps these as the last values: -1 = the method's default
             for prop, value in par.stored_values(table, config.get_property("method"),
                                                  knob_values(config)).items():
