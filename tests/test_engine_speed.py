@@ -290,3 +290,37 @@ def test_an_inpaint4drag_prepare_only_builds_the_filler(engine):
     prepared = engine.prepare_image(ahead)
     assert prepared.stats["work"]["total"] == 0 and engine._filler is not None
     assert engine.merged_lora.key is None
+
+
+# --- chains of drags: a drag on a result layer inherits its source's LoRA -----------------------
+
+def test_a_drag_on_a_result_inherits_the_lora_of_the_image_it_came_from(engine):
+    first = engine.run(make_request())
+    assert first.stats["work"]["fe"]["lora"] > 0 and not first.stats["lora_inherited"]
+    assert not np.array_equal(first.image, make_request().image)  # a new image
+    second = engine.run(make_request(image=first.image, targets=[(10.0, 30.0)]))
+    fe = second.stats["work"]["fe"]
+    assert second.stats["lora_inherited"] and fe["lora"] == 0 and not second.warnings
+    assert fe["inversion"] > 0  # the result itself is inverted: it is another image
+    # another image's edit in between takes the merged LoRA's place: the chain goes on from
+    # the disk cache, and a prepare of the result inherits it too
+    engine.run(make_request(image=make_request().image[::-1].copy()))
+    ahead = DragRequest(image=second.image, handles=[], targets=[], method="dragdiffusion",
+                        prompt="a red disc", seed=3, params=make_request().params)
+    prepared = engine.prepare_image(ahead)
+    assert prepared.stats["lora_inherited"] and prepared.stats["work"]["fe"]["lora"] == 0
+    third = engine.run(make_request(image=second.image))
+    assert third.stats["lora_inherited"] and third.stats["work"]["fe"]["lora"] == 0
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"prompt": "a blue disc"}, "prompt"),
+    ({"method": "gooddrag"}, "method (GoodDrag's LoRA crops"),
+    ({"params": {"lora_steps": 3}}, "lora_steps"),
+])
+def test_a_result_dragged_with_other_lora_settings_trains_and_says_why(engine, change, named):
+    first = engine.run(make_request())
+    other = engine.run(make_request(image=first.image, **change))
+    assert not other.stats["lora_inherited"] and other.stats["work"]["fe"]["lora"] > 0
+    (warning,) = other.warnings
+    assert "result of an earlier drag" in warning and named in warning

@@ -29,7 +29,7 @@ from backend.engine.devices import (
 from backend.engine.diffusion import Schedule, UNetRunner, compiled_unet_forward, run_inversion
 from backend.engine.errors import EngineError, OutOfMemory
 from backend.engine.fillers import BlendedLatentFiller, Filler
-from backend.engine.lora import LoraCache, PreparedLora, prepare_lora
+from backend.engine.lora import LoraCache, LoraLineage, PreparedLora, prepare_lora
 from backend.engine.lora_merge import MergedLora
 from backend.engine.memory import free_memory, oom_message
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
@@ -175,6 +175,7 @@ class DragEngine:
         self.redrag = (redrag if redrag is not None else RedragCache()) if reuse else None
         self.keep_lora = reuse
         self.merged_lora = MergedLora(model) if model is not None else None
+        self.lineage = LoraLineage()  # the LoRA each recent result inherits (chains of drags)
         self._filler: Filler | None = None
 
     @property
@@ -333,6 +334,8 @@ class DragEngine:
             "work": {"fe": dict(work.fe), "total": work.total},
             "reused": {"lora": started.lora.key is not None and not started.lora.trained,
                        "inversion": started.entry.reused},
+            "lora_inherited": started.lora.inherited,
+            "why_not_inherited": started.lora.why_not_inherited,
             "work_size": list(started.prep.working_size)})
 
     def _filler_modules(self) -> tuple[torch.nn.Module, ...]:
@@ -381,6 +384,8 @@ class DragEngine:
             schedule, entry = started.schedule, started.entry
             ctx = self.drag_context(prep, params, runner, schedule, request, report)
             ctx.memo = entry.memo
+            if lora.why_not_inherited:
+                ctx.warnings.append(f"Slower than it could be: {lora.why_not_inherited}.")
             throttle = None
             if preview is not None:
                 throttle = PreviewThrottle(preview, preview_interval, _rgb_map(model))
@@ -400,11 +405,15 @@ class DragEngine:
         with self._timed(timings, "decode"):
             report("decode", 0, 1)
             image = self.finish(prep, self.decode_latents(z_edit), params)
+        if lora.key is not None:  # a drag on this result inherits the LoRA
+            self.lineage.record(self.working_pixels(image, prep.working_size), lora.header,
+                                lora.key)
         stats = {
             **ctx.drag.as_stats(),
             "unet_passes": runner.passes,
             "work": self.work_stats(algorithm, params, schedule, work, ctx.drag, lora.trained),
             "reused": {"lora": lora.resident, "inversion": entry.reused},
+            "lora_inherited": lora.inherited,
             "work_size": list(prep.working_size),
             "t_star": schedule.t_star,
             "previews": throttle.shown if throttle is not None else 0,
@@ -442,7 +451,8 @@ class DragEngine:
             with self._timed(timings, "lora"):
                 lora = prepare_lora(model, prep.pixels, request.prompt, params, self.lora_cache,
                                     method=algorithm, merged=self.merged_lora,
-                                    seed=request.seed, progress=report, cancel=cancel)
+                                    seed=request.seed, progress=report, cancel=cancel,
+                                    lineage=self.lineage)
             if lora.trained:
                 work.add("lora", 2 * params.lora_steps * params.lora_batch)
         else:
@@ -460,13 +470,18 @@ class DragEngine:
         """Split channels, resize the image and mask to the working resolution."""
         height, width = request.image.shape[:2]
         working = imageops.working_size(width, height, params.work_size, params.work_max_side)
-        color, _alpha = imageops.split_channels(request.image)
-        pixels = torch.from_numpy(imageops.model_rgb(color, working)).permute(2, 0, 1)[None]
+        pixels = self.working_pixels(request.image, working)
         mask = request.mask
         if mask is not None and mask.ndim == 3:
             mask = mask[..., 0]
         mask_working = imageops.resize_mask_nearest(mask, working) if mask is not None else None
         return _Prepared((width, height), working, request.image, pixels, mask, mask_working)
+
+    @staticmethod
+    def working_pixels(image: np.ndarray, working: tuple[int, int]) -> torch.Tensor:
+        """An image's colour at the working size, [1, 3, h, w] in [-1, 1]."""
+        color, _alpha = imageops.split_channels(image)
+        return torch.from_numpy(imageops.model_rgb(color, working)).permute(2, 0, 1)[None]
 
     def drag_context(self, prep: _Prepared, params: DragParams, runner: UNetRunner,
                      schedule: Schedule, request: DragRequest, report: ProgressFn) -> DragContext:

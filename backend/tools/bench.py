@@ -6,6 +6,10 @@ UNet forward-equivalents per phase (``engine.work``: forward + backward = 2) nex
 official code's count for the same settings, so the ratios hold on any machine. Models:
 ``tiny`` (random tiny SD, the default), ``sd15-random`` (the full SD1.5 architecture with random
 weights: same cost as the real model, no download), or any model path/id the loader accepts.
+
+``--prepare-seconds N`` measures the dialog's prepare (protocol 1.2) instead: per method, the
+first edit's time from OK to the result without a prepare, and with a prepare that started N
+seconds before OK (the user in the dialog), and the work left after OK in both.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -52,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "alone on a SIDE×SIDE image (e.g. 512) for a few region sizes and drags "
                    "(best and median of --repeat)")
     p.add_argument("--repeat", type=int, default=7, help="runs per --warp case (default 7)")
+    p.add_argument("--prepare-seconds", metavar="N[,N…]", help="instead: the first edit from "
+                   "OK to the result without a prepare and with one started N seconds before "
+                   "OK (the dialog's prepare, protocol 1.2), per method; a list gives a row "
+                   "per N; 'all' waits for the prepare to finish")
     p.set_defaults(func=run_bench)
 
 
@@ -203,6 +212,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from backend.engine.pipeline import DragEngine
 
     options = run_options(args, QUICK)
+    waits = prepare_waits(args.prepare_seconds) if args.prepare_seconds else None
     start = time.perf_counter()
     try:
         engine = build_engine(args)
@@ -210,6 +220,14 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - start
+    if waits is not None:
+        rows = [row for method in options.methods
+                for row in bench_prepare(engine, method, args, options.overrides, waits)]
+        print(json.dumps({"model_load_s": round(load_s, 2), "torch": torch.__version__,
+                          "runs": len(rows), "ok_to_result_ratios": {
+                              f"{r['method']} after {r['dialog_s']} s": r["ratio_s"]
+                              for r in rows}}))
+        return 0
     engines = [engine]
     if args.baseline:  # the same model without reuse, its own LoRA cache: first edits train
         cold = LoraCache(tempfile.mkdtemp(prefix="drag-bench-lora-"))
@@ -269,6 +287,109 @@ def bench_method(engine, method: str, args: argparse.Namespace, overrides: dict)
             "handles": [[round(x, 1), round(y, 1)] for x, y in result.handles],
         })
         print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def prepare_waits(text: str) -> list[float | None]:
+    """``--prepare-seconds``: seconds in the dialog before OK (None: until the prepare ends)."""
+    try:
+        return [None if part.strip() == "all" else float(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--prepare-seconds wants seconds (e.g. 5,30) or all, got "
+                         f"{text!r}") from None
+
+
+def fresh_caches(engine) -> None:
+    """Forget every LoRA and inversion: the next edit is an image's first."""
+    from backend.engine.lora import LoraCache
+
+    engine.lora_cache = LoraCache(tempfile.mkdtemp(prefix="drag-bench-lora-"))
+    if engine.redrag is not None:
+        engine.redrag.clear()
+    engine.merged_lora.restore()
+
+
+def prepared_fe(phase: str, step: int, lora_fe_per_step: int, lora_fe: int) -> int:
+    """UNet forward-equivalents a prepare has done when it reports ``step`` of ``phase``."""
+    if phase == "lora":
+        return step * lora_fe_per_step
+    if phase == "inversion":
+        return lora_fe + step
+    return 0
+
+
+def start_prepare(engine, ahead) -> tuple[threading.Thread, list, list]:
+    """The dialog's prepare in a thread: the thread, its progress ``(time, phase, step)`` as it
+    comes, and (once it ended) its ``PrepareResult``."""
+    seen: list[tuple[float, str, int]] = []
+    done: list = []
+
+    def prepare() -> None:
+        done.append(engine.prepare_image(ahead, progress=lambda phase, step, _total: seen.append(
+            (time.perf_counter(), phase, step))))
+
+    thread = threading.Thread(target=prepare, name="bench-prepare")
+    thread.start()
+    return thread, seen, done
+
+
+def bench_prepare(engine, method: str, args: argparse.Namespace, overrides: dict,
+                  waits: list[float | None]) -> list[dict]:
+    """The first edit of the synthetic image from OK to the result: without a prepare, then for
+    each wait with a prepare started that many seconds before OK (``None``: OK when it ended).
+    The submit joins the prepare (waits for its end, as the server does), then runs; the work
+    after OK is the edit's plus what the prepare had not done yet."""
+    from backend.engine.params import PRESET_METHOD
+    from backend.engine.types import DragRequest
+
+    image, mask, handles, targets = synthetic_case(args.size)
+    if PRESET_METHOD.get(method) == "inpaint4drag":
+        mask = disc_mask(args.size)
+    params = {"work_size": args.size, **overrides}
+    request = DragRequest(image=image, handles=handles, targets=targets, mask=mask,
+                          method=method, prompt="a red disc", seed=0, params=params)
+    ahead = DragRequest(image=image, handles=[], targets=[], method=method,
+                        prompt="a red disc", seed=0, params=params)
+    _, resolved = engine.table.resolve(method, params)
+    per_step = 2 * resolved.lora_batch if resolved.lora_steps else 0
+    fresh_caches(engine)
+    t0 = time.perf_counter()
+    plain = engine.run(request)
+    plain_s = time.perf_counter() - t0
+    plain_fe = plain.stats.get("work", {}).get("total", 0)
+    rows = []
+    for wait in waits:
+        fresh_caches(engine)
+        start = time.perf_counter()
+        thread, seen, done = start_prepare(engine, ahead)
+        if wait is None:
+            thread.join()
+        else:
+            thread.join(wait)  # the user in the dialog (returns early if it ended)
+            time.sleep(max(0.0, wait - (time.perf_counter() - start)))
+        ok = time.perf_counter()
+        ended = not thread.is_alive()
+        last = [e for e in seen if e[0] <= ok]
+        thread.join()  # the submit joins the prepare
+        result = engine.run(request)
+        finish = time.perf_counter()
+        prepared = done[0].stats["work"]
+        left = 0 if ended else prepared["total"] - (
+            prepared_fe(last[-1][1], last[-1][2], per_step, prepared["fe"].get("lora", 0))
+            if last else 0)
+        fe_after = result.stats.get("work", {}).get("total", 0) + left
+        row = {"method": method, "model": args.model, "size": args.size,
+               "device": str((engine.model or engine.inpainter).device),
+               "overrides": overrides, "dialog_s": round(ok - start, 2),
+               "prepare_s": round(sum(done[0].timings.values()), 2),
+               "prepared_at_ok": ended,
+               "no_prepare_s": round(plain_s, 2), "ok_to_result_s": round(finish - ok, 2),
+               "ratio_s": round((finish - ok) / plain_s, 3),
+               "no_prepare_fe": plain_fe, "fe_after_ok": fe_after,
+               "prepare_fe": prepared["fe"], "edit_fe_after_prepare":
+                   result.stats.get("work", {}).get("fe", {})}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 
