@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -460,7 +460,8 @@ class PreparedLora:
     trained: bool = False  # trained for this edit (else cached, already merged, or none)
     resident: bool = False  # already merged by the previous edit with the same key
     inherited: bool = False  # the LoRA of the image this one was dragged from (a chain)
-    header: str | None = None  # its settings (``lora_header``), for ``LoraLineage.record``
+    # its settings (``lora_header``, for ``LoraLineage.record``; follows from the key)
+    header: str | None = field(default=None, compare=False)
     why_not_inherited: str | None = None  # a known result that could not inherit, and why
 
 
