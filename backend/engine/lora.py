@@ -34,7 +34,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.engine.devices import autocast, grad_scaler
+from backend.engine.diffusion import unet_forward
 from backend.engine.errors import InvalidInput
 from backend.engine.lora_merge import MergedLora
 from backend.engine.memory import fit_step
@@ -158,14 +159,17 @@ class _Draws:
 
 def _backward(model: LoadedModel, noisy: torch.Tensor, noise: torch.Tensor,
               timesteps: torch.Tensor, cond: torch.Tensor,
-              scaler: torch.amp.GradScaler | None, micro: int) -> None:
-    """Gradients of the batch's noise-prediction MSE, computed ``micro`` images at a time."""
+              scaler: torch.amp.GradScaler | None, forward: Callable, micro: int) -> None:
+    """Gradients of the batch's noise-prediction MSE, computed ``micro`` images at a time.
+
+    ``forward`` is ``diffusion.unet_forward`` (diffusers' UNet forward, ε bit for bit) or the
+    engine's ``torch.compile`` of it: compiled, the LoRA's forward and backward (the peft
+    adapters in every attention projection) run as compiled graphs too."""
     unet, batch = model.unet, noisy.shape[0]
     for start in range(0, batch, micro):
         part = slice(start, start + micro)
         with autocast(model.device, model.precision):
-            pred = unet(noisy[part].to(unet.dtype), timesteps[part],
-                        encoder_hidden_states=cond[part]).sample
+            pred, _ = forward(unet, noisy[part].to(unet.dtype), timesteps[part], cond[part])
         loss = F.mse_loss(pred.float(), noise[part].float())
         if pred.shape[0] != batch:  # a micro-batch's share of the batch mean
             loss = loss * (pred.shape[0] / batch)
@@ -185,12 +189,15 @@ def train_lora(
     seed: int = 0,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    forward: Callable | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train the identity LoRA on ``image`` ([1, 3, H, W] in [-1, 1], H and W multiples of 8).
 
     ``fixed_crops`` selects GoodDrag's data (crops drawn once) over DragDiffusion's (fresh
     crops every step). The trained adapter stays active on ``model.unet`` (frozen); the
     returned state dict (CPU, fp32) can be cached and given to ``MergedLora.merge``.
+    ``forward``: the UNet forward to train through (default ``diffusion.unet_forward``; the
+    engine's compiled one with ``--compile``).
     """
     from peft.utils import get_peft_model_state_dict
 
@@ -240,7 +247,8 @@ def train_lora(
             latents = (mean + std * sample_noise) * vae.config.scaling_factor
             noisy = scheduler.add_noise(latents, noise, timesteps)
             optimizer.zero_grad(set_to_none=True)
-            fit_step(partial(_backward, model, noisy, noise, timesteps, cond, scaler), batch,
+            fit_step(partial(_backward, model, noisy, noise, timesteps, cond, scaler,
+                             forward or unet_forward), batch,
                      model.memory, unet, device, lambda: optimizer.zero_grad(set_to_none=True))
             if scaler is not None:
                 scaler.step(optimizer)
@@ -484,6 +492,7 @@ def prepare_lora(
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
     lineage: LoraLineage | None = None,
+    forward: Callable | None = None,
 ) -> PreparedLora:
     """Make the LoRA for this image and prompt the one merged into the UNet.
 
@@ -517,7 +526,8 @@ def prepare_lora(
         merged.restore()
         state = cache.get(key) if cache is not None else None
         if state is None or not _merge_cached(merged, key, state):
-            state = train_lora(model, image, prompt, progress=progress, cancel=cancel, **settings)
+            state = train_lora(model, image, prompt, progress=progress, cancel=cancel,
+                               forward=forward, **settings)
             remove_lora(model)
             merged.merge(key, state)
             if cache is not None:

@@ -155,7 +155,8 @@ class DragEngine:
         """``reuse`` false turns off the re-drag cache and keeps no LoRA merged between edits
         (each edit then inverts again and merges its LoRA from the disk cache).
         ``compile_unet`` runs the UNet through ``torch.compile`` (True: inductor, or a backend
-        name). ``inpainter`` is an ``inpaint_models.InpaintModel``."""
+        name): the LoRA training's forward and backward, the inversion, the drag and the
+        denoising. ``inpainter`` is an ``inpaint_models.InpaintModel``."""
         if model is None and inpainter is None:
             raise EngineError("no model to serve: give a plain model, an inpainting model or both")
         self.model = model
@@ -452,7 +453,7 @@ class DragEngine:
                 lora = prepare_lora(model, prep.pixels, request.prompt, params, self.lora_cache,
                                     method=algorithm, merged=self.merged_lora,
                                     seed=request.seed, progress=report, cancel=cancel,
-                                    lineage=self.lineage)
+                                    lineage=self.lineage, forward=self.unet_forward)
             if lora.trained:
                 work.add("lora", 2 * params.lora_steps * params.lora_batch)
         else:
