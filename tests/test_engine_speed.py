@@ -94,8 +94,26 @@ def test_a_redrag_skips_lora_and_inversion_and_matches_an_uncached_run(engine, m
                            lora_cache_dir=str(tmp_path_factory.mktemp("cold")))
     fresh = cold.run(make_request(method, targets=[(10.0, 30.0)]))
     assert fresh.stats["work"]["fe"]["inversion"] > 0 and fresh.stats["work"]["fe"]["lora"] > 0
-    np.testing.assert_array_equal(again.image, fresh.image)
+    # The denoising's original branch came from the cache: the edited branch ran alone at
+    # every step with reference attention (GoodDrag's 2 dragged steps ran it alone anyway).
+    alone = {"dragdiffusion": 7, "gooddrag": 2 + 6}[method]
+    assert work["fe"]["denoise"] == alone < fresh.stats["work"]["fe"]["denoise"]
+    # The same edit up to float rounding (one branch instead of a batch of two): at most one
+    # 8-bit level, on a few pixels.
+    difference = np.abs(again.image.astype(int) - fresh.image)
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.1
     assert again.handles == fresh.handles
+
+
+def test_without_the_cache_the_original_branch_is_denoised_beside_the_edit(tiny_model_dir,
+                                                                         tmp_path):
+    """reuse off (the behaviour before the re-drag cache): every re-drag denoises both
+    branches, bit for bit as the first edit's batch."""
+    cold = DragEngine.load(str(tiny_model_dir), device="cpu", reuse=False,
+                           lora_cache_dir=str(tmp_path))
+    cold.run(make_request())
+    again = cold.run(make_request(targets=[(10.0, 30.0)]))
+    assert again.stats["work"]["fe"]["denoise"] == 14
 
 
 @pytest.mark.parametrize("change", [

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from backend.engine.attention import reference_attention
+from backend.engine.attention import denoise_with_reference
 from backend.engine.context import DragContext, DragRun
 from backend.engine.diffusion import ddim_step, denoise
 from backend.engine.motion import (
@@ -88,11 +88,9 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[Grid
         return denoise(ctx.runner, ctx.schedule, z_edit, steps,
                        lambda i, n: ctx.step("denoise", i, n), on_x0), handles
 
-    with reference_attention(ctx.runner.unet, p.ref_start_layer) as state:
-
-        def on_step(i: int, n: int) -> None:
-            ctx.step("denoise", i, n)
-            state["active"] = i >= p.ref_start_step
-
-        z = denoise(ctx.runner, ctx.schedule, torch.cat([z_star, z_edit]), steps, on_step, on_x0)
-    return z[1:], handles
+    # [original, edited]; a re-drag serves the original branch from the cache (ctx.memo)
+    z = denoise_with_reference(ctx.runner, ctx.schedule, z_star, z_edit, steps,
+                               p.ref_start_layer, lambda i, n: ctx.step("denoise", i, n),
+                               on_x0, active=lambda i: i >= p.ref_start_step,
+                               memo=ctx.memo)
+    return z, handles

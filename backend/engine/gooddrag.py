@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from backend.engine.attention import reference_attention
+from backend.engine.attention import denoise_with_reference
 from backend.engine.context import DragContext, DragRun
 from backend.engine.diffusion import ddim_step, denoise, on_grid, predicted_x0
 from backend.engine.motion import (
@@ -184,7 +184,6 @@ def _denoise_rest(ctx: DragContext, z_orig, z_edit, timesteps: list[int], total:
 
     if not ctx.params.reference_attention:
         return denoise(ctx.runner, ctx.schedule, z_edit, timesteps, on_step, on_x0)
-    with reference_attention(ctx.runner.unet, ctx.params.ref_start_layer):
-        z = denoise(ctx.runner, ctx.schedule, torch.cat([z_orig, z_edit]), timesteps, on_step,
-                    on_x0)
-    return z[1:]
+    # [original, edited]; a re-drag serves the original branch from the cache (ctx.memo)
+    return denoise_with_reference(ctx.runner, ctx.schedule, z_orig, z_edit, timesteps,
+                                  ctx.params.ref_start_layer, on_step, on_x0, memo=ctx.memo)

@@ -4,7 +4,8 @@ The inverted latent z_t* depends on the working image, the prompt, the model, th
 number of DDIM steps and the inversion strength, never on the points. A user who drags an image,
 looks, and drags it again differently would otherwise pay for LoRA, VAE encoding and inversion
 every time. An entry keeps z_t* plus *memos*: values an algorithm derives from z_t* alone
-(DragDiffusion's F⁰ at t*, GoodDrag's original trajectory), stored in whatever form the
+(DragDiffusion's F⁰ at t*, GoodDrag's original trajectory, the denoising's original
+branch under reference attention: ``attention.denoise_with_reference``), stored in whatever form the
 algorithm computes them (``DragContext.cached``), so this module does not care how features are
 stored. Everything stays on the model's device.
 
