@@ -212,7 +212,7 @@ class Client:
             if not info.curve_client_key:
                 raise ConnectionFileError(
                     "the backend uses CURVE encryption: add \"curve_client_key\": "
-                    "\"/path/to/client.key_secret\" to the connection file (see the README)")
+                    "\"/path/to/client.key_secret\" to the connection file (see docs/remote.md)")
             from protocol.curve import CurveClient  # only remote setups need zmq.auth
 
             try:
@@ -553,8 +553,8 @@ class Client:
             return (f"the backend at {self.endpoint} uses CURVE encryption, but this client "
                     "connected without it: its connection file has no \"curve_server_key\" "
                     "(a copy from before the backend used --curve?); use the connection file "
-                    "the backend wrote at its last start and add \"curve_client_key\" (see the "
-                    f"README, 'Remote or secured backend'){needs}")
+                    "the backend wrote at its last start and add \"curve_client_key\" (see "
+                    f"docs/remote.md){needs}")
         return (f"the backend at {self.endpoint} does not use CURVE encryption, but this client "
                 "was set up for it (its connection file names a \"curve_server_key\"): that "
                 "file is out of date; use the connection file the backend wrote at its last "

@@ -1,5 +1,5 @@
 """docs/architecture.md stays true: every module it names exists, and every server and
-protocol module is named there (and in the README's architecture block)."""
+protocol module is named there (and the README links to it)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,5 @@ def test_every_server_and_protocol_module_is_placed():
     for path in modules:
         if path.name != "__init__.py":
             assert path.name in DOC, path.name
-    block = README.split("## Architecture", 1)[1].split("\n## ", 1)[0]
-    assert "docs/architecture.md" in block
-    for name in ("transport.py", "jobs.py", "engine_worker.py", "interface.py"):
-        assert name in block, name
+    # The README is a product page: it points to the architecture page rather than copy it.
+    assert "(docs/architecture.md)" in README

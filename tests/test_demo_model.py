@@ -20,7 +20,7 @@ from backend.demo.bench_quality import evaluate as bench_evaluate
 from backend.demo.metrics import psnr
 from backend.demo.train import DEFAULT_MODEL_DIR
 
-# Measured on the shipped weights (see the README, "Edit quality"), minus a margin: VAE round
+# Measured on the shipped weights (see docs/benchmarks.md, "Edit quality"), minus a margin: VAE round
 # trip 25.4 dB on the motorcycle, 43.4 / 39.7 dB on the two unseen-colour scenes; inversion +
 # denoise at strength 0.7 loses 0.36 dB on the cat, but 4.8 dB on the first unseen-colour
 # scene (38.7 dB: short of the 1 dB goal, so that one is held to an absolute floor).

@@ -6,8 +6,8 @@ latent optimisation) scale the loss with a ``GradScaler`` so small gradients do 
 bf16 has fp32's exponent range and needs none. Every branch runs on any device type that has
 autocast (CUDA, MPS, CPU), which is how CI exercises the GPU's branches on a CPU.
 
-Automatic choice: CUDA in fp16 (fp16 weights, fp16 autocast, GradScaler; see the README's
-precision table for the measured drift from fp32), then Apple MPS in fp32, then the CPU in fp32.
+Automatic choice: CUDA in fp16 (fp16 weights, fp16 autocast, GradScaler; see docs/benchmarks.md,
+'Precision', for the measured drift from fp32), then Apple MPS in fp32, then the CPU in fp32.
 MPS runs fp32 by default because fp16 on MPS is prone to NaNs and missing kernels in the
 backward pass that the latent optimisation and the LoRA training need; ask for fp16 to trade
 that risk for speed and memory.

@@ -108,7 +108,7 @@ PRESETS: dict[str, DragParams] = {
         drag_steps=40,
         reference_attention=False,
     ),
-    # DragDiffusion at about a quarter of the work (README, "Speed"): an eighth of the LoRA
+    # DragDiffusion at about a quarter of the work (docs/benchmarks.md, "The fast preset"): an eighth of the LoRA
     # samples (20 steps × batch 2 = 40 against 80 × 4 = 320) at 4× its learning rate, 25 DDIM steps (18 inverted: t* is
     # still 681), at most 40 drag steps at twice the step. ≤ 215 UNet forward-equivalents
     # per first edit instead of 906, ≤ 116 per re-drag instead of 266.

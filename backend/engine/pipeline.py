@@ -140,6 +140,18 @@ def _own_params(model: LoadedModel | None, inpainter) -> dict:
     return params
 
 
+def _reporter(progress: ProgressFn | None, cancel: CancelToken | None) -> ProgressFn:
+    """The progress callback the phases call at each step: it checks the cancel first."""
+
+    def report(phase: str, step: int, total: int) -> None:
+        if cancel is not None:
+            cancel.check()
+        if progress is not None:
+            progress(phase, step, total)
+
+    return report
+
+
 class DragEngine:
     """Holds the loaded models and runs drag edits on them (one at a time).
 
@@ -317,7 +329,7 @@ class DragEngine:
                         progress: ProgressFn | None, cancel: CancelToken | None, masked: bool,
                         timings: dict[str, float]) -> PrepareResult:
         torch.manual_seed(request.seed)
-        report = self._reporter(progress, cancel)
+        report = _reporter(progress, cancel)
         work = WorkCounter()
         try:
             started = self._start(request, algorithm, params, report, cancel, timings, work)
@@ -353,7 +365,7 @@ class DragEngine:
         device = (self.inpainter or self.model).device
         reset_peak_memory(device)
         torch.manual_seed(request.seed)
-        report = self._reporter(progress, cancel)
+        report = _reporter(progress, cancel)
         if self.inpainter is None:  # the plain model fills: without an earlier edit's LoRA
             self.merged_lora.restore()
         show = None
@@ -377,7 +389,7 @@ class DragEngine:
         timings: dict[str, float] = {}
         reset_peak_memory(model.device)
         torch.manual_seed(request.seed)
-        report = self._reporter(progress, cancel)
+        report = _reporter(progress, cancel)
         work = WorkCounter()
         try:
             started = self._start(request, algorithm, params, report, cancel, timings, work)
@@ -425,16 +437,6 @@ class DragEngine:
                           warnings=list(ctx.warnings))
 
     # -- named steps ----------------------------------------------------------------------
-
-    @staticmethod
-    def _reporter(progress: ProgressFn | None, cancel: CancelToken | None) -> ProgressFn:
-        """``progress`` that first checks ``cancel`` (raises ``Cancelled``)."""
-        def report(phase: str, step: int, total: int) -> None:
-            if cancel is not None:
-                cancel.check()
-            if progress is not None:
-                progress(phase, step, total)
-        return report
 
     def _start(self, request: DragRequest, algorithm: str, params: DragParams,
                report: ProgressFn, cancel: CancelToken | None, timings: dict[str, float],

@@ -232,32 +232,19 @@ def line2_pixels(size: tuple[int, int], p1: tuple[int, int],
     if clipped is None:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     (x1, y1), (x2, y2) = clipped
-    dx, dy = x2 - x1, y2 - y1
-    ax, ay = abs(dx), abs(dy)
-    if ax > ay:
-        if dx < 0:
-            x1, x2, y1, y2 = x2, x1, y2, y1
-        dy = y2 - y1
-        step = _cdiv(dy << XY_SHIFT, ax | 1)
-        count = (x2 - x1) >> XY_SHIFT
-        x1 += XY_ONE >> 1
-        y1 += XY_ONE >> 1
-        k = np.arange(count + 1, dtype=np.int64)
-        xs = (x1 >> XY_SHIFT) + k
-        ys = (y1 + step * k) >> XY_SHIFT
-    else:
-        if dy < 0:
-            x1, x2, y1, y2 = x2, x1, y2, y1
-        dx = x2 - x1
-        step = _cdiv(dx << XY_SHIFT, ay | 1)
-        count = (y2 - y1) >> XY_SHIFT
-        x1 += XY_ONE >> 1
-        y1 += XY_ONE >> 1
-        k = np.arange(count + 1, dtype=np.int64)
-        ys = (y1 >> XY_SHIFT) + k
-        xs = (x1 + step * k) >> XY_SHIFT
-    end_x, end_y = (x2 + (XY_ONE >> 1)) >> XY_SHIFT, (y2 + (XY_ONE >> 1)) >> XY_SHIFT
-    return np.append(xs, end_x), np.append(ys, end_y)
+    x_major = abs(x2 - x1) > abs(y2 - y1)
+    # Step along the major axis: (u, v) is (x, y) when x is major, else (y, x).
+    (u1, v1), (u2, v2) = ((x1, y1), (x2, y2)) if x_major else ((y1, x1), (y2, x2))
+    if u2 < u1:
+        u1, u2, v1, v2 = u2, u1, v2, v1
+    step = _cdiv((v2 - v1) << XY_SHIFT, abs(u2 - u1) | 1)
+    count = (u2 - u1) >> XY_SHIFT
+    u1 += XY_ONE >> 1
+    v1 += XY_ONE >> 1
+    k = np.arange(count + 1, dtype=np.int64)
+    us = np.append((u1 >> XY_SHIFT) + k, (u2 + (XY_ONE >> 1)) >> XY_SHIFT)
+    vs = np.append((v1 + step * k) >> XY_SHIFT, (v2 + (XY_ONE >> 1)) >> XY_SHIFT)
+    return (us, vs) if x_major else (vs, us)
 
 
 def _segments(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

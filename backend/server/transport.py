@@ -101,8 +101,8 @@ class Transport:
         """Create and bind the socket; return the endpoint clients connect to."""
         if self.curve is None and not is_local(self.bind):
             raise ServerError(f"refusing to bind {self.bind} without encryption: it is "
-                              "reachable from other machines; add --curve (see the README, "
-                              "'Remote or secured backend') or bind tcp://127.0.0.1")
+                              "reachable from other machines; add --curve (see docs/remote.md) "
+                              "or bind tcp://127.0.0.1")
         sock = self._socket = self.context.socket(zmq.ROUTER)
         sock.ipv6 = wire.needs_ipv6(self.bind)
         sock.linger = 2000

@@ -123,17 +123,26 @@ def _mounted(target: Path) -> bool:
 
 @contextlib.contextmanager
 def bind_mount(source: Path, chroot: Path) -> Iterator[str]:
-    """Bind ``source`` at /mnt/test inside the chroot; always unmounted afterwards."""
+    """Bind ``source`` at /mnt/test inside the chroot; always unmounted afterwards.
+
+    One test run at a time holds a chroot's mount point: another run on the same cached chroot
+    (a second checkout sharing $DRAG_GIMP_CHROOT) waits for it instead of unmounting it."""
     target = chroot / MOUNT_POINT.lstrip("/")
     target.mkdir(parents=True, exist_ok=True)
-    if _mounted(target):  # left over from a killed run
-        subprocess.run(["umount", "-l", str(target)], check=False)
-    subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
-    try:
-        yield MOUNT_POINT
-    finally:
-        if subprocess.run(["umount", str(target)], check=False).returncode != 0:
+    with open(chroot.parent / f".{chroot.name}.mount-lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another test run to release {target}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if _mounted(target):  # left over from a killed run (its lock died with it)
             subprocess.run(["umount", "-l", str(target)], check=False)
+        subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+        try:
+            yield MOUNT_POINT
+        finally:
+            if subprocess.run(["umount", str(target)], check=False).returncode != 0:
+                subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 @dataclass
