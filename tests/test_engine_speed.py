@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from backend.engine import pipeline
+from backend.engine.attention import denoise_with_reference
+from backend.engine.diffusion import Schedule, UNetRunner
 from backend.engine.pipeline import DragEngine
 from backend.engine.types import DragRequest
 
@@ -342,3 +345,52 @@ def test_a_result_dragged_with_other_lora_settings_trains_and_says_why(engine, c
     assert not other.stats["lora_inherited"] and other.stats["work"]["fe"]["lora"] > 0
     (warning,) = other.warnings
     assert "result of an earlier drag" in warning and named in warning
+
+
+@pytest.mark.parametrize("start_step", [0, 3])  # DragDiffusion's ref_start_step: from 0 or later
+def test_the_original_branch_served_from_the_memo_agrees_with_denoising_it(engine, start_step):
+    """denoise_with_reference: a memo-served (re-drag) denoise gives the edited latent of a
+    two-branch denoise within float noise, the first edit's recorded run bit for bit."""
+    model = engine.model
+    schedule = Schedule.from_scheduler(model.scheduler, 10, 0.7)
+    runner = UNetRunner(model.unet, model.encode_prompt("a red disc"))
+    gen = torch.Generator().manual_seed(0)
+    z_orig, z_edit = torch.randn(2, 4, 6, 8, generator=gen).split(1)
+    steps = schedule.denoise_timesteps
+
+    def denoise(memo):
+        return denoise_with_reference(runner, schedule, z_orig, z_edit, steps, 10,
+                                      active=lambda i: i >= start_step, memo=memo)
+
+    plain = denoise(None)
+    memo: dict = {}
+    recording = denoise(memo)
+    before = runner.work.total
+    served = denoise(memo)
+    assert len(memo) == len(steps)
+    assert runner.work.total - before == len(steps)  # the edited branch alone: 1 FE a step
+    torch.testing.assert_close(recording, plain, rtol=0, atol=0)
+    # float noise: the edited branch ran as a batch of one instead of two
+    torch.testing.assert_close(served, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_previews_are_throttled_before_the_latent_leaves_the_device(engine, monkeypatch):
+    """Only the previews that will be shown are mapped to RGB and copied to the host."""
+    copies = []
+    real = pipeline.latent_preview
+
+    def counting(latent, matrix=None):
+        copies.append(latent.shape)
+        return real(latent, matrix)
+
+    monkeypatch.setattr(pipeline, "latent_preview", counting)
+    shown = []
+    request = make_request(params={"lora_steps": 0})
+    engine.run(request, preview=lambda *a: shown.append(a[:2]), preview_interval=0.0)
+    every_step = len(copies)
+    assert every_step == 7 and len(shown) == every_step  # one per denoising step
+    copies.clear()
+    shown.clear()
+    engine.run(make_request(params={"lora_steps": 0}, targets=[(30.0, 25.0)]),
+               preview=lambda *a: shown.append(a[:2]), preview_interval=3600.0)
+    assert len(copies) == len(shown) == 1 and shown[0] == ("denoise", 0)

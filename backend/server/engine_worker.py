@@ -33,7 +33,13 @@ log = logging.getLogger("backend.server")
 NUMPY_DTYPES = {"u8": np.dtype(np.uint8), "u16": np.dtype("<u2"), "f32": np.dtype("<f4")}
 ACCEPTED_DTYPES = tuple(NUMPY_DTYPES)
 PROGRESS_INTERVAL = 0.05  # seconds between progress events of one job (phase changes always)
+# Previews of one job: the engine throttles them to one per PREVIEW_INTERVAL before it copies
+# a latent off the device (``Engine.run``'s ``preview_interval``), so every preview it hands
+# over is sent. The worker's own floor, half the interval, only stops an engine that ignores
+# ``preview_interval``: the engine's clock reads a few milliseconds before this one, and a
+# floor of the whole interval would throw away previews the engine has already copied.
 PREVIEW_INTERVAL = 0.5
+PREVIEW_FLOOR = PREVIEW_INTERVAL / 2
 
 
 @dataclass(frozen=True)
@@ -243,7 +249,7 @@ class EngineWorker:
 
         def preview(phase: str, step: int, image: np.ndarray) -> None:
             now = time.monotonic()
-            if now - last[0] < PREVIEW_INTERVAL:
+            if now - last[0] < PREVIEW_FLOOR:
                 return
             last[0] = now
             pixels = np.ascontiguousarray(image, dtype=np.uint8)
