@@ -132,15 +132,20 @@ def test_the_dialog_prepares_once_its_settings_settle_and_ok_joins_it(tmp_path):
         clock.now += 0.2
         preparer.look(settings())  # unchanged for a second: sent
         assert preparer.job_id.startswith("prep-") and reads == [1]
-        poll_until(preparer, lambda: preparer.phase == "lora", "the prepare's progress")
+        poll_until(preparer, lambda: preparer.steps.get("lora", (0, 0))[0] >= 2,
+                   "the prepare's progress")
         assert preparer.status().startswith("Preparing in the background: Fine-tuning LoRA")
+        assert preparer.times.steps["lora"] >= 2  # its steps are timed (the edit's time left)
         preparer.look(settings())  # the same again: not sent again
         # OK: the edit goes on over the dialog's connection and joins the prepare
         session = db.open_session("", 5.0, db.Feedback(), link.detach())
         spec = db.JobSpec(pixels=image(), width=8, height=6, channels=3, mask=None,
                           handles=[(1.0, 1.0)], targets=[(3.0, 2.0)], method="dragdiffusion",
                           params={"lora_steps": 20}, prompt="prepare=30 steps=2", seed=42)
-        tracker = prog.Tracker(prog.plan_steps({"method": "dragdiffusion", "lora_steps": 20}))
+        # the edit's progress starts where the prepare was, with its measured step times
+        tracker = prog.Tracker(prog.plan_steps({"method": "dragdiffusion", "lora_steps": 20}),
+                               prepared=preparer.done(), prepared_times=preparer.times)
+        assert tracker.done["lora"] >= 2 and tracker.times.steps["lora"] >= 2
         result = session.run(spec, db.Feedback(), tracker)
         assert session.client.last_submit["joined"] == preparer.job_id
         session.close()

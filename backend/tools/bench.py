@@ -48,8 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--redrags", type=int, default=1, help="drags of the same image to new "
                    "targets after the first edit, per method (default 1)")
     p.add_argument("--baseline", action="store_true", help="first run every method without "
-                   "reuse (no re-drag cache, no resident LoRA: the behaviour before it) and "
-                   "print the ratios measured in the same run")
+                   "reuse (no re-drag cache, no resident LoRA, no LoRA inherited by a result: "
+                   "the behaviour before them) and print the ratios measured in the same run")
+    p.add_argument("--on-result", action="store_true", help="after the re-drags, drag the "
+                   "first edit's result (a chain of drags: the result inherits its source's "
+                   "LoRA, its inversion runs)")
     p.add_argument("--finish", metavar="WxH", help="instead: time the full-resolution finish "
                    "alone at this size (e.g. 4000x3000) with a 36 %%-area elliptical mask, "
                    "against the same blend computed over the whole image")
@@ -208,7 +211,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
 
     from backend.engine.errors import EngineError
-    from backend.engine.lora import LoraCache
+    from backend.engine.lora import LoraCache, LoraLineage
     from backend.engine.pipeline import DragEngine
 
     options = run_options(args, QUICK)
@@ -231,7 +234,9 @@ def run_bench(args: argparse.Namespace) -> int:
     engines = [engine]
     if args.baseline:  # the same model without reuse, its own LoRA cache: first edits train
         cold = LoraCache(tempfile.mkdtemp(prefix="drag-bench-lora-"))
-        engines.insert(0, DragEngine(engine.model, cold, reuse=False))
+        before = DragEngine(engine.model, cold, reuse=False)
+        before.lineage = LoraLineage(max_entries=0)  # a result trains its own LoRA
+        engines.insert(0, before)
     rows = []
     for method in options.methods:
         for eng in engines:
@@ -253,20 +258,27 @@ def bench_method(engine, method: str, args: argparse.Namespace, overrides: dict)
     if PRESET_METHOD.get(method) == "inpaint4drag":  # its mask is the region that moves
         mask = disc_mask(args.size)
     rows = []
-    for run in range(1 + max(0, args.redrags)):
-        request = DragRequest(image=image, handles=handles,
+    runs = 1 + max(0, args.redrags)
+    first_result = image
+    for run in range(runs + bool(getattr(args, "on_result", False))):
+        kind = "first" if run == 0 else "redrag" if run < runs else "on-result"
+        request = DragRequest(image=first_result if kind == "on-result" else image,
+                              handles=handles,
                               targets=redrag_targets(args.size, run) if run else targets,
                               mask=mask, method=method, prompt="a red disc", seed=0,
                               params={"work_size": args.size, **overrides})
         t0 = time.perf_counter()
         result = engine.run(request)
         total = time.perf_counter() - t0
+        if run == 0:
+            first_result = result.image
         memory = result.stats["memory"]
         work = result.stats["work"]
         rows.append({
             "method": method,
             "run": run,
-            "kind": "redrag" if run else "first",
+            "kind": kind,
+            "lora_inherited": bool(result.stats.get("lora_inherited")),
             "reuse": engine.redrag is not None,
             "model": args.model,
             "device": str(engine.model.device),
@@ -412,13 +424,18 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
                           "redrag_official_fe": official,
                           "redrag_over_first_s": round(seconds / first["total_s"], 3),
                           "redrag_over_first_fe": round(fe / first["fe_total"], 3)})
+        on_result = next((r for r in group if r["kind"] == "on-result"), None)
+        if on_result is not None:
+            entry.update({"on_result_s": on_result["total_s"],
+                          "on_result_fe": on_result["fe_total"]})
         out[method if reuse else f"{method} no-reuse"] = entry
     for method in list(out):
         before = out.get(f"{method} no-reuse")
         if before is None:
             continue
         after = out[method]
-        for name in ("first_s", "first_fe", "redrag_s", "redrag_fe"):
+        for name in ("first_s", "first_fe", "redrag_s", "redrag_fe", "on_result_s",
+                     "on_result_fe"):
             if name in after and before.get(name):
                 after[f"{name}_vs_no_reuse"] = round(after[name] / before[name], 3)
     return out

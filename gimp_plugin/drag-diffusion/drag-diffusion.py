@@ -251,22 +251,29 @@ def text(config: Gimp.ProcedureConfig, name: str) -> str:
 
 
 def make_tracker(table: par.ParamTable | None, method: str, params: dict, inputs: Inputs,
-                 session: backend.Session, state: dict) -> prog.Tracker:
+                 session: backend.Session, state: dict,
+                 preparer: backend.Preparer | None = None) -> prog.Tracker:
+    """The edit's progress; with the dialog's ``preparer``, the steps its prepare did and
+    their measured times count (the edit joins that prepare or finds its results)."""
     resolved = table.resolved(method, params) if table else dict(params)
     speed = (state.get("speeds") or {}).get(prog.speed_key(session.device, session.model_name))
+    prepared = preparer.done() if preparer is not None and preparer.job_id else None
     return prog.Tracker(
         prog.plan_steps(resolved), sequential=resolved.get("method") != "gooddrag",
         drag_end_step=resolved.get("drag_end_step"), speed=speed,
         megapixels=prog.working_megapixels(inputs.width, inputs.height,
                                            par.working_width(resolved),
-                                           resolved.get("work_max_side", 0)))
+                                           resolved.get("work_max_side", 0)),
+        costs=prog.step_costs(resolved), prepared=prepared,
+        prepared_times=preparer.times if prepared is not None else None)
 
 
 def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
          table: par.ParamTable | None, feedback: backend.Feedback, interactive: bool,
-         state_path: Path, client: object = None) -> dict:
+         state_path: Path, client: object = None,
+         preparer: backend.Preparer | None = None) -> dict:
     """Read, send, wait, insert: one edit. Returns the info for the PDB caller. ``client``:
-    the dialog's connection, whose prepare the edit joins."""
+    the dialog's connection, whose prepare (``preparer``) the edit joins."""
     if not isinstance(layer, Gimp.Layer):
         raise geo.InputError("Select exactly one layer (not a mask or channel) in the "
                              "Layers dialog.")
@@ -289,7 +296,7 @@ def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
             params=params, prompt=text(config, "prompt"), seed=config.get_property("seed"),
             dtype=fmt.dtype, preview=interactive)
         state = par.read_state(state_path)
-        tracker = make_tracker(table, method, params, inputs, session, state)
+        tracker = make_tracker(table, method, params, inputs, session, state, preparer)
         result = session.run(job, feedback, tracker)
         measured = tracker.measured_speed()
         if measured is not None:
@@ -366,7 +373,7 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
             raise geo.InputError("Select exactly one layer (not a mask or channel) in the "
                                  "Layers dialog.")
         info = edit(image, drawables[0], config, table, feedback, interactive, state_path,
-                    client)
+                    client, preparer)
         client = None  # the edit's session closed it
     except backend.JobCancelled as exc:
         return error_return(procedure, Gimp.PDBStatusType.CANCEL, str(exc))

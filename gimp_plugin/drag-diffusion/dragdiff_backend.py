@@ -408,6 +408,7 @@ class Preparer:
         self.clock = clock
         self.job_id: str | None = None
         self.steps: dict[str, tuple[int, int]] = {}  # phase -> (steps done, total)
+        self.times = prog.StepTimes()  # its steps' measured seconds (the edit's time left)
         self.phase: str | None = None
         self.ended: str | None = None  # prepared, cancelled or failed
         self.error: str | None = None
@@ -459,6 +460,7 @@ class Preparer:
             return
         if job != self.job_id:  # a new prepare (else the backend's answer: the same one)
             self.job_id, self.steps, self.phase, self.ended = job, {}, None, None
+            self.times = prog.StepTimes()
 
     def _forget(self, error: str) -> None:
         self.error, self.job_id, self.ended = error, None, None
@@ -473,6 +475,7 @@ class Preparer:
                 if event.type == "progress":
                     self.phase = event["phase"]
                     self.steps[self.phase] = (event["step"], event["total"])
+                    self.times.event(self.phase, event["step"], self.clock())
                 elif event.type == "prepared":
                     self.ended, self.phase = "prepared", None
                     self.steps = {p: (t, t) for p, (_, t) in self.steps.items()}

@@ -175,7 +175,8 @@ class SettingsDialog:
             None if backend.is_demo_model(info) else prog.first_guess(device))
         mpx = prog.working_megapixels(*self.context.layer_size, par.working_width(resolved),
                                       resolved.get("work_max_side", 0))
-        seconds = prog.estimate_seconds(prog.plan_steps(resolved), mpx, speed)
+        seconds = prog.estimate_seconds(prog.plan_steps(resolved), mpx, speed,
+                                        prog.step_costs(resolved))
         if pre.region_moves(table.algorithm(self.method)):
             return prog.inpaint_advice(seconds if measured is not None else None, device)
         return prog.advice(seconds, device, par.working_width(resolved),
