@@ -181,6 +181,32 @@ def test_memos_over_the_byte_budget_are_dropped(engine):
     assert work["fe"]["inversion"] == 0 and work["fe"]["reference"] == 2
 
 
+def test_another_images_memos_are_dropped_before_a_lora_is_trained(engine, monkeypatch):
+    """The denoising's original branch (0.41 GB in fp16 at 512²) must not add to the next
+    image's LoRA training, the edit's memory peak."""
+    from backend.engine import lora
+
+    engine.redrag.max_entries = 2
+    engine.run(make_request())
+    (first,) = engine.redrag._entries.values()
+    assert any(key[0] == "original branch" for key in first.memo)
+    at_training = []
+    train = lora.train_lora
+
+    def watching(*args, **kwargs):
+        at_training.append(len(first.memo))
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "train_lora", watching)
+    other = make_request()
+    other.image = other.image[::-1].copy()
+    engine.run(other)
+    assert at_training == [0]
+    # only the memos went: z_t* stays, so a re-drag of the first image skips its inversion
+    again = engine.run(make_request(targets=[(10.0, 30.0)]))
+    assert again.stats["work"]["fe"]["inversion"] == 0
+
+
 @pytest.mark.parametrize("channels", [1, 4])
 @pytest.mark.parametrize("dtype", [np.uint16, np.float32])
 def test_high_bit_depth_comes_back_in_its_dtype_exact_outside_the_mask(engine, dtype, channels):

@@ -39,7 +39,7 @@ from backend.engine.params import (
     MethodTable,
     served_algorithms,
 )
-from backend.engine.redrag import RedragCache, RedragEntry, redrag_key
+from backend.engine.redrag import RedragCache, RedragEntry, image_digest, redrag_key
 from backend.engine.types import (
     CancelToken,
     DragRequest,
@@ -451,6 +451,8 @@ class DragEngine:
             cond = model.encode_prompt(request.prompt)
         lora = PreparedLora()
         if params.lora_steps > 0:
+            if self.redrag is not None:  # another image's memos stay out of the LoRA's peak
+                self.redrag.drop_other_images(image_digest(prep.pixels))
             with self._timed(timings, "lora"):
                 lora = prepare_lora(model, prep.pixels, request.prompt, params, self.lora_cache,
                                     method=algorithm, merged=self.merged_lora,
@@ -529,7 +531,7 @@ class DragEngine:
         z_star = run_inversion(runner, schedule, self.encode_image(prep.pixels),
                                lambda i, n: report("inversion", i, n))
         if self.redrag is not None:
-            return self.redrag.put(key, z_star)
+            return self.redrag.put(key, z_star, image_digest(prep.pixels))
         return RedragEntry(z_star, memo=None)
 
     @torch.no_grad()
