@@ -267,6 +267,25 @@ def test_bench_prints_phase_times_passes_and_memory():
     assert summary["runs"] == 2 and "redrag_over_first_fe" in summary["ratios"]["gooddrag"]
 
 
+def test_bench_drags_the_first_result_again_with_and_without_reuse():
+    result = backend("bench", "--model", "random-tiny", "--size", "64", "--quick", "--device",
+                     "cpu", "--method", "dragdiffusion", "--baseline", "--on-result")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    runs, summary = rows[:-1], rows[-1]
+    assert [(r["reuse"], r["kind"]) for r in runs] == [
+        (False, "first"), (False, "redrag"), (False, "on-result"),
+        (True, "first"), (True, "redrag"), (True, "on-result")]
+    before, after = runs[2], runs[5]
+    # before: the result is a new image with its own LoRA; after: it inherits its source's
+    assert not before["lora_inherited"] and before["fe"]["lora"] > 0
+    assert after["lora_inherited"] and after["fe"]["lora"] == 0 and after["fe"]["inversion"] > 0
+    # the re-drag's original branch comes from the cache: half the denoising
+    assert runs[4]["fe"]["denoise"] * 2 == runs[1]["fe"]["denoise"]
+    ratios = summary["ratios"]["dragdiffusion"]
+    assert ratios["on_result_fe_vs_no_reuse"] < 1 and ratios["on_result_fe"] == after["fe_total"]
+
+
 def test_bench_prints_the_first_edit_from_ok_with_and_without_a_prepare():
     result = backend("bench", "--model", "random-tiny", "--size", "64", "--quick", "--device",
                      "cpu", "--method", "dragdiffusion", "--prepare-seconds", "0,all")

@@ -9,9 +9,13 @@ layers are untouched.
 The original branch therefore depends on z_t* alone: ``denoise_with_reference`` records its
 self-attention inputs at every denoising step of an image's first edit (into the re-drag
 cache's memo) and serves them to a re-drag of the same image, which then runs the edited branch
-alone (half the denoising work). SD1.5 at 512² keeps 6 layers' inputs per step (3 × 1,024 ×
-640 + 3 × 4,096 × 320 values: 11.8 MB in fp16, 23.6 MB in fp32), 413 MB in fp16 for
-DragDiffusion's 35 steps.
+alone (half the denoising work). SD1.5 at 512² keeps 6 layers' inputs per step (from
+``start_layer`` 10: 3 × 1,024 × 640 + 3 × 4,096 × 320 values: 11.8 MB in fp16, 23.6 MB in
+fp32), 413 MB in fp16 for DragDiffusion's 35 steps (826 MB in fp32 on a CPU), at most 448 MB
+for GoodDrag's 38 (it records only the steps after its drag). The cache drops them when over
+its byte budget, and before another image's LoRA is trained (the edit's memory peak). A
+re-drag's result agrees with denoising both branches within float rounding (one branch
+instead of a batch of two): tests/test_engine_speed.py.
 """
 
 from __future__ import annotations

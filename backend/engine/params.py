@@ -111,7 +111,7 @@ PRESETS: dict[str, DragParams] = {
     # DragDiffusion at about a quarter of the work (docs/benchmarks.md, "The fast preset"): an eighth of the LoRA
     # samples (20 steps × batch 2 = 40 against 80 × 4 = 320) at 4× its learning rate, 25 DDIM steps (18 inverted: t* is
     # still 681), at most 40 drag steps at twice the step. ≤ 215 UNet forward-equivalents
-    # per first edit instead of 906, ≤ 116 per re-drag instead of 266.
+    # per first edit instead of 906, ≤ 98 per re-drag instead of 266.
     "fast": DragParams(
         lora_steps=20,
         lora_lr=2e-3,
