@@ -168,6 +168,9 @@ class Client:
         self.retries = retries
         self.name = name
         self.server_info: dict[str, Any] | None = None
+        # The last submit's reply: its state and, when it joined a running prepare (1.2),
+        # that prepare's job id (``joined``).
+        self.last_submit: dict[str, Any] | None = None
         self._curve = curve
         self._context = context
         try:
@@ -267,9 +270,46 @@ class Client:
         except ProtocolError as exc:
             raise JobFailed(exc.message, exc.code, exc.detail) from None
         size = sum(b.nbytes for b in buffers)
-        self._request(wire.SUBMIT, content, job_id=job_id, buffers=buffers,
-                      timeout=self.timeout + size / 10e6)  # allow ~10 MB/s uploads
+        reply = self._request(wire.SUBMIT, content, job_id=job_id, buffers=buffers,
+                              timeout=self.timeout + size / 10e6)  # allow ~10 MB/s uploads
+        self.last_submit = reply.content
         return job_id
+
+    def prepare(self, image: Buffer | Any, width: int, height: int, channels: int, *,
+                job_id: str | None = None, method: str | None = None,
+                params: dict[str, Any] | None = None, prompt: str = "", seed: int = 0,
+                masked: bool = True, dtype: str | None = None) -> str:
+        """Start an edit's work that needs no points (protocol 1.2: the LoRA and inversion of
+        DragDiffusion and GoodDrag) while the user is still choosing them; returns the
+        prepare's job id: its events end with ``prepared`` (``events``). A submit of the same
+        image, method, settings, prompt and seed then joins it, or finds its results cached.
+        The backend keeps one prepare per client: a new one with other settings replaces it,
+        one with the same settings is answered with its job id (``duplicate``). ``masked``:
+        the edit will have a selection. Raises ``JobFailed`` (``unknown_message_type``) at a
+        backend older than 1.2."""
+        if self.server_info is None:
+            self.hello()
+        job_id = job_id or wire.new_id()
+        dtype = dtype or _pixel_dtype(image)
+        buffers = [_as_bytes(image)]
+        content = {
+            "job_id": job_id, "width": int(width), "height": int(height),
+            "channels": int(channels), "dtype": dtype,
+            "method": method or str((self.server_info or {}).get("default_method", "")),
+            "params": dict(params or {}), "prompt": prompt, "seed": int(seed),
+            "masked": bool(masked),
+        }
+        info = self.server_info or {}
+        limits = wire.Limits(**{k: v for k, v in info.get("limits", {}).items()
+                                if k in wire.Limits.__dataclass_fields__})
+        try:
+            wire.check_prepare(content, [b.nbytes for b in buffers], limits,
+                               info.get("dtypes", tuple(wire.PIXEL_DTYPES)))
+        except ProtocolError as exc:
+            raise JobFailed(exc.message, exc.code, exc.detail) from None
+        reply = self._request(wire.PREPARE, content, job_id=job_id, buffers=buffers,
+                              timeout=self.timeout + buffers[0].nbytes / 10e6)
+        return str(reply.content["job_id"])
 
     def warp(self, image: Buffer | Any, width: int, height: int, channels: int,
              handles: Sequence[tuple[float, float]], targets: Sequence[tuple[float, float]],
@@ -317,7 +357,8 @@ class Client:
                              job_id=job_id).content
 
     def events(self, job_id: str, timeout: float | None = None) -> Iterator[Event]:
-        """Yield the job's events until a terminal one (``finished`` or ``cancelled``).
+        """Yield the job's events until a terminal one (``finished``, ``prepared`` or
+        ``cancelled``).
 
         An ``error`` event raises ``JobFailed``. While waiting, the job is re-attached about
         once a second (a heartbeat: it keeps this client alive on the backend and recovers

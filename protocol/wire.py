@@ -42,15 +42,18 @@ CANCEL, CANCEL_REPLY = "cancel", "cancel_reply"
 PING, PONG = "ping", "pong"
 SHUTDOWN, SHUTDOWN_REPLY = "shutdown", "shutdown_reply"
 WARP, WARP_REPLY = "warp", "warp_reply"  # 1.1: Inpaint4Drag's warp alone, for previews
+# 1.2: LoRA and inversion of an image while the dialog is open, ended by ``prepared``
+PREPARE, PREPARE_REPLY, PREPARED = "prepare", "prepare_reply", "prepared"
 DOWNLOAD, DOWNLOAD_REPLY = "download", "download_reply"  # 1.3: fetch a catalogue model set
 ERROR = "error"
 QUEUED, STARTED, PROGRESS, PREVIEW = "queued", "started", "progress", "preview"
 FINISHED, CANCELLED = "finished", "cancelled"
 INSTALLED = "installed"  # 1.3: a download's terminal event (its set is in place and loaded)
 
-REQUESTS = (HELLO, SUBMIT, ATTACH, CANCEL, PING, SHUTDOWN, WARP, DOWNLOAD)
-EVENTS = (QUEUED, STARTED, PROGRESS, PREVIEW, FINISHED, CANCELLED, ERROR, INSTALLED)
-TERMINAL_EVENTS = (FINISHED, CANCELLED, ERROR, INSTALLED)
+REQUESTS = (HELLO, SUBMIT, ATTACH, CANCEL, PING, SHUTDOWN, WARP, PREPARE, DOWNLOAD)
+EVENTS = (QUEUED, STARTED, PROGRESS, PREVIEW, FINISHED, CANCELLED, ERROR, PREPARED,
+          INSTALLED)
+TERMINAL_EVENTS = (FINISHED, CANCELLED, ERROR, PREPARED, INSTALLED)
 
 # --- error codes (section 5) ---------------------------------------------------------------
 BAD_MESSAGE = "bad_message"
@@ -128,6 +131,7 @@ class Message:
     signature: bytes = b""
     # SHA-256 over the content frame and the buffers' digests: what a duplicate submit must match.
     fingerprint: bytes = b""
+    digests: list[bytes] = field(default_factory=list)  # SHA-256 of each buffer (signed)
 
     @property
     def msg_id(self) -> str:
@@ -339,7 +343,7 @@ class Session:
             raise
         fingerprint = hashlib.sha256(bytes(c) + b"".join(digests)).digest()
         return Message(header["msg_type"], header, parent, content, list(buffers), sig,
-                       fingerprint)
+                       fingerprint, digests)
 
 
 def too_many_frames(count: int | None) -> ProtocolError:
@@ -417,7 +421,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, Any]]] = {
              "prompt": ("str", ""), "seed": ("int", 0), "preview": ("bool", False),
              "dtype": ("str", "u8")},
     SUBMIT_REPLY: {"job_id": ("job", _R), "state": ("str", _R), "position": ("int?", None),
-                   "duplicate": ("bool", False)},
+                   "duplicate": ("bool", False), "joined": ("job?", None)},
     ATTACH: {"job_id": ("job", _R)},
     ATTACH_REPLY: {"job_id": ("job", _R), "state": ("str", _R), "position": ("int?", None)},
     CANCEL: {"job_id": ("job", _R)},
@@ -445,6 +449,13 @@ SCHEMAS: dict[str, dict[str, tuple[str, Any]]] = {
                  "dtype": ("str", "u8"), "moved_pixels": ("int", 0),
                  "inpaint_pixels": ("int", 0), "seconds": ("num", 0.0),
                  "warnings": ("strs", [])},
+    PREPARE: {"job_id": ("job", _R), "width": ("int", _R), "height": ("int", _R),
+              "channels": ("int", _R), "dtype": ("str", "u8"), "method": ("str", _R),
+              "params": ("map", {}), "prompt": ("str", ""), "seed": ("int", 0),
+              "masked": ("bool", True)},
+    PREPARE_REPLY: {"job_id": ("job", _R), "state": ("str", _R), "position": ("int?", None),
+                    "duplicate": ("bool", False)},
+    PREPARED: {"job_id": ("job", _R), "timings": ("map", {}), "stats": ("map", {})},
     DOWNLOAD: {"job_id": ("job", _R), "set": ("str", _R)},
     DOWNLOAD_REPLY: {"job_id": ("job", _R), "state": ("str", _R), "duplicate": ("bool", False)},
     INSTALLED: {"job_id": ("job", _R), "set": ("str", _R), "bytes": ("int", 0),
@@ -454,7 +465,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, Any]]] = {
 
 # How many buffers each message type carries (default: none).
 _BUFFERS = {SUBMIT: (1, 2), PREVIEW: (1, 1), FINISHED: (1, 1), WARP: (2, 2),
-            WARP_REPLY: (2, 2)}
+            WARP_REPLY: (2, 2), PREPARE: (1, 1)}
 
 
 def check_content(message: Message) -> dict[str, Any]:
@@ -486,7 +497,7 @@ def check_content(message: Message) -> dict[str, Any]:
         raise ProtocolError(BAD_MESSAGE, f"{message.msg_type} must carry {low}–{high} binary "
                             f"buffers, got {len(message.buffers)}")
     if "job_id" in schema and message.job_id != content["job_id"] and (
-            message.msg_type in (SUBMIT, DOWNLOAD) or message.msg_type in EVENTS):
+            message.msg_type in (SUBMIT, PREPARE, DOWNLOAD) or message.msg_type in EVENTS):
         raise ProtocolError(BAD_MESSAGE, "header job_id and content job_id differ")
     return content
 
@@ -496,6 +507,11 @@ def check_submit(content: dict[str, Any], buffer_sizes: Sequence[int],
     """Check a submit's values against ``limits`` and the pixel types the server accepts
     (section 3; ``hello_reply.dtypes``); raise ``invalid_input``."""
     _check_image(content, buffer_sizes, limits, dtypes)
+    _check_settings(content, limits)
+
+
+def _check_settings(content: dict[str, Any], limits: Limits) -> None:
+    """The prompt, seed, method and parameter list of a submit or prepare."""
     if len(content["prompt"]) > limits.max_prompt_chars:
         raise ProtocolError(INVALID_INPUT,
                             f"prompt is longer than {limits.max_prompt_chars} characters")
@@ -503,6 +519,14 @@ def check_submit(content: dict[str, Any], buffer_sizes: Sequence[int],
         raise ProtocolError(INVALID_INPUT, "seed must be between 0 and 2**63 - 1")
     if len(content["method"]) > 64 or len(content["params"]) > 64:
         raise ProtocolError(INVALID_INPUT, "method name or parameter list too long")
+
+
+def check_prepare(content: dict[str, Any], buffer_sizes: Sequence[int], limits: Limits,
+                  dtypes: Sequence[str] = tuple(PIXEL_DTYPES)) -> None:
+    """Check a prepare request (section 4, 1.2): a submit's image, prompt, seed, method and
+    parameter checks, without a mask or points; raise ``invalid_input``."""
+    _check_pixels({**content, "has_mask": False}, buffer_sizes, limits, dtypes)  # no mask sent
+    _check_settings(content, limits)
 
 
 def check_warp(content: dict[str, Any], buffer_sizes: Sequence[int], limits: Limits,
@@ -521,6 +545,13 @@ def check_warp(content: dict[str, Any], buffer_sizes: Sequence[int], limits: Lim
 def _check_image(content: dict[str, Any], buffer_sizes: Sequence[int], limits: Limits,
                  dtypes: Sequence[str]) -> None:
     """The geometry, pixel type, buffers and points of a submit or warp."""
+    _check_pixels(content, buffer_sizes, limits, dtypes)
+    _check_points(content, limits)
+
+
+def _check_pixels(content: dict[str, Any], buffer_sizes: Sequence[int], limits: Limits,
+                  dtypes: Sequence[str]) -> None:
+    """The geometry, pixel type and buffers of a submit, warp or prepare."""
     def invalid(message: str) -> ProtocolError:
         return ProtocolError(INVALID_INPUT, message)
 
@@ -549,6 +580,14 @@ def _check_image(content: dict[str, Any], buffer_sizes: Sequence[int], limits: L
     if list(buffer_sizes) != expected:
         raise invalid(f"pixel buffers have {list(buffer_sizes)} bytes but {w}×{h}×{c} {dtype}"
                       f"{' plus a mask' if content['has_mask'] else ''} needs {expected}")
+
+
+def _check_points(content: dict[str, Any], limits: Limits) -> None:
+    """The handles and targets of a submit or warp: pairs on the image."""
+    def invalid(message: str) -> ProtocolError:
+        return ProtocolError(INVALID_INPUT, message)
+
+    w, h = content["width"], content["height"]
     handles, targets = content["handles"], content["targets"]
     if not 1 <= len(handles) <= limits.max_points:
         raise invalid(f"give 1–{limits.max_points} handle points, got {len(handles)}")

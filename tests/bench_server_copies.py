@@ -43,7 +43,8 @@ class Identity:
     def info(self) -> dict:
         return {"model": "identity", "device": "cpu"}
 
-    def run(self, request, progress=None, cancel=None, preview=None) -> DragResult:
+    def run(self, request, progress=None, cancel=None, preview=None,
+            preview_interval=0.0) -> DragResult:
         result = DragResult(image=request.image, handles=list(request.targets), timings={})
         self.returned = time.perf_counter()
         return result

@@ -23,7 +23,14 @@ if __name__ == "__main__":  # make the repository importable when run as a scrip
 from backend.engine.errors import OutOfMemory
 from backend.engine.interface import Engine
 from backend.engine.params import MethodTable
-from backend.engine.types import CancelToken, DragRequest, DragResult, PreviewFn, ProgressFn
+from backend.engine.types import (
+    CancelToken,
+    DragRequest,
+    DragResult,
+    PrepareResult,
+    PreviewFn,
+    ProgressFn,
+)
 from backend.server.server import Server
 from protocol import wire
 from protocol.client import Client
@@ -31,7 +38,7 @@ from protocol.client import Client
 
 class FakeEngine(Engine):
     """Runs 'phases' of sleep steps; the prompt scripts it: ``steps=N delay=S raise=oom|crash
-    warn=A,B``.
+    warn=A,B prepare=N`` (a prepare's steps).
 
     The result is the inverted input; the final handles are the targets. It checks the cancel
     token before every step, like the real engine, and records what it ran.
@@ -43,18 +50,51 @@ class FakeEngine(Engine):
         self.steps = steps
         self.delay = delay
         self.runs: list[DragRequest] = []
+        self.prepares: list[DragRequest] = []  # every prepare started (again after yielding)
+        self.prepared: list[DragRequest] = []  # the prepares that ran to their end
+        self.calls: list[str] = []  # "run <prompt>" / "prepare <prompt>", in the order started
         self.steps_after_cancel: list[int] = []
         self.step_started = threading.Event()  # set at each step; tests clear it
 
     def info(self) -> dict[str, Any]:
         return {"model": "fake-model", "device": "cpu", "memory": {"total": np.int64(1 << 30)}}
 
-    def run(self, request: DragRequest, progress: ProgressFn | None = None,
-            cancel: CancelToken | None = None, preview: PreviewFn | None = None) -> DragResult:
-        self.runs.append(request)
+    @staticmethod
+    def script(request: DragRequest) -> dict[str, str]:
+        return dict(word.split("=", 1) for word in request.prompt.split() if "=" in word)
+
+    def prepare_image(self, request: DragRequest, progress: ProgressFn | None = None,
+                      cancel: CancelToken | None = None, masked: bool = True) -> PrepareResult:
+        """'lora' steps of the prompt's ``prepare=N`` (default ``steps``) and ``delay``; a
+        prepare whose last step ran is recorded in ``prepared``."""
+        self.prepares.append(request)
+        self.calls.append(f"prepare {request.prompt}")
         cancel = cancel or CancelToken()
         progress = progress or (lambda phase, step, total: None)
-        script = dict(word.split("=", 1) for word in request.prompt.split() if "=" in word)
+        script = self.script(request)
+        steps = int(script.get("prepare", script.get("steps", self.steps)))
+        delay = float(script.get("delay", self.delay))
+        after_cancel = 0
+        try:
+            for step in range(steps):
+                cancel.check()
+                self.step_started.set()
+                progress("lora", step, steps)
+                time.sleep(delay)
+                after_cancel += cancel.cancelled
+        finally:
+            self.steps_after_cancel.append(after_cancel)
+        self.prepared.append(request)
+        return PrepareResult({"lora": steps * delay}, {"work": {"fe": {"lora": steps}}})
+
+    def run(self, request: DragRequest, progress: ProgressFn | None = None,
+            cancel: CancelToken | None = None, preview: PreviewFn | None = None,
+            preview_interval: float = 0.0) -> DragResult:
+        self.runs.append(request)
+        self.calls.append(f"run {request.prompt}")
+        cancel = cancel or CancelToken()
+        progress = progress or (lambda phase, step, total: None)
+        script = self.script(request)
         steps, delay = int(script.get("steps", self.steps)), float(script.get("delay", self.delay))
         if script.get("raise") == "oom":
             raise OutOfMemory("the device ran out of memory: lower work_size")

@@ -269,6 +269,44 @@ def test_bench_prints_phase_times_passes_and_memory():
     assert summary["runs"] == 2 and "redrag_over_first_fe" in summary["ratios"]["gooddrag"]
 
 
+def test_bench_drags_the_first_result_again_with_and_without_reuse():
+    result = backend("bench", "--model", "random-tiny", "--size", "64", "--quick", "--device",
+                     "cpu", "--method", "dragdiffusion", "--baseline", "--on-result")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    runs, summary = rows[:-1], rows[-1]
+    assert [(r["reuse"], r["kind"]) for r in runs] == [
+        (False, "first"), (False, "redrag"), (False, "on-result"),
+        (True, "first"), (True, "redrag"), (True, "on-result")]
+    before, after = runs[2], runs[5]
+    # before: the result is a new image with its own LoRA; after: it inherits its source's
+    assert not before["lora_inherited"] and before["fe"]["lora"] > 0
+    assert after["lora_inherited"] and after["fe"]["lora"] == 0 and after["fe"]["inversion"] > 0
+    # the re-drag's original branch comes from the cache: half the denoising
+    assert runs[4]["fe"]["denoise"] * 2 == runs[1]["fe"]["denoise"]
+    ratios = summary["ratios"]["dragdiffusion"]
+    assert ratios["on_result_fe_vs_no_reuse"] < 1 and ratios["on_result_fe"] == after["fe_total"]
+
+
+def test_bench_prints_the_first_edit_from_ok_with_and_without_a_prepare():
+    result = backend("bench", "--model", "random-tiny", "--size", "64", "--quick", "--device",
+                     "cpu", "--method", "dragdiffusion", "--prepare-seconds", "0,all")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    at_once, prepared, summary = rows
+    # OK at once: the submit waits for the whole prepare, so nothing is saved
+    assert at_once["dialog_s"] == 0 and at_once["fe_after_ok"] == at_once["no_prepare_fe"]
+    # OK once prepared: only the drag and the denoising are left
+    assert prepared["prepared_at_ok"] and prepared["fe_after_ok"] < prepared["no_prepare_fe"]
+    fe = prepared["edit_fe_after_prepare"]
+    assert fe["lora"] == fe["inversion"] == fe["reference"] == 0
+    assert prepared["fe_after_ok"] == fe["drag"] + fe["denoise"]
+    assert prepared["fe_after_ok"] + sum(prepared["prepare_fe"].values()) == \
+        prepared["no_prepare_fe"]
+    assert set(summary["ok_to_result_ratios"]) == {"dragdiffusion after 0.0 s",
+                                                   f"dragdiffusion after {prepared['dialog_s']} s"}
+
+
 def test_make_random_tiny_model_writes_a_loadable_single_file(tmp_path):
     result = backend("make-random-tiny-model", str(tmp_path / "tiny"), "--single-file")
     assert result.returncode == 0, result.stderr

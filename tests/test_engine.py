@@ -73,8 +73,13 @@ def test_a_selection_below_one_latent_cell_warns_and_still_keeps_the_outside(eng
 def test_same_seed_same_result(engine, method):
     a = engine.run(make_request(method))
     b = engine.run(make_request(method))
-    np.testing.assert_array_equal(a.image, b.image)
-    assert a.handles == b.handles
+    c = engine.run(make_request(method))
+    # b and c are re-drags: their denoising's original branch comes from the re-drag cache
+    # (the edited branch runs alone), so they agree bit for bit with each other and with a
+    # up to float rounding (test_engine_speed's re-drag test bounds it)
+    np.testing.assert_array_equal(b.image, c.image)
+    assert np.abs(a.image.astype(int) - b.image).max() <= 1
+    assert a.handles == b.handles == c.handles
 
 
 @pytest.mark.parametrize("method", ["dragdiffusion", "gooddrag"])

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from backend.engine import pipeline
+from backend.engine.attention import denoise_with_reference
+from backend.engine.diffusion import Schedule, UNetRunner
 from backend.engine.pipeline import DragEngine
 from backend.engine.types import DragRequest
 
@@ -94,8 +97,26 @@ def test_a_redrag_skips_lora_and_inversion_and_matches_an_uncached_run(engine, m
                            lora_cache_dir=str(tmp_path_factory.mktemp("cold")))
     fresh = cold.run(make_request(method, targets=[(10.0, 30.0)]))
     assert fresh.stats["work"]["fe"]["inversion"] > 0 and fresh.stats["work"]["fe"]["lora"] > 0
-    np.testing.assert_array_equal(again.image, fresh.image)
+    # The denoising's original branch came from the cache: the edited branch ran alone at
+    # every step with reference attention (GoodDrag's 2 dragged steps ran it alone anyway).
+    alone = {"dragdiffusion": 7, "gooddrag": 2 + 6}[method]
+    assert work["fe"]["denoise"] == alone < fresh.stats["work"]["fe"]["denoise"]
+    # The same edit up to float rounding (one branch instead of a batch of two): at most one
+    # 8-bit level, on a few pixels.
+    difference = np.abs(again.image.astype(int) - fresh.image)
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.1
     assert again.handles == fresh.handles
+
+
+def test_without_the_cache_the_original_branch_is_denoised_beside_the_edit(tiny_model_dir,
+                                                                         tmp_path):
+    """reuse off (the behaviour before the re-drag cache): every re-drag denoises both
+    branches, bit for bit as the first edit's batch."""
+    cold = DragEngine.load(str(tiny_model_dir), device="cpu", reuse=False,
+                           lora_cache_dir=str(tmp_path))
+    cold.run(make_request())
+    again = cold.run(make_request(targets=[(10.0, 30.0)]))
+    assert again.stats["work"]["fe"]["denoise"] == 14
 
 
 @pytest.mark.parametrize("change", [
@@ -160,6 +181,32 @@ def test_memos_over_the_byte_budget_are_dropped(engine):
     assert work["fe"]["inversion"] == 0 and work["fe"]["reference"] == 2
 
 
+def test_another_images_memos_are_dropped_before_a_lora_is_trained(engine, monkeypatch):
+    """The denoising's original branch (0.41 GB in fp16 at 512²) must not add to the next
+    image's LoRA training, the edit's memory peak."""
+    from backend.engine import lora
+
+    engine.redrag.max_entries = 2
+    engine.run(make_request())
+    (first,) = engine.redrag._entries.values()
+    assert any(key[0] == "original branch" for key in first.memo)
+    at_training = []
+    train = lora.train_lora
+
+    def watching(*args, **kwargs):
+        at_training.append(len(first.memo))
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "train_lora", watching)
+    other = make_request()
+    other.image = other.image[::-1].copy()
+    engine.run(other)
+    assert at_training == [0]
+    # only the memos went: z_t* stays, so a re-drag of the first image skips its inversion
+    again = engine.run(make_request(targets=[(10.0, 30.0)]))
+    assert again.stats["work"]["fe"]["inversion"] == 0
+
+
 @pytest.mark.parametrize("channels", [1, 4])
 @pytest.mark.parametrize("dtype", [np.uint16, np.float32])
 def test_high_bit_depth_comes_back_in_its_dtype_exact_outside_the_mask(engine, dtype, channels):
@@ -216,3 +263,160 @@ def test_the_redrag_key_covers_the_model_and_its_precision():
         assert redrag_key(other, pixels, "p", None, DragParams()) != key
     assert redrag_key(model, pixels, "p", "lora-key", DragParams()) != key
     assert redrag_key(model, pixels, "p", None, DragParams(drag_steps=3)) == key  # not a key part
+
+
+# --- prepare (protocol 1.2): the work before the points, ahead of the edit -----------------------
+
+def cache_keys(engine, request) -> tuple[str, str]:
+    """The LoRA and re-drag cache keys an edit of ``request`` uses."""
+    from backend.engine.lora import lora_cache_key, lora_settings
+    from backend.engine.redrag import redrag_key
+
+    algorithm, params = engine.table.resolve(request.method, request.params)
+    prep = engine.prepare(request, params)
+    lora = lora_cache_key(engine.model, prep.pixels, request.prompt,
+                          **lora_settings(params, algorithm, request.seed))
+    return lora, redrag_key(engine.model, prep.pixels, request.prompt, lora, params)
+
+
+def test_the_prepared_knobs_are_exactly_what_the_cache_keys_read(engine):
+    """params.PREPARED_KNOBS (what a submit must share with a prepare to join it) names every
+    knob that changes the LoRA or the re-drag key, and no other."""
+    from backend.engine.params import PREPARED_KNOBS, SPECS
+
+    base = make_request(params={"work_max_side": 0})
+    keys = cache_keys(engine, base)
+    other = {"work_size": 72, "work_max_side": 48, "lora_steps": 3, "lora_lr": 1e-3,
+             "lora_rank": 8, "lora_batch": 1, "n_inference_steps": 12,
+             "inversion_strength": 0.5, "feature_block": 1}
+    for name, spec in SPECS.items():
+        value = other.get(name)
+        if value is None:
+            value = (not getattr(engine.table.params("dragdiffusion"), name)
+                     if spec.kind == "bool" else spec.high)
+        changed = cache_keys(engine, make_request(params={**base.params, name: value}))
+        differs = [a != b for a, b in zip(changed, keys, strict=True)]
+        assert any(differs) == (name in PREPARED_KNOBS), name
+
+
+@pytest.mark.parametrize("method", ["dragdiffusion", "gooddrag"])
+def test_a_prepared_edit_starts_at_the_drag_and_matches_an_unprepared_one(engine, method,
+                                                                          tiny_model_dir,
+                                                                          tmp_path_factory):
+    request = make_request(method)
+    ahead = DragRequest(image=request.image, handles=[], targets=[], method=method,
+                        prompt=request.prompt, seed=request.seed, params=request.params)
+    steps: list[str] = []
+    prepared = engine.prepare_image(ahead, progress=lambda phase, step, total: steps.append(phase))
+    assert prepared.stats["work"]["fe"]["lora"] == 8 and prepared.stats["work"]["fe"]["reference"]
+    assert {"load", "lora", "inversion"} <= set(steps)
+    result = engine.run(request)
+    assert result.stats["reused"] == {"lora": True, "inversion": True}
+    fe = result.stats["work"]["fe"]
+    assert fe["lora"] == fe["inversion"] == fe["reference"] == 0 and fe["drag"] > 0
+
+    cold = DragEngine.load(str(tiny_model_dir), device="cpu",
+                           lora_cache_dir=str(tmp_path_factory.mktemp("cold")))
+    unprepared = cold.run(request)
+    np.testing.assert_array_equal(result.image, unprepared.image)
+    assert result.handles == unprepared.handles
+
+
+def test_a_prepare_without_a_mask_leaves_dragdiffusions_masked_reference_to_the_edit(engine):
+    request = make_request()
+    ahead = DragRequest(image=request.image, handles=[], targets=[], method="dragdiffusion",
+                        prompt=request.prompt, seed=request.seed, params=request.params)
+    engine.prepare_image(ahead, masked=False)
+    fe = engine.run(request).stats["work"]["fe"]
+    assert fe["lora"] == fe["inversion"] == 0 and fe["reference"] == 1  # the mask term's
+
+
+def test_an_inpaint4drag_prepare_only_builds_the_filler(engine):
+    ahead = DragRequest(image=make_request().image, handles=[], targets=[],
+                        method="inpaint4drag", params={"work_size": 64})
+    prepared = engine.prepare_image(ahead)
+    assert prepared.stats["work"]["total"] == 0 and engine._filler is not None
+    assert engine.merged_lora.key is None
+
+
+# --- chains of drags: a drag on a result layer inherits its source's LoRA -----------------------
+
+def test_a_drag_on_a_result_inherits_the_lora_of_the_image_it_came_from(engine):
+    first = engine.run(make_request())
+    assert first.stats["work"]["fe"]["lora"] > 0 and not first.stats["lora_inherited"]
+    assert not np.array_equal(first.image, make_request().image)  # a new image
+    second = engine.run(make_request(image=first.image, targets=[(10.0, 30.0)]))
+    fe = second.stats["work"]["fe"]
+    assert second.stats["lora_inherited"] and fe["lora"] == 0 and not second.warnings
+    assert fe["inversion"] > 0  # the result itself is inverted: it is another image
+    # another image's edit in between takes the merged LoRA's place: the chain goes on from
+    # the disk cache, and a prepare of the result inherits it too
+    engine.run(make_request(image=make_request().image[::-1].copy()))
+    ahead = DragRequest(image=second.image, handles=[], targets=[], method="dragdiffusion",
+                        prompt="a red disc", seed=3, params=make_request().params)
+    prepared = engine.prepare_image(ahead)
+    assert prepared.stats["lora_inherited"] and prepared.stats["work"]["fe"]["lora"] == 0
+    third = engine.run(make_request(image=second.image))
+    assert third.stats["lora_inherited"] and third.stats["work"]["fe"]["lora"] == 0
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"prompt": "a blue disc"}, "prompt"),
+    ({"method": "gooddrag"}, "method (GoodDrag's LoRA crops"),
+    ({"params": {"lora_steps": 3}}, "lora_steps"),
+])
+def test_a_result_dragged_with_other_lora_settings_trains_and_says_why(engine, change, named):
+    first = engine.run(make_request())
+    other = engine.run(make_request(image=first.image, **change))
+    assert not other.stats["lora_inherited"] and other.stats["work"]["fe"]["lora"] > 0
+    (warning,) = other.warnings
+    assert "result of an earlier drag" in warning and named in warning
+
+
+@pytest.mark.parametrize("start_step", [0, 3])  # DragDiffusion's ref_start_step: from 0 or later
+def test_the_original_branch_served_from_the_memo_agrees_with_denoising_it(engine, start_step):
+    """denoise_with_reference: a memo-served (re-drag) denoise gives the edited latent of a
+    two-branch denoise within float noise, the first edit's recorded run bit for bit."""
+    model = engine.model
+    schedule = Schedule.from_scheduler(model.scheduler, 10, 0.7)
+    runner = UNetRunner(model.unet, model.encode_prompt("a red disc"))
+    gen = torch.Generator().manual_seed(0)
+    z_orig, z_edit = torch.randn(2, 4, 6, 8, generator=gen).split(1)
+    steps = schedule.denoise_timesteps
+
+    def denoise(memo):
+        return denoise_with_reference(runner, schedule, z_orig, z_edit, steps, 10,
+                                      active=lambda i: i >= start_step, memo=memo)
+
+    plain = denoise(None)
+    memo: dict = {}
+    recording = denoise(memo)
+    before = runner.work.total
+    served = denoise(memo)
+    assert len(memo) == len(steps)
+    assert runner.work.total - before == len(steps)  # the edited branch alone: 1 FE a step
+    torch.testing.assert_close(recording, plain, rtol=0, atol=0)
+    # float noise: the edited branch ran as a batch of one instead of two
+    torch.testing.assert_close(served, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_previews_are_throttled_before_the_latent_leaves_the_device(engine, monkeypatch):
+    """Only the previews that will be shown are mapped to RGB and copied to the host."""
+    copies = []
+    real = pipeline.latent_preview
+
+    def counting(latent, matrix=None):
+        copies.append(latent.shape)
+        return real(latent, matrix)
+
+    monkeypatch.setattr(pipeline, "latent_preview", counting)
+    shown = []
+    request = make_request(params={"lora_steps": 0})
+    engine.run(request, preview=lambda *a: shown.append(a[:2]), preview_interval=0.0)
+    every_step = len(copies)
+    assert every_step == 7 and len(shown) == every_step  # one per denoising step
+    copies.clear()
+    shown.clear()
+    engine.run(make_request(params={"lora_steps": 0}, targets=[(30.0, 25.0)]),
+               preview=lambda *a: shown.append(a[:2]), preview_interval=3600.0)
+    assert len(copies) == len(shown) == 1 and shown[0] == ("denoise", 0)

@@ -425,6 +425,11 @@ def gui_session(gimp: harness.GimpChroot, xvfb: xdisplay.Display, backend: Path)
         assert run1["layers"] == original  # nothing added, nothing left of the preview
         assert re.search(r"job gimp-[0-9a-f]+ cancelled \(client\).*method gooddrag",
                          backend_log(backend))
+        # While the dialog was open it prepared the layer (protocol 1.2): the LoRA and the
+        # inversion for the method shown, replaced when the method changed to GoodDrag.
+        assert re.search(r"prepare prep-[0-9a-f]+ (prepared|cancelled \(replaced\)): "
+                         r".*method dragdiffusion", backend_log(backend)), \
+            backend_log(backend)[-3000:]
         typed = xdisplay.read_json(settings)["typed"]
         assert typed["method"] == "gooddrag" and typed["seed"] == 7
         # The knob shown at DragDiffusion's default moved to GoodDrag's (so it is remembered

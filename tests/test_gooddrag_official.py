@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 from diffusers import DDIMScheduler
 
-from backend.engine import gooddrag, motion
+from backend.engine import attention, gooddrag, motion
 from backend.engine.context import DragContext
 from backend.engine.diffusion import Schedule
 from backend.engine.params import PRESETS
@@ -46,7 +46,8 @@ def _context(monkeypatch, **params) -> tuple[DragContext, StillRunner]:
         runner.reference = True
         yield {"active": True}
 
-    monkeypatch.setattr(gooddrag, "reference_attention", fake_reference_attention)
+    # gooddrag denoises the rest through attention.denoise_with_reference
+    monkeypatch.setattr(attention, "reference_attention", fake_reference_attention)
     schedule = Schedule.from_scheduler(DDIMScheduler(**SCHEDULER), 10, 0.8)
     p = PRESETS["gooddrag"].replace(**params)
     ctx = DragContext(runner=runner, schedule=schedule, params=p, grid=(16, 16),

@@ -211,3 +211,33 @@ def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / "gimp-drag-diffusion" / "lora"
     assert LoraCache().directory == default_cache_dir()
+
+
+@pytest.mark.slow  # ~45 s of tracing on one CPU thread
+def test_a_compiled_lora_step_trains_the_same_weights(model, image):
+    """``--compile`` covers the LoRA's forward and backward: trained through torch.compile of
+    the engine's UNet forward (aot_eager: the forward and backward graphs AOTAutograd makes,
+    run eagerly, as on a GPU before the inductor's kernels), in one graph, the weights are
+    the eager ones within float tolerance."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from backend.engine.diffusion import compiled_unet_forward
+
+    settings = dict(steps=2, lr=PARAMS.lora_lr, rank=4, batch=2, fixed_crops=False, seed=5)
+    try:
+        eager = train_lora(model, image, PROMPT, **settings)
+        remove_lora(model)
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = train_lora(model, image, PROMPT, forward=compiled_unet_forward("aot_eager"),
+                              **settings)
+        graphs, autograd = dict(counters["stats"]), dict(counters["aot_autograd"])
+    finally:
+        remove_lora(model)
+        torch._dynamo.reset()
+    assert graphs.get("unique_graphs") == 1 and autograd.get("ok", 0) >= 1  # fwd + bwd graphs
+    assert eager.keys() == compiled.keys() and eager
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in eager.items() if "lora_B" in k)

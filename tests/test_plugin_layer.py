@@ -131,3 +131,16 @@ def test_result_layer_name():
     assert lay.result_layer_name("Background", "gooddrag", 2) == "Background – gooddrag (2 drags)"
     assert lay.result_layer_name("Cat", "dragdiffusion", 1, demo_model=True) == \
         "Cat – dragdiffusion (1 drag, demo model)"
+
+
+def test_a_result_layers_name_does_not_grow_with_every_drag():
+    first = lay.result_layer_name("Cat – 2", "dragdiffusion", 1)
+    second = lay.result_layer_name(first, "gooddrag", 2)
+    assert second == "Cat – 2 – gooddrag (2 drags, edit 2)"
+    assert lay.result_layer_name(second, "dragdiffusion", 1, demo_model=True) == \
+        "Cat – 2 – dragdiffusion (1 drag, demo model, edit 3)"
+    # GIMP's " #1" for a name already taken, and the demo note, are read too
+    assert lay.result_layer_name("Cat – fast (1 drag, demo model) #1", "fast", 1) == \
+        "Cat – fast (1 drag, edit 2)"
+    # a name that only looks similar is a source name like any other
+    assert lay.result_layer_name("Cat (1 drag)", "fast", 1) == "Cat (1 drag) – fast (1 drag)"

@@ -46,8 +46,8 @@ SAMPLES: dict[str, tuple[dict, list[bytes]]] = {
                    "params": {"work_size": 64}, "prompt": "a cat", "seed": 7, "preview": False,
                    "dtype": "u8"},
                   [PIXELS, bytes(8)]),
-    wire.SUBMIT_REPLY: ({"job_id": JOB, "state": "queued", "position": 2, "duplicate": False},
-                        []),
+    wire.SUBMIT_REPLY: ({"job_id": JOB, "state": "queued", "position": 2, "duplicate": False,
+                         "joined": None}, []),
     wire.ATTACH: ({"job_id": JOB}, []),
     wire.ATTACH_REPLY: ({"job_id": JOB, "state": "running", "position": None}, []),
     wire.CANCEL: ({"job_id": JOB}, []),
@@ -73,6 +73,12 @@ SAMPLES: dict[str, tuple[dict, list[bytes]]] = {
     wire.WARP_REPLY: ({"width": 4, "height": 2, "channels": 3, "dtype": "u8",
                        "moved_pixels": 2, "inpaint_pixels": 3, "seconds": 0.004,
                        "warnings": []}, [PIXELS, bytes(8)]),
+    wire.PREPARE: ({"job_id": JOB, "width": 4, "height": 2, "channels": 3, "dtype": "u8",
+                    "method": "dragdiffusion", "params": {"lora_steps": 20}, "prompt": "a cat",
+                    "seed": 7, "masked": True}, [PIXELS]),
+    wire.PREPARE_REPLY: ({"job_id": JOB, "state": "queued", "position": 1,
+                          "duplicate": False}, []),
+    wire.PREPARED: ({"job_id": JOB, "timings": {"lora": 3.5}, "stats": {"work": {}}}, []),
     wire.DOWNLOAD: ({"job_id": JOB, "set": "instant"}, []),
     wire.DOWNLOAD_REPLY: ({"job_id": JOB, "state": "queued", "duplicate": False}, []),
     wire.INSTALLED: ({"job_id": JOB, "set": "instant", "bytes": 2_280_000_000,
@@ -87,7 +93,8 @@ def pair() -> tuple[Session, Session]:
 
 def test_samples_cover_every_message_type():
     replies = {wire.HELLO_REPLY, wire.SUBMIT_REPLY, wire.ATTACH_REPLY, wire.CANCEL_REPLY,
-               wire.PONG, wire.SHUTDOWN_REPLY, wire.WARP_REPLY, wire.DOWNLOAD_REPLY}
+               wire.PONG, wire.SHUTDOWN_REPLY, wire.WARP_REPLY, wire.PREPARE_REPLY,
+               wire.DOWNLOAD_REPLY}
     assert set(SAMPLES) == set(wire.SCHEMAS) == {*wire.REQUESTS, *replies, *wire.EVENTS}
 
 
@@ -353,6 +360,23 @@ def test_check_submit_pixel_limit():
     wire.check_submit(_submit(), [24], Limits())
     with pytest.raises(ProtocolError, match="pixels"):
         wire.check_submit(_submit(), [24], Limits(max_pixels=7))
+
+
+@pytest.mark.parametrize(("changes", "sizes", "match"), [
+    ({}, [23], "needs"),
+    ({}, [24, 8], "needs"),  # a prepare carries no mask
+    ({"width": 9000}, [9000 * 2 * 3], "per side"),
+    ({"channels": 5}, [40], "channels"),
+    ({"seed": -1}, [24], "seed"),
+    ({"prompt": "x" * 1001}, [24], "prompt"),
+    ({"params": {f"k{i}": 1 for i in range(65)}}, [24], "too long"),
+])
+def test_check_prepare_caps_like_a_submit_without_points(changes, sizes, match):
+    content = {**SAMPLES[wire.PREPARE][0], **changes}
+    wire.check_prepare(SAMPLES[wire.PREPARE][0], [24], Limits())
+    with pytest.raises(ProtocolError, match=match) as err:
+        wire.check_prepare(content, sizes, Limits())
+    assert err.value.code == wire.INVALID_INPUT
 
 
 def _warp(**changes):

@@ -24,6 +24,7 @@ from fixtures_server import (
 from backend.engine.errors import ModelNotFound
 from backend.engine.params import MethodTable, method_descriptions, spec_table
 from backend.engine.types import DEFAULT_METHOD, DragResult
+from backend.server import engine_worker
 from backend.server.jobs import FairQueue, Job, JobTable, RanIds, Terminal
 from backend.server.server import Server
 from backend.server.transport import ServerError
@@ -270,6 +271,23 @@ def test_slow_steps_all_reported():
         events = collect(client, submit(client))
     progress = [(e["phase"], e["step"]) for e in events if e.type == "progress"]
     assert progress == [(p, s) for p in ("inversion", "drag") for s in (0, 1, 2)]
+
+
+def test_every_preview_the_engine_hands_over_is_sent(monkeypatch):
+    """The engine throttles previews to PREVIEW_INTERVAL before copying them off the device
+    (test_engine_speed's throttle test); its clock reads a little before the worker's, so the
+    worker must not throw away one that arrives a few ms early. An engine that ignores the
+    interval is still held to the floor."""
+    job = Job(job_id="j1", session="s", route="s", parent={}, fingerprint=b"", request={},
+              buffers=[])
+    worker = engine_worker.EngineWorker(lambda: None, lambda: None)
+    preview = worker._preview_callback(job)
+    clock = iter([10.0, 10.496, 10.992, 11.0, 11.1, 11.3])
+    monkeypatch.setattr(engine_worker.time, "monotonic", lambda: next(clock))
+    for step in range(6):
+        preview("denoise", step, np.zeros((2, 2, 3), np.uint8))
+    sent = [event.content["step"] for event in worker.events()]
+    assert sent == [0, 1, 2, 5]  # 11.0 and 11.1 come within the floor of 10.992
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -871,7 +889,7 @@ def test_an_available_model_is_served_as_today_with_a_fallback_configured():
 class IdentityEngine(FakeEngine):
     """Returns its input as the result: only the transport's own copies remain."""
 
-    def run(self, request, progress=None, cancel=None, preview=None):
+    def run(self, request, progress=None, cancel=None, preview=None, preview_interval=0.0):
         return DragResult(image=request.image, handles=list(request.targets), timings={})
 
 

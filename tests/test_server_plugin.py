@@ -5,6 +5,7 @@ GIMP against a real server with the fake engine."""
 from __future__ import annotations
 
 import os
+import time
 
 import limits
 import pytest
@@ -14,6 +15,7 @@ from plugin_modules import load
 from protocol import connection
 
 db = load("dragdiff_backend")
+prog = load("dragdiff_progress")
 
 
 def test_a_backend_with_another_key_is_named_not_called_missing(tmp_path):
@@ -72,3 +74,123 @@ def test_an_unsafe_connection_file_is_refused_with_the_reason(tmp_path):
     text = str(err.value)
     assert "can't use the connection file" in text and "writable by other users" in text
     assert "chmod 700" in text
+
+
+# --- the dialog's prepare (protocol 1.2) ---------------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def settings(**changes):
+    values = {"method": "dragdiffusion", "algorithm": "dragdiffusion",
+              "params": (("lora_steps", 20),), "prompt": "prepare=30 steps=2", "seed": 42,
+              "masked": True}
+    values.update(changes)
+    return db.PrepareSettings(**values)
+
+
+def dialog(server, tmp_path, clock):
+    """A dialog's link to ``server`` and its preparer of an 8×6 RGB layer."""
+    from fixtures_server import image
+
+    path = tmp_path / "backend.json"
+    connection.write_connection_file(path, connection.ConnectionInfo(server.endpoint,
+                                                                     server.key))
+    link = db.PreviewLink(str(path), timeout=2.0)
+    assert link.client is not None
+    reads = []
+    preparer = db.Preparer(link, lambda: reads.append(1) or ("u8", 3, image()), 8, 6,
+                           clock=clock)
+    return link, preparer, reads
+
+
+def poll_until(preparer, condition, what: str) -> None:
+    deadline = time.monotonic() + limits.safety_net(20)
+    while not condition():
+        assert time.monotonic() < deadline, limits.fired(what, limits.safety_net(20))
+        preparer.poll()
+
+
+def test_the_dialog_prepares_once_its_settings_settle_and_ok_joins_it(tmp_path):
+    from fixtures_server import image
+
+    engine = FakeEngine(delay=0.05)
+    clock = Clock()
+    with running_server(engine) as server:
+        link, preparer, reads = dialog(server, tmp_path, clock)
+        preparer.look(settings(prompt="prepare=30 steps=2 typing"))
+        clock.now += 0.5
+        preparer.look(settings())  # still typing: nothing sent
+        clock.now += 0.9
+        preparer.look(settings())
+        assert preparer.job_id is None and not engine.prepares
+        clock.now += 0.2
+        preparer.look(settings())  # unchanged for a second: sent
+        assert preparer.job_id.startswith("prep-") and reads == [1]
+        poll_until(preparer, lambda: preparer.steps.get("lora", (0, 0))[0] >= 2,
+                   "the prepare's progress")
+        assert preparer.status().startswith("Preparing in the background: Fine-tuning LoRA")
+        assert preparer.times.steps["lora"] >= 2  # its steps are timed (the edit's time left)
+        preparer.look(settings())  # the same again: not sent again
+        # OK: the edit goes on over the dialog's connection and joins the prepare
+        session = db.open_session("", 5.0, db.Feedback(), link.detach())
+        spec = db.JobSpec(pixels=image(), width=8, height=6, channels=3, mask=None,
+                          handles=[(1.0, 1.0)], targets=[(3.0, 2.0)], method="dragdiffusion",
+                          params={"lora_steps": 20}, prompt="prepare=30 steps=2", seed=42)
+        # the edit's progress starts where the prepare was, with its measured step times
+        tracker = prog.Tracker(prog.plan_steps({"method": "dragdiffusion", "lora_steps": 20}),
+                               prepared=preparer.done(), prepared_times=preparer.times)
+        assert tracker.done["lora"] >= 2 and tracker.times.steps["lora"] >= 2
+        result = session.run(spec, db.Feedback(), tracker)
+        assert session.client.last_submit["joined"] == preparer.job_id
+        session.close()
+    assert result.pixels and len(engine.prepares) == len(engine.prepared) == 1
+    assert len(engine.runs) == 1 and reads == [1]
+
+
+def test_a_new_setting_replaces_the_prepare_and_cancel_ends_it(tmp_path):
+    engine = FakeEngine(delay=0.05)
+    clock = Clock()
+    with running_server(engine) as server:
+        link, preparer, reads = dialog(server, tmp_path, clock)
+        for look in (settings(), settings()):
+            preparer.look(look)
+            clock.now += 1.5
+        first = preparer.job_id
+        poll_until(preparer, lambda: preparer.phase, "the first prepare to start")
+        for look in (settings(seed=7), settings(seed=7)):  # the seed keys the LoRA
+            preparer.look(look)
+            clock.now += 1.5
+        assert preparer.job_id not in (None, first) and reads == [1]  # the layer read once
+        poll_until(preparer, lambda: len(engine.prepares) == 2, "the second prepare")
+        # Inpaint4Drag needs no prepare: choosing it stops the current one
+        for look in (settings(method="inpaint4drag", algorithm="inpaint4drag"),) * 2:
+            preparer.look(look)
+            clock.now += 1.5
+        assert preparer.ended == "cancelled"
+        poll_until(preparer, lambda: link.client.ping()["running"] is None,
+                   "the backend to stop the prepare")
+        for look in (settings(seed=8),) * 2:
+            preparer.look(look)
+            clock.now += 1.5
+        preparer.cancel()  # the dialog's Cancel
+        assert preparer.ended == "cancelled" and preparer.status() == ""
+        link.close()
+    assert engine.prepared == []
+
+
+def test_no_prepare_at_a_backend_older_than_1_2():
+    from types import SimpleNamespace
+
+    link = SimpleNamespace(client=object(), info={"protocol_version": "1.1"})
+    preparer = db.Preparer(link, lambda: ("u8", 3, b""), 8, 6, clock=Clock())
+    assert not preparer.usable
+    preparer.look(settings())
+    assert preparer.job_id is None
+    assert db.supports_prepare({"protocol_version": "1.2"})
+    assert not db.supports_prepare({"protocol_version": "1.1"}) and not db.supports_prepare({})

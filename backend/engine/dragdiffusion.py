@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from backend.engine.attention import reference_attention
+from backend.engine.attention import denoise_with_reference
 from backend.engine.context import DragContext, DragRun
 from backend.engine.diffusion import ddim_step, denoise
 from backend.engine.motion import (
@@ -20,6 +20,27 @@ from backend.engine.motion import (
 from backend.engine.types import GridPoint
 
 
+def reference(ctx: DragContext, z_star: torch.Tensor,
+              use_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """F⁰ (the undragged features at t*) and, for the mask term, DDIM(z_t*): one forward,
+    cached with the image (``DragContext.cached``)."""
+    runner, schedule, t = ctx.runner, ctx.schedule, ctx.schedule.t_star
+    runner.work.phase = "reference"
+
+    @torch.no_grad()
+    def compute():
+        eps0, feat0 = runner.eps_and_features(z_star, t, ctx.grid, need_eps=use_mask)
+        return feat0, ddim_step(schedule, z_star, eps0, t) if use_mask else None
+
+    return ctx.cached(("reference", t, ctx.grid, use_mask), compute)
+
+
+def prepare(ctx: DragContext, z_star: torch.Tensor, masked: bool) -> None:
+    """What a drag of this image reads before its first step, computed ahead into the memo (a
+    prepare): the reference of an edit with (``masked``) or without a mask."""
+    reference(ctx, z_star, masked and ctx.params.lam > 0)
+
+
 def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:
     """The latent-optimisation loop (docs/algorithms.md §2, step 2).
 
@@ -28,14 +49,7 @@ def drag_latent(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, l
     p, runner, schedule = ctx.params, ctx.runner, ctx.schedule
     t = schedule.t_star
     use_mask = ctx.keep is not None and p.lam > 0
-    runner.work.phase = "reference"
-
-    @torch.no_grad()
-    def reference():
-        eps0, feat0 = runner.eps_and_features(z_star, t, ctx.grid, need_eps=use_mask)
-        return feat0, ddim_step(schedule, z_star, eps0, t) if use_mask else None
-
-    feat0, x_prev0 = ctx.cached(("reference", t, ctx.grid, use_mask), reference)
+    feat0, x_prev0 = reference(ctx, z_star, use_mask)
 
     z = z_star.clone().float().requires_grad_(True)
     optimiser = torch.optim.Adam([z], lr=p.latent_lr)
@@ -74,11 +88,9 @@ def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[Grid
         return denoise(ctx.runner, ctx.schedule, z_edit, steps,
                        lambda i, n: ctx.step("denoise", i, n), on_x0), handles
 
-    with reference_attention(ctx.runner.unet, p.ref_start_layer) as state:
-
-        def on_step(i: int, n: int) -> None:
-            ctx.step("denoise", i, n)
-            state["active"] = i >= p.ref_start_step
-
-        z = denoise(ctx.runner, ctx.schedule, torch.cat([z_star, z_edit]), steps, on_step, on_x0)
-    return z[1:], handles
+    # [original, edited]; a re-drag serves the original branch from the cache (ctx.memo)
+    z = denoise_with_reference(ctx.runner, ctx.schedule, z_star, z_edit, steps,
+                               p.ref_start_layer, lambda i, n: ctx.step("denoise", i, n),
+                               on_x0, active=lambda i: i >= p.ref_start_step,
+                               memo=ctx.memo)
+    return z, handles

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from backend.engine.attention import reference_attention
+from backend.engine.attention import denoise_with_reference
 from backend.engine.context import DragContext, DragRun
 from backend.engine.diffusion import ddim_step, denoise, on_grid, predicted_x0
 from backend.engine.motion import (
@@ -119,13 +119,30 @@ def _at_most(loss: torch.Tensor, threshold: float, handles: list, targets: list,
                for h, t in zip(handles, targets, strict=True))
 
 
+def dragged_timesteps(ctx: DragContext) -> int:
+    """How many of the denoising steps may drag: ``drag_end_step``, at most all of them."""
+    return min(ctx.params.drag_end_step, len(ctx.schedule.denoise_timesteps))
+
+
+def cached_trajectory(ctx: DragContext, z_star: torch.Tensor):
+    """``original_trajectory`` over the dragged timesteps, cached with the image."""
+    n_drag = dragged_timesteps(ctx)
+    return ctx.cached(("trajectory", n_drag, ctx.grid),
+                      lambda: original_trajectory(ctx, z_star, n_drag))
+
+
+def prepare(ctx: DragContext, z_star: torch.Tensor, masked: bool) -> None:
+    """What a drag of this image reads before its first step, computed ahead into the memo (a
+    prepare): the original trajectory (the mask does not change it)."""
+    cached_trajectory(ctx, z_star)
+
+
 def run(ctx: DragContext, z_star: torch.Tensor) -> tuple[torch.Tensor, list[GridPoint]]:
     """AlDD over the denoising steps. Returns (clean edited latent, tracked handles)."""
     p, schedule, runner = ctx.params, ctx.schedule, ctx.runner
     timesteps = schedule.denoise_timesteps
-    n_drag = min(p.drag_end_step, len(timesteps))
-    feats0, latents0 = ctx.cached(("trajectory", n_drag, ctx.grid),
-                                  lambda: original_trajectory(ctx, z_star, n_drag))
+    n_drag = dragged_timesteps(ctx)
+    feats0, latents0 = cached_trajectory(ctx, z_star)
     tracker = _Tracker(ctx.handles)
     total_adam = n_drag * p.track_per_denoise * p.max_drag_per_track
 
@@ -167,7 +184,6 @@ def _denoise_rest(ctx: DragContext, z_orig, z_edit, timesteps: list[int], total:
 
     if not ctx.params.reference_attention:
         return denoise(ctx.runner, ctx.schedule, z_edit, timesteps, on_step, on_x0)
-    with reference_attention(ctx.runner.unet, ctx.params.ref_start_layer):
-        z = denoise(ctx.runner, ctx.schedule, torch.cat([z_orig, z_edit]), timesteps, on_step,
-                    on_x0)
-    return z[1:]
+    # [original, edited]; a re-drag serves the original branch from the cache (ctx.memo)
+    return denoise_with_reference(ctx.runner, ctx.schedule, z_orig, z_edit, timesteps,
+                                  ctx.params.ref_start_layer, on_step, on_x0, memo=ctx.memo)

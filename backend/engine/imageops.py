@@ -41,9 +41,8 @@ def working_size(width: int, height: int, working_width: int = 512, max_side: in
     return snap(width), snap(height)
 
 
-def validate_request(image: np.ndarray, handles: list[ImagePoint], targets: list[ImagePoint],
-                     mask: np.ndarray | None) -> None:
-    """Raise ``InvalidInput`` with a precise sentence for anything the engine cannot use."""
+def validate_image(image: np.ndarray) -> None:
+    """The image alone (``validate_request`` without points and mask: a prepare's input)."""
     if not isinstance(image, np.ndarray) or image.dtype not in PIXEL_SCALE:
         raise InvalidInput(
             "the image pixels must be uint8, uint16 or float32 (8-bit, 16-bit or 32-bit float), "
@@ -57,6 +56,15 @@ def validate_request(image: np.ndarray, handles: list[ImagePoint], targets: list
     height, width = image.shape[:2]
     if min(height, width) < 8:
         raise InvalidInput(f"the image is too small ({width}×{height}); it needs at least 8×8")
+    if image.dtype == np.float32 and not np.isfinite(image).all():
+        raise InvalidInput("the image has NaN or infinite pixel values; replace them first")
+
+
+def validate_request(image: np.ndarray, handles: list[ImagePoint], targets: list[ImagePoint],
+                     mask: np.ndarray | None) -> None:
+    """Raise ``InvalidInput`` with a precise sentence for anything the engine cannot use."""
+    validate_image(image)
+    height, width = image.shape[:2]
     if len(handles) != len(targets):
         raise InvalidInput(f"{len(handles)} handles but {len(targets)} targets: give them in pairs")
     if not handles:
@@ -67,8 +75,6 @@ def validate_request(image: np.ndarray, handles: list[ImagePoint], targets: list
                 raise InvalidInput(
                     f"{kind} {i + 1} at ({x:g}, {y:g}) is outside the {width}×{height} image"
                 )
-    if image.dtype == np.float32 and not np.isfinite(image).all():
-        raise InvalidInput("the image has NaN or infinite pixel values; replace them first")
     if mask is not None:
         if mask.ndim == 3 and mask.shape[2] == 1:
             mask = mask[..., 0]

@@ -13,7 +13,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from backend.engine.params import MethodTable
-from backend.engine.types import CancelToken, DragRequest, DragResult, PreviewFn, ProgressFn
+from backend.engine.types import (
+    CancelToken,
+    DragRequest,
+    DragResult,
+    PrepareResult,
+    PreviewFn,
+    ProgressFn,
+)
 
 
 class Engine(Protocol):
@@ -28,11 +35,22 @@ class Engine(Protocol):
         ...
 
     def run(self, request: DragRequest, progress: ProgressFn | None = None,
-            cancel: CancelToken | None = None,
-            preview: PreviewFn | None = None) -> DragResult:
+            cancel: CancelToken | None = None, preview: PreviewFn | None = None,
+            preview_interval: float = 0.0) -> DragResult:
         """One edit. ``progress(phase, step, total)`` at every step, ``cancel`` checked there,
-        ``preview`` (optional) a few times while denoising. Raises ``EngineError`` subclasses
-        with messages a user can act on (``Cancelled`` when cancelled)."""
+        ``preview`` (optional) while denoising, at most one per ``preview_interval`` seconds
+        (the engine skips the others before copying anything off the device). Raises
+        ``EngineError`` subclasses with messages a user can act on (``Cancelled`` when
+        cancelled)."""
+        ...
+
+    def prepare_image(self, request: DragRequest, progress: ProgressFn | None = None,
+                      cancel: CancelToken | None = None, masked: bool = True) -> PrepareResult:
+        """What an edit of ``request``'s image with its method, settings, prompt and seed does
+        before it reads the points (its LoRA and inversion), kept in the engine's caches for
+        the edit that follows; ``request.handles`` may be empty. ``masked``: the edit will
+        have a mask (what DragDiffusion's cached reference depends on). Progress, cancel and
+        errors as in ``run``."""
         ...
 
 

@@ -34,8 +34,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.engine.devices import autocast, grad_scaler
+from backend.engine.diffusion import unet_forward
 from backend.engine.errors import InvalidInput
 from backend.engine.lora_merge import MergedLora
 from backend.engine.memory import fit_step
@@ -158,14 +159,17 @@ class _Draws:
 
 def _backward(model: LoadedModel, noisy: torch.Tensor, noise: torch.Tensor,
               timesteps: torch.Tensor, cond: torch.Tensor,
-              scaler: torch.amp.GradScaler | None, micro: int) -> None:
-    """Gradients of the batch's noise-prediction MSE, computed ``micro`` images at a time."""
+              scaler: torch.amp.GradScaler | None, forward: Callable, micro: int) -> None:
+    """Gradients of the batch's noise-prediction MSE, computed ``micro`` images at a time.
+
+    ``forward`` is ``diffusion.unet_forward`` (diffusers' UNet forward, ε bit for bit) or the
+    engine's ``torch.compile`` of it: compiled, the LoRA's forward and backward (the peft
+    adapters in every attention projection) run as compiled graphs too."""
     unet, batch = model.unet, noisy.shape[0]
     for start in range(0, batch, micro):
         part = slice(start, start + micro)
         with autocast(model.device, model.precision):
-            pred = unet(noisy[part].to(unet.dtype), timesteps[part],
-                        encoder_hidden_states=cond[part]).sample
+            pred, _ = forward(unet, noisy[part].to(unet.dtype), timesteps[part], cond[part])
         loss = F.mse_loss(pred.float(), noise[part].float())
         if pred.shape[0] != batch:  # a micro-batch's share of the batch mean
             loss = loss * (pred.shape[0] / batch)
@@ -185,12 +189,15 @@ def train_lora(
     seed: int = 0,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    forward: Callable | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train the identity LoRA on ``image`` ([1, 3, H, W] in [-1, 1], H and W multiples of 8).
 
     ``fixed_crops`` selects GoodDrag's data (crops drawn once) over DragDiffusion's (fresh
     crops every step). The trained adapter stays active on ``model.unet`` (frozen); the
     returned state dict (CPU, fp32) can be cached and given to ``MergedLora.merge``.
+    ``forward``: the UNet forward to train through (default ``diffusion.unet_forward``; the
+    engine's compiled one with ``--compile``).
     """
     from peft.utils import get_peft_model_state_dict
 
@@ -240,7 +247,8 @@ def train_lora(
             latents = (mean + std * sample_noise) * vae.config.scaling_factor
             noisy = scheduler.add_noise(latents, noise, timesteps)
             optimizer.zero_grad(set_to_none=True)
-            fit_step(partial(_backward, model, noisy, noise, timesteps, cond, scaler), batch,
+            fit_step(partial(_backward, model, noisy, noise, timesteps, cond, scaler,
+                             forward or unet_forward), batch,
                      model.memory, unet, device, lambda: optimizer.zero_grad(set_to_none=True))
             if scaler is not None:
                 scaler.step(optimizer)
@@ -287,11 +295,31 @@ def lora_cache_key(
     seed: int,
 ) -> str:
     """sha256 over everything that determines the trained LoRA (the image as 8-bit pixels)."""
+    header = lora_header(model, image, prompt, rank=rank, lr=lr, steps=steps, batch=batch,
+                         fixed_crops=fixed_crops, seed=seed)
+    return _key(header, lora_pixels(image))
+
+
+def lora_pixels(image: torch.Tensor) -> bytes:
+    """The working image as the LoRA's key reads it: 8-bit pixels."""
     pixels = ((image.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    header = json.dumps(
+    return pixels.numpy().tobytes()
+
+
+def _key(header: str, pixels: bytes) -> str:
+    digest = hashlib.sha256(header.encode())
+    digest.update(pixels)
+    return digest.hexdigest()
+
+
+def lora_header(model: LoadedModel, image: torch.Tensor, prompt: str, *, rank: int, lr: float,
+                steps: int, batch: int, fixed_crops: bool, seed: int) -> str:
+    """Everything of ``lora_cache_key`` but the pixels: the model, the image's working size,
+    the prompt and the training settings (JSON)."""
+    return json.dumps(
         {
             "format": CACHE_FORMAT,
-            "shape": list(pixels.shape),
+            "shape": list(image.shape),
             "prompt": prompt,
             "model": model.fingerprint,
             "precision": model.precision.name,
@@ -304,9 +332,57 @@ def lora_cache_key(
         },
         sort_keys=True,
     )
-    digest = hashlib.sha256(header.encode())
-    digest.update(pixels.numpy().tobytes())
-    return digest.hexdigest()
+
+
+# How a LoRA setting is named when it keeps a result from inheriting its source's LoRA.
+_SETTING_NAMES = {"shape": "working size", "prompt": "prompt", "model": "model",
+                  "precision": "precision", "rank": "lora_rank", "lr": "lora_lr",
+                  "steps": "lora_steps", "batch": "lora_batch",
+                  "fixed_crops": "method (GoodDrag's LoRA crops differ from DragDiffusion's)",
+                  "seed": "seed", "format": "LoRA format"}
+
+
+class LoraLineage:
+    """Which LoRA the result of a recent edit inherits: the LoRA of the image it was dragged
+    from. A drag on a result layer (a chain of drags) then reuses it instead of training one
+    on the result, which differs from its source only where the edit changed it: the
+    identity the LoRA keeps is the source's. Only with the same model, working size, prompt
+    and LoRA settings (so for the same method: DragDiffusion's and GoodDrag's crops differ);
+    otherwise ``source`` says which setting differs. Results are known by their working pixels
+    (8-bit, as the LoRA's key reads them), the last ``max_entries`` of them, in memory."""
+
+    def __init__(self, max_entries: int = 64) -> None:
+        self.max_entries = max_entries
+        self._results: dict[str, tuple[str, str]] = {}  # pixels digest -> (header, LoRA key)
+
+    @staticmethod
+    def _digest(pixels: bytes) -> str:
+        return hashlib.sha256(pixels).hexdigest()
+
+    def record(self, result: torch.Tensor, header: str, key: str) -> None:
+        """``result`` (the edit's output at the working size, [1, 3, h, w] in [-1, 1]) was
+        made with the LoRA ``key`` of settings ``header``."""
+        digest = self._digest(lora_pixels(result))
+        self._results.pop(digest, None)
+        self._results[digest] = (header, key)
+        while len(self._results) > self.max_entries:
+            self._results.pop(next(iter(self._results)))
+
+    def source(self, pixels: bytes, header: str) -> tuple[str | None, str | None]:
+        """(the inherited LoRA key, None) for a known result with these settings; (None, why
+        not) for a known result with other settings; (None, None) for any other image."""
+        known = self._results.get(self._digest(pixels))
+        if known is None:
+            return None, None
+        theirs, key = known
+        if theirs == header:
+            return key, None
+        ours, old = json.loads(header), json.loads(theirs)
+        differ = [_SETTING_NAMES.get(name, name) for name in sorted(ours)
+                  if ours[name] != old.get(name)]
+        return None, ("this layer is the result of an earlier drag, but its LoRA was trained "
+                      f"with another {', '.join(differ)}, so this edit trained a new one (keep "
+                      "the settings to reuse it)")
 
 
 class LoraCache:
@@ -391,6 +467,16 @@ class PreparedLora:
     key: str | None = None  # its cache key; None: no LoRA (lora_steps 0)
     trained: bool = False  # trained for this edit (else cached, already merged, or none)
     resident: bool = False  # already merged by the previous edit with the same key
+    inherited: bool = False  # the LoRA of the image this one was dragged from (a chain)
+    # its settings (``lora_header``, for ``LoraLineage.record``; follows from the key)
+    header: str | None = field(default=None, compare=False)
+    why_not_inherited: str | None = None  # a known result that could not inherit, and why
+
+
+def lora_settings(params: DragParams, method: str, seed: int) -> dict:
+    """The training settings of ``train_lora`` (and of ``lora_cache_key``) for an edit."""
+    return dict(rank=params.lora_rank, lr=params.lora_lr, steps=params.lora_steps,
+                batch=params.lora_batch, fixed_crops=method == "gooddrag", seed=seed)
 
 
 def prepare_lora(
@@ -405,11 +491,15 @@ def prepare_lora(
     seed: int = 0,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    lineage: LoraLineage | None = None,
+    forward: Callable | None = None,
 ) -> PreparedLora:
     """Make the LoRA for this image and prompt the one merged into the UNet.
 
     Kept as is when ``merged`` already holds it (``resident``), else loaded from ``cache`` or
-    trained. ``method`` is "dragdiffusion" or "gooddrag" (their crop schemes). With
+    trained. ``method`` is "dragdiffusion" or "gooddrag" (their crop schemes). When
+    ``lineage`` knows the image as an earlier edit's result with the same settings, that
+    edit's LoRA is used (``inherited``) if it is merged or cached. With
     ``params.lora_steps == 0`` the base weights are restored (no key). ``merged.restore()``
     undoes it.
     """
@@ -417,30 +507,42 @@ def prepare_lora(
         remove_lora(model)
         merged.restore()
         return PreparedLora()
-    settings = dict(
-        rank=params.lora_rank,
-        lr=params.lora_lr,
-        steps=params.lora_steps,
-        batch=params.lora_batch,
-        fixed_crops=method == "gooddrag",
-        seed=seed,
-    )
-    key = lora_cache_key(model, image, prompt, **settings)
+    settings = lora_settings(params, method, seed)
+    header = lora_header(model, image, prompt, **settings)
+    pixels = lora_pixels(image)
+    source, why_not = lineage.source(pixels, header) if lineage is not None else (None, None)
+    if source is not None:
+        if merged.key == source:
+            return _done(PreparedLora(source, resident=True, inherited=True, header=header),
+                         params, progress)
+        state = cache.get(source) if cache is not None else None
+        if state is not None and _merge_cached(merged, source, state):
+            return _done(PreparedLora(source, inherited=True, header=header), params, progress)
+        why_not = ("this layer is the result of an earlier drag, but that drag's LoRA is no "
+                   "longer in the LoRA cache, so this edit trained a new one")
+    key = _key(header, pixels)
     resident = merged.key == key
     if not resident:
         merged.restore()
         state = cache.get(key) if cache is not None else None
         if state is None or not _merge_cached(merged, key, state):
-            state = train_lora(model, image, prompt, progress=progress, cancel=cancel, **settings)
+            state = train_lora(model, image, prompt, progress=progress, cancel=cancel,
+                               forward=forward, **settings)
             remove_lora(model)
             merged.merge(key, state)
             if cache is not None:
                 cache.put(key, state,
                           {"model": model.name, "prompt": prompt, "method": method, **settings})
-            return PreparedLora(key, trained=True)
+            return PreparedLora(key, trained=True, header=header, why_not_inherited=why_not)
+    return _done(PreparedLora(key, resident=resident, header=header,
+                              why_not_inherited=why_not), params, progress)
+
+
+def _done(lora: PreparedLora, params: DragParams, progress: ProgressFn | None) -> PreparedLora:
+    """A LoRA that needed no training: its phase reported as done."""
     if progress is not None:
         progress("lora", params.lora_steps, params.lora_steps)
-    return PreparedLora(key, resident=resident)
+    return lora
 
 
 def _merge_cached(merged: MergedLora, key: str, state: dict[str, torch.Tensor]) -> bool:

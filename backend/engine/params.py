@@ -111,7 +111,7 @@ PRESETS: dict[str, DragParams] = {
     # DragDiffusion at about a quarter of the work (docs/benchmarks.md, "The fast preset"): an eighth of the LoRA
     # samples (20 steps × batch 2 = 40 against 80 × 4 = 320) at 4× its learning rate, 25 DDIM steps (18 inverted: t* is
     # still 681), at most 40 drag steps at twice the step. ≤ 215 UNet forward-equivalents
-    # per first edit instead of 906, ≤ 116 per re-drag instead of 266.
+    # per first edit instead of 906, ≤ 98 per re-drag instead of 266.
     "fast": DragParams(
         lora_steps=20,
         lora_lr=2e-3,
@@ -265,6 +265,23 @@ USED_BY: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("inpaint_kernel", "inpaint_steps", "inpaint_strength"), ("inpaint4drag",)),
 }
 assert set(USED_BY) <= set(SPECS)
+
+# The knobs the identity LoRA (``lora.lora_cache_key``) and the inverted latent
+# (``redrag.redrag_key``) are computed from, besides the image, the prompt, the seed, the
+# algorithm (its LoRA crops) and the model: two requests that agree on these share both, so a
+# submit joins a prepare that matches (protocol 1.2, ``prepare``).
+PREPARED_KNOBS = ("work_size", "work_max_side", "lora_steps", "lora_lr", "lora_rank",
+                  "lora_batch", "n_inference_steps", "inversion_strength", "feature_block")
+
+
+def prepared_settings(algorithm: str, params: DragParams) -> dict[str, Any]:
+    """What a prepare's work depends on besides the image, the prompt and the seed: for the
+    latent methods the algorithm and ``PREPARED_KNOBS``; Inpaint4Drag's prepare only warms its
+    filler, which depends on nothing of the request."""
+    if algorithm not in LATENT_METHODS:
+        return {"algorithm": algorithm}
+    return {"algorithm": algorithm, **{name: getattr(params, name) for name in PREPARED_KNOBS}}
+
 
 # The most work one edit may ask for, in UNet forward-pass equivalents at 512×512 (a
 # backward pass counts as one more): about 40 times a default DragDiffusion edit (~900).

@@ -8,6 +8,7 @@ left behind with the inpainting model, or with the plain model's blended-latent 
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from backend.engine.devices import (
 from backend.engine.diffusion import Schedule, UNetRunner, compiled_unet_forward, run_inversion
 from backend.engine.errors import EngineError, OutOfMemory
 from backend.engine.fillers import BlendedLatentFiller, Filler
-from backend.engine.lora import LoraCache, PreparedLora, prepare_lora
+from backend.engine.lora import LoraCache, LoraLineage, PreparedLora, prepare_lora
 from backend.engine.lora_merge import MergedLora
 from backend.engine.memory import free_memory, oom_message
 from backend.engine.models import DEFAULT_MODEL, LoadedModel, load_model
@@ -38,12 +39,22 @@ from backend.engine.params import (
     MethodTable,
     served_algorithms,
 )
-from backend.engine.redrag import RedragCache, RedragEntry, redrag_key
-from backend.engine.types import CancelToken, DragRequest, DragResult, PreviewFn, ProgressFn
+from backend.engine.redrag import RedragCache, RedragEntry, image_digest, redrag_key
+from backend.engine.types import (
+    CancelToken,
+    DragRequest,
+    DragResult,
+    PrepareResult,
+    PreviewFn,
+    ProgressFn,
+)
 from backend.engine.work import WorkCounter, official_defaults, official_work
 
 ALGORITHMS = {"dragdiffusion": dragdiffusion.run, "gooddrag": gooddrag.run}
-assert set(ALGORITHMS) == set(LATENT_METHODS)
+# What each algorithm derives from z_t* alone before it reads the points (into the re-drag
+# cache's memo): a prepare computes it ahead.
+MEMOS = {"dragdiffusion": dragdiffusion.prepare, "gooddrag": gooddrag.prepare}
+assert set(ALGORITHMS) == set(MEMOS) == set(LATENT_METHODS)
 
 # Approximate RGB of an SD1.5 latent (scaled by the VAE factor): cheap previews without the VAE.
 LATENT_TO_RGB = torch.tensor(device="cpu", data=[
@@ -73,6 +84,17 @@ class _Prepared:
     mask_working: np.ndarray | None  # h×w bool, at the working size
 
 
+@dataclass
+class _Started:
+    """An edit up to the points: its inputs, LoRA, UNet runner, schedule and z_t*."""
+
+    prep: _Prepared
+    lora: PreparedLora
+    runner: UNetRunner
+    schedule: Schedule
+    entry: RedragEntry
+
+
 def latent_preview(latent: torch.Tensor,
                    latent_to_rgb: torch.Tensor | list | None = None) -> np.ndarray:
     """[1, C, h, w] latent → h×w×3 uint8 through a fixed linear map (no VAE decode): SD1.5's,
@@ -81,6 +103,31 @@ def latent_preview(latent: torch.Tensor,
                                                                          device="cpu")
     rgb = torch.einsum("chw,cr->hwr", latent[0].float().cpu(), matrix.float())
     return ((rgb + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).numpy()
+
+
+class PreviewThrottle:
+    """At most one preview per ``interval`` seconds, decided before anything leaves the device
+    (the latent → RGB map and its copy to the host run only for the previews shown)."""
+
+    def __init__(self, preview: PreviewFn, interval: float,
+                 latent_to_rgb: torch.Tensor | None = None) -> None:
+        self.preview, self.interval, self.latent_to_rgb = preview, interval, latent_to_rgb
+        self.shown = 0
+        self._last = -math.inf
+
+    def __call__(self, phase: str, step: int, latent: torch.Tensor) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return
+        self._last = now
+        self.shown += 1
+        self.preview(phase, step, latent_preview(latent, self.latent_to_rgb))
+
+
+def _rgb_map(model: LoadedModel | None) -> torch.Tensor | None:
+    """The model's own latent → RGB map (its ``preset.json``), or None: SD1.5's."""
+    rgb_map = model.preset.get("latent_to_rgb") if model is not None else None
+    return None if rgb_map is None else torch.tensor(rgb_map, dtype=torch.float32, device="cpu")
 
 
 def _own_params(model: LoadedModel | None, inpainter) -> dict:
@@ -120,7 +167,8 @@ class DragEngine:
         """``reuse`` false turns off the re-drag cache and keeps no LoRA merged between edits
         (each edit then inverts again and merges its LoRA from the disk cache).
         ``compile_unet`` runs the UNet through ``torch.compile`` (True: inductor, or a backend
-        name). ``inpainter`` is an ``inpaint_models.InpaintModel``."""
+        name): the LoRA training's forward and backward, the inversion, the drag and the
+        denoising. ``inpainter`` is an ``inpaint_models.InpaintModel``."""
         if model is None and inpainter is None:
             raise EngineError("no model to serve: give a plain model, an inpainting model or both")
         self.model = model
@@ -140,6 +188,7 @@ class DragEngine:
         self.redrag = (redrag if redrag is not None else RedragCache()) if reuse else None
         self.keep_lora = reuse
         self.merged_lora = MergedLora(model) if model is not None else None
+        self.lineage = LoraLineage()  # the LoRA each recent result inherits (chains of drags)
         self._filler: Filler | None = None
 
     @property
@@ -203,11 +252,13 @@ class DragEngine:
         progress: ProgressFn | None = None,
         cancel: CancelToken | None = None,
         preview: PreviewFn | None = None,
+        preview_interval: float = 0.0,
     ) -> DragResult:
         """Run one edit. Raises ``EngineError`` subclasses with actionable messages.
 
         ``preview(phase, step, rgb)`` receives rough previews of the edited image while denoising
-        (latent resolution, h×w×3 uint8, colours approximated without the VAE).
+        (latent resolution, h×w×3 uint8, colours approximated without the VAE), at most one per
+        ``preview_interval`` seconds: the others are never copied off the device.
         """
         imageops.validate_request(request.image, request.handles, request.targets, request.mask)
         height, width = request.image.shape[:2]
@@ -225,9 +276,11 @@ class DragEngine:
             if algorithm == "inpaint4drag":
                 modules = self._filler_modules()
                 with cancellable(within, *modules):
-                    return self._run_inpaint4drag(request, params, tracked, cancel, preview)
+                    return self._run_inpaint4drag(request, params, tracked, cancel, preview,
+                                                  preview_interval)
             with cancellable(within, self.model.unet, self.model.vae):
-                return self._run(request, algorithm, params, tracked, cancel, preview)
+                return self._run(request, algorithm, params, tracked, cancel, preview,
+                                 preview_interval)
         except EngineError:
             raise
         except Exception as exc:
@@ -239,6 +292,65 @@ class DragEngine:
             if self.model is not None:
                 self.model.unet.zero_grad(set_to_none=True)
 
+    def prepare_image(self, request: DragRequest, progress: ProgressFn | None = None,
+                      cancel: CancelToken | None = None, masked: bool = True) -> PrepareResult:
+        """An edit's work before it reads the points, kept in the caches for the edit that
+        follows (the protocol's ``prepare``): for DragDiffusion and GoodDrag the LoRA (merged,
+        and in the disk cache), z_t* and the algorithm's memo (the re-drag cache); an edit of
+        the same image, method, settings, prompt and seed then starts at the drag. For
+        Inpaint4Drag, whose work all depends on the points, it only builds the filler (the
+        first time: the plain model's empty-prompt embedding). ``masked``: whether the edit
+        will have a mask (DragDiffusion's cached reference has the mask term's latent then)."""
+        imageops.validate_image(request.image)
+        height, width = request.image.shape[:2]
+        algorithm, params = self.table.resolve(request.method, request.params, (width, height))
+        timings: dict[str, float] = {}
+        if algorithm == "inpaint4drag":
+            start = time.perf_counter()
+            _ = self.filler
+            timings["load"] = round(time.perf_counter() - start, 4)
+            return PrepareResult(timings, {"work": {"fe": {}, "total": 0}})
+        within = cancel if self.unet_forward is None else None
+        try:
+            with cancellable(within, self.model.unet, self.model.vae):
+                return self._prepare_latent(request, algorithm, params, progress, cancel,
+                                            masked, timings)
+        except EngineError:
+            raise
+        except Exception as exc:
+            if is_oom(exc):
+                self._free_memory()
+                raise OutOfMemory(oom_message("prepare")) from exc
+            raise
+        finally:
+            self.model.unet.zero_grad(set_to_none=True)
+
+    def _prepare_latent(self, request: DragRequest, algorithm: str, params: DragParams,
+                        progress: ProgressFn | None, cancel: CancelToken | None, masked: bool,
+                        timings: dict[str, float]) -> PrepareResult:
+        torch.manual_seed(request.seed)
+        report = _reporter(progress, cancel)
+        work = WorkCounter()
+        try:
+            started = self._start(request, algorithm, params, report, cancel, timings, work)
+            with self._timed(timings, "reference"):
+                ctx = self.drag_context(started.prep, params, started.runner, started.schedule,
+                                        request, report)
+                ctx.memo = started.entry.memo
+                MEMOS[algorithm](ctx, started.entry.z_star, masked)
+        finally:
+            if not self.keep_lora:
+                self.merged_lora.restore()
+            if self.redrag is not None:
+                self.redrag.trim()
+        return PrepareResult(timings, {
+            "work": {"fe": dict(work.fe), "total": work.total},
+            "reused": {"lora": started.lora.key is not None and not started.lora.trained,
+                       "inversion": started.entry.reused},
+            "lora_inherited": started.lora.inherited,
+            "why_not_inherited": started.lora.why_not_inherited,
+            "work_size": list(started.prep.working_size)})
+
     def _filler_modules(self) -> tuple[torch.nn.Module, ...]:
         """The UNet and VAE Inpaint4Drag's filler runs: the inpainting model's, else the plain
         model's (the cancel is checked at their blocks)."""
@@ -248,20 +360,19 @@ class DragEngine:
 
     def _run_inpaint4drag(self, request: DragRequest, params: DragParams,
                           progress: ProgressFn | None, cancel: CancelToken | None,
-                          preview: PreviewFn | None) -> DragResult:
+                          preview: PreviewFn | None, preview_interval: float) -> DragResult:
         """Warp at full resolution, inpaint with ``self.filler`` (``engine.inpaint4drag``)."""
         device = (self.inpainter or self.model).device
         reset_peak_memory(device)
         torch.manual_seed(request.seed)
-
         report = _reporter(progress, cancel)
-
+        if self.inpainter is None:  # the plain model fills: without an earlier edit's LoRA
+            self.merged_lora.restore()
         show = None
         if preview is not None:
-            rgb_map = self.model.preset.get("latent_to_rgb") if self.inpainter is None else None
-            matrix = (torch.tensor(rgb_map, dtype=torch.float32, device="cpu")
-                      if rgb_map is not None else None)
-            show = lambda step, latent: preview("denoise", step, latent_preview(latent, matrix))  # noqa: E731
+            throttle = PreviewThrottle(preview, preview_interval,
+                                       _rgb_map(self.model if self.inpainter is None else None))
+            show = lambda step, latent: throttle("denoise", step, latent)  # noqa: E731
         scale = (self.inpainter or self.model).vae_scale_factor
         start = time.perf_counter()
         result = inpaint4drag.run(request, params, self.filler, report, show, vae_scale=scale)
@@ -273,47 +384,25 @@ class DragEngine:
 
     def _run(self, request: DragRequest, algorithm: str, params: DragParams,
              progress: ProgressFn | None, cancel: CancelToken | None,
-             preview: PreviewFn | None) -> DragResult:
+             preview: PreviewFn | None, preview_interval: float) -> DragResult:
         model = self.model
         timings: dict[str, float] = {}
         reset_peak_memory(model.device)
         torch.manual_seed(request.seed)
-
         report = _reporter(progress, cancel)
-
-        with self._timed(timings, "load"):
-            report("load", 0, 1)
-            prep = self.prepare(request, params)
-            cond = model.encode_prompt(request.prompt)
-
         work = WorkCounter()
-        lora = PreparedLora()
         try:
-            if params.lora_steps > 0:
-                with self._timed(timings, "lora"):
-                    lora = prepare_lora(model, prep.pixels, request.prompt, params, self.lora_cache,
-                                        method=algorithm, merged=self.merged_lora,
-                                        seed=request.seed, progress=report, cancel=cancel)
-                if lora.trained:
-                    work.add("lora", 2 * params.lora_steps * params.lora_batch)
-            else:
-                self.merged_lora.restore()
-            runner = UNetRunner(model.unet, cond, params.feature_block, work,
-                                autocast=lambda: autocast(model.device, model.precision),
-                                forward=self.unet_forward)
-            schedule = Schedule.from_scheduler(model.scheduler, params.n_inference_steps,
-                                               params.inversion_strength)
-            with self._timed(timings, "inversion"):
-                entry = self.invert(prep, request.prompt, lora.key, params, runner, schedule,
-                                    report)
+            started = self._start(request, algorithm, params, report, cancel, timings, work)
+            prep, lora, runner = started.prep, started.lora, started.runner
+            schedule, entry = started.schedule, started.entry
             ctx = self.drag_context(prep, params, runner, schedule, request, report)
             ctx.memo = entry.memo
+            if lora.why_not_inherited:
+                ctx.warnings.append(f"Slower than it could be: {lora.why_not_inherited}.")
+            throttle = None
             if preview is not None:
-                rgb_map = model.preset.get("latent_to_rgb")
-                if rgb_map is not None:  # the model's own map, made a tensor once per edit
-                    rgb_map = torch.tensor(rgb_map, dtype=torch.float32, device="cpu")
-                ctx.preview = lambda phase, step, x0: preview(phase, step,
-                                                              latent_preview(x0, rgb_map))
+                throttle = PreviewThrottle(preview, preview_interval, _rgb_map(model))
+                ctx.preview = throttle
             with self._timed(timings, "drag+denoise"):
                 z_edit, handles = ALGORITHMS[algorithm](ctx, entry.z_star)
             if (~torch.isfinite(z_edit)).any():  # diverged: fail, never a black "success"
@@ -329,13 +418,18 @@ class DragEngine:
         with self._timed(timings, "decode"):
             report("decode", 0, 1)
             image = self.finish(prep, self.decode_latents(z_edit), params)
+        if lora.key is not None:  # a drag on this result inherits the LoRA
+            self.lineage.record(self.working_pixels(image, prep.working_size), lora.header,
+                                lora.key)
         stats = {
             **ctx.drag.as_stats(),
             "unet_passes": runner.passes,
             "work": self.work_stats(algorithm, params, schedule, work, ctx.drag, lora.trained),
             "reused": {"lora": lora.resident, "inversion": entry.reused},
+            "lora_inherited": lora.inherited,
             "work_size": list(prep.working_size),
             "t_star": schedule.t_star,
+            "previews": throttle.shown if throttle is not None else 0,
             "memory": memory_info(model.device),
         }
         final = imageops.from_grid(handles, prep.size, prep.working_size, ctx.grid)
@@ -344,17 +438,55 @@ class DragEngine:
 
     # -- named steps ----------------------------------------------------------------------
 
+    def _start(self, request: DragRequest, algorithm: str, params: DragParams,
+               report: ProgressFn, cancel: CancelToken | None, timings: dict[str, float],
+               work: WorkCounter) -> _Started:
+        """What an edit does before it reads the points: working inputs and prompt, the LoRA
+        (trained, from the disk cache, or already merged), z_t* (inverted, or from the re-drag
+        cache). The caller restores the LoRA and trims the re-drag cache afterwards."""
+        model = self.model
+        with self._timed(timings, "load"):
+            report("load", 0, 1)
+            prep = self.prepare(request, params)
+            cond = model.encode_prompt(request.prompt)
+        lora = PreparedLora()
+        if params.lora_steps > 0:
+            if self.redrag is not None:  # another image's memos stay out of the LoRA's peak
+                self.redrag.drop_other_images(image_digest(prep.pixels))
+            with self._timed(timings, "lora"):
+                lora = prepare_lora(model, prep.pixels, request.prompt, params, self.lora_cache,
+                                    method=algorithm, merged=self.merged_lora,
+                                    seed=request.seed, progress=report, cancel=cancel,
+                                    lineage=self.lineage, forward=self.unet_forward)
+            if lora.trained:
+                work.add("lora", 2 * params.lora_steps * params.lora_batch)
+        else:
+            self.merged_lora.restore()
+        runner = UNetRunner(model.unet, cond, params.feature_block, work,
+                            autocast=lambda: autocast(model.device, model.precision),
+                            forward=self.unet_forward)
+        schedule = Schedule.from_scheduler(model.scheduler, params.n_inference_steps,
+                                           params.inversion_strength)
+        with self._timed(timings, "inversion"):
+            entry = self.invert(prep, request.prompt, lora.key, params, runner, schedule, report)
+        return _Started(prep, lora, runner, schedule, entry)
+
     def prepare(self, request: DragRequest, params: DragParams) -> _Prepared:
         """Split channels, resize the image and mask to the working resolution."""
         height, width = request.image.shape[:2]
         working = imageops.working_size(width, height, params.work_size, params.work_max_side)
-        color, _alpha = imageops.split_channels(request.image)
-        pixels = torch.from_numpy(imageops.model_rgb(color, working)).permute(2, 0, 1)[None]
+        pixels = self.working_pixels(request.image, working)
         mask = request.mask
         if mask is not None and mask.ndim == 3:
             mask = mask[..., 0]
         mask_working = imageops.resize_mask_nearest(mask, working) if mask is not None else None
         return _Prepared((width, height), working, request.image, pixels, mask, mask_working)
+
+    @staticmethod
+    def working_pixels(image: np.ndarray, working: tuple[int, int]) -> torch.Tensor:
+        """An image's colour at the working size, [1, 3, h, w] in [-1, 1]."""
+        color, _alpha = imageops.split_channels(image)
+        return torch.from_numpy(imageops.model_rgb(color, working)).permute(2, 0, 1)[None]
 
     def drag_context(self, prep: _Prepared, params: DragParams, runner: UNetRunner,
                      schedule: Schedule, request: DragRequest, report: ProgressFn) -> DragContext:
@@ -399,7 +531,7 @@ class DragEngine:
         z_star = run_inversion(runner, schedule, self.encode_image(prep.pixels),
                                lambda i, n: report("inversion", i, n))
         if self.redrag is not None:
-            return self.redrag.put(key, z_star)
+            return self.redrag.put(key, z_star, image_digest(prep.pixels))
         return RedragEntry(z_star, memo=None)
 
     @torch.no_grad()

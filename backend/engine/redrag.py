@@ -4,7 +4,8 @@ The inverted latent z_t* depends on the working image, the prompt, the model, th
 number of DDIM steps and the inversion strength, never on the points. A user who drags an image,
 looks, and drags it again differently would otherwise pay for LoRA, VAE encoding and inversion
 every time. An entry keeps z_t* plus *memos*: values an algorithm derives from z_t* alone
-(DragDiffusion's F⁰ at t*, GoodDrag's original trajectory), stored in whatever form the
+(DragDiffusion's F⁰ at t*, GoodDrag's original trajectory, the denoising's original
+branch under reference attention: ``attention.denoise_with_reference``), stored in whatever form the
 algorithm computes them (``DragContext.cached``), so this module does not care how features are
 stored. Everything stays on the model's device.
 
@@ -32,6 +33,7 @@ class RedragEntry:
     z_star: torch.Tensor
     memo: dict[Any, Any] | None = field(default_factory=dict)  # None: not kept
     reused: bool = False  # set when an edit found it in the cache
+    image: str = ""  # image_digest of its working pixels
 
     @property
     def nbytes(self) -> int:
@@ -46,6 +48,11 @@ def _nbytes(value: Any) -> int:
     if isinstance(value, (list, tuple)):
         return sum(_nbytes(v) for v in value)
     return 0
+
+
+def image_digest(pixels: torch.Tensor) -> str:
+    """sha256 of the working pixels alone (which entries belong to the image being edited)."""
+    return hashlib.sha256(pixels.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def redrag_key(model, pixels: torch.Tensor, prompt: str, lora_key: str | None, params) -> str:
@@ -90,8 +97,8 @@ class RedragCache:
             self._entries.popitem()
         return None
 
-    def put(self, key: str, z_star: torch.Tensor) -> RedragEntry:
-        entry = RedragEntry(z_star.detach())
+    def put(self, key: str, z_star: torch.Tensor, image: str = "") -> RedragEntry:
+        entry = RedragEntry(z_star.detach(), image=image)
         self._entries[key] = entry
         self._entries.move_to_end(key, last=False)
         while len(self._entries) > self.max_entries:
@@ -104,6 +111,14 @@ class RedragCache:
             if self.nbytes <= self.max_bytes:
                 return
             if entry.memo:
+                entry.memo.clear()
+
+    def drop_other_images(self, image: str) -> None:
+        """Drop the memos of entries of other images than ``image`` (its ``image_digest``):
+        called before a LoRA is trained, the edit's memory peak, so that another image's
+        memos (the denoising's original branch: 0.41 GB in fp16 at 512²) do not add to it."""
+        for entry in self._entries.values():
+            if entry.image != image and entry.memo:
                 entry.memo.clear()
 
     @property

@@ -72,6 +72,15 @@ class DragResult:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class PrepareResult:
+    """What a prepare did (``Engine.prepare_image``): seconds per phase, and ``stats`` such as
+    the work per phase and what was found in the caches."""
+
+    timings: dict[str, float]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
 class CancelToken:
     """Cooperative cancellation: the engine calls ``check()`` once per step."""
 

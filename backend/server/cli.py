@@ -43,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--dtype", default=None,
                        help="precision: auto (default), fp16, bf16, fp32, fp16-mixed, bf16-mixed")
     serve.add_argument("--compile", action="store_true",
-                       help="run the UNet through torch.compile (slower first edit)")
+                       help="run the UNet through torch.compile: the inversion, drag and "
+                       "denoising, and the LoRA training's forward and backward (opt-in: the "
+                       "first edit of each shape compiles; not yet measured on a GPU)")
     serve.add_argument("--bind", default=DEFAULT_BIND,
                        help="ZeroMQ endpoint (default %(default)s; port 0 = any free port)")
     serve.add_argument("--connection-file", type=Path, default=None,

@@ -25,7 +25,7 @@ from backend.engine.interface import Engine, WarpFn
 from backend.engine.oom import OOM_ADVICE, is_oom
 from backend.engine.types import DragRequest, PreviewFn, ProgressFn
 from backend.model_choice import Fallback, load_or_demo
-from backend.server.jobs import Job
+from backend.server.jobs import PREPARE, Job
 from protocol import wire
 
 log = logging.getLogger("backend.server")
@@ -34,7 +34,13 @@ log = logging.getLogger("backend.server")
 NUMPY_DTYPES = {"u8": np.dtype(np.uint8), "u16": np.dtype("<u2"), "f32": np.dtype("<f4")}
 ACCEPTED_DTYPES = tuple(NUMPY_DTYPES)
 PROGRESS_INTERVAL = 0.05  # seconds between progress events of one job (phase changes always)
+# Previews of one job: the engine throttles them to one per PREVIEW_INTERVAL before it copies
+# a latent off the device (``Engine.run``'s ``preview_interval``), so every preview it hands
+# over is sent. The worker's own floor, half the interval, only stops an engine that ignores
+# ``preview_interval``: the engine's clock reads a few milliseconds before this one, and a
+# floor of the whole interval would throw away previews the engine has already copied.
 PREVIEW_INTERVAL = 0.5
+PREVIEW_FLOOR = PREVIEW_INTERVAL / 2
 
 
 @dataclass(frozen=True)
@@ -191,17 +197,29 @@ class EngineWorker:
         dtype = NUMPY_DTYPES[r["dtype"]]
         image = np.frombuffer(job.buffers[0], dtype).reshape(r["height"], r["width"],
                                                               r["channels"])
+        if job.kind == PREPARE:  # no mask and no points: the image and the settings
+            request = DragRequest(image=image, handles=[], targets=[], method=r["method"],
+                                  prompt=r["prompt"], seed=r["seed"], params=dict(r["params"]))
+            return self._outcome(job, lambda: engine.prepare_image(
+                request, progress=self._progress_callback(job), cancel=job.cancel,
+                masked=r["masked"]))
         mask = (np.frombuffer(job.buffers[1], np.uint8).reshape(r["height"], r["width"])
                 if r["has_mask"] else None)
         request = DragRequest(image=image, mask=mask, method=r["method"], prompt=r["prompt"],
                               seed=r["seed"], params=dict(r["params"]),
                               handles=[(x, y) for x, y in r["handles"]],
                               targets=[(x, y) for x, y in r["targets"]])
-        jid = job.job_id
+        preview = self._preview_callback(job) if r["preview"] else None
+        return self._outcome(job, lambda: engine.run(
+            request, progress=self._progress_callback(job), cancel=job.cancel, preview=preview,
+            preview_interval=PREVIEW_INTERVAL))
+
+    def _outcome(self, job: Job, work: Callable[[], Any]) -> JobMessage:
+        """Run ``work`` (an edit or a prepare) and say how it ended: ``finished`` with the
+        pixels, ``prepared``, ``cancelled`` or ``error``."""
+        r, jid = job.request, job.job_id
         try:
-            result = engine.run(request, progress=self._progress_callback(job),
-                                cancel=job.cancel,
-                                preview=self._preview_callback(job) if r["preview"] else None)
+            result = work()
         except Cancelled:
             return JobMessage(job, wire.CANCELLED, {"job_id": jid, "reason": job.cancel_reason})
         except EngineError as exc:
@@ -218,7 +236,10 @@ class EngineWorker:
                 error = {"code": wire.ENGINE_ERROR, "message": f"the edit failed: "
                          f"{type(exc).__name__}: {exc}"}
             return JobMessage(job, wire.ERROR, {"job_id": jid, **error, "detail": detail})
-        pixels = np.ascontiguousarray(result.image, dtype=dtype)
+        if job.kind == PREPARE:
+            return JobMessage(job, wire.PREPARED, {"job_id": jid, "timings": plain(result.timings),
+                                                   "stats": plain(result.stats)})
+        pixels = np.ascontiguousarray(result.image, dtype=NUMPY_DTYPES[r["dtype"]])
         h, w = pixels.shape[:2]
         channels = pixels.shape[2] if pixels.ndim == 3 else 1
         return JobMessage(job, wire.FINISHED, {
@@ -246,7 +267,7 @@ class EngineWorker:
 
         def preview(phase: str, step: int, image: np.ndarray) -> None:
             now = time.monotonic()
-            if now - last[0] < PREVIEW_INTERVAL:
+            if now - last[0] < PREVIEW_FLOOR:
                 return
             last[0] = now
             pixels = np.ascontiguousarray(image, dtype=np.uint8)

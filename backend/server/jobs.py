@@ -1,4 +1,5 @@
-"""The server's job table: jobs by id, the fair queue, and how long terminal results are kept.
+"""The server's job table: jobs by id, the fair queue, the waiting prepares, and how long
+terminal results are kept.
 
 Pure bookkeeping, no sockets and no engine: only the socket thread touches it.
 """
@@ -17,7 +18,9 @@ from backend.engine.types import CancelToken
 from protocol import wire
 
 # terminal message type -> the job's final state
-STATE_OF = {wire.FINISHED: "finished", wire.CANCELLED: "cancelled", wire.ERROR: "failed"}
+STATE_OF = {wire.FINISHED: "finished", wire.CANCELLED: "cancelled", wire.ERROR: "failed",
+            wire.PREPARED: "finished"}
+EDIT, PREPARE = "edit", "prepare"  # a job's kind: a submit's edit, or a prepare (1.2)
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,12 @@ class Job:
     started: float | None = None
     ended: float | None = None
     terminal: Terminal | None = None
+    kind: str = EDIT
+    # What a prepare's LoRA and inversion depend on (and an edit's, to find the prepare it
+    # joins): ``Server._prepare_key``; None for an edit that can join nothing.
+    key: str | None = None
+    serves: Job | None = None  # a running prepare: the submit that joined it
+    joined: Job | None = None  # a submit: the running prepare it joined (its first phases)
 
     @property
     def result_bytes(self) -> int:
@@ -137,7 +146,12 @@ class RanIds:
 
 
 class JobTable:
-    """Every known job, the queue, the running job, and the retention of finished ones.
+    """Every known job, the queue, the waiting prepares, the running job, and the retention of
+    finished ones.
+
+    Prepares (protocol 1.2) wait apart from the fair queue, at most one per client session,
+    and run only when no edit is queued: an edit never waits for a prepare to start. A prepare
+    that a submit joined hands the engine to that submit when it ends (``start_next``).
 
     Retention is per client session (the one that submitted the job): each keeps its last
     ``keep_results`` terminal jobs for ``keep_seconds``, whatever other sessions do. Two caps
@@ -154,7 +168,9 @@ class JobTable:
         self.keep_results, self.keep_bytes = keep_results, keep_bytes
         self.keep_seconds, self.keep_records = keep_seconds, keep_records
         self.queue = FairQueue()
+        self.prepares: OrderedDict[str, Job] = OrderedDict()  # session -> its waiting prepare
         self.running: Job | None = None
+        self._handoff: Job | None = None  # the submit that runs next: its prepare ended
         self.ran = ran or RanIds()
         self._jobs: dict[str, Job] = {}
         # session -> its terminal jobs kept for re-fetching, oldest first
@@ -170,28 +186,67 @@ class JobTable:
         return job_id not in self._jobs and job_id in self.ran
 
     def add(self, job: Job) -> None:
-        """A new job joins the queue."""
+        """A new job joins the queue (a prepare: the waiting prepares)."""
         self._jobs[job.job_id] = job
-        self.queue.push(job)
+        if job.kind == PREPARE:
+            self.prepares[job.session] = job
+        else:
+            self.queue.push(job)
         self.ran.add(job.job_id, time.monotonic())
 
+    def requeue(self, prepare: Job) -> None:
+        """A prepare that yielded the engine to an edit waits again (it starts over)."""
+        if self.running is prepare:
+            self.running = None
+        prepare.state, prepare.started = "queued", None
+        prepare.cancel, prepare.cancel_reason = CancelToken(), "client"
+        self.prepares[prepare.session] = prepare
+
+    def join(self, edit: Job, prepare: Job) -> None:
+        """``edit`` takes over the running ``prepare``: the prepare's work is its first phases,
+        so it counts as running from now, and runs as soon as the prepare ends."""
+        self.queue.remove(edit)
+        edit.joined, prepare.serves = prepare, edit
+        edit.state, edit.position, edit.started = "running", None, time.monotonic()
+
     def start_next(self) -> Job | None:
-        """Take the next queued job (fair order) as the running one."""
-        job = self.queue.pop()
+        """Take the next job as the running one: the submit whose prepare just ended, else the
+        next queued edit (fair order), else the oldest waiting prepare."""
+        job, self._handoff = self._handoff, None
+        if job is None:
+            job = self.queue.pop()
+        if job is None and self.prepares:
+            _, job = self.prepares.popitem(last=False)
         if job is not None:
-            job.state, job.position, job.started = "running", None, time.monotonic()
+            if job.joined is None:  # a joined submit started when it joined
+                job.started = time.monotonic()
+            job.state, job.position = "running", None
             self.running = job
         return job
 
+    def waiting(self) -> list[Job]:
+        """The jobs waiting to run, in the order they will: edits, then prepares."""
+        return [*self.queue.order(), *self.prepares.values()]
+
     def active(self) -> list[Job]:
-        """The queued jobs in run order, then the running one."""
-        return [*self.queue.order(), *([self.running] if self.running else [])]
+        """The waiting jobs in run order, then the running one and the submit it serves."""
+        running = [self.running] if self.running else []
+        if self.running is not None and self.running.serves is not None:
+            running.append(self.running.serves)
+        return [*self.waiting(), *running]
 
     def finish(self, job: Job, terminal: Terminal) -> None:
         """Record a job's terminal event and keep its result a while."""
         if self.running is job:
             self.running = None
+            if job.serves is not None and job.serves.terminal is None:
+                self._handoff = job.serves
+            job.serves = None
+        if job.joined is not None:  # ended before its prepare did (cancelled)
+            job.joined.serves = job.joined = None
         self.queue.remove(job)
+        if self.prepares.get(job.session) is job:
+            del self.prepares[job.session]
         job.state = STATE_OF[terminal.msg_type]
         job.terminal = terminal
         job.ended = time.monotonic()

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from backend.server.jobs import Job
+from backend.server.jobs import EDIT, Job
 from protocol import wire
 
 log = logging.getLogger("backend.server")
@@ -86,13 +86,14 @@ def log_job(job: Job) -> None:
     waited = (job.started or job.ended) - job.created
     ran = job.ended - job.started if job.started else 0.0
     phases = " ".join(f"{k}={v:.2f}s" for k, v in content.get("timings", {}).items())
-    outcome = {wire.FINISHED: "finished",
+    outcome = {wire.FINISHED: "finished", wire.PREPARED: "prepared",
                wire.CANCELLED: f"cancelled ({content.get('reason')})",
                wire.ERROR: f"failed ({content.get('code')}: {content.get('message')})"}
-    log.info("job %s %s: client %s, %dx%dx%d%s, %d points, method %s, waited %.2fs, "
-             "ran %.2fs%s", job.job_id, outcome[msg_type], printable(job.session, 8),
-             r["width"], r["height"], r["channels"], " +mask" if r["has_mask"] else "",
-             len(r["handles"]), r["method"], waited, ran, f", {phases}" if phases else "")
+    log.info("%s %s %s: client %s, %dx%dx%d%s, %d points, method %s, waited %.2fs, "
+             "ran %.2fs%s", "job" if job.kind == EDIT else "prepare", job.job_id,
+             outcome[msg_type], printable(job.session, 8), r["width"], r["height"],
+             r["channels"], " +mask" if r.get("has_mask") else "", len(r.get("handles", ())),
+             r["method"], waited, ran, f", {phases}" if phases else "")
 
 
 class RefusalLog:

@@ -4,13 +4,21 @@ Five parts, one file each: ``transport`` (the ROUTER socket, CURVE, the connecti
 file), ``jobs`` (job table, fair queue, result retention), ``engine_worker`` (the worker
 thread that runs the ``Engine`` and rate-limits its events), ``downloads`` (model downloads
 in their own thread, protocol 1.3), and this module, which answers the requests, moves jobs
-from the queue to the engine, and reloads the engine when a download brings a model it serves. Only the socket thread (``serve_forever``)
-touches the socket and the job table, so hello, ping, cancel and shutdown are answered while an
+from the queue to the engine, and reloads the engine when a download brings a model it serves.
+Only the socket thread (``serve_forever``) touches the socket and the job table, so hello, ping, cancel and shutdown are answered while an
 edit runs. The wire format is ``protocol/PROTOCOL.md``.
+
+Prepares (protocol 1.2) are low-priority jobs: one per client session, started only when no
+edit is queued, and stopped within one model block when any submit arrives, unless that submit
+matches (same image, prompt, seed, algorithm and ``params.PREPARED_KNOBS``): then it joins the
+running prepare, which becomes its first phases. A prepare that yielded starts over when the
+queue is empty again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import secrets
 import threading
@@ -22,7 +30,7 @@ from typing import Any
 from backend import __version__
 from backend.engine.errors import EngineError
 from backend.engine.interface import Engine, WarpFn, load_preview_warp
-from backend.engine.params import MethodTable
+from backend.engine.params import DragParams, MethodTable, prepared_settings
 from backend.hub.store import Progress, Store
 from backend.model_choice import Fallback, ServePlan
 from backend.server.downloads import DownloadJob, Downloads
@@ -33,7 +41,7 @@ from backend.server.engine_worker import (
     plain,
     run_warp,
 )
-from backend.server.jobs import Job, JobTable, Terminal
+from backend.server.jobs import EDIT, PREPARE, Job, JobTable, Terminal
 from backend.server.log import RefusalLog, log_job, printable
 from backend.server.transport import (
     DEFAULT_BIND,
@@ -184,14 +192,17 @@ class Server:
         log.info("shutting down (%s)", reason)
         self._stop_reason = self._stop_reason or reason
         self._stop_deadline = time.monotonic() + self.shutdown_grace
-        cancelled = [job.job_id for job in self._jobs.queue.order()]
-        for job in self._jobs.queue.order():
+        waiting = self._jobs.waiting()
+        cancelled = [job.job_id for job in waiting]
+        for job in waiting:
             self._end(job, wire.CANCELLED, {"job_id": job.job_id, "reason": "shutdown"})
         running = self._jobs.running
         if running is not None:
+            if running.serves is not None:
+                cancelled.append(running.serves.job_id)
+                self._stop(running.serves, "shutdown")
             cancelled.append(running.job_id)
-            running.cancel_reason = "shutdown"
-            running.cancel.cancel()
+            self._stop(running, "shutdown")
         if self._downloads is not None:
             cancelled += [job.job_id for job in self._downloads.active()]
             self._downloads.stop()
@@ -249,7 +260,7 @@ class Server:
             "limits": self.limits.as_dict(),
             "dtypes": list(ACCEPTED_DTYPES),
             "client_ttl": self.client_ttl,
-            "queue": {"queued": len(self._jobs.queue),
+            "queue": {"queued": len(self._jobs.waiting()),
                       "running": running.job_id if running else None},
             "security": {"signature_scheme": wire.SIGNATURE_SCHEME,
                          "curve": self.curve is not None},
@@ -273,7 +284,7 @@ class Server:
         running = self._jobs.running
         self._reply(identity, message, wire.PONG, {
             "server_session": self._session.session_id, "time": time.time(),
-            "queued": len(self._jobs.queue),
+            "queued": len(self._jobs.waiting()),
             "running": running.job_id if running else None})
 
     def _on_submit(self, message: Message, identity: bytes) -> None:
@@ -298,20 +309,143 @@ class Server:
                                 "again and resubmit")
         wire.check_submit(content, [len(b) for b in message.buffers], self.limits,
                           ACCEPTED_DTYPES)
-        self._check_request(content)
+        algorithm, params = self._check_request(content)
         self._check_model()
-        if len(self._jobs.queue) >= self.limits.max_queue:
-            raise ProtocolError(wire.QUEUE_FULL, f"the backend already has "
-                                f"{self.limits.max_queue} edits waiting; try again later")
+        self._check_queue()
         job = Job(job_id, message.session, message.session, message.header, message.fingerprint,
-                  content, message.buffers)
+                  content, message.buffers,
+                  key=self._prepare_key(content, algorithm, params, message.digests[0]))
         self._jobs.add(job)
+        joined = self._meet_prepares(job)
         self._reply(identity, message, wire.SUBMIT_REPLY, {
+            "job_id": job_id, "state": job.state, "position": None, "duplicate": False,
+            "joined": joined.job_id if joined else None})
+        if joined is not None:
+            self._emit(job, wire.STARTED, {"job_id": job_id})
+            log.info("job %s joined prepare %s", job_id, joined.job_id)
+        self._update_positions()
+        self._dispatch()
+
+    def _on_prepare(self, message: Message, identity: bytes) -> None:
+        """Start the LoRA and inversion of an image while its dialog is open (1.2): checked and
+        counted like a submit; the session's earlier prepare is discarded, or answered as this
+        one (``duplicate``) when it prepares the same."""
+        content = message.content
+        job_id = content["job_id"]
+        job = self._jobs.get(job_id)
+        if job is not None:
+            if job.fingerprint != message.fingerprint:
+                raise ProtocolError(wire.JOB_ID_CONFLICT, f"job id {job_id} is already used by "
+                                    "a different request; use a new job id")
+            job.route = message.session
+            self._reply(identity, message, wire.PREPARE_REPLY, {
+                "job_id": job_id, "state": job.state, "position": job.position,
+                "duplicate": True})
+            self._resend_terminal(job)
+            return
+        if self._jobs.expired(job_id):
+            raise ProtocolError(wire.RESULT_EXPIRED, f"job {job_id} already ran; send the "
+                                "prepare with a new job id")
+        if self._stop_reason:
+            raise ProtocolError(wire.SHUTTING_DOWN, "the backend is shutting down")
+        wire.check_prepare(content, [len(b) for b in message.buffers], self.limits,
+                           ACCEPTED_DTYPES)
+        algorithm, params = self._check_request(content)
+        self._check_model()
+        key = self._prepare_key(content, algorithm, params, message.digests[0])
+        current = self._current_prepare(message.session)
+        if current is not None and current.key == key:
+            current.route = message.session
+            self._reply(identity, message, wire.PREPARE_REPLY, {
+                "job_id": current.job_id, "state": current.state,
+                "position": current.position, "duplicate": True})
+            return
+        self._check_queue(PREPARE)
+        if current is not None:
+            self._discard(current, "replaced")
+        job = Job(job_id, message.session, message.session, message.header, message.fingerprint,
+                  content, message.buffers, kind=PREPARE, key=key)
+        self._jobs.add(job)
+        self._reply(identity, message, wire.PREPARE_REPLY, {
             "job_id": job_id, "state": "queued", "position": None, "duplicate": False})
         self._update_positions()
         self._dispatch()
 
-    def _check_request(self, request: dict[str, Any]) -> None:
+    def _check_queue(self, kind: str = EDIT) -> None:
+        """``max_queue`` bounds the waiting edits; a prepare also counts the waiting prepares
+        (so prepares never take an edit's place)."""
+        waiting = len(self._jobs.waiting() if kind == PREPARE else self._jobs.queue)
+        if waiting >= self.limits.max_queue:
+            raise ProtocolError(wire.QUEUE_FULL, f"the backend already has "
+                                f"{self.limits.max_queue} edits waiting; try again later")
+
+    @staticmethod
+    def _prepare_key(request: dict[str, Any], algorithm: str, params: DragParams,
+                     image_digest: bytes) -> str:
+        """What an edit's or prepare's LoRA and inversion depend on: the image's pixels (their
+        SHA-256, computed once for the signature) and geometry, the prompt, the seed and
+        ``params.prepared_settings``. A submit with the key of the running prepare joins it."""
+        header = json.dumps({
+            "size": [request["width"], request["height"], request["channels"]],
+            "dtype": request["dtype"], "prompt": request["prompt"], "seed": request["seed"],
+            **prepared_settings(algorithm, params)}, sort_keys=True)
+        return hashlib.sha256(header.encode() + image_digest).hexdigest()
+
+    def _current_prepare(self, session: str) -> Job | None:
+        """The session's prepare that is waiting or running for it (not one that a submit
+        joined, nor one already stopping)."""
+        running = self._jobs.running
+        if (running is not None and running.kind == PREPARE and running.session == session
+                and running.serves is None and not running.cancel.cancelled):
+            return running
+        return self._jobs.prepares.get(session)
+
+    def _meet_prepares(self, edit: Job) -> Job | None:
+        """A new edit and the prepares: it joins the running prepare when that prepares the
+        same (returned); otherwise the running prepare yields (ended when the edit's session
+        sent it, ``replaced``; else back to waiting, ``preempted``). Waiting prepares of the
+        same image and settings end (``superseded``: the edit does their work), as does the
+        edit's own session's (``replaced``)."""
+        for prepare in list(self._jobs.prepares.values()):
+            if prepare.key == edit.key:
+                self._discard(prepare, "superseded")
+            elif prepare.session == edit.session:
+                self._discard(prepare, "replaced")
+        running = self._jobs.running
+        if running is None or running.kind != PREPARE or running.serves is not None:
+            return None
+        if running.cancel.cancelled:
+            if running.key == edit.key and running.cancel_reason == "preempted":
+                running.cancel_reason = "superseded"  # not waiting again: the edit does it
+            return None
+        if running.key == edit.key:
+            self._jobs.join(edit, running)
+            return running
+        self._discard(running, "replaced" if running.session == edit.session else "preempted")
+        return None
+
+    def _discard(self, prepare: Job, reason: str) -> None:
+        """End a waiting prepare now, or stop a running one (within one model block)."""
+        if prepare.state == "queued":
+            self._end(prepare, wire.CANCELLED, {"job_id": prepare.job_id, "reason": reason})
+        else:
+            self._stop(prepare, reason)
+
+    def _stop(self, job: Job, reason: str) -> None:
+        """Cancel a running job. A submit that joined a prepare has nothing running of its own
+        yet: it ends at once, and its prepare stops with it when its session sent it (another
+        session's prepare goes on for that session)."""
+        prepare = job.joined
+        if prepare is None:
+            job.cancel_reason = reason
+            job.cancel.cancel()
+            return
+        self._end(job, wire.CANCELLED, {"job_id": job.job_id, "reason": reason})
+        if prepare.session == job.session and not prepare.cancel.cancelled:
+            prepare.cancel_reason = reason
+            prepare.cancel.cancel()
+
+    def _check_request(self, request: dict[str, Any]) -> tuple[str, DragParams]:
         """The one check before a job is accepted: the request's method and knobs against what
         the engine runs (``self._table``: the presets with the model's own defaults), and the
         cost of those settings on the request's real working canvas, attention's square of the
@@ -319,8 +453,8 @@ class Server:
         same ``MethodTable.resolve`` when the job's turn comes; a refusal here is the submit's
         reply, the job is never queued."""
         try:
-            self._table.resolve(request["method"], request["params"],
-                                (request["width"], request["height"]))
+            return self._table.resolve(request["method"], request["params"],
+                                       (request["width"], request["height"]))
         except EngineError as exc:
             raise ProtocolError(wire.INVALID_INPUT, str(exc)) from None
 
@@ -369,11 +503,14 @@ class Server:
                         {"job_id": job.job_id, "state": "cancelled"})
             self._end(job, wire.CANCELLED, {"job_id": job.job_id, "reason": "client"})
             self._update_positions()
-        elif job.state == "running":
-            job.cancel_reason = "client"
-            job.cancel.cancel()
+        elif job.serves is not None:  # a prepare a submit joined is that submit's work now
             self._reply(identity, message, wire.CANCEL_REPLY,
-                        {"job_id": job.job_id, "state": "cancelling"})
+                        {"job_id": job.job_id, "state": job.state})
+        elif job.state == "running":
+            self._reply(identity, message, wire.CANCEL_REPLY, {
+                "job_id": job.job_id,
+                "state": "cancelled" if job.joined is not None else "cancelling"})
+            self._stop(job, "client")
         else:
             self._reply(identity, message, wire.CANCEL_REPLY,
                         {"job_id": job.job_id, "state": job.state})
@@ -419,7 +556,7 @@ class Server:
             self._emit(job, t.msg_type, t.content, t.buffers)
 
     def _update_positions(self) -> None:
-        for position, job in enumerate(self._jobs.queue.order(), 1):
+        for position, job in enumerate(self._jobs.waiting(), 1):
             if job.position != position:
                 job.position = position
                 self._emit(job, wire.QUEUED, {"job_id": job.job_id, "position": position})
@@ -432,7 +569,9 @@ class Server:
         job = self._jobs.start_next()
         if job is None:
             return
-        self._emit(job, wire.STARTED, {"job_id": job.job_id})
+        if job.joined is None:  # a submit that joined its prepare was told when it joined
+            self._emit(job, wire.STARTED, {"job_id": job.job_id})
+        job.joined = None
         self._worker.run(job)
         self._update_positions()
 
@@ -454,18 +593,19 @@ class Server:
         active = self._jobs.active()
         heard_up_to = min(now, self._transport.drained_at)
         for job in active:
-            if heard_up_to - self._last_seen.get(job.route, now) <= self.client_ttl:
+            # a prepare that a submit joined lives as long as that submit's client
+            route = job.serves.route if job.serves is not None else job.route
+            if heard_up_to - self._last_seen.get(route, now) <= self.client_ttl:
                 continue
-            if job.cancel.cancelled:  # already asked to stop; it ends within one model block
+            if job.cancel.cancelled or job.terminal is not None:  # already stopping or ended
                 continue
             log.info("client %s silent for %g s; cancelling job %s",
-                     printable(job.route, 8), self.client_ttl, job.job_id)
+                     printable(route, 8), self.client_ttl, job.job_id)
             if job.state == "queued":
                 self._end(job, wire.CANCELLED, {"job_id": job.job_id, "reason": "client_gone"})
                 self._update_positions()
             else:
-                job.cancel_reason = "client_gone"
-                job.cancel.cancel()
+                self._stop(job, "client_gone")
         busy = {job.route for job in active}
         for session, seen in list(self._last_seen.items()):
             if session not in busy and now - seen > max(3 * self.client_ttl, 300.0):
@@ -483,7 +623,7 @@ class Server:
                     "(%s, not %s); checking the queued edits again", dict(table.model_params),
                     dict(self._table.model_params))
         self._table = table
-        for job in self._jobs.queue.order():
+        for job in self._jobs.waiting():
             try:
                 self._check_request(job.request)
             except ProtocolError as exc:
@@ -502,10 +642,20 @@ class Server:
             if isinstance(event, ModelLoaded):
                 self._model_loaded(event)
             elif event.terminal:
-                self._end(event.job, event.msg_type, event.content, event.buffers)
+                job = event.job
+                if (job.kind == PREPARE and event.msg_type == wire.CANCELLED
+                        and job.cancel_reason == "preempted" and not self._stop_reason):
+                    self._jobs.requeue(job)  # it yielded to an edit: it starts over later
+                else:
+                    self._end(job, event.msg_type, event.content, event.buffers)
                 self._dispatch()
+                self._update_positions()
             else:
                 self._emit(event.job, event.msg_type, event.content, event.buffers)
+                joined = event.job.serves
+                if joined is not None and event.msg_type == wire.PROGRESS:
+                    # the submit that joined this prepare sees its first phases progress
+                    self._emit(joined, wire.PROGRESS, {**event.content, "job_id": joined.job_id})
 
     def _model_loaded(self, event: ModelLoaded) -> None:
         first = not self.ready.is_set()
@@ -523,7 +673,7 @@ class Server:
                 log.warning("%s; %s", self._demo, self.demo_notice)
         else:
             log.error("model %s not available: %s", self.model_name, event.error)
-            for job in self._jobs.queue.order():
+            for job in self._jobs.waiting():
                 try:
                     self._check_model()
                 except ProtocolError as exc:

@@ -6,6 +6,10 @@ UNet forward-equivalents per phase (``engine.work``: forward + backward = 2) nex
 official code's count for the same settings, so the ratios hold on any machine. Models:
 ``tiny`` (random tiny SD, the default), ``sd15-random`` (the full SD1.5 architecture with random
 weights: same cost as the real model, no download), or any model path/id the loader accepts.
+
+``--prepare-seconds N`` measures the dialog's prepare (protocol 1.2) instead: per method, the
+first edit's time from OK to the result without a prepare, and with a prepare that started N
+seconds before OK (the user in the dialog), and the work left after OK in both.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,8 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--redrags", type=int, default=1, help="drags of the same image to new "
                    "targets after the first edit, per method (default 1)")
     p.add_argument("--baseline", action="store_true", help="first run every method without "
-                   "reuse (no re-drag cache, no resident LoRA: the behaviour before it) and "
-                   "print the ratios measured in the same run")
+                   "reuse (no re-drag cache, no resident LoRA, no LoRA inherited by a result: "
+                   "the behaviour before them) and print the ratios measured in the same run")
+    p.add_argument("--on-result", action="store_true", help="after the re-drags, drag the "
+                   "first edit's result (a chain of drags: the result inherits its source's "
+                   "LoRA, its inversion runs)")
     p.add_argument("--finish", metavar="WxH", help="instead: time the full-resolution finish "
                    "alone at this size (e.g. 4000x3000) with a 36 %%-area elliptical mask, "
                    "against the same blend computed over the whole image")
@@ -52,6 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "alone on a SIDE×SIDE image (e.g. 512) for a few region sizes and drags "
                    "(best and median of --repeat)")
     p.add_argument("--repeat", type=int, default=7, help="runs per --warp case (default 7)")
+    p.add_argument("--prepare-seconds", metavar="N[,N…]", help="instead: the first edit from "
+                   "OK to the result without a prepare and with one started N seconds before "
+                   "OK (the dialog's prepare, protocol 1.2), per method; a list gives a row "
+                   "per N; 'all' waits for the prepare to finish")
     p.set_defaults(func=run_bench)
 
 
@@ -199,10 +211,11 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
 
     from backend.engine.errors import EngineError
-    from backend.engine.lora import LoraCache
+    from backend.engine.lora import LoraCache, LoraLineage
     from backend.engine.pipeline import DragEngine
 
     options = run_options(args, QUICK)
+    waits = prepare_waits(args.prepare_seconds) if args.prepare_seconds else None
     start = time.perf_counter()
     try:
         engine = build_engine(args)
@@ -210,10 +223,20 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - start
+    if waits is not None:
+        rows = [row for method in options.methods
+                for row in bench_prepare(engine, method, args, options.overrides, waits)]
+        print(json.dumps({"model_load_s": round(load_s, 2), "torch": torch.__version__,
+                          "runs": len(rows), "ok_to_result_ratios": {
+                              f"{r['method']} after {r['dialog_s']} s": r["ratio_s"]
+                              for r in rows}}))
+        return 0
     engines = [engine]
     if args.baseline:  # the same model without reuse, its own LoRA cache: first edits train
         cold = LoraCache(tempfile.mkdtemp(prefix="drag-bench-lora-"))
-        engines.insert(0, DragEngine(engine.model, cold, reuse=False))
+        before = DragEngine(engine.model, cold, reuse=False)
+        before.lineage = LoraLineage(max_entries=0)  # a result trains its own LoRA
+        engines.insert(0, before)
     rows = []
     for method in options.methods:
         for eng in engines:
@@ -235,20 +258,27 @@ def bench_method(engine, method: str, args: argparse.Namespace, overrides: dict)
     if PRESET_METHOD.get(method) == "inpaint4drag":  # its mask is the region that moves
         mask = disc_mask(args.size)
     rows = []
-    for run in range(1 + max(0, args.redrags)):
-        request = DragRequest(image=image, handles=handles,
+    runs = 1 + max(0, args.redrags)
+    first_result = image
+    for run in range(runs + bool(getattr(args, "on_result", False))):
+        kind = "first" if run == 0 else "redrag" if run < runs else "on-result"
+        request = DragRequest(image=first_result if kind == "on-result" else image,
+                              handles=handles,
                               targets=redrag_targets(args.size, run) if run else targets,
                               mask=mask, method=method, prompt="a red disc", seed=0,
                               params={"work_size": args.size, **overrides})
         t0 = time.perf_counter()
         result = engine.run(request)
         total = time.perf_counter() - t0
+        if run == 0:
+            first_result = result.image
         memory = result.stats["memory"]
         work = result.stats["work"]
         rows.append({
             "method": method,
             "run": run,
-            "kind": "redrag" if run else "first",
+            "kind": kind,
+            "lora_inherited": bool(result.stats.get("lora_inherited")),
             "reuse": engine.redrag is not None,
             "model": args.model,
             "device": str(engine.model.device),
@@ -272,6 +302,109 @@ def bench_method(engine, method: str, args: argparse.Namespace, overrides: dict)
     return rows
 
 
+def prepare_waits(text: str) -> list[float | None]:
+    """``--prepare-seconds``: seconds in the dialog before OK (None: until the prepare ends)."""
+    try:
+        return [None if part.strip() == "all" else float(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--prepare-seconds wants seconds (e.g. 5,30) or all, got "
+                         f"{text!r}") from None
+
+
+def fresh_caches(engine) -> None:
+    """Forget every LoRA and inversion: the next edit is an image's first."""
+    from backend.engine.lora import LoraCache
+
+    engine.lora_cache = LoraCache(tempfile.mkdtemp(prefix="drag-bench-lora-"))
+    if engine.redrag is not None:
+        engine.redrag.clear()
+    engine.merged_lora.restore()
+
+
+def prepared_fe(phase: str, step: int, lora_fe_per_step: int, lora_fe: int) -> int:
+    """UNet forward-equivalents a prepare has done when it reports ``step`` of ``phase``."""
+    if phase == "lora":
+        return step * lora_fe_per_step
+    if phase == "inversion":
+        return lora_fe + step
+    return 0
+
+
+def start_prepare(engine, ahead) -> tuple[threading.Thread, list, list]:
+    """The dialog's prepare in a thread: the thread, its progress ``(time, phase, step)`` as it
+    comes, and (once it ended) its ``PrepareResult``."""
+    seen: list[tuple[float, str, int]] = []
+    done: list = []
+
+    def prepare() -> None:
+        done.append(engine.prepare_image(ahead, progress=lambda phase, step, _total: seen.append(
+            (time.perf_counter(), phase, step))))
+
+    thread = threading.Thread(target=prepare, name="bench-prepare")
+    thread.start()
+    return thread, seen, done
+
+
+def bench_prepare(engine, method: str, args: argparse.Namespace, overrides: dict,
+                  waits: list[float | None]) -> list[dict]:
+    """The first edit of the synthetic image from OK to the result: without a prepare, then for
+    each wait with a prepare started that many seconds before OK (``None``: OK when it ended).
+    The submit joins the prepare (waits for its end, as the server does), then runs; the work
+    after OK is the edit's plus what the prepare had not done yet."""
+    from backend.engine.params import PRESET_METHOD
+    from backend.engine.types import DragRequest
+
+    image, mask, handles, targets = synthetic_case(args.size)
+    if PRESET_METHOD.get(method) == "inpaint4drag":
+        mask = disc_mask(args.size)
+    params = {"work_size": args.size, **overrides}
+    request = DragRequest(image=image, handles=handles, targets=targets, mask=mask,
+                          method=method, prompt="a red disc", seed=0, params=params)
+    ahead = DragRequest(image=image, handles=[], targets=[], method=method,
+                        prompt="a red disc", seed=0, params=params)
+    _, resolved = engine.table.resolve(method, params)
+    per_step = 2 * resolved.lora_batch if resolved.lora_steps else 0
+    fresh_caches(engine)
+    t0 = time.perf_counter()
+    plain = engine.run(request)
+    plain_s = time.perf_counter() - t0
+    plain_fe = plain.stats.get("work", {}).get("total", 0)
+    rows = []
+    for wait in waits:
+        fresh_caches(engine)
+        start = time.perf_counter()
+        thread, seen, done = start_prepare(engine, ahead)
+        if wait is None:
+            thread.join()
+        else:
+            thread.join(wait)  # the user in the dialog (returns early if it ended)
+            time.sleep(max(0.0, wait - (time.perf_counter() - start)))
+        ok = time.perf_counter()
+        ended = not thread.is_alive()
+        last = [e for e in seen if e[0] <= ok]
+        thread.join()  # the submit joins the prepare
+        result = engine.run(request)
+        finish = time.perf_counter()
+        prepared = done[0].stats["work"]
+        left = 0 if ended else prepared["total"] - (
+            prepared_fe(last[-1][1], last[-1][2], per_step, prepared["fe"].get("lora", 0))
+            if last else 0)
+        fe_after = result.stats.get("work", {}).get("total", 0) + left
+        row = {"method": method, "model": args.model, "size": args.size,
+               "device": str((engine.model or engine.inpainter).device),
+               "overrides": overrides, "dialog_s": round(ok - start, 2),
+               "prepare_s": round(sum(done[0].timings.values()), 2),
+               "prepared_at_ok": ended,
+               "no_prepare_s": round(plain_s, 2), "ok_to_result_s": round(finish - ok, 2),
+               "ratio_s": round((finish - ok) / plain_s, 3),
+               "no_prepare_fe": plain_fe, "fe_after_ok": fe_after,
+               "prepare_fe": prepared["fe"], "edit_fe_after_prepare":
+                   result.stats.get("work", {}).get("fe", {})}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Per method (and ``<method> no-reuse`` with ``--baseline``), measured in this run: seconds
     and work of the first edit and the mean re-drag, re-drag / first, and with ``--baseline``
@@ -291,13 +424,18 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
                           "redrag_official_fe": official,
                           "redrag_over_first_s": round(seconds / first["total_s"], 3),
                           "redrag_over_first_fe": round(fe / first["fe_total"], 3)})
+        on_result = next((r for r in group if r["kind"] == "on-result"), None)
+        if on_result is not None:
+            entry.update({"on_result_s": on_result["total_s"],
+                          "on_result_fe": on_result["fe_total"]})
         out[method if reuse else f"{method} no-reuse"] = entry
     for method in list(out):
         before = out.get(f"{method} no-reuse")
         if before is None:
             continue
         after = out[method]
-        for name in ("first_s", "first_fe", "redrag_s", "redrag_fe"):
+        for name in ("first_s", "first_fe", "redrag_s", "redrag_fe", "on_result_s",
+                     "on_result_fe"):
             if name in after and before.get(name):
                 after[f"{name}_vs_no_reuse"] = round(after[name] / before[name], 3)
     return out

@@ -7,6 +7,11 @@ device memory; then whether the edited latent is finite and the pixels outside t
 exactly the input's. Exits 1 if any check fails. ``--max-memory-gb 8`` caps what PyTorch may
 allocate on a CUDA GPU, so the run shows the edit fits 8 GB (with the automatic LoRA
 fallbacks, which it reports). On a CPU it runs too, slowly: use ``--size 64 --quick``.
+
+``--compile`` also runs every method through ``torch.compile`` (the UNet runner of the
+inversion, drag and denoising, and the LoRA training's forward and backward), twice: the first
+run includes compiling; it reports both, per phase next to the eager edit, with the speed-up of
+the second run and how many UNet calls of each phase went through the compiled forward.
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_options(p, QUICK, LATENT_METHODS)
     p.add_argument("--max-memory-gb", type=float, default=None,
                    help="cap PyTorch's CUDA allocations (e.g. 8) to prove the edit fits")
-    p.add_argument("--compile", action="store_true",
-                   help="run the UNet through torch.compile (the first edit includes compiling)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="also run each method through torch.compile (UNet runner and LoRA "
+                   "training), twice, and report both next to the eager edit (BACKEND: "
+                   "inductor, the default; aot_eager or eager to check it on a CPU)")
     p.add_argument("--json", help="also write the figures to this file")
     p.set_defaults(func=main)
 
@@ -114,18 +121,30 @@ def build_model(args: argparse.Namespace, tmp: Path):
     return load_model(source, device=args.device, dtype=args.dtype)
 
 
-def check_edit(engine, method: str, size: int, params: dict) -> dict:
-    """One edit with a phase clock; the figures and the two correctness checks."""
+def check_edit(engine, method: str, size: int, params: dict, lora_dir: Path) -> dict:
+    """One edit with a phase clock (its LoRA trained, in a fresh cache ``lora_dir``); the
+    figures and the two correctness checks. A compiled engine's UNet calls are counted per
+    phase (``compiled_calls``: LoRA training's included)."""
+    from backend.engine.lora import LoraCache
     from backend.engine.types import DragRequest
     from backend.tools.bench import synthetic_case
 
     image, mask, handles, targets = synthetic_case(size)
     clock = PhaseClock(engine.model.device)
+    engine.lora_cache = LoraCache(lora_dir)
+    calls: dict[str, int] = {}
+    compiled = engine.unet_forward
+    if compiled is not None:
+        def counted(*args, **kwargs):
+            calls[clock.phase] = calls.get(clock.phase, 0) + 1
+            return compiled(*args, **kwargs)
+        engine.unet_forward = counted
     start = time.perf_counter()
     result = engine.run(DragRequest(image=image, handles=handles, targets=targets, mask=mask,
                                     method=method, prompt="a red disc", seed=0,
                                     params={"work_size": size, **params}), progress=clock)
     clock.close()
+    engine.unet_forward = compiled
     work = result.stats["work"]
     return {
         "method": method, "total_s": round(time.perf_counter() - start, 2),
@@ -137,7 +156,25 @@ def check_edit(engine, method: str, size: int, params: dict) -> dict:
         "drag_steps": result.stats.get("drag_steps"),
         "finite": bool(engine.latent is not None and np.isfinite(engine.latent.numpy()).all()),
         "unmasked_exact": bool((result.image[mask == 0] == image[mask == 0]).all()),
+        "compiled_calls": calls,
     }
+
+
+def compare_compiled(engine, compiled, method: str, size: int, params: dict,
+                     tmp: Path) -> dict:
+    """The eager edit's row with the compiled engine's two runs (the first compiles) and the
+    second run's speed-up per phase."""
+    row = check_edit(engine, method, size, params, tmp / f"{method}-eager")
+    first = check_edit(compiled, method, size, params, tmp / f"{method}-compiled-1")
+    second = check_edit(compiled, method, size, params, tmp / f"{method}-compiled-2")
+    row["compiled_first"], row["compiled"] = first, second
+    row["compiled_speedup"] = {phase: round(seconds / second["phase_s"][phase], 2)
+                               for phase, seconds in row["phase_s"].items()
+                               if second["phase_s"].get(phase)}
+    for run in (first, second):
+        row["finite"] &= run["finite"]
+        row["unmasked_exact"] &= run["unmasked_exact"]
+    return row
 
 
 def describe(model) -> dict:
@@ -162,7 +199,22 @@ def format_row(row: dict) -> str:
             f"  per phase: {phases}\n  peak GB per phase: {memory}"
             + (f"\n  peak RSS GB: {row['rss_peak_gb']}" if row["rss_peak_gb"] else "")
             + f"\n  finite latent: {row['finite']}, unmasked pixels exact: "
-              f"{row['unmasked_exact']}")
+              f"{row['unmasked_exact']}" + _compiled_lines(row))
+
+
+def _compiled_lines(row: dict) -> str:
+    if "compiled" not in row:
+        return ""
+    lines = []
+    for name in ("compiled_first", "compiled"):
+        run = row[name]
+        phases = " ".join(f"{k} {v:.1f}s" for k, v in run["phase_s"].items())
+        lines.append(f"\n  {'compiled, 1st (compiling)' if name == 'compiled_first' else 'compiled, 2nd'}: "
+                     f"{run['total_s']:.1f} s: {phases}")
+    speedup = " ".join(f"{k} {v:.2f}x" for k, v in row["compiled_speedup"].items())
+    calls = " ".join(f"{k} {v}" for k, v in row["compiled"]["compiled_calls"].items())
+    return "".join(lines) + f"\n  compiled speed-up (2nd run): {speedup}" + \
+        f"\n  compiled UNet calls per phase: {calls}"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -189,12 +241,18 @@ def main(args: argparse.Namespace) -> int:
                                                        model.device)
             report["memory_cap_gb"] = args.max_memory_gb
         print(json.dumps(report["system"]), f"model built in {report['build_s']} s", flush=True)
-        engine = _engine_class()(model, LoraCache(Path(tmp) / "lora"), reuse=False,
-                                 compile_unet=args.compile)
+        engine = _engine_class()(model, LoraCache(Path(tmp) / "lora"), reuse=False)
+        compiled = (_engine_class()(model, LoraCache(Path(tmp) / "lora"), reuse=False,
+                                    compile_unet=args.compile) if args.compile else None)
         failed = False
         for method in methods:
             try:
-                row = check_edit(engine, method, args.size, params)
+                if compiled is None:
+                    row = check_edit(engine, method, args.size, params,
+                                     Path(tmp) / f"lora-{method}")
+                else:
+                    row = compare_compiled(engine, compiled, method, args.size, params,
+                                           Path(tmp))
             except EngineError as exc:
                 print(f"{method}: FAILED: {exc}", flush=True)
                 report["runs"].append({"method": method, "error": str(exc)})

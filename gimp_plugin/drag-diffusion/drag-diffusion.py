@@ -67,12 +67,36 @@ class Inputs:
 
     def read_pixels(self, dtypes: list[str]) -> tuple[lay.PixelFormat, bytes]:
         """The layer's pixels in the best format the backend accepts for its precision."""
-        fmt = lay.pixel_format(self.precision, self.layer.is_gray(), self.layer.has_alpha(),
-                               dtypes)
-        pixels = self.layer.get_buffer().get(
-            Gegl.Rectangle.new(0, 0, self.width, self.height), 1.0, fmt.babl,
-            Gegl.AbyssPolicy.NONE)
-        return fmt, pixels
+        return layer_pixels(self.layer, self.precision, dtypes)
+
+
+def layer_pixels(layer: Gimp.Layer, precision: str,
+                 dtypes: list[str]) -> tuple[lay.PixelFormat, bytes]:
+    """A layer's pixels as an edit sends them (the dialog's prepare reads the same bytes)."""
+    fmt = lay.pixel_format(precision, layer.is_gray(), layer.has_alpha(), dtypes)
+    pixels = layer.get_buffer().get(Gegl.Rectangle.new(0, 0, layer.get_width(),
+                                                       layer.get_height()),
+                                    1.0, fmt.babl, Gegl.AbyssPolicy.NONE)
+    return fmt, pixels
+
+
+def make_preparer(image: Gimp.Image, drawables: list[Gimp.Drawable],
+                  link: backend.PreviewLink) -> backend.Preparer | None:
+    """The dialog's prepare for the one selected layer, reading its pixels as the edit will."""
+    if len(drawables) != 1 or not isinstance(drawables[0], Gimp.Layer):
+        return None
+    layer = drawables[0]
+    dtypes = [str(d) for d in (link.info or {}).get("dtypes") or ["u8"]]
+
+    def read() -> tuple[str, int, bytes]:
+        fmt, pixels = layer_pixels(layer, image.get_precision().value_nick, dtypes)
+        return fmt.dtype, fmt.channels, bytes(pixels)
+
+    return backend.Preparer(link, read, layer.get_width(), layer.get_height())
+
+
+def has_selection(image: Gimp.Image) -> bool:
+    return bool(Gimp.Selection.bounds(image)[1])
 
 
 def read_drags(image: Gimp.Image, offsets: tuple[int, int], width: int,
@@ -224,21 +248,29 @@ def text(config: Gimp.ProcedureConfig, name: str) -> str:
 
 
 def make_tracker(table: par.ParamTable | None, method: str, params: dict, inputs: Inputs,
-                 session: backend.Session, state: dict) -> prog.Tracker:
+                 session: backend.Session, state: dict,
+                 preparer: backend.Preparer | None = None) -> prog.Tracker:
+    """The edit's progress; with the dialog's ``preparer``, the steps its prepare did and
+    their measured times count (the edit joins that prepare or finds its results)."""
     resolved = table.resolved(method, params) if table else dict(params)
     speed = (state.get("speeds") or {}).get(prog.speed_key(session.device, session.model_name))
+    prepared = preparer.done() if preparer is not None and preparer.job_id else None
     return prog.Tracker(
         prog.plan_steps(resolved), sequential=resolved.get("method") != "gooddrag",
         drag_end_step=resolved.get("drag_end_step"), speed=speed,
         megapixels=prog.working_megapixels(inputs.width, inputs.height,
                                            par.working_width(resolved),
-                                           resolved.get("work_max_side", 0)))
+                                           resolved.get("work_max_side", 0)),
+        costs=prog.step_costs(resolved), prepared=prepared,
+        prepared_times=preparer.times if prepared is not None else None)
 
 
 def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
          table: par.ParamTable | None, feedback: backend.Feedback, interactive: bool,
-         state_path: Path) -> dict:
-    """Read, send, wait, insert: one edit. Returns the info for the PDB caller."""
+         state_path: Path, client: object = None,
+         preparer: backend.Preparer | None = None) -> dict:
+    """Read, send, wait, insert: one edit. Returns the info for the PDB caller. ``client``:
+    the dialog's connection, whose prepare (``preparer``) the edit joins."""
     if not isinstance(layer, Gimp.Layer):
         raise geo.InputError("Select exactly one layer (not a mask or channel) in the "
                              "Layers dialog.")
@@ -247,7 +279,7 @@ def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
     inputs = Inputs(image, layer, moves=pre.region_moves(algorithm))
     params = par.overrides(knob_values(config), text(config, "advanced"))
     session = backend.open_session(text(config, "backend"),
-                                   float(config.get_property("timeout")), feedback)
+                                   float(config.get_property("timeout")), feedback, client)
     try:
         par.write_state(state_path, hello=session.info)
         if session.demo_model:
@@ -261,7 +293,7 @@ def edit(image: Gimp.Image, layer: Gimp.Drawable, config: Gimp.ProcedureConfig,
             params=params, prompt=text(config, "prompt"), seed=config.get_property("seed"),
             dtype=fmt.dtype, preview=interactive)
         state = par.read_state(state_path)
-        tracker = make_tracker(table, method, params, inputs, session, state)
+        tracker = make_tracker(table, method, params, inputs, session, state, preparer)
         result = session.run(job, feedback, tracker)
         measured = tracker.measured_speed()
         if measured is not None:
@@ -302,7 +334,7 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
     interactive = run_mode == Gimp.RunMode.INTERACTIVE
     state_path = state_file()
     install = backend.InstallInfo.load()
-    hello = link = None
+    hello = link = client = preparer = None
     if interactive:
         gi.require_version("GimpUi", "3.0")
         import dragdiff_ui as ui
@@ -320,20 +352,27 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
         manual = (install.start_command() or ".venv/bin/python -m backend serve in the Drag "
                   "Diffusion folder") if install.why_not_startable() else None
         reader = PreviewReader(image, drawables[0]) if len(drawables) == 1 else None
+        preparer = make_preparer(image, drawables, link)
         dialog = ui.SettingsDialog(procedure, config, ui.DialogContext(
             table, state.get("hello"), hello is not None, size, state_path, state, manual,
-            link=link, read_preview=reader))
+            link=link, read_preview=reader, preparer=preparer,
+            has_selection=lambda: has_selection(image)))
         ok = dialog.run()
         table = dialog.table  # a download in the dialog may have changed what is served
-        link.close()
         if not ok:
+            if preparer is not None:
+                preparer.cancel()
+            link.close()
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+        client = link.detach()  # the edit goes on in this session: its prepare stays alive
     feedback = ui.ProgressWindow(StatusBar()) if interactive else StatusBar()
     try:
         if len(drawables) != 1:
             raise geo.InputError("Select exactly one layer (not a mask or channel) in the "
                                  "Layers dialog.")
-        info = edit(image, drawables[0], config, table, feedback, interactive, state_path)
+        info = edit(image, drawables[0], config, table, feedback, interactive, state_path,
+                    client, preparer)
+        client = None  # the edit's session closed it
     except backend.JobCancelled as exc:
         return error_return(procedure, Gimp.PDBStatusType.CANCEL, str(exc))
     except (geo.InputError, par.ParamsError, backend.BackendError) as exc:
@@ -344,6 +383,10 @@ def run(procedure: Gimp.Procedure, run_mode: Gimp.RunMode, image: Gimp.Image,
                             f"Drag Diffusion failed: {type(exc).__name__}: {exc}")
     finally:
         feedback.close()
+        if client is not None:  # the edit ended before it took the dialog's connection
+            if preparer is not None:
+                preparer.cancel(client)
+            client.close()
         if interactive:  # GIMP keeps these as the last values: -1 = the method's default
             for prop, value in par.stored_values(table, config.get_property("method"),
                                                  knob_values(config)).items():

@@ -7,12 +7,14 @@ reached only through the ``protocol`` package installed beside the plug-in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ntpath
 import os
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,11 @@ HERE = Path(__file__).resolve().parent
 CANCEL_AFTER_ENV = "DRAG_DIFFUSION_CANCEL_AFTER_PROGRESS"
 POLL_SECONDS = 0.2  # longest the UI goes unpumped while waiting for the backend
 CONSOLE_LOG_BYTES = 2**20  # backend-console.log is rotated when a start finds it larger
+PREPARE_VERSION = (1, 2)  # the protocol version that has the ``prepare`` request
+SETTLE_SECONDS = 1.0  # settings unchanged this long before the dialog sends a prepare
+# The algorithms whose edits start with work that needs no points (LoRA, inversion); an
+# Inpaint4Drag prepare would only warm its filler, so the dialog sends none for it.
+PREPARED_ALGORITHMS = ("dragdiffusion", "gooddrag")
 # Windows process creation flags (winbase.h; subprocess has them only on Windows).
 CREATE_NEW_PROCESS_GROUP = 0x00000200
 DETACHED_PROCESS = 0x00000008
@@ -343,6 +350,12 @@ class PreviewLink:
             raise BackendError(exc.message) from None
         return bytes(reply.image), dict(reply.content)
 
+    def detach(self) -> Any:
+        """Hand the connection over (to the edit that follows the dialog's OK: the same
+        client session, so the prepare it joins stays alive); the link forgets it."""
+        client, self.client = self.client, None
+        return client
+
     # --- model downloads (protocol 1.3): the backend downloads, the dialog asks and shows ---
     @property
     def can_download(self) -> bool:
@@ -396,6 +409,160 @@ class PreviewLink:
         if self.client is not None:
             self.client.close()
             self.client = None
+
+
+def supports_prepare(info: dict[str, Any] | None) -> bool:
+    """Whether a backend's hello says it answers ``prepare`` (protocol 1.2 or later)."""
+    version = str((info or {}).get("protocol_version") or "0.0")
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= PREPARE_VERSION
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """What a prepare sends besides the pixels; the dialog sends a new one when these change
+    (the backend answers with the same job when only knobs its caches ignore changed)."""
+
+    method: str
+    algorithm: str
+    params: tuple[tuple[str, Any], ...]
+    prompt: str
+    seed: int
+    masked: bool  # the edit will have a selection
+
+
+# (dtype, channels, pixels): the layer as the edit will send it, read once per dialog.
+PixelReader = Callable[[], tuple[str, int, bytes]]
+
+
+class Preparer:
+    """The dialog's prepare (protocol 1.2): while the dialog is open, the backend trains the
+    LoRA and inverts the layer for the method and settings shown, so that OK starts at the drag
+    (the submit joins the prepare, or finds its results cached).
+
+    The dialog's timer calls ``look`` with the settings it shows: once they have stayed the
+    same for ``SETTLE_SECONDS`` and differ from the last ones sent, a prepare goes out (for
+    Inpaint4Drag, none: the current one is cancelled). ``poll`` keeps the connection alive
+    (the backend cancels a silent client's prepare) and reads the prepare's progress;
+    ``cancel`` is the dialog's Cancel. A prepare only saves time, so nothing here raises:
+    what went wrong is kept in ``error`` and the edit runs without it.
+    """
+
+    def __init__(self, link: PreviewLink, read_pixels: PixelReader, width: int, height: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.link, self.read_pixels = link, read_pixels
+        self.width, self.height = width, height
+        self.clock = clock
+        self.job_id: str | None = None
+        self.steps: dict[str, tuple[int, int]] = {}  # phase -> (steps done, total)
+        self.times = prog.StepTimes()  # its steps' measured seconds (the edit's time left)
+        self.phase: str | None = None
+        self.ended: str | None = None  # prepared, cancelled or failed
+        self.error: str | None = None
+        self._pixels: tuple[str, int, bytes] | None = None
+        self._seen: PrepareSettings | None = None
+        self._since = 0.0
+        self._sent: PrepareSettings | None = None
+
+    @property
+    def usable(self) -> bool:
+        client = self.link.client
+        return client is not None and supports_prepare(self.link.info) and self.error is None
+
+    @property
+    def active(self) -> bool:
+        """A prepare was sent and has not ended."""
+        return self.job_id is not None and self.ended is None
+
+    def look(self, settings: PrepareSettings) -> None:
+        if not self.usable:
+            return
+        now = self.clock()
+        if settings != self._seen:
+            self._seen, self._since = settings, now
+            return
+        if now - self._since < SETTLE_SECONDS or settings == self._sent:
+            return
+        self._sent = settings
+        if settings.algorithm not in PREPARED_ALGORITHMS:
+            self.cancel()
+            return
+        self._send(settings)
+
+    def _send(self, settings: PrepareSettings) -> None:
+        protocol = _import_protocol()
+        try:
+            if self._pixels is None:
+                self._pixels = self.read_pixels()
+            dtype, channels, pixels = self._pixels
+            job = self.link.client.prepare(
+                pixels, self.width, self.height, channels, dtype=dtype, method=settings.method,
+                params=dict(settings.params), prompt=settings.prompt, seed=settings.seed,
+                masked=settings.masked, job_id="prep-" + uuid.uuid4().hex[:16])
+        except protocol.BackendError as exc:  # refused (e.g. too much work): no prepare
+            self._forget(f"no prepare: {exc.message}")
+            return
+        except Exception as exc:  # reading the layer failed: the edit will say why
+            self._forget(f"no prepare: {exc}")
+            return
+        if job != self.job_id:  # a new prepare (else the backend's answer: the same one)
+            self.job_id, self.steps, self.phase, self.ended = job, {}, None, None
+            self.times = prog.StepTimes()
+
+    def _forget(self, error: str) -> None:
+        self.error, self.job_id, self.ended = error, None, None
+
+    def poll(self) -> None:
+        """Heartbeat and read the prepare's events (a few milliseconds; call often)."""
+        if not self.active or self.link.client is None:
+            return
+        protocol = _import_protocol()
+        try:
+            for event in self.link.client.events(self.job_id, timeout=0.01):
+                if event.type == "progress":
+                    self.phase = event["phase"]
+                    self.steps[self.phase] = (event["step"], event["total"])
+                    self.times.event(self.phase, event["step"], self.clock())
+                elif event.type == "prepared":
+                    self.ended, self.phase = "prepared", None
+                    self.steps = {p: (t, t) for p, (_, t) in self.steps.items()}
+                elif event.type == "cancelled":
+                    self.ended = "cancelled"
+        except protocol.JobTimeout:
+            pass
+        except protocol.BackendError as exc:
+            self.ended, self.error = "failed", f"prepare failed: {exc.message}"
+
+    def cancel(self, client: Any = None) -> None:
+        """Stop the prepare (the dialog's Cancel, a method that needs none, or an edit that
+        failed before it was sent: ``client``, the connection the link handed over)."""
+        client = client or self.link.client
+        if not self.active or client is None:
+            return
+        # Best effort: a backend that is gone, or a connection an edit already closed, has no
+        # prepare left to stop that this could reach.
+        with contextlib.suppress(Exception):
+            client.cancel(self.job_id)
+        self.ended = "cancelled"
+
+    def done(self) -> dict[str, int]:
+        """Steps done per phase so far (``prepared``: all of them), for the time left."""
+        return {phase: step for phase, (step, _) in self.steps.items()}
+
+    def status(self) -> str:
+        """One line for the dialog: what the backend prepares now, or that it is ready."""
+        if self.ended == "prepared":
+            return "Prepared in the background: OK starts at the drag."
+        if not self.active:
+            return ""
+        if self.phase in self.steps:
+            step, total = self.steps[self.phase]
+            label = prog.PHASE_LABELS.get(self.phase, self.phase)
+            return f"Preparing in the background: {label}, step {min(step + 1, total)} of {total}."
+        return "Preparing in the background…"
 
 
 def is_demo_model(info: dict[str, Any]) -> bool:
@@ -458,9 +625,13 @@ class Session:
         self.client.close()
 
 
-def open_session(setting: str, timeout: float, feedback: Feedback) -> Session:
-    """Connect to (or start) the backend named by ``setting`` (see ``connection_file``)."""
+def open_session(setting: str, timeout: float, feedback: Feedback,
+                 client: Any = None) -> Session:
+    """Connect to (or start) the backend named by ``setting`` (see ``connection_file``), or
+    go on with ``client``, the dialog's connection (``PreviewLink.detach``)."""
     protocol = _import_protocol()
+    if client is not None:
+        return Session(protocol, client)
     install = InstallInfo.load()
     return Session(protocol, connect(connection_file(setting, install), install, timeout,
                                      feedback))

@@ -164,6 +164,17 @@ def fit(width: int, height: int, box: int) -> tuple[int, int]:
 
 # --- naming -------------------------------------------------------------------------------------
 
+# A name ``result_layer_name`` gave (GIMP may have added " #1" to keep names unique).
+_RESULT_NAME = re.compile(r"(?P<base>.*?) – [\w-]+ \(\d+ drags?(?:, demo model)?"
+                          r"(?:, edit (?P<edit>\d+))?\)(?: #\d+)?")
+
+
 def result_layer_name(source: str, method: str, drags: int, demo_model: bool = False) -> str:
-    note = ", demo model" if demo_model else ""
-    return f"{source} – {method} ({drags} drag{'' if drags == 1 else 's'}{note})"
+    """"Cat – dragdiffusion (1 drag)"; dragging that result again gives "Cat – gooddrag
+    (2 drags, edit 2)", not a name that grows with every drag."""
+    base, edit = source, 1
+    earlier = _RESULT_NAME.fullmatch(source)
+    if earlier is not None:
+        base, edit = earlier["base"], int(earlier["edit"] or 1) + 1
+    note = (", demo model" if demo_model else "") + (f", edit {edit}" if edit > 1 else "")
+    return f"{base} – {method} ({drags} drag{'' if drags == 1 else 's'}{note})"

@@ -30,7 +30,7 @@ from gi.repository import GdkPixbuf, Gimp, GimpUi, GLib, GObject, Gtk  # noqa: E
 
 PREVIEW_BOX = 256  # the preview's longest side on screen, pixels
 MAIN = ("method", "method-help", "prompt", "seed",
-        *(k.prop for k in par.KNOBS if not k.advanced), "estimate", "notice",
+        *(k.prop for k in par.KNOBS if not k.advanced), "estimate", "prepare-status", "notice",
         "advanced-expander")
 ADVANCED = (*(k.prop for k in par.KNOBS if k.advanced), "advanced", "backend", "timeout",
             "make-path")
@@ -49,6 +49,10 @@ class DialogContext:
     # (raises an InputError-like exception with a line for the user).
     link: backend.PreviewLink | None = None
     read_preview: Callable[[], pre.PreviewInputs] | None = None
+    # The prepare (protocol 1.2) sent while the dialog is open, and whether the image has a
+    # selection now (what DragDiffusion's prepared reference depends on).
+    preparer: backend.Preparer | None = None
+    has_selection: Callable[[], bool] = lambda: True
 
 
 class SettingsDialog:
@@ -69,7 +73,7 @@ class SettingsDialog:
         self.method = config.get_property("method")
         if self.table is not None:
             set_knobs(config, par.shown_values(self.table, self.method, knob_values(config)))
-        self.method_help = self.estimate = self.notice = None
+        self.method_help = self.estimate = self.notice = self.prepare_status = None
         self.widgets: dict[str, Gtk.Widget] = {}
         # Follows the method, and turns a knob's -1 (the factory value, e.g. after Reset) into
         # the method's real default.
@@ -77,6 +81,8 @@ class SettingsDialog:
         self.dialog = GimpUi.ProcedureDialog.new(procedure, config, "Drag Diffusion")
         self.method_help = self._label("method-help")
         self.estimate = self._label("estimate")
+        self.prepare_status = self._label("prepare-status")
+        self.prepare_status.get_style_context().add_class("dim-label")
         self.notice = self._label("notice")
         self._tune_knobs()
         self.dialog.get_label("advanced-title", "Advanced", False, False)
@@ -85,6 +91,8 @@ class SettingsDialog:
         self.dialog.fill(list(MAIN))
         self.models = ModelsPanel(self)
         self.preview = WarpPreview(self) if context.read_preview is not None else None
+        self._prepare_timer = (GLib.timeout_add(pre.POLL_MS, self._prepare_tick)
+                               if context.preparer is not None else None)
         self._update()
 
     def _label(self, name: str) -> Gtk.Label:
@@ -182,17 +190,45 @@ class SettingsDialog:
             None if backend.is_demo_model(info) else prog.first_guess(device))
         mpx = prog.working_megapixels(*self.context.layer_size, par.working_width(resolved),
                                       resolved.get("work_max_side", 0))
-        seconds = prog.estimate_seconds(prog.plan_steps(resolved), mpx, speed)
+        seconds = prog.estimate_seconds(prog.plan_steps(resolved), mpx, speed,
+                                        prog.step_costs(resolved))
         if pre.region_moves(table.algorithm(self.method)):
             return prog.inpaint_advice(seconds if measured is not None else None, device)
         return prog.advice(seconds, device, par.working_width(resolved),
                            measured is not None, "fast" in table.methods)
+
+    def _prepare_settings(self) -> backend.PrepareSettings | None:
+        """What the prepare sends for the values the dialog shows (None: not valid yet)."""
+        try:
+            params = par.overrides(knob_values(self.config), text(self.config, "advanced"))
+        except par.ParamsError:
+            return None
+        algorithm = self.table.algorithm(self.method) if self.table else self.method
+        return backend.PrepareSettings(
+            self.method, algorithm, tuple(sorted(params.items())),
+            text(self.config, "prompt"), int(self.config.get_property("seed")),
+            bool(self.context.has_selection()))
+
+    def _prepare_tick(self) -> bool:
+        """Send the prepare when the settings settled, read its progress, show it."""
+        preparer = self.context.preparer
+        settings = self._prepare_settings()
+        if settings is not None:
+            preparer.look(settings)
+        preparer.poll()
+        line = preparer.status()
+        self.prepare_status.set_text(line)
+        self.prepare_status.set_visible(bool(line))
+        return self._prepare_timer is not None
 
     def run(self) -> bool:
         """Show the dialog; remember what it holds until an edit with it succeeds (GIMP keeps
         only a successful run's values, so a Cancel would lose what was typed)."""
         ok = bool(self.dialog.run())
         self.models.stop()
+        if self._prepare_timer is not None:
+            GLib.source_remove(self._prepare_timer)
+            self._prepare_timer = None
         if self.preview is not None:
             self.preview.stop()
         self.config.disconnect(self._notify)
@@ -411,9 +447,6 @@ class WarpPreview:
         if self._timer is not None:
             GLib.source_remove(self._timer)
             self._timer = None
-        link = self.owner.context.link
-        if link is not None:
-            link.close()
 
     def _say(self, text: str, clear: bool = True) -> None:
         if clear:
