@@ -294,8 +294,12 @@ def test_bench_prints_the_first_edit_from_ok_with_and_without_a_prepare():
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     at_once, prepared, summary = rows
-    # OK at once: the submit waits for the whole prepare, so nothing is saved
-    assert at_once["dialog_s"] == 0 and at_once["fe_after_ok"] == at_once["no_prepare_fe"]
+    # OK at once: the submit waits for the prepare, so next to nothing is saved (how much the
+    # prepare did in the few ms before OK depends on the machine's load: only the sum is
+    # asserted)
+    assert at_once["ok_after"] == "at once"
+    for row in (at_once, prepared):  # the prepare's work and the edit's add up to a plain edit
+        assert row["fe_before_ok"] + row["fe_after_ok"] == row["no_prepare_fe"]
     # OK once prepared: only the drag and the denoising are left
     assert prepared["prepared_at_ok"] and prepared["fe_after_ok"] < prepared["no_prepare_fe"]
     fe = prepared["edit_fe_after_prepare"]
@@ -303,8 +307,8 @@ def test_bench_prints_the_first_edit_from_ok_with_and_without_a_prepare():
     assert prepared["fe_after_ok"] == fe["drag"] + fe["denoise"]
     assert prepared["fe_after_ok"] + sum(prepared["prepare_fe"].values()) == \
         prepared["no_prepare_fe"]
-    assert set(summary["ok_to_result_ratios"]) == {"dragdiffusion after 0.0 s",
-                                                   f"dragdiffusion after {prepared['dialog_s']} s"}
+    assert set(summary["ok_to_result_ratios"]) == {"dragdiffusion OK at once",
+                                                   "dragdiffusion OK when prepared"}
 
 
 def test_make_random_tiny_model_writes_a_loadable_single_file(tmp_path):

@@ -75,6 +75,7 @@ def test_micro_batches_accumulate_the_batch_gradient(tiny_model_dir):
     self-attention sees one token, so its softmax is constant and ``to_q``/``to_k`` get only
     rounding), and comparing their noise with noise decided nothing.
     """
+    from backend.engine.diffusion import unet_forward
     from backend.engine.lora import _add_adapter, _backward
 
     model = load_model(tiny_model_dir, device="cpu")  # its own copy: cast to float64 below
@@ -92,7 +93,8 @@ def test_micro_batches_accumulate_the_batch_gradient(tiny_model_dir):
         model.unet.to(dtype)
         for p in params:
             p.data = p.data.to(dtype)
-        _backward(model, noisy.to(dtype), noise.to(dtype), timesteps, cond.to(dtype), None, micro)
+        _backward(model, noisy.to(dtype), noise.to(dtype), timesteps, cond.to(dtype), None,
+                  unet_forward, micro)
         grads = [p.grad.double() for p in params]
         for p in params:
             p.grad = None
