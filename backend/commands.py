@@ -361,11 +361,13 @@ def _drag(args: argparse.Namespace) -> int:
         print(stopped, file=sys.stderr)
     for warning in result.warnings:  # said once, before the summary
         print(f"warning: {warning}", file=sys.stderr)
+    tracked = "drag_stop" in result.stats  # Inpaint4Drag warps the region: no tracker runs
     summary = {
         "out": args.out,
         # where the point tracker last saw the handles: its estimate, not a measurement of
-        # where the content went
-        "tracked_handles": [[round(x, 2), round(y, 2)] for x, y in result.handles],
+        # where the content went (None for a method without a tracker)
+        "tracked_handles": ([[round(x, 2), round(y, 2)] for x, y in result.handles]
+                            if tracked else None),
         "targets": [list(t) for t in targets],
         "drag_stop": result.stats.get("drag_stop"),
         "timings": result.timings,
@@ -374,10 +376,13 @@ def _drag(args: argparse.Namespace) -> int:
     }
     if args.json:
         print(json.dumps(summary))
-    else:
+    elif tracked:
         print(f"wrote {args.out}; the tracker's final handle positions "
               f"{summary['tracked_handles']} (targets {summary['targets']}; the tracker's "
               f"estimate, not a measurement of the result); times {result.timings}")
+    else:
+        print(f"wrote {args.out}; the selection was warped from the handles to the targets "
+              f"{summary['targets']} and the area it left inpainted; times {result.timings}")
     return 0
 
 
