@@ -161,8 +161,11 @@ def test_ctrl_c_keeps_what_arrived_and_the_same_command_resumes(hub, tmp_path, c
     hub.faults.rate[UNET] = 400_000  # 4.97 MB at 400 kB/s: about 12 s
     env = command_env(hub, tmp_path / "hf", catalogue_file)
     blobs = tmp_path / "hf/hub/models--tiny--sd15/blobs"
+    # Ctrl+C as in a terminal: a suite started in the background (``cmd &`` in a script) has
+    # SIGINT ignored, which its children inherit, and Python then installs no handler for it
     proc = subprocess.Popen([sys.executable, "-m", "backend", "models", "get", "sd15"], env=env,
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + safety_net(60)
     partial: list[Path] = []
     while time.monotonic() < deadline:

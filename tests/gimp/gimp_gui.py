@@ -38,19 +38,34 @@ def mark(name, data=None):
 
 
 def snapshot(image):
+    """The layers' names and pixel hashes, or None while GIMP is taking a layer away (an undo
+    under way: GIMP 3.2 lists it with no buffer for a moment)."""
     layers = []
     for layer in image.get_layers():
         w, h = layer.get_width(), layer.get_height()
-        pixels = layer.get_buffer().get(Gegl.Rectangle.new(0, 0, w, h), 1.0, "R'G'B'A u8",
-                                        Gegl.AbyssPolicy.NONE)
+        buffer = layer.get_buffer()
+        if buffer is None:
+            return None
+        pixels = buffer.get(Gegl.Rectangle.new(0, 0, w, h), 1.0, "R'G'B'A u8",
+                            Gegl.AbyssPolicy.NONE)
         layers.append([layer.get_name(), hashlib.sha1(pixels).hexdigest()])
+    return layers
+
+
+def settled_snapshot(image, seconds=10):
+    """``snapshot`` once GIMP has no layer half taken away."""
+    deadline = time.monotonic() + seconds
+    while (layers := snapshot(image)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     return layers
 
 
 def report_until(marker, seconds=180):
     deadline = time.monotonic() + seconds
     while not os.path.exists(os.path.join(STATE, marker)) and time.monotonic() < deadline:
-        mark("state.json", {"layers": snapshot(image), "time": time.time()})
+        layers = snapshot(image)
+        if layers is not None:  # else read again at the next tick
+            mark("state.json", {"layers": layers, "time": time.time()})
         time.sleep(0.2)
 
 
@@ -73,7 +88,7 @@ image.undo_enable()  # an empty undo history: every step in it is the plug-in's
 image.clean_all()
 Gimp.Display.new(image)
 Gimp.displays_flush()
-original = snapshot(image)
+original = settled_snapshot(image)
 mark("ready", {"layers": original})
 
 pdb = Gimp.get_pdb()
@@ -92,7 +107,7 @@ def call(run_mode, args):
     status = result.index(0)
     out = {"status": status.value_nick, "started": started, "ended": time.time(),
            "error": pdb.get_last_error() if status != Gimp.PDBStatusType.SUCCESS else None,
-           "layers": snapshot(image)}
+           "layers": settled_snapshot(image)}
     if status == Gimp.PDBStatusType.SUCCESS:
         out["info"] = json.loads(result.index(2))
     return out
