@@ -184,6 +184,32 @@ def test_a_new_setting_replaces_the_prepare_and_cancel_ends_it(tmp_path):
     assert engine.prepared == []
 
 
+def test_after_a_download_changes_the_model_the_same_settings_are_prepared_again(tmp_path):
+    """A prepare was for the models served when it ran: once the dialog's download made the
+    backend serve others (``SettingsDialog.take_info`` calls ``forget``), "Prepared in the
+    background" would be stale, so the settings shown are sent again."""
+    engine = FakeEngine(delay=0.01)
+    clock = Clock()
+    with running_server(engine) as server:
+        link, preparer, reads = dialog(server, tmp_path, clock)
+        for look in (settings(), settings()):
+            preparer.look(look)
+            clock.now += 1.5
+        first = preparer.job_id
+        poll_until(preparer, lambda: preparer.ended == "prepared", "the first prepare")
+        preparer.look(settings())
+        assert preparer.job_id == first  # unchanged settings: not sent again
+        preparer.forget()
+        assert preparer.status() == "" and preparer.done() == {}
+        for look in (settings(), settings()):
+            preparer.look(look)
+            clock.now += 1.5
+        assert preparer.job_id not in (None, first)
+        poll_until(preparer, lambda: preparer.ended == "prepared", "the second prepare")
+        link.close()
+    assert len(engine.prepared) == 2 and reads == [1]
+
+
 def test_no_prepare_at_a_backend_older_than_1_2():
     from types import SimpleNamespace
 

@@ -512,6 +512,13 @@ class Preparer:
             self.job_id, self.steps, self.phase, self.ended = job, {}, None, None
             self.times = prog.StepTimes()
 
+    def forget(self) -> None:
+        """The backend serves other models now (a download in the dialog): what it prepared
+        was for the ones before, so the settings shown are prepared again once settled."""
+        self._sent = None
+        self.job_id, self.steps, self.phase, self.ended = None, {}, None, None
+        self.times = prog.StepTimes()
+
     def _forget(self, error: str) -> None:
         self.error, self.job_id, self.ended = error, None, None
 

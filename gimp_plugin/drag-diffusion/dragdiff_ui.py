@@ -168,7 +168,10 @@ class SettingsDialog:
     def take_info(self, info: dict[str, Any]) -> None:
         """The backend's hello after a download: its models and methods as they are now (the
         method that needed the set runs on it, no restart)."""
+        before = (self.context.info or {}).get("model")
         self.context.info, self.context.running = info, True
+        if self.context.preparer is not None and info.get("model") != before:
+            self.context.preparer.forget()  # it prepared on the models served before
         par.write_state(self.context.state_path, hello=info)
         table = par.load_table(info, {}, {})
         if table is not None:
