@@ -600,6 +600,11 @@ def test_gui_dialog_downloads_a_missing_model_and_the_backend_serves_it(gimp, xv
                 assert after["models"]["sets"]["sd15"]["state"] == "installed"
                 assert after["models"]["sets"]["sd15"]["serving"] is True
                 assert after["model"]["name"] == "tiny/sd15" and "demo" not in after["model"]
+                # the dialog prepares again on the model served now (its earlier prepare was
+                # the demo model's)
+                xdisplay.wait_for(lambda: re.search(
+                    r"loading the models again.*\n(.*\n)*.*prepare prep-[0-9a-f]+ prepared",
+                    backend_log(conn)), 120, "a prepare on the downloaded model")
                 xvfb.keys(dialog, "Escape")
                 ran = xdisplay.wait_for(lambda: xdisplay.read_json(state / "dialog"), 120,
                                         "the dialog to close")
