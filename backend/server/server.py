@@ -287,19 +287,28 @@ class Server:
             "queued": len(self._jobs.waiting()),
             "running": running.job_id if running else None})
 
+    def _answer_known(self, message: Message, identity: bytes, reply_type: str,
+                      what: str) -> bool:
+        """A submit or prepare whose job id is known: the same request sent again is answered
+        as a duplicate (the job's events resent to this session); another one under the same
+        id is refused. False when the id is new."""
+        job_id = message.content["job_id"]
+        job = self._jobs.get(job_id)
+        if job is None:
+            return False
+        if job.fingerprint != message.fingerprint:
+            raise ProtocolError(wire.JOB_ID_CONFLICT, f"job id {job_id} is already used by "
+                                f"a different {what}; use a new job id")
+        job.route = message.session
+        self._reply(identity, message, reply_type, {
+            "job_id": job_id, "state": job.state, "position": job.position, "duplicate": True})
+        self._resend_terminal(job)
+        return True
+
     def _on_submit(self, message: Message, identity: bytes) -> None:
         content = message.content
         job_id = content["job_id"]
-        job = self._jobs.get(job_id)
-        if job is not None:
-            if job.fingerprint != message.fingerprint:
-                raise ProtocolError(wire.JOB_ID_CONFLICT, f"job id {job_id} is already used by "
-                                    "a different edit; use a new job id")
-            job.route = message.session
-            self._reply(identity, message, wire.SUBMIT_REPLY, {
-                "job_id": job_id, "state": job.state, "position": job.position,
-                "duplicate": True})
-            self._resend_terminal(job)
+        if self._answer_known(message, identity, wire.SUBMIT_REPLY, "edit"):
             return
         if self._jobs.expired(job_id):
             raise ProtocolError(wire.RESULT_EXPIRED, f"job {job_id} already ran and its result "
@@ -332,16 +341,7 @@ class Server:
         one (``duplicate``) when it prepares the same."""
         content = message.content
         job_id = content["job_id"]
-        job = self._jobs.get(job_id)
-        if job is not None:
-            if job.fingerprint != message.fingerprint:
-                raise ProtocolError(wire.JOB_ID_CONFLICT, f"job id {job_id} is already used by "
-                                    "a different request; use a new job id")
-            job.route = message.session
-            self._reply(identity, message, wire.PREPARE_REPLY, {
-                "job_id": job_id, "state": job.state, "position": job.position,
-                "duplicate": True})
-            self._resend_terminal(job)
+        if self._answer_known(message, identity, wire.PREPARE_REPLY, "request"):
             return
         if self._jobs.expired(job_id):
             raise ProtocolError(wire.RESULT_EXPIRED, f"job {job_id} already ran; send the "
