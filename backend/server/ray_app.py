@@ -51,6 +51,9 @@ DEPLOYMENT = "DragEngine"
 CANCEL_POLL = 0.05  # seconds between a replica's looks at the cancel board
 EVENT_POLL = 0.01  # seconds between a replica's looks at its engine thread's events
 IMAGES_PER_REPLICA = 1  # keys a replica holds: the engine's re-drag cache keeps one image
+# Serve's health check of each replica (default every 10 s): how soon a dead replica is
+# replaced. Its job fails at once either way (its stream breaks).
+HEALTH_CHECK_PERIOD = 2.0
 
 
 @ray.remote(num_cpus=0)
@@ -179,6 +182,7 @@ def build_app(load_engine: Callable[[], Engine], fallback: Fallback | None, boar
     ``gpus_per_replica`` GPUs and running one job at a time."""
     deployment = serve.deployment(
         EditReplica, name=DEPLOYMENT, num_replicas=replicas, max_ongoing_requests=1,
+        health_check_period_s=HEALTH_CHECK_PERIOD,
         ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica,
                            "runtime_env": {"env_vars": dict(env or {})}})
     return deployment.bind(load_engine, fallback, board_name)
