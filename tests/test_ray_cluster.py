@@ -247,10 +247,10 @@ def test_a_redrag_lands_on_the_replica_holding_its_cache(cluster, tiny_model_dir
         placed = [server._worker.placements[job] for job in jobs]
     holder: dict[int, str] = {}  # image -> the replica that holds its cache
     redrags = hits = 0
-    for which, where in zip(session, placed, strict=True):
+    for n, (which, where) in enumerate(zip(session, placed, strict=True)):
+        redrags += which in session[:n]
+        hits += where.warm
         if which in holder:
-            redrags += 1
-            hits += where.warm
             assert where.warm == (holder[which] == where.replica)
         for image_, replica in list(holder.items()):
             if replica == where.replica and image_ != which:

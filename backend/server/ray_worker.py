@@ -215,9 +215,9 @@ class RayWorker:
                     self._placed(job, event)
                     continue
                 message = JobMessage(job, event["type"], event["content"], event["buffers"])
-                if message.terminal:
-                    terminal = message
-                    break
+                if message.terminal:  # the stream ends after it: read to its end, so that
+                    terminal = message  # the replica counts itself free before the next job
+                    continue
                 self._post(message)
         except ray.exceptions.RayActorError as exc:
             log.warning("job %s: its replica died (%s)", job.job_id, type(exc).__name__)
