@@ -103,8 +103,12 @@ class RayWorker:
     def __init__(self, load_engine: Callable[[], Engine], wake: Callable[[], None],
                  fallback: Fallback | None = None, *, replicas: int,
                  gpus_per_replica: float = 1.0, cpus_per_replica: float = 1.0,
-                 env: dict[str, str] | None = None, app_name: str = "drag-diffusion") -> None:
+                 env: dict[str, str] | None = None, app_name: str = "drag-diffusion",
+                 fresh: bool = False) -> None:
+        """``fresh``: ``load_engine()`` gives the replicas' loader (asked at each deploy, so a
+        reload after a download loads what is served now), instead of being it."""
         self.slots = replicas
+        self._fresh = fresh
         self._load_engine, self._fallback, self._wake = load_engine, fallback, wake
         self._gpus, self._cpus = gpus_per_replica, cpus_per_replica
         self._env = {"PYTHONPATH": os.pathsep.join(filter(None, [
@@ -173,7 +177,8 @@ class RayWorker:
                 self._board = CancelBoard.options(name=self._board_name,
                                                   namespace=NAMESPACE).remote()
             serve.start(proxy_location="Disabled")  # no HTTP: the gateway is the way in
-            app = build_app(self._load_engine, self._fallback, self._board_name,
+            loader = self._load_engine() if self._fresh else self._load_engine
+            app = build_app(loader, self._fallback, self._board_name,
                             replicas=self.slots, gpus_per_replica=self._gpus,
                             cpus_per_replica=self._cpus, env=self._env)
             self._handle = serve.run(app, name=self._app_name, route_prefix=None)
