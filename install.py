@@ -5,6 +5,7 @@
     python3 install.py --service     # Linux: also run the backend as a systemd user service
     python3 install.py --uninstall   # remove the plug-in (add --purge to delete the venv too)
     python3 install.py --models sd15,instant   # also download these model sets (size first)
+    python3 install.py --cluster     # also Ray Serve, to serve from several GPUs (docs/cluster.md)
 
 Re-running upgrades in place. Uses only the standard library. What it decides for a platform
 (whether it can install there, which torch build, which GIMP profile folders, the start
@@ -333,7 +334,8 @@ def torch_install_command(python: str, plan: TorchPlan) -> list[str]:
             "--retries", "1", "--timeout", "30", *plan.pip_args()]
 
 
-def create_venv(venv: Path, plan: TorchPlan, dev: bool) -> tuple[Path, str]:
+def create_venv(venv: Path, plan: TorchPlan, dev: bool,
+                cluster: bool = False) -> tuple[Path, str]:
     """Create or update the venv; returns its Python and the torch version it now has."""
     python = venv_python(venv)
     if python.exists():
@@ -350,6 +352,8 @@ def create_venv(venv: Path, plan: TorchPlan, dev: bool) -> tuple[Path, str]:
     requirements = ["-r", str(REPO / "requirements" / "backend.txt")]
     if dev:
         requirements += ["-r", str(REPO / "requirements" / "dev.txt")]
+    if cluster:  # Ray Serve for ``serve --ray`` (docs/cluster.md); never needed for one GPU
+        requirements += ["-r", str(REPO / "requirements" / "cluster.txt")]
     # constraints.txt pins torch==X, which the installed X+cpu (or CUDA) build satisfies.
     run([*pip, *requirements, "-c", str(CONSTRAINTS)])
     return python, installed_torch(python) or "not importable"
@@ -720,6 +724,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-venv", action="store_true",
                    help="don't create or update the venv (use it as it is)")
     p.add_argument("--dev", action="store_true", help="also install test and lint tools")
+    p.add_argument("--cluster", action="store_true",
+                   help="also install Ray Serve, to serve from several GPUs or machines "
+                        "(serve --ray; docs/cluster.md)")
     device = p.add_mutually_exclusive_group()
     device.add_argument("--cpu", dest="device", action="store_const", const="cpu",
                         help="install the CPU build of torch")
@@ -810,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
         python = venv_python(venv)
         log(f"skipping the virtual environment (--no-venv); backend Python: {python}")
     else:
-        python, version = create_venv(venv, plan, args.dev)
+        python, version = create_venv(venv, plan, args.dev, args.cluster)
         torch_text = f"{version} ({describe_torch(version, here.system)})"
         log(f"torch {torch_text}")
 

@@ -3,8 +3,8 @@
 
     python3 tests/run_all.py [extra pytest arguments]
 
-1. ``install.py --dev`` creates/updates ``.venv`` (torch for this machine, pinned packages,
-   pytest/hypothesis/ruff) and installs the plug-in into a throw-away GIMP plug-in folder
+1. ``install.py --dev --cluster`` creates/updates ``.venv`` (torch for this machine, pinned
+   packages, pytest/hypothesis/ruff, Ray Serve for the Ray tier) and installs the plug-in into a throw-away GIMP plug-in folder
    (so the installer itself is exercised without touching your GIMP profile);
 2. ruff lints the tree;
 3. pytest runs all tiers: unit, slow end-to-end, the real GIMP 3.0.4 and 3.2.6 tiers (they build
@@ -36,10 +36,10 @@ def step(title: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
 
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="drag-plugin-install-") as plugin_dir:
-        step("install", [sys.executable, str(ROOT / "install.py"), "--dev",
+        step("install", [sys.executable, str(ROOT / "install.py"), "--dev", "--cluster",
                          "--gimp-plugin-dir", plugin_dir])
     step("lint", [str(VENV_PYTHON), "-m", "ruff", "check", "."])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DRAG_GIMP_TESTS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DRAG_GIMP_TESTS": "1", "DRAG_RAY_TESTS": "1"}
     # pytest exits 5 when nothing was collected: that is a failure here too.
     step("tests", [str(VENV_PYTHON), "-m", "pytest", "-ra", *sys.argv[1:]], env)
     print("\n=== all green", flush=True)

@@ -281,7 +281,7 @@ def test_every_preview_the_engine_hands_over_is_sent(monkeypatch):
     job = Job(job_id="j1", session="s", route="s", parent={}, fingerprint=b"", request={},
               buffers=[])
     worker = engine_worker.EngineWorker(lambda: None, lambda: None)
-    preview = worker._preview_callback(job)
+    preview = worker._runner._preview_callback(job)
     clock = iter([10.0, 10.496, 10.992, 11.0, 11.1, 11.3])
     monkeypatch.setattr(engine_worker.time, "monotonic", lambda: next(clock))
     for step in range(6):

@@ -597,3 +597,14 @@ class DragEngine:
             self.redrag.clear()
         free_memory((self.model or self.inpainter).device)
 
+    def release_caches(self) -> None:
+        """Drop the re-drag cache (inverted latents and memos) and give its device memory
+        back: a Ray Serve replica does so when the image they belong to is evicted
+        (``server.ray_app``). The LoRA cache on disk stays."""
+        self._free_memory()
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes the re-drag cache holds on the device now."""
+        return self.redrag.nbytes if self.redrag is not None else 0
+

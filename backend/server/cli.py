@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 from pathlib import Path
@@ -70,6 +71,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", type=int, default=Limits.max_queue)
     serve.add_argument("--client-ttl", type=float, default=6.0,
                        help="cancel the jobs of a client silent for this many seconds")
+    serve.add_argument("--ray", default=None, metavar="ADDRESS",
+                       help="be a gateway to a Ray Serve application: the edits run on the "
+                       "Ray cluster at ADDRESS (e.g. 10.0.0.5:6379), one replica per GPU; "
+                       "'auto': the cluster `ray start` runs on this machine, else a new local "
+                       "one (needs: python install.py --cluster; docs/cluster.md)")
+    serve.add_argument("--replicas", type=int, default=None,
+                       help="with --ray: how many replicas (default: one per GPU of the cluster)")
     serve.set_defaults(func=run_serve)
 
     keygen = subparsers.add_parser(
@@ -129,10 +137,20 @@ def run_serve(args: argparse.Namespace) -> int:
         note = f" ({server.demo_notice})" if server.demo_notice else ""
         print(f"READY {server.endpoint} {conn}{note}", flush=True)
 
+    fallback = demo_fallback(args.model, load_demo)
+    make_worker = None
+    if args.ray is not None:
+        try:
+            make_worker = ray_workers(args, lambda: functools.partial(
+                load_planned, plan(), args.vae, device, args.dtype, args.compile), fallback)
+        except RuntimeError as exc:
+            log.error("%s", exc)
+            return 2
     server = Server(load_engine, model_name=first.name, device=args.device, bind=args.bind,
                     connection_file=conn, limits=limits, curve=curve,
-                    client_ttl=args.client_ttl, fallback=demo_fallback(args.model, load_demo),
-                    table=expected_table(args.model), on_ready=ready, store=store, plan=plan)
+                    client_ttl=args.client_ttl, fallback=fallback,
+                    table=expected_table(args.model), on_ready=ready, store=store, plan=plan,
+                    make_worker=make_worker)
     try:
         server.start()
     except ServerError as exc:
@@ -142,6 +160,38 @@ def run_serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: server.stop("signal"))
     server.serve_forever()
     return 0
+
+
+def load_planned(plan, vae, device, dtype, compile_unet):
+    """Load a ``ServePlan``'s engine: what each Ray replica runs (a picklable loader of plain
+    values, made again in the gateway at each deploy)."""
+    from backend.engine.pipeline import DragEngine
+
+    return DragEngine.load(plan.plain, vae=vae, device=device, dtype=dtype,
+                           compile_unet=compile_unet, **plan.inpainting)
+
+
+def ray_workers(args: argparse.Namespace, loader, fallback):
+    """``--ray``: join the cluster and say how to make the gateway's worker (one replica per
+    GPU unless ``--replicas``); ``loader()`` gives the replicas' engine loader now.
+    ``RuntimeError`` with one line when that cannot be."""
+    from backend.server.ray_worker import RayWorker, connect
+
+    try:
+        gpus = connect(args.ray)
+    except RuntimeError:
+        raise
+    except Exception as exc:
+        raise RuntimeError(f"could not join the Ray cluster at {args.ray}: {exc}") from None
+    replicas = args.replicas or gpus
+    if replicas < 1:
+        raise RuntimeError("the Ray cluster has no GPU: each replica needs one; start its "
+                           "nodes on machines with GPUs (docs/cluster.md)")
+    if replicas > gpus:
+        raise RuntimeError(f"--replicas {replicas} needs {replicas} GPUs; the Ray cluster has "
+                           f"{gpus}")
+    log.info("gateway to the Ray cluster at %s: %d replica(s), one GPU each", args.ray, replicas)
+    return lambda wake: RayWorker(loader, wake, fallback, replicas=replicas, fresh=True)
 
 
 def run_keygen(args: argparse.Namespace) -> int:

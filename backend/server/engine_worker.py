@@ -125,7 +125,10 @@ class EngineWorker:
         self._wake = wake
         self._events: queue.Queue[WorkerEvent] = queue.Queue()
         self._inbox: queue.Queue[Job | object | None] = queue.Queue()
+        self._runner = JobRunner(self._post)
         self._thread = threading.Thread(target=self._work, name="drag-engine", daemon=True)
+
+    slots = 1  # jobs it runs at once (the server dispatches up to this many)
 
     def start(self) -> None:
         self._thread.start()
@@ -176,23 +179,38 @@ class EngineWorker:
                 engine = self._load()
                 continue
             assert engine is not None
-            self._post(self._run(engine, job))
+            self._post(self._runner.run(engine, job))
 
     def _load(self) -> Engine | None:
         """Load the engine (or the fallback) and post ``ModelLoaded``."""
-        try:
-            engine, demo = load_or_demo(self._load_engine, self._fallback)
-        except ModelNotFound as exc:
-            self._post(ModelLoaded("missing", str(exc), None))
-        except Exception as exc:
-            log.exception("loading the model failed")
-            self._post(ModelLoaded("error", f"{type(exc).__name__}: {exc}", None))
-        else:
-            self._post(ModelLoaded("ready", None, engine, demo=demo))
-            return engine
-        return None
+        loaded = load_engine_or_say_why(self._load_engine, self._fallback)
+        self._post(loaded)
+        return loaded.engine
 
-    def _run(self, engine: Engine, job: Job) -> JobMessage:
+
+def load_engine_or_say_why(load_engine: Callable[[], Engine],
+                           fallback: Fallback | None) -> ModelLoaded:
+    """Load the engine (or the fallback): ``ModelLoaded`` says which, or why neither."""
+    try:
+        engine, demo = load_or_demo(load_engine, fallback)
+    except ModelNotFound as exc:
+        return ModelLoaded("missing", str(exc), None)
+    except Exception as exc:
+        log.exception("loading the model failed")
+        return ModelLoaded("error", f"{type(exc).__name__}: {exc}", None)
+    return ModelLoaded("ready", None, engine, demo=demo)
+
+
+class JobRunner:
+    """Runs one job on an engine: the wire fields become a ``DragRequest``, progress and
+    previews are rate-limited and handed to ``post`` as ``JobMessage``s, and the way the job
+    ended (result, cancel, exception) is returned as its terminal ``JobMessage``. The engine
+    thread uses it, and so does each Ray Serve replica (``ray_app``)."""
+
+    def __init__(self, post: Callable[[JobMessage], None]) -> None:
+        self._post = post
+
+    def run(self, engine: Engine, job: Job) -> JobMessage:
         r = job.request
         dtype = NUMPY_DTYPES[r["dtype"]]
         image = np.frombuffer(job.buffers[0], dtype).reshape(r["height"], r["width"],

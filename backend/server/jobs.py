@@ -146,8 +146,11 @@ class RanIds:
 
 
 class JobTable:
-    """Every known job, the queue, the waiting prepares, the running job, and the retention of
+    """Every known job, the queue, the waiting prepares, the running jobs, and the retention of
     finished ones.
+
+    ``slots`` jobs run at once: 1 with the server's own engine thread, one per replica with a
+    Ray Serve cluster (``ray_worker``). ``running`` lists them, oldest first.
 
     Prepares (protocol 1.2) wait apart from the fair queue, at most one per client session,
     and run only when no edit is queued: an edit never waits for a prepare to start. A prepare
@@ -164,13 +167,14 @@ class JobTable:
 
     def __init__(self, keep_results: int = 32, keep_bytes: int = 2**30,
                  keep_seconds: float = 3600.0, keep_records: int = 10_000,
-                 ran: RanIds | None = None) -> None:
+                 ran: RanIds | None = None, slots: int = 1) -> None:
         self.keep_results, self.keep_bytes = keep_results, keep_bytes
         self.keep_seconds, self.keep_records = keep_seconds, keep_records
         self.queue = FairQueue()
         self.prepares: OrderedDict[str, Job] = OrderedDict()  # session -> its waiting prepare
-        self.running: Job | None = None
-        self._handoff: Job | None = None  # the submit that runs next: its prepare ended
+        self.slots = slots
+        self.running: list[Job] = []
+        self._handoffs: deque[Job] = deque()  # the submits that run next: their prepare ended
         self.ran = ran or RanIds()
         self._jobs: dict[str, Job] = {}
         # session -> its terminal jobs kept for re-fetching, oldest first
@@ -196,8 +200,8 @@ class JobTable:
 
     def requeue(self, prepare: Job) -> None:
         """A prepare that yielded the engine to an edit waits again (it starts over)."""
-        if self.running is prepare:
-            self.running = None
+        if prepare in self.running:
+            self.running.remove(prepare)
         prepare.state, prepare.started = "queued", None
         prepare.cancel, prepare.cancel_reason = CancelToken(), "client"
         self.prepares[prepare.session] = prepare
@@ -209,10 +213,14 @@ class JobTable:
         edit.joined, prepare.serves = prepare, edit
         edit.state, edit.position, edit.started = "running", None, time.monotonic()
 
+    def free(self) -> bool:
+        """Whether a slot is free for one more running job."""
+        return len(self.running) < self.slots
+
     def start_next(self) -> Job | None:
-        """Take the next job as the running one: the submit whose prepare just ended, else the
+        """Take the next job as a running one: a submit whose prepare just ended, else the
         next queued edit (fair order), else the oldest waiting prepare."""
-        job, self._handoff = self._handoff, None
+        job = self._handoffs.popleft() if self._handoffs else None
         if job is None:
             job = self.queue.pop()
         if job is None and self.prepares:
@@ -221,7 +229,7 @@ class JobTable:
             if job.joined is None:  # a joined submit started when it joined
                 job.started = time.monotonic()
             job.state, job.position = "running", None
-            self.running = job
+            self.running.append(job)
         return job
 
     def waiting(self) -> list[Job]:
@@ -229,18 +237,16 @@ class JobTable:
         return [*self.queue.order(), *self.prepares.values()]
 
     def active(self) -> list[Job]:
-        """The waiting jobs in run order, then the running one and the submit it serves."""
-        running = [self.running] if self.running else []
-        if self.running is not None and self.running.serves is not None:
-            running.append(self.running.serves)
+        """The waiting jobs in run order, then the running ones and the submits they serve."""
+        running = [j for job in self.running for j in (job, job.serves) if j is not None]
         return [*self.waiting(), *running]
 
     def finish(self, job: Job, terminal: Terminal) -> None:
         """Record a job's terminal event and keep its result a while."""
-        if self.running is job:
-            self.running = None
+        if job in self.running:
+            self.running.remove(job)
             if job.serves is not None and job.serves.terminal is None:
-                self._handoff = job.serves
+                self._handoffs.append(job.serves)
             job.serves = None
         if job.joined is not None:  # ended before its prepare did (cancelled)
             job.joined.serves = job.joined = None

@@ -65,6 +65,9 @@ class Server:
     is what that engine will run (``model_choice.expected_table``): announced and checked
     against while the model loads; once loaded, the engine's own ``table`` replaces it.
 
+    ``make_worker(wake)`` replaces the engine thread by another worker with the same face
+    (``ray_worker.RayWorker``: a Ray Serve application, ``slots`` jobs at once).
+
     ``store`` (the model catalogue and where its sets go) turns on ``hello_reply.models`` and
     ``download`` requests; ``plan`` says what ``load_engine`` would load now
     (``model_choice.serve_plan``): when a finished download changes it, the engine is loaded
@@ -82,7 +85,9 @@ class Server:
                  fallback: Fallback | None = None, table: MethodTable | None = None,
                  on_ready: Callable[[Server], None] | None = None,
                  warp: WarpFn | None = None, store: Store | None = None,
-                 plan: Callable[[], ServePlan] | None = None) -> None:
+                 plan: Callable[[], ServePlan] | None = None,
+                 make_worker: Callable[[Callable[[], None]], EngineWorker] | None = None
+                 ) -> None:
         self.model_name = model_name
         self.device = device
         self.connection_file = Path(connection_file) if connection_file else None
@@ -100,12 +105,15 @@ class Server:
         self._transport = Transport(bind, self.key, self.limits, curve)
         self._fallback = fallback
         self._demo: str | None = None  # why the fallback (demo) model is served, if it is
-        self._worker = EngineWorker(load_engine, self._transport.wake, fallback)
+        # who runs the jobs: the engine thread, or a Ray Serve application (``ray_worker``)
+        self._worker = (make_worker(self._transport.wake) if make_worker is not None
+                        else EngineWorker(load_engine, self._transport.wake, fallback))
         self._engine: Engine | None = None
         self._engine_info: dict[str, Any] = {}
         self._table = table if table is not None else MethodTable()
         self._model_state, self._model_error = "loading", None
-        self._jobs = JobTable(keep_results, keep_bytes, keep_seconds)
+        self._jobs = JobTable(keep_results, keep_bytes, keep_seconds,
+                              slots=self._worker.slots)
         self._routes: dict[str, bytes] = {}  # session -> current ZeroMQ identity
         self._last_seen: dict[str, float] = {}
         self._stop_reason: str | None = None
@@ -173,7 +181,7 @@ class Server:
                 if self._stop_reason and self._stop_deadline is None:
                     self._begin_shutdown(self._stop_reason)
                 if self._stop_deadline is not None:
-                    if (self._jobs.running is None and self._worker.idle()
+                    if (not self._jobs.running and self._worker.idle()
                             and (self._downloads is None or self._downloads.idle())):
                         break  # every job has ended and its last event is out
                     if now > self._stop_deadline:
@@ -196,8 +204,7 @@ class Server:
         cancelled = [job.job_id for job in waiting]
         for job in waiting:
             self._end(job, wire.CANCELLED, {"job_id": job.job_id, "reason": "shutdown"})
-        running = self._jobs.running
-        if running is not None:
+        for running in list(self._jobs.running):
             if running.serves is not None:
                 cancelled.append(running.serves.job_id)
                 self._stop(running.serves, "shutdown")
@@ -247,7 +254,7 @@ class Server:
                 info = self._engine.info()
             except Exception:
                 log.exception("engine.info() failed")
-        running = self._jobs.running
+        running = self._oldest_running()
         self._reply(identity, message, wire.HELLO_REPLY, {
             "protocol_version": wire.PROTOCOL_VERSION,
             "backend_version": __version__,
@@ -280,8 +287,13 @@ class Server:
                          hint=self._fallback.hint)
         return model
 
+    def _oldest_running(self) -> Job | None:
+        """The job that ``hello`` and ``ping`` name as running (with a Ray cluster several
+        run at once: the one that started first)."""
+        return self._jobs.running[0] if self._jobs.running else None
+
     def _on_ping(self, message: Message, identity: bytes) -> None:
-        running = self._jobs.running
+        running = self._oldest_running()
         self._reply(identity, message, wire.PONG, {
             "server_session": self._session.session_id, "time": time.time(),
             "queued": len(self._jobs.waiting()),
@@ -394,34 +406,43 @@ class Server:
     def _current_prepare(self, session: str) -> Job | None:
         """The session's prepare that is waiting or running for it (not one that a submit
         joined, nor one already stopping)."""
-        running = self._jobs.running
-        if (running is not None and running.kind == PREPARE and running.session == session
-                and running.serves is None and not running.cancel.cancelled):
-            return running
+        for running in self._jobs.running:
+            if (running.kind == PREPARE and running.session == session
+                    and running.serves is None and not running.cancel.cancelled):
+                return running
         return self._jobs.prepares.get(session)
 
     def _meet_prepares(self, edit: Job) -> Job | None:
-        """A new edit and the prepares: it joins the running prepare when that prepares the
-        same (returned); otherwise the running prepare yields (ended when the edit's session
-        sent it, ``replaced``; else back to waiting, ``preempted``). Waiting prepares of the
-        same image and settings end (``superseded``: the edit does their work), as does the
-        edit's own session's (``replaced``)."""
+        """A new edit and the prepares: it joins a running prepare that prepares the same
+        (returned); otherwise the edit's own session's running prepare ends (``replaced``),
+        and other sessions' running prepares yield (back to waiting, ``preempted``), newest
+        first, as many as the queued edits lack free slots (with one slot: the running one).
+        Waiting prepares of the same image and settings end (``superseded``: the edit does
+        their work), as does the edit's own session's (``replaced``)."""
         for prepare in list(self._jobs.prepares.values()):
             if prepare.key == edit.key:
                 self._discard(prepare, "superseded")
             elif prepare.session == edit.session:
                 self._discard(prepare, "replaced")
-        running = self._jobs.running
-        if running is None or running.kind != PREPARE or running.serves is not None:
-            return None
-        if running.cancel.cancelled:
+        prepares = [job for job in self._jobs.running
+                    if job.kind == PREPARE and job.serves is None]
+        stopping = [job for job in prepares if job.cancel.cancelled]
+        for running in stopping:
             if running.key == edit.key and running.cancel_reason == "preempted":
                 running.cancel_reason = "superseded"  # not waiting again: the edit does it
-            return None
-        if running.key == edit.key:
-            self._jobs.join(edit, running)
-            return running
-        self._discard(running, "replaced" if running.session == edit.session else "preempted")
+        live = [job for job in prepares if not job.cancel.cancelled]
+        for running in live:
+            if running.key == edit.key:
+                self._jobs.join(edit, running)
+                return running
+        for running in [job for job in live if job.session == edit.session]:
+            self._discard(running, "replaced")
+            live.remove(running)
+            stopping.append(running)
+        free = self._jobs.slots - len(self._jobs.running)
+        lacking = len(self._jobs.queue) - free - len(stopping)
+        for running in reversed(live[-lacking:] if lacking > 0 else []):
+            self._discard(running, "preempted")
         return None
 
     def _discard(self, prepare: Job, reason: str) -> None:
@@ -563,16 +584,18 @@ class Server:
 
     # --- scheduling ---------------------------------------------------------------------------
     def _dispatch(self) -> None:
-        if (self._jobs.running is not None or self._model_state != "ready"
-                or self._stop_reason):
+        """Start waiting jobs while a slot is free (one slot: the engine thread; with a Ray
+        cluster, one per replica)."""
+        if self._model_state != "ready" or self._stop_reason:
             return
-        job = self._jobs.start_next()
-        if job is None:
-            return
-        if job.joined is None:  # a submit that joined its prepare was told when it joined
-            self._emit(job, wire.STARTED, {"job_id": job.job_id})
-        job.joined = None
-        self._worker.run(job)
+        while self._jobs.free():
+            job = self._jobs.start_next()
+            if job is None:
+                break
+            if job.joined is None:  # a submit that joined its prepare was told when it joined
+                self._emit(job, wire.STARTED, {"job_id": job.job_id})
+            job.joined = None
+            self._worker.run(job)
         self._update_positions()
 
     def _end(self, job: Job, msg_type: str, content: dict[str, Any],
