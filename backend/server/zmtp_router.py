@@ -73,6 +73,13 @@ MAX_CONNECTIONS = 256
 HANDSHAKE_SECONDS = 5.0
 LINGER_SECONDS = 2.0  # how long ``close`` still writes queued messages (libzmq's linger)
 ACCEPTS_PER_TURN = 64
+# A loop that never waits (a flood keeps every turn busy) pauses this long after each
+# BUSY_SLICE, so that the process's other threads get the GIL: a thread waiting for it asks
+# for a switch only after 5 ms without one, and every release by a loop doing short system
+# calls restarts that wait (CPython's GIL convoy); the engine thread, or a client in the
+# same process, would otherwise wait until the flood ends.
+BUSY_SLICE = 0.005
+BUSY_PAUSE = 0.0002
 PEER_TYPES = (b"DEALER", b"REQ", b"ROUTER")  # the sockets a ROUTER may talk to (RFC 28)
 _FLAG_BITS = zmtp.MORE | zmtp.LONG | zmtp.COMMAND
 _IOV_MAX = 64  # buffers per sendmsg call
@@ -120,7 +127,7 @@ class _Connection:
 
     @property
     def name(self) -> str:
-        return self.identity.hex()[:8] if self.identity else "(logging in)"
+        return self.identity.hex() if self.identity else "(logging in)"
 
 
 class ZmtpRouter:
@@ -154,6 +161,7 @@ class ZmtpRouter:
         self._staging = bytearray(READ_CHUNK)  # where small reads land before ``held``
         self._scratch = bytearray(READ_CHUNK)  # where skipped large frames are read to
         self._full_warned = False
+        self._busy_since: float | None = None  # when the loop last waited (None: it did)
 
     # --- binding ------------------------------------------------------------------------------
     def open(self) -> str:
@@ -218,7 +226,9 @@ class ZmtpRouter:
         write and read: every ready connection for one budget (``receive`` hands the
         messages out)."""
         now = time.monotonic()
-        timeout = 0.0 if self._inbound or self._behind else timeout_ms / 1000
+        busy = bool(self._inbound or self._behind)
+        timeout = 0.0 if busy else timeout_ms / 1000
+        self._share_the_gil(now, busy)
         if self._handshaking:
             timeout = min(timeout, max(0.0, next(iter(self._handshaking)).deadline - now))
         started = time.monotonic()
@@ -246,6 +256,16 @@ class ZmtpRouter:
             if not conn.closed and conn.state != CLOSING and not self._read_turn(conn):
                 self._behind[conn] = None
         self._pass_started, self._pass_clean = started, not self._behind
+
+    def _share_the_gil(self, now: float, busy: bool) -> None:
+        """Pause ``BUSY_PAUSE`` once the loop has not waited for ``BUSY_SLICE``."""
+        if not busy:
+            self._busy_since = None
+        elif self._busy_since is None:
+            self._busy_since = now
+        elif now - self._busy_since > BUSY_SLICE:
+            time.sleep(BUSY_PAUSE)
+            self._busy_since = time.monotonic()
 
     def receive(self) -> Iterator[Inbound]:
         """The messages read, at most ``RECEIVE_BATCH`` of them (never blocks).
