@@ -494,7 +494,7 @@ def test_a_key_holders_multi_million_frame_messages_do_not_stall_other_clients(t
           f"({transport}): {len(times)} pings, median {times[len(times) // 2] * 1000:.1f} ms, "
           f"max {times[-1] * 1000:.0f} ms; {refusals} of them refused")
     assert refusals == count
-    assert times[-1] <= safety_net(0.1)  # ~1 s with libzmq's ROUTER; 10.4 s before that
+    assert times[-1] <= safety_net(0.1)  # 0.6-1 s with libzmq's ROUTER; 10.4 s before
 
 
 def test_still_serves_a_real_job_afterwards(server):
