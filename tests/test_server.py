@@ -724,7 +724,7 @@ def test_no_backend_raises_within_the_timeout(transport):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_wrong_key_says_the_connection_file_is_stale(transport):
-    """The backend's ZAP handler refuses the PLAIN login: libzmq reports a failed handshake,
+    """The backend refuses the PLAIN login with libzmq's ERROR: libzmq reports a failed handshake,
     the pure transport reads the ERROR command; both are ``WrongKey`` with the same words."""
     with (running_server(FakeEngine()) as server,
           Client(server.endpoint, b"x" * 32, timeout=0.5, retries=0,
