@@ -1,11 +1,12 @@
-"""Benchmark: a large result through the server's two ROUTERs, libzmq's (``transport.py``,
+"""Benchmark: a large result (and a large upload) through the server's two ROUTERs, libzmq's (``transport.py``,
 what ``--curve`` uses; here with the PLAIN login) and the pure-Python one
 (``zmtp_router.py``, the default), to a pyzmq DEALER and to the pure-Python ZmtpDealer.
 
     .venv/bin/python tests/bench_router.py [MiB] [repeats]
 
 Prints, per pair, the best and median seconds from ``send`` to the whole frame received, and
-the rate. Loopback TCP, both ends in this process (the client in a thread).
+the rate, for the server's send and for the client's (an upload: until the router hands the
+message out). Loopback TCP, both ends in this process (the client in a thread).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from protocol.transport_zmtp import ZmtpDealer
 KEY = b"b" * 32
 
 
-def one_pair(router_kind: type, client_kind: type, size: int, repeats: int) -> list[float]:
+def one_pair(router_kind: type, client_kind: type, size: int,
+             repeats: int) -> tuple[list[float], list[float]]:
     limits = wire.Limits(max_frame_bytes=size + 2**20)
     router = router_kind("tcp://127.0.0.1:0", KEY, limits)
     router.open()
@@ -37,6 +39,7 @@ def one_pair(router_kind: type, client_kind: type, size: int, repeats: int) -> l
     client = client_kind(router.endpoint, **login, **extra)
     payload = memoryview(bytearray(size))
     times: list[float] = []
+    uploads: list[float] = []
     try:
         client.send([b"hello"])
         identity = None
@@ -63,10 +66,21 @@ def one_pair(router_kind: type, client_kind: type, size: int, repeats: int) -> l
                 list(router.receive())
             times.append(time.perf_counter() - t0)
             reader.join()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            writer = threading.Thread(target=client.send, args=([payload],))
+            writer.start()
+            got_upload = False
+            while not got_upload:
+                router.poll(1)
+                for inbound in router.receive():
+                    got_upload = len(inbound.frames[0]) == size
+            uploads.append(time.perf_counter() - t0)
+            writer.join()
     finally:
         client.close()
         router.close(term=True)
-    return times
+    return times, uploads
 
 
 def main() -> None:
@@ -75,10 +89,11 @@ def main() -> None:
     size = mib * 2**20
     for router_kind in (Transport, ZmtpRouter):
         for client_kind in (PyzmqDealer, ZmtpDealer):
-            times = one_pair(router_kind, client_kind, size, repeats)
-            best, median = min(times), statistics.median(times)
-            print(f"{router_kind.__name__:>10} -> {client_kind.__name__:<11} {mib} MiB: best "
-                  f"{best:.3f} s ({mib / best:.0f} MiB/s), median {median:.3f} s")
+            sends, uploads = one_pair(router_kind, client_kind, size, repeats)
+            for arrow, times in (("->", sends), ("<-", uploads)):
+                best, median = min(times), statistics.median(times)
+                print(f"{router_kind.__name__:>10} {arrow} {client_kind.__name__:<11} {mib} MiB: "
+                      f"best {best:.3f} s ({mib / best:.0f} MiB/s), median {median:.3f} s")
 
 
 if __name__ == "__main__":
