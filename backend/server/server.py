@@ -1,9 +1,10 @@
 """The persistent backend server: request handlers and scheduling around one engine thread.
 
 Five parts, one file each: ``zmtp_router`` / ``transport`` (the ROUTER socket: pure
-Python with the PLAIN login, or libzmq's with CURVE; ``endpoint``: the connection file), ``jobs`` (job table, fair queue, result retention), ``engine_worker`` (the worker
-thread that runs the ``Engine`` and rate-limits its events), ``downloads`` (model downloads
-in their own thread, protocol 1.3), and this module, which answers the requests, moves jobs
+Python with the PLAIN login, or libzmq's with CURVE; ``endpoint``: the connection file),
+``jobs`` (job table, fair queue, result retention), ``engine_worker`` (the worker thread
+that runs the ``Engine`` and rate-limits its events), ``downloads`` (model downloads in their
+own thread, protocol 1.3), and this module, which answers the requests, moves jobs
 from the queue to the engine, and reloads the engine when a download brings a model it serves.
 Only the socket thread (``serve_forever``) touches the socket and the job table, so hello, ping, cancel and shutdown are answered while an
 edit runs. The wire format is ``protocol/PROTOCOL.md``.
