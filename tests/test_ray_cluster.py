@@ -14,13 +14,21 @@ Needs the cluster extra (``python install.py --cluster``); skipped without it un
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
-import logging
 import os
+import queue
+import secrets
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +46,8 @@ if os.environ.get("DRAG_RAY_TESTS") != "1":
 import ray
 from ray import serve
 
-from backend.server.ray_app import DEPLOYMENT, NAMESPACE
-from backend.server.ray_worker import DIED, RayWorker
+from backend.server.ray_app import DEPLOYMENT
+from backend.server.ray_worker import DIED, RayWorker, connect
 
 pytestmark = pytest.mark.ray
 
@@ -49,16 +57,113 @@ ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
 _names = itertools.count()
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    """``roots`` and every process under them (by parent id, from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += children.get(pid, [])
+    return found
+
+
+def _group(pgid: int) -> set[int]:
+    members = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getpgid(int(entry.name)) == pgid:
+                    members.add(int(entry.name))
+    return members
+
+
+@dataclass
+class Head:
+    """A Ray head node that ``ray start --head --block`` runs for the module."""
+
+    address: str
+    token_path: Path
+    process: subprocess.Popen
+
+
+def start_head(tmp: Path, gpus: int, cpus: int) -> Head:
+    """``ray start --head`` as a user runs it, on free ports, with its own temporary folder and
+    token authentication (a token of its own: the driver and the CLI find it through
+    ``RAY_AUTH_TOKEN_PATH``, as they would find ``~/.ray/auth_token``)."""
+    token = tmp / "token"
+    token.write_text(secrets.token_hex(32))
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+               f"--num-gpus={gpus}", f"--num-cpus={cpus}", f"--port={port}",
+               "--node-ip-address=127.0.0.1", f"--temp-dir={tmp}", "--include-dashboard=false",
+               f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
+               f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+    process = subprocess.Popen(command, env=env, start_new_session=True, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
+                     daemon=True).start()
+    limit = safety_net(120)
+    deadline = time.monotonic() + limit
+    seen = []
+    while "Ray runtime started" not in "".join(seen):
+        try:
+            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        except queue.Empty:
+            stop_head(process)
+            raise AssertionError(fired("ray start --head", limit) + "".join(seen)) from None
+    return Head(f"127.0.0.1:{port}", token, process)
+
+
+def stop_head(process: subprocess.Popen) -> None:
+    """Stop this head and every process it started (not ``ray stop``: that stops every Ray
+    cluster on the machine)."""
+    doomed = _descendants(_group(process.pid) | {process.pid})
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(30)
+
+
 @pytest.fixture(scope="module")
-def cluster():
-    """A local Ray cluster with 2 fake GPUs, for the whole module."""
-    ray.init(num_cpus=4, num_gpus=2, namespace=NAMESPACE, include_dashboard=False,
-             logging_level=logging.WARNING, log_to_driver=False)
+def cluster(tmp_path_factory):
+    """A local Ray cluster with 2 fake GPUs, for the whole module, started by ``ray start``;
+    the tests join it as the gateway does (``ray_worker.connect``)."""
+    tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must be short
+    saved = {name: os.environ.pop(name, None) for name in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    saved["RAY_AUTH_TOKEN_PATH"] = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    head = start_head(tmp, gpus=2, cpus=4)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(head.token_path)
     try:
-        yield
+        assert connect(head.address) == 2
+        yield head
     finally:
-        serve.shutdown()
+        with contextlib.suppress(Exception):
+            serve.shutdown()
         ray.shutdown()
+        stop_head(head.process)
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ray_server(load, *, replicas: int = 2, **kwargs):
@@ -94,6 +199,95 @@ def running_replicas(app: str) -> int:
     if status is None or DEPLOYMENT not in status.deployments:
         return 0
     return status.deployments[DEPLOYMENT].replica_states.get("RUNNING", 0)
+
+
+# --- serve --ray as a user runs it ----------------------------------------------------------
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """A user's shell: Ray's token found on disk (no ``RAY_AUTH_MODE``), no SD1.5 in the
+    Hugging Face cache (the demo model stands in), one thread per process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def serve_cli(cluster: Head, tmp_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "backend", "serve", "--ray", cluster.address, *extra,
+         "--bind", "tcp://127.0.0.1:0", "--connection-file", str(tmp_path / "backend.json"),
+         "--log-file", str(tmp_path / "backend.log")],
+        cwd=ROOT, env=cli_env(tmp_path), text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+
+
+def first_line(process: subprocess.Popen, starts: str, seconds: float) -> str:
+    """The first line of the process's stdout that starts with ``starts``."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
+                     daemon=True).start()
+    limit = safety_net(seconds)
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(fired(f"the backend's {starts} line", limit)) from None
+        if line.startswith(starts):
+            return line.strip()
+
+
+def test_serve_ray_runs_an_edit_end_to_end_as_a_user_runs_it(cluster, tmp_path):
+    """``python -m backend serve --ray HOST:PORT --replicas 2`` on a cluster that ``ray start``
+    runs with token authentication; the default model is missing, so every replica loads the
+    demo model; an Inpaint4Drag edit through the protocol; shutdown through the protocol."""
+    t0 = time.monotonic()
+    process = serve_cli(cluster, tmp_path, "--replicas", "2")
+    try:
+        ready = first_line(process, "READY", 240)
+        ready_in = time.monotonic() - t0
+        conn = tmp_path / "backend.json"
+        assert ready.split()[2] == str(conn) and "demo model" in ready
+        assert running_replicas("drag-diffusion") == 2
+        rng = np.random.default_rng(0)
+        pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        mask = np.zeros((48, 64), np.uint8)
+        mask[18:32, 12:28] = 255
+        with Client.from_connection_file(conn, timeout=10.0) as client:
+            info = client.hello()
+            t1 = time.monotonic()
+            job = client.submit(pixels, 64, 48, 3, [(20, 25)], [(36, 25)], mask=mask.tobytes(),
+                                method="inpaint4drag", params={"work_size": 64}, seed=1)
+            got = events(client, job, timeout=240)
+            edit_in = time.monotonic() - t1
+            assert client.shutdown() == []
+        assert process.wait(safety_net(60)) == 0
+    finally:
+        process.kill()
+        stderr = process.stderr.read()
+    print(f"\nserve --ray with 2 replicas of the demo model: READY {ready_in:.1f} s after the "
+          f"command; an Inpaint4Drag edit (64x48) {edit_in:.2f} s from submit to finished")
+    assert info["model"]["state"] == "ready" and info["device"] == "cpu", info["model"]
+    assert "inpaint4drag" in info["methods"]
+    types = [e.type for e in got]
+    assert types[:2] == ["queued", "started"] and types[-1] == "finished", stderr[-2000:]
+    done = got[-1]
+    assert (done["width"], done["height"], done["channels"]) == (64, 48, 3)
+    assert done.image != pixels.tobytes() and done["handles"] == [[36.0, 25.0]]
+    assert "drag-diffusion" not in serve.status().applications  # the gateway removed it
+    assert not conn.exists()
+    assert f"job {job} finished" in (tmp_path / "backend.log").read_text()
+
+
+def test_serve_ray_with_more_replicas_than_gpus_says_so_in_one_line(cluster, tmp_path):
+    process = serve_cli(cluster, tmp_path, "--replicas", "3")
+    try:
+        assert process.wait(safety_net(60)) == 2
+    finally:
+        process.kill()
+    errors = [line for line in process.stderr.read().splitlines() if " ERROR " in line]
+    assert errors and errors[-1].endswith(
+        "--replicas 3 needs 3 GPUs; the Ray cluster has 2"), errors
 
 
 # --- the protocol through the gateway --------------------------------------------------------
