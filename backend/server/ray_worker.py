@@ -222,14 +222,18 @@ class RayWorker:
     def _undeploy(self, board: bool = False) -> None:
         try:
             ray, serve = import_ray()
-            for thread in list(self._threads):  # the jobs' threads post their last events
-                if thread is not threading.current_thread() and thread.name.startswith("ray-job"):
-                    thread.join(30.0)
+            self._join_jobs()
             serve.delete(self._app_name)
             if board and self._board is not None:
                 ray.kill(self._board)
         except Exception:
             log.exception("removing the Ray Serve application failed")
+
+    def _join_jobs(self) -> None:
+        """Wait for the jobs' threads to post their last events."""
+        for thread in list(self._threads):
+            if thread is not threading.current_thread() and thread.name.startswith("ray-job"):
+                thread.join(30.0)
 
     def _stream(self, job: Job) -> None:
         """Run ``job`` on a replica and post its events; a replica that dies fails the job."""
@@ -268,7 +272,7 @@ class RayWorker:
     def _placed(self, job: Job, event: dict[str, Any]) -> None:
         self.placements[job.job_id] = Placement(event["replica"], event["pid"], event["warm"],
                                                 event["cached_bytes"], time.monotonic())
-        log.info("job %s on replica %s (%s)", job.job_id, event["replica"],
+        log.debug("job %s on replica %s (%s)", job.job_id, event["replica"],  # one INFO line
                  "its cache is there" if event["warm"] else "computes its cache")
 
 
