@@ -210,8 +210,10 @@ class RayWorker:
             about = self._handle.describe.remote().result()
         except Exception as exc:
             log.exception("starting the Ray Serve application failed")
+            first = (str(exc).strip().splitlines() or [""])[0][:300]  # Ray's can be pages
             self._post(ModelLoaded("error", f"the Ray cluster could not start the engine: "
-                                   f"{type(exc).__name__}: {exc}", None))
+                                   f"{type(exc).__name__}: {first} (backend.log has the rest)",
+                                   None))
             return
         engine = (RemoteEngine(about["table"], about["info"]) if about["state"] == "ready"
                   else None)
