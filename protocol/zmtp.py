@@ -161,7 +161,7 @@ def plain_hello(username: bytes, password: bytes) -> bytes:
 
 
 def parse_plain_hello(data: bytes) -> tuple[bytes, bytes]:
-    """(username, password) from a HELLO command's data (the server's side; for tests)."""
+    """(username, password) from a HELLO command's data (the server's side)."""
     if not data or len(data) < 2 + data[0]:
         raise ZmtpError("truncated PLAIN HELLO")
     user = data[1:1 + data[0]]
@@ -169,6 +169,14 @@ def parse_plain_hello(data: bytes) -> tuple[bytes, bytes]:
     if len(rest) != 1 + rest[0]:
         raise ZmtpError("malformed PLAIN HELLO password")
     return bytes(user), bytes(rest[1:])
+
+
+def plain_refusal(status: bytes = b"400") -> bytes:
+    """The ERROR command that refuses a PLAIN login, spelt as libzmq spells it
+    (``LIBZMQ_ERROR``), so that libzmq's own clients see their login refused (the server's
+    side)."""
+    return frame_header(len(LIBZMQ_ERROR) + 1 + len(status), COMMAND) + LIBZMQ_ERROR + bytes(
+        (len(status),)) + status
 
 
 def error_reason(data: bytes) -> str:

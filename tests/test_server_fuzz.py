@@ -36,7 +36,6 @@ from limits import fired, safety_net
 from backend.engine.errors import InvalidInput
 from backend.engine.params import SPECS, resolve
 from protocol import wire
-from protocol.client import LIVENESS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = 200
@@ -319,15 +318,15 @@ def test_oversized_frame_is_dropped_and_the_server_serves_on():
     with running_server(FakeEngine(), limits=wire.Limits(max_frame_bytes=2**20)) as server:
         bully = RawPeer(server)
         bully.send([wire.DELIMITER, b"0" * 64, b"x", b"x", b"x" * (2 * 2**20)])
-        assert bully.recv(0.5) is None  # disconnected by ZMQ_MAXMSGSIZE: no answer
+        assert bully.recv(0.5) is None  # disconnected at the frame's size field: no answer
         bully.close()
         with client_for(server) as client:
             assert client.ping()["queued"] == 0
 
 
 def test_an_oversized_frame_from_the_pure_transport_costs_its_connection_only():
-    """The pure-Python transport sending past ZMQ_MAXMSGSIZE (its client checks first; this
-    one does not): libzmq drops that connection, the transport reconnects and serves on."""
+    """The pure-Python transport sending past max_frame_bytes (its client checks first; this
+    one does not): the server drops that connection, the transport reconnects and serves on."""
     from protocol.transport_zmtp import ZmtpDealer
 
     with running_server(FakeEngine(), limits=wire.Limits(max_frame_bytes=2**20)) as server:
@@ -429,38 +428,56 @@ def test_a_key_holders_many_frames_are_dropped_while_read():
 
 
 # A key holder in its own process (so its sending does not share the server's GIL): it logs in
-# with the key and sends ``count`` messages of ``frames`` empty frames each.
+# with the key and sends ``count`` messages of ``frames`` empty frames each, through libzmq's
+# DEALER (pyzmq) or the pure-Python one (zmtp), which writes them as it logs in (``recv``).
 _KEY_HOLDER_FLOOD = """
 import sys, time
-import zmq
 from protocol import wire
-endpoint, key, frames, count = sys.argv[1], bytes.fromhex(sys.argv[2]), *map(int, sys.argv[3:])
-sock = zmq.Context.instance().socket(zmq.DEALER)
-sock.plain_username, sock.plain_password = wire.TRANSPORT_USER, wire.transport_password(key)
-sock.connect(endpoint)
+endpoint, key, transport = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3]
+frames, count = map(int, sys.argv[4:])
 message = [b""] * frames
-print("sending", flush=True)
-for _ in range(count):
-    sock.send_multipart(message)
+if transport == "pyzmq":
+    import zmq
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.plain_username = wire.TRANSPORT_USER
+    sock.plain_password = wire.transport_password(key)
+    sock.connect(endpoint)
+    print("sending", flush=True)
+    for _ in range(count):
+        sock.send_multipart(message)
+else:
+    from protocol.transport_zmtp import ZmtpDealer
+    sock = ZmtpDealer(endpoint, username=wire.TRANSPORT_USER,
+                      password=wire.transport_password(key), max_frame=2**20, max_frames=8,
+                      handshake_timeout=60.0)
+    print("sending", flush=True)
+    for _ in range(count):
+        sock.send(message)
+    sock.recv(60.0)  # logs in and writes the queued messages; the first refusal comes back
 print("sent", flush=True)
 time.sleep(120)
 """
 
 
-def test_a_key_holders_multi_million_frame_messages_do_not_stall_other_clients():
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_key_holders_multi_million_frame_messages_do_not_stall_other_clients(transport):
     """N6: a key holder's message of a million empty frames stalled the server loop 17–19 s
     (dropped one Python call per frame): another client's ping waited 10.4 s, past the 6 s
-    after which a plug-in reports the backend gone. The rest of such a message is dropped
-    inside libzmq now; the other clients' messages wait for that only."""
+    after which a plug-in reports the backend gone. With libzmq's ROUTER dropping the rest
+    of such a message inside libzmq, the others still waited for the whole message: 0.6-1 s for
+    two of 3,000,000 frames. The server's own ROUTER (``zmtp_router``) reads each connection
+    for one budget a turn, so the others wait one budget (a few ms) at most. Measured from
+    the moment the key holder starts sending (its process's start-up is no part of it)."""
     frames, count = 3 * 10**6, 2
     with running_server(FakeEngine()) as server, client_for(server, timeout=30.0) as client:
         client.ping()
         flood = subprocess.Popen([sys.executable, "-c", _KEY_HOLDER_FLOOD, server.endpoint,
-                                  server.key.hex(), str(frames), str(count)],
+                                  server.key.hex(), transport, str(frames), str(count)],
                                  cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert flood.stdout.readline().strip() == "sending"
         sent = threading.Event()
-        threading.Thread(target=lambda: flood.stdout.readline() and flood.stdout.readline()
-                         and sent.set(), daemon=True).start()
+        threading.Thread(target=lambda: flood.stdout.readline() and sent.set(),
+                         daemon=True).start()
         times = []
         try:
             limit = time.monotonic() + safety_net(120)
@@ -473,11 +490,11 @@ def test_a_key_holders_multi_million_frame_messages_do_not_stall_other_clients()
             flood.wait()
         refusals = server._refusals._logged + sum(server._refusals._suppressed.values())
     times.sort()
-    print(f"\nping while a key holder sends {count} messages of {frames:,} empty frames: "
-          f"{len(times)} pings, median {times[len(times) // 2] * 1000:.1f} ms, max "
-          f"{times[-1] * 1000:.0f} ms; {refusals} of them refused")
+    print(f"\nping while a key holder sends {count} messages of {frames:,} empty frames "
+          f"({transport}): {len(times)} pings, median {times[len(times) // 2] * 1000:.1f} ms, "
+          f"max {times[-1] * 1000:.0f} ms; {refusals} of them refused")
     assert refusals == count
-    assert times[-1] < LIVENESS / 3  # was 10.4 s for one 10**6: the plug-in gave up
+    assert times[-1] <= safety_net(0.1)  # 0.6-1 s with libzmq's ROUTER; 10.4 s before
 
 
 def test_still_serves_a_real_job_afterwards(server):

@@ -20,7 +20,7 @@ import pytest
 from fixtures_server import TRANSPORTS, FakeEngine, client_for, running_server
 
 from backend.server import cli as server_cli
-from backend.server.transport import CurveServer
+from backend.server.endpoint import CurveServer
 from protocol import connection, wire
 from protocol.client import BackendUnavailable, Client, JobFailed, JobTimeout, WrongKey
 from protocol.curve import CurveClient, generate_keypair, load_keypair

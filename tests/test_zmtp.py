@@ -72,6 +72,7 @@ def test_plain_hello_welcome_and_errors():
     assert zmtp.parse_command(b"\x05ERROR\x03400") == (zmtp.ERROR, b"\x03400")
     name, data = zmtp.parse_command(LIBZMQ_REFUSAL[2:])
     assert (name, zmtp.error_reason(data)) == (zmtp.ERROR, "400")
+    assert zmtp.plain_refusal() == LIBZMQ_REFUSAL  # what the server's own ROUTER writes
     with pytest.raises(zmtp.ZmtpError):
         zmtp.parse_command(b"\x09WELCOME")  # the name runs past the body
     with pytest.raises(ValueError):

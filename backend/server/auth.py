@@ -1,4 +1,5 @@
-"""Who may open a connection at all: the ZAP handler of the server's ZeroMQ context (RFC 27).
+"""Who may open a connection at all: the PLAIN login's check (``PlainGate``, which the pure
+ZMTP router asks) and the ZAP handler of a libzmq ROUTER's context (``ZapGate``, RFC 27).
 
 Local mode: a client must log in with ZeroMQ's PLAIN mechanism, its password derived from the
 connection file's key (``wire.transport_password``), so a program without the key cannot even
@@ -24,6 +25,28 @@ log = logging.getLogger("backend.server")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _VERSION = b"1.0"
+
+
+def plain_login_ok(user: bytes, password: bytes, expected: bytes) -> bool:
+    """Whether a PLAIN login (user name, password) is the key holder's."""
+    return user == wire.TRANSPORT_USER and hmac.compare_digest(password, expected)
+
+
+class PlainGate:
+    """The PLAIN login for ``zmtp_router``: the same check as ``ZapGate``'s and the same
+    counts (``denied``, ``last_reason``), without ZeroMQ."""
+
+    def __init__(self, password: bytes) -> None:
+        self.password = password
+        self.denied = 0  # logins refused so far
+        self.last_reason = ""
+
+    def check(self, user: bytes, password: bytes) -> bool:
+        if plain_login_ok(user, password, self.password):
+            return True
+        self.denied += 1
+        self.last_reason = "wrong key"
+        return False
 
 
 class ZapGate:
@@ -76,8 +99,7 @@ class ZapGate:
             return False, "malformed ZAP request"
         mechanism, credentials = request[5], request[6:]
         if mechanism == b"PLAIN" and self.password is not None and len(credentials) == 2:
-            user, password = credentials
-            if user == wire.TRANSPORT_USER and hmac.compare_digest(password, self.password):
+            if plain_login_ok(*credentials, self.password):
                 return True, ""
             return False, "wrong key"
         if mechanism == b"CURVE" and self.allowed_keys and len(credentials) == 1:

@@ -15,7 +15,7 @@ log = logging.getLogger("backend.server")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from backend.server.transport import DEFAULT_BIND
+    from backend.server.endpoint import DEFAULT_BIND
 
     conn = default_connection_file()
     serve = subparsers.add_parser(
@@ -95,9 +95,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from backend.engine.errors import ModelNotFound
     from backend.hub.store import Store
     from backend.model_choice import demo_fallback, expected_table, serve_plan
+    from backend.server.endpoint import CurveServer, ServerError
     from backend.server.log import setup_logging
     from backend.server.server import Server
-    from backend.server.transport import CurveServer, ServerError
 
     conn = args.connection_file or default_connection_file()
     setup_logging(args.log_file or conn.with_name("backend.log"), args.log_level)

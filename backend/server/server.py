@@ -1,9 +1,10 @@
 """The persistent backend server: request handlers and scheduling around one engine thread.
 
-Five parts, one file each: ``transport`` (the ROUTER socket, CURVE, the connection
-file), ``jobs`` (job table, fair queue, result retention), ``engine_worker`` (the worker
-thread that runs the ``Engine`` and rate-limits its events), ``downloads`` (model downloads
-in their own thread, protocol 1.3), and this module, which answers the requests, moves jobs
+Five parts, one file each: ``zmtp_router`` / ``transport`` (the ROUTER socket: pure
+Python with the PLAIN login, or libzmq's with CURVE; ``endpoint``: the connection file),
+``jobs`` (job table, fair queue, result retention), ``engine_worker`` (the worker thread
+that runs the ``Engine`` and rate-limits its events), ``downloads`` (model downloads in their
+own thread, protocol 1.3), and this module, which answers the requests, moves jobs
 from the queue to the engine, and reloads the engine when a download brings a model it serves.
 Only the socket thread (``serve_forever``) touches the socket and the job table, so hello, ping, cancel and shutdown are answered while an
 edit runs. The wire format is ``protocol/PROTOCOL.md``.
@@ -34,6 +35,14 @@ from backend.engine.params import DragParams, MethodTable, prepared_settings
 from backend.hub.store import Progress, Store
 from backend.model_choice import Fallback, ServePlan
 from backend.server.downloads import DownloadJob, Downloads
+from backend.server.endpoint import (
+    DEFAULT_BIND,
+    CurveServer,
+    Inbound,
+    refuse_if_running,
+    remove_connection_file,
+    write_connection_file,
+)
 from backend.server.engine_worker import (
     ACCEPTED_DTYPES,
     EngineWorker,
@@ -43,15 +52,8 @@ from backend.server.engine_worker import (
 )
 from backend.server.jobs import EDIT, PREPARE, Job, JobTable, Terminal
 from backend.server.log import RefusalLog, log_job, printable
-from backend.server.transport import (
-    DEFAULT_BIND,
-    CurveServer,
-    Inbound,
-    Transport,
-    refuse_if_running,
-    remove_connection_file,
-    write_connection_file,
-)
+from backend.server.transport import Transport
+from backend.server.zmtp_router import ZmtpRouter
 from protocol import wire
 from protocol.wire import Limits, Message, ProtocolError
 
@@ -102,7 +104,11 @@ class Server:
                                      replay=wire.ReplayGuard(replay_window,
                                                              replay_capacity),
                                      max_field_bytes=self.limits.max_field_bytes)
-        self._transport = Transport(bind, self.key, self.limits, curve)
+        # PLAIN (local): the pure-Python ROUTER, which caps a message's frames as it reads
+        # them; CURVE: libzmq's.
+        self._transport: Transport | ZmtpRouter = (
+            ZmtpRouter(bind, self.key, self.limits) if curve is None
+            else Transport(bind, self.key, self.limits, curve))
         self._fallback = fallback
         self._demo: str | None = None  # why the fallback (demo) model is served, if it is
         # who runs the jobs: the engine thread, or a Ray Serve application (``ray_worker``)
@@ -147,7 +153,7 @@ class Server:
     def start(self) -> str:
         """Bind, write the connection file, start loading the model; return the endpoint."""
         try:
-            refuse_if_running(self.connection_file, self._transport.context)
+            refuse_if_running(self.connection_file)
             self._transport.open()
             if self.connection_file is not None:
                 write_connection_file(self.connection_file, self.endpoint, self.key,

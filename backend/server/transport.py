@@ -1,5 +1,10 @@
-"""The server's sockets: the ROUTER endpoint (loopback or CURVE), its wake-up pair, and the
-connection file that tells clients where it is and which key signs the messages.
+"""The server's socket through libzmq: a ROUTER (CURVE for ``--curve``; it can also do the
+PLAIN login, which the server leaves to ``zmtp_router``) and its wake-up pair.
+
+libzmq cannot cap how many frames a message has, and its ROUTER hands out one whole message
+before the next: a key holder's message of millions of frames delays every other client by
+the time libzmq needs to move it (~0.3 µs a frame), at best with ``_discard_rest``. That is
+why the server runs ``zmtp_router`` without ``--curve`` and this ROUTER only with it.
 
 Only the socket thread uses a ``Transport``, except ``wake``, which any thread may call.
 """
@@ -8,10 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import itertools
 import logging
-import os
 import re
 import socket as pysocket
 import sys
@@ -19,61 +22,25 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import zmq
 
 from backend.server.auth import ZapGate
-from protocol import connection, wire
-from protocol.client import BackendError, Client
+from backend.server.endpoint import (
+    DEFAULT_BIND,
+    RECEIVE_BATCH,
+    CurveServer,
+    Inbound,
+    ServerError,
+    refuse_public_bind,
+)
+from protocol import wire
 from protocol.curve import load_keypair
 from protocol.wire import Buffer, Limits
 
 log = logging.getLogger("backend.server")
 
-DEFAULT_BIND = "tcp://127.0.0.1:5557"
-RECEIVE_BATCH = 64  # messages read per loop turn, so worker events are not starved
 BACKLOG_MESSAGES = 100_000  # room for the messages that arrive while a long one is dropped
-
-
-class ServerError(Exception):
-    """The server cannot start; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class CurveServer:
-    """``--curve``: the server's secret key file and the folder of allowed client ``*.key``."""
-
-    secret_key_file: Path
-    allow_dir: Path
-
-
-def is_local(endpoint: str) -> bool:
-    """Whether ``endpoint`` is reachable from this machine only."""
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    match = re.fullmatch(r"tcp://(.+):([0-9]+|\*)", endpoint)
-    if not match:
-        return False
-    host = match.group(1).strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclass(frozen=True)
-class Inbound:
-    """A received message: the sender's routing identity, its first frames (from the
-    delimiter on) and how many frames it had after the identity (None: more than
-    ``wire.MAX_FRAMES``, how many more not known)."""
-
-    identity: bytes
-    frames: list[Buffer]
-    count: int | None
 
 
 class Transport:
@@ -99,10 +66,7 @@ class Transport:
 
     def open(self) -> str:
         """Create and bind the socket; return the endpoint clients connect to."""
-        if self.curve is None and not is_local(self.bind):
-            raise ServerError(f"refusing to bind {self.bind} without encryption: it is "
-                              "reachable from other machines; add --curve (see docs/remote.md) "
-                              "or bind tcp://127.0.0.1")
+        refuse_public_bind(self.bind, self.curve)
         sock = self._socket = self.context.socket(zmq.ROUTER)
         sock.ipv6 = wire.needs_ipv6(self.bind)
         sock.linger = 2000
@@ -285,58 +249,3 @@ class Transport:
         self._wake_w.close()
         if term:
             self.context.term()
-
-
-# --- the connection file ----------------------------------------------------------------------
-def refuse_if_running(path: Path | None, context: zmq.Context) -> None:
-    """Raise ``ServerError`` when ``path`` names a backend that still answers a ping.
-
-    A file others could have swapped (another user's, or writable by others) is not followed:
-    it is replaced. One of the user's own that others may read is followed for the ping only;
-    if nobody answers it is replaced too. The log says so either way (the new file is 0600 with
-    a new key: the old key is worth nothing from then on).
-    """
-    if path is None or not path.exists():
-        return
-    try:
-        swappable = connection.why_unsafe(path, secret=False)
-        if swappable:
-            log.warning("%s; replacing it", swappable)
-            return
-        readable = connection.why_unsafe(path)
-        info = connection.read_connection_file(path, private=False)
-    except (OSError, ValueError):
-        return
-    try:
-        with Client(info.endpoint, info.key, timeout=0.5, retries=0, context=context) as probe:
-            probe.ping()
-    except BackendError:  # stale file from a backend that is gone
-        if readable:
-            log.warning("%s; replacing it with a private connection file (mode 600, a new "
-                        "key)", readable)
-        return
-    raise ServerError(f"a backend is already running at {info.endpoint} (pid {info.pid}, "
-                      f"connection file {path}); stop it first or give another "
-                      "--connection-file")
-
-
-def write_connection_file(path: Path, endpoint: str, key: bytes,
-                          curve_server_key: str | None) -> None:
-    try:
-        connection.write_connection_file(path, connection.ConnectionInfo(
-            endpoint=endpoint, key=key, pid=os.getpid(), curve_server_key=curve_server_key))
-    except connection.UnsafeConnectionFile as exc:
-        raise ServerError(str(exc)) from None
-    except OSError as exc:
-        raise ServerError(f"cannot write the connection file {path}: {exc}; give a "
-                          "writable --connection-file") from None
-
-
-def remove_connection_file(path: Path, endpoint: str) -> None:
-    """Remove ``path`` if it still describes this process's ``endpoint``."""
-    try:
-        info = connection.read_connection_file(path)
-        if info.pid == os.getpid() and info.endpoint == endpoint:
-            path.unlink()
-    except (OSError, ValueError):
-        pass

@@ -1,0 +1,100 @@
+"""Benchmark: a large result (and a large upload) through the server's two ROUTERs, libzmq's (``transport.py``,
+what ``--curve`` uses; here with the PLAIN login) and the pure-Python one
+(``zmtp_router.py``, the default), to a pyzmq DEALER and to the pure-Python ZmtpDealer.
+
+    .venv/bin/python tests/bench_router.py [MiB] [repeats]
+
+Prints, per pair, the best and median seconds from ``send`` to the whole frame received, and
+the rate, for the server's send and for the client's (an upload: until the router hands the
+message out). Loopback TCP, both ends in this process (the client in a thread).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backend.server.transport import Transport
+from backend.server.zmtp_router import ZmtpRouter
+from protocol import wire
+from protocol.transport_pyzmq import PyzmqDealer
+from protocol.transport_zmtp import ZmtpDealer
+
+KEY = b"b" * 32
+
+
+def one_pair(router_kind: type, client_kind: type, size: int,
+             repeats: int) -> tuple[list[float], list[float]]:
+    limits = wire.Limits(max_frame_bytes=size + 2**20)
+    router = router_kind("tcp://127.0.0.1:0", KEY, limits)
+    router.open()
+    login = {"username": wire.TRANSPORT_USER, "password": wire.transport_password(KEY),
+             "max_frame": size + 2**20}
+    extra = {"max_frames": 8, "handshake_timeout": 5.0} if client_kind is ZmtpDealer else {}
+    client = client_kind(router.endpoint, **login, **extra)
+    payload = memoryview(bytearray(size))
+    times: list[float] = []
+    uploads: list[float] = []
+    try:
+        client.send([b"hello"])
+        identity = None
+        while identity is None:  # the router's loop until the client's first message
+            router.poll(10)
+            if client_kind is ZmtpDealer:
+                client.recv(0.01)  # its login advances as it reads
+            for inbound in router.receive():
+                identity = inbound.identity
+        for _ in range(repeats):
+            got = threading.Event()
+
+            def receive(got: threading.Event = got) -> None:
+                frames = client.recv(60.0)
+                assert frames is not None and len(frames[0]) == size
+                got.set()
+
+            reader = threading.Thread(target=receive)
+            reader.start()
+            t0 = time.perf_counter()
+            router.send(identity, [payload], "result")
+            while not got.is_set():
+                router.poll(1)
+                list(router.receive())
+            times.append(time.perf_counter() - t0)
+            reader.join()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            writer = threading.Thread(target=client.send, args=([payload],))
+            writer.start()
+            got_upload = False
+            while not got_upload:
+                router.poll(1)
+                for inbound in router.receive():
+                    got_upload = len(inbound.frames[0]) == size
+            uploads.append(time.perf_counter() - t0)
+            writer.join()
+    finally:
+        client.close()
+        router.close(term=True)
+    return times, uploads
+
+
+def main() -> None:
+    mib = int(sys.argv[1]) if len(sys.argv) > 1 else 256
+    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    size = mib * 2**20
+    for router_kind in (Transport, ZmtpRouter):
+        for client_kind in (PyzmqDealer, ZmtpDealer):
+            sends, uploads = one_pair(router_kind, client_kind, size, repeats)
+            for arrow, times in (("->", sends), ("<-", uploads)):
+                best, median = min(times), statistics.median(times)
+                print(f"{router_kind.__name__:>10} {arrow} {client_kind.__name__:<11} {mib} MiB: "
+                      f"best {best:.3f} s ({mib / best:.0f} MiB/s), median {median:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
