@@ -17,6 +17,7 @@ Torch is imported only by the functions that read a model folder.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -148,7 +149,8 @@ def demo_fallback(requested: str | None, load: Callable[[str], Any]) -> Fallback
     only for the default model (None); a ``--model`` that is missing is an error to fix."""
     if requested is not None:
         return None
-    return Fallback(DEMO_NAME, lambda: load(str(DEMO_MODEL_DIR)))
+    return Fallback(DEMO_NAME, functools.partial(load, str(DEMO_MODEL_DIR)))  # picklable when
+    # ``load`` is: a Ray replica loads it (``serve --ray``)
 
 
 def load_or_demo(load: Callable[[], Any], fallback: Fallback | None) -> tuple[Any, str | None]:

@@ -124,6 +124,15 @@ class FakeEngine(Engine):
                           warnings=warnings)
 
 
+def on_one_thread(load: Callable[[], Any]) -> Any:
+    """``load()`` with torch on one intra-op thread (a Ray replica's loader, for the Ray tier's
+    throughput figure: one core per replica)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return load()
+
+
 @contextmanager
 def running_server(engine: Any = None, *, load: Callable[[], Any] | None = None,
                    connection_file: Path | None = None, **kwargs: Any) -> Iterator[Server]:

@@ -333,3 +333,49 @@ def test_the_old_command_and_model_names_still_work():
     assert parser.parse_args(["bench", "--model", "tiny"]).model == "random-tiny"
     assert parser.parse_args(["precision", "--model", "toy"]).model == "demo"
     assert parser.parse_args(["gpu-check", "--model", "/a/path"]).model == "/a/path"
+
+
+# --- serve --ray: the one-line errors (the Ray tier, tests/test_ray_cluster.py, runs it) ----
+
+def test_serve_ray_without_ray_installed_says_how_to_get_it(tmp_path):
+    """``import ray`` fails (``sys.modules["ray"] = None``), as without the cluster extra."""
+    script = ("import sys, runpy; sys.modules['ray'] = None; sys.argv[0] = 'backend'; "
+              "runpy.run_module('backend', run_name='__main__')")
+    result = limits.run([sys.executable, "-c", script, "serve", "--ray", "auto",
+                         "--connection-file", str(tmp_path / "backend.json"),
+                         "--log-file", str(tmp_path / "backend.log")], limit=120, cwd=ROOT,
+                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                        text=True)
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert result.returncode == 2, result.stderr
+    assert len(errors) == 1 and errors[0].endswith(
+        "--ray needs Ray Serve, which is not installed; install the cluster extra: "
+        "python install.py --cluster"), result.stderr
+    assert not (tmp_path / "backend.json").exists()
+
+
+@pytest.mark.parametrize(("gpus", "replicas", "message"), [
+    (0, None, "the Ray cluster has no GPU: each replica needs one; start its nodes on machines "
+              "with GPUs (docs/cluster.md)"),
+    (2, 3, "--replicas 3 needs 3 GPUs; the Ray cluster has 2"),
+    (2, -1, "--replicas -1: give at least 1"),
+])
+def test_serve_ray_refuses_a_cluster_without_the_gpus_it_needs(monkeypatch, gpus, replicas,
+                                                               message):
+    import argparse
+
+    from backend.server import cli as server_cli
+    from backend.server import ray_worker
+
+    monkeypatch.setattr(ray_worker, "connect", lambda address: gpus)
+    args = argparse.Namespace(ray="10.0.0.5:6379", replicas=replicas)
+    with pytest.raises(RuntimeError) as err:
+        server_cli.ray_workers(args, lambda: None)
+    assert str(err.value) == message
+
+
+def test_serve_ray_replicas_see_one_gpu_each():
+    from backend.server.cli import replica_device
+
+    assert [replica_device(d) for d in (None, "cuda", "cuda:1", "cpu", "mps")] == [
+        None, "cuda", "cuda", "cpu", "mps"]

@@ -141,8 +141,7 @@ def run_serve(args: argparse.Namespace) -> int:
     make_worker = None
     if args.ray is not None:
         try:
-            make_worker = ray_workers(args, lambda: functools.partial(
-                load_planned, plan(), args.vae, device, args.dtype, args.compile), fallback)
+            make_worker = ray_workers(args, functools.partial(replica_loaders, plan, args))
         except RuntimeError as exc:
             log.error("%s", exc)
             return 2
@@ -171,10 +170,38 @@ def load_planned(plan, vae, device, dtype, compile_unet):
                            compile_unet=compile_unet, **plan.inpainting)
 
 
-def ray_workers(args: argparse.Namespace, loader, fallback):
+def load_demo_planned(plan, device, path: str):
+    """Load the demo model at ``path`` with a ``ServePlan``'s inpainting models (the replicas'
+    stand-in when the default model is missing)."""
+    from backend.engine.pipeline import DragEngine
+
+    return DragEngine.load(path, device=device, **plan.inpainting)
+
+
+def replica_device(device: str | None) -> str | None:
+    """The ``--device`` for a replica: Ray shows each replica only its own GPU (as ``cuda:0``),
+    so a gateway's ``cuda:N`` means "CUDA" there; ``cpu`` and ``mps`` stay as they are."""
+    if device is not None and device.startswith("cuda:"):
+        return "cuda"
+    return device
+
+
+def replica_loaders(plan, args: argparse.Namespace):
+    """What the replicas load, as the gateway's plan says now (asked again at each deploy, so
+    a reload after a download loads what was added): the engine's loader and the demo model's
+    stand-in, both picklable (plain values and module-level functions)."""
+    from backend.model_choice import demo_fallback
+
+    now = plan()
+    device = replica_device(None if args.device == "auto" else args.device)
+    load = functools.partial(load_planned, now, args.vae, device, args.dtype, args.compile)
+    return load, demo_fallback(args.model, functools.partial(load_demo_planned, now, device))
+
+
+def ray_workers(args: argparse.Namespace, loaders):
     """``--ray``: join the cluster and say how to make the gateway's worker (one replica per
-    GPU unless ``--replicas``); ``loader()`` gives the replicas' engine loader now.
-    ``RuntimeError`` with one line when that cannot be."""
+    GPU unless ``--replicas``); ``loaders()`` gives the replicas' engine loader and demo
+    stand-in now. ``RuntimeError`` with one line when that cannot be."""
     from backend.server.ray_worker import RayWorker, connect
 
     try:
@@ -183,15 +210,17 @@ def ray_workers(args: argparse.Namespace, loader, fallback):
         raise
     except Exception as exc:
         raise RuntimeError(f"could not join the Ray cluster at {args.ray}: {exc}") from None
-    replicas = args.replicas or gpus
-    if replicas < 1:
+    if gpus < 1:
         raise RuntimeError("the Ray cluster has no GPU: each replica needs one; start its "
                            "nodes on machines with GPUs (docs/cluster.md)")
+    replicas = args.replicas or gpus
+    if replicas < 1:
+        raise RuntimeError(f"--replicas {replicas}: give at least 1")
     if replicas > gpus:
         raise RuntimeError(f"--replicas {replicas} needs {replicas} GPUs; the Ray cluster has "
                            f"{gpus}")
     log.info("gateway to the Ray cluster at %s: %d replica(s), one GPU each", args.ray, replicas)
-    return lambda wake: RayWorker(loader, wake, fallback, replicas=replicas, fresh=True)
+    return lambda wake: RayWorker(loaders, wake, replicas=replicas, fresh=True)
 
 
 def run_keygen(args: argparse.Namespace) -> int:

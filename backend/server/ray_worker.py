@@ -57,9 +57,32 @@ def connect(address: str) -> int:
     from backend.server.ray_app import NAMESPACE
 
     if not ray.is_initialized():
-        ray.init(address=None if address == "auto" else address, namespace=NAMESPACE,
-                 logging_level=logging.WARNING, log_to_driver=False)
+        if address != "auto":
+            use_token_if_any()
+        try:
+            ray.init(address=None if address == "auto" else address, namespace=NAMESPACE,
+                     logging_level=logging.WARNING, log_to_driver=False)
+        except ConnectionError as exc:
+            raise RuntimeError(f"could not join the Ray cluster at {address}: {exc}; is "
+                               f"`ray start` running there, and, when the cluster uses token "
+                               f"authentication, is its token on this machine "
+                               f"(~/.ray/auth_token or RAY_AUTH_TOKEN)?") from None
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def use_token_if_any() -> None:
+    """Send Ray's authentication token when this machine has one (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) and ``RAY_AUTH_MODE`` is unset.
+
+    ``ray start --head`` turns token authentication on when it finds a token, but Ray's driver
+    sends it only for ``auto``, not for an explicit address, which then fails after 20 s with
+    "Failed to connect". A cluster without authentication accepts a driver that sends one."""
+    # What Ray itself does for ``auto`` (it also refreshes Ray's cached config).
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 @dataclass(frozen=True)
@@ -105,8 +128,9 @@ class RayWorker:
                  gpus_per_replica: float = 1.0, cpus_per_replica: float = 1.0,
                  env: dict[str, str] | None = None, app_name: str = "drag-diffusion",
                  fresh: bool = False) -> None:
-        """``fresh``: ``load_engine()`` gives the replicas' loader (asked at each deploy, so a
-        reload after a download loads what is served now), instead of being it."""
+        """``fresh``: ``load_engine()`` gives the replicas' loader and demo stand-in, a pair
+        (asked at each deploy, so a reload after a download loads what is served now), instead
+        of being the loader, with ``fallback``."""
         self.slots = replicas
         self._fresh = fresh
         self._load_engine, self._fallback, self._wake = load_engine, fallback, wake
@@ -177,16 +201,19 @@ class RayWorker:
                 self._board = CancelBoard.options(name=self._board_name,
                                                   namespace=NAMESPACE).remote()
             serve.start(proxy_location="Disabled")  # no HTTP: the gateway is the way in
-            loader = self._load_engine() if self._fresh else self._load_engine
-            app = build_app(loader, self._fallback, self._board_name,
+            loader, fallback = (self._load_engine() if self._fresh
+                                else (self._load_engine, self._fallback))
+            app = build_app(loader, fallback, self._board_name,
                             replicas=self.slots, gpus_per_replica=self._gpus,
                             cpus_per_replica=self._cpus, env=self._env)
             self._handle = serve.run(app, name=self._app_name, route_prefix=None)
             about = self._handle.describe.remote().result()
         except Exception as exc:
             log.exception("starting the Ray Serve application failed")
+            first = (str(exc).strip().splitlines() or [""])[0][:300]  # Ray's can be pages
             self._post(ModelLoaded("error", f"the Ray cluster could not start the engine: "
-                                   f"{type(exc).__name__}: {exc}", None))
+                                   f"{type(exc).__name__}: {first} (backend.log has the rest)",
+                                   None))
             return
         engine = (RemoteEngine(about["table"], about["info"]) if about["state"] == "ready"
                   else None)
@@ -197,14 +224,18 @@ class RayWorker:
     def _undeploy(self, board: bool = False) -> None:
         try:
             ray, serve = import_ray()
-            for thread in list(self._threads):  # the jobs' threads post their last events
-                if thread is not threading.current_thread() and thread.name.startswith("ray-job"):
-                    thread.join(30.0)
+            self._join_jobs()
             serve.delete(self._app_name)
             if board and self._board is not None:
                 ray.kill(self._board)
         except Exception:
             log.exception("removing the Ray Serve application failed")
+
+    def _join_jobs(self) -> None:
+        """Wait for the jobs' threads to post their last events."""
+        for thread in list(self._threads):
+            if thread is not threading.current_thread() and thread.name.startswith("ray-job"):
+                thread.join(30.0)
 
     def _stream(self, job: Job) -> None:
         """Run ``job`` on a replica and post its events; a replica that dies fails the job."""
@@ -243,7 +274,7 @@ class RayWorker:
     def _placed(self, job: Job, event: dict[str, Any]) -> None:
         self.placements[job.job_id] = Placement(event["replica"], event["pid"], event["warm"],
                                                 event["cached_bytes"], time.monotonic())
-        log.info("job %s on replica %s (%s)", job.job_id, event["replica"],
+        log.debug("job %s on replica %s (%s)", job.job_id, event["replica"],  # one INFO line
                  "its cache is there" if event["warm"] else "computes its cache")
 
 
