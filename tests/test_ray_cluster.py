@@ -750,3 +750,39 @@ def ray_mode(request, monkeypatch):
             "engine_record")
         monkeypatch.setattr(module, "running_server",
                             functools.partial(ray_mode_server, shared, record))
+
+
+# --- a gateway that has left the cluster -----------------------------------------------------
+
+_LEFT_BEHIND = """
+import logging
+import ray
+from backend.engine.types import CancelToken
+from backend.server.jobs import EDIT, Job
+from backend.server.ray_worker import RayWorker
+logging.disable(logging.CRITICAL)
+worker = RayWorker(lambda: None, lambda: None, replicas=1)
+job = Job(job_id="j" * 8, session="", route="", parent={}, fingerprint=b"", request={},
+          buffers=[], kind=EDIT, cancel=CancelToken())
+worker._undeploy(board=True)
+worker._stream(job)
+worker._deploy()
+posted = list(worker.events())
+print(ray.is_initialized(), [type(event).__name__ for event in posted])
+print(posted[0].content["message"], "|", posted[1].error)
+"""
+
+
+def test_a_worker_thread_left_behind_never_joins_or_starts_a_cluster():
+    """A job's or the removal's thread that runs after the gateway left the cluster (a server
+    stopped, ``ray.shutdown()``) must fail, not let Serve join a cluster by itself: in a full
+    CI run one started a new local cluster from pytest's own process after the Ray tier, and
+    Ray ended that process 60 s after the cluster went (\"Failed to connect to GCS within 60
+    seconds ... The program will terminate\"), in the middle of later tests."""
+    result = subprocess.run([sys.executable, "-c", _LEFT_BEHIND], cwd=ROOT, text=True,
+                            capture_output=True, timeout=safety_net(120),
+                            env={**os.environ, **ENV, "RAY_ADDRESS": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    state, messages = result.stdout.splitlines()
+    assert state == "False ['JobMessage', 'ModelLoaded']"  # not joined; the job and load failed
+    assert messages.count("not joined to a Ray cluster") == 2, messages

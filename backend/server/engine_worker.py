@@ -118,6 +118,10 @@ def _frame(pixels: np.ndarray) -> memoryview:
 class EngineWorker:
     """The ``drag-engine`` thread. ``wake()`` is called after every posted event."""
 
+    # How long a stopping server waits for this worker: it ends after its last job (or keeps
+    # loading a model, which nothing can interrupt).
+    stop_seconds = 2.0
+
     def __init__(self, load_engine: Callable[[], Engine], wake: Callable[[], None],
                  fallback: Fallback | None = None) -> None:
         self._load_engine = load_engine

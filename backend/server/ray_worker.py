@@ -50,6 +50,16 @@ def import_ray():
     return ray, serve
 
 
+def joined_ray():
+    """``ray`` and ``ray.serve`` while this process is joined to the cluster, else a
+    ``RuntimeError``: Serve's calls would otherwise join (or start!) a cluster by themselves,
+    e.g. a job's thread that ends after ``ray.shutdown()``."""
+    ray, serve = import_ray()
+    if not ray.is_initialized():
+        raise RuntimeError("not joined to a Ray cluster (it was left or never joined)")
+    return ray, serve
+
+
 def connect(address: str) -> int:
     """Join the Ray cluster at ``address`` (``auto``: the one ``ray start`` runs on this
     machine, else a new local one); return how many GPUs it has."""
@@ -123,6 +133,10 @@ class BoardToken(CancelToken):
 class RayWorker:
     """Runs jobs on a Ray Serve application of ``replicas`` replicas (``slots`` at once)."""
 
+    # How long a stopping server waits for this worker: the application's removal must reach
+    # Serve's controller, or its replicas keep their GPUs after the gateway has gone.
+    stop_seconds = 60.0
+
     def __init__(self, load_engine: Callable[[], Engine], wake: Callable[[], None],
                  fallback: Fallback | None = None, *, replicas: int,
                  gpus_per_replica: float = 1.0, cpus_per_replica: float = 1.0,
@@ -194,7 +208,7 @@ class RayWorker:
     def _deploy(self) -> None:
         """Start the application and post ``ModelLoaded`` from a replica's description."""
         try:
-            _, serve = import_ray()
+            _, serve = joined_ray()
             from backend.server.ray_app import NAMESPACE, CancelBoard, build_app
 
             if self._board is None:
@@ -223,8 +237,8 @@ class RayWorker:
 
     def _undeploy(self, board: bool = False) -> None:
         try:
-            ray, serve = import_ray()
             self._join_jobs()
+            ray, serve = joined_ray()
             serve.delete(self._app_name)
             if board and self._board is not None:
                 ray.kill(self._board)
@@ -239,11 +253,12 @@ class RayWorker:
 
     def _stream(self, job: Job) -> None:
         """Run ``job`` on a replica and post its events; a replica that dies fails the job."""
-        ray, _ = import_ray()
+        ray, _ = import_ray()  # its exceptions; the stream itself needs a joined process
         request = {"job_id": job.job_id, "kind": job.kind, "request": job.request}
         buffers = [bytes(buffer) for buffer in job.buffers]
         terminal = None
         try:
+            joined_ray()
             stream = self._handle.options(stream=True, multiplexed_model_id=job.key or "") \
                 .run.remote(request, buffers)
             for event in stream:

@@ -198,7 +198,7 @@ class Server:
             self._log_refusals(time.monotonic(), force=True)
             if self.connection_file is not None:
                 remove_connection_file(self.connection_file, self.endpoint)
-            self._worker.join(2.0)  # it ends after its last job (or keeps loading a model)
+            self._worker.join(self._worker.stop_seconds)
             self._transport.close(term=not self._worker.is_alive())
             log.info("stopped")
 
