@@ -49,6 +49,29 @@ class PlainGate:
         return False
 
 
+class KeyGate:
+    """The CURVE check for ``zmtp_router``: the client's long-term public key must be one of
+    the ``*.key`` certificates in ``allow_dir`` (read once, as ``ZapGate`` reads them); the
+    same counts as ``PlainGate``."""
+
+    def __init__(self, allow_dir: Path) -> None:
+        self.allowed_keys = load_allow_list(allow_dir)
+        self.denied = 0
+        self.last_reason = ""
+
+    def check(self, client_key: bytes) -> bool:
+        if client_key in self.allowed_keys:
+            return True
+        self.denied += 1
+        self.last_reason = "client key not in the allow-list"
+        return False
+
+
+def load_allow_list(allow_dir: Path) -> set[bytes]:
+    """The raw (32-byte) public keys of the ``*.key`` certificates in ``allow_dir``."""
+    return {z85.decode(key) for key in zmq.auth.load_certificates(str(allow_dir))}
+
+
 class ZapGate:
     """A thread answering ZAP requests for one context: PLAIN with ``password``, or CURVE
     with the public keys found in ``allow_dir``."""
@@ -59,8 +82,7 @@ class ZapGate:
         self.password = password
         self.allowed_keys: set[bytes] = set()
         if allow_dir is not None:
-            self.allowed_keys = {z85.decode(key)
-                                 for key in zmq.auth.load_certificates(str(allow_dir))}
+            self.allowed_keys = load_allow_list(allow_dir)
         self.denied = 0  # handshakes refused so far (read by the socket thread)
         self.last_reason = ""
         self._stop = threading.Event()
