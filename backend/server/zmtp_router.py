@@ -672,9 +672,12 @@ class ZmtpRouter:
                 if have < size:
                     break
                 self._large_done(conn, budget)
+        except zmtp.ZmtpError:
+            pos = 0  # the connection is dropped; its bytes may still be lent (a traceback)
+            raise
         finally:
             view.release()
-            if not conn.closed:
+            if not conn.closed and pos:
                 del held[:pos]
             budget.frames -= frames
 
