@@ -69,10 +69,11 @@ log = logging.getLogger("backend.server")
 # One connection's share of a loop turn: bytes read, frames parsed, messages completed.
 TURN_BYTES = 4 * 2**20
 TURN_FRAMES = 8192
-# A CURVE frame counts as this many against TURN_FRAMES: opening its box costs about as much
-# as parsing that many plain frames (a flood of 2 x 3,000,000 empty CURVE frames gave another
-# client a median ping of 80 ms when each counted as one).
-CURVE_FRAME_WEIGHT = 8
+# A CURVE frame counts as this many against TURN_FRAMES (512 a turn, ~2 ms): opening its box
+# costs several times parsing a plain frame. Another client's ping while a key holder sends
+# 2 x 3,000,000 empty CURVE frames: median 80 ms, max 138 ms with a weight of 1; 3.8 ms and
+# 17-221 ms with 8; 2.4 ms and 15-30 ms with 16 (tests/test_server_fuzz.py).
+CURVE_FRAME_WEIGHT = 16
 TURN_MESSAGES = 8
 TURN_WRITE_BYTES = 16 * 2**20  # bytes written to one connection per turn
 READ_CHUNK = 2**16  # one read of headers and small frames
