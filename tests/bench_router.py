@@ -1,6 +1,7 @@
-"""Benchmark: a large result (and a large upload) through the server's two ROUTERs, libzmq's (``transport.py``,
-what ``--curve`` uses; here with the PLAIN login) and the pure-Python one
-(``zmtp_router.py``, the default), to a pyzmq DEALER and to the pure-Python ZmtpDealer.
+"""Benchmark: a large result (and a large upload) through libzmq's ROUTER (what the server
+used with ``--curve`` until its own spoke CURVE; here bare, without the server's login check)
+and the server's pure-Python one (``zmtp_router.py``), to a pyzmq DEALER and to the
+pure-Python ZmtpDealer.
 
     .venv/bin/python tests/bench_router.py [MiB] [repeats] [--curve]
 
@@ -23,8 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.server.endpoint import CurveServer
-from backend.server.transport import Transport
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+from backend.server.curve_server import ServerKeys
+from backend.server.endpoint import CurveServer, Inbound
 from backend.server.zmtp_router import ZmtpRouter
 from protocol import wire
 from protocol.curve import CurveClient, generate_keypair, load_keypair
@@ -32,6 +37,51 @@ from protocol.transport_pyzmq import PyzmqDealer
 from protocol.transport_zmtp import ZmtpDealer
 
 KEY = b"b" * 32
+
+
+class LibzmqRouter:
+    """libzmq's ROUTER with the router interface this benchmark uses; PLAIN checked by pyzmq's
+    ZAP handler (libzmq's PLAIN needs one), CURVE open to any client key."""
+
+    def __init__(self, bind: str, key: bytes, limits: wire.Limits,
+                 curve: CurveServer | None = None) -> None:
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.ROUTER)
+        self.sock.maxmsgsize = limits.max_frame_bytes
+        if curve is not None:
+            keys = ServerKeys.from_file(curve.secret_key_file)
+            self.sock.curve_secretkey = z85.encode(keys.secret)
+            self.sock.curve_publickey = z85.encode(keys.public)
+            self.sock.curve_server = True
+        else:
+            self.auth = ThreadAuthenticator(self.context)
+            self.auth.start()
+            self.auth.configure_plain(domain="*", passwords={
+                wire.TRANSPORT_USER.decode(): wire.transport_password(key).decode()})
+            self.sock.plain_server = True
+        self.bind = bind
+
+    def open(self) -> str:
+        self.sock.bind(self.bind.replace(":0", ":*"))
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.endpoint
+
+    def poll(self, timeout_ms: int) -> None:
+        self.sock.poll(timeout_ms)
+
+    def receive(self):
+        while self.sock.poll(0):
+            identity, *frames = self.sock.recv_multipart(copy=False)
+            yield Inbound(identity.bytes, [frame.buffer for frame in frames], len(frames))
+
+    def send(self, identity: bytes, frames, what: str) -> None:
+        self.sock.send_multipart([identity, *frames], copy=False)
+
+    def close(self, term: bool = False) -> None:
+        self.sock.close(linger=0)
+        if hasattr(self, "auth"):
+            self.auth.stop()
+        self.context.term()
 
 
 def curve_keys(folder: Path) -> tuple[CurveServer, CurveClient]:
@@ -112,7 +162,7 @@ def main() -> None:
     clients = (PyzmqDealer,) if with_curve else (PyzmqDealer, ZmtpDealer)
     folder = tempfile.TemporaryDirectory()
     curve = curve_keys(Path(folder.name)) if with_curve else None
-    for router_kind in (Transport, ZmtpRouter):
+    for router_kind in (LibzmqRouter, ZmtpRouter):
         for client_kind in clients:
             sends, uploads = one_pair(router_kind, client_kind, size, repeats, curve)
             for arrow, times in (("->", sends), ("<-", uploads)):

@@ -199,6 +199,35 @@ def test_a_bad_vouch_drops_the_connection_uncounted(router, keys):
     assert router.gate.denied == 0  # not a refused key: a broken handshake
 
 
+def test_a_handshake_replayed_on_another_connection_is_dropped(router, keys):
+    """Someone who recorded a key holder's HELLO and INITIATE sends them again, on a
+    connection of their own, within the cookie key's lifetime: the cookie is not the one
+    this connection was given."""
+    client = RawCurveClient(router, keys[1])
+    sent: list[bytes] = []
+    client.sock = _Recording(client.sock, sent)
+    assert client.login()[0] == zmtp.READY
+    replay = connect(router)
+    replay.sendall(b"".join(sent))
+    with looping(router):
+        assert closed(replay)
+    assert router.gate.denied == 0
+
+
+class _Recording:
+    """A socket whose ``sendall`` also keeps what was sent."""
+
+    def __init__(self, sock: socket.socket, sent: list[bytes]) -> None:
+        self._sock, self._sent = sock, sent
+
+    def sendall(self, data: bytes) -> None:
+        self._sent.append(data)
+        self._sock.sendall(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
 def test_a_tampered_box_drops_the_connection(router, keys):
     client = RawCurveClient(router, keys[1])
     assert client.login()[0] == zmtp.READY

@@ -16,8 +16,10 @@ counters, long ones 16 random bytes, each after a 16- or 8-byte prefix)::
     READY     short nonce, Box[metadata](S'->C')
     ERROR     (when C is not allowed) status "400", as libzmq's ZAP refusal sends it
 
-The cookie key rotates (``COOKIE_SECONDS``), so a HELLO costs the server no state: INITIATE
-brings C' and s' back in the cookie. Then every frame is one data frame (flags 0, as libzmq
+The cookie key rotates (``COOKIE_SECONDS``): INITIATE brings C' and s' back in the cookie, so
+the server keeps no keys between HELLO and INITIATE, only the 16-byte nonce of the cookie it
+gave this connection, which INITIATE must bring back (a handshake recorded on one connection
+and replayed on another is refused; libzmq gets the same from a cookie key per connection). Then every frame is one data frame (flags 0, as libzmq
 writes it) holding ``MESSAGE``, a short nonce and Box[flags + body]: the MORE bit of the
 message is inside the box, so the end of a message is known only once its last frame is
 opened. Nonces must increase; anything that fails to open drops the connection.
@@ -108,8 +110,9 @@ def _open_box(box: bytes, nonce: bytes, public: bytes, secret: bytes, what: str)
         raise CurveError(f"the {what} box does not open (wrong key, or tampered)") from None
 
 
-def welcome(hello: bytes, keys: ServerKeys, cookies: CookieJar) -> bytes:
-    """The WELCOME command frame that answers a HELLO command's data."""
+def welcome(hello: bytes, keys: ServerKeys, cookies: CookieJar) -> tuple[bytes, bytes]:
+    """The WELCOME command frame that answers a HELLO command's data, and its cookie's nonce
+    (for ``initiate``)."""
     if len(hello) != HELLO_BYTES:
         raise CurveError(f"a CURVE HELLO has {HELLO_BYTES} bytes of data, got {len(hello)}")
     if hello[:2] != b"\x01\x00":
@@ -125,7 +128,7 @@ def welcome(hello: bytes, keys: ServerKeys, cookies: CookieJar) -> bytes:
     welcome_nonce = nacl.utils.random(16)
     box = sodium.crypto_box_easy(short_public + cookie, WELCOME_PREFIX + welcome_nonce,
                                  client_short, keys.secret)
-    return zmtp.command(zmtp.WELCOME, welcome_nonce + box)
+    return zmtp.command(zmtp.WELCOME, welcome_nonce + box), cookie_nonce
 
 
 @dataclass(frozen=True)
@@ -135,11 +138,14 @@ class Initiated:
     metadata: bytes  # the peer's properties (``zmtp.parse_metadata``)
 
 
-def initiate(data: bytes, keys: ServerKeys, cookies: CookieJar) -> Initiated:
-    """Check an INITIATE command's data: the cookie, the box, the vouch. Whether C is
-    allowed is the caller's question."""
+def initiate(data: bytes, keys: ServerKeys, cookies: CookieJar,
+             cookie_nonce: bytes) -> Initiated:
+    """Check an INITIATE command's data: the cookie (the one this connection's WELCOME gave,
+    ``cookie_nonce``), the box, the vouch. Whether C is allowed is the caller's question."""
     if len(data) < MIN_INITIATE_BYTES:
         raise CurveError(f"a CURVE INITIATE has at least {MIN_INITIATE_BYTES} bytes of data")
+    if not hmac.compare_digest(data[:16], cookie_nonce):
+        raise CurveError("the INITIATE cookie is not the one this connection was given")
     opened = cookies.open(COOKIE_PREFIX + data[:16], data[16:96])
     if opened is None:
         raise CurveError("the INITIATE cookie does not open (forged, or too old)")

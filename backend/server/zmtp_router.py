@@ -1,6 +1,6 @@
 """The server's socket without libzmq: a ROUTER speaking ZMTP 3.1 (``protocol/zmtp.py``) with
-the PLAIN login, over non-blocking sockets in the socket thread. The server uses it whenever
-it runs without ``--curve`` (with CURVE it uses libzmq's ROUTER: ``transport.py``).
+the PLAIN login, or CURVE for ``--curve`` (``curve_server.py``), over non-blocking sockets in
+the socket thread.
 
 Why not libzmq here: a libzmq ROUTER hands out one whole message before the next and cannot
 cap how many frames a message has, so a key holder's message of three million empty frames
@@ -14,8 +14,14 @@ its exact frame count when it ends, for the server to refuse.
 What it does as libzmq's ROUTER did, for both clients (libzmq's DEALER through pyzmq, and the
 pure-Python ``protocol.transport_zmtp.ZmtpDealer``):
 
-- the PLAIN login (``auth.PlainGate``: the same check and ``denied`` count as the ZAP
-  handler); a wrong one is answered with libzmq's ERROR (``zmtp.plain_refusal``), then closed;
+- the PLAIN login (``auth.PlainGate``); a wrong one is answered with libzmq's ERROR
+  (``zmtp.plain_refusal``), then closed;
+- CURVE (``curve_server``): a client key outside the allow-list (``auth.KeyGate``) is
+  answered with libzmq's ERROR 400, then closed; a box that does not open, a vouch for other
+  keys or a nonce that does not grow drops the connection. Each frame is a MESSAGE box
+  whose MORE bit is inside it, so frames past ``wire.MAX_FRAMES`` are opened (in place, to
+  find the message's end) but not kept, and weigh ``CURVE_FRAME_WEIGHT`` in the budget;
+  frames to send are sealed one at a time as the send queue drains;
 - a frame over ``limits.max_frame_bytes`` (libzmq's ``ZMQ_MAXMSGSIZE``), a command over
   ``zmtp.MAX_COMMAND_BYTES`` or anything that breaks ZMTP drops that connection;
 - a routing identity per connection, 5 bytes (0, then a 32-bit counter), never reused in the
@@ -135,6 +141,7 @@ class _Connection:
         self.out: deque[tuple[memoryview, bool]] = deque()  # (bytes, ends a message)
         self.queued = 0  # messages in ``out`` and ``unsealed``
         self.session: CurveSession | None = None  # CURVE, once INITIATE is checked
+        self.cookie_nonce = b""  # CURVE: the nonce of the cookie WELCOME gave
         # CURVE: frames to seal into MESSAGE frames as ``out`` drains (body, flags, ends)
         self.unsealed: deque[tuple[memoryview, int, bool]] = deque()
 
@@ -750,12 +757,13 @@ class ZmtpRouter:
         if conn.state == HELLO:
             if name != zmtp.HELLO:
                 raise zmtp.ZmtpError(f"expected HELLO, got {name!r}")
+            welcome, conn.cookie_nonce = curve_server.welcome(data, keys, self._cookies)
             conn.state = INITIATE
-            self._write(conn, curve_server.welcome(data, keys, self._cookies))
+            self._write(conn, welcome)
             return
         if name != zmtp.INITIATE:
             raise zmtp.ZmtpError(f"expected INITIATE, got {name!r}")
-        initiated = curve_server.initiate(data, keys, self._cookies)
+        initiated = curve_server.initiate(data, keys, self._cookies, conn.cookie_nonce)
         assert isinstance(self.gate, KeyGate)
         if not self.gate.check(initiated.client_key):
             conn.state = CLOSING
