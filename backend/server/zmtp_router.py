@@ -152,9 +152,8 @@ class _Connection:
 
 class ZmtpRouter:
     """A ROUTER bound to ``bind`` (loopback tcp, any tcp with CURVE, or ipc), plus a socket
-    pair that wakes its
-    poll: what the server's loop calls (``open``, ``poll``, ``receive``, ``send``, ``wake``,
-    ``close``)."""
+    pair that wakes its poll: what the server's loop calls (``open``, ``poll``, ``receive``,
+    ``send``, ``wake``, ``close``)."""
 
     def __init__(self, bind: str, key: bytes, limits: Limits,
                  handshake_seconds: float = HANDSHAKE_SECONDS,
