@@ -1,8 +1,12 @@
-"""Benchmark: a large result (and a large upload) through the server's two ROUTERs, libzmq's (``transport.py``,
-what ``--curve`` uses; here with the PLAIN login) and the pure-Python one
-(``zmtp_router.py``, the default), to a pyzmq DEALER and to the pure-Python ZmtpDealer.
+"""Benchmark: a large result (and a large upload) through libzmq's ROUTER (what the server
+used with ``--curve`` until its own spoke CURVE; here bare, without the server's login check)
+and the server's pure-Python one (``zmtp_router.py``), to a pyzmq DEALER and to the
+pure-Python ZmtpDealer.
 
-    .venv/bin/python tests/bench_router.py [MiB] [repeats]
+    .venv/bin/python tests/bench_router.py [MiB] [repeats] [--curve]
+
+``--curve``: both routers with CURVE (keys made in a temporary folder), to a pyzmq DEALER
+with CURVE (the pure-Python client has no CURVE).
 
 Prints, per pair, the best and median seconds from ``send`` to the whole frame received, and
 the rate, for the server's send and for the client's (an upload: until the router hands the
@@ -13,28 +17,94 @@ from __future__ import annotations
 
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.server.transport import Transport
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+from backend.server.curve_server import ServerKeys
+from backend.server.endpoint import CurveServer, Inbound
 from backend.server.zmtp_router import ZmtpRouter
 from protocol import wire
+from protocol.curve import CurveClient, generate_keypair, load_keypair
 from protocol.transport_pyzmq import PyzmqDealer
 from protocol.transport_zmtp import ZmtpDealer
 
 KEY = b"b" * 32
 
 
-def one_pair(router_kind: type, client_kind: type, size: int,
-             repeats: int) -> tuple[list[float], list[float]]:
+class LibzmqRouter:
+    """libzmq's ROUTER with the router interface this benchmark uses; PLAIN checked by pyzmq's
+    ZAP handler (libzmq's PLAIN needs one), CURVE open to any client key."""
+
+    def __init__(self, bind: str, key: bytes, limits: wire.Limits,
+                 curve: CurveServer | None = None) -> None:
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.ROUTER)
+        self.sock.maxmsgsize = limits.max_frame_bytes
+        if curve is not None:
+            keys = ServerKeys.from_file(curve.secret_key_file)
+            self.sock.curve_secretkey = z85.encode(keys.secret)
+            self.sock.curve_publickey = z85.encode(keys.public)
+            self.sock.curve_server = True
+        else:
+            self.auth = ThreadAuthenticator(self.context)
+            self.auth.start()
+            self.auth.configure_plain(domain="*", passwords={
+                wire.TRANSPORT_USER.decode(): wire.transport_password(key).decode()})
+            self.sock.plain_server = True
+        self.bind = bind
+
+    def open(self) -> str:
+        self.sock.bind(self.bind.replace(":0", ":*"))
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.endpoint
+
+    def poll(self, timeout_ms: int) -> None:
+        self.sock.poll(timeout_ms)
+
+    def receive(self):
+        while self.sock.poll(0):
+            identity, *frames = self.sock.recv_multipart(copy=False)
+            yield Inbound(identity.bytes, [frame.buffer for frame in frames], len(frames))
+
+    def send(self, identity: bytes, frames, what: str) -> None:
+        self.sock.send_multipart([identity, *frames], copy=False)
+
+    def close(self, term: bool = False) -> None:
+        self.sock.close(linger=0)
+        if hasattr(self, "auth"):
+            self.auth.stop()
+        self.context.term()
+
+
+def curve_keys(folder: Path) -> tuple[CurveServer, CurveClient]:
+    """A server key pair, a client pair and an allow-list holding the client's key."""
+    _, server_secret = generate_keypair(folder / "server", "server")
+    client_public, client_secret = generate_keypair(folder / "client", "client")
+    allowed = folder / "allowed"
+    allowed.mkdir()
+    (allowed / "client.key").write_bytes(client_public.read_bytes())
+    return (CurveServer(server_secret, allowed),
+            CurveClient.from_files(load_keypair(server_secret)[0], client_secret))
+
+
+def one_pair(router_kind: type, client_kind: type, size: int, repeats: int,
+             curve: tuple[CurveServer, CurveClient] | None = None,
+             ) -> tuple[list[float], list[float]]:
     limits = wire.Limits(max_frame_bytes=size + 2**20)
-    router = router_kind("tcp://127.0.0.1:0", KEY, limits)
+    router = router_kind("tcp://127.0.0.1:0", KEY, limits,
+                         **({"curve": curve[0]} if curve else {}))
     router.open()
-    login = {"username": wire.TRANSPORT_USER, "password": wire.transport_password(KEY),
-             "max_frame": size + 2**20}
+    login = ({"curve": curve[1]} if curve else
+             {"username": wire.TRANSPORT_USER, "password": wire.transport_password(KEY)})
+    login["max_frame"] = size + 2**20
     extra = {"max_frames": 8, "handshake_timeout": 5.0} if client_kind is ZmtpDealer else {}
     client = client_kind(router.endpoint, **login, **extra)
     payload = memoryview(bytearray(size))
@@ -84,15 +154,20 @@ def one_pair(router_kind: type, client_kind: type, size: int,
 
 
 def main() -> None:
-    mib = int(sys.argv[1]) if len(sys.argv) > 1 else 256
-    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    args = [arg for arg in sys.argv[1:] if arg != "--curve"]
+    with_curve = "--curve" in sys.argv[1:]
+    mib = int(args[0]) if args else 256
+    repeats = int(args[1]) if len(args) > 1 else 5
     size = mib * 2**20
-    for router_kind in (Transport, ZmtpRouter):
-        for client_kind in (PyzmqDealer, ZmtpDealer):
-            sends, uploads = one_pair(router_kind, client_kind, size, repeats)
+    clients = (PyzmqDealer,) if with_curve else (PyzmqDealer, ZmtpDealer)
+    folder = tempfile.TemporaryDirectory()
+    curve = curve_keys(Path(folder.name)) if with_curve else None
+    for router_kind in (LibzmqRouter, ZmtpRouter):
+        for client_kind in clients:
+            sends, uploads = one_pair(router_kind, client_kind, size, repeats, curve)
             for arrow, times in (("->", sends), ("<-", uploads)):
                 best, median = min(times), statistics.median(times)
-                print(f"{router_kind.__name__:>10} {arrow} {client_kind.__name__:<11} {mib} MiB: "
+                print(f"{'CURVE ' if curve else ''}{router_kind.__name__:>10} {arrow} {client_kind.__name__:<11} {mib} MiB: "
                       f"best {best:.3f} s ({mib / best:.0f} MiB/s), median {median:.3f} s")
 
 

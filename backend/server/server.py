@@ -1,7 +1,7 @@
 """The persistent backend server: request handlers and scheduling around one engine thread.
 
-Five parts, one file each: ``zmtp_router`` / ``transport`` (the ROUTER socket: pure
-Python with the PLAIN login, or libzmq's with CURVE; ``endpoint``: the connection file),
+Five parts, one file each: ``zmtp_router`` (the ROUTER socket, pure Python, with the PLAIN
+login or CURVE: ``curve_server``; ``endpoint``: the connection file),
 ``jobs`` (job table, fair queue, result retention), ``engine_worker`` (the worker thread
 that runs the ``Engine`` and rate-limits its events), ``downloads`` (model downloads in their
 own thread, protocol 1.3), and this module, which answers the requests, moves jobs
@@ -52,7 +52,6 @@ from backend.server.engine_worker import (
 )
 from backend.server.jobs import EDIT, PREPARE, Job, JobTable, Terminal
 from backend.server.log import RefusalLog, log_job, printable
-from backend.server.transport import Transport
 from backend.server.zmtp_router import ZmtpRouter
 from protocol import wire
 from protocol.wire import Limits, Message, ProtocolError
@@ -104,11 +103,9 @@ class Server:
                                      replay=wire.ReplayGuard(replay_window,
                                                              replay_capacity),
                                      max_field_bytes=self.limits.max_field_bytes)
-        # PLAIN (local): the pure-Python ROUTER, which caps a message's frames as it reads
-        # them; CURVE: libzmq's.
-        self._transport: Transport | ZmtpRouter = (
-            ZmtpRouter(bind, self.key, self.limits) if curve is None
-            else Transport(bind, self.key, self.limits, curve))
+        # The pure-Python ROUTER (PLAIN locally, CURVE for --curve), which caps a message's
+        # frames as it reads them.
+        self._transport = ZmtpRouter(bind, self.key, self.limits, curve=curve)
         self._fallback = fallback
         self._demo: str | None = None  # why the fallback (demo) model is served, if it is
         # who runs the jobs: the engine thread, or a Ray Serve application (``ray_worker``)

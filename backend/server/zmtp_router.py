@@ -1,6 +1,6 @@
 """The server's socket without libzmq: a ROUTER speaking ZMTP 3.1 (``protocol/zmtp.py``) with
-the PLAIN login, over non-blocking sockets in the socket thread. The server uses it whenever
-it runs without ``--curve`` (with CURVE it uses libzmq's ROUTER: ``transport.py``).
+the PLAIN login, or CURVE for ``--curve`` (``curve_server.py``), over non-blocking sockets in
+the socket thread.
 
 Why not libzmq here: a libzmq ROUTER hands out one whole message before the next and cannot
 cap how many frames a message has, so a key holder's message of three million empty frames
@@ -14,8 +14,14 @@ its exact frame count when it ends, for the server to refuse.
 What it does as libzmq's ROUTER did, for both clients (libzmq's DEALER through pyzmq, and the
 pure-Python ``protocol.transport_zmtp.ZmtpDealer``):
 
-- the PLAIN login (``auth.PlainGate``: the same check and ``denied`` count as the ZAP
-  handler); a wrong one is answered with libzmq's ERROR (``zmtp.plain_refusal``), then closed;
+- the PLAIN login (``auth.PlainGate``); a wrong one is answered with libzmq's ERROR
+  (``zmtp.plain_refusal``), then closed;
+- CURVE (``curve_server``): a client key outside the allow-list (``auth.KeyGate``) is
+  answered with libzmq's ERROR 400, then closed; a box that does not open, a vouch for other
+  keys or a nonce that does not grow drops the connection. Each frame is a MESSAGE box
+  whose MORE bit is inside it, so frames past ``wire.MAX_FRAMES`` are opened (in place, to
+  find the message's end) but not kept, and weigh ``CURVE_FRAME_WEIGHT`` in the budget;
+  frames to send are sealed one at a time as the send queue drains;
 - a frame over ``limits.max_frame_bytes`` (libzmq's ``ZMQ_MAXMSGSIZE``), a command over
   ``zmtp.MAX_COMMAND_BYTES`` or anything that breaks ZMTP drops that connection;
 - a routing identity per connection, 5 bytes (0, then a 32-bit counter), never reused in the
@@ -49,15 +55,19 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from backend.server.auth import PlainGate
+from backend.server import curve_server
+from backend.server.auth import KeyGate, PlainGate
+from backend.server.curve_server import CurveSession
 from backend.server.endpoint import (
     DEFAULT_BIND,
     RECEIVE_BATCH,
+    CurveServer,
     Inbound,
     ServerError,
     refuse_public_bind,
 )
 from protocol import wire, zmtp
+from protocol.curve import load_keypair
 from protocol.wire import Buffer, Limits
 
 log = logging.getLogger("backend.server")
@@ -65,6 +75,11 @@ log = logging.getLogger("backend.server")
 # One connection's share of a loop turn: bytes read, frames parsed, messages completed.
 TURN_BYTES = 4 * 2**20
 TURN_FRAMES = 8192
+# A CURVE frame counts as this many against TURN_FRAMES (512 a turn, ~2 ms): opening its box
+# costs several times parsing a plain frame. Another client's ping while a key holder sends
+# 2 x 3,000,000 empty CURVE frames: median 80 ms, max 138 ms with a weight of 1; 3.8 ms and
+# 17-221 ms with 8; 2.4 ms and 15-30 ms with 16 (tests/test_server_fuzz.py).
+CURVE_FRAME_WEIGHT = 16
 TURN_MESSAGES = 8
 TURN_WRITE_BYTES = 16 * 2**20  # bytes written to one connection per turn
 READ_CHUNK = 2**16  # one read of headers and small frames
@@ -83,6 +98,7 @@ BUSY_PAUSE = 0.0002
 PEER_TYPES = (b"DEALER", b"REQ", b"ROUTER")  # the sockets a ROUTER may talk to (RFC 28)
 _FLAG_BITS = zmtp.MORE | zmtp.LONG | zmtp.COMMAND
 _IOV_MAX = 64  # buffers per sendmsg call
+SEAL_AHEAD = 2**18  # CURVE: frames are sealed when fewer bytes than this wait to be written
 _HAS_SENDMSG = hasattr(socket.socket, "sendmsg")
 # Routing identities: 0, then a counter from a random start, shared by every router here.
 _IDENTITIES = itertools.count(secrets.randbelow(2**32))
@@ -123,7 +139,11 @@ class _Connection:
         self.frames: list[Buffer] = []  # the first frames of the message being read
         self.count = 0  # how many frames that message has had so far
         self.out: deque[tuple[memoryview, bool]] = deque()  # (bytes, ends a message)
-        self.queued = 0  # messages in ``out``
+        self.queued = 0  # messages in ``out`` and ``unsealed``
+        self.session: CurveSession | None = None  # CURVE, once INITIATE is checked
+        self.cookie_nonce = b""  # CURVE: the nonce of the cookie WELCOME gave
+        # CURVE: frames to seal into MESSAGE frames as ``out`` drains (body, flags, ends)
+        self.unsealed: deque[tuple[memoryview, int, bool]] = deque()
 
     @property
     def name(self) -> str:
@@ -131,20 +151,26 @@ class _Connection:
 
 
 class ZmtpRouter:
-    """A ROUTER bound to ``bind`` (loopback tcp, or ipc), plus a socket pair that wakes its
-    poll; the same interface as ``transport.Transport``."""
+    """A ROUTER bound to ``bind`` (loopback tcp, any tcp with CURVE, or ipc), plus a socket
+    pair that wakes its poll: what the server's loop calls (``open``, ``poll``, ``receive``,
+    ``send``, ``wake``, ``close``)."""
 
     def __init__(self, bind: str, key: bytes, limits: Limits,
-                 handshake_seconds: float = HANDSHAKE_SECONDS) -> None:
+                 handshake_seconds: float = HANDSHAKE_SECONDS,
+                 curve: CurveServer | None = None) -> None:
         self.bind = bind
         self.limits = limits
+        self.curve = curve
         self.endpoint = ""
         self.handshake_seconds = handshake_seconds
-        self.gate = PlainGate(wire.transport_password(key))
+        self.gate: PlainGate | KeyGate = PlainGate(wire.transport_password(key))
+        self._keys: curve_server.ServerKeys | None = None
+        self._cookies = curve_server.CookieJar()
         self.drained_at = time.monotonic()
-        self._greeting = zmtp.greeting(zmtp.PLAIN, as_server=True)
-        self._ready = zmtp.command(zmtp.READY, zmtp.metadata(
-            [(zmtp.SOCKET_TYPE, b"ROUTER"), (zmtp.IDENTITY, b"")]))
+        self._mechanism = zmtp.PLAIN if curve is None else zmtp.CURVE
+        self._greeting = zmtp.greeting(self._mechanism, as_server=True)
+        self._properties = zmtp.metadata([(zmtp.SOCKET_TYPE, b"ROUTER"), (zmtp.IDENTITY, b"")])
+        self._ready = zmtp.command(zmtp.READY, self._properties)
         self._selector = selectors.DefaultSelector()
         self._listener: socket.socket | None = None
         self._ipc_path: str | None = None
@@ -166,13 +192,25 @@ class ZmtpRouter:
     # --- binding ------------------------------------------------------------------------------
     def open(self) -> str:
         """Bind; return the endpoint clients connect to."""
-        refuse_public_bind(self.bind, None)
+        refuse_public_bind(self.bind, self.curve)
+        if self.curve is not None:
+            self._load_curve(self.curve)
         listener = self._listen()
         listener.setblocking(False)
         self._listener = listener
         self._selector.register(listener, selectors.EVENT_READ, _LISTEN)
         self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         return self.endpoint
+
+    def _load_curve(self, curve: CurveServer) -> None:
+        try:
+            self._keys = curve_server.ServerKeys.from_file(curve.secret_key_file)
+        except ValueError as exc:
+            raise ServerError(f"{exc}; create it with: python -m backend keygen") from None
+        if not curve.allow_dir.is_dir():
+            raise ServerError(f"the allow-list folder {curve.allow_dir} does not exist; put "
+                              "the clients' public .key files there")
+        self.gate = KeyGate(curve.allow_dir)
 
     def _listen(self) -> socket.socket:
         if self.bind.startswith("ipc://"):
@@ -182,7 +220,7 @@ class ZmtpRouter:
             raise ServerError(f"cannot bind {self.bind}: give tcp://127.0.0.1:PORT (or "
                               "tcp://[::1]:PORT, or ipc://PATH)")
         host = match.group(1).strip("[]")
-        host = "127.0.0.1" if host == "localhost" else host
+        host = {"localhost": "127.0.0.1", "*": "0.0.0.0"}.get(host, host)
         port = 0 if match.group(2) == "*" else int(match.group(2))
         try:
             sock = _tcp_listener(host, port)
@@ -194,6 +232,8 @@ class ZmtpRouter:
                 raise ServerError(f"cannot bind {self.bind}: {exc.strerror}; choose another "
                                   "--bind (tcp://127.0.0.1:0 picks a free port)") from None
         host, port = sock.getsockname()[:2]
+        if host in ("0.0.0.0", "::"):  # a wildcard address is not connectable: this host's name
+            host = socket.gethostname()
         self.endpoint = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
         return sock
 
@@ -217,8 +257,10 @@ class ZmtpRouter:
         return sock
 
     def server_public_key(self) -> str | None:
-        """None: no CURVE here."""
-        return None
+        """The CURVE public key clients need (None without CURVE)."""
+        if self.curve is None:
+            return None
+        return load_keypair(self.curve.secret_key_file)[0].decode("ascii")
 
     # --- the loop -----------------------------------------------------------------------------
     def poll(self, timeout_ms: int) -> None:
@@ -287,9 +329,15 @@ class ZmtpRouter:
             why = errno.EHOSTUNREACH if conn is None else errno.EAGAIN
             log.debug("dropped %s for %s: %s", what, identity.hex()[:8], os.strerror(why))
             return
-        chunks = [memoryview(chunk) for chunk in zmtp.message_chunks(frames)]
-        conn.out.extend((chunk, False) for chunk in chunks[:-1])
-        conn.out.append((chunks[-1], True))
+        if conn.session is not None:  # sealed frame by frame as ``out`` drains
+            last = len(frames) - 1
+            conn.unsealed.extend(
+                (memoryview(frame).cast("B"), curve_server.INNER_MORE if i < last else 0,
+                 i == last) for i, frame in enumerate(frames))
+        else:
+            chunks = [memoryview(chunk) for chunk in zmtp.message_chunks(frames)]
+            conn.out.extend((chunk, False) for chunk in chunks[:-1])
+            conn.out.append((chunks[-1], True))
         conn.queued += 1
         self._flush(conn)
 
@@ -309,7 +357,7 @@ class ZmtpRouter:
                 with contextlib.suppress(OSError):
                     os.unlink(self._ipc_path)
         for conn in list(self._connections):
-            if conn.out:
+            if conn.out or conn.unsealed:
                 conn.state = CLOSING  # write only
                 self._watch(conn)
             else:
@@ -385,6 +433,7 @@ class ZmtpRouter:
         if conn.identity and self._routes.get(conn.identity) is conn:
             del self._routes[conn.identity]
         conn.out.clear()
+        conn.unsealed.clear()
         conn.frames, conn.body, conn.held = [], None, bytearray()
 
     def _new_identity(self) -> bytes:
@@ -402,7 +451,11 @@ class ZmtpRouter:
     def _flush(self, conn: _Connection) -> None:
         """Write queued bytes until the socket is full or this turn's share is written."""
         out, budget = conn.out, TURN_WRITE_BYTES
-        while out and budget > 0 and not conn.closed:
+        while budget > 0 and not conn.closed:
+            if conn.unsealed:
+                self._seal(conn)
+            if not out:
+                break
             try:
                 if _HAS_SENDMSG and len(out) > 1:
                     sent = conn.sock.sendmsg([c for c, _ in itertools.islice(out, _IOV_MAX)])
@@ -422,17 +475,33 @@ class ZmtpRouter:
                 sent -= chunk.nbytes
                 out.popleft()
                 conn.queued -= ends
-        if conn.state == CLOSING and not out:
+        if conn.state == CLOSING and not out and not conn.unsealed:
             self._drop(conn, "login refused" if not conn.identity else "closed")
         elif not conn.closed:
             self._watch(conn)
 
     def _watch(self, conn: _Connection) -> None:
         events = (0 if conn.state == CLOSING else selectors.EVENT_READ) | (
-            selectors.EVENT_WRITE if conn.out else 0)
+            selectors.EVENT_WRITE if conn.out or conn.unsealed else 0)
         if events != conn.events:
             self._selector.modify(conn.sock, events, conn)
             conn.events = events
+
+    def _seal(self, conn: _Connection) -> None:
+        """CURVE: seal queued frames into MESSAGE frames while fewer than ``SEAL_AHEAD``
+        bytes wait in ``out`` (so a large result is copied one frame at a time)."""
+        assert conn.session is not None
+        waiting = sum(chunk.nbytes for chunk, _ in itertools.islice(conn.out, _IOV_MAX))
+        while conn.unsealed and waiting < SEAL_AHEAD and len(conn.out) < _IOV_MAX - 1:
+            body, flags, ends = conn.unsealed.popleft()
+            frame = conn.session.seal(body, flags)
+            header = zmtp.frame_header(len(frame))
+            if len(frame) < zmtp.LARGE_FRAME:
+                conn.out.append((memoryview(header + frame), ends))
+            else:
+                conn.out.append((memoryview(header), False))
+                conn.out.append((memoryview(frame), ends))
+            waiting += len(frame)
 
     # --- reading ------------------------------------------------------------------------------
     def _read_turn(self, conn: _Connection) -> bool:
@@ -484,9 +553,10 @@ class ZmtpRouter:
         conn.greeting_got += count
         if conn.greeting_got == zmtp.GREETING_SIZE:
             peer = zmtp.parse_greeting(bytes(conn.greeting))
-            if peer.mechanism != zmtp.PLAIN:
+            if peer.mechanism != self._mechanism:
                 name = peer.mechanism.decode("ascii", "replace")
-                raise zmtp.ZmtpError(f"the peer's mechanism is {name}, not PLAIN")
+                raise zmtp.ZmtpError(f"the peer's mechanism is {name}, not "
+                                     f"{self._mechanism.decode()}")
             conn.state = HELLO
         return True
 
@@ -516,6 +586,11 @@ class ZmtpRouter:
         return bool(count)
 
     def _large_done(self, conn: _Connection, budget: _Budget) -> None:
+        if conn.session is not None:
+            body, conn.body = conn.body, None
+            assert body is not None
+            self._curve_frame(conn, body, budget)
+            return
         if conn.body is not None:
             conn.frames.append(conn.body)
             conn.body = None
@@ -561,11 +636,31 @@ class ZmtpRouter:
                     pos, frames = start + size, frames + 1
                     self._command(conn, bytes(view[start:pos]))
                     continue
+                if conn.state != OPEN:
+                    raise zmtp.ZmtpError("a message frame arrived during the login")
+                if conn.session is not None:  # CURVE: a MESSAGE frame, the frame in its box
+                    if size > self.limits.max_frame_bytes + curve_server.MESSAGE_OVERHEAD:
+                        raise zmtp.ZmtpError(
+                            f"the peer sent a frame of {size - curve_server.MESSAGE_OVERHEAD} "
+                            f"bytes; at most {self.limits.max_frame_bytes} are accepted")
+                    if size < zmtp.LARGE_FRAME:
+                        if end - start < size:
+                            break
+                        pos, frames = start + size, frames + CURVE_FRAME_WEIGHT
+                        self._curve_frame(conn, view[start:pos], budget)
+                        continue
+                    have = min(end - start, size)
+                    pos, frames = start + have, frames + 1
+                    conn.body = bytearray(size)
+                    conn.body[:have] = view[start:pos]
+                    conn.filled = have
+                    if have < size:
+                        break
+                    self._large_done(conn, budget)
+                    continue
                 if size > self.limits.max_frame_bytes:
                     raise zmtp.ZmtpError(f"the peer sent a frame of {size} bytes; at most "
                                          f"{self.limits.max_frame_bytes} are accepted")
-                if conn.state != OPEN:
-                    raise zmtp.ZmtpError("a message frame arrived during the login")
                 if size < zmtp.LARGE_FRAME:
                     if end - start < size:
                         break
@@ -590,16 +685,52 @@ class ZmtpRouter:
                 if have < size:
                     break
                 self._large_done(conn, budget)
+        except zmtp.ZmtpError:
+            pos = 0  # the connection is dropped; its bytes may still be lent (a traceback)
+            raise
         finally:
             view.release()
-            if not conn.closed:
+            if not conn.closed and pos:
                 del held[:pos]
             budget.frames -= frames
+
+    def _curve_frame(self, conn: _Connection, frame: bytearray | memoryview,
+                     budget: _Budget) -> None:
+        """One MESSAGE frame: check its nonce, open it in place, keep or count the frame.
+
+        A frame past ``wire.MAX_FRAMES`` is opened but not kept: the MORE bit that ends a
+        message is inside the box (libzmq writes every MESSAGE frame with flags 0)."""
+        assert conn.session is not None
+        conn.session.check_nonce(memoryview(frame))
+        flags = conn.session.open_in_place(frame)
+        if flags & curve_server.INNER_COMMAND:  # a PING, say, sealed like a frame
+            self._sealed_command(conn, bytes(frame[curve_server.MESSAGE_OVERHEAD:]))
+            return
+        conn.count += 1
+        if conn.count <= wire.MAX_FRAMES:
+            if isinstance(frame, bytearray):  # a large frame's own buffer: no copy
+                del frame[:curve_server.MESSAGE_OVERHEAD]
+                conn.frames.append(frame)
+            else:
+                conn.frames.append(bytes(frame[curve_server.MESSAGE_OVERHEAD:]))
+        if not flags & curve_server.INNER_MORE:
+            self._deliver(conn, budget)
+
+    def _sealed_command(self, conn: _Connection, body: bytes) -> None:
+        name, data = zmtp.parse_command(body)
+        if name == zmtp.PING:
+            pong = bytes((len(zmtp.PONG),)) + zmtp.PONG + data[2:]  # its context echoed
+            conn.unsealed.append((memoryview(pong), curve_server.INNER_COMMAND, False))
+            self._flush(conn)
+        elif name == zmtp.ERROR:
+            raise zmtp.ZmtpError(f"the peer sent ERROR {zmtp.error_reason(data)!r}")
 
     def _command(self, conn: _Connection, body: bytes) -> None:
         """The login (HELLO, INITIATE), then PING; anything else is ignored, as ZMTP asks."""
         name, data = zmtp.parse_command(body)
-        if conn.state == HELLO:
+        if self._keys is not None and conn.state in (HELLO, INITIATE):
+            self._curve_command(conn, name, data, self._keys)
+        elif conn.state == HELLO:
             if name != zmtp.HELLO:
                 raise zmtp.ZmtpError(f"expected HELLO, got {name!r}")
             user, password = zmtp.parse_plain_hello(data)
@@ -612,13 +743,38 @@ class ZmtpRouter:
         elif conn.state == INITIATE:
             if name != zmtp.INITIATE:
                 raise zmtp.ZmtpError(f"expected INITIATE, got {name!r}")
-            self._open(conn, zmtp.parse_metadata(data))
+            self._open(conn, zmtp.parse_metadata(data), self._ready)
+        elif conn.session is not None:
+            raise zmtp.ZmtpError(f"a {name!r} command outside a MESSAGE on a CURVE connection")
         elif name == zmtp.PING:
             self._write(conn, zmtp.pong_for(data))
         elif name == zmtp.ERROR:
             raise zmtp.ZmtpError(f"the peer sent ERROR {zmtp.error_reason(data)!r}")
 
-    def _open(self, conn: _Connection, properties: dict[str, bytes]) -> None:
+    def _curve_command(self, conn: _Connection, name: bytes, data: bytes,
+                       keys: curve_server.ServerKeys) -> None:
+        """The CURVE login: HELLO gets WELCOME; INITIATE, once its boxes open and its key is
+        allowed, READY (else libzmq's ERROR, then the connection closes)."""
+        if conn.state == HELLO:
+            if name != zmtp.HELLO:
+                raise zmtp.ZmtpError(f"expected HELLO, got {name!r}")
+            welcome, conn.cookie_nonce = curve_server.welcome(data, keys, self._cookies)
+            conn.state = INITIATE
+            self._write(conn, welcome)
+            return
+        if name != zmtp.INITIATE:
+            raise zmtp.ZmtpError(f"expected INITIATE, got {name!r}")
+        initiated = curve_server.initiate(data, keys, self._cookies, conn.cookie_nonce)
+        assert isinstance(self.gate, KeyGate)
+        if not self.gate.check(initiated.client_key):
+            conn.state = CLOSING
+            self._write(conn, curve_server.refusal())
+            return
+        properties = zmtp.parse_metadata(initiated.metadata)
+        conn.session = initiated.session
+        self._open(conn, properties, initiated.session.ready(self._properties))
+
+    def _open(self, conn: _Connection, properties: dict[str, bytes], ready: bytes) -> None:
         """INITIATE: check the peer's socket type, give it its identity, answer READY."""
         peer_type = properties.get(zmtp.SOCKET_TYPE.lower())
         if peer_type not in PEER_TYPES:
@@ -631,7 +787,7 @@ class ZmtpRouter:
         self._routes[conn.identity] = conn
         self._handshaking.pop(conn, None)
         conn.state = OPEN
-        self._write(conn, self._ready)
+        self._write(conn, ready)
 
 
 def _tcp_listener(host: str, port: int) -> socket.socket:
