@@ -465,15 +465,18 @@ time.sleep(120)
 """
 
 # Another client, in a process of its own as an artist's plug-in is: it pings every 20 ms
-# until its standard input closes, then prints each ping's round trip.
+# until its standard input closes, then prints each ping's round trip. argv: endpoint, HMAC key,
+# and with CURVE the server's public key (Z85) and the client's secret key file.
 _OTHER_CLIENT = """
 import json, sys, threading, time
 from protocol.client import Client
-endpoint, key = sys.argv[1], bytes.fromhex(sys.argv[2])
+from protocol.curve import CurveClient
+endpoint, key, curve = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3:5]
 done = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
 times = []
-with Client(endpoint, key, timeout=30.0) as client:
+with Client(endpoint, key, timeout=30.0,
+            curve=CurveClient.from_files(*curve) if curve else None) as client:
     client.ping()
     print("ready", flush=True)
     while not done.is_set():
@@ -483,6 +486,42 @@ with Client(endpoint, key, timeout=30.0) as client:
         time.sleep(0.02)
 print(json.dumps(times), flush=True)
 """
+
+
+def others_pings_during_flood(server, other_args: list[str], flood_script: str,
+                              flood_args: list[str], count: int, what: str,
+                              limit: float) -> tuple[list[float], float, int]:
+    """Start the other client (``_OTHER_CLIENT`` with ``other_args``) and a key holder's flood
+    (``flood_script``, argv: the endpoint then ``flood_args``) in processes of their own; wait
+    until the server has refused the flood's ``count`` messages. Returns the other client's
+    ping round trips (sorted), the seconds from the flood's first send until the server had
+    read it all, and the refusals counted."""
+
+    def refusals() -> int:
+        return server._refusals._logged + sum(server._refusals._suppressed.values())
+
+    def start(script: str, args: list[str]) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", script, server.endpoint, *args],
+                                cwd=ROOT, text=True, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE)
+
+    other = start(_OTHER_CLIENT, [server.key.hex(), *other_args])
+    flood = start(flood_script, flood_args)
+    try:
+        assert other.stdout.readline().strip() == "ready"
+        assert flood.stdout.readline().strip() == "sending"
+        started = time.monotonic()
+        while refusals() < count:  # the server has read every message to its end
+            assert time.monotonic() - started < safety_net(limit), fired(what, limit)
+            time.sleep(0.05)
+        flood_seconds = time.monotonic() - started
+        time.sleep(0.5)
+        times = sorted(json.loads(other.communicate("", timeout=safety_net(60))[0]))
+    finally:
+        for process in (flood, other):
+            process.kill()
+            process.wait()
+    return times, flood_seconds, refusals()
 
 
 @pytest.mark.parametrize("sender, frames", [("pyzmq", 3 * 10**6), ("raw", 10**7)])
@@ -497,33 +536,9 @@ def test_a_key_holders_multi_million_frame_messages_do_not_stall_other_clients(s
     client is a process of its own, as a plug-in is; timed from the key holder's first send."""
     count = 2
     with running_server(FakeEngine()) as server:
-
-        def refusals() -> int:
-            return server._refusals._logged + sum(server._refusals._suppressed.values())
-
-        def start(script: str, *args: str) -> subprocess.Popen:
-            return subprocess.Popen([sys.executable, "-c", script, server.endpoint,
-                                     server.key.hex(), *args], cwd=ROOT, text=True,
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-        other = start(_OTHER_CLIENT)
-        flood = start(_KEY_HOLDER_FLOOD, sender, str(frames), str(count))
-        try:
-            assert other.stdout.readline().strip() == "ready"
-            assert flood.stdout.readline().strip() == "sending"
-            started = time.monotonic()
-            limit = safety_net(180)
-            while refusals() < count:  # the server has read both messages to their end
-                assert time.monotonic() - started < limit, fired("the key holder's flood", 180)
-                time.sleep(0.05)
-            flood_seconds = time.monotonic() - started
-            time.sleep(0.5)
-            times = sorted(json.loads(other.communicate("", timeout=safety_net(60))[0]))
-        finally:
-            for process in (flood, other):
-                process.kill()
-                process.wait()
-        refused = refusals()
+        times, flood_seconds, refused = others_pings_during_flood(
+            server, [], _KEY_HOLDER_FLOOD, [server.key.hex(), sender, str(frames), str(count)],
+            count, "the key holder's flood", 180)
     print(f"\nanother client's ping while a key holder sends {count} messages of {frames:,} "
           f"empty frames ({sender}): {len(times)} pings, median "
           f"{times[len(times) // 2] * 1000:.1f} ms, max {times[-1] * 1000:.0f} ms (goal: "
@@ -535,7 +550,7 @@ def test_a_key_holders_multi_million_frame_messages_do_not_stall_other_clients(s
 
 
 # A CURVE key holder (pyzmq's DEALER): argv endpoint, server key (Z85), client secret file,
-# frames, count; the other CURVE client pings as ``_OTHER_CLIENT`` does.
+# frames, count.
 _CURVE_FLOOD = """
 import sys, time
 import zmq
@@ -551,26 +566,6 @@ for _ in range(count):
     sock.send_multipart(message)
 print("sent", flush=True)
 time.sleep(120)
-"""
-
-_CURVE_OTHER_CLIENT = """
-import json, sys, threading, time
-from protocol.client import Client
-from protocol.curve import CurveClient
-endpoint, key, server_key, secret = sys.argv[1], bytes.fromhex(sys.argv[2]), *sys.argv[3:5]
-done = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-times = []
-with Client(endpoint, key, timeout=30.0, curve=CurveClient.from_files(server_key, secret)) \\
-        as client:
-    client.ping()
-    print("ready", flush=True)
-    while not done.is_set():
-        t0 = time.monotonic()
-        client.ping()
-        times.append(time.monotonic() - t0)
-        time.sleep(0.02)
-print(json.dumps(times), flush=True)
 """
 
 
@@ -597,33 +592,9 @@ def test_a_curve_key_holders_multi_million_frame_messages_do_not_stall_other_cli
     server_key = load_keypair(server_secret)[0].decode("ascii")
     count, frames = 2, 3 * 10**6
     with running_server(FakeEngine(), curve=CurveServer(server_secret, allowed)) as server:
-
-        def refusals() -> int:
-            return server._refusals._logged + sum(server._refusals._suppressed.values())
-
-        def start(script: str, *args: str) -> subprocess.Popen:
-            return subprocess.Popen([sys.executable, "-c", script, server.endpoint, *args],
-                                    cwd=ROOT, text=True, stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE)
-
-        other = start(_CURVE_OTHER_CLIENT, server.key.hex(), server_key, secrets[1])
-        flood = start(_CURVE_FLOOD, server_key, secrets[0], str(frames), str(count))
-        try:
-            assert other.stdout.readline().strip() == "ready"
-            assert flood.stdout.readline().strip() == "sending"
-            started = time.monotonic()
-            limit = safety_net(300)
-            while refusals() < count:  # the server has read both messages to their end
-                assert time.monotonic() - started < limit, fired("the CURVE flood", 300)
-                time.sleep(0.05)
-            flood_seconds = time.monotonic() - started
-            time.sleep(0.5)
-            times = sorted(json.loads(other.communicate("", timeout=safety_net(60))[0]))
-        finally:
-            for process in (flood, other):
-                process.kill()
-                process.wait()
-        refused = refusals()
+        times, flood_seconds, refused = others_pings_during_flood(
+            server, [server_key, secrets[1]], _CURVE_FLOOD,
+            [server_key, secrets[0], str(frames), str(count)], count, "the CURVE flood", 300)
     print(f"\nanother CURVE client's ping while a CURVE key holder sends {count} messages of "
           f"{frames:,} empty frames: {len(times)} pings, median "
           f"{times[len(times) // 2] * 1000:.1f} ms, max {times[-1] * 1000:.0f} ms (goal: "

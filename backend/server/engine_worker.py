@@ -115,7 +115,32 @@ def _frame(pixels: np.ndarray) -> memoryview:
     return memoryview(pixels).cast("B")
 
 
-class EngineWorker:
+class EventOutbox:
+    """What a worker posts for the socket thread: its events, in order; ``wake()`` after each
+    one. Both workers (``EngineWorker``, ``ray_worker.RayWorker``) post through it."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._events: queue.Queue[WorkerEvent] = queue.Queue()
+
+    def idle(self) -> bool:
+        """No event left to collect."""
+        return self._events.empty()
+
+    def events(self) -> Iterator[WorkerEvent]:
+        """The events posted so far, in order (never blocks)."""
+        while True:
+            try:
+                yield self._events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _post(self, event: WorkerEvent) -> None:
+        self._events.put(event)
+        self._wake()
+
+
+class EngineWorker(EventOutbox):
     """The ``drag-engine`` thread. ``wake()`` is called after every posted event."""
 
     # How long a stopping server waits for this worker: it ends after its last job (or keeps
@@ -124,10 +149,9 @@ class EngineWorker:
 
     def __init__(self, load_engine: Callable[[], Engine], wake: Callable[[], None],
                  fallback: Fallback | None = None) -> None:
+        super().__init__(wake)
         self._load_engine = load_engine
         self._fallback = fallback
-        self._wake = wake
-        self._events: queue.Queue[WorkerEvent] = queue.Queue()
         self._inbox: queue.Queue[Job | object | None] = queue.Queue()
         self._runner = JobRunner(self._post)
         self._thread = threading.Thread(target=self._work, name="drag-engine", daemon=True)
@@ -157,23 +181,7 @@ class EngineWorker:
         is dropped first, then ``load_engine`` runs again and posts ``ModelLoaded``."""
         self._inbox.put(RELOAD)
 
-    def idle(self) -> bool:
-        """No event left to collect."""
-        return self._events.empty()
-
-    def events(self) -> Iterator[WorkerEvent]:
-        """The events posted so far, in order (never blocks)."""
-        while True:
-            try:
-                yield self._events.get_nowait()
-            except queue.Empty:
-                return
-
     # --- the thread ---------------------------------------------------------------------------
-    def _post(self, event: WorkerEvent) -> None:
-        self._events.put(event)
-        self._wake()
-
     def _work(self) -> None:
         engine = self._load()
         while (job := self._inbox.get()) is not None:

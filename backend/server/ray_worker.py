@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from backend.engine.interface import Engine
 from backend.engine.params import MethodTable
 from backend.engine.types import CancelToken
 from backend.model_choice import Fallback
-from backend.server.engine_worker import JobMessage, ModelLoaded, WorkerEvent
+from backend.server.engine_worker import EventOutbox, JobMessage, ModelLoaded
 from backend.server.jobs import Job
 from protocol import wire
 
@@ -130,7 +129,7 @@ class BoardToken(CancelToken):
         super().cancel()
 
 
-class RayWorker:
+class RayWorker(EventOutbox):
     """Runs jobs on a Ray Serve application of ``replicas`` replicas (``slots`` at once)."""
 
     # How long a stopping server waits for this worker: the application's removal must reach
@@ -147,13 +146,13 @@ class RayWorker:
         of being the loader, with ``fallback``."""
         self.slots = replicas
         self._fresh = fresh
-        self._load_engine, self._fallback, self._wake = load_engine, fallback, wake
+        super().__init__(wake)
+        self._load_engine, self._fallback = load_engine, fallback
         self._gpus, self._cpus = gpus_per_replica, cpus_per_replica
         self._env = {"PYTHONPATH": os.pathsep.join(filter(None, [
             str(REPO), os.environ.get("PYTHONPATH")])), **(env or {})}
         self._app_name = app_name
         self._board_name = f"{app_name}-cancel-board-{os.getpid()}"
-        self._events: queue.Queue[WorkerEvent] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._board: Any = None
@@ -176,9 +175,6 @@ class RayWorker:
         """Deploy again: every replica loads the models again (a download added one)."""
         self._spawn(lambda: (self._undeploy(), self._deploy()), "ray-reload")
 
-    def idle(self) -> bool:
-        return self._events.empty()
-
     def is_alive(self) -> bool:
         return any(thread.is_alive() for thread in self._threads)
 
@@ -187,23 +183,12 @@ class RayWorker:
         for thread in list(self._threads):
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def events(self) -> Iterator[WorkerEvent]:
-        while True:
-            try:
-                yield self._events.get_nowait()
-            except queue.Empty:
-                return
-
     # --- threads ------------------------------------------------------------------------------
     def _spawn(self, target: Callable[[], Any], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         with self._lock:
             self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
-
-    def _post(self, event: WorkerEvent) -> None:
-        self._events.put(event)
-        self._wake()
 
     def _deploy(self) -> None:
         """Start the application and post ``ModelLoaded`` from a replica's description."""
