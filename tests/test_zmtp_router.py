@@ -318,6 +318,28 @@ def test_at_the_connection_cap_a_new_connection_replaces_the_oldest_still_loggin
         sock.close()
 
 
+def test_at_the_cap_with_everyone_logged_in_the_longest_silent_makes_room(router,
+                                                                          monkeypatch):
+    """A key holder who opens ``MAX_CONNECTIONS`` logged-in connections must not shut the
+    others out (issue 22, item 2): the one that has sent nothing for the longest is dropped
+    (its DEALER connects again by itself), and the newcomer is served."""
+    monkeypatch.setattr(zmtp_router, "MAX_CONNECTIONS", 3)
+    first, silent, third = (login(router) for _ in range(3))
+    pump(router, lambda _: len(router._routes) == 3)
+    for sock in (first, third):  # ``silent`` has said nothing since its login
+        sock.sendall(zmtp.frame_header(5) + b"hello")
+    pump(router, lambda got: len(got) == 2)
+    newcomer = login(router)
+    newcomer.sendall(zmtp.frame_header(4) + b"here")
+    got = pump(router, lambda got: len(got) == 1)
+    assert [bytes(frame) for frame in got[0].frames] == [b"here"]
+    assert closed(silent, 2.0)
+    assert not closed(first, 0.2) and not closed(third, 0.2)
+    assert len(router._connections) == 3
+    for sock in (first, third, newcomer):
+        sock.close()
+
+
 def test_a_large_frame_is_sent_from_the_callers_buffer(router):
     sock = login(router)
     pump(router, lambda _: len(router._routes) == 1)

@@ -32,8 +32,9 @@ pure-Python ``protocol.transport_zmtp.ZmtpDealer``):
 - a ``PING`` command is answered with ``PONG``.
 
 And, where libzmq has no such limit: a connection must finish its login within
-``HANDSHAKE_SECONDS``; at most ``MAX_CONNECTIONS`` are open (a new one then replaces the oldest
-still logging in, or is refused).
+``HANDSHAKE_SECONDS``; at most ``MAX_CONNECTIONS`` are open: a new one then replaces the oldest
+still logging in, else the logged-in one silent the longest (its client connects again: no key
+holder can fill the server and so refuse the others).
 
 Only the socket thread uses a ``ZmtpRouter``, except ``wake``, which any thread may call.
 """
@@ -144,6 +145,7 @@ class _Connection:
         self.cookie_nonce = b""  # CURVE: the nonce of the cookie WELCOME gave
         # CURVE: frames to seal into MESSAGE frames as ``out`` drains (body, flags, ends)
         self.unsealed: deque[tuple[memoryview, int, bool]] = deque()
+        self.active = time.monotonic()  # when it last sent anything (or connected)
 
     @property
     def name(self) -> str:
@@ -400,15 +402,22 @@ class ZmtpRouter:
             self._write(conn, self._greeting)
 
     def _make_room(self) -> bool:
-        """At ``MAX_CONNECTIONS``: drop the oldest connection still logging in, if any (a
-        key holder logs in within milliseconds; others never do)."""
+        """At ``MAX_CONNECTIONS``: drop the oldest connection still logging in (a key holder
+        logs in within milliseconds; others never do), else the logged-in one that has sent
+        nothing for the longest (a DEALER connects again by itself): a key holder who opens
+        many connections cannot shut the others out."""
         if not self._full_warned:
             log.warning("%d connections are open, the most this backend takes; a new one "
-                        "replaces the oldest still logging in, or is refused", MAX_CONNECTIONS)
+                        "replaces the oldest still logging in, else the longest silent",
+                        MAX_CONNECTIONS)
             self._full_warned = True
-        if not self._handshaking:
+        if self._handshaking:
+            self._drop(next(iter(self._handshaking)), "too many connections")
+            return True
+        if not self._connections:
             return False
-        self._drop(next(iter(self._handshaking)), "too many connections")
+        self._drop(min(self._connections, key=lambda conn: conn.active),
+                   "too many connections; it was the longest silent")
         return True
 
     def _expire_handshakes(self) -> None:
@@ -539,7 +548,9 @@ class ZmtpRouter:
         except OSError as exc:
             self._drop(conn, f"reading failed: {exc}")
             return 0
-        if count == 0:
+        if count:
+            conn.active = time.monotonic()
+        else:
             middle = conn.body is not None or conn.skip or conn.held or conn.frames
             self._drop(conn, "the peer closed the connection"
                        + (" in the middle of a message" if middle else ""))
