@@ -314,9 +314,12 @@ def test_a_backend_that_dies_mid_job_is_reported_within_10_s(gimp, tiny_model):
     with serving(gimp, "doomed", tiny_model) as (doomed, conn):
         killer = threading.Thread(target=kill_when_busy, args=(doomed,), daemon=True)
         killer.start()
+        # Long whatever the drag does: the LoRA's 2000 steps cannot end early (the drag can:
+        # a handle tracked exactly onto its target ends it even with reach_threshold 0, and
+        # once the whole job finished in 2.8 s, before the kill).
         report, _ = run_case(gimp, "backend-dies", conn, selection=[8, 6, 40, 30],
                              paths=[[[[12, 12], [18, 14]]]],
-                             args={"drag-steps": 5000,
+                             args={"lora-steps": 2000, "drag-steps": 5000,
                                    "advanced": json.dumps({"reach_threshold": 0})})
         killer.join(5)
     assert killed, "the backend was not killed"
